@@ -1,0 +1,545 @@
+"""The fused kernels of the forward pass: one PyTorch reference per op, plus a Triton kernel where it wins.
+
+Every op here has the same three neighbours:
+  - `<op>_ref`: the plain PyTorch version. It is the definition of the op, the CPU path and the fallback.
+  - a Triton kernel and its launcher (added in the Triton section below).
+  - `<op>`: the dispatcher the model calls. It picks Triton or PyTorch by device and size.
+
+Set QWEN3_KERNELS=torch or QWEN3_KERNELS=triton to force one path (tests and debugging); the default, auto,
+uses the measured thresholds written next to each dispatcher. On the CPU the PyTorch path always runs
+unless TRITON_INTERPRET=1 and QWEN3_KERNELS=triton (that is how the tests run the Triton kernels on a CPU).
+
+KV cache layout (per layer): k_cache, v_cache of shape (num_blocks, block_size, n_kv_heads, head_dim).
+A cache *slot* is block_id * block_size + offset_in_block. Block 0 is never handed to a sequence: padded
+rows of a CUDA-graph batch point at it, so kernels may read/write it freely.
+"""
+import functools
+import os
+import types
+
+import torch
+import torch.nn.functional as F
+
+
+def kernel_mode() -> str:
+    """'auto', 'torch' or 'triton' (read each call so tests can flip it with monkeypatch.setenv)."""
+    mode = os.environ.get("QWEN3_KERNELS", "auto")
+    if mode not in ("auto", "torch", "triton"):
+        raise ValueError(f"QWEN3_KERNELS must be auto, torch or triton, got {mode!r}")
+    return mode
+
+
+# ----------------------------------------------------------------------------------------------------------
+# PyTorch references
+# ----------------------------------------------------------------------------------------------------------
+
+def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dim, in fp32, cast back before the weight multiply (as HF Qwen3 does)."""
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
+
+
+def add_rms_norm_ref(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
+    """residual = x + residual; return (rms_norm(residual), residual)."""
+    residual = x + residual
+    return rms_norm_ref(residual, weight, eps), residual
+
+
+def silu_mul_ref(gate_up: torch.Tensor) -> torch.Tensor:
+    """(T, 2*I) -> (T, I): silu(gate) * up, gate the first half (the gate_up_proj layout)."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def rope_cos_sin(head_dim: int, max_positions: int, theta: float, device=None) -> torch.Tensor:
+    """(max_positions, head_dim) fp32 table: cos in the first half of each row, sin in the second."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device=device) / head_dim))
+    angles = torch.arange(max_positions, dtype=torch.float64, device=device)[:, None] * inv_freq[None, :]
+    return torch.cat([angles.cos(), angles.sin()], dim=-1).float()
+
+
+def apply_rope_ref(x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
+    """x: (T, n_heads, head_dim); cos_sin: (T, head_dim) rows of the table. Rotate-half (GPT-NeoX) style."""
+    half = x.shape[-1] // 2
+    cos, sin = cos_sin[:, None, :half], cos_sin[:, None, half:]    # (T, 1, head_dim/2)
+    x1, x2 = x[..., :half].float(), x[..., half:].float()
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
+def qk_norm_rope_store_ref(qkv, q_norm_w, k_norm_w, cos_sin, positions, k_cache, v_cache, slot_mapping,
+                           n_heads: int, n_kv_heads: int, eps: float) -> torch.Tensor:
+    """Split the packed qkv projection, RMSNorm q and k per head, rotate them, write k and v into their
+    cache slots, and return q.
+
+    qkv: (T, (n_heads + 2*n_kv_heads) * head_dim); positions, slot_mapping: (T,) int.
+    Returns q: (T, n_heads, head_dim).
+    """
+    T = qkv.shape[0]
+    head_dim = q_norm_w.shape[0]
+    q, k, v = qkv.split([n_heads * head_dim, n_kv_heads * head_dim, n_kv_heads * head_dim], dim=-1)
+    q = rms_norm_ref(q.reshape(T, n_heads, head_dim), q_norm_w, eps)       # (T, n_heads, head_dim)
+    k = rms_norm_ref(k.reshape(T, n_kv_heads, head_dim), k_norm_w, eps)    # (T, n_kv_heads, head_dim)
+    cs = cos_sin[positions]                                                 # (T, head_dim)
+    q, k = apply_rope_ref(q, cs), apply_rope_ref(k, cs)
+    slots = slot_mapping.long()
+    k_cache.view(-1, n_kv_heads, head_dim).index_copy_(0, slots, k.to(k_cache.dtype))
+    v_cache.view(-1, n_kv_heads, head_dim).index_copy_(0, slots, v.reshape(T, n_kv_heads, head_dim).to(v_cache.dtype))
+    return q
+
+
+def gather_kv_ref(cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
+    """cache (num_blocks, block_size, n_kv, hd), block_table (..., M) -> (..., M*block_size, n_kv, hd)."""
+    g = cache[block_table.long()]                            # (..., M, block_size, n_kv, hd)
+    return g.flatten(-4, -3)                                 # (..., M*block_size, n_kv, hd)
+
+
+def decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, scale: float) -> torch.Tensor:
+    """One query token per sequence. q: (B, n_heads, hd); block_tables: (B, M); context_lens: (B,).
+    Vectorised with a mask (no host sync), so it can be captured in a CUDA graph. Returns (B, n_heads, hd)."""
+    B, n_heads, hd = q.shape
+    k = gather_kv_ref(k_cache, block_tables).float()         # (B, S, n_kv, hd), S = M*block_size
+    v = gather_kv_ref(v_cache, block_tables).float()
+    n_kv = k.shape[2]
+    qg = q.float().view(B, n_kv, n_heads // n_kv, hd)        # (B, n_kv, group, hd)
+    scores = torch.einsum("bkgd,bskd->bkgs", qg, k) * scale  # (B, n_kv, group, S)
+    valid = torch.arange(k.shape[1], device=q.device)[None, :] < context_lens[:, None]   # (B, S)
+    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+    out = torch.einsum("bkgs,bskd->bkgd", scores.softmax(-1), v)
+    return out.reshape(B, n_heads, hd).to(q.dtype)
+
+
+def prefill_attention_ref(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale: float) -> torch.Tensor:
+    """Variable-length causal attention over the paged cache. q: (T, n_heads, hd) packed, sequence b owns
+    rows cu_seqlens_q[b]:cu_seqlens_q[b+1]; its K/V (context_lens[b] tokens, cached prefix included) are
+    already in the cache. Query i of sequence b sits at position context_lens[b] - q_len_b + i.
+    Loops over sequences with host-side lengths (one sync; prefill only, never the decode graph)."""
+    out = torch.empty_like(q)
+    n_heads, n_kv = q.shape[1], k_cache.shape[2]
+    starts, ctxs = cu_seqlens_q.tolist(), context_lens.tolist()
+    for b, ctx in enumerate(ctxs):
+        s, e = starts[b], starts[b + 1]
+        n_blocks = -(-ctx // k_cache.shape[1])
+        k = gather_kv_ref(k_cache, block_tables[b, :n_blocks])[:ctx]     # (ctx, n_kv, hd)
+        v = gather_kv_ref(v_cache, block_tables[b, :n_blocks])[:ctx]
+        k = k.repeat_interleave(n_heads // n_kv, dim=1).transpose(0, 1)  # (n_heads, ctx, hd)
+        v = v.repeat_interleave(n_heads // n_kv, dim=1).transpose(0, 1)
+        qb = q[s:e].transpose(0, 1)                                       # (n_heads, q_len, hd)
+        # bottom-right aligned causal mask: query i sees keys 0 .. ctx - q_len + i
+        q_pos = torch.arange(ctx - (e - s), ctx, device=q.device)
+        mask = torch.arange(ctx, device=q.device)[None, :] <= q_pos[:, None]   # (q_len, ctx)
+        o = F.scaled_dot_product_attention(qb, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, scale=scale)
+        out[s:e] = o.transpose(0, 1)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Triton kernels
+#
+# Each kernel is written for the GPU's memory system first: the elementwise/norm ops read and write every byte
+# once (the floor is bytes / bandwidth), decode attention streams the KV cache once (same floor), and prefill
+# attention is a flash-attention loop on the tensor cores (the floor is FLOPs / matmul rate). The arithmetic
+# beside each kernel is what bench_kernels.py divides by the measured ceilings.
+# ----------------------------------------------------------------------------------------------------------
+try:
+    import triton
+    import triton.language as tl
+    HAS_TRITON = True
+except Exception:  # not installed, or installed but unusable: the dispatchers then always take the references
+    HAS_TRITON = False
+    triton = types.SimpleNamespace(jit=lambda fn: fn)     # just enough for the decorators below to be defined
+    tl = types.SimpleNamespace(constexpr=None)
+
+LOG2E = 1.4426950408889634   # the attention kernels use exp2: exp(x) = exp2(x * log2(e)), folded into the scale
+
+
+@triton.jit
+def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, N, eps,
+                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+    # One program per row; the row (N <= BLOCK elements) stays in registers between the sum and the scale.
+    # Bytes: rms_norm reads x and writes out (2*N*elt per row); add_rms_norm also reads residual and writes the
+    # new residual (4*N*elt). FLOPs are ~4 per element: far under the matmul rate, so bandwidth is the floor.
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < N
+    x = tl.load(x_ptr + row * N + cols, mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        r = tl.load(res_ptr + row * N + cols, mask=mask, other=0.0)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)      # rounded once to the input dtype, as torch's add
+        tl.store(res_out_ptr + row * N + cols, x, mask=mask)
+    x32 = x.to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(x32 * x32, axis=0) / N + eps)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    y = (x32 * rstd).to(x.dtype).to(tl.float32) * w                 # cast back before the weight, as rms_norm_ref
+    tl.store(out_ptr + row * N + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def rms_norm_triton(x, weight, eps, residual=None):
+    """x, residual: (..., N) contiguous; weight: (N,). Returns out, or (out, x + residual) when given one."""
+    N = x.shape[-1]
+    assert x.is_contiguous() and weight.shape == (N,) and weight.is_contiguous(), "want contiguous (..., N) and (N,)"
+    if residual is not None:
+        assert residual.shape == x.shape and residual.dtype == x.dtype and residual.is_contiguous()
+    out = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+    res_out = torch.empty_like(x) if residual is not None else None
+    BLOCK = triton.next_power_of_2(N)
+    _rms_norm_kernel[(x.numel() // N,)](x, residual, weight, out, res_out, N, eps, HAS_RESIDUAL=residual is not None,
+                                        BLOCK=BLOCK, num_warps=min(16, max(1, BLOCK // 512)))
+    return out if residual is None else (out, res_out)
+
+
+@triton.jit
+def _silu_mul_kernel(gate_up_ptr, out_ptr, I, BLOCK: tl.constexpr):
+    # grid (T, cdiv(I, BLOCK)). Bytes: reads 2*I and writes I elements per row; bandwidth is the floor.
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < I
+    gate = tl.load(gate_up_ptr + row * 2 * I + cols, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(gate_up_ptr + row * 2 * I + I + cols, mask=mask, other=0.0).to(tl.float32)
+    dtype = out_ptr.dtype.element_ty
+    act = (gate * tl.sigmoid(gate)).to(dtype).to(tl.float32)          # torch rounds silu(gate) before the multiply
+    tl.store(out_ptr + row * I + cols, (act * up).to(dtype), mask=mask)
+
+
+def silu_mul_triton(gate_up):
+    """gate_up: (..., 2*I) contiguous -> (..., I)."""
+    assert gate_up.is_contiguous() and gate_up.shape[-1] % 2 == 0
+    I = gate_up.shape[-1] // 2
+    out = torch.empty(*gate_up.shape[:-1], I, dtype=gate_up.dtype, device=gate_up.device)
+    BLOCK = 1024
+    _silu_mul_kernel[(gate_up.numel() // (2 * I), triton.cdiv(I, BLOCK))](gate_up, out, I, BLOCK=BLOCK, num_warps=4)
+    return out
+
+
+@triton.jit
+def _norm_rope(x1, x2, w_ptr, cos, sin, eps, HEAD_DIM: tl.constexpr):
+    """RMSNorm then rotate-half RoPE on a tile of heads, given as its two halves x1, x2: (BLOCK_H, HEAD_DIM/2)."""
+    d = tl.arange(0, HEAD_DIM // 2)
+    x1f, x2f = x1.to(tl.float32), x2.to(tl.float32)
+    rstd = tl.rsqrt((tl.sum(x1f * x1f, axis=1) + tl.sum(x2f * x2f, axis=1)) / HEAD_DIM + eps)[:, None]
+    w1 = tl.load(w_ptr + d).to(tl.float32)[None, :]
+    w2 = tl.load(w_ptr + HEAD_DIM // 2 + d).to(tl.float32)[None, :]
+    # the roundings of qk_norm_rope_store_ref: normalized -> dtype, times weight -> dtype, rotate in fp32
+    y1 = ((x1f * rstd).to(x1.dtype).to(tl.float32) * w1).to(x1.dtype).to(tl.float32)
+    y2 = ((x2f * rstd).to(x1.dtype).to(tl.float32) * w2).to(x1.dtype).to(tl.float32)
+    return y1 * cos - y2 * sin, y2 * cos + y1 * sin
+
+
+@triton.jit
+def _qk_norm_rope_store_kernel(qkv_ptr, qkv_stride, q_norm_w_ptr, k_norm_w_ptr, cos_sin_ptr, positions_ptr,
+                               slot_mapping_ptr, q_out_ptr, k_cache_ptr, v_cache_ptr, eps,
+                               N_HEADS: tl.constexpr, N_KV: tl.constexpr, HEAD_DIM: tl.constexpr,
+                               BLOCK_H: tl.constexpr, BLOCK_KV: tl.constexpr):
+    # One program per token: its whole qkv row, (N_HEADS + 2*N_KV) * HEAD_DIM elements, is read once; q comes
+    # out normed+rotated, k normed+rotated into its cache slot, v copied into its slot. Bytes per token:
+    # (N_HEADS + 2*N_KV) * HEAD_DIM * elt read and as many written, plus one HEAD_DIM fp32 cos/sin row.
+    HALF: tl.constexpr = HEAD_DIM // 2
+    t = tl.program_id(0).to(tl.int64)
+    d = tl.arange(0, HALF)
+    pos = tl.load(positions_ptr + t)
+    slot = tl.load(slot_mapping_ptr + t)
+    cos = tl.load(cos_sin_ptr + pos * HEAD_DIM + d)[None, :]               # (1, HALF)
+    sin = tl.load(cos_sin_ptr + pos * HEAD_DIM + HALF + d)[None, :]
+    row = qkv_ptr + t * qkv_stride
+
+    h = tl.arange(0, BLOCK_H)[:, None]                                       # q heads
+    hmask = h < N_HEADS
+    q1 = tl.load(row + h * HEAD_DIM + d[None, :], mask=hmask, other=0.0)     # (BLOCK_H, HALF)
+    q2 = tl.load(row + h * HEAD_DIM + HALF + d[None, :], mask=hmask, other=0.0)
+    q1, q2 = _norm_rope(q1, q2, q_norm_w_ptr, cos, sin, eps, HEAD_DIM)
+    q_out = q_out_ptr + t * N_HEADS * HEAD_DIM + h * HEAD_DIM + d[None, :]
+    tl.store(q_out, q1.to(q_out_ptr.dtype.element_ty), mask=hmask)
+    tl.store(q_out + HALF, q2.to(q_out_ptr.dtype.element_ty), mask=hmask)
+
+    h = tl.arange(0, BLOCK_KV)[:, None]                                      # kv heads
+    hmask = h < N_KV
+    k_row = row + N_HEADS * HEAD_DIM + h * HEAD_DIM + d[None, :]
+    k1, k2 = _norm_rope(tl.load(k_row, mask=hmask, other=0.0), tl.load(k_row + HALF, mask=hmask, other=0.0),
+                        k_norm_w_ptr, cos, sin, eps, HEAD_DIM)
+    cache_off = slot * N_KV * HEAD_DIM + h * HEAD_DIM + d[None, :]          # (BLOCK_KV, HALF)
+    tl.store(k_cache_ptr + cache_off, k1.to(k_cache_ptr.dtype.element_ty), mask=hmask)
+    tl.store(k_cache_ptr + cache_off + HALF, k2.to(k_cache_ptr.dtype.element_ty), mask=hmask)
+    v_row = row + (N_HEADS + N_KV) * HEAD_DIM + h * HEAD_DIM + d[None, :]
+    tl.store(v_cache_ptr + cache_off, tl.load(v_row, mask=hmask), mask=hmask)
+    tl.store(v_cache_ptr + cache_off + HALF, tl.load(v_row + HALF, mask=hmask), mask=hmask)
+
+
+def qk_norm_rope_store_triton(qkv, q_norm_w, k_norm_w, cos_sin, positions, k_cache, v_cache, slot_mapping,
+                              n_heads: int, n_kv_heads: int, eps: float) -> torch.Tensor:
+    """Same contract as qk_norm_rope_store_ref; returns q: (T, n_heads, head_dim)."""
+    T, hd = qkv.shape[0], q_norm_w.shape[0]
+    assert qkv.dim() == 2 and qkv.shape[1] == (n_heads + 2 * n_kv_heads) * hd and qkv.stride(1) == 1
+    assert hd >= 2 and hd & (hd - 1) == 0, "head_dim must be a power of two"
+    assert q_norm_w.dtype == k_norm_w.dtype == qkv.dtype, "norm weights must have the activations' dtype"
+    assert cos_sin.dtype == torch.float32 and cos_sin.shape[1] == hd and cos_sin.is_contiguous()
+    assert k_cache.shape[2:] == (n_kv_heads, hd) and k_cache.is_contiguous() and v_cache.is_contiguous()
+    assert positions.shape == slot_mapping.shape == (T,)
+    q = torch.empty(T, n_heads, hd, dtype=qkv.dtype, device=qkv.device)
+    _qk_norm_rope_store_kernel[(T,)](qkv, qkv.stride(0), q_norm_w, k_norm_w, cos_sin, positions, slot_mapping, q,
+                                     k_cache, v_cache, eps, N_HEADS=n_heads, N_KV=n_kv_heads, HEAD_DIM=hd,
+                                     BLOCK_H=triton.next_power_of_2(n_heads),
+                                     BLOCK_KV=triton.next_power_of_2(n_kv_heads), num_warps=4)
+    return q
+
+
+@triton.jit
+def _kv_offsets(block_table_row_ptr, offs_n, in_range, kv_head, N_KV: tl.constexpr, HEAD_DIM: tl.constexpr,
+                BLOCK_SIZE: tl.constexpr):
+    """Element offsets of tokens offs_n (BLOCK_N,) of one sequence, one kv head, in the paged cache."""
+    block_id = tl.load(block_table_row_ptr + offs_n // BLOCK_SIZE, mask=in_range, other=0)
+    slot = block_id.to(tl.int64) * BLOCK_SIZE + offs_n % BLOCK_SIZE
+    return slot[:, None] * (N_KV * HEAD_DIM) + kv_head * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :]
+
+
+@triton.jit
+def _decode_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, bt_stride, context_lens_ptr,
+                             out_ptr, part_o_ptr, part_lse_ptr, qk_scale, partition,
+                             N_HEADS: tl.constexpr, N_KV: tl.constexpr, HEAD_DIM: tl.constexpr,
+                             BLOCK_SIZE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
+                             NUM_SPLITS: tl.constexpr):
+    # grid (B, N_KV, NUM_SPLITS): one program per (sequence, kv head, context slice of `partition` tokens).
+    # All GROUP q heads of the kv head ride along as the rows of one (BLOCK_G, HEAD_DIM) tile (padded to the
+    # 16 rows tl.dot needs), so each K/V tile is read once for the whole group.
+    # Bytes: context_len * N_KV * HEAD_DIM * elt * 2 (K and V) per sequence, read once; q, out are noise.
+    # FLOPs: 4 * context_len * N_HEADS * HEAD_DIM, ~GROUP/elt per byte: bandwidth is the floor.
+    GROUP: tl.constexpr = N_HEADS // N_KV
+    b = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    ctx = tl.load(context_lens_ptr + b)
+    start = split * partition
+    end = tl.minimum(start + partition, ctx)        # splits past the context do no work and write lse = -inf
+
+    g = tl.arange(0, BLOCK_G)
+    heads = kv_head * GROUP + g                                                          # (BLOCK_G,)
+    d = tl.arange(0, HEAD_DIM)
+    q = tl.load(q_ptr + b.to(tl.int64) * N_HEADS * HEAD_DIM + heads[:, None] * HEAD_DIM + d[None, :],
+                mask=g[:, None] < GROUP, other=0.0)                                      # (BLOCK_G, HEAD_DIM)
+    m_i = tl.full((BLOCK_G,), float("-inf"), tl.float32)     # running max of the scores (log2 units)
+    l_i = tl.zeros((BLOCK_G,), tl.float32)                    # running sum of exp2(score - m_i)
+    acc = tl.zeros((BLOCK_G, HEAD_DIM), tl.float32)
+    bt_row = block_tables_ptr + b.to(tl.int64) * bt_stride
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        in_range = offs_n < end
+        kv_off = _kv_offsets(bt_row, offs_n, in_range, kv_head, N_KV, HEAD_DIM, BLOCK_SIZE)   # (BLOCK_N, HEAD_DIM)
+        k = tl.load(k_cache_ptr + kv_off, mask=in_range[:, None], other=0.0)
+        v = tl.load(v_cache_ptr + kv_off, mask=in_range[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k)) * qk_scale                                            # (BLOCK_G, BLOCK_N)
+        s = tl.where(in_range[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    row = b.to(tl.int64) * N_HEADS + heads                                               # (BLOCK_G,) rows of (B*H)
+    gmask = g < GROUP
+    if NUM_SPLITS == 1:
+        out = acc / l_i[:, None]
+        tl.store(out_ptr + row[:, None] * HEAD_DIM + d[None, :], out.to(out_ptr.dtype.element_ty),
+                 mask=gmask[:, None])
+    else:   # partial result of this slice: normalized output and its log2-sum-exp2, merged by the reduce kernel
+        l_safe = tl.where(l_i > 0, l_i, 1.0)
+        tl.store(part_o_ptr + (row[:, None] * NUM_SPLITS + split) * HEAD_DIM + d[None, :], acc / l_safe[:, None],
+                 mask=gmask[:, None])
+        tl.store(part_lse_ptr + row * NUM_SPLITS + split, tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf")),
+                 mask=gmask)
+
+
+@triton.jit
+def _decode_reduce_kernel(part_o_ptr, part_lse_ptr, out_ptr, NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                          BLOCK_S: tl.constexpr):
+    # grid (B * N_HEADS,): weigh each slice's output by exp2(lse_slice - lse_max). Bytes: NUM_SPLITS * HEAD_DIM
+    # fp32 per head, small against the KV bytes of the split kernel.
+    row = tl.program_id(0).to(tl.int64)
+    s = tl.arange(0, BLOCK_S)
+    d = tl.arange(0, HEAD_DIM)
+    lse = tl.load(part_lse_ptr + row * NUM_SPLITS + s, mask=s < NUM_SPLITS, other=float("-inf"))   # (BLOCK_S,)
+    w = tl.exp2(lse - tl.max(lse, axis=0))                   # slice 0 always holds >= 1 token: the max is finite
+    o = tl.load(part_o_ptr + (row * NUM_SPLITS + s[:, None]) * HEAD_DIM + d[None, :],
+                mask=s[:, None] < NUM_SPLITS, other=0.0)     # (BLOCK_S, HEAD_DIM)
+    out = tl.sum(w[:, None] * o, axis=0) / tl.sum(w, axis=0)
+    tl.store(out_ptr + row * HEAD_DIM + d, out.to(out_ptr.dtype.element_ty))
+
+
+@functools.lru_cache
+def _num_sms(device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+
+
+DECODE_BLOCK_N = 64           # tokens per K/V tile in decode
+DECODE_MIN_PARTITION = 256    # fewest tokens a context slice is given (fewer: the reduce costs more than it saves)
+DECODE_WAVES = 4              # split until B * n_kv * splits reaches this many programs per SM
+
+
+def decode_num_splits(batch: int, n_kv: int, max_ctx: int, device) -> int:
+    """How many slices to cut each context into. Shapes only (never the context lengths): graph-capturable."""
+    want = (DECODE_WAVES * _num_sms(device)) // (batch * n_kv)
+    return max(1, min(want, triton.cdiv(max_ctx, DECODE_MIN_PARTITION)))
+
+
+def decode_attention_triton(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits=None):
+    """Same contract as decode_attention_ref. num_splits: None picks by shape (decode_num_splits)."""
+    B, n_heads, hd = q.shape
+    _, block_size, n_kv, _ = k_cache.shape
+    assert q.is_contiguous() and k_cache.is_contiguous() and v_cache.is_contiguous() and k_cache.shape[3] == hd
+    assert q.dtype == k_cache.dtype == v_cache.dtype, "q and the cache must share a dtype (one tl.dot)"
+    assert n_heads % n_kv == 0 and hd & (hd - 1) == 0, "n_heads must be a multiple of n_kv; head_dim a power of 2"
+    assert block_tables.dim() == 2 and block_tables.shape[0] == B and block_tables.stride(1) == 1
+    assert context_lens.shape == (B,)
+    max_ctx = block_tables.shape[1] * block_size
+    splits = num_splits or decode_num_splits(B, n_kv, max_ctx, q.device)
+    # each slice a whole number of tiles, so only the slice that holds the context's end has a ragged tile
+    partition = triton.cdiv(triton.cdiv(max_ctx, splits), DECODE_BLOCK_N) * DECODE_BLOCK_N
+    out = torch.empty_like(q)
+    part_o = torch.empty(B, n_heads, splits, hd, dtype=torch.float32, device=q.device) if splits > 1 else None
+    part_lse = torch.empty(B, n_heads, splits, dtype=torch.float32, device=q.device) if splits > 1 else None
+    _decode_attention_kernel[(B, n_kv, splits)](
+        q, k_cache, v_cache, block_tables, block_tables.stride(0), context_lens, out, part_o, part_lse,
+        scale * LOG2E, partition, N_HEADS=n_heads, N_KV=n_kv, HEAD_DIM=hd, BLOCK_SIZE=block_size,
+        BLOCK_G=max(16, triton.next_power_of_2(n_heads // n_kv)), BLOCK_N=DECODE_BLOCK_N, NUM_SPLITS=splits,
+        num_warps=4, num_stages=2)
+    if splits > 1:
+        _decode_reduce_kernel[(B * n_heads,)](part_o, part_lse, out, NUM_SPLITS=splits, HEAD_DIM=hd,
+                                              BLOCK_S=triton.next_power_of_2(splits))
+    return out
+
+
+@triton.jit
+def _prefill_tiles(acc, l_i, m_i, q, q_pos, k_cache_ptr, v_cache_ptr, bt_row, kv_head, start, end, qk_scale,
+                   N_KV: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+                   CAUSAL: tl.constexpr):
+    """Online softmax over key tiles [start, end) of one sequence; CAUSAL masks key j > q_pos of each row."""
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        in_range = offs_n < end
+        kv_off = _kv_offsets(bt_row, offs_n, in_range, kv_head, N_KV, HEAD_DIM, BLOCK_SIZE)   # (BLOCK_N, HEAD_DIM)
+        k = tl.load(k_cache_ptr + kv_off, mask=in_range[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k)) * qk_scale                                            # (BLOCK_M, BLOCK_N)
+        if CAUSAL:
+            s = tl.where(offs_n[None, :] <= q_pos[:, None], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_cache_ptr + kv_off, mask=in_range[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _prefill_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, cu_seqlens_ptr, context_lens_ptr, block_tables_ptr,
+                              bt_stride, out_ptr, qk_scale, N_HEADS: tl.constexpr, N_KV: tl.constexpr,
+                              HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
+                              BLOCK_N: tl.constexpr):
+    # grid (N_HEADS, cdiv(max_seqlen_q, BLOCK_M), B): one program per (head, tile of BLOCK_M queries, sequence).
+    # Heads vary fastest, so the GROUP programs that share a kv head run together and share its K/V in L2;
+    # query tiles go last-first, so the longest (most keys) start first and the short ones fill the tail.
+    # FLOPs: 4 * HEAD_DIM per (query, visible key) pair, ~2 * q_len * ctx * N_HEADS * HEAD_DIM for a causal
+    # sequence without prefix; K/V bytes are re-read once per query tile, ~BLOCK_M FLOPs/byte: compute-bound.
+    h = tl.program_id(0)
+    m_block = tl.num_programs(1) - 1 - tl.program_id(1)
+    b = tl.program_id(2)
+    q_start = tl.load(cu_seqlens_ptr + b)
+    q_len = tl.load(cu_seqlens_ptr + b + 1) - q_start
+    if m_block * BLOCK_M >= q_len:
+        return
+    ctx = tl.load(context_lens_ptr + b)
+    offs_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    q_pos = ctx - q_len + offs_m              # bottom-right aligned: the last query sits at position ctx - 1
+    d = tl.arange(0, HEAD_DIM)
+    q_off = (q_start + offs_m).to(tl.int64)[:, None] * (N_HEADS * HEAD_DIM) + h * HEAD_DIM + d[None, :]
+    q = tl.load(q_ptr + q_off, mask=(offs_m < q_len)[:, None], other=0.0)                   # (BLOCK_M, HEAD_DIM)
+
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
+    bt_row = block_tables_ptr + b.to(tl.int64) * bt_stride
+    kv_head = h // (N_HEADS // N_KV)
+    first_pos = ctx - q_len + m_block * BLOCK_M
+    # keys 0 .. first_pos are visible to every query of the tile: whole tiles of them need no mask
+    full_end = (first_pos + 1) // BLOCK_N * BLOCK_N
+    acc, l_i, m_i = _prefill_tiles(acc, l_i, m_i, q, q_pos, k_cache_ptr, v_cache_ptr, bt_row, kv_head, 0, full_end,
+                                   qk_scale, N_KV, HEAD_DIM, BLOCK_SIZE, BLOCK_N, CAUSAL=False)
+    # the diagonal: keys up to the tile's last query, masked per query
+    diag_end = tl.minimum(ctx, first_pos + BLOCK_M)
+    acc, l_i, m_i = _prefill_tiles(acc, l_i, m_i, q, q_pos, k_cache_ptr, v_cache_ptr, bt_row, kv_head, full_end,
+                                   diag_end, qk_scale, N_KV, HEAD_DIM, BLOCK_SIZE, BLOCK_N, CAUSAL=True)
+    out = acc / l_i[:, None]
+    tl.store(out_ptr + q_off, out.to(out_ptr.dtype.element_ty), mask=(offs_m < q_len)[:, None])
+
+
+def prefill_attention_triton(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale,
+                             max_seqlen_q: int | None = None):
+    """Same contract as prefill_attention_ref. max_seqlen_q sizes the grid; None reads it (one host sync)."""
+    T, n_heads, hd = q.shape
+    _, block_size, n_kv, _ = k_cache.shape
+    B = context_lens.shape[0]
+    assert q.is_contiguous() and k_cache.is_contiguous() and v_cache.is_contiguous() and k_cache.shape[3] == hd
+    assert q.dtype == k_cache.dtype == v_cache.dtype, "q and the cache must share a dtype (one tl.dot)"
+    assert n_heads % n_kv == 0 and hd & (hd - 1) == 0, "n_heads must be a multiple of n_kv; head_dim a power of 2"
+    assert cu_seqlens_q.shape == (B + 1,) and block_tables.shape[0] == B and block_tables.stride(1) == 1
+    if max_seqlen_q is None:
+        max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
+    # H100, bf16, head_dim 128: 128x64 tiles, 8 warps, 3 stages (measured; see bench_kernels.py)
+    BLOCK_M, BLOCK_N = (128, 64) if q.is_cuda else (32, 32)   # small tiles keep the CPU interpreter quick
+    out = torch.empty_like(q)
+    grid = (n_heads, triton.cdiv(max_seqlen_q, BLOCK_M), B)
+    _prefill_attention_kernel[grid](q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables,
+                                    block_tables.stride(0), out, scale * LOG2E, N_HEADS=n_heads, N_KV=n_kv,
+                                    HEAD_DIM=hd, BLOCK_SIZE=block_size, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+                                    num_warps=8, num_stages=3)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Dispatchers: what model.py calls
+# ----------------------------------------------------------------------------------------------------------
+
+def _use_triton(x: torch.Tensor, size: int, min_size: int) -> bool:
+    """Triton when forced, or (auto) for CUDA tensors of at least min_size; never when Triton is missing."""
+    mode = kernel_mode()
+    if not HAS_TRITON or mode == "torch":
+        return False
+    return mode == "triton" or (x.is_cuda and size >= min_size)
+
+
+# TODO thresholds measured on the H100
+def rms_norm(x, weight, eps):
+    if _use_triton(x, x.numel() // x.shape[-1], 1):
+        return rms_norm_triton(x, weight, eps)
+    return rms_norm_ref(x, weight, eps)
+
+
+def add_rms_norm(x, residual, weight, eps):
+    if _use_triton(x, x.numel() // x.shape[-1], 1):
+        return rms_norm_triton(x, weight, eps, residual=residual)
+    return add_rms_norm_ref(x, residual, weight, eps)
+
+
+def silu_mul(gate_up):
+    if _use_triton(gate_up, gate_up.numel() // gate_up.shape[-1], 1):
+        return silu_mul_triton(gate_up)
+    return silu_mul_ref(gate_up)
+
+
+def qk_norm_rope_store(qkv, q_norm_w, k_norm_w, cos_sin, positions, k_cache, v_cache, slot_mapping,
+                       n_heads, n_kv_heads, eps):
+    f = qk_norm_rope_store_triton if _use_triton(qkv, qkv.shape[0], 1) else qk_norm_rope_store_ref
+    return f(qkv, q_norm_w, k_norm_w, cos_sin, positions, k_cache, v_cache, slot_mapping, n_heads, n_kv_heads, eps)
+
+
+def decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale):
+    f = decode_attention_triton if _use_triton(q, 1, 1) else decode_attention_ref
+    return f(q, k_cache, v_cache, block_tables, context_lens, scale)
+
+
+def prefill_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale,
+                      max_seqlen_q: int | None = None):
+    if _use_triton(q, q.shape[0], 1):
+        return prefill_attention_triton(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale,
+                                        max_seqlen_q=max_seqlen_q)
+    return prefill_attention_ref(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale)

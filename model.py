@@ -1,0 +1,321 @@
+"""The Qwen3 model: config, forward pass over a packed batch on a paged KV cache, checkpoint loading.
+
+Read `Config` first, then `Qwen3ForCausalLM.forward`. Everything here is plain PyTorch; the fused ops it calls
+live in kernels.py (Triton on the GPU, their PyTorch references on the CPU).
+
+The forward pass takes a *packed* batch: the new tokens of many sequences laid end to end (T tokens in all,
+no padding), their positions, and an `AttnMeta` saying where each sequence starts, how long its context is
+and where its K/V live in the paged cache. Prefill, decode and a mix of both go through the same code.
+
+    python model.py --model qwen3-0.6b      # prints the config and parameter count of a named size
+"""
+import json
+import math
+import os
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+import kernels
+
+
+@dataclass
+class Config:
+    """Model shape. Defaults are Qwen3-0.6B; field names follow the checkpoint's config.json."""
+    vocab_size: int = 151936
+    hidden_size: int = 1024
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 28
+    num_attention_heads: int = 16
+    num_key_value_heads: int = 8          # GQA: each K/V head serves num_attention_heads / this many q heads
+    head_dim: int = 128                   # not hidden_size / heads in Qwen3 (0.6B: 16 x 128 = 2048 != 1024)
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1_000_000.0
+    max_position_embeddings: int = 40960
+    tie_word_embeddings: bool = True      # small sizes reuse embed_tokens as the lm_head
+    eos_token_id: list[int] = field(default_factory=lambda: [151645, 151643])   # <|im_end|>, <|endoftext|>
+
+    @staticmethod
+    def from_json(path) -> "Config":
+        """Translate a checkpoint's config.json, once, at load time."""
+        raw = json.loads(Path(path).read_text())
+        if raw.get("model_type", "qwen3") != "qwen3":
+            raise ValueError(f"{path}: model_type {raw.get('model_type')!r} is not qwen3")
+        rope = raw.get("rope_scaling") or raw.get("rope_parameters") or {}
+        if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
+            raise ValueError(f"{path}: rope scaling {rope} is not supported (plain RoPE only)")
+        kw = {f.name: raw[f.name] for f in fields(Config) if f.name in raw and raw[f.name] is not None}
+        kw.setdefault("rope_theta", rope.get("rope_theta", Config.rope_theta))
+        if "head_dim" not in kw:
+            kw["head_dim"] = raw["hidden_size"] // raw["num_attention_heads"]
+        eos = kw.get("eos_token_id", Config().eos_token_id)
+        kw["eos_token_id"] = [eos] if isinstance(eos, int) else list(eos)
+        return Config(**kw)
+
+
+# Named sizes (random weights of the real shapes, for benchmarks and smoke runs).
+PRESETS = {
+    "qwen3-0.6b": Config(),
+    "qwen3-1.7b": Config(hidden_size=2048, intermediate_size=6144),
+    "qwen3-4b": Config(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32),
+    "qwen3-8b": Config(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+                       tie_word_embeddings=False),
+    "qwen3-14b": Config(hidden_size=5120, intermediate_size=17408, num_hidden_layers=40, num_attention_heads=40,
+                        tie_word_embeddings=False),
+    "qwen3-32b": Config(hidden_size=5120, intermediate_size=25600, num_hidden_layers=64, num_attention_heads=64,
+                        tie_word_embeddings=False),
+    # for tests and CPU smoke runs: vocab 512 covers the 256 byte-level tokens plus a few merges/specials
+    "tiny": Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=2048,
+                   eos_token_id=[0]),
+}
+
+
+def preset(name: str) -> Config:
+    key = name.lower()
+    key = key if key in PRESETS else "qwen3-" + key
+    if key not in PRESETS:
+        raise ValueError(f"unknown model size {name!r}; named sizes: {', '.join(PRESETS)}")
+    return replace(PRESETS[key])
+
+
+@dataclass
+class AttnMeta:
+    """Where each sequence of the packed batch lives. B = sequences, T = tokens in the batch.
+
+    All tensors are on the model's device. Nothing here is global: it is passed down the forward pass."""
+    cu_seqlens_q: torch.Tensor     # (B+1,) int32: sequence b owns packed rows cu_seqlens_q[b]:cu_seqlens_q[b+1]
+    context_lens: torch.Tensor     # (B,) int32: tokens in b's KV cache once this step's tokens are written
+    block_tables: torch.Tensor     # (B, max_blocks) int32: b's cache blocks in order (unused entries: 0)
+    slot_mapping: torch.Tensor     # (T,) int64: cache slot each new token's K/V is written to
+    logits_indices: torch.Tensor   # (B_sample,) int64: packed rows whose next-token logits are wanted
+    is_decode: bool                # every sequence has exactly one new token (decode kernel, CUDA graphs)
+    max_seqlen_q: int = 1          # longest new-token run in the batch (grid size of the prefill kernel)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x, residual=None):
+        if residual is None:
+            return kernels.rms_norm(x, self.weight, self.eps)
+        return kernels.add_rms_norm(x, residual, self.weight, self.eps)   # (normed, x + residual)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.eps = cfg.rms_norm_eps
+        # q, k and v projections fused into one matmul; loading fills the three row ranges (see FUSED).
+        self.qkv_proj = nn.Linear(cfg.hidden_size, (self.n_heads + 2 * self.n_kv_heads) * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
+        self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)   # per-head norms, before RoPE (new in Qwen3)
+        self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+
+    def forward(self, x, positions, meta: AttnMeta, kv, cos_sin):
+        k_cache, v_cache = kv                                     # (num_blocks, block_size, n_kv, head_dim) each
+        qkv = self.qkv_proj(x)                                    # (T, (n_heads + 2*n_kv) * head_dim)
+        # norm + RoPE on q and k, and k/v written into their cache slots before attention reads them
+        q = kernels.qk_norm_rope_store(qkv, self.q_norm.weight, self.k_norm.weight, cos_sin, positions,
+                                       k_cache, v_cache, meta.slot_mapping, self.n_heads, self.n_kv_heads,
+                                       self.eps)                  # (T, n_heads, head_dim)
+        scale = self.head_dim ** -0.5
+        if meta.is_decode:
+            o = kernels.decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale)
+        else:
+            o = kernels.prefill_attention(q, k_cache, v_cache, meta.cu_seqlens_q, meta.context_lens,
+                                          meta.block_tables, scale, max_seqlen_q=meta.max_seqlen_q)
+        return self.o_proj(o.reshape(x.shape[0], -1))             # (T, hidden)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)   # gate rows first
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(kernels.silu_mul(self.gate_up_proj(x)))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, residual, positions, meta, kv, cos_sin):
+        # The residual stream is carried separately so each add fuses into the following norm.
+        if residual is None:
+            x, residual = self.input_layernorm(x), x
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(x, positions, meta, kv, cos_sin)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
+
+
+class Qwen3Model(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class Qwen3ForCausalLM(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.config = cfg
+        self.model = Qwen3Model(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        # RoPE table, fp32, not a parameter: rebuilt on .to(device) via the buffer machinery
+        self.register_buffer("cos_sin", kernels.rope_cos_sin(cfg.head_dim, cfg.max_position_embeddings,
+                                                             cfg.rope_theta), persistent=False)
+
+    def forward(self, input_ids, positions, meta: AttnMeta, kv_cache) -> torch.Tensor:
+        """input_ids, positions: (T,); kv_cache: (num_layers, 2, num_blocks, block_size, n_kv, head_dim).
+        Returns the final hidden states of the rows in meta.logits_indices: (B_sample, hidden)."""
+        x, residual = self.model.embed_tokens(input_ids), None   # (T, hidden)
+        for i, layer in enumerate(self.model.layers):
+            x, residual = layer(x, residual, positions, meta, kv_cache[i], self.cos_sin)
+        x, _ = self.model.norm(x, residual)
+        return x[meta.logits_indices]
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()                      # (B_sample, vocab) fp32 for sampling
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------------------
+
+# Checkpoint tensors that land inside a fused parameter: name -> (fused name, which shard).
+FUSED = {
+    "q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
+    "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
+}
+
+
+def shard_rows(cfg: Config, fused: str) -> list[int]:
+    """Row counts of the shards of a fused weight, in shard order."""
+    if fused == "qkv_proj":
+        return [cfg.num_attention_heads * cfg.head_dim] + [cfg.num_key_value_heads * cfg.head_dim] * 2
+    return [cfg.intermediate_size] * 2
+
+
+def resolve_checkpoint(model: str) -> Path:
+    """A local directory, or a hub id downloaded with huggingface_hub (offline: a clear error)."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists() or model.count("/") != 1:
+        raise FileNotFoundError(f"model {model!r} is neither a checkpoint directory nor a hub id like "
+                                f"'Qwen/Qwen3-0.6B'; for random weights pass a named size ({', '.join(PRESETS)}) "
+                                f"with --random-weights")
+    try:
+        from huggingface_hub import snapshot_download
+        return Path(snapshot_download(model, allow_patterns=["*.json", "*.safetensors", "*.txt"]))
+    except Exception as e:
+        raise FileNotFoundError(f"could not download {model!r} from the hub ({type(e).__name__}: {e}). Offline, "
+                                f"pass a local checkpoint directory (config.json, *.safetensors, tokenizer.json) "
+                                f"instead") from e
+
+
+def load_weights(model: Qwen3ForCausalLM, ckpt_dir: Path):
+    """Copy every tensor of the checkpoint's safetensors files into the model, through the FUSED table.
+    Fails on an unknown, missing or misshapen tensor."""
+    from safetensors import safe_open
+    cfg = model.config
+    params = dict(model.named_parameters(remove_duplicate=False))
+    files = sorted(ckpt_dir.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{ckpt_dir}: no *.safetensors files")
+    filled = set()
+    for f in files:
+        with safe_open(str(f), framework="pt", device="cpu") as st:
+            for key in st.keys():
+                tensor = st.get_tensor(key)
+                module, _, leaf = key.rpartition(".")         # e.g. model.layers.0.self_attn.q_proj, weight
+                prefix, _, proj = module.rpartition(".")
+                if proj in FUSED:
+                    fused, shard = FUSED[proj]
+                    name = f"{prefix}.{fused}.{leaf}"
+                    rows = shard_rows(cfg, fused)
+                    start = sum(rows[:shard])
+                    target = params.get(name)
+                    if target is not None:
+                        target = target.data[start:start + rows[shard]]
+                else:
+                    name = key
+                    target = params[name].data if name in params else None
+                if target is None:
+                    if key == "lm_head.weight" and cfg.tie_word_embeddings:
+                        continue                               # some tied checkpoints store it anyway
+                    raise KeyError(f"{f.name}: unexpected tensor {key!r} (not a Qwen3 parameter)")
+                if tuple(target.shape) != tuple(tensor.shape):
+                    raise ValueError(f"{f.name}: {key} has shape {tuple(tensor.shape)}, the config says "
+                                     f"{tuple(target.shape)}")
+                target.copy_(tensor)
+                filled.add(key)
+    expected = set()
+    for name, p in model.named_parameters():                   # tied lm_head appears once, as embed_tokens
+        module, _, leaf = name.rpartition(".")
+        prefix, _, proj = module.rpartition(".")
+        if proj in ("qkv_proj", "gate_up_proj"):
+            expected |= {f"{prefix}.{n}.{leaf}" for n, (fz, _) in FUSED.items() if fz == proj}
+        else:
+            expected.add(name)
+    missing = sorted(expected - filled)
+    if missing:
+        raise KeyError(f"{ckpt_dir}: checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
+
+
+def build_model(model: str, random_weights: bool, dtype: torch.dtype, device: torch.device, seed: int = 0):
+    """Returns (model, config, checkpoint dir or None). Random weights: init std 0.02, as the benchmarks use."""
+    if random_weights:
+        cfg, ckpt = preset(model), None
+    else:
+        ckpt = resolve_checkpoint(model)
+        if not (ckpt / "config.json").exists():
+            raise FileNotFoundError(f"{ckpt}: no config.json, so this is not a Hugging Face checkpoint")
+        cfg = Config.from_json(ckpt / "config.json")
+    torch.manual_seed(seed)
+    with torch.device("meta"):
+        m = Qwen3ForCausalLM(cfg)
+    m = m.to_empty(device=device).to(dtype)
+    if cfg.tie_word_embeddings:                                # to_empty gives each module its own tensor
+        m.lm_head.weight = m.model.embed_tokens.weight
+    m.cos_sin = kernels.rope_cos_sin(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, device=device)
+    if ckpt is None:
+        for name, p in m.named_parameters():
+            if name.endswith("norm.weight"):
+                nn.init.ones_(p)
+            else:
+                nn.init.normal_(p, std=0.02)
+    else:
+        load_weights(m, ckpt)
+    return m.eval().requires_grad_(False), cfg, ckpt
+
+
+if __name__ == "__main__":
+    import argparse
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="qwen3-0.6b")
+    args = ap.parse_args()
+    cfg = preset(args.model) if not os.path.isdir(args.model) else Config.from_json(Path(args.model) / "config.json")
+    n = cfg.vocab_size * cfg.hidden_size * (1 if cfg.tie_word_embeddings else 2)
+    n += cfg.num_hidden_layers * (cfg.hidden_size * cfg.head_dim * (2 * cfg.num_attention_heads + 2 * cfg.num_key_value_heads)
+                                  + 3 * cfg.hidden_size * cfg.intermediate_size)
+    print(cfg)
+    print(f"{n / 1e9:.3f} B parameters")
