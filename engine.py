@@ -188,6 +188,7 @@ class LLM:
         self.scheduler = Scheduler(self.blocks, args.max_num_seqs, args.max_num_batched_tokens)
         self.seqs: dict[str, Sequence] = {}
         self.state: dict[str, tuple] = {}        # request_id -> (params, seed, Detokenizer)
+        self.max_batch_seqs = 0                  # largest batch reached (stats)
         self.graphs = None
         if args.cuda_graphs and self.device.type == "cuda":
             self.graphs = DecodeGraphs(self.model, self.kv_cache, args.max_num_seqs, self.max_blocks_per_seq)
@@ -261,6 +262,13 @@ class LLM:
     def has_work(self) -> bool:
         return self.scheduler.has_work()
 
+    def stats(self) -> dict:
+        """Counters for /metrics and bench.py: requests, KV blocks, prefix-cache hits, preemptions."""
+        sch = self.scheduler
+        return {"requests_running": len(sch.running), "requests_waiting": len(sch.waiting),
+                **self.blocks.stats(), "prefill_tokens_computed": sch.prefill_tokens_computed,
+                "num_preemptions": sch.num_preemptions, "max_batch_seqs": self.max_batch_seqs}
+
     # ---- one step -----------------------------------------------------------------------------------------
     def prepare(self, batch: Batch):
         """Pack the batch into flat host tensors: tokens, positions, cache slots, and the attention metadata."""
@@ -284,6 +292,7 @@ class LLM:
         batch = self.scheduler.schedule()
         if not batch.seqs:
             return []
+        self.max_batch_seqs = max(self.max_batch_seqs, len(batch.seqs))
         ids, pos, slots, cu, ctx, tables, logits_idx = self.prepare(batch)
         if batch.is_decode and self.graphs is not None and len(ids) <= self.graphs.max_batch:
             logits = self.graphs.run(ids, pos, slots, ctx, tables)

@@ -292,3 +292,148 @@ def test_random_weights_smoke():
     out = llm.generate(["hi"], SamplingParams(max_tokens=8, ignore_eos=True))[0]
     assert len(out.token_ids) == 8
     assert_no_leak(llm)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Continuous batching: prefix cache, chunked prefill, preemption give the same tokens
+# ----------------------------------------------------------------------------------------------------------
+
+SHARED = "The quick brown fox jumps over the lazy dog. Paris is the capital of France. "
+
+
+def mixed_prompts(tok):
+    """Prompts that share prefixes of different lengths (some block-aligned, some not)."""
+    base = tok.encode(SHARED * 3)
+    return [base[:n] + tok.encode(s) for n, s in
+            [(len(base), " Qwen3"), (len(base), " Über"), (17, " café"), (40, "日本語"), (len(base), " Qwen3"), (3, "x")]]
+
+
+@pytest.fixture(scope="module")
+def tied_ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tied")
+    make_checkpoint(path, tied=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference_outputs(tied_ckpt):
+    """Each prompt run alone, no prefix cache, no chunking: the answer every configuration must give."""
+    llm = engine(tied_ckpt, prefix_cache=False)
+    prompts = mixed_prompts(llm.tokenizer)
+    return prompts, [llm.generate([p], SamplingParams(max_tokens=24, ignore_eos=True))[0].token_ids for p in prompts]
+
+
+@pytest.mark.parametrize("kw", [dict(prefix_cache=True), dict(prefix_cache=False, max_num_batched_tokens=1),
+                                dict(prefix_cache=True, max_num_batched_tokens=7),
+                                dict(prefix_cache=True, max_num_batched_tokens=64),
+                                dict(prefix_cache=True, num_blocks=24, max_num_batched_tokens=16),
+                                dict(prefix_cache=False, num_blocks=24)],
+                         ids=["prefix", "chunk1", "chunk7-prefix", "chunk64-prefix", "tiny-pool-prefix", "tiny-pool"])
+def test_batching_variants_match_alone(tied_ckpt, reference_outputs, kw):
+    prompts, ref = reference_outputs
+    llm = engine(tied_ckpt, **kw)
+    # run twice: the second pass finds the first one's blocks in the prefix cache
+    for _ in range(2):
+        outs = llm.generate(prompts, SamplingParams(max_tokens=24, ignore_eos=True))
+        assert [o.token_ids for o in outs] == ref
+    s = llm.stats()
+    print(kw, s)
+    if kw.get("prefix_cache"):
+        assert s["prefix_hit_tokens"] > 0
+    if kw.get("num_blocks") == 24:
+        assert s["num_preemptions"] > 0, "the tiny pool was meant to force preemption"
+    assert_no_leak(llm)
+
+
+def test_prefix_cache_skips_shared_prefill(tied_ckpt):
+    llm = engine(tied_ckpt)
+    base = llm.tokenizer.encode(SHARED * 3)
+    llm.generate([base + [5]], SamplingParams(max_tokens=2, ignore_eos=True))
+    before = llm.stats()["prefill_tokens_computed"]
+    out = llm.generate([base + [7, 8]], SamplingParams(max_tokens=2, ignore_eos=True))[0]
+    computed = llm.stats()["prefill_tokens_computed"] - before
+    assert out.num_cached_tokens == len(base) // 4 * 4 and computed == len(base) + 2 - out.num_cached_tokens
+    assert_no_leak(llm)
+
+
+def test_request_too_long_for_pool_is_rejected(tied_ckpt):
+    llm = engine(tied_ckpt, num_blocks=8)
+    with pytest.raises(ValueError, match="whole cache has 7"):
+        llm.add_request(list(range(20)), SamplingParams(max_tokens=20))
+    assert_no_leak(llm)
+
+
+def test_abort_mid_prefill_and_mid_decode_frees_blocks(tied_ckpt):
+    llm = engine(tied_ckpt, max_num_batched_tokens=8)
+    long = llm.tokenizer.encode(SHARED * 3)
+    a = llm.add_request(long, SamplingParams(max_tokens=50))
+    b = llm.add_request(long[:9], SamplingParams(max_tokens=50, ignore_eos=True))
+    llm.step()                                     # a is mid-prefill (8 of ~80 tokens)
+    assert 0 < llm.seqs[a].num_computed < len(long)
+    assert llm.abort(a)
+    for _ in range(20):
+        llm.step()                                 # b is decoding
+    assert len(llm.seqs[b].output_ids) > 0
+    assert llm.abort(b) and not llm.abort(b)
+    assert_no_leak(llm)
+
+
+def test_radix_tree_invariants():
+    bm = cache.BlockManager(num_blocks=12, block_size=2)
+    toks = [1, 2, 3, 4, 5, 6]
+    blocks = bm.allocate(3)
+    node = bm.root
+    for i, b in enumerate(blocks):
+        node = bm.insert(node, bm.block_key(toks, i), b)
+    assert bm.match(toks + [9])[0] == blocks and bm.match([1, 2, 3, 9])[0] == blocks[:1]
+    # a second sequence shares the first two blocks and adds its own third one
+    shared, node2 = bm.match([1, 2, 3, 4, 7, 7])
+    bm.acquire(shared)
+    own = bm.allocate(1)
+    assert bm.insert(node2, (7, 7), own[0]) is not None
+    # a duplicate block for tokens already cached is refused (the caller keeps it private)
+    dup = bm.allocate(1)
+    assert bm.insert(node2, (7, 7), dup[0]) is None
+    bm.release(dup)
+    assert dup[0] in bm.free
+    bm.release(blocks)
+    assert all(bm.ref[b] == 1 for b in shared), "shared blocks stay referenced by the second sequence"
+    assert bm.num_cached_idle == 1                 # only block (5, 6) is idle
+    # eviction takes idle leaves only; shared blocks are never freed while referenced
+    bm.evict(1)
+    assert blocks[2] in bm.free and bm.match(toks)[0] == blocks[:2]
+    with pytest.raises(RuntimeError, match="out of blocks"):
+        bm.allocate(bm.num_usable + 1)
+    bm.release(shared + own)
+    assert bm.num_cached_idle == 3 and all(r == 0 for r in bm.ref)
+    bm.clear_cache()
+    assert len(bm.free) == 11 and not bm.root.children and not bm.node_of
+
+
+def test_randomized_requests_match_alone(tied_ckpt):
+    """Many requests with random lengths, shared prefixes and aborts, in a tiny pool: each surviving request
+    gives the tokens it gives alone."""
+    rng = random.Random(0)
+    alone = engine(tied_ckpt, prefix_cache=False)
+    llm = engine(tied_ckpt, num_blocks=20, max_num_batched_tokens=13, max_num_seqs=6)
+    base = llm.tokenizer.encode(SHARED)
+    prompts = [base[:rng.randint(1, len(base))] + [rng.randrange(3, 400) for _ in range(rng.randint(0, 6))]
+               for _ in range(14)]
+    params = [SamplingParams(max_tokens=rng.randint(1, 20), ignore_eos=True) for _ in prompts]
+    rids = [llm.add_request(p, sp) for p, sp in zip(prompts, params)]
+    aborted = set(rng.sample(rids, 3))
+    got = {r: [] for r in rids}
+    steps = 0
+    while llm.has_work():
+        for out in llm.step():
+            got[out.request_id] += out.token_ids
+        steps += 1
+        if steps == 5:
+            for r in aborted:
+                llm.abort(r)
+    for r, p, sp in zip(rids, prompts, params):
+        if r not in aborted:
+            assert got[r] == alone.generate([p], sp)[0].token_ids
+    print(llm.stats())
+    assert llm.stats()["num_preemptions"] > 0
+    assert_no_leak(llm)
