@@ -229,7 +229,9 @@ class LLM:
 
     # ---- requests -----------------------------------------------------------------------------------------
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
-                    request_id: str | None = None) -> str:
+                    request_id: str | None = None, stream_text: bool = True) -> str:
+        """Queue a request. stream_text=False skips incremental detokenization (unless stop strings need
+        it): the whole text then arrives with the final output, which saves host time per step."""
         params = params or SamplingParams()
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if not ids:
@@ -247,7 +249,8 @@ class LLM:
         self.scheduler.add(seq)
         seed = params.seed if params.seed is not None else random.getrandbits(63)
         self.seqs[request_id] = seq
-        self.state[request_id] = (params, seed, Detokenizer(self.tokenizer, ids, params))
+        detok = Detokenizer(self.tokenizer, ids, params) if stream_text or params.stop else None
+        self.state[request_id] = (params, seed, detok)
         return request_id
 
     def abort(self, request_id: str) -> bool:
@@ -319,9 +322,8 @@ class LLM:
     def check_stop(self, seq: Sequence) -> StepOutput:
         params, _, detok = self.state[seq.request_id]
         tok = seq.token_ids[-1]
-        hit_stop_string = detok.add(tok)
         reason = None
-        if hit_stop_string:
+        if detok is not None and detok.add(tok):
             reason = "stop"
         elif not params.ignore_eos and tok in self.config.eos_token_id or tok in params.stop_token_ids:
             reason = "stop"
@@ -330,8 +332,12 @@ class LLM:
         if reason is not None:
             self.scheduler.finish(seq, reason)
             del self.seqs[seq.request_id], self.state[seq.request_id]
-        return StepOutput(seq.request_id, [tok], detok.take(final=reason is not None), reason is not None,
-                          reason, len(seq.prompt_ids), len(seq.output_ids))
+        if detok is not None:
+            text = detok.take(final=reason is not None)
+        else:
+            text = self.tokenizer.decode(seq.output_ids) if reason is not None else ""
+        return StepOutput(seq.request_id, [tok], text, reason is not None, reason, len(seq.prompt_ids),
+                          len(seq.output_ids))
 
     # ---- conveniences -------------------------------------------------------------------------------------
     def stream(self, prompts: list, params: SamplingParams | list[SamplingParams] | None = None):
@@ -354,7 +360,7 @@ class LLM:
     def generate(self, prompts: list, params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
         """Run prompts as one batch to the end; outputs in prompt order."""
         params = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
-        rids = [self.add_request(p, sp) for p, sp in zip(prompts, params)]
+        rids = [self.add_request(p, sp, stream_text=False) for p, sp in zip(prompts, params)]
         seqs = [self.seqs[r] for r in rids]
         texts = [""] * len(prompts)
         for i, out in self.drain(rids):

@@ -97,16 +97,19 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             n = min(seq.num_tokens - seq.num_computed, budget)
-            while self.blocks_needed(seq, n) > self.blocks.num_usable and self.running[-1] is not seq:
-                self.preempt(self.running[-1])
-            if self.blocks_needed(seq, n) > self.blocks.num_usable:
-                self.preempt(seq)                        # alone it still does not fit: wait for room
-                break
-            seq.block_table += self.blocks.allocate(self.blocks_needed(seq, n))
+            need = self.blocks_needed(seq, n)
+            if need > 0:                                 # a decode needs a block once every block_size steps
+                while need > self.blocks.num_usable and self.running[-1] is not seq:
+                    self.preempt(self.running[-1])
+                if need > self.blocks.num_usable:
+                    self.preempt(seq)                    # alone it still does not fit: wait for room
+                    break
+                seq.block_table += self.blocks.allocate(need)
             seqs.append(seq)
             num_new.append(n)
             budget -= n
             i += 1
+        is_decode = len(seqs) == sum(num_new) and all(s.num_computed + 1 == s.num_tokens for s in seqs)
         preempted = self.num_preemptions > preemptions_before      # no admissions in a step short of blocks
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
             seq = self.waiting[0]
@@ -116,8 +119,8 @@ class Scheduler:
             self.running.append(seq)
             seqs.append(seq)
             num_new.append(min(seq.num_tokens - seq.num_computed, budget))
+            is_decode = is_decode and num_new[-1] == 1 and seq.num_computed + 1 == seq.num_tokens
             budget -= num_new[-1]
-        is_decode = all(n == 1 and s.num_computed == s.num_tokens - 1 for s, n in zip(seqs, num_new))
         return Batch(seqs, num_new, is_decode and bool(seqs))
 
     def admit(self, seq: Sequence, budget: int) -> bool:
