@@ -293,11 +293,11 @@ def _kv_offsets(block_table_row_ptr, offs_n, in_range, kv_head, N_KV: tl.constex
 
 @triton.jit
 def _decode_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, bt_stride, context_lens_ptr,
-                             out_ptr, part_o_ptr, part_lse_ptr, qk_scale, partition,
+                             out_ptr, part_o_ptr, part_lse_ptr, qk_scale, partition, num_splits,
                              N_HEADS: tl.constexpr, N_KV: tl.constexpr, HEAD_DIM: tl.constexpr,
                              BLOCK_SIZE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
-                             NUM_SPLITS: tl.constexpr):
-    # grid (B, N_KV, NUM_SPLITS): one program per (sequence, kv head, context slice of `partition` tokens).
+                             SPLIT: tl.constexpr):
+    # grid (B, N_KV, num_splits): one program per (sequence, kv head, context slice of `partition` tokens).
     # All GROUP q heads of the kv head ride along as the rows of one (BLOCK_G, HEAD_DIM) tile (padded to the
     # 16 rows tl.dot needs), so each K/V tile is read once for the whole group.
     # Bytes: context_len * N_KV * HEAD_DIM * elt * 2 (K and V) per sequence, read once; q, out are noise.
@@ -336,30 +336,30 @@ def _decode_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, 
 
     row = b.to(tl.int64) * N_HEADS + heads                                               # (BLOCK_G,) rows of (B*H)
     gmask = g < GROUP
-    if NUM_SPLITS == 1:
+    if not SPLIT:
         out = acc / l_i[:, None]
         tl.store(out_ptr + row[:, None] * HEAD_DIM + d[None, :], out.to(out_ptr.dtype.element_ty),
                  mask=gmask[:, None])
     else:   # partial result of this slice: normalized output and its log2-sum-exp2, merged by the reduce kernel
         l_safe = tl.where(l_i > 0, l_i, 1.0)
-        tl.store(part_o_ptr + (row[:, None] * NUM_SPLITS + split) * HEAD_DIM + d[None, :], acc / l_safe[:, None],
+        tl.store(part_o_ptr + (row[:, None] * num_splits + split) * HEAD_DIM + d[None, :], acc / l_safe[:, None],
                  mask=gmask[:, None])
-        tl.store(part_lse_ptr + row * NUM_SPLITS + split, tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf")),
+        tl.store(part_lse_ptr + row * num_splits + split, tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf")),
                  mask=gmask)
 
 
 @triton.jit
-def _decode_reduce_kernel(part_o_ptr, part_lse_ptr, out_ptr, NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr,
+def _decode_reduce_kernel(part_o_ptr, part_lse_ptr, out_ptr, num_splits, HEAD_DIM: tl.constexpr,
                           BLOCK_S: tl.constexpr):
-    # grid (B * N_HEADS,): weigh each slice's output by exp2(lse_slice - lse_max). Bytes: NUM_SPLITS * HEAD_DIM
+    # grid (B * N_HEADS,): weigh each slice's output by exp2(lse_slice - lse_max). Bytes: num_splits * HEAD_DIM
     # fp32 per head, small against the KV bytes of the split kernel.
     row = tl.program_id(0).to(tl.int64)
     s = tl.arange(0, BLOCK_S)
     d = tl.arange(0, HEAD_DIM)
-    lse = tl.load(part_lse_ptr + row * NUM_SPLITS + s, mask=s < NUM_SPLITS, other=float("-inf"))   # (BLOCK_S,)
+    lse = tl.load(part_lse_ptr + row * num_splits + s, mask=s < num_splits, other=float("-inf"))   # (BLOCK_S,)
     w = tl.exp2(lse - tl.max(lse, axis=0))                   # slice 0 always holds >= 1 token: the max is finite
-    o = tl.load(part_o_ptr + (row * NUM_SPLITS + s[:, None]) * HEAD_DIM + d[None, :],
-                mask=s[:, None] < NUM_SPLITS, other=0.0)     # (BLOCK_S, HEAD_DIM)
+    o = tl.load(part_o_ptr + (row * num_splits + s[:, None]) * HEAD_DIM + d[None, :],
+                mask=s[:, None] < num_splits, other=0.0)     # (BLOCK_S, HEAD_DIM)
     out = tl.sum(w[:, None] * o, axis=0) / tl.sum(w, axis=0)
     tl.store(out_ptr + row * HEAD_DIM + d, out.to(out_ptr.dtype.element_ty))
 
@@ -369,15 +369,26 @@ def _num_sms(device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
 
 
-DECODE_BLOCK_N = 64           # tokens per K/V tile in decode
-DECODE_MIN_PARTITION = 256    # fewest tokens a context slice is given (fewer: the reduce costs more than it saves)
+# Decode tuning, H100, bf16, head_dim 128 (swept: BLOCK_N 32/64/128, 2-8 warps, 2-4 stages; min partition
+# 64/128/256; 2/4/8 programs per SM). 64-token slices lift B=1 ctx=2048 from 600 to 800 GB/s; past 4 programs
+# per SM, B=64 ctx=2048 splits in two and loses 3%.
+DECODE_CONFIG = dict(BLOCK_N=64, num_warps=4, num_stages=3)   # BLOCK_N: tokens per K/V tile
+DECODE_MIN_PARTITION = 64     # fewest tokens a context slice is given (one tile)
 DECODE_WAVES = 4              # split until B * n_kv * splits reaches this many programs per SM
+DECODE_MAX_SPLITS = 64        # the reduce kernel holds all slices of a head in registers
+
+
+def _decode_partition(max_ctx: int, splits: int) -> int:
+    """Tokens per slice: a whole number of tiles, so only the slice holding a context's end has a ragged tile."""
+    block_n = DECODE_CONFIG["BLOCK_N"]
+    return triton.cdiv(triton.cdiv(max_ctx, splits), block_n) * block_n
 
 
 def decode_num_splits(batch: int, n_kv: int, max_ctx: int, device) -> int:
     """How many slices to cut each context into. Shapes only (never the context lengths): graph-capturable."""
     want = (DECODE_WAVES * _num_sms(device)) // (batch * n_kv)
-    return max(1, min(want, triton.cdiv(max_ctx, DECODE_MIN_PARTITION)))
+    want = max(1, min(want, triton.cdiv(max_ctx, DECODE_MIN_PARTITION), DECODE_MAX_SPLITS))
+    return triton.cdiv(max_ctx, _decode_partition(max_ctx, want))
 
 
 def decode_attention_triton(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits=None):
@@ -389,22 +400,27 @@ def decode_attention_triton(q, k_cache, v_cache, block_tables, context_lens, sca
     assert n_heads % n_kv == 0 and hd & (hd - 1) == 0, "n_heads must be a multiple of n_kv; head_dim a power of 2"
     assert block_tables.dim() == 2 and block_tables.shape[0] == B and block_tables.stride(1) == 1
     assert context_lens.shape == (B,)
-    max_ctx = block_tables.shape[1] * block_size
-    splits = num_splits or decode_num_splits(B, n_kv, max_ctx, q.device)
-    # each slice a whole number of tiles, so only the slice that holds the context's end has a ragged tile
-    partition = triton.cdiv(triton.cdiv(max_ctx, splits), DECODE_BLOCK_N) * DECODE_BLOCK_N
+    max_ctx = block_tables.shape[1] * block_size                 # M = block_tables.shape[1]: fixed per graph
+    partition = _decode_partition(max_ctx, num_splits or decode_num_splits(B, n_kv, max_ctx, q.device))
+    splits = triton.cdiv(max_ctx, partition)
     out = torch.empty_like(q)
     part_o = torch.empty(B, n_heads, splits, hd, dtype=torch.float32, device=q.device) if splits > 1 else None
     part_lse = torch.empty(B, n_heads, splits, dtype=torch.float32, device=q.device) if splits > 1 else None
     _decode_attention_kernel[(B, n_kv, splits)](
         q, k_cache, v_cache, block_tables, block_tables.stride(0), context_lens, out, part_o, part_lse,
-        scale * LOG2E, partition, N_HEADS=n_heads, N_KV=n_kv, HEAD_DIM=hd, BLOCK_SIZE=block_size,
-        BLOCK_G=max(16, triton.next_power_of_2(n_heads // n_kv)), BLOCK_N=DECODE_BLOCK_N, NUM_SPLITS=splits,
-        num_warps=4, num_stages=2)
+        scale * LOG2E, partition, splits, N_HEADS=n_heads, N_KV=n_kv, HEAD_DIM=hd, BLOCK_SIZE=block_size,
+        BLOCK_G=max(16, triton.next_power_of_2(n_heads // n_kv)), SPLIT=splits > 1, **DECODE_CONFIG)
     if splits > 1:
-        _decode_reduce_kernel[(B * n_heads,)](part_o, part_lse, out, NUM_SPLITS=splits, HEAD_DIM=hd,
+        _decode_reduce_kernel[(B * n_heads,)](part_o, part_lse, out, splits, HEAD_DIM=hd,
                                               BLOCK_S=triton.next_power_of_2(splits))
     return out
+
+
+# Prefill tuning, H100, bf16, head_dim 128. TFLOP/s at 8 x 2048 causal with 16 / 32 heads, and 1 x 512 with 32:
+# BLOCK_M x BLOCK_N, warps, stages: 64x64 4w 3s 318 / 333, 125 (chosen: as fast, and best on short prompts);
+# 64x64 4w 4s 331 / 330, 125; 128x32 4w 3s 328 / 340, 77; 128x64 4w 3s 304 / 327, 84; 128x128 8w 3s 305 / 311;
+# 64x64 8w 3s 232 / 230; 64x128 4w 3s 241 / 241.
+PREFILL_CONFIG = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)
 
 
 @triton.jit
@@ -484,14 +500,12 @@ def prefill_attention_triton(q, k_cache, v_cache, cu_seqlens_q, context_lens, bl
     assert cu_seqlens_q.shape == (B + 1,) and block_tables.shape[0] == B and block_tables.stride(1) == 1
     if max_seqlen_q is None:
         max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
-    # H100, bf16, head_dim 128: 128x64 tiles, 8 warps, 3 stages (measured; see bench_kernels.py)
-    BLOCK_M, BLOCK_N = (128, 64) if q.is_cuda else (32, 32)   # small tiles keep the CPU interpreter quick
+    cfg = PREFILL_CONFIG if q.is_cuda else dict(BLOCK_M=32, BLOCK_N=32)   # small tiles: a quick CPU interpreter
     out = torch.empty_like(q)
-    grid = (n_heads, triton.cdiv(max_seqlen_q, BLOCK_M), B)
+    grid = (n_heads, triton.cdiv(max_seqlen_q, cfg["BLOCK_M"]), B)
     _prefill_attention_kernel[grid](q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables,
                                     block_tables.stride(0), out, scale * LOG2E, N_HEADS=n_heads, N_KV=n_kv,
-                                    HEAD_DIM=hd, BLOCK_SIZE=block_size, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-                                    num_warps=8, num_stages=3)
+                                    HEAD_DIM=hd, BLOCK_SIZE=block_size, **cfg)
     return out
 
 
@@ -499,47 +513,64 @@ def prefill_attention_triton(q, k_cache, v_cache, cu_seqlens_q, context_lens, bl
 # Dispatchers: what model.py calls
 # ----------------------------------------------------------------------------------------------------------
 
-def _use_triton(x: torch.Tensor, size: int, min_size: int) -> bool:
-    """Triton when forced, or (auto) for CUDA tensors of at least min_size; never when Triton is missing."""
+def _use_triton(x: torch.Tensor) -> bool:
+    """Triton when forced, or (auto) for CUDA tensors; never when Triton is missing.
+
+    The tables below are GPU times in ms, Triton vs the PyTorch reference, on an H100 in bf16 (bench_kernels.py:
+    CUDA-graph replays on inputs not in L2). Triton wins from the smallest size measured, one row, so auto has
+    no size threshold on CUDA; on the CPU the references run (Triton needs a GPU there, or the interpreter)."""
     mode = kernel_mode()
     if not HAS_TRITON or mode == "torch":
         return False
-    return mode == "triton" or (x.is_cuda and size >= min_size)
+    return mode == "triton" or x.is_cuda
 
 
-# TODO thresholds measured on the H100
+# rows x 4096 |   1    |   16   |  128   |  1024  | 16384
+# triton      | 0.0020 | 0.0024 | 0.0030 | 0.0073 | 0.0922
+# torch       | 0.0151 | 0.0238 | 0.0265 | 0.0643 | 1.0144
 def rms_norm(x, weight, eps):
-    if _use_triton(x, x.numel() // x.shape[-1], 1):
-        return rms_norm_triton(x, weight, eps)
-    return rms_norm_ref(x, weight, eps)
+    return rms_norm_triton(x, weight, eps) if _use_triton(x) else rms_norm_ref(x, weight, eps)
 
 
+# rows x 4096 |   1    |   16   |  128   |  1024  | 16384
+# triton      | 0.0020 | 0.0026 | 0.0036 | 0.0125 | 0.1821
+# torch       | 0.0128 | 0.0249 | 0.0282 | 0.0698 | 1.1480
 def add_rms_norm(x, residual, weight, eps):
-    if _use_triton(x, x.numel() // x.shape[-1], 1):
+    if _use_triton(x):
         return rms_norm_triton(x, weight, eps, residual=residual)
     return add_rms_norm_ref(x, residual, weight, eps)
 
 
+# rows x 2x12288 |   1    |   16   |  128   |  1024  | 16384
+# triton         | 0.0020 | 0.0024 | 0.0053 | 0.0282 | 0.4232
+# torch          | 0.0040 | 0.0079 | 0.0137 | 0.0765 | 1.1248
 def silu_mul(gate_up):
-    if _use_triton(gate_up, gate_up.numel() // gate_up.shape[-1], 1):
-        return silu_mul_triton(gate_up)
-    return silu_mul_ref(gate_up)
+    return silu_mul_triton(gate_up) if _use_triton(gate_up) else silu_mul_ref(gate_up)
 
 
+# tokens, 32/8 heads x 128 |   1    |   16   |  128   |  1024  | 16384
+# triton                   | 0.0039 | 0.0043 | 0.0052 | 0.0118 | 0.1476
+# torch                    | 0.0765 | 0.0857 | 0.0939 | 0.2153 | 3.1213
 def qk_norm_rope_store(qkv, q_norm_w, k_norm_w, cos_sin, positions, k_cache, v_cache, slot_mapping,
                        n_heads, n_kv_heads, eps):
-    f = qk_norm_rope_store_triton if _use_triton(qkv, qkv.shape[0], 1) else qk_norm_rope_store_ref
+    f = qk_norm_rope_store_triton if _use_triton(qkv) else qk_norm_rope_store_ref
     return f(qkv, q_norm_w, k_norm_w, cos_sin, positions, k_cache, v_cache, slot_mapping, n_heads, n_kv_heads, eps)
 
 
+# 16/8 heads x 128 | B=1 ctx=128 | B=1 ctx=2048 | B=8 ctx=512 | B=64 ctx=2048 | B=256 ctx=1024 | B=1 ctx=32768
+# triton           |   0.0061    |    0.0101    |   0.0127    |    0.1934     |     0.3735     |    0.0563
+# torch            |   0.0414    |    0.0937    |   0.1322    |    3.2640     |     6.3863     |    1.5417
 def decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale):
-    f = decode_attention_triton if _use_triton(q, 1, 1) else decode_attention_ref
+    f = decode_attention_triton if _use_triton(q) else decode_attention_ref
     return f(q, k_cache, v_cache, block_tables, context_lens, scale)
 
 
+# 16/8 heads x 128, causal | 1 x 128 | 1 x 512 | 8 x 2048
+# triton                   | 0.0077  | 0.0163  |  0.4202
+# torch (eager: it syncs)  | 0.3818  | 0.4324  | 16.2654
 def prefill_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale,
                       max_seqlen_q: int | None = None):
-    if _use_triton(q, q.shape[0], 1):
+    if _use_triton(q):
         return prefill_attention_triton(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale,
                                         max_seqlen_q=max_seqlen_q)
     return prefill_attention_ref(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale)

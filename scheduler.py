@@ -111,17 +111,36 @@ class Scheduler:
             i += 1
         is_decode = len(seqs) == sum(num_new) and all(s.num_computed + 1 == s.num_tokens for s in seqs)
         preempted = self.num_preemptions > preemptions_before      # no admissions in a step short of blocks
+        deferred = []
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
-            seq = self.waiting[0]
+            seq = self.waiting.popleft()
+            if self.prefix_in_flight(seq):
+                deferred.append(seq)                      # next step its prefix is in the cache
+                continue
             if not self.admit(seq, budget):
+                self.waiting.appendleft(seq)
                 break
-            self.waiting.popleft()
             self.running.append(seq)
             seqs.append(seq)
             num_new.append(min(seq.num_tokens - seq.num_computed, budget))
             is_decode = is_decode and num_new[-1] == 1 and seq.num_computed + 1 == seq.num_tokens
             budget -= num_new[-1]
+        self.waiting.extendleft(reversed(deferred))
         return Batch(seqs, num_new, is_decode and bool(seqs))
+
+    def prefix_in_flight(self, seq: Sequence) -> bool:
+        """True when a request still in prefill is computing the next block seq's prompt needs beyond what the
+        cache holds. Admitting seq a step later lets it reuse that block instead of computing it twice (the
+        common case: many requests with one system prompt arriving together)."""
+        if not self.blocks.enable_prefix_cache:
+            return False
+        bs = self.blocks.block_size
+        n = len(self.blocks.match(seq.token_ids)[0]) * bs
+        if n + bs >= seq.num_tokens:
+            return False
+        block = seq.token_ids[n:n + bs]
+        return any(r.num_computed <= n and n + bs <= len(r.prompt_ids) and r.token_ids[n:n + bs] == block
+                   for r in self.running)
 
     def admit(self, seq: Sequence, budget: int) -> bool:
         """Reuse the cached prefix of seq's tokens and allocate blocks for its first chunk, or change nothing."""
