@@ -312,10 +312,16 @@ class LLM:
         tokens = []
         if sampled_seqs:
             st = [self.state[s.request_id] for s in sampled_seqs]
-            tensors = SamplingTensors.build([p for p, _, _ in st], [seed for _, seed, _ in st],
-                                            [s.num_tokens - len(s.prompt_ids) for s in sampled_seqs],
-                                            [s.token_ids for s in sampled_seqs], self.config.vocab_size, self.device)
-            tokens = sample(logits[:len(sampled_seqs)], tensors).tolist()   # the step's one host sync
+            params = [p for p, _, _ in st]
+            logits = logits[:len(sampled_seqs)]
+            if all(p.greedy and p.repetition_penalty == 1.0 for p in params):
+                tokens = logits.argmax(-1).tolist()          # the common case needs no sampling tensors
+            else:
+                tensors = SamplingTensors.build(params, [seed for _, seed, _ in st],
+                                                [s.num_tokens - len(s.prompt_ids) for s in sampled_seqs],
+                                                [s.token_ids for s in sampled_seqs], self.config.vocab_size,
+                                                self.device)
+                tokens = sample(logits, tensors).tolist()     # the step's one host sync
         done = self.scheduler.postprocess(batch, tokens)
         return [self.check_stop(seq) for seq in done]
 
@@ -381,11 +387,12 @@ class DecodeGraphs:
         self.max_batch = max_batch
         dev = kv_cache.device
         i32 = dict(dtype=torch.int32, device=dev)
-        self.ids = torch.zeros(max_batch, dtype=torch.int64, device=dev)
-        self.pos = torch.zeros(max_batch, dtype=torch.int64, device=dev)
-        self.slots = torch.zeros(max_batch, dtype=torch.int64, device=dev)      # padding: slot 0, in block 0
-        self.ctx = torch.ones(max_batch, **i32)
-        self.tables = torch.zeros(max_batch, max_blocks, **i32)
+        self.i64 = torch.zeros(3, max_batch, dtype=torch.int64, device=dev)
+        self.ids, self.pos, self.slots = self.i64        # padding rows: token 0 at position 0, slot 0 (block 0)
+        self.i32 = torch.zeros(max_batch, 1 + max_blocks, **i32)
+        self.i32[:, 0] = 1
+        self.tables = self.i32[:, 1:]                    # (max_batch, max_blocks), row stride 1 + max_blocks
+        self.ctx = torch.ones(max_batch, **i32)          # contiguous copy of column 0 (kernels want it dense)
         self.cu = torch.arange(max_batch + 1, **i32)
         self.rows = torch.arange(max_batch, device=dev)
         self.graphs, self.logits = {}, {}
@@ -393,7 +400,9 @@ class DecodeGraphs:
         for b in reversed(self.sizes):          # largest first, so smaller graphs reuse its memory pool
             meta = AttnMeta(self.cu[:b + 1], self.ctx[:b], self.tables[:b], self.slots[:b], self.rows[:b],
                             is_decode=True, max_seqlen_q=1)
-            run = lambda: model.compute_logits(model(self.ids[:b], self.pos[:b], meta, kv_cache))
+            def run():
+                self.ctx[:b].copy_(self.i32[:b, 0])      # inside the graph: no extra launch per step
+                return model.compute_logits(model(self.ids[:b], self.pos[:b], meta, kv_cache))
             with torch.inference_mode():
                 run()                           # warm-up: Triton compiles, cuBLAS picks its kernels
                 g = torch.cuda.CUDAGraph()
@@ -406,14 +415,12 @@ class DecodeGraphs:
     def run(self, ids, pos, slots, ctx, tables) -> torch.Tensor:
         n = len(ids)
         b = next(s for s in self.sizes if s >= n)
-        pad = b - n
+        pad = [0] * (b - n)
+        # two host-to-device copies per step: the int64 inputs in one, the int32 metadata in the other
+        self.i64[:, :b].copy_(torch.tensor([ids + pad, pos + pad, slots + pad]).pin_memory(), non_blocking=True)
         w = len(tables[0])
-        host = lambda xs, dt: torch.tensor(xs, dtype=dt).pin_memory()
-        self.ids[:b].copy_(host(ids + [0] * pad, torch.int64), non_blocking=True)
-        self.pos[:b].copy_(host(pos + [0] * pad, torch.int64), non_blocking=True)
-        self.slots[:b].copy_(host(slots + [0] * pad, torch.int64), non_blocking=True)
-        self.ctx[:b].copy_(host(ctx + [1] * pad, torch.int32), non_blocking=True)
-        self.tables[:n, :w].copy_(host(tables, torch.int32), non_blocking=True)
-        self.tables[n:b, 0] = 0                 # padding rows read block 0
+        tables = [row + [0] * (w - len(row)) for row in tables] + [[0] * w] * (b - n)   # padding rows: block 0
+        self.i32[:b, :w + 1].copy_(torch.tensor([[c] + row for c, row in zip(ctx + [1] * (b - n), tables)],
+                                                dtype=torch.int32).pin_memory(), non_blocking=True)
         self.graphs[b].replay()
         return self.logits[b][:n]

@@ -1,0 +1,722 @@
+"""Benchmarks: the standard workloads of BENCH.md, each against its physical floor on this machine.
+
+    python bench.py                                   # offline, decode-1, prefill on qwen3-0.6b (random weights)
+    python bench.py offline decode-1 --peer hf        # ... and HF transformers on the same workloads, same process
+    python bench.py prefix serve kernels --model qwen3-1.7b
+    python bench.py --model tiny                      # on a CPU: the same workloads shrunk, to try it anywhere
+
+Modes: offline (256 requests at once), decode-1 (one request, ms/token), prefill (8 x 2048 tokens, one forward),
+prefix (64 requests sharing a 2,000-token prefix, prefix cache on vs off), serve (serve.py on loopback, N
+streaming clients), kernels (bench_kernels.py's table). It prints a table (result, floor, result/floor, peer,
+ours/peer), a one-line summary, and writes everything to --out (results.json).
+
+First it measures the two ceilings of the device (BENCH.md): memory bandwidth = bytes read + written by a
+device-to-device copy of 2 GiB / median time, and the bf16 matmul rate of 8192^3 `a @ b`. Every floor comes
+from these two numbers and the model shape:
+
+  W = weight bytes read per decode step = (each layer's q,k,v,o,gate,up,down + lm_head) x bytes per element
+      (the embedding lookup reads only T rows, so a tied lm_head is counted once)
+  K = KV bytes per token of context = 2 (K and V) x layers x kv_heads x head_dim x bytes per element
+  F(a, b) = FLOPs to compute prompt tokens a..b-1 when the first a are cached
+          = 2 x weight params x (b - a)  +  4 x layers x heads x head_dim x (a+1 + ... + b)
+            (QK^T and PV: 2 FLOPs per head_dim element each, causal: token p attends to p+1 tokens)
+
+  offline, serve, prefix: request i has a prompt of p_i tokens and o_i output tokens. Its first output token
+  comes out of the prefill; each of the other o_i - 1 needs a decode step that reads the K/V of its whole
+  context (p_i + j tokens at its j-th step). With every request in one batch, the batch runs max(o_i) - 1
+  decode steps, each reading all the weights once. So
+
+      floor seconds = [K x sum_i sum_{j=1}^{o_i-1} (p_i + j)  +  W x (max_i o_i - 1)] / bandwidth
+                      + sum_i F(cached_i, p_i) / matmul rate,          floor tok/s = sum_i o_i / floor seconds
+
+  qwen3-0.6b at 2.99 TB/s and 777 TFLOP/s: 15.2 TB of KV + 1.2 TB of weights (1,023 steps x 1.19 GB) + 145k
+  prompt tokens (0.24 s) = 5.72 s -> 25,200 output tok/s, as BENCH.md says. (prefix: the shared prefix
+  computed once, F(0, 2000) + 64 x F(2000, 2100); serve: the offline formula over the N requests of a level.)
+  decode-1: W / bandwidth per token (0.40 ms for 0.6b). prefill: F(0, 2048) per prompt at the matmul rate
+  (545k tok/s for 0.6b).
+
+On a CPU the numbers mean nothing for speed: that run only shows the machinery works.
+"""
+import argparse
+import gc
+import http.client
+import json
+import os
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+import torch
+
+from engine import LLM, EngineArgs, resolve_device_dtype
+from model import Config, preset, resolve_checkpoint
+from sample import SamplingParams, add_dataclass_args, pick
+
+MODES = ["offline", "decode-1", "prefix", "prefill", "accuracy", "kernels", "serve"]   # run in this order (fewest rebuilds)
+DEFAULT_MODES = ["offline", "decode-1", "prefill"]
+
+
+@dataclass
+class Workloads:
+    """BENCH.md's workload definitions (GPU), or the same shrunk for a CPU smoke run."""
+    num_seqs: int = 256              # offline: requests, all submitted at once
+    min_len: int = 100               # offline, serve: prompt and output lengths uniform in [min_len, max_len]
+    max_len: int = 1024
+    decode_prompt: int = 128         # decode-1: one request
+    decode_tokens: int = 256
+    prefill_seqs: int = 8            # prefill: prefill_seqs x prefill_len prompt tokens in one forward
+    prefill_len: int = 2048
+    prefix_seqs: int = 64            # prefix: a shared prefix + distinct suffixes, prefix_out tokens each
+    prefix_len: int = 2000
+    suffix_len: int = 100
+    prefix_out: int = 128
+    clients: tuple = (1, 16, 64, 256)  # serve: concurrent streaming clients per level
+
+
+CPU_WORKLOADS = Workloads(num_seqs=8, min_len=16, max_len=64, decode_prompt=16, decode_tokens=32, prefill_seqs=2,
+                          prefill_len=128, prefix_seqs=4, prefix_len=64, suffix_len=8, prefix_out=8, clients=(1, 4))
+
+
+@dataclass
+class Bench:
+    """What every mode needs: engine settings, workloads, model shape, measured ceilings, the live engine."""
+    eargs: EngineArgs
+    w: Workloads
+    cfg: Config
+    device: torch.device
+    dtype: torch.dtype
+    bandwidth: float                 # bytes/s, measured
+    matmul: float                    # FLOP/s, measured
+    temperature: float
+    peer_num_seqs: int | None        # offline: also run our engine on the peer's (smaller) workload
+    held: dict                       # {"args": EngineArgs, "llm": LLM}: at most one engine alive
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Ceilings and floors
+# ----------------------------------------------------------------------------------------------------------
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_time(fn, device, reps: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def measure_ceilings(device, dtype) -> tuple[float, float]:
+    """(bytes/s of a device-to-device copy counting read + written, FLOP/s of a square matmul)."""
+    gpu = device.type == "cuda"
+    n_bytes = 2 * 2**30 if gpu else 2**28
+    src = torch.empty(n_bytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    t = median_time(lambda: dst.copy_(src), device, reps=10)
+    bandwidth = 2 * n_bytes / t
+    del src, dst
+    n = 8192 if gpu else 1024
+    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
+    t = median_time(lambda: a @ b, device, reps=20 if gpu else 5)
+    return bandwidth, 2 * n**3 / t
+
+
+def weight_params(cfg: Config) -> int:
+    """Parameters read per decode step: every layer's matrices and the lm_head (norms are negligible)."""
+    attn = cfg.hidden_size * cfg.head_dim * (2 * cfg.num_attention_heads + 2 * cfg.num_key_value_heads)
+    mlp = 3 * cfg.hidden_size * cfg.intermediate_size
+    return cfg.num_hidden_layers * (attn + mlp) + cfg.vocab_size * cfg.hidden_size
+
+
+def prompt_flops(cfg: Config, a: int, b: int) -> int:
+    """F(a, b): FLOPs to compute prompt tokens a..b-1 with the first a cached (docstring at the top)."""
+    attn_pairs = (b * (b + 1) - a * (a + 1)) // 2
+    return 2 * weight_params(cfg) * (b - a) + 4 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * attn_pairs
+
+
+def floor(b: Bench, prompt_lens: list[int], out_lens: list[int], computed: list[tuple[int, int]] | None = None) -> dict:
+    """The floor of requests run as one batch (docstring at the top). computed: the (a, b) prompt spans that
+    must be computed, default every prompt in full."""
+    nbytes = b.dtype.itemsize
+    W = weight_params(b.cfg) * nbytes
+    K = 2 * b.cfg.num_hidden_layers * b.cfg.num_key_value_heads * b.cfg.head_dim * nbytes
+    kv = K * sum((o - 1) * p + o * (o - 1) // 2 for p, o in zip(prompt_lens, out_lens))
+    weights = W * (max(out_lens) - 1)
+    flops = sum(prompt_flops(b.cfg, lo, hi) for lo, hi in (computed or [(0, p) for p in prompt_lens]))
+    seconds = (kv + weights) / b.bandwidth + flops / b.matmul
+    return {"tok_s": sum(out_lens) / seconds, "seconds": seconds, "kv_bytes": kv, "weight_bytes": weights,
+            "prompt_flops": flops}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Running the engine
+# ----------------------------------------------------------------------------------------------------------
+
+def engine(b: Bench, **overrides) -> LLM:
+    """The engine for these settings. Each LLM sizes its KV cache to fill the GPU, so the old one goes first."""
+    args = replace(b.eargs, **overrides)
+    if b.held.get("args") != args:
+        release(b)
+        if b.device.type == "cuda" and torch.cuda.memory_allocated() > 2**30:
+            print(f"warning: {torch.cuda.memory_allocated() / 2**30:.1f} GiB still allocated: is an old engine "
+                  f"still referenced?", file=sys.stderr)
+        print(f"building the engine ({', '.join(f'{k}={v}' for k, v in overrides.items()) or 'defaults'})",
+              file=sys.stderr)
+        llm = LLM(args)
+        llm.generate([[1] * 32, [2] * 40], SamplingParams(max_tokens=8, ignore_eos=True))   # compile, warm up
+        b.held.update(args=args, llm=llm)
+    return b.held["llm"]
+
+
+def release(b: Bench):
+    b.held.clear()
+    gc.collect()
+    if b.device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+class Progress:
+    """tqdm when it is installed, else a counter on stderr."""
+
+    def __init__(self, total: int, desc: str):
+        try:
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, desc=desc, file=sys.stderr, leave=False, dynamic_ncols=True)
+        except ImportError:
+            self.bar, self.n, self.total, self.desc = None, 0, total, desc
+
+    def update(self, n: int):
+        if self.bar is not None:
+            return self.bar.update(n)
+        self.n += n
+        print(f"\r{self.desc}: {self.n}/{self.total}", end="", file=sys.stderr, flush=True)
+
+    def close(self):
+        self.bar.close() if self.bar is not None else print(file=sys.stderr)
+
+
+def run_requests(llm: LLM, prompts: list[list[int]], out_lens: list[int], temperature: float, desc: str) -> dict:
+    """Submit every request at once, step until all finish. Times are seconds since submission."""
+    stats0 = llm.stats()
+    bar = Progress(sum(out_lens), desc)
+    t0 = time.perf_counter()
+    for p, n in zip(prompts, out_lens):
+        llm.add_request(p, SamplingParams(temperature=temperature, max_tokens=n, ignore_eos=True))
+    stamps, steps = [], 0
+    while llm.has_work():
+        outs = llm.step()
+        steps += 1
+        if outs:
+            stamps.append(time.perf_counter() - t0)
+            bar.update(len(outs))
+    bar.close()
+    stats = llm.stats()
+    return {"seconds": stamps[-1], "first_token_s": stamps[0], "steps": steps, "output_tokens": sum(out_lens),
+            "stamps": stamps, "prefill_tokens_computed": stats["prefill_tokens_computed"] - stats0["prefill_tokens_computed"],
+            "preemptions": stats["num_preemptions"] - stats0["num_preemptions"], "blocks_total": stats["blocks_total"],
+            "max_batch_seqs": stats["max_batch_seqs"]}
+
+
+def offline_requests(n: int, lo: int, hi: int, vocab: int) -> tuple[list[list[int]], list[int]]:
+    """BENCH.md's offline workload: seed 0, all prompt lengths drawn first, then output lengths, then ids."""
+    random.seed(0)
+    prompt_lens = [random.randint(lo, hi) for _ in range(n)]
+    out_lens = [random.randint(lo, hi) for _ in range(n)]
+    return [[random.randrange(vocab) for _ in range(p)] for p in prompt_lens], out_lens
+
+
+def random_prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(vocab) for _ in range(length)] for _ in range(n)]
+
+
+def row(workload: str, value: float, floor_tok_s: float | None, note: str = "", peer_of: str | None = None) -> dict:
+    """One line of the table; value and floor in tok/s (higher is better)."""
+    return {"workload": workload, "tok_s": value, "floor_tok_s": floor_tok_s, "note": note, "peer_of": peer_of,
+            "peer_tok_s": None, "peer_note": None}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The modes: each returns (table rows, details for the JSON)
+# ----------------------------------------------------------------------------------------------------------
+
+def run_offline(b: Bench):
+    w, llm = b.w, engine(b)
+    prompts, outs = offline_requests(w.num_seqs, w.min_len, w.max_len, b.cfg.vocab_size)
+    r = run_requests(llm, prompts, outs, b.temperature, "offline")
+    fl = floor(b, [len(p) for p in prompts], outs)
+    tok_s = r["output_tokens"] / r["seconds"]
+    rows = [row(f"offline ({w.num_seqs} reqs)", tok_s, fl["tok_s"],
+                f"{r['output_tokens']:,} tok in {r['seconds']:.1f} s, {r['blocks_total']:,} KV blocks, "
+                f"max batch {r['max_batch_seqs']}, {r['preemptions']} preemptions")]
+    details = {"num_seqs": w.num_seqs, "prompt_tokens": sum(map(len, prompts)), "output_tok_s": tok_s,
+               "floor": fl, **{k: v for k, v in r.items() if k != "stamps"}}
+    if b.peer_num_seqs:     # the peer runs fewer requests, all with the mean output length: run ours on that too
+        prompts, outs = offline_requests(b.peer_num_seqs, w.min_len, w.max_len, b.cfg.vocab_size)
+        outs = [round(statistics.mean(outs))] * len(outs)
+        r2 = run_requests(llm, prompts, outs, b.temperature, "offline, peer workload")
+        fl2 = floor(b, [len(p) for p in prompts], outs)
+        rows.append(row(f"offline ({len(outs)} reqs, out={outs[0]})", r2["output_tokens"] / r2["seconds"],
+                        fl2["tok_s"], f"{r2['output_tokens']:,} tok in {r2['seconds']:.1f} s", peer_of="offline"))
+        details["peer_workload"] = {"num_seqs": len(outs), "out_len": outs[0], "floor": fl2,
+                                    "output_tok_s": r2["output_tokens"] / r2["seconds"], "seconds": r2["seconds"]}
+    return rows, details
+
+
+def run_decode1(b: Bench):
+    w, llm = b.w, engine(b)
+    prompt = random_prompts(1, w.decode_prompt, b.cfg.vocab_size, seed=1)
+    r = run_requests(llm, prompt, [w.decode_tokens], 0.0, "decode-1")
+    ms = 1e3 * (r["seconds"] - r["first_token_s"]) / (w.decode_tokens - 1)   # decode steps only, not the prefill
+    floor_ms = 1e3 * weight_params(b.cfg) * b.dtype.itemsize / b.bandwidth
+    return ([row("decode-1", 1e3 / ms, 1e3 / floor_ms, f"{ms:.2f} ms/token (floor {floor_ms:.2f} ms)",
+                 peer_of="decode-1")],
+            {"ms_per_token": ms, "tok_s": 1e3 / ms, "floor_ms_per_token": floor_ms, "prefill_s": r["first_token_s"]})
+
+
+def run_prefill(b: Bench):
+    w = b.w
+    n_tok = w.prefill_seqs * w.prefill_len
+    llm = engine(b, max_num_batched_tokens=max(b.eargs.max_num_batched_tokens, n_tok),
+                 max_num_seqs=max(b.eargs.max_num_seqs, w.prefill_seqs))
+    times, steps = [], []
+    for seed in range(4):      # fresh random prompts each time, so the prefix cache never helps; the first warms
+        prompts = random_prompts(w.prefill_seqs, w.prefill_len, b.cfg.vocab_size, seed=100 + seed)
+        r = run_requests(llm, prompts, [1] * w.prefill_seqs, 0.0, "prefill")
+        times.append(r["seconds"])
+        steps.append(r["steps"])
+    t = statistics.median(times[1:])
+    fl = n_tok / (w.prefill_seqs * prompt_flops(b.cfg, 0, w.prefill_len) / b.matmul)
+    return ([row(f"prefill ({w.prefill_seqs}x{w.prefill_len})", n_tok / t, fl,
+                 f"{1e3 * t:.1f} ms, {steps[-1]} forward(s)", peer_of="prefill")],
+            {"seconds": t, "tok_s": n_tok / t, "floor_tok_s": fl, "forwards": steps[-1], "all_seconds": times})
+
+
+def run_prefix(b: Bench):
+    w = b.w
+    prefix = random_prompts(1, w.prefix_len, b.cfg.vocab_size, seed=2)[0]
+    suffixes = random_prompts(w.prefix_seqs, w.suffix_len, b.cfg.vocab_size, seed=3)
+    prompts, outs = [prefix + s for s in suffixes], [w.prefix_out] * w.prefix_seqs
+    total = w.prefix_len + w.suffix_len
+    fl = floor(b, [total] * w.prefix_seqs, outs, [(0, w.prefix_len)] + [(w.prefix_len, total)] * w.prefix_seqs)
+    rows, details = [], {"floor": fl}
+    for on in (True, False):      # (no local name for the engine: the next one can only be built once it is gone)
+        r = run_requests(engine(b, prefix_cache=on), prompts, outs, b.temperature, f"prefix cache {'on' if on else 'off'}")
+        tok_s = r["output_tokens"] / r["seconds"]
+        rows.append(row(f"prefix, cache {'on' if on else 'off'}", tok_s, fl["tok_s"],
+                        f"{r['prefill_tokens_computed']:,} prefill tokens computed of {total * w.prefix_seqs:,}"))
+        details["on" if on else "off"] = {"output_tok_s": tok_s, "seconds": r["seconds"],
+                                          "prefill_tokens_computed": r["prefill_tokens_computed"]}
+    return rows, details
+
+
+def run_kernels(b: Bench):
+    if not (Path(__file__).parent / "bench_kernels.py").exists() or b.device.type != "cuda":
+        print("kernels: the kernel table is not available (it needs bench_kernels.py and a GPU)")
+        return [], {"available": False}
+    from bench_kernels import bench_kernels
+    release(b)
+    table = bench_kernels(b.bandwidth / 1e9, b.matmul / 1e12)
+    print_table(table, list(table[0]) if table else [])
+    return [], {"available": True, "rows": table}
+
+
+def run_accuracy(b: Bench):
+    """Engine vs HF transformers on one checkpoint: random weights of this shape saved with save_pretrained,
+    loaded by both. Next-token top-1 agreement over 8 prompts x 512 positions and the max abs logit
+    difference. In bf16 two correct implementations differ by rounding, so it also reports how often HF's sdpa
+    and eager attention agree with each other, and our agreement where HF's top-2 margin exceeds the noise."""
+    import transformers
+    from model import AttnMeta
+    release(b)
+    c, dev, n_prompts, length = b.cfg, b.device, 8, 512
+    hf_cfg = transformers.Qwen3Config(**{k: getattr(c, k) for k in (
+        "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+        "num_key_value_heads", "head_dim", "max_position_embeddings", "rope_theta", "rms_norm_eps",
+        "tie_word_embeddings")}, initializer_range=0.02)
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as d:
+        hf = transformers.Qwen3ForCausalLM(hf_cfg).to(b.dtype)
+        hf.save_pretrained(d)
+        hf = hf.to(dev).eval()
+        hf_eager = transformers.Qwen3ForCausalLM.from_pretrained(d, dtype=b.dtype, attn_implementation="eager")
+        hf_eager = hf_eager.to(dev).eval()
+        llm = LLM(replace(b.eargs, model=d, random_weights=False, cuda_graphs=False, num_blocks=n_prompts * length // 16 + 8))
+    prompts = torch.randint(0, c.vocab_size, (n_prompts, length), generator=torch.Generator().manual_seed(1))
+    agree = hf_self = agree_clear = n_clear = 0
+    worst = 0.0
+    bs = llm.args.block_size
+    with torch.inference_mode():
+        for ids in prompts.to(dev):
+            ref = hf(ids[None]).logits[0].float()
+            hf_self += (hf_eager(ids[None]).logits[0].float().argmax(-1) == ref.argmax(-1)).sum().item()
+            meta = AttnMeta(torch.tensor([0, length], dtype=torch.int32, device=dev),
+                            torch.tensor([length], dtype=torch.int32, device=dev),
+                            torch.arange(1, length // bs + 1, dtype=torch.int32, device=dev)[None],
+                            torch.arange(bs, bs + length, device=dev), torch.arange(length, device=dev),
+                            is_decode=False, max_seqlen_q=length)
+            out = llm.model.compute_logits(llm.model(ids, torch.arange(length, device=dev), meta, llm.kv_cache))
+            same = out.argmax(-1) == ref.argmax(-1)
+            diff = (out - ref).abs().max().item()
+            worst = max(worst, diff)
+            top2 = ref.topk(2, dim=-1).values
+            clear = (top2[:, 0] - top2[:, 1]) > 2 * diff          # no logit moved by more than diff
+            agree += same.sum().item()
+            agree_clear += same[clear].sum().item()
+            n_clear += clear.sum().item()
+    del llm, hf, hf_eager
+    release(b)
+    n = n_prompts * length
+    res = {"positions": n, "top1_agreement": agree / n, "max_abs_logit_diff": worst,
+           "hf_sdpa_vs_hf_eager_top1": hf_self / n, "positions_margin_above_noise": n_clear,
+           "top1_agreement_margin_above_noise": agree_clear / max(n_clear, 1)}
+    print(f"accuracy vs transformers ({n} positions): top-1 agreement {agree / n:.2%} (HF sdpa vs HF eager: "
+          f"{hf_self / n:.2%}), max abs logit diff {worst:.3g}; where HF's top-2 margin > 2x that diff "
+          f"({n_clear} positions): {agree_clear / max(n_clear, 1):.2%}")
+    return [], res
+
+
+# ---- serve: serve.py as a subprocess, N concurrent streaming clients (standard library only) ---------------
+
+def stream_completion(port: int, body: dict, timeout: float = 900) -> dict:
+    """One streaming /v1/completions request: arrival time of each SSE chunk and the usage it reports."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    t0, stamps, usage = time.perf_counter(), [], None
+    try:
+        conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        if resp.status != 200:
+            return {"error": f"HTTP {resp.status}: {resp.read()[:200]!r}", "stamps": [], "tokens": 0}
+        for line in resp:                        # SSE: 'data: {...}' lines, 'data: [DONE]' at the end
+            data = line.strip().removeprefix(b"data:").strip()
+            if not line.startswith(b"data:") or data == b"[DONE]":
+                continue
+            msg = json.loads(data)
+            usage = msg.get("usage") or usage
+            if msg.get("choices"):
+                stamps.append(time.perf_counter() - t0)
+    except (OSError, http.client.HTTPException, ValueError) as e:
+        return {"error": f"{type(e).__name__}: {e}", "stamps": stamps, "tokens": 0}
+    finally:
+        conn.close()
+    # a chunk may carry several tokens, or none be sent for tokens that add no text: usage is the count
+    return {"stamps": stamps, "tokens": usage["completion_tokens"] if usage else 0, "error": None if usage else "no usage"}
+
+
+def pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
+
+
+def start_server(b: Bench) -> tuple[subprocess.Popen, int]:
+    """serve.py with our engine flags (those that differ from their defaults), once GET /health answers."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, str(Path(__file__).parent / "serve.py"), "--port", str(port), "--model", b.eargs.model]
+    for f in fields(EngineArgs):
+        v, flag = getattr(b.eargs, f.name), "--" + f.name.replace("_", "-")
+        if f.name != "model" and v != f.default and v is not None:
+            cmd += ([flag] if v else ["--no-" + flag[2:]]) if isinstance(v, bool) else [flag, str(v)]
+    log = tempfile.NamedTemporaryFile("w+", prefix="serve-", suffix=".log", delete=False)
+    print("starting", " ".join(cmd), f"(log: {log.name})", file=sys.stderr)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    for _ in range(900):
+        if proc.poll() is not None:
+            raise RuntimeError(f"serve.py exited with {proc.returncode}:\n{Path(log.name).read_text()[-3000:]}")
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+            conn.request("GET", "/health")
+            if conn.getresponse().status == 200:
+                return proc, port
+        except OSError:
+            pass
+        time.sleep(1)
+    proc.kill()
+    raise RuntimeError("serve.py did not answer GET /health in 900 s")
+
+
+def serve_level(b: Bench, port: int, n: int) -> tuple[dict, dict]:
+    """n clients at once, each streaming one request of the offline workload's lengths."""
+    prompts, outs = offline_requests(n, b.w.min_len, b.w.max_len, b.cfg.vocab_size)
+    base = {"model": b.eargs.model, "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True,
+            "temperature": b.temperature}
+    results, bar = [None] * n, Progress(n, f"serve, {n} clients")
+
+    def client(i):
+        results[i] = stream_completion(port, {**base, "prompt": prompts[i], "max_tokens": outs[i]})
+        bar.update(1)
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(n)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    bar.close()
+    ttft = [r["stamps"][0] for r in results if r["stamps"]]
+    itl = [y - x for r in results for x, y in zip(r["stamps"], r["stamps"][1:])]
+    tokens, chunks = sum(r["tokens"] for r in results), sum(len(r["stamps"]) for r in results)
+    complete = sum(r["error"] is None and r["tokens"] == o for r, o in zip(results, outs))
+    errors = [r["error"] for r in results if r["error"]]
+    lv = {"clients": n, "output_tok_s": tokens / wall, "seconds": wall, "output_tokens": tokens, "chunks": chunks,
+          "ttft_p50_ms": 1e3 * pct(ttft, .5), "ttft_p99_ms": 1e3 * pct(ttft, .99), "itl_p50_ms": 1e3 * pct(itl, .5),
+          "itl_p99_ms": 1e3 * pct(itl, .99), "complete": complete, "errors": errors[:3]}
+    note = (f"TTFT p50/p99 {lv['ttft_p50_ms']:.0f}/{lv['ttft_p99_ms']:.0f} ms, ITL p50/p99 {lv['itl_p50_ms']:.1f}/"
+            f"{lv['itl_p99_ms']:.1f} ms, complete {complete}/{n}, {chunks:,} chunks for {tokens:,} tokens"
+            + (f", error: {errors[0]}" if errors else ""))
+    return row(f"serve ({n} clients)", lv["output_tok_s"], floor(b, list(map(len, prompts)), outs)["tok_s"], note), lv
+
+
+def run_serve(b: Bench):
+    if not (Path(__file__).parent / "serve.py").exists():
+        print("serve: serve.py is missing, skipped")
+        return [], {"available": False}
+    release(b)                                   # the server needs the GPU memory
+    proc, port = start_server(b)
+    rows, levels = [], {}
+    try:
+        stream_completion(port, {"model": b.eargs.model, "prompt": [1] * 16, "max_tokens": 4, "stream": True})  # warm-up
+        for n in b.w.clients:
+            r, levels[n] = serve_level(b, port, n)
+            rows.append(r)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return rows, {"levels": levels}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The peer: Hugging Face transformers on the same workloads, same random-weight shapes
+# ----------------------------------------------------------------------------------------------------------
+
+def hf_model(b: Bench):
+    """transformers' Qwen3ForCausalLM of the engine's shape (Config's field names are config.json's), random init
+    (std 0.02): with EOS ignored, weight values do not change throughput."""
+    import transformers
+    shape = {f.name: getattr(b.cfg, f.name) for f in fields(Config) if f.name != "eos_token_id"}
+    hc = transformers.Qwen3Config(**shape, initializer_range=0.02, eos_token_id=None, pad_token_id=0)
+    torch.manual_seed(0)
+    with torch.device(b.device):
+        model = transformers.Qwen3ForCausalLM(hc)
+    return model.to(b.dtype).eval()
+
+
+def hf_decode1(b: Bench, model) -> tuple[float, str]:
+    """`generate` with a static cache; ms/token from the streamer's per-token timestamps, prefill excluded."""
+    from transformers import GenerationConfig
+    from transformers.generation.streamers import BaseStreamer
+
+    class Stamps(BaseStreamer):
+        def __init__(self):
+            self.t = []
+
+        def put(self, value):                   # first call: the prompt; then one per new token
+            value.cpu()                          # wait for the GPU, so the time is the token's
+            self.t.append(time.perf_counter())
+
+        def end(self):
+            pass
+    ids = torch.tensor(random_prompts(1, b.w.decode_prompt, b.cfg.vocab_size, seed=1), device=b.device)
+    gc_ = GenerationConfig(max_new_tokens=b.w.decode_tokens, min_new_tokens=b.w.decode_tokens, do_sample=False,
+                           cache_implementation="static", pad_token_id=0)
+    for _ in range(2):                           # the first run compiles
+        s = Stamps()
+        with torch.inference_mode():
+            model.generate(ids, generation_config=gc_, streamer=s)
+    ms = 1e3 * (s.t[-1] - s.t[1]) / (len(s.t) - 2)
+    return 1e3 / ms, f"HF generate, static cache: {ms:.2f} ms/token"
+
+
+def hf_prefill(b: Bench, model) -> tuple[float, str]:
+    """One plain forward of the batch, logits of the last position only (as the engine computes)."""
+    ids = torch.tensor(random_prompts(b.w.prefill_seqs, b.w.prefill_len, b.cfg.vocab_size, seed=100), device=b.device)
+    with torch.inference_mode():
+        t = median_time(lambda: model(input_ids=ids, logits_to_keep=1, use_cache=False), b.device, reps=3, warmup=1)
+    return ids.numel() / t, "HF forward"
+
+
+def hf_offline(b: Bench, model) -> tuple[float, str]:
+    """`generate_batch` (continuous batching, paged cache); one max_new_tokens for all: the mean output length."""
+    import inspect
+    from transformers import GenerationConfig
+    prompts, outs = offline_requests(b.peer_num_seqs, b.w.min_len, b.w.max_len, b.cfg.vocab_size)
+    n_out = round(statistics.mean(outs))
+    gc_ = GenerationConfig(max_new_tokens=n_out, do_sample=False, eos_token_id=None, pad_token_id=0)
+    kw = {"progress_bar": True} if "progress_bar" in inspect.signature(model.generate_batch).parameters else {}
+    sync(b.device)
+    t0 = time.perf_counter()
+    results = model.generate_batch(inputs=prompts, generation_config=gc_, **kw)
+    sync(b.device)
+    seconds = time.perf_counter() - t0
+    tokens = sum(len(r.generated_tokens) for r in results.values())
+    if tokens == 0:
+        raise RuntimeError("generate_batch returned no tokens (its log says why)")
+    return tokens / seconds, (f"HF generate_batch: {len(prompts)} reqs, {tokens:,} of {len(prompts) * n_out:,} tok "
+                              f"in {seconds:.1f} s")
+
+
+PEERS = {"decode-1": hf_decode1, "prefill": hf_prefill, "offline": hf_offline}
+
+
+def run_peer(b: Bench, rows: list[dict], details: dict):
+    release(b)
+    print("building the HF transformers peer", file=sys.stderr)
+    model = hf_model(b)
+    for mode, fn in PEERS.items():
+        targets = [r for r in rows if r["peer_of"] == mode]
+        if not targets:
+            continue
+        print(f"peer: {mode}", file=sys.stderr)
+        try:
+            value, note = fn(b, model)
+        except Exception as e:                   # a peer that breaks must not lose our own results
+            value, note = None, f"HF failed: {type(e).__name__}: {e}"
+            print(note, file=sys.stderr)
+        for r in targets:
+            r["peer_tok_s"], r["peer_note"] = value, note
+        details.setdefault("peer_hf", {})[mode] = {"tok_s": value, "note": note}
+    del model
+    release(b)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Output and main
+# ----------------------------------------------------------------------------------------------------------
+
+def fmt(x) -> str:
+    if x is None or isinstance(x, str):
+        return x or ""
+    return f"{x:,.0f}" if abs(x) >= 100 else f"{x:.3g}"
+
+
+def print_table(rows: list[dict], cols: list[str]):
+    cells = [cols] + [[fmt(r.get(c)) for c in cols] for r in rows]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(cols))]
+    for j, line in enumerate(cells):
+        print(" | ".join(c.ljust(wd) for c, wd in zip(line, widths)).rstrip())
+        if j == 0:
+            print("-+-".join("-" * wd for wd in widths))
+
+
+def report(b: Bench, rows: list[dict], peer: bool):
+    table = [{"workload": r["workload"], "model": b.eargs.model, "result (tok/s)": r["tok_s"], "floor": r["floor_tok_s"],
+              "of floor": f"{r['tok_s'] / r['floor_tok_s']:.1%}",
+              **({"peer (tok/s)": r["peer_tok_s"], "ours/peer": f"{r['tok_s'] / r['peer_tok_s']:.2f}x"
+                  if r["peer_tok_s"] else ""} if peer else {}),
+              "notes": r["note"] + (f"; peer: {r['peer_note']}" if r["peer_note"] else "")} for r in rows]
+    print()
+    if table:
+        print_table(table, list(table[0]))
+    print("\nsummary: " + ", ".join(
+        f"{r['workload']} {r['tok_s']:,.0f} tok/s = {r['tok_s'] / r['floor_tok_s']:.0%} of floor"
+        + (f", {r['tok_s'] / r['peer_tok_s']:.2f}x HF" if r["peer_tok_s"] else "") for r in rows)
+        + ("" if b.device.type == "cuda" else " (CPU: not a speed measurement)"))
+
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("modes", nargs="*", help=f"any of {', '.join(MODES)} (default: {' '.join(DEFAULT_MODES)})")
+    ap.add_argument("--peer", choices=["hf"], help="also run HF transformers on offline, decode-1 and prefill")
+    ap.add_argument("--peer-num-seqs", type=int, default=64, help="offline requests for the peer (default: 64)")
+    ap.add_argument("--num-seqs", type=int, help="offline requests (default: 256; CPU: 8)")
+    ap.add_argument("--min-len", type=int, help="offline/serve shortest prompt and output (default: 100; CPU: 16)")
+    ap.add_argument("--max-len", type=int, help="offline/serve longest prompt and output (default: 1024; CPU: 64)")
+    ap.add_argument("--clients", type=int, nargs="+", help="serve: concurrent clients per level (default: 1 16 64 256)")
+    ap.add_argument("--temperature", type=float, default=SamplingParams.temperature, help="offline, prefix, serve")
+    ap.add_argument("--out", default="results.json", help="where the JSON results go (default: results.json)")
+    ap.add_argument("--model", help="a named size (random weights) or a checkpoint dir (default: qwen3-0.6b on a GPU, "
+                                    "tiny on a CPU)")
+    add_dataclass_args(ap, EngineArgs, skip=("model",))
+    args = ap.parse_args(argv)
+    args.modes = args.modes or DEFAULT_MODES
+    if bad := [m for m in args.modes if m not in MODES]:
+        ap.error(f"unknown mode(s) {bad}: choose from {', '.join(MODES)}")
+    return args
+
+
+def setup(args) -> Bench:
+    """Engine settings, workloads and model shape from the flags; the ceilings measured; the offline floor shown."""
+    eargs = pick(args, EngineArgs)
+    device, dtype = resolve_device_dtype(eargs)
+    gpu = device.type == "cuda"
+    eargs.model = args.model or ("qwen3-0.6b" if gpu else "tiny")
+    try:
+        cfg, eargs.random_weights = preset(eargs.model), True      # a named size: random weights of its shape
+    except ValueError:
+        cfg = Config.from_json(resolve_checkpoint(eargs.model) / "config.json")
+    w = replace(Workloads() if gpu else CPU_WORKLOADS,
+                **{k: getattr(args, k) for k in ("num_seqs", "min_len", "max_len") if getattr(args, k) is not None})
+    w.clients = tuple(args.clients or w.clients)
+    name = torch.cuda.get_device_name(device) if gpu else f"CPU ({os.cpu_count()} cores)"
+    print(f"device: {name}, torch {torch.__version__}; model {eargs.model} "
+          f"({'random weights' if eargs.random_weights else 'checkpoint'}, {str(dtype).removeprefix('torch.')}): hidden "
+          f"{cfg.hidden_size}, {cfg.num_hidden_layers} layers, heads {cfg.num_attention_heads}/{cfg.num_key_value_heads}, "
+          f"head_dim {cfg.head_dim}, intermediate {cfg.intermediate_size}, vocab {cfg.vocab_size}")
+    if not gpu:
+        print("CPU run: the workloads are shrunk, and the numbers mean nothing for speed (they show the machinery works)")
+    print("measuring the ceilings ...", file=sys.stderr)
+    bandwidth, matmul = measure_ceilings(device, dtype)
+    b = Bench(eargs, w, cfg, device, dtype, bandwidth, matmul, args.temperature,
+              args.peer_num_seqs if args.peer and "offline" in args.modes else None, {})
+    prompts, outs = offline_requests(w.num_seqs, w.min_len, w.max_len, cfg.vocab_size)
+    fl = floor(b, list(map(len, prompts)), outs)
+    print(f"ceilings: copy {si(bandwidth)}B/s (read + written), {str(dtype).removeprefix('torch.')} matmul {si(matmul)}FLOP/s")
+    print(f"offline floor: {si(fl['kv_bytes'])}B of KV reads + {si(fl['weight_bytes'])}B of weight reads "
+          f"({max(outs) - 1} steps x {si(weight_params(cfg) * dtype.itemsize)}B) at {si(bandwidth)}B/s + "
+          f"{sum(map(len, prompts)):,} prompt tokens ({si(fl['prompt_flops'])}FLOP) at {si(matmul)}FLOP/s = "
+          f"{fl['seconds']:.3g} s -> {fl['tok_s']:,.0f} output tok/s")
+    return b
+
+
+def si(x: float) -> str:
+    return next((f"{x / p:.3g} {u}" for p, u in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k"))
+                 if x >= p), f"{x:.3g} ")
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    b = setup(args)
+    run = {"offline": run_offline, "decode-1": run_decode1, "prefill": run_prefill, "prefix": run_prefix,
+           "accuracy": run_accuracy, "kernels": run_kernels, "serve": run_serve}
+    out = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "device": torch.cuda.get_device_name(b.device)
+           if b.device.type == "cuda" else "cpu", "torch": torch.__version__, "modes": args.modes,
+           "model": b.eargs.model, "dtype": str(b.dtype).removeprefix("torch."), "shape": asdict(b.cfg),
+           "engine_args": asdict(b.eargs), "workloads": asdict(b.w),
+           "ceilings": {"copy_bytes_per_s": b.bandwidth, "matmul_flop_per_s": b.matmul}, "rows": [], "details": {}}
+    save = lambda: Path(args.out).write_text(json.dumps(out, indent=1, default=str))
+    for mode in [m for m in MODES if m in args.modes]:
+        rows, out["details"][mode] = run[mode](b)
+        for r in rows:
+            print(f"{r['workload']}: {r['tok_s']:,.1f} tok/s, floor {r['floor_tok_s']:,.0f} ({r['note']})", file=sys.stderr)
+        out["rows"] += rows
+        save()                                   # a run cut short keeps what it measured
+    if args.peer:
+        run_peer(b, out["rows"], out["details"])
+    release(b)
+    report(b, out["rows"], bool(args.peer))
+    save()
+    print(f"results written to {args.out}")
+    return out
+
+
+if __name__ == "__main__":
+    main()
