@@ -25,7 +25,7 @@ import torch
 import cache
 from model import AttnMeta, build_model
 from sample import SamplingParams, SamplingTensors, sample
-from scheduler import Batch, Scheduler, Sequence, Status
+from scheduler import Batch, Scheduler, Sequence
 
 
 @dataclass
@@ -146,6 +146,14 @@ class Detokenizer:
                 self.text = self.text[:at]
                 return True
         return False
+
+    def flush(self):
+        """At the end of a request: text still held back for an unfinished character comes out as it decodes
+        (so streamed text always equals the whole output decoded at once)."""
+        before = self.tokenizer.decode(self.ids[self.prefix:self.read])
+        after = self.tokenizer.decode(self.ids[self.prefix:])
+        self.text += after[len(before):]
+        self.prefix = self.read = len(self.ids)
 
     def take(self, final: bool) -> str:
         """Text not yet handed out; while running, keeps back what could be the start of a stop string."""
@@ -329,7 +337,8 @@ class LLM:
         params, _, detok = self.state[seq.request_id]
         tok = seq.token_ids[-1]
         reason = None
-        if detok is not None and detok.add(tok):
+        hit_stop_string = detok is not None and detok.add(tok)
+        if hit_stop_string:
             reason = "stop"
         elif not params.ignore_eos and tok in self.config.eos_token_id or tok in params.stop_token_ids:
             reason = "stop"
@@ -339,6 +348,8 @@ class LLM:
             self.scheduler.finish(seq, reason)
             del self.seqs[seq.request_id], self.state[seq.request_id]
         if detok is not None:
+            if reason is not None and not hit_stop_string:
+                detok.flush()
             text = detok.take(final=reason is not None)
         else:
             text = self.tokenizer.decode(seq.output_ids) if reason is not None else ""

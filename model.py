@@ -10,7 +10,6 @@ and where its K/V live in the paged cache. Prefill, decode and a mix of both go 
     python model.py --model qwen3-0.6b      # prints the config and parameter count of a named size
 """
 import json
-import math
 import os
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path

@@ -5,9 +5,16 @@ checkpoints with transformers' `save_pretrained` (so key names and file layout a
 a tiny byte-level BPE tokenizer with `tokenizers`. Every test that runs the engine ends by checking that all
 KV blocks went back to the pool.
 """
+import http.client
 import json
 import os
 import random
+import re
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import SimpleNamespace
 
 os.environ.setdefault("TRITON_INTERPRET", "1")    # read when triton.jit wraps kernels: before kernels.py loads
 os.environ.setdefault("QWEN3_KERNELS", "torch")   # engine tests use the PyTorch path; kernel tests force Triton
@@ -15,12 +22,13 @@ os.environ.setdefault("QWEN3_KERNELS", "torch")   # engine tests use the PyTorch
 import pytest
 import torch
 
+import bench
 import cache
 import kernels
 from engine import LLM, Detokenizer, EngineArgs, Tokenizer
 from model import AttnMeta, preset
 from sample import SamplingParams, SamplingTensors, sample
-from scheduler import Scheduler, Sequence
+from serve import shutdown, start_server
 
 TEXT = ("The quick brown fox jumps over the lazy dog. Paris is the capital of France. "
         "Qwen3 is a family of language models. Über naïve café — ünïcödé 日本語 テキスト 😀! ") * 20
@@ -42,12 +50,12 @@ def make_tokenizer(path):
     return tok
 
 
-def make_checkpoint(path, tied=True, shard=False, seed=0):
+def make_checkpoint(path, tied=True, shard=False, seed=0, max_pos=512):
     import transformers
     torch.manual_seed(seed)
     hf_cfg = transformers.Qwen3Config(
         vocab_size=512, hidden_size=64, intermediate_size=160, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, max_position_embeddings=512, rope_theta=10000.0,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=max_pos, rope_theta=10000.0,
         tie_word_embeddings=tied, eos_token_id=2, bos_token_id=0, initializer_range=0.3)
     hf = transformers.Qwen3ForCausalLM(hf_cfg).float().eval()
     hf.save_pretrained(path, max_shard_size="100KB" if shard else "1GB", safe_serialization=True)
@@ -630,3 +638,442 @@ def test_model_logits_triton_path_equals_torch_path(tied_ckpt, monkeypatch):
     print("max abs logit diff, triton vs torch path:", (tri - ref_logits).abs().max().item())
     assert (tri - ref_logits).abs().max() < 1e-4
     assert_no_leak(llm)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# serve.py: the OpenAI-compatible server on 127.0.0.1, through the official openai client and raw http.client
+# ----------------------------------------------------------------------------------------------------------
+
+SV_KEY = "sk-test"
+SV_MODEL = "tiny-qwen3"
+SV_PROMPTS = ["The quick brown fox", "Paris is the capital of France. Qwen3 is a family of", "Über café",
+              "日本語 テキスト 😀! The lazy dog"]
+
+
+def sv_engine(path, **kw):
+    return LLM(EngineArgs(**{"model": str(path), "block_size": 4, "num_blocks": 1024, "max_model_len": 1024, **kw}))
+
+
+@pytest.fixture(scope="module")
+def sv(tmp_path_factory):
+    import openai
+    path = tmp_path_factory.mktemp("serve")
+    make_checkpoint(path, max_pos=2048)
+    llm, ref = sv_engine(path), sv_engine(path)
+    httpd, engine = start_server(llm, "127.0.0.1", 0, model_name=SV_MODEL, api_key=SV_KEY, max_queue=64,
+                                 max_body=64 * 1024)
+    port = httpd.server_address[1]
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=SV_KEY, max_retries=0, timeout=60)
+    yield SimpleNamespace(path=path, llm=llm, ref=ref, httpd=httpd, engine=engine, port=port, client=client)
+    shutdown(httpd, engine)
+    assert not engine.thread.is_alive()
+
+
+def sv_raw(port, method, path, body=None, headers=None, auth=True):
+    """One raw request: (status, headers, parsed JSON or text)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    data = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
+    hdrs = {"Authorization": f"Bearer {SV_KEY}"} if auth else {}
+    conn.request(method, path, body=data, headers={**hdrs, **(headers or {})})
+    r = conn.getresponse()
+    raw = r.read().decode()
+    conn.close()
+    try:
+        return r.status, dict(r.getheaders()), json.loads(raw)
+    except json.JSONDecodeError:
+        return r.status, dict(r.getheaders()), raw
+
+
+def sv_metrics(port) -> dict:
+    _, _, text = sv_raw(port, "GET", "/metrics")
+    return {m[0]: float(m[1]) for m in re.findall(r"^(qwen3_\S+) (\S+)$", text, re.M)}
+
+
+def sv_wait_idle(port, timeout=10.0) -> dict:
+    deadline = time.time() + timeout
+    while True:
+        m = sv_metrics(port)
+        if (m["qwen3_requests_running"] == m["qwen3_requests_waiting"] == m["qwen3_kv_blocks_used"] == 0
+                or time.time() > deadline):
+            return m
+        time.sleep(0.02)
+
+
+def sv_greedy(sv, prompt, **kw):
+    return sv.ref.generate([prompt], SamplingParams(**{"temperature": 0.0, **kw}))[0]
+
+
+def sv_streamed(sv, prompt, **kw) -> str:
+    """The text LLM.stream hands out. It can differ from LLM.generate's at the very end: a trailing partial
+    UTF-8 character is dropped by streaming but decoded as U+FFFD by generate (random weights do that)."""
+    return "".join(o.text for _, o in sv.ref.stream([prompt], SamplingParams(**{"temperature": 0.0, **kw})))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Text equals LLM.generate
+# ----------------------------------------------------------------------------------------------------------
+
+def test_sv_completions_match_generate(sv):
+    for prompt in (SV_PROMPTS[1], sv.ref.tokenizer.encode(SV_PROMPTS[3])):     # a string, then token ids
+        want = sv_greedy(sv, prompt, max_tokens=24, ignore_eos=True)
+        r = sv.client.completions.create(model=SV_MODEL, prompt=prompt, max_tokens=24, temperature=0,
+                                         extra_body={"ignore_eos": True})
+        assert r.object == "text_completion" and r.model == SV_MODEL and r.id.startswith("cmpl-")
+        assert r.choices[0].text == want.text, (r.choices[0].text, want.text)
+        assert r.choices[0].finish_reason == "length"
+        assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(want.prompt_token_ids), 24)
+        assert r.usage.total_tokens == len(want.prompt_token_ids) + 24
+        chunks = list(sv.client.completions.create(model=SV_MODEL, prompt=prompt, max_tokens=24, temperature=0,
+                                                   stream=True, stream_options={"include_usage": True},
+                                                   extra_body={"ignore_eos": True}))
+        assert "".join(c.choices[0].text for c in chunks if c.choices) == sv_streamed(sv, prompt, max_tokens=24,
+                                                                                     ignore_eos=True)
+        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+        assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 24
+    # without ignore_eos the model's own EOS may end it: same text and reason as the engine
+    want = sv_greedy(sv, SV_PROMPTS[0], max_tokens=40)
+    r = sv.client.completions.create(model=SV_MODEL, prompt=SV_PROMPTS[0], max_tokens=40, temperature=0)
+    assert (r.choices[0].text, r.choices[0].finish_reason) == (want.text, want.finish_reason)
+
+
+def test_sv_chat_matches_generate(sv):
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "The quick brown fox"}]
+    for thinking in (False, True):
+        prompt = sv.ref.tokenizer.apply_chat_template(msgs, enable_thinking=thinking)
+        want = sv_greedy(sv, prompt, max_tokens=20, ignore_eos=True)
+        extra = {"ignore_eos": True, **({} if thinking else {"chat_template_kwargs": {"enable_thinking": False}})}
+        r = sv.client.chat.completions.create(model=SV_MODEL, messages=msgs, max_tokens=20, temperature=0,
+                                              extra_body=extra)
+        assert r.object == "chat.completion" and r.id.startswith("chatcmpl-")
+        assert r.choices[0].message.role == "assistant" and r.choices[0].message.content == want.text
+        assert r.usage.prompt_tokens == len(want.prompt_token_ids) and r.usage.completion_tokens == 20
+        chunks = list(sv.client.chat.completions.create(model=SV_MODEL, messages=msgs, max_completion_tokens=20,
+                                                        temperature=0, stream=True, extra_body=extra))
+        assert all(c.object == "chat.completion.chunk" for c in chunks)
+        assert chunks[0].choices[0].delta.role == "assistant"
+        assert "".join(c.choices[0].delta.content or "" for c in chunks) == sv_streamed(sv, prompt, max_tokens=20,
+                                                                                        ignore_eos=True)
+        assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_sv_n_seeds_and_prompt_lists(sv):
+    kw = dict(temperature=1.0, top_p=0.9, max_tokens=12, ignore_eos=True)
+    r = sv.client.completions.create(model=SV_MODEL, prompt=SV_PROMPTS[0], n=3, seed=11, temperature=1.0, top_p=0.9,
+                                     max_tokens=12, extra_body={"ignore_eos": True})
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    texts = [c.text for c in r.choices]
+    assert texts == [sv_greedy(sv, SV_PROMPTS[0], seed=11 + i, **kw).text for i in range(3)]
+    assert len(set(texts)) > 1, "choices with seeds 11, 12, 13 should differ"
+    assert r.usage.completion_tokens == 36 and r.usage.prompt_tokens == len(sv.ref.tokenizer.encode(SV_PROMPTS[0]))
+    # a list of prompts: choice index = prompt index * n + i
+    r = sv.client.completions.create(model=SV_MODEL, prompt=SV_PROMPTS[:2], n=2, temperature=0, max_tokens=6,
+                                     extra_body={"ignore_eos": True})
+    assert [c.text for c in sorted(r.choices, key=lambda c: c.index)] == [
+        sv_greedy(sv, p, max_tokens=6, ignore_eos=True).text for p in SV_PROMPTS[:2] for _ in range(2)]
+    # streamed n > 1 reassembles per choice
+    texts = ["", "", ""]
+    for c in sv.client.completions.create(model=SV_MODEL, prompt=SV_PROMPTS[0], n=3, seed=11, temperature=1.0,
+                                          top_p=0.9, max_tokens=12, stream=True, extra_body={"ignore_eos": True}):
+        for ch in c.choices:
+            texts[ch.index] += ch.text
+    assert texts == [sv_streamed(sv, SV_PROMPTS[0], seed=11 + i, **kw) for i in range(3)]
+
+
+def test_sv_stop_strings(sv):
+    full = sv_greedy(sv, SV_PROMPTS[1], max_tokens=40, ignore_eos=True)
+    stop = full.text[10:13]
+    assert len(full.text) > 13 and stop.strip()
+    want = sv_greedy(sv, SV_PROMPTS[1], max_tokens=40, ignore_eos=True, stop=[stop])
+    assert want.text == full.text[:full.text.find(stop)]
+    for stops in (stop, [stop, "never appears"]):
+        r = sv.client.completions.create(model=SV_MODEL, prompt=SV_PROMPTS[1], max_tokens=40, temperature=0,
+                                         stop=stops, extra_body={"ignore_eos": True})
+        assert (r.choices[0].text, r.choices[0].finish_reason) == (want.text, "stop")
+        streamed = list(sv.client.completions.create(model=SV_MODEL, prompt=SV_PROMPTS[1], max_tokens=40,
+                                                     temperature=0, stop=stops, stream=True,
+                                                     extra_body={"ignore_eos": True}))
+        assert "".join(c.choices[0].text for c in streamed) == want.text
+        assert streamed[-1].choices[0].finish_reason == "stop"
+
+
+def test_sv_concurrent_streams(sv):
+    N = 32
+    lens = [6 + i % 7 for i in range(N)]
+    prompts = [SV_PROMPTS[i % 4] + " " + str(i) for i in range(N)]
+    want = [sv_streamed(sv, p, max_tokens=n, ignore_eos=True) for p, n in zip(prompts, lens)]
+    results = [None] * N
+
+    def client(i):
+        text, reason, usage = "", None, None
+        for c in sv.client.completions.create(model=SV_MODEL, prompt=prompts[i], max_tokens=lens[i], temperature=0,
+                                              stream=True, stream_options={"include_usage": True},
+                                              extra_body={"ignore_eos": True}):
+            if c.choices:
+                text += c.choices[0].text
+                reason = c.choices[0].finish_reason or reason
+            usage = c.usage or usage
+        results[i] = (text, reason, usage.completion_tokens)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(N)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    differ = [i for i in range(N) if results[i] is None or results[i][0] != want[i]]
+    print(f"{N} concurrent streams; texts differing from LLM.generate: {differ}")
+    assert all(r is not None for r in results), "a client did not finish"
+    assert [(r[1], r[2]) for r in results] == [("length", n) for n in lens]
+    assert not differ
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Bad input, auth, queueing, disconnects
+# ----------------------------------------------------------------------------------------------------------
+
+def test_sv_bad_inputs(sv):
+    ok = {"model": SV_MODEL, "prompt": "hi", "max_tokens": 2}
+    cases = [  # (method, path, body, status, message fragment)
+        ("POST", "/v1/completions", b"{not json", 400, "not valid JSON"),
+        ("POST", "/v1/completions", b"[1, 2]", 400, "JSON object"),
+        ("POST", "/v1/completions", {**ok, "max_tokens": "ten"}, 400, "max_tokens"),
+        ("POST", "/v1/completions", {**ok, "temperature": "hot"}, 400, "temperature"),
+        ("POST", "/v1/completions", {**ok, "prompt": 5}, 400, "prompt"),
+        ("POST", "/v1/completions", {**ok, "stream": "yes"}, 400, "stream"),
+        ("POST", "/v1/completions", {**ok, "stop": [""]}, 400, "stop"),
+        ("POST", "/v1/completions", {"model": SV_MODEL}, 400, "prompt"),
+        ("POST", "/v1/chat/completions", {"model": SV_MODEL}, 400, "messages"),
+        ("POST", "/v1/chat/completions", {"model": SV_MODEL, "messages": [{"role": "robot", "content": "x"}]},
+         400, "role"),
+        ("POST", "/v1/chat/completions", {"model": SV_MODEL, "messages": [{"role": "user", "content": 7}]},
+         400, "content"),
+        ("POST", "/v1/completions", {**ok, "model": "gpt-9"}, 404, "gpt-9"),
+        ("POST", "/v1/completions", {**ok, "max_tokens": 0}, 400, "max_tokens"),
+        ("POST", "/v1/chat/completions", {"model": SV_MODEL, "messages": [{"role": "user", "content": "x"}],
+                                          "max_completion_tokens": -1}, 400, "max_tokens"),
+        ("POST", "/v1/completions", {**ok, "n": 0}, 400, "'n'"),
+        ("POST", "/v1/completions", {**ok, "top_p": 0}, 400, "top_p"),
+        ("POST", "/v1/completions", {**ok, "logprobs": 2}, 400, "not supported"),
+        ("POST", "/v1/completions", {**ok, "prompt": list(range(5)) * 300}, 400, "context window is 1024"),
+        ("POST", "/v1/completions", {**ok, "prompt": [1, 2, 99999]}, 400, "token ids"),
+        ("POST", "/v1/completions", {**ok, "prompt": "x" * 70000}, 413, "limit is 65536"),
+        ("GET", "/v1/nope", None, 404, "no such endpoint"),
+        ("GET", "/v1/completions", None, 405, "takes POST"),
+        ("POST", "/v1/models", {}, 405, "takes GET"),
+    ]
+    for method, path, body, status, fragment in cases:
+        got, headers, err = sv_raw(sv.port, method, path, body)
+        assert got == status, (method, path, str(body)[:80], got, err)
+        assert isinstance(err, dict) and set(err["error"]) == {"message", "type", "param", "code"}, err
+        assert fragment in err["error"]["message"], (fragment, err)
+    _, _, err = sv_raw(sv.port, "POST", "/v1/completions", {**ok, "model": "gpt-9"})
+    assert err["error"]["code"] == "model_not_found"
+    # the openai client maps the statuses onto its exceptions
+    import openai
+    with pytest.raises(openai.BadRequestError, match="context window"):
+        sv.client.completions.create(model=SV_MODEL, prompt=[3] * 2000, max_tokens=1)
+    with pytest.raises(openai.NotFoundError):
+        sv.client.completions.create(model="other", prompt="hi", max_tokens=1)
+
+
+def test_sv_auth(sv):
+    assert sv_raw(sv.port, "GET", "/health", auth=False)[0] == 200
+    for path in ("/v1/models", "/metrics"):
+        status, _, err = sv_raw(sv.port, "GET", path, auth=False)
+        assert status == 401 and err["error"]["code"] == "invalid_api_key"
+    status, _, _ = sv_raw(sv.port, "POST", "/v1/completions", {"prompt": "hi"}, headers={"Authorization": "Bearer x"},
+                          auth=False)
+    assert status == 401
+
+
+def test_sv_disconnect_frees_blocks(sv):
+    before = sv_metrics(sv.port)
+    for stream in (True, False):
+        conn = http.client.HTTPConnection("127.0.0.1", sv.port, timeout=30)
+        conn.request("POST", "/v1/completions", json.dumps({
+            "model": SV_MODEL, "prompt": SV_PROMPTS[1], "max_tokens": 900, "ignore_eos": True, "stream": stream}),
+            headers={"Authorization": f"Bearer {SV_KEY}", "Content-Type": "application/json"})
+        if stream:
+            r = conn.getresponse()
+            assert r.status == 200 and r.readline()           # the first chunk arrived: it is running
+        else:
+            deadline = time.time() + 10
+            while sv_metrics(sv.port)["qwen3_requests_running"] < 1 and time.time() < deadline:
+                time.sleep(0.01)
+        assert sv_metrics(sv.port)["qwen3_kv_blocks_used"] > 0
+        conn.sock.shutdown(socket.SHUT_RDWR)
+        conn.close()
+        t0 = time.time()
+        m = sv_wait_idle(sv.port)
+        print(f"stream={stream}: blocks freed {time.time() - t0:.3f} s after the disconnect")
+        assert m["qwen3_kv_blocks_used"] == 0 and m["qwen3_requests_running"] == 0
+    aborted = m['qwen3_requests_finished_total{finish_reason="abort"}']
+    assert aborted == before['qwen3_requests_finished_total{finish_reason="abort"}'] + 2
+
+
+def test_sv_models_health_metrics(sv):
+    models = sv.client.models.list()
+    assert [m.id for m in models.data] == [SV_MODEL]
+    status, _, body = sv_raw(sv.port, "GET", "/health")
+    assert status == 200 and body == {"status": "ok"}
+    status, headers, text = sv_raw(sv.port, "GET", "/metrics")
+    assert status == 200 and headers["Content-Type"].startswith("text/plain")
+    for name in ("requests_running", "requests_waiting", "prompt_tokens_total", "generation_tokens_total",
+                 "kv_blocks_used", "kv_blocks_free", "kv_blocks_cached", "prefix_cache_hit_rate",
+                 "time_to_first_token_seconds_bucket", "inter_token_latency_seconds_count"):
+        assert f"qwen3_{name}" in text, name
+    m = sv_metrics(sv.port)
+    assert m["qwen3_generation_tokens_total"] > 0 and m["qwen3_time_to_first_token_seconds_count"] > 0
+    assert m["qwen3_prefix_cache_hit_rate"] > 0          # the tests repeat prompts
+
+
+def test_sv_more_requests_than_memory(sv):
+    """23 KV blocks of 4 tokens hold two of these requests at a time: the rest wait (or are preempted and
+    recomputed) in the engine, and every one still completes with the right text."""
+    llm = sv_engine(sv.path, num_blocks=24)
+    httpd, engine = start_server(llm, "127.0.0.1", 0, model_name=SV_MODEL)
+    prompts = [SV_PROMPTS[i % 4][:12] + str(i) for i in range(8)]
+    want = [sv_greedy(sv, p, max_tokens=30, ignore_eos=True).text for p in prompts]
+    got = [None] * len(prompts)
+
+    def ask(i):
+        _, _, r = sv_raw(httpd.server_address[1], "POST", "/v1/completions", {
+            "prompt": prompts[i], "max_tokens": 30, "temperature": 0, "ignore_eos": True})
+        got[i] = r["choices"][0]["text"]
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    shutdown(httpd, engine)
+    stats = llm.stats()
+    print(f"max batch {stats['max_batch_seqs']}, preemptions {stats['num_preemptions']}")
+    assert stats["num_preemptions"] > 0 or stats["max_batch_seqs"] < len(prompts), "memory was never short"
+    assert got == want
+    assert all(ref == 0 for ref in llm.blocks.ref)
+
+
+def test_sv_queue_full_and_shutdown(sv):
+    """One sequence at a time and room for one waiting: the third request gets 503. Then shutdown ends both
+    streams with an error chunk, the engine thread exits and every block is back."""
+    llm = sv_engine(sv.path, max_num_seqs=1)
+    httpd, engine = start_server(llm, "127.0.0.1", 0, model_name=SV_MODEL, max_queue=1)
+    port = httpd.server_address[1]
+    body = {"model": SV_MODEL, "prompt": SV_PROMPTS[0], "max_tokens": 1000, "ignore_eos": True, "stream": True}
+    streams, texts = [], [None, None]
+    for i in range(2):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn.request("POST", "/v1/completions", json.dumps(body))
+        r = conn.getresponse()                                    # headers come once the engine admitted it
+        assert r.status == 200
+        streams.append(threading.Thread(target=lambda i=i, r=r: texts.__setitem__(i, r.read().decode())))
+        streams[-1].start()                                       # keep reading, so writes never block
+    status, headers, err = sv_raw(port, "POST", "/v1/completions", body, auth=False)
+    assert status == 503 and headers["Retry-After"] == "1" and err["error"]["code"] == "queue_full"
+    t0 = time.time()
+    shutdown(httpd, engine)
+    print(f"shutdown took {time.time() - t0:.3f} s")
+    assert time.time() - t0 < 5 and not engine.thread.is_alive()
+    for t, text in zip(streams, texts):
+        t.join(5)
+    for text in texts:
+        events = [line for line in text.split("\n") if line.startswith("data: ")]
+        assert events[-1] == "data: [DONE]" and "shutting down" in events[-2], events[-2:]
+    assert all(ref == 0 for ref in llm.blocks.ref) and not llm.seqs
+
+
+def test_sv_still_serves_and_nothing_leaks(sv):
+    """After all of the above: correct output, and every KV block is free or cached."""
+    want = sv_greedy(sv, SV_PROMPTS[2], max_tokens=16, ignore_eos=True)
+    r = sv.client.completions.create(model=SV_MODEL, prompt=SV_PROMPTS[2], max_tokens=16, temperature=0,
+                                     extra_body={"ignore_eos": True})
+    assert r.choices[0].text == want.text
+    m = sv_wait_idle(sv.port)
+    assert m["qwen3_kv_blocks_used"] == 0
+    llm = sv.llm
+    assert not llm.seqs and not llm.scheduler.running and not llm.scheduler.waiting
+    assert all(ref == 0 for ref in llm.blocks.ref), "KV blocks still referenced"
+    assert m["qwen3_kv_blocks_free"] + m["qwen3_kv_blocks_cached"] == llm.blocks.num_blocks - 1
+
+
+# ----------------------------------------------------------------------------------------------------------
+# bench.py on the CPU: floor arithmetic against BENCH.md, a shrunk run (JSON keys, positive numbers; no speed
+# asserted), and the SSE client against a stand-in server
+# ----------------------------------------------------------------------------------------------------------
+
+def bn_bench(model: str) -> bench.Bench:
+    """A Bench with BENCH.md's H100 ceilings (2.99 TB/s, 777 TFLOP/s), bf16, nothing measured."""
+    return bench.Bench(EngineArgs(model=model), bench.Workloads(), preset(model), torch.device("cpu"), torch.bfloat16,
+                       2.99e12, 777e12, 0.0, None, {})
+
+
+@pytest.mark.parametrize("model,offline,decode_ms,prefill", [
+    ("qwen3-0.6b", 25_200, 0.40, 545_000), ("qwen3-1.7b", 20_800, 1.15, 211_000),
+    ("qwen3-4b", 13_300, 2.7, None), ("qwen3-8b", 9_900, 5.1, 49_000)])
+def test_bn_floors_match_bench_md(model, offline, decode_ms, prefill):
+    b = bn_bench(model)
+    prompts, outs = bench.offline_requests(256, 100, 1024, vocab=1000)
+    fl = bench.floor(b, list(map(len, prompts)), outs)
+    ms = 1e3 * bench.weight_params(b.cfg) * 2 / b.bandwidth
+    print(f"{model}: offline floor {fl['tok_s']:,.0f} tok/s (BENCH.md {offline:,}), decode {ms:.3f} ms (BENCH.md {decode_ms})")
+    assert fl["tok_s"] == pytest.approx(offline, rel=0.01)
+    assert ms == pytest.approx(decode_ms, rel=0.02)
+    if prefill:
+        tok_s = 2048 / (bench.prompt_flops(b.cfg, 0, 2048) / b.matmul)
+        print(f"{model}: prefill floor {tok_s:,.0f} tok/s (BENCH.md {prefill:,})")
+        assert tok_s == pytest.approx(prefill, rel=0.01)
+    if model == "qwen3-0.6b":       # BENCH.md's breakdown: 15.2 TB of KV, 1.2 TB of weights, 145k prompt tokens
+        assert fl["kv_bytes"] / 1e12 == pytest.approx(15.2, abs=0.05)
+        assert fl["weight_bytes"] / 1e12 == pytest.approx(1.2, abs=0.05)
+        assert sum(map(len, prompts)) == pytest.approx(145_000, rel=0.01)
+
+
+def test_bn_tiny_run_writes_json(tmp_path):
+    out = tmp_path / "results.json"
+    ret = bench.main(["decode-1", "offline", "prefix", "--model", "tiny", "--num-seqs", "4", "--min-len", "8",
+                      "--max-len", "16", "--out", str(out)])
+    r = json.loads(out.read_text())
+    assert ret["rows"] and len(r["rows"]) == len(ret["rows"])
+    for key in ("date", "device", "model", "shape", "engine_args", "workloads", "ceilings", "rows", "details"):
+        assert key in r, key
+    assert r["model"] == "tiny" and r["engine_args"]["random_weights"]
+    assert r["ceilings"]["copy_bytes_per_s"] > 0 and r["ceilings"]["matmul_flop_per_s"] > 0
+    rows = {row["workload"]: row for row in r["rows"]}
+    print({k: (round(v["tok_s"], 1), round(v["floor_tok_s"])) for k, v in rows.items()})
+    assert set(rows) == {"offline (4 reqs)", "decode-1", "prefix, cache on", "prefix, cache off"}
+    for row in rows.values():
+        assert row["tok_s"] > 0 and row["floor_tok_s"] > 0
+    off = r["details"]["offline"]
+    _, outs = bench.offline_requests(4, 8, 16, vocab=512)
+    assert off["output_tokens"] == sum(outs) and off["blocks_total"] > 0 and off["preemptions"] == 0
+    assert off["max_batch_seqs"] == 4, "all 4 requests should run in one batch"
+    assert r["details"]["decode-1"]["ms_per_token"] > 0
+    pre = r["details"]["prefix"]
+    w = bench.CPU_WORKLOADS
+    assert pre["off"]["prefill_tokens_computed"] == w.prefix_seqs * (w.prefix_len + w.suffix_len)
+    assert 0 < pre["on"]["prefill_tokens_computed"] <= pre["off"]["prefill_tokens_computed"]
+
+
+def test_bn_stream_client_counts_chunks_and_usage():
+    """stream_completion against a stand-in for serve.py: 3 text chunks, then usage, then [DONE]."""
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.end_headers()
+            for piece in ("a", "b", "c"):
+                self.wfile.write(f"data: {json.dumps({'choices': [{'index': 0, 'text': piece}]})}\n\n".encode())
+            usage = {"completion_tokens": body["max_tokens"]}
+            self.wfile.write(f"data: {json.dumps({'choices': [], 'usage': usage})}\n\ndata: [DONE]\n\n".encode())
+
+        def log_message(self, *args):
+            pass
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        r = bench.stream_completion(server.server_address[1], {"prompt": [1, 2], "max_tokens": 5, "stream": True})
+    finally:
+        server.shutdown()
+    assert r["error"] is None and r["tokens"] == 5 and len(r["stamps"]) == 3
+    assert r["stamps"] == sorted(r["stamps"]) and r["stamps"][0] > 0
