@@ -216,16 +216,17 @@ def run_requests(llm: LLM, prompts: list[list[int]], out_lens: list[int], temper
     bar = Progress(sum(out_lens), desc)
     t0 = time.perf_counter()
     for p, n in zip(prompts, out_lens):
-        llm.add_request(p, SamplingParams(temperature=temperature, max_tokens=n, ignore_eos=True))
-    stamps, steps = [], 0
+        # text comes once at the end, as LLM.generate does (no per-token detokenization)
+        llm.add_request(p, SamplingParams(temperature=temperature, max_tokens=n, ignore_eos=True), stream_text=False)
+    stamps = []
     while llm.has_work():
         outs = llm.step()
-        steps += 1
         if outs:
             stamps.append(time.perf_counter() - t0)
             bar.update(len(outs))
     bar.close()
     stats = llm.stats()
+    steps = stats["forward_passes"] - stats0["forward_passes"]
     return {"seconds": stamps[-1], "first_token_s": stamps[0], "steps": steps, "output_tokens": sum(out_lens),
             "stamps": stamps, "prefill_tokens_computed": stats["prefill_tokens_computed"] - stats0["prefill_tokens_computed"],
             "preemptions": stats["num_preemptions"] - stats0["num_preemptions"], "blocks_total": stats["blocks_total"],

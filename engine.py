@@ -25,7 +25,7 @@ import torch
 import cache
 from model import AttnMeta, build_model
 from sample import SamplingParams, SamplingTensors, sample
-from scheduler import Batch, Scheduler, Sequence
+from scheduler import PENDING, Batch, Scheduler, Sequence, Status
 
 
 @dataclass
@@ -196,10 +196,15 @@ class LLM:
         self.scheduler = Scheduler(self.blocks, args.max_num_seqs, args.max_num_batched_tokens)
         self.seqs: dict[str, Sequence] = {}
         self.state: dict[str, tuple] = {}        # request_id -> (params, seed, Detokenizer)
-        self.max_batch_seqs = 0                  # largest batch reached (stats)
+        self.max_batch_seqs = self.num_forwards = 0   # largest batch reached, forward passes run (stats)
+        self.num_penalized = 0                   # requests with a repetition penalty (they need step-by-step sync)
+        self.in_flight = None                    # the launched step whose tokens are not read yet
+        self.sample_row: dict[Sequence, int] = {}   # row of last_tokens holding each sequence's PENDING token
+        self.last_tokens = torch.zeros(args.max_num_seqs, dtype=torch.int64, device=self.device)
         self.graphs = None
         if args.cuda_graphs and self.device.type == "cuda":
-            self.graphs = DecodeGraphs(self.model, self.kv_cache, args.max_num_seqs, self.max_blocks_per_seq)
+            self.graphs = DecodeGraphs(self.model, self.kv_cache, self.last_tokens, args.max_num_seqs,
+                                       self.max_blocks_per_seq)
 
     def blocks_that_fit(self) -> int:
         bytes_per_block = cache.kv_bytes_per_block(self.config, self.args.block_size, self.dtype)
@@ -259,54 +264,83 @@ class LLM:
         self.seqs[request_id] = seq
         detok = Detokenizer(self.tokenizer, ids, params) if stream_text or params.stop else None
         self.state[request_id] = (params, seed, detok)
+        self.num_penalized += params.repetition_penalty != 1.0
         return request_id
 
     def abort(self, request_id: str) -> bool:
         """Stop a request now and free its KV blocks. Returns False if it is not running."""
-        seq = self.seqs.pop(request_id, None)
+        seq = self.seqs.get(request_id)
         if seq is None:
             return False
+        if PENDING in seq.token_ids:
+            seq.token_ids = seq.token_ids[:seq.token_ids.index(PENDING)]
         self.scheduler.finish(seq, "abort")
-        del self.state[request_id]
+        self.forget(request_id)
         return True
 
+    def forget(self, request_id: str):
+        params = self.state.pop(request_id)[0]
+        self.num_penalized -= params.repetition_penalty != 1.0
+        del self.seqs[request_id]
+
     def has_work(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or self.in_flight is not None
 
     def stats(self) -> dict:
         """Counters for /metrics and bench.py: requests, KV blocks, prefix-cache hits, preemptions."""
         sch = self.scheduler
         return {"requests_running": len(sch.running), "requests_waiting": len(sch.waiting),
                 **self.blocks.stats(), "prefill_tokens_computed": sch.prefill_tokens_computed,
-                "num_preemptions": sch.num_preemptions, "max_batch_seqs": self.max_batch_seqs}
+                "num_preemptions": sch.num_preemptions, "max_batch_seqs": self.max_batch_seqs,
+                "forward_passes": self.num_forwards}
 
     # ---- one step -----------------------------------------------------------------------------------------
+    # A step launches the next batch on the GPU *before* reading back the previous batch's sampled tokens, so
+    # the host's bookkeeping (detokenize, stop checks, scheduling, packing) overlaps the GPU's forward pass.
+    # A decode whose input is a token still on the GPU (PENDING on the host) reads it from `last_tokens` on
+    # the device. A request that stops on EOS or a stop string therefore runs one extra, discarded step.
+
+    @torch.inference_mode()
+    def step(self) -> list[StepOutput]:
+        outputs = []
+        if self.in_flight is not None and self.num_penalized:
+            outputs = self.collect(self.in_flight)     # the repetition penalty needs last token on the host
+            self.in_flight = None
+        batch = self.scheduler.schedule()
+        launched = self.launch(batch) if batch.seqs else None
+        if self.in_flight is not None:
+            outputs += self.collect(self.in_flight)
+        self.in_flight = launched
+        return outputs
+
     def prepare(self, batch: Batch):
-        """Pack the batch into flat host tensors: tokens, positions, cache slots, and the attention metadata."""
+        """Pack the batch into flat host lists: tokens, positions, cache slots, attention metadata, and for
+        each PENDING token the row of last_tokens that holds it (gather)."""
         bs = self.args.block_size
-        ids, pos, slots, cu, ctx, logits_idx = [], [], [], [0], [], []
+        ids, pos, slots, gather, cu, ctx, logits_idx = [], [], [], [], [0], [], []
         for seq, n in zip(batch.seqs, batch.num_new):
             start = seq.num_computed
             ids += seq.token_ids[start:start + n]
             pos += range(start, start + n)
             slots += [seq.block_table[p // bs] * bs + p % bs for p in range(start, start + n)]
+            gather += [0] * n
+            if ids[-1] == PENDING:                     # only a sequence's newest token can be in flight
+                gather[-1] = self.sample_row[seq]
             cu.append(cu[-1] + n)
             ctx.append(start + n)
             if start + n == seq.num_tokens:
                 logits_idx.append(cu[-1] - 1)
         width = max(len(s.block_table) for s in batch.seqs)
         tables = [s.block_table + [0] * (width - len(s.block_table)) for s in batch.seqs]
-        return ids, pos, slots, cu, ctx, tables, logits_idx
+        return ids, pos, slots, gather, cu, ctx, tables, logits_idx
 
-    @torch.inference_mode()
-    def step(self) -> list[StepOutput]:
-        batch = self.scheduler.schedule()
-        if not batch.seqs:
-            return []
+    def launch(self, batch: Batch):
+        """Queue the batch's forward pass and sampling on the GPU; returns what collect() needs."""
         self.max_batch_seqs = max(self.max_batch_seqs, len(batch.seqs))
-        ids, pos, slots, cu, ctx, tables, logits_idx = self.prepare(batch)
+        self.num_forwards += 1
+        ids, pos, slots, gather, cu, ctx, tables, logits_idx = self.prepare(batch)
         if batch.is_decode and self.graphs is not None and len(ids) <= self.graphs.max_batch:
-            logits = self.graphs.run(ids, pos, slots, ctx, tables)
+            logits = self.graphs.run(ids, pos, slots, gather, ctx, tables)
         else:
             dev = self.device
             t = lambda xs, dt: torch.tensor(xs, dtype=dt).to(dev, non_blocking=True)
@@ -314,47 +348,70 @@ class LLM:
                             block_tables=t(tables, torch.int32), slot_mapping=t(slots, torch.int64),
                             logits_indices=t(logits_idx, torch.int64), is_decode=batch.is_decode,
                             max_seqlen_q=max(batch.num_new))
-            hidden = self.model(t(ids, torch.int64), t(pos, torch.int64), meta, self.kv_cache)
-            logits = self.model.compute_logits(hidden)
-        sampled_seqs = [s for s, n in zip(batch.seqs, batch.num_new) if s.num_computed + n == s.num_tokens]
-        tokens = []
-        if sampled_seqs:
-            st = [self.state[s.request_id] for s in sampled_seqs]
-            params = [p for p, _, _ in st]
-            logits = logits[:len(sampled_seqs)]
-            if all(p.greedy and p.repetition_penalty == 1.0 for p in params):
-                tokens = logits.argmax(-1).tolist()          # the common case needs no sampling tensors
-            else:
-                tensors = SamplingTensors.build(params, [seed for _, seed, _ in st],
-                                                [s.num_tokens - len(s.prompt_ids) for s in sampled_seqs],
-                                                [s.token_ids for s in sampled_seqs], self.config.vocab_size,
-                                                self.device)
-                tokens = sample(logits, tensors).tolist()     # the step's one host sync
-        done = self.scheduler.postprocess(batch, tokens)
-        return [self.check_stop(seq) for seq in done]
+            input_ids = fill_pending(t(ids, torch.int64), self.last_tokens, t(gather, torch.int64))
+            logits = self.model.compute_logits(self.model(input_ids, t(pos, torch.int64), meta, self.kv_cache))
+        sampled = [s for s, n in zip(batch.seqs, batch.num_new) if s.num_computed + n == s.num_tokens]
+        tokens = self.sample_tokens(sampled, logits[:len(sampled)]) if sampled else None
+        indices = [s.num_tokens for s in sampled]       # where each one's PENDING token goes
+        self.scheduler.advance(batch)
+        self.sample_row = {s: i for i, s in enumerate(sampled)}
+        if tokens is None:
+            return None
+        self.last_tokens[:len(sampled)].copy_(tokens)
+        host = torch.empty(len(sampled), dtype=torch.int64, pin_memory=self.device.type == "cuda")
+        host.copy_(tokens, non_blocking=True)
+        event = None
+        if self.device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record()
+        return sampled, indices, host, event
 
-    def check_stop(self, seq: Sequence) -> StepOutput:
+    def sample_tokens(self, seqs: list[Sequence], logits: torch.Tensor) -> torch.Tensor:
+        st = [self.state[s.request_id] for s in seqs]
+        params = [p for p, _, _ in st]
+        if all(p.greedy and p.repetition_penalty == 1.0 for p in params):
+            return logits.argmax(-1)                      # the common case needs no sampling tensors
+        tensors = SamplingTensors.build(params, [seed for _, seed, _ in st],
+                                        [s.num_tokens - len(s.prompt_ids) for s in seqs],
+                                        [s.token_ids for s in seqs], self.config.vocab_size, self.device)
+        return sample(logits, tensors)
+
+    def collect(self, in_flight) -> list[StepOutput]:
+        """Read a launched step's sampled tokens (the step's one host sync) and act on them."""
+        seqs, indices, host, event = in_flight
+        if event is not None:
+            event.synchronize()
+        outputs = []
+        for seq, index, tok in zip(seqs, indices, host.tolist()):
+            if seq.status == Status.FINISHED:              # aborted, or stopped while this token was in flight
+                continue
+            self.scheduler.complete(seq, index, tok)
+            outputs.append(self.check_stop(seq, index))
+        return outputs
+
+    def check_stop(self, seq: Sequence, index: int) -> StepOutput:
         params, _, detok = self.state[seq.request_id]
-        tok = seq.token_ids[-1]
+        tok = seq.token_ids[index]
+        n_out = index + 1 - len(seq.prompt_ids)
         reason = None
         hit_stop_string = detok is not None and detok.add(tok)
         if hit_stop_string:
             reason = "stop"
         elif not params.ignore_eos and tok in self.config.eos_token_id or tok in params.stop_token_ids:
             reason = "stop"
-        elif len(seq.output_ids) >= seq.max_tokens:
+        elif n_out >= seq.max_tokens:
             reason = "length"
         if reason is not None:
+            del seq.token_ids[index + 1:]                 # a token sampled after the stop is dropped
             self.scheduler.finish(seq, reason)
-            del self.seqs[seq.request_id], self.state[seq.request_id]
+            self.forget(seq.request_id)
         if detok is not None:
             if reason is not None and not hit_stop_string:
                 detok.flush()
             text = detok.take(final=reason is not None)
         else:
             text = self.tokenizer.decode(seq.output_ids) if reason is not None else ""
-        return StepOutput(seq.request_id, [tok], text, reason is not None, reason, len(seq.prompt_ids),
-                          len(seq.output_ids))
+        return StepOutput(seq.request_id, [tok], text, reason is not None, reason, len(seq.prompt_ids), n_out)
 
     # ---- conveniences -------------------------------------------------------------------------------------
     def stream(self, prompts: list, params: SamplingParams | list[SamplingParams] | None = None):
@@ -386,20 +443,26 @@ class LLM:
                 for i, s in enumerate(seqs)]
 
 
+def fill_pending(ids: torch.Tensor, last_tokens: torch.Tensor, gather: torch.Tensor) -> torch.Tensor:
+    """Input ids with each PENDING entry replaced by the token the previous step sampled on the device."""
+    return torch.where(ids == PENDING, last_tokens[gather], ids)
+
+
 class DecodeGraphs:
     """CUDA graphs of the decode forward pass (model + lm_head) for a ladder of batch sizes. A decode batch
     is padded up to the next captured size: padding rows write their K/V into reserved block 0 and their
     logits are dropped. Replaying a graph launches the whole forward pass at once, which is what makes small
     batches fast (a 0.6B model step is ~500 kernel launches)."""
 
-    def __init__(self, model, kv_cache, max_batch: int, max_blocks: int):
+    def __init__(self, model, kv_cache, last_tokens, max_batch: int, max_blocks: int):
         self.sizes = sorted({1, 2, 4, 8, *range(16, max_batch + 16, 16)})
         self.sizes = [b for b in self.sizes if b < max_batch] + [max_batch]
         self.max_batch = max_batch
         dev = kv_cache.device
         i32 = dict(dtype=torch.int32, device=dev)
-        self.i64 = torch.zeros(3, max_batch, dtype=torch.int64, device=dev)
-        self.ids, self.pos, self.slots = self.i64        # padding rows: token 0 at position 0, slot 0 (block 0)
+        self.i64 = torch.zeros(4, max_batch, dtype=torch.int64, device=dev)
+        # padding rows: token 0 at position 0, slot 0 (block 0); gather: see fill_pending
+        self.ids, self.pos, self.slots, self.gather = self.i64
         self.i32 = torch.zeros(max_batch, 1 + max_blocks, **i32)
         self.i32[:, 0] = 1
         self.tables = self.i32[:, 1:]                    # (max_batch, max_blocks), row stride 1 + max_blocks
@@ -412,8 +475,9 @@ class DecodeGraphs:
             meta = AttnMeta(self.cu[:b + 1], self.ctx[:b], self.tables[:b], self.slots[:b], self.rows[:b],
                             is_decode=True, max_seqlen_q=1)
             def run():
-                self.ctx[:b].copy_(self.i32[:b, 0])      # inside the graph: no extra launch per step
-                return model.compute_logits(model(self.ids[:b], self.pos[:b], meta, kv_cache))
+                self.ctx[:b].copy_(self.i32[:b, 0])      # inside the graph: no extra launches per step
+                ids = fill_pending(self.ids[:b], last_tokens, self.gather[:b])
+                return model.compute_logits(model(ids, self.pos[:b], meta, kv_cache))
             with torch.inference_mode():
                 run()                           # warm-up: Triton compiles, cuBLAS picks its kernels
                 g = torch.cuda.CUDAGraph()
@@ -423,12 +487,13 @@ class DecodeGraphs:
             self.graphs[b] = g
         torch.cuda.synchronize()
 
-    def run(self, ids, pos, slots, ctx, tables) -> torch.Tensor:
+    def run(self, ids, pos, slots, gather, ctx, tables) -> torch.Tensor:
         n = len(ids)
         b = next(s for s in self.sizes if s >= n)
         pad = [0] * (b - n)
         # two host-to-device copies per step: the int64 inputs in one, the int32 metadata in the other
-        self.i64[:, :b].copy_(torch.tensor([ids + pad, pos + pad, slots + pad]).pin_memory(), non_blocking=True)
+        self.i64[:, :b].copy_(torch.tensor([ids + pad, pos + pad, slots + pad, gather + pad]).pin_memory(),
+                              non_blocking=True)
         w = len(tables[0])
         tables = [row + [0] * (w - len(row)) for row in tables] + [[0] * w] * (b - n)   # padding rows: block 0
         self.i32[:b, :w + 1].copy_(torch.tensor([[c] + row for c, row in zip(ctx + [1] * (b - n), tables)],

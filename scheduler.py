@@ -11,8 +11,10 @@ budget (`max_num_batched_tokens`) and a sequence cap (`max_num_seqs`):
      A new request first reuses whatever prefix of its tokens the radix cache holds, and only the rest is
      computed; a long prompt is split across steps (chunked prefill) so decodes never stall behind it.
 
-After the forward pass, `postprocess` records what was computed, caches newly filled blocks, and appends
-the sampled tokens. The engine decides when a request stops (it owns the tokenizer) and calls `finish`.
+Once the forward pass is launched, `advance` counts its tokens as computed and caches newly filled blocks;
+each sequence that samples gets a PENDING token, which `complete` fills in when the token reaches the host
+(a step later: the engine prepares the next batch while the GPU runs). The engine decides when a request
+stops (it owns the tokenizer) and calls `finish`.
 """
 import itertools
 from collections import deque
@@ -20,6 +22,9 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from cache import BlockManager, Node
+
+
+PENDING = -1   # a sampled token still on the GPU: the engine fills it in one step later (see LLM.step)
 
 
 class Status(Enum):
@@ -96,6 +101,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
+            if seq.num_tokens - len(seq.prompt_ids) >= seq.max_tokens:
+                i += 1                                   # its last token is in flight: it ends when that lands
+                continue
             n = min(seq.num_tokens - seq.num_computed, budget)
             need = self.blocks_needed(seq, n)
             if need > 0:                                 # a decode needs a block once every block_size steps
@@ -171,21 +179,26 @@ class Scheduler:
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
-    # ---- after the forward pass ---------------------------------------------------------------------------
-    def postprocess(self, batch: Batch, sampled: list[int]) -> list[Sequence]:
-        """Record the computed tokens and append sampled ones. `sampled` holds one token per sequence whose
-        every known token is now computed (in batch order); returns those sequences."""
+    # ---- around the forward pass --------------------------------------------------------------------------
+    def advance(self, batch: Batch) -> list[Sequence]:
+        """Right after the batch's forward pass is launched: count its tokens as computed, and give every
+        sequence that now samples a PENDING slot for its next token. Returns those sequences, in batch order."""
         out = []
         for seq, n in zip(batch.seqs, batch.num_new):
             if seq.num_computed < len(seq.prompt_ids):
                 self.prefill_tokens_computed += min(n, len(seq.prompt_ids) - seq.num_computed)
             seq.num_computed += n
-            self.cache_full_blocks(seq)
+            if seq.token_ids[seq.num_computed - 1] != PENDING:   # else: once that token lands, in complete()
+                self.cache_full_blocks(seq)
             if seq.num_computed == seq.num_tokens:
+                seq.token_ids.append(PENDING)
                 out.append(seq)
-        for seq, tok in zip(out, sampled):
-            seq.token_ids.append(tok)
         return out
+
+    def complete(self, seq: Sequence, index: int, token: int):
+        """The sampled token for seq.token_ids[index] has reached the host."""
+        seq.token_ids[index] = token
+        self.cache_full_blocks(seq)
 
     def cache_full_blocks(self, seq: Sequence):
         """Put blocks that became full of computed tokens into the radix tree, so later requests reuse them."""
