@@ -322,7 +322,12 @@ class LLM:
             start = seq.num_computed
             ids += seq.token_ids[start:start + n]
             pos += range(start, start + n)
-            slots += [seq.block_table[p // bs] * bs + p % bs for p in range(start, start + n)]
+            p = start
+            while p < start + n:                       # one run of consecutive slots per block
+                take = min(bs - p % bs, start + n - p)
+                first = seq.block_table[p // bs] * bs + p % bs
+                slots += range(first, first + take)
+                p += take
             gather += [0] * n
             if ids[-1] == PENDING:                     # only a sequence's newest token can be in flight
                 gather[-1] = self.sample_row[seq]
