@@ -31,7 +31,8 @@ from these two numbers and the model shape:
 
   qwen3-0.6b at 2.99 TB/s and 777 TFLOP/s: 15.2 TB of KV + 1.2 TB of weights (1,023 steps x 1.19 GB) + 145k
   prompt tokens (0.24 s) = 5.72 s -> 25,200 output tok/s, as BENCH.md says. (prefix: the shared prefix
-  computed once, F(0, 2000) + 64 x F(2000, 2100); serve: the offline formula over the N requests of a level.)
+  computed once, F(0, 2000) + 64 x F(2000, 2100), and its K/V read once per decode step for the whole batch;
+  serve: the offline formula over the N requests of a level.)
   decode-1: W / bandwidth per token (0.40 ms for 0.6b). prefill: F(0, 2048) per prompt at the matmul rate
   (545k tok/s for 0.6b).
 
@@ -149,13 +150,16 @@ def prompt_flops(cfg: Config, a: int, b: int) -> int:
     return 2 * weight_params(cfg) * (b - a) + 4 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * attn_pairs
 
 
-def floor(b: Bench, prompt_lens: list[int], out_lens: list[int], computed: list[tuple[int, int]] | None = None) -> dict:
+def floor(b: Bench, prompt_lens: list[int], out_lens: list[int], computed: list[tuple[int, int]] | None = None,
+          shared_prefix: int = 0) -> dict:
     """The floor of requests run as one batch (docstring at the top). computed: the (a, b) prompt spans that
-    must be computed, default every prompt in full."""
+    must be computed, default every prompt in full. shared_prefix: leading tokens every request shares, whose
+    K/V a decode step need read from memory only once for the whole batch."""
     nbytes = b.dtype.itemsize
     W = weight_params(b.cfg) * nbytes
     K = 2 * b.cfg.num_hidden_layers * b.cfg.num_key_value_heads * b.cfg.head_dim * nbytes
     kv = K * sum((o - 1) * p + o * (o - 1) // 2 for p, o in zip(prompt_lens, out_lens))
+    kv -= K * shared_prefix * (sum(out_lens) - len(out_lens) - (max(out_lens) - 1))
     weights = W * (max(out_lens) - 1)
     flops = sum(prompt_flops(b.cfg, lo, hi) for lo, hi in (computed or [(0, p) for p in prompt_lens]))
     seconds = (kv + weights) / b.bandwidth + flops / b.matmul
@@ -314,7 +318,8 @@ def run_prefix(b: Bench):
     suffixes = random_prompts(w.prefix_seqs, w.suffix_len, b.cfg.vocab_size, seed=3)
     prompts, outs = [prefix + s for s in suffixes], [w.prefix_out] * w.prefix_seqs
     total = w.prefix_len + w.suffix_len
-    fl = floor(b, [total] * w.prefix_seqs, outs, [(0, w.prefix_len)] + [(w.prefix_len, total)] * w.prefix_seqs)
+    fl = floor(b, [total] * w.prefix_seqs, outs, [(0, w.prefix_len)] + [(w.prefix_len, total)] * w.prefix_seqs,
+               shared_prefix=w.prefix_len)
     rows, details = [], {"floor": fl}
     for on in (True, False):      # (no local name for the engine: the next one can only be built once it is gone)
         r = run_requests(engine(b, prefix_cache=on), prompts, outs, b.temperature, f"prefix cache {'on' if on else 'off'}")
