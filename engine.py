@@ -13,6 +13,7 @@ replayed CUDA graph when the batch is all decodes) -> sample on the device -> re
 Also here: the tokenizer (tokenizers' tokenizer.json, the checkpoint's chat template, incremental
 detokenization that never emits half a UTF-8 character), since text in and text out is the engine's job.
 """
+import codecs
 import json
 import random
 import sys
@@ -103,6 +104,15 @@ class Tokenizer:
             return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
         return self.tok.decode(ids, skip_special_tokens=True)
 
+    def stream_decoder(self):
+        """A function token id -> new text (None or '' while a character is incomplete), for one stream."""
+        if self.tok is None:
+            utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+            return lambda t: utf8.decode(bytes([t])) if t < 256 else ""
+        from tokenizers.decoders import DecodeStream
+        stream = DecodeStream(skip_special_tokens=True)
+        return lambda t: stream.step(self.tok, t)
+
     def apply_chat_template(self, messages: list[dict], enable_thinking: bool = True) -> str:
         """Render messages with the checkpoint's own Jinja template (as transformers does), or with Qwen3's
         format when the checkpoint has none."""
@@ -117,14 +127,13 @@ class Tokenizer:
 
 
 class Detokenizer:
-    """Incremental decoding for one request. Decodes a short window of recent tokens twice (with and without
-    the newest ones) and emits the difference, so a token that completes a multi-byte character or carries a
-    leading space comes out right, and nothing is emitted while the text ends in a broken character."""
+    """Incremental decoding for one request, with stop strings. The tokenizer's stream decoder emits text as
+    soon as it is whole (nothing while a multi-byte character is split across tokens)."""
 
-    def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int], params: SamplingParams):
+    def __init__(self, tokenizer: Tokenizer, params: SamplingParams):
         self.tokenizer, self.params = tokenizer, params
-        self.ids = list(prompt_ids[-4:])        # a little prompt context for the first token's spacing
-        self.prefix, self.read = 0, len(self.ids)
+        self.next_text = tokenizer.stream_decoder()
+        self.ids: list[int] = []
         self.text = ""                          # all output text so far
         self.emitted = 0                        # chars of self.text already handed out
         self.hold = max((len(s) for s in params.stop), default=1) - 1   # a stop string may still be forming
@@ -132,12 +141,9 @@ class Detokenizer:
     def add(self, token: int) -> bool:
         """Append a token; returns True when a stop string appeared (the text is then cut before it)."""
         self.ids.append(token)
-        before = self.tokenizer.decode(self.ids[self.prefix:self.read])
-        after = self.tokenizer.decode(self.ids[self.prefix:])
-        if len(after) <= len(before) or after.endswith("\ufffd"):
+        new = self.next_text(token)
+        if not new:
             return False
-        new = after[len(before):]
-        self.prefix, self.read = self.read, len(self.ids)
         start = max(0, len(self.text) - self.hold)
         self.text += new
         for s in self.params.stop:
@@ -148,12 +154,9 @@ class Detokenizer:
         return False
 
     def flush(self):
-        """At the end of a request: text still held back for an unfinished character comes out as it decodes
-        (so streamed text always equals the whole output decoded at once)."""
-        before = self.tokenizer.decode(self.ids[self.prefix:self.read])
-        after = self.tokenizer.decode(self.ids[self.prefix:])
-        self.text += after[len(before):]
-        self.prefix = self.read = len(self.ids)
+        """At the end of a request: the whole output decoded at once (an unfinished character then shows as
+        U+FFFD), so streamed text always equals generate()'s."""
+        self.text = self.tokenizer.decode(self.ids)
 
     def take(self, final: bool) -> str:
         """Text not yet handed out; while running, keeps back what could be the start of a stop string."""
@@ -262,7 +265,7 @@ class LLM:
         self.scheduler.add(seq)
         seed = params.seed if params.seed is not None else random.getrandbits(63)
         self.seqs[request_id] = seq
-        detok = Detokenizer(self.tokenizer, ids, params) if stream_text or params.stop else None
+        detok = Detokenizer(self.tokenizer, params) if stream_text or params.stop else None
         self.state[request_id] = (params, seed, detok)
         self.num_penalized += params.repetition_penalty != 1.0
         return request_id

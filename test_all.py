@@ -222,7 +222,7 @@ def test_incremental_detokenization_is_exact(ckpt):
     path, _ = ckpt
     tok = Tokenizer(path)
     ids = tok.encode(TEXT[:300])
-    detok = Detokenizer(tok, [], SamplingParams())
+    detok = Detokenizer(tok, SamplingParams())
     pieces = []
     for t in ids:
         detok.add(t)
