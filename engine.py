@@ -36,7 +36,7 @@ class EngineArgs:
     dtype: str = "auto"                  # auto = bf16 on GPU, fp32 on CPU; or float32 / float16 / bfloat16
     device: str = "auto"                 # auto = cuda if available
     block_size: int = 16                 # tokens per KV block
-    num_blocks: int | None = None        # KV blocks; None = from free GPU memory (GPU) or 4096 (CPU)
+    num_blocks: int | None = None        # KV blocks; None = from free GPU memory (GPU) or 2 GiB (CPU)
     gpu_memory_utilization: float = 0.9  # fraction of total GPU memory the engine may use
     max_num_seqs: int = 256              # sequences in one batch at most
     max_num_batched_tokens: int = 8192   # tokens in one forward pass at most (prefill chunk budget)
@@ -212,7 +212,7 @@ class LLM:
     def blocks_that_fit(self) -> int:
         bytes_per_block = cache.kv_bytes_per_block(self.config, self.args.block_size, self.dtype)
         if self.device.type != "cuda":
-            return 4096
+            return max(2, min(4096, 2**31 // bytes_per_block))   # CPU: at most 2 GiB of cache by default
         # measure the activations of the largest forward pass on a throwaway cache, then size the real one
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()

@@ -577,6 +577,9 @@ def main(argv=None):
         llm = LLM(pick(args, EngineArgs))
     except (ValueError, FileNotFoundError, KeyError) as e:
         sys.exit(f"error: {e}")
+    # compile the kernels for prefill and decode now, not while the first client waits
+    llm.generate([[1] * 16, [2] * 3], SamplingParams(max_tokens=4, ignore_eos=True))
+    llm.blocks.clear_cache()
     httpd, engine = start_server(llm, args.host, args.port, args.served_model_name, args.api_key,
                                  args.max_queue, args.max_body_bytes)
     stop = threading.Event()
