@@ -1,4 +1,4 @@
-"""The test suite: CPU only, no downloads. Run with `python -m pytest -q test_all.py`.
+"""The test suite: CPU only, no downloads. Run with `python3 -m pytest -q test_all.py`.
 
 The oracle is Hugging Face transformers' Qwen3 on the same checkpoint. The tests write their own tiny
 checkpoints with transformers' `save_pretrained` (so key names and file layout are the real ones) and train
