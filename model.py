@@ -119,7 +119,7 @@ class Attention(nn.Module):
 
     def forward(self, x, positions, meta: AttnMeta, kv, cos_sin):
         k_cache, v_cache = kv                                     # (num_blocks, block_size, n_kv, head_dim) each
-        qkv = self.qkv_proj(x)                                    # (T, (n_heads + 2*n_kv) * head_dim)
+        qkv = kernels.linear(x, self.qkv_proj.weight)             # (T, (n_heads + 2*n_kv) * head_dim)
         # norm + RoPE on q and k, and k/v written into their cache slots before attention reads them
         q = kernels.qk_norm_rope_store(qkv, self.q_norm.weight, self.k_norm.weight, cos_sin, positions,
                                        k_cache, v_cache, meta.slot_mapping, self.n_heads, self.n_kv_heads,
@@ -130,7 +130,7 @@ class Attention(nn.Module):
         else:
             o = kernels.prefill_attention(q, k_cache, v_cache, meta.cu_seqlens_q, meta.context_lens,
                                           meta.block_tables, scale, max_seqlen_q=meta.max_seqlen_q)
-        return self.o_proj(o.reshape(x.shape[0], -1))             # (T, hidden)
+        return kernels.linear(o.reshape(x.shape[0], -1), self.o_proj.weight)   # (T, hidden)
 
 
 class MLP(nn.Module):
@@ -140,7 +140,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x):
-        return self.down_proj(kernels.silu_mul(self.gate_up_proj(x)))
+        gate_up = kernels.linear(x, self.gate_up_proj.weight)    # (T, 2 * intermediate)
+        return kernels.linear(kernels.silu_mul(gate_up), self.down_proj.weight)
 
 
 class DecoderLayer(nn.Module):
@@ -192,7 +193,7 @@ class Qwen3ForCausalLM(nn.Module):
         return x[meta.logits_indices]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()                      # (B_sample, vocab) fp32 for sampling
+        return kernels.linear(hidden, self.lm_head.weight).float()   # (B_sample, vocab) fp32 for sampling
 
 
 # ----------------------------------------------------------------------------------------------------------

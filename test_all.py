@@ -598,6 +598,16 @@ def test_kt_prefill_attention(group, dtype, block_size, q_lens, prefixes):
 
 
 @pytest.mark.usefixtures("kt_triton_poisoned")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("K,N", [(64, 5), (100, 37), (1000, 130), (16, 1)])
+def test_kt_linear_one_token(K, N, dtype):
+    x, w = torch.randn(1, K).to(dtype), (torch.randn(N, K) / K ** 0.5).to(dtype)
+    kt_check(f"linear K={K} N={N} {dtype}", kernels.linear_triton(x, w, dict(BLOCK_N=8, BLOCK_K=32)),
+             kernels.linear_ref(x, w), dtype)
+    assert kernels.linear(torch.randn(3, K).to(dtype), w).shape == (3, N)     # several tokens: the reference
+
+
+@pytest.mark.usefixtures("kt_triton_poisoned")
 def test_kt_dispatch(monkeypatch):
     """auto takes PyTorch on the CPU; torch forces it; a bad value is an error."""
     x, w = torch.randn(3, 64), torch.ones(64)
