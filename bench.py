@@ -497,7 +497,8 @@ def run_serve(b: Bench):
     proc, port = start_server(b)
     rows, levels = [], {}
     try:
-        stream_completion(port, {"model": b.eargs.model, "prompt": [1] * 16, "max_tokens": 4, "stream": True})  # warm-up
+        for n in (16, 300, 1000):                # warm-up: Triton compiles its kernels for these shapes once
+            stream_completion(port, {"model": b.eargs.model, "prompt": [1] * n, "max_tokens": 4, "stream": True})
         for n in b.w.clients:
             r, levels[n] = serve_level(b, port, n)
             rows.append(r)

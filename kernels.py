@@ -572,8 +572,8 @@ def _use_triton(x: torch.Tensor) -> bool:
 #            | 1024->4096 | 2048->1024 | 1024->6144 | 3072->1024 | 1024->151936 | 4096->24576 | 12288->4096
 # triton     |    9.2     |    7.8     |   10.3     |    8.2     |    110.9     |    77.9     |    48.3
 # cuBLAS     |    9.7     |    9.3     |   11.3     |   11.4     |    122.0     |    85.0     |    50.8
-# Triton wins at one token on every Qwen3 shape; from two tokens on, cuBLAS's GEMMs take over (the GEMV
-# re-reads the weight per token).
+# Triton wins at one token on every Qwen3 shape; the kernel is for one token only (more tokens would re-read
+# the weight once each), so from two tokens on cuBLAS's GEMMs run.
 def linear(x, weight):
     if x.shape[0] == 1 and _use_triton(x):
         return linear_triton(x, weight)
