@@ -125,6 +125,12 @@ def bench_kernels(copy_gbps: float, matmul_tflops: float, device="cuda", dtype=t
             lambda x: kernels.rms_norm_ref(x, w, eps), lambda x: kernels.rms_norm(x, w, eps), "rms_norm_triton",
             2 * T * N * elt, "GB/s")
 
+    # one-token projections (decode of a lone request), qwen3-0.6b and qwen3-8b shapes: read the weight once
+    for name, (K, Nw) in {"0.6b qkv": (1024, 4096), "0.6b down": (3072, 1024), "lm_head": (1024, 151936),
+                          "8b gate_up": (4096, 24576), "8b down": (12288, 4096)}.items():
+        add("linear (1 token)", f"{name} {K}->{Nw}", lambda: (rnd(1, K), rnd(Nw, K) / K ** 0.5),
+            kernels.linear_triton, kernels.linear_ref, kernels.linear, "linear_triton", Nw * K * elt, "GB/s")
+
     # SiLU * up, qwen3-8b intermediate 12288: read 2*I, write I per token
     I = 12288
     for T in (1, 16, 128, 1024, 16384):
