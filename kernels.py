@@ -568,10 +568,10 @@ def _use_triton(x: torch.Tensor) -> bool:
 # rows x 4096 |   1    |   16   |  128   |  1024  | 16384
 # triton      | 0.0020 | 0.0024 | 0.0030 | 0.0073 | 0.0922
 # torch       | 0.0151 | 0.0238 | 0.0265 | 0.0643 | 1.0144
-# One token, K -> N, bf16, us per call (do_bench median, launch included, weights rotated past L2), H100:
-#            | 1024->4096 | 2048->1024 | 1024->6144 | 3072->1024 | 1024->151936 | 4096->24576 | 12288->4096
-# triton     |    9.2     |    7.8     |   10.3     |    8.2     |    110.9     |    77.9     |    48.3
-# cuBLAS     |    9.7     |    9.3     |   11.3     |   11.4     |    122.0     |    85.0     |    50.8
+# One token, K -> N, bf16, us per call (bench.py kernels: CUDA-graph replays, weights rotated past L2), H100:
+#            | 1024->4096 | 3072->1024 | 1024->151936 | 4096->24576 | 12288->4096
+# triton     |    5.2     |    4.9     |    106       |    69.9     |    38.5
+# cuBLAS     |    6.1     |    8.0     |    117       |    76.4     |    41.2
 # Triton wins at one token on every Qwen3 shape; the kernel is for one token only (more tokens would re-read
 # the weight once each), so from two tokens on cuBLAS's GEMMs run.
 def linear(x, weight):
