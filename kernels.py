@@ -515,19 +515,29 @@ def prefill_attention_triton(q, k_cache, v_cache, cu_seqlens_q, context_lens, bl
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, out_ptr, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _gemv_kernel(x_ptr, w_ptr, out_ptr, N, K, SILU_MUL: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr):
     # One token (M = 1, a lone decode): out[n] = sum_k x[k] * w[n, k]. Bytes: the weight, N*K elements read
     # once; 2 FLOPs per element is nothing, so the floor is weight bytes / bandwidth. cuBLAS's GEMM kernels
-    # reach far less of it at M = 1 on Qwen3's small matrices (table at `linear`). Each program owns BLOCK_N
-    # rows of w and streams them in BLOCK_K chunks; products pile up in a (BLOCK_N, BLOCK_K) fp32 tile that is
+    # reach less of it at M = 1 on Qwen3's small matrices (table at `linear`). Each program owns BLOCK_N rows
+    # of w and streams them in BLOCK_K chunks; products pile up in a (BLOCK_N, BLOCK_K) fp32 tile that is
     # reduced once at the end, so the loop body is loads and FMAs only.
+    # SILU_MUL: x is a gate_up row (2*K wide) and the input is silu(gate) * up, made on the fly (rounded as
+    # silu_mul_ref rounds): the MLP's down projection then needs no separate activation kernel.
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         col_mask = cols < K
-        x = tl.load(x_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+        if SILU_MUL:
+            dtype = x_ptr.dtype.element_ty
+            gate = tl.load(x_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+            up = tl.load(x_ptr + K + cols, mask=col_mask, other=0.0).to(tl.float32)
+            act = (gate * tl.sigmoid(gate)).to(dtype).to(tl.float32)
+            x = (act * up).to(dtype).to(tl.float32)
+        else:
+            x = tl.load(x_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
         w = tl.load(w_ptr + rows[:, None].to(tl.int64) * K + cols[None, :],
                     mask=row_mask[:, None] & col_mask[None, :], other=0.0)
         acc += w.to(tl.float32) * x[None, :]
@@ -539,13 +549,15 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl
 GEMV_CONFIG = dict(BLOCK_N=2, BLOCK_K=1024, num_warps=4)
 
 
-def linear_triton(x, weight, config=None):
-    """x (1, K), weight (N, K), both contiguous -> (1, N)."""
+def linear_triton(x, weight, config=None, silu_mul=False):
+    """x (1, K), weight (N, K), both contiguous -> (1, N). silu_mul: x is (1, 2K) gate_up, and the product
+    is silu_mul_ref(x) @ weight^T."""
     N, K = weight.shape
-    assert x.shape == (1, K) and x.is_contiguous() and weight.is_contiguous() and x.dtype == weight.dtype
+    assert x.shape == (1, 2 * K if silu_mul else K) and x.is_contiguous() and weight.is_contiguous()
+    assert x.dtype == weight.dtype
     cfg = dict(config or GEMV_CONFIG)
     out = torch.empty(1, N, dtype=x.dtype, device=x.device)
-    _gemv_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](x, weight, out, N, K, **cfg)
+    _gemv_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](x, weight, out, N, K, SILU_MUL=silu_mul, **cfg)
     return out
 
 
@@ -578,6 +590,14 @@ def linear(x, weight):
     if x.shape[0] == 1 and _use_triton(x):
         return linear_triton(x, weight)
     return linear_ref(x, weight)
+
+
+def silu_mul_linear(gate_up, weight):
+    """The MLP's down projection of silu(gate) * up. For one token a single GEMV kernel applies the activation
+    as it loads its input (one launch fewer per layer, which is what a lone decode step is made of)."""
+    if gate_up.shape[0] == 1 and _use_triton(gate_up):
+        return linear_triton(gate_up, weight, silu_mul=True)
+    return linear(silu_mul(gate_up), weight)
 
 
 def rms_norm(x, weight, eps):

@@ -141,7 +141,7 @@ class MLP(nn.Module):
 
     def forward(self, x):
         gate_up = kernels.linear(x, self.gate_up_proj.weight)    # (T, 2 * intermediate)
-        return kernels.linear(kernels.silu_mul(gate_up), self.down_proj.weight)
+        return kernels.silu_mul_linear(gate_up, self.down_proj.weight)   # down_proj(silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):

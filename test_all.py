@@ -605,6 +605,10 @@ def test_kt_linear_one_token(K, N, dtype):
     kt_check(f"linear K={K} N={N} {dtype}", kernels.linear_triton(x, w, dict(BLOCK_N=8, BLOCK_K=32)),
              kernels.linear_ref(x, w), dtype)
     assert kernels.linear(torch.randn(3, K).to(dtype), w).shape == (3, N)     # several tokens: the reference
+    gate_up = torch.randn(1, 2 * K).to(dtype)
+    kt_check(f"silu_mul + linear K={K} N={N} {dtype}",
+             kernels.linear_triton(gate_up, w, dict(BLOCK_N=8, BLOCK_K=32), silu_mul=True),
+             kernels.linear_ref(kernels.silu_mul_ref(gate_up), w), dtype)
 
 
 @pytest.mark.usefixtures("kt_triton_poisoned")
@@ -631,10 +635,12 @@ def test_model_logits_triton_path_equals_torch_path(tied_ckpt, monkeypatch):
     prompts = mixed_prompts(llm.tokenizer)[:3]
     params = SamplingParams(max_tokens=6, ignore_eos=True)
     ref = [o.token_ids for o in llm.generate(prompts, params)]
+    ref_alone = llm.generate(prompts[:1], params)[0].token_ids          # one token per step: the GEMV path
     llm.blocks.clear_cache()
     monkeypatch.setenv("QWEN3_KERNELS", "triton")
     got = [o.token_ids for o in llm.generate(prompts, params)]
     assert got == ref
+    assert llm.generate(prompts[:1], params)[0].token_ids == ref_alone
     # and the logits of one packed prefill agree to fp32 rounding
     with torch.inference_mode():
         ids = torch.tensor(prompts[0][:11])
