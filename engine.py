@@ -6,9 +6,10 @@
     outs = llm.generate(["The capital of France is"], SamplingParams(max_tokens=32))
     print(outs[0].text, outs[0].token_ids, outs[0].finish_reason)
 
-One `step()` = schedule a batch -> pack its tokens into flat tensors + AttnMeta -> one forward pass (a
-replayed CUDA graph when the batch is all decodes) -> sample on the device -> read the sampled tokens back
-(the step's only host sync) -> detokenize, check stop conditions, free finished requests.
+One `step()` = schedule a batch -> pack its tokens into flat tensors + AttnMeta -> launch one forward pass (a
+replayed CUDA graph when the batch is all decodes) and the sampling on the device -> only then read back the
+*previous* step's sampled tokens (the step's one host sync) -> detokenize, check stop conditions, free finished
+requests. So the host prepares step N+1 while the GPU runs step N (see `step`).
 
 Also here: the tokenizer (tokenizers' tokenizer.json, the checkpoint's chat template, incremental
 detokenization that never emits half a UTF-8 character), since text in and text out is the engine's job.
