@@ -98,6 +98,7 @@ class EngineLoop:
         self.prompt_tokens = self.generation_tokens = 0
         self.finished = {"stop": 0, "length": 0, "abort": 0, "error": 0}
         self.ttft, self.itl = Histogram(TTFT_BUCKETS), Histogram(ITL_BUCKETS)
+        self.changed = False                             # requests came or went since the last publish
         self.publish()
         self.thread = threading.Thread(target=self.run, name="engine", daemon=True)
 
@@ -119,9 +120,10 @@ class EngineLoop:
                 self.handle_commands(block=not self.llm.has_work())   # idle: sleep on the inbox, no spinning
                 if self.llm.has_work():
                     self.step()
-                if time.perf_counter() - last_publish > 0.02 or not self.llm.has_work():
-                    self.publish()                       # metrics at most 20 ms old, not a copy every step
-                    last_publish = time.perf_counter()
+                # metrics: at once when requests came or went, else at most 20 ms old (not a copy every step)
+                if self.changed or time.perf_counter() - last_publish > 0.02 or not self.llm.has_work():
+                    self.publish()
+                    last_publish, self.changed = time.perf_counter(), False
         finally:
             # in-flight streams end with an error chunk; adds that arrive now are answered, not lost
             self.fail_all(ApiError(503, "the server is shutting down"))
@@ -134,6 +136,7 @@ class EngineLoop:
     def handle_commands(self, block: bool):
         try:
             cmd = self.inbox.get(timeout=0.05) if block else self.inbox.get_nowait()
+            self.changed = True
             while True:
                 if cmd[0] == "add":
                     self.add(*cmd[1:])
@@ -187,6 +190,7 @@ class EngineLoop:
             route.last_token = now
             route.reply.put((route.index, out))
             if out.finished:
+                self.changed = True
                 del self.routes[out.request_id]
                 self.finished[out.finish_reason] += 1
 
