@@ -319,7 +319,9 @@ def make_choice(chat: bool, stream: bool, index: int, text: str, reason: str | N
 # ----------------------------------------------------------------------------------------------------------
 
 class Server(ThreadingHTTPServer):
-    daemon_threads = True       # an idle keep-alive connection never holds up shutdown
+    # Handler threads are joined at shutdown (server_close), after shutdown() has closed every connection: a
+    # thread left running into interpreter teardown can abort the process.
+    daemon_threads = False
     request_queue_size = 1024   # the listen backlog: socketserver's 5 refuses bursts of new connections
 
     def __init__(self, addr, engine: EngineLoop, llm: LLM, model_name: str, api_key: str | None, max_body: int):
@@ -328,6 +330,18 @@ class Server(ThreadingHTTPServer):
         self.render_chat = llm.tokenizer.apply_chat_template   # a pure function of the template: any thread
         self.created = int(time.time())
         self.generating: set[threading.Thread] = set()          # handlers with requests in the engine
+        self.connections: set[socket.socket] = set()            # open client sockets, closed by shutdown()
+        self.connections_lock = threading.Lock()
+
+    def process_request(self, request, client_address):
+        with self.connections_lock:
+            self.connections.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request):
+        with self.connections_lock:
+            self.connections.discard(request)
+        super().shutdown_request(request)
 
     def handle_error(self, request, client_address):
         if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):   # a client hanging up is normal
@@ -572,9 +586,16 @@ def shutdown(httpd: Server, engine: EngineLoop, timeout: float = 5.0):
     engine.stopping.set()
     engine.thread.join(30)
     deadline = time.monotonic() + timeout
-    while httpd.generating and time.monotonic() < deadline:     # not join(): a keep-alive thread lives on
+    while httpd.generating and time.monotonic() < deadline:     # streams write their error chunk first
         time.sleep(0.01)
-    httpd.server_close()
+    with httpd.connections_lock:
+        connections = list(httpd.connections)
+    for conn in connections:                    # wakes handlers waiting on idle keep-alive connections
+        try:
+            conn.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+    httpd.server_close()                        # joins every handler thread
 
 
 def main(argv=None):
