@@ -7,7 +7,8 @@
 
 Modes: offline (256 requests at once), decode-1 (one request, ms/token), prefill (8 x 2048 tokens, one forward),
 prefix (64 requests sharing a 2,000-token prefix, prefix cache on vs off), serve (serve.py on loopback, N
-streaming clients), kernels (bench_kernels.py's table). It prints a table (result, floor, result/floor, peer,
+streaming clients), kernels (bench_kernels.py's table), accuracy (top-1 agreement and logit difference vs
+transformers on one saved checkpoint). It prints a table (result, floor, result/floor, peer,
 ours/peer), a one-line summary, and writes everything to --out (results.json).
 
 First it measures the two ceilings of the device (BENCH.md): memory bandwidth = bytes read + written by a
