@@ -9,6 +9,10 @@ Set QWEN3_KERNELS=torch or QWEN3_KERNELS=triton to force one path (tests and deb
 uses the measured thresholds written next to each dispatcher. On the CPU the PyTorch path always runs
 unless TRITON_INTERPRET=1 and QWEN3_KERNELS=triton (that is how the tests run the Triton kernels on a CPU).
 
+The ops: rms_norm, add_rms_norm, silu_mul, qk_norm_rope_store (q/k norm + RoPE + K/V into the cache),
+decode_attention and prefill_attention (paged), and linear / silu_mul_linear (a one-token GEMV: a lone
+decode step is all small matrix-vector products, where cuBLAS's GEMM kernels leave bandwidth unused).
+
 KV cache layout (per layer): k_cache, v_cache of shape (num_blocks, block_size, n_kv_heads, head_dim).
 A cache *slot* is block_id * block_size + offset_in_block. Block 0 is never handed to a sequence: padded
 rows of a CUDA-graph batch point at it, so kernels may read/write it freely.
