@@ -424,11 +424,14 @@ class LLM:
         return StepOutput(seq.request_id, [tok], text, reason is not None, reason, len(seq.prompt_ids), n_out)
 
     # ---- conveniences -------------------------------------------------------------------------------------
+    def submit(self, prompts: list, params, stream_text: bool) -> list[str]:
+        """Queue prompts with one SamplingParams for all (or one each); returns their request ids."""
+        params = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
+        return [self.add_request(p, sp, stream_text=stream_text) for p, sp in zip(prompts, params)]
+
     def stream(self, prompts: list, params: SamplingParams | list[SamplingParams] | None = None):
         """Run prompts as one batch, yielding (prompt index, StepOutput) as tokens arrive."""
-        params = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
-        rids = [self.add_request(p, sp) for p, sp in zip(prompts, params)]
-        return self.drain(rids)
+        return self.drain(self.submit(prompts, params, stream_text=True))
 
     def drain(self, rids: list[str]):
         index = {rid: i for i, rid in enumerate(rids)}
@@ -443,8 +446,7 @@ class LLM:
 
     def generate(self, prompts: list, params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
         """Run prompts as one batch to the end; outputs in prompt order."""
-        params = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
-        rids = [self.add_request(p, sp, stream_text=False) for p, sp in zip(prompts, params)]
+        rids = self.submit(prompts, params, stream_text=False)
         seqs = [self.seqs[r] for r in rids]
         texts = [""] * len(prompts)
         for i, out in self.drain(rids):
