@@ -168,6 +168,28 @@ def bench_kernels(copy_gbps: float, matmul_tflops: float, device="cuda", dtype=t
                 2 * B * ctx * KV * hd * elt, "GB/s", target=75 if B * ctx >= 32768 else None,
                 splits=kernels.decode_num_splits(B, KV, ctx, torch.device(device)))
 
+    # decode attention with a shared prefix (cascade): 2,000 tokens (125 blocks) common to every row + 164 own,
+    # as in bench.py's prefix workload. Bytes: the prefix's K/V once + each row's own; plain_ms: the same call
+    # without the plan, reading the prefix once per row (L2 catches part of those re-reads)
+    prefix, own = 2000, 164
+    for model, (H, KV) in QWEN3_HEADS.items():
+        for B in (64, 256):
+            def make():
+                kc, vc, bt, _ = paged_kv([prefix] + [own] * B, KV, hd, bs, dtype, device)
+                n = prefix // bs
+                tables = torch.cat([bt[:1, :n].expand(B, n), bt[1:, :-(-own // bs)]], dim=1).contiguous()
+                cl = torch.full((B,), prefix + own, dtype=torch.int32, device=device)
+                return rnd(B, H, hd), kc, vc, tables, cl, kernels.plan_shared_prefix(tables, cl, bs)
+            sets = input_sets(make)
+            plain_ms = time_rotated(lambda q, kc, vc, bt, cl, plan: kernels.decode_attention_triton(
+                q, kc, vc, bt, cl, scale), sets)
+            call = lambda f: lambda q, kc, vc, bt, cl, plan: f(q, kc, vc, bt, cl, scale, shared=plan)
+            add("decode_attention (shared prefix)", f"{model} B={B} {prefix}+{own}", sets,
+                call(kernels.decode_attention_triton), lambda q, kc, vc, bt, cl, plan: kernels.decode_attention_ref(
+                    q, kc, vc, bt, cl, scale), call(kernels.decode_attention), "decode_attention_triton",
+                (prefix + B * own) * 2 * KV * hd * elt, "GB/s", plain_ms=plain_ms)
+            del sets
+
     # prefill attention, causal, no prefix: FLOPs = 2 (QK^T and PV) * 2 * T*T/2 * heads * hd per sequence.
     # The peer is torch's SDPA flash backend on dense (B, H, T, hd) copies of the same inputs (K/V repeated per
     # q head, no paging), timed over the same rotation.
@@ -220,15 +242,17 @@ def check_kernels(device="cuda", dtype=torch.bfloat16) -> list[tuple[str, float]
 
 def format_rows(rows, copy_gbps, matmul_tflops) -> str:
     lines = [f"ceilings: copy {copy_gbps:.0f} GB/s, bf16 matmul {matmul_tflops:.0f} TFLOP/s",
-             f"{'op':<19}{'shape':<28}{'ms':>9}{'rate':>10}{'unit':>8}{'%ceil':>7}{'tgt':>5}"
+             f"{'op':<33}{'shape':<28}{'ms':>9}{'rate':>10}{'unit':>8}{'%ceil':>7}{'tgt':>5}"
              f"{'ref ms':>10}{'xref':>8}{'path':>8}{'rel err':>10}  extra"]
     for r in rows:
         extra = ""
         if "splits" in r:
             extra = f"splits={r['splits']}"
+        if "plain_ms" in r:
+            extra = f"without the shared pass {r['plain_ms']:.4f} ms, ratio {r['plain_ms'] / r['ms']:.2f}"
         if "sdpa_ms" in r:
             extra = f"sdpa {r['sdpa_ms']:.3f} ms {r['sdpa_rate']:.0f} TFLOP/s, ratio {r['sdpa_ms'] / r['ms']:.2f}"
-        lines.append(f"{r['op']:<19}{r['shape']:<28}{r['ms']:>9.4f}{r['rate']:>10.1f}{r['unit']:>8}{r['pct']:>6.1f}%"
+        lines.append(f"{r['op']:<33}{r['shape']:<28}{r['ms']:>9.4f}{r['rate']:>10.1f}{r['unit']:>8}{r['pct']:>6.1f}%"
                      f"{r['target'] or '':>5}{r['ref_ms']:>10.4f}{r['speedup']:>8.1f}{r['path']:>8}{r['err']:>10.1e}"
                      f"  {extra}")
     return "\n".join(lines)

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 import cache
+import kernels
 from model import AttnMeta, build_model
 from sample import SamplingParams, SamplingTensors, sample
 from scheduler import PENDING, Batch, Scheduler, Sequence, Status
@@ -349,15 +350,22 @@ class LLM:
         self.max_batch_seqs = max(self.max_batch_seqs, len(batch.seqs))
         self.num_forwards += 1
         ids, pos, slots, gather, cu, ctx, tables, logits_idx = self.prepare(batch)
+        shared = batch.is_decode and shares_first_block(tables)
         if batch.is_decode and self.graphs is not None and len(ids) <= self.graphs.max_batch:
-            logits = self.graphs.run(ids, pos, slots, gather, ctx, tables)
+            logits = self.graphs.run(ids, pos, slots, gather, ctx, tables, shared)
         else:
-            t = lambda xs, dt: host_tensor(xs, dt).to(self.device, non_blocking=True)
-            tables = host_tensor([b for row in tables for b in row], torch.int32).view(len(tables), -1)
+            # through pinned memory: a copy from pageable memory would first wait for the GPU to go idle
+            pin = self.device.type == "cuda"
+            t = lambda xs, dt: (host_tensor(xs, dt).pin_memory() if pin else host_tensor(xs, dt)).to(
+                self.device, non_blocking=True)
             meta = AttnMeta(cu_seqlens_q=t(cu, torch.int32), context_lens=t(ctx, torch.int32),
-                            block_tables=tables.to(self.device, non_blocking=True), slot_mapping=t(slots, torch.int64),
+                            block_tables=t([b for row in tables for b in row], torch.int32).view(len(tables), -1),
+                            slot_mapping=t(slots, torch.int64),
                             logits_indices=t(logits_idx, torch.int64), is_decode=batch.is_decode,
                             max_seqlen_q=max(batch.num_new))
+            if shared:
+                meta.shared_prefix = kernels.plan_shared_prefix(meta.block_tables, meta.context_lens,
+                                                                self.args.block_size)
             input_ids = fill_pending(t(ids, torch.int64), self.last_tokens, t(gather, torch.int64))
             logits = self.model.compute_logits(self.model(input_ids, t(pos, torch.int64), meta, self.kv_cache))
         sampled = [s for s, n in zip(batch.seqs, batch.num_new) if s.num_computed + n == s.num_tokens]
@@ -463,6 +471,12 @@ def host_tensor(xs: list[int], dtype: torch.dtype) -> torch.Tensor:
     return torch.frombuffer(array.array("q" if dtype == torch.int64 else "i", xs), dtype=dtype)
 
 
+def shares_first_block(tables: list[list[int]]) -> bool:
+    """Whether two sequences of a decode batch start with the same cache block: the prefix cache shared it,
+    so cascade attention can read their common prefix once (kernels.plan_shared_prefix picks it)."""
+    return len({row[0] for row in tables}) < len(tables)
+
+
 def fill_pending(ids: torch.Tensor, last_tokens: torch.Tensor, gather: torch.Tensor) -> torch.Tensor:
     """Input ids with each PENDING entry replaced by the token the previous step sampled on the device."""
     return torch.where(ids == PENDING, last_tokens[gather], ids)
@@ -474,11 +488,13 @@ class DecodeGraphs:
     logits are dropped. Replaying a graph launches the whole forward pass at once, which is what makes small
     batches fast (a 0.6B model step is ~300 kernels).
 
-    Each size is captured twice: with the full block-table width, and with a short one (SHORT_CONTEXT tokens).
+    Each size is captured for two block-table widths: the full one, and a short one (SHORT_CONTEXT tokens).
     Decode attention splits each context into slices by the table width, so the short graphs give a short
     context one 64-token tile per slice instead of several in a row (decode-1 on qwen3-0.6b, H100: 1.29 ->
-    1.09 ms/token)."""
+    1.09 ms/token). From CASCADE_MIN_BATCH rows on, each is captured once more with cascade attention (a
+    shared prefix read once for all the rows that hold it), replayed when rows share their first block."""
     SHORT_CONTEXT = 2048
+    CASCADE_MIN_BATCH = 2
 
     def __init__(self, model, kv_cache, last_tokens, max_batch: int, max_blocks: int):
         self.sizes = sorted({1, 2, 4, 8, *range(16, max_batch + 16, 16)})
@@ -498,24 +514,29 @@ class DecodeGraphs:
         self.short_blocks = min(max_blocks, -(-self.SHORT_CONTEXT // kv_cache.shape[3]))
         self.graphs, self.logits = {}, {}
         pool = None
+        block_size = kv_cache.shape[3]
         for b in reversed(self.sizes):          # largest first, so smaller graphs reuse its memory pool
             for width in sorted({max_blocks, self.short_blocks}):
-                meta = AttnMeta(self.cu[:b + 1], self.ctx[:b], self.tables[:b, :width], self.slots[:b],
-                                self.rows[:b], is_decode=True, max_seqlen_q=1)
-                def run():
-                    self.ctx[:b].copy_(self.i32[:b, 0])  # inside the graph: no extra launches per step
-                    ids = fill_pending(self.ids[:b], last_tokens, self.gather[:b])
-                    return model.compute_logits(model(ids, self.pos[:b], meta, kv_cache))
-                with torch.inference_mode():
-                    run()                       # warm-up: Triton compiles, cuBLAS picks its kernels
-                    g = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(g, pool=pool):
-                        self.logits[b, width] = run()
-                pool = g.pool()
-                self.graphs[b, width] = g
+                for cascade in (False, True) if b >= self.CASCADE_MIN_BATCH else (False,):
+                    meta = AttnMeta(self.cu[:b + 1], self.ctx[:b], self.tables[:b, :width], self.slots[:b],
+                                    self.rows[:b], is_decode=True, max_seqlen_q=1)
+                    def run():
+                        self.ctx[:b].copy_(self.i32[:b, 0])  # inside the graph: no extra launches per step
+                        if cascade:
+                            meta.shared_prefix = kernels.plan_shared_prefix(meta.block_tables, meta.context_lens,
+                                                                            block_size)
+                        ids = fill_pending(self.ids[:b], last_tokens, self.gather[:b])
+                        return model.compute_logits(model(ids, self.pos[:b], meta, kv_cache))
+                    with torch.inference_mode():
+                        run()                       # warm-up: Triton compiles, cuBLAS picks its kernels
+                        g = torch.cuda.CUDAGraph()
+                        with torch.cuda.graph(g, pool=pool):
+                            self.logits[b, width, cascade] = run()
+                    pool = g.pool()
+                    self.graphs[b, width, cascade] = g
         torch.cuda.synchronize()
 
-    def run(self, ids, pos, slots, gather, ctx, tables) -> torch.Tensor:
+    def run(self, ids, pos, slots, gather, ctx, tables, shared: bool) -> torch.Tensor:
         n = len(ids)
         b = next(s for s in self.sizes if s >= n)
         pad = [0] * (b - n)
@@ -530,5 +551,6 @@ class DecodeGraphs:
         rows += ([1] + [0] * w) * (b - n)                # padding rows: one token of context, in block 0
         width = self.short_blocks if w <= self.short_blocks else self.tables.shape[1]
         self.i32[:b, :w + 1].copy_(host_tensor(rows, torch.int32).view(b, w + 1).pin_memory(), non_blocking=True)
-        self.graphs[b, width].replay()
-        return self.logits[b, width][:n]
+        key = (b, width, shared and b >= self.CASCADE_MIN_BATCH)
+        self.graphs[key].replay()
+        return self.logits[key][:n]

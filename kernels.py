@@ -20,6 +20,7 @@ rows of a CUDA-graph batch point at it, so kernels may read/write it freely.
 import functools
 import os
 import types
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -116,6 +117,34 @@ def decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, scale:
     scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
     out = torch.einsum("bkgs,bskd->bkgd", scores.softmax(-1), v)
     return out.reshape(B, n_heads, hd).to(q.dtype)
+
+
+class SharedPrefix(NamedTuple):
+    """A decode batch's shared prefix: leading cache blocks that several sequences hold in common (prefix
+    caching shares them). Cascade attention reads them once for all those sequences instead of once each.
+    Device tensors, built on the device by plan_shared_prefix, so a CUDA graph can compute and use them."""
+    ref_row: torch.Tensor       # (1,) int32: a batch row whose block table starts with the prefix's blocks
+    prefix_len: torch.Tensor    # (1,) int32: prefix tokens (whole blocks; 0: no prefix this step)
+    shared_lens: torch.Tensor   # (B,) int32: prefix_len for the rows that share it, else 0
+
+
+def plan_shared_prefix(block_tables, context_lens, block_size: int) -> SharedPrefix:
+    """Pick the prefix to attend once: among rows that start with the most common first block, the length P
+    (in blocks) that saves the most block reads, P x (rows sharing >= P blocks - 1). Only whole blocks before a
+    row's newest token count (this step writes that one). Tensor ops only: no host sync."""
+    B = block_tables.shape[0]
+    full = (context_lens - 1) // block_size                  # (B,) blocks wholly before each row's newest token
+    first = block_tables[:, 0]
+    votes = ((first[:, None] == first[None, :]) & (full[None, :] > 0)).sum(1) * (full > 0)   # (B,)
+    ref = votes.argmax().view(1)
+    same = (block_tables == block_tables.index_select(0, ref)).int().cumprod(1).sum(1)    # (B,) blocks in common
+    shared = torch.minimum(torch.minimum(same, full), full.index_select(0, ref))
+    s = shared.sort(descending=True).values
+    saved = s * torch.arange(B, device=s.device)             # prefix s[k]: rows 0..k read it once, not k+1 times
+    best = saved.argmax().view(1)
+    blocks = torch.where(saved.index_select(0, best) > 0, s.index_select(0, best), 0)   # (1,)
+    shared_lens = torch.where(shared >= blocks, blocks * block_size, 0).to(torch.int32)
+    return SharedPrefix(ref.to(torch.int32), (blocks * block_size).to(torch.int32), shared_lens)
 
 
 def prefill_attention_ref(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale: float) -> torch.Tensor:
@@ -302,11 +331,13 @@ def _kv_offsets(block_table_row_ptr, offs_n, in_range, kv_head, N_KV: tl.constex
 
 @triton.jit
 def _decode_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, bt_stride, context_lens_ptr,
-                             out_ptr, part_o_ptr, part_lse_ptr, qk_scale, partition, num_splits,
+                             shared_lens_ptr, out_ptr, part_o_ptr, part_lse_ptr, qk_scale, num_splits, num_slots,
                              N_HEADS: tl.constexpr, N_KV: tl.constexpr, HEAD_DIM: tl.constexpr,
                              BLOCK_SIZE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
-                             SPLIT: tl.constexpr):
-    # grid (B, N_KV, num_splits): one program per (sequence, kv head, context slice of `partition` tokens).
+                             SPLIT: tl.constexpr, SHARED: tl.constexpr):
+    # grid (B, N_KV, num_splits): one program per (sequence, kv head, slice of the context). A sequence's
+    # tokens first .. ctx-1 are cut into num_splits slices of whole BLOCK_N tiles; first is 0, or with SHARED
+    # the length of the prefix that _shared_prefix_kernel attends to for it.
     # All GROUP q heads of the kv head ride along as the rows of one (BLOCK_G, HEAD_DIM) tile (padded to the
     # 16 rows tl.dot needs), so each K/V tile is read once for the whole group.
     # Bytes: context_len * N_KV * HEAD_DIM * elt * 2 (K and V) per sequence, read once; q, out are noise.
@@ -316,8 +347,12 @@ def _decode_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, 
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     ctx = tl.load(context_lens_ptr + b)
-    start = split * partition
-    end = tl.minimum(start + partition, ctx)        # splits past the context do no work and write lse = -inf
+    first = 0
+    if SHARED:
+        first = tl.load(shared_lens_ptr + b)
+    partition = tl.cdiv(tl.cdiv(ctx - first, num_splits), BLOCK_N) * BLOCK_N
+    start = first + split * partition
+    end = tl.minimum(start + partition, ctx)        # slices past the context do no work and write lse = -inf
 
     g = tl.arange(0, BLOCK_G)
     heads = kv_head * GROUP + g                                                          # (BLOCK_G,)
@@ -345,30 +380,77 @@ def _decode_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, 
 
     row = b.to(tl.int64) * N_HEADS + heads                                               # (BLOCK_G,) rows of (B*H)
     gmask = g < GROUP
+    if SHARED and not SPLIT:   # one slice: fold in the shared prefix's slices here (slots 0..num_slots-1)
+        for c in range(0, num_slots):
+            lse_c = tl.load(part_lse_ptr + row * num_slots + c, mask=gmask, other=float("-inf"))   # (BLOCK_G,)
+            o_c = tl.load(part_o_ptr + (row[:, None] * num_slots + c) * HEAD_DIM + d[None, :], mask=gmask[:, None],
+                          other=0.0)
+            m_new = tl.maximum(m_i, lse_c)      # m_i is finite: a context holds >= 1 token past the prefix
+            alpha = tl.exp2(m_i - m_new)
+            beta = tl.exp2(lse_c - m_new)       # the slice's weight: its lse = log2 of its sum, o_c normalized
+            l_i = l_i * alpha + beta
+            acc = acc * alpha[:, None] + o_c * beta[:, None]
+            m_i = m_new
     if not SPLIT:
         out = acc / l_i[:, None]
         tl.store(out_ptr + row[:, None] * HEAD_DIM + d[None, :], out.to(out_ptr.dtype.element_ty),
                  mask=gmask[:, None])
     else:   # partial result of this slice: normalized output and its log2-sum-exp2, merged by the reduce kernel
         l_safe = tl.where(l_i > 0, l_i, 1.0)
-        tl.store(part_o_ptr + (row[:, None] * num_splits + split) * HEAD_DIM + d[None, :], acc / l_safe[:, None],
+        tl.store(part_o_ptr + (row[:, None] * num_slots + split) * HEAD_DIM + d[None, :], acc / l_safe[:, None],
                  mask=gmask[:, None])
-        tl.store(part_lse_ptr + row * num_splits + split, tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf")),
+        tl.store(part_lse_ptr + row * num_slots + split, tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf")),
                  mask=gmask)
 
 
 @triton.jit
-def _decode_reduce_kernel(part_o_ptr, part_lse_ptr, out_ptr, num_splits, HEAD_DIM: tl.constexpr,
+def _shared_prefix_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, bt_stride, ref_row_ptr, prefix_len_ptr,
+                          shared_lens_ptr, part_o_ptr, part_lse_ptr, qk_scale, B, num_slots, first_slot,
+                          N_HEADS: tl.constexpr, N_KV: tl.constexpr, HEAD_DIM: tl.constexpr,
+                          BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # grid (N_KV, num_chunks, cdiv(B * GROUP, BLOCK_M)): cascade attention's first level. The prefix_len tokens
+    # that many sequences share (blocks of row ref_row's table) are cut into num_chunks slices; one program
+    # attends a slice for BLOCK_M query rows, each row a (sequence, q head of this kv head) pair, like a
+    # prefill tile whose queries come from different sequences. The prefix's K/V are read once per step instead
+    # of once per sequence. Each slice's partial result goes to slot first_slot + chunk, for the rows with
+    # shared_lens > 0; _decode_reduce_kernel merges it with the slices of each row's own tokens.
+    GROUP: tl.constexpr = N_HEADS // N_KV
+    kv_head = tl.program_id(0)
+    chunk = tl.program_id(1)
+    prefix_len = tl.load(prefix_len_ptr)
+    chunk_len = tl.cdiv(tl.cdiv(prefix_len, tl.num_programs(1)), BLOCK_N) * BLOCK_N
+    start = chunk * chunk_len
+    end = tl.minimum(start + chunk_len, prefix_len)     # no prefix, or a slice past it: no work, lse = -inf
+    r = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
+    live = r < B * GROUP
+    row = (r // GROUP).to(tl.int64) * N_HEADS + kv_head * GROUP + r % GROUP     # (BLOCK_M,) rows of (B*H)
+    d = tl.arange(0, HEAD_DIM)
+    q = tl.load(q_ptr + row[:, None] * HEAD_DIM + d[None, :], mask=live[:, None], other=0.0)   # (BLOCK_M, HEAD_DIM)
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
+    bt_row = block_tables_ptr + tl.load(ref_row_ptr).to(tl.int64) * bt_stride
+    acc, l_i, m_i = _prefill_tiles(acc, l_i, m_i, q, r, k_cache_ptr, v_cache_ptr, bt_row, kv_head, start, end,
+                                   qk_scale, N_KV, HEAD_DIM, BLOCK_SIZE, BLOCK_N, CAUSAL=False, RAGGED=True)
+    takes = tl.load(shared_lens_ptr + r // GROUP, mask=live, other=0) > 0
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    slot = row * num_slots + first_slot + chunk
+    tl.store(part_o_ptr + slot[:, None] * HEAD_DIM + d[None, :], acc / l_safe[:, None], mask=live[:, None])
+    tl.store(part_lse_ptr + slot, tl.where(takes & (l_i > 0), m_i + tl.log2(l_safe), float("-inf")), mask=live)
+
+
+@triton.jit
+def _decode_reduce_kernel(part_o_ptr, part_lse_ptr, out_ptr, num_slots, HEAD_DIM: tl.constexpr,
                           BLOCK_S: tl.constexpr):
-    # grid (B * N_HEADS,): weigh each slice's output by exp2(lse_slice - lse_max). Bytes: num_splits * HEAD_DIM
-    # fp32 per head, small against the KV bytes of the split kernel.
+    # grid (B * N_HEADS,): weigh each slice's output by exp2(lse_slice - lse_max). Bytes: num_slots * HEAD_DIM
+    # fp32 per head, small against the KV bytes of the slices.
     row = tl.program_id(0).to(tl.int64)
     s = tl.arange(0, BLOCK_S)
     d = tl.arange(0, HEAD_DIM)
-    lse = tl.load(part_lse_ptr + row * num_splits + s, mask=s < num_splits, other=float("-inf"))   # (BLOCK_S,)
+    lse = tl.load(part_lse_ptr + row * num_slots + s, mask=s < num_slots, other=float("-inf"))   # (BLOCK_S,)
     w = tl.exp2(lse - tl.max(lse, axis=0))                   # slice 0 always holds >= 1 token: the max is finite
-    o = tl.load(part_o_ptr + (row * num_splits + s[:, None]) * HEAD_DIM + d[None, :],
-                mask=s[:, None] < num_splits, other=0.0)     # (BLOCK_S, HEAD_DIM)
+    o = tl.load(part_o_ptr + (row * num_slots + s[:, None]) * HEAD_DIM + d[None, :],
+                mask=s[:, None] < num_slots, other=0.0)      # (BLOCK_S, HEAD_DIM)
     out = tl.sum(w[:, None] * o, axis=0) / tl.sum(w, axis=0)
     tl.store(out_ptr + row * HEAD_DIM + d, out.to(out_ptr.dtype.element_ty))
 
@@ -387,21 +469,30 @@ DECODE_WAVES = 4              # split until B * n_kv * splits reaches this many 
 DECODE_MAX_SPLITS = 64        # the reduce kernel holds all slices of a head in registers
 
 
-def _decode_partition(max_ctx: int, splits: int) -> int:
-    """Tokens per slice: a whole number of tiles, so only the slice holding a context's end has a ragged tile."""
-    block_n = DECODE_CONFIG["BLOCK_N"]
-    return triton.cdiv(triton.cdiv(max_ctx, splits), block_n) * block_n
-
-
 def decode_num_splits(batch: int, n_kv: int, max_ctx: int, device) -> int:
-    """How many slices to cut each context into. Shapes only (never the context lengths): graph-capturable."""
+    """How many slices to cut each context into. Shapes only (never the context lengths): graph-capturable.
+    The kernel sizes the slices per sequence, so a context shorter than max_ctx still fills every slice."""
     want = (DECODE_WAVES * _num_sms(device)) // (batch * n_kv)
-    want = max(1, min(want, triton.cdiv(max_ctx, DECODE_MIN_PARTITION), DECODE_MAX_SPLITS))
-    return triton.cdiv(max_ctx, _decode_partition(max_ctx, want))
+    return max(1, min(want, triton.cdiv(max_ctx, DECODE_MIN_PARTITION), DECODE_MAX_SPLITS))
 
 
-def decode_attention_triton(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits=None):
-    """Same contract as decode_attention_ref. num_splits: None picks by shape (decode_num_splits)."""
+SHARED_CONFIG = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)   # the prefill kernel's tiles
+SHARED_WAVES = 1              # slice the shared prefix until this many programs per SM ...
+SHARED_MIN_CHUNKS, SHARED_MAX_FOLD = 4, 8   # ... but at least 4 slices, and at most 8 when decode folds them in
+
+
+def shared_prefix_chunks(batch: int, n_heads: int, n_kv: int, splits: int, block_m: int, device) -> int:
+    """Slices of the shared prefix. Shapes only: graph-capturable. The reduce holds a head's slices, the
+    context's and the prefix's, in registers: together at most DECODE_MAX_SPLITS."""
+    q_tiles = triton.cdiv(batch * (n_heads // n_kv), block_m)
+    want = max(SHARED_MIN_CHUNKS, SHARED_WAVES * _num_sms(device) // (n_kv * q_tiles))
+    return max(1, min(want, SHARED_MAX_FOLD if splits == 1 else DECODE_MAX_SPLITS - splits))
+
+
+def decode_attention_triton(q, k_cache, v_cache, block_tables, context_lens, scale, shared=None, num_splits=None,
+                            num_chunks=None):
+    """Same contract as decode_attention_ref. shared: a SharedPrefix plan (cascade attention), or None.
+    num_splits / num_chunks: None picks by shape (decode_num_splits / shared_prefix_chunks)."""
     B, n_heads, hd = q.shape
     _, block_size, n_kv, _ = k_cache.shape
     assert q.is_contiguous() and k_cache.is_contiguous() and v_cache.is_contiguous() and k_cache.shape[3] == hd
@@ -410,18 +501,31 @@ def decode_attention_triton(q, k_cache, v_cache, block_tables, context_lens, sca
     assert block_tables.dim() == 2 and block_tables.shape[0] == B and block_tables.stride(1) == 1
     assert context_lens.shape == (B,)
     max_ctx = block_tables.shape[1] * block_size                 # M = block_tables.shape[1]: fixed per graph
-    partition = _decode_partition(max_ctx, num_splits or decode_num_splits(B, n_kv, max_ctx, q.device))
-    splits = triton.cdiv(max_ctx, partition)
+    splits = num_splits or decode_num_splits(B, n_kv, max_ctx, q.device)
+    cfg = SHARED_CONFIG if q.is_cuda else dict(BLOCK_M=16, BLOCK_N=32)   # small tiles: a quick CPU interpreter
+    chunks = 0 if shared is None else num_chunks or shared_prefix_chunks(B, n_heads, n_kv, splits, cfg["BLOCK_M"],
+                                                                         q.device)
+    # Partial results per (sequence, head): the context's slices when split, then the prefix's slices. With
+    # one slice the decode kernel folds the prefix's slices in itself, and there is no reduce kernel.
+    own = splits if splits > 1 else 0
+    slots = own + chunks
     out = torch.empty_like(q)
-    part_o = torch.empty(B, n_heads, splits, hd, dtype=torch.float32, device=q.device) if splits > 1 else None
-    part_lse = torch.empty(B, n_heads, splits, dtype=torch.float32, device=q.device) if splits > 1 else None
+    part_o = torch.empty(B, n_heads, slots, hd, dtype=torch.float32, device=q.device) if slots else None
+    part_lse = torch.empty(B, n_heads, slots, dtype=torch.float32, device=q.device) if slots else None
+    if shared is not None:       # first: the decode kernel may read its results
+        grid = (n_kv, chunks, triton.cdiv(B * (n_heads // n_kv), cfg["BLOCK_M"]))
+        _shared_prefix_kernel[grid](q, k_cache, v_cache, block_tables, block_tables.stride(0), shared.ref_row,
+                                    shared.prefix_len, shared.shared_lens, part_o, part_lse, scale * LOG2E, B, slots,
+                                    own, N_HEADS=n_heads, N_KV=n_kv, HEAD_DIM=hd, BLOCK_SIZE=block_size, **cfg)
+    shared_lens = shared.shared_lens if shared is not None else context_lens     # (unused without SHARED)
     _decode_attention_kernel[(B, n_kv, splits)](
-        q, k_cache, v_cache, block_tables, block_tables.stride(0), context_lens, out, part_o, part_lse,
-        scale * LOG2E, partition, splits, N_HEADS=n_heads, N_KV=n_kv, HEAD_DIM=hd, BLOCK_SIZE=block_size,
-        BLOCK_G=max(16, triton.next_power_of_2(n_heads // n_kv)), SPLIT=splits > 1, **DECODE_CONFIG)
+        q, k_cache, v_cache, block_tables, block_tables.stride(0), context_lens, shared_lens, out, part_o, part_lse,
+        scale * LOG2E, splits, slots, N_HEADS=n_heads, N_KV=n_kv, HEAD_DIM=hd, BLOCK_SIZE=block_size,
+        BLOCK_G=max(16, triton.next_power_of_2(n_heads // n_kv)), SPLIT=splits > 1, SHARED=shared is not None,
+        **DECODE_CONFIG)
     if splits > 1:
-        _decode_reduce_kernel[(B * n_heads,)](part_o, part_lse, out, splits, HEAD_DIM=hd,
-                                              BLOCK_S=triton.next_power_of_2(splits))
+        _decode_reduce_kernel[(B * n_heads,)](part_o, part_lse, out, slots, HEAD_DIM=hd,
+                                              BLOCK_S=triton.next_power_of_2(slots))
     return out
 
 
@@ -435,8 +539,9 @@ PREFILL_CONFIG = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)
 @triton.jit
 def _prefill_tiles(acc, l_i, m_i, q, q_pos, k_cache_ptr, v_cache_ptr, bt_row, kv_head, start, end, qk_scale,
                    N_KV: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-                   CAUSAL: tl.constexpr):
-    """Online softmax over key tiles [start, end) of one sequence; CAUSAL masks key j > q_pos of each row."""
+                   CAUSAL: tl.constexpr, RAGGED: tl.constexpr = False):
+    """Online softmax over key tiles [start, end) of one sequence; CAUSAL masks key j > q_pos of each row,
+    RAGGED masks keys past end (needed when end - start is not a whole number of tiles, and not causal)."""
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         in_range = offs_n < end
@@ -445,6 +550,8 @@ def _prefill_tiles(acc, l_i, m_i, q, q_pos, k_cache_ptr, v_cache_ptr, bt_row, kv
         s = tl.dot(q, tl.trans(k)) * qk_scale                                            # (BLOCK_M, BLOCK_N)
         if CAUSAL:
             s = tl.where(offs_n[None, :] <= q_pos[:, None], s, float("-inf"))
+        if RAGGED:
+            s = tl.where(in_range[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
@@ -636,9 +743,12 @@ def qk_norm_rope_store(qkv, q_norm_w, k_norm_w, cos_sin, positions, k_cache, v_c
 # 16/8 heads x 128 | B=1 ctx=128 | B=1 ctx=2048 | B=8 ctx=512 | B=64 ctx=2048 | B=256 ctx=1024 | B=1 ctx=32768
 # triton           |   0.0061    |    0.0101    |   0.0127    |    0.1934     |     0.3735     |    0.0563
 # torch            |   0.0414    |    0.0937    |   0.1322    |    3.2640     |     6.3863     |    1.5417
-def decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale):
-    f = decode_attention_triton if _use_triton(q) else decode_attention_ref
-    return f(q, k_cache, v_cache, block_tables, context_lens, scale)
+def decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, shared: SharedPrefix | None = None):
+    """shared (cascade attention) changes how the Triton kernels split the work, never the result: the
+    reference ignores it."""
+    if _use_triton(q):
+        return decode_attention_triton(q, k_cache, v_cache, block_tables, context_lens, scale, shared=shared)
+    return decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, scale)
 
 
 # 16/8 heads x 128, causal | 1 x 128 | 1 x 512 | 8 x 2048

@@ -92,6 +92,7 @@ class AttnMeta:
     logits_indices: torch.Tensor   # (B_sample,) int64: packed rows whose next-token logits are wanted
     is_decode: bool                # every sequence has exactly one new token (decode kernel, CUDA graphs)
     max_seqlen_q: int = 1          # longest new-token run in the batch (grid size of the prefill kernel)
+    shared_prefix: kernels.SharedPrefix | None = None   # decode: blocks many rows share, attended once (cascade)
 
 
 class RMSNorm(nn.Module):
@@ -126,7 +127,8 @@ class Attention(nn.Module):
                                        self.eps)                  # (T, n_heads, head_dim)
         scale = self.head_dim ** -0.5
         if meta.is_decode:
-            o = kernels.decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale)
+            o = kernels.decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale,
+                                          shared=meta.shared_prefix)
         else:
             o = kernels.prefill_attention(q, k_cache, v_cache, meta.cu_seqlens_q, meta.context_lens,
                                           meta.block_tables, scale, max_seqlen_q=meta.max_seqlen_q)

@@ -122,10 +122,11 @@ class Scheduler:
         deferred = []
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
             seq = self.waiting.popleft()
-            if self.prefix_in_flight(seq):
+            cached, node = self.blocks.match(seq.token_ids)
+            if self.prefix_in_flight(seq, len(cached)):
                 deferred.append(seq)                      # next step its prefix is in the cache
                 continue
-            if not self.admit(seq, budget):
+            if not self.admit(seq, budget, cached, node):
                 self.waiting.appendleft(seq)
                 break
             self.running.append(seq)
@@ -136,23 +137,23 @@ class Scheduler:
         self.waiting.extendleft(reversed(deferred))
         return Batch(seqs, num_new, is_decode and bool(seqs))
 
-    def prefix_in_flight(self, seq: Sequence) -> bool:
-        """True when a request still in prefill is computing the next block seq's prompt needs beyond what the
-        cache holds. Admitting seq a step later lets it reuse that block instead of computing it twice (the
-        common case: many requests with one system prompt arriving together)."""
+    def prefix_in_flight(self, seq: Sequence, num_cached_blocks: int) -> bool:
+        """True when a request still in prefill is computing the next block seq's prompt needs beyond the
+        num_cached_blocks the cache holds. Admitting seq a step later lets it reuse that block instead of
+        computing it twice (the common case: many requests with one system prompt arriving together)."""
         if not self.blocks.enable_prefix_cache:
             return False
         bs = self.blocks.block_size
-        n = len(self.blocks.match(seq.token_ids)[0]) * bs
+        n = num_cached_blocks * bs
         if n + bs >= seq.num_tokens:
             return False
         block = seq.token_ids[n:n + bs]
         return any(r.num_computed <= n and n + bs <= len(r.prompt_ids) and r.token_ids[n:n + bs] == block
                    for r in self.running)
 
-    def admit(self, seq: Sequence, budget: int) -> bool:
-        """Reuse the cached prefix of seq's tokens and allocate blocks for its first chunk, or change nothing."""
-        cached, node = self.blocks.match(seq.token_ids)
+    def admit(self, seq: Sequence, budget: int, cached: list[int], node: Node) -> bool:
+        """Reuse the cached prefix of seq's tokens (cached blocks, down to node: BlockManager.match) and allocate
+        blocks for its first chunk, or change nothing."""
         if len(cached) * self.blocks.block_size == seq.num_tokens:
             cached = cached[:-1]                          # leave the last block to compute: it yields the logits
             node = node.parent

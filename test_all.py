@@ -572,6 +572,72 @@ def test_kt_decode_attention(group, dtype, block_size, context_lens, num_splits)
         torch.testing.assert_close(kernels.decode_attention(q, k_cache, v_cache, block_tables, ctx, scale), out)
 
 
+def kt_shared_tables(groups, block_size, n_kv, hd, dtype, seed):
+    """A paged cache and tables where rows share leading blocks, as prefix caching leaves them. groups: a list of
+    (shared tokens, [own tokens of each row]); a shared run of blocks is one list of ids for all its rows.
+    Padding rows (context 1, all block 0) are appended as a CUDA graph pads. Returns caches, tables, lens."""
+    g = torch.Generator().manual_seed(seed)
+    ids = iter((torch.randperm(400, generator=g) + 1).tolist())
+    tables, lens = [], []
+    for shared, owns in groups:
+        common = [next(ids) for _ in range(shared // block_size)]
+        for own in owns:
+            ctx = len(common) * block_size + own
+            tables.append(common + [next(ids) for _ in range(-(-own // block_size))])
+            lens.append(ctx)
+    tables += [[0], [0]]
+    lens += [1, 1]
+    W = max(map(len, tables)) + 1
+    bt = torch.tensor([t + [0] * (W - len(t)) for t in tables], dtype=torch.int32)
+    k_cache, v_cache = (torch.randn(402, block_size, n_kv, hd, generator=g).to(dtype) for _ in range(2))
+    return k_cache, v_cache, bt, torch.tensor(lens, dtype=torch.int32)
+
+
+def test_plan_shared_prefix_picks_the_largest_saving():
+    bs = 4
+    def plan(tables, lens):
+        W = max(map(len, tables)) + 1
+        bt = torch.tensor([t + [0] * (W - len(t)) for t in tables], dtype=torch.int32)
+        p = kernels.plan_shared_prefix(bt, torch.tensor(lens, dtype=torch.int32), bs)
+        return p.prefix_len.item(), p.shared_lens.tolist(), bt[p.ref_row.item()].tolist()
+    # rows 0-3 start with block 1 (the most common first block); rows 0 and 1 share 6 blocks, row 2 only 1
+    # and row 3 three: a 6-block prefix saves 6 reads, 3 blocks x 2 extra rows saves 6 too, 1 x 3 saves 3.
+    # Ties go to the longer prefix. Row 4 starts elsewhere; row 5 is padding (block 0, context 1).
+    tables = [[1, 2, 3, 4, 5, 6, 7], [1, 2, 3, 4, 5, 6, 8], [1, 9], [1, 2, 3, 10], [11, 12, 13], [0]]
+    lens = [27, 25, 6, 14, 10, 1]
+    n, shared, ref = plan(tables, lens)
+    assert n == 24 and shared == [24, 24, 0, 0, 0, 0] and ref[:6] == [1, 2, 3, 4, 5, 6]
+    # a row whose newest token is the first of block 6 (context 25) holds 6 full blocks; context 24 only 5
+    n, shared, _ = plan(tables[:2], [27, 24])
+    assert n == 20 and shared == [20, 20]
+    # four rows share 3 blocks (saves 9) beat two rows sharing 6 (saves 6)
+    n, shared, _ = plan(tables[:4] + [[1, 2, 3, 14]], lens[:4] + [13])
+    assert n == 12 and shared == [12, 12, 0, 12, 12]
+    # nothing shared, and padding rows (all block 0) are never a prefix
+    n, shared, _ = plan([[1, 2], [3, 4], [0], [0], [0]], [6, 7, 1, 1, 1])
+    assert n == 0 and shared == [0] * 5
+
+
+@pytest.mark.usefixtures("kt_triton_poisoned")
+@pytest.mark.parametrize("group,dtype", KT_GROUPS)
+@pytest.mark.parametrize("block_size,groups,num_splits,num_chunks", [
+    (4, [(20, [1, 3, 9]), (0, [6])], 1, 1),            # prefix ragged against the 32-token tile
+    (16, [(96, [5, 17, 40, 1]), (32, [3, 30])], 3, 4),  # two groups: the second pays its own way; chunks > tiles
+    (8, [(0, [5, 13, 1])], None, None),                 # planned, but nothing is shared
+])
+def test_kt_cascade_decode_attention(group, dtype, block_size, groups, num_splits, num_chunks):
+    """Cascade attention (shared prefix once + each row's own tokens, merged) equals plain decode attention."""
+    n_kv, hd = 2, 16
+    k_cache, v_cache, bt, cl = kt_shared_tables(groups, block_size, n_kv, hd, dtype, seed=group + block_size)
+    q = torch.randn(len(cl), n_kv * group, hd).to(dtype)
+    plan = kernels.plan_shared_prefix(bt, cl, block_size)
+    out = kernels.decode_attention_triton(q, k_cache, v_cache, bt, cl, hd ** -0.5, shared=plan,
+                                          num_splits=num_splits, num_chunks=num_chunks)
+    ref = kernels.decode_attention_ref(q, k_cache, v_cache, bt, cl, hd ** -0.5)
+    kt_check(f"cascade groups={groups} bs={block_size} group={group} {dtype}", out, ref, dtype)
+    torch.testing.assert_close(kernels.decode_attention(q, k_cache, v_cache, bt, cl, hd ** -0.5, shared=plan), out)
+
+
 @pytest.mark.usefixtures("kt_triton_poisoned")
 @pytest.mark.parametrize("group,dtype", KT_GROUPS)
 @pytest.mark.parametrize("block_size,q_lens,prefixes", [
@@ -638,8 +704,11 @@ def test_model_logits_triton_path_equals_torch_path(tied_ckpt, monkeypatch):
     ref_alone = llm.generate(prompts[:1], params)[0].token_ids          # one token per step: the GEMV path
     llm.blocks.clear_cache()
     monkeypatch.setenv("QWEN3_KERNELS", "triton")
+    plans, plan = [], kernels.plan_shared_prefix
+    monkeypatch.setattr(kernels, "plan_shared_prefix", lambda *a: plans.append(plan(*a)) or plans[-1])
     got = [o.token_ids for o in llm.generate(prompts, params)]
     assert got == ref
+    assert any(p.prefix_len.item() > 0 for p in plans), "the prompts share a prefix: cascade attention should run"
     assert llm.generate(prompts[:1], params)[0].token_ids == ref_alone
     # and the logits of one packed prefill agree to fp32 rounding
     with torch.inference_mode():
