@@ -350,7 +350,7 @@ class LLM:
         self.max_batch_seqs = max(self.max_batch_seqs, len(batch.seqs))
         self.num_forwards += 1
         ids, pos, slots, gather, cu, ctx, tables, logits_idx = self.prepare(batch)
-        shared = batch.is_decode and shares_first_block(tables)
+        shared = batch.is_decode and len(tables) >= kernels.CASCADE_MIN_BATCH and shares_first_block(tables)
         if batch.is_decode and self.graphs is not None and len(ids) <= self.graphs.max_batch:
             logits = self.graphs.run(ids, pos, slots, gather, ctx, tables, shared)
         else:
@@ -491,10 +491,9 @@ class DecodeGraphs:
     Each size is captured for two block-table widths: the full one, and a short one (SHORT_CONTEXT tokens).
     Decode attention splits each context into slices by the table width, so the short graphs give a short
     context one 64-token tile per slice instead of several in a row (decode-1 on qwen3-0.6b, H100: 1.29 ->
-    1.09 ms/token). From CASCADE_MIN_BATCH rows on, each is captured once more with cascade attention (a
-    shared prefix read once for all the rows that hold it), replayed when rows share their first block."""
+    1.09 ms/token). From kernels.CASCADE_MIN_BATCH rows on, each is captured once more with cascade attention
+    (a shared prefix read once for all the rows that hold it), replayed when rows share their first block."""
     SHORT_CONTEXT = 2048
-    CASCADE_MIN_BATCH = 2
 
     def __init__(self, model, kv_cache, last_tokens, max_batch: int, max_blocks: int):
         self.sizes = sorted({1, 2, 4, 8, *range(16, max_batch + 16, 16)})
@@ -517,7 +516,7 @@ class DecodeGraphs:
         block_size = kv_cache.shape[3]
         for b in reversed(self.sizes):          # largest first, so smaller graphs reuse its memory pool
             for width in sorted({max_blocks, self.short_blocks}):
-                for cascade in (False, True) if b >= self.CASCADE_MIN_BATCH else (False,):
+                for cascade in (False, True) if b >= kernels.CASCADE_MIN_BATCH else (False,):
                     meta = AttnMeta(self.cu[:b + 1], self.ctx[:b], self.tables[:b, :width], self.slots[:b],
                                     self.rows[:b], is_decode=True, max_seqlen_q=1)
                     def run():
@@ -551,6 +550,6 @@ class DecodeGraphs:
         rows += ([1] + [0] * w) * (b - n)                # padding rows: one token of context, in block 0
         width = self.short_blocks if w <= self.short_blocks else self.tables.shape[1]
         self.i32[:b, :w + 1].copy_(host_tensor(rows, torch.int32).view(b, w + 1).pin_memory(), non_blocking=True)
-        key = (b, width, shared and b >= self.CASCADE_MIN_BATCH)
+        key = (b, width, shared)
         self.graphs[key].replay()
         return self.logits[key][:n]

@@ -330,22 +330,18 @@ def _kv_offsets(block_table_row_ptr, offs_n, in_range, kv_head, N_KV: tl.constex
 
 
 @triton.jit
-def _decode_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, bt_stride, context_lens_ptr,
-                             shared_lens_ptr, out_ptr, part_o_ptr, part_lse_ptr, qk_scale, num_splits, num_slots,
-                             N_HEADS: tl.constexpr, N_KV: tl.constexpr, HEAD_DIM: tl.constexpr,
-                             BLOCK_SIZE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
-                             SPLIT: tl.constexpr, SHARED: tl.constexpr):
-    # grid (B, N_KV, num_splits): one program per (sequence, kv head, slice of the context). A sequence's
-    # tokens first .. ctx-1 are cut into num_splits slices of whole BLOCK_N tiles; first is 0, or with SHARED
-    # the length of the prefix that _shared_prefix_kernel attends to for it.
-    # All GROUP q heads of the kv head ride along as the rows of one (BLOCK_G, HEAD_DIM) tile (padded to the
-    # 16 rows tl.dot needs), so each K/V tile is read once for the whole group.
-    # Bytes: context_len * N_KV * HEAD_DIM * elt * 2 (K and V) per sequence, read once; q, out are noise.
-    # FLOPs: 4 * context_len * N_HEADS * HEAD_DIM, ~GROUP/elt per byte: bandwidth is the floor.
+def _decode_slice(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, bt_stride, context_lens_ptr, shared_lens_ptr,
+                  out_ptr, part_o_ptr, part_lse_ptr, qk_scale, b, kv_head, split, num_splits, num_slots,
+                  N_HEADS: tl.constexpr, N_KV: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                  BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, SHARED: tl.constexpr):
+    """One program of decode attention: sequence b, one kv head, one slice of the context. A sequence's
+    tokens first .. ctx-1 are cut into num_splits slices of whole BLOCK_N tiles; first is 0, or with SHARED
+    the length of the shared prefix that _shared_prefix_slice attends to for it.
+    All GROUP q heads of the kv head ride along as the rows of one (BLOCK_G, HEAD_DIM) tile (padded to the
+    16 rows tl.dot needs), so each K/V tile is read once for the whole group.
+    Bytes: context_len * N_KV * HEAD_DIM * elt * 2 (K and V) per sequence, read once; q, out are noise.
+    FLOPs: 4 * context_len * N_HEADS * HEAD_DIM, ~GROUP/elt per byte: bandwidth is the floor."""
     GROUP: tl.constexpr = N_HEADS // N_KV
-    b = tl.program_id(0)
-    kv_head = tl.program_id(1)
-    split = tl.program_id(2)
     ctx = tl.load(context_lens_ptr + b)
     first = 0
     if SHARED:
@@ -380,17 +376,6 @@ def _decode_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, 
 
     row = b.to(tl.int64) * N_HEADS + heads                                               # (BLOCK_G,) rows of (B*H)
     gmask = g < GROUP
-    if SHARED and not SPLIT:   # one slice: fold in the shared prefix's slices here (slots 0..num_slots-1)
-        for c in range(0, num_slots):
-            lse_c = tl.load(part_lse_ptr + row * num_slots + c, mask=gmask, other=float("-inf"))   # (BLOCK_G,)
-            o_c = tl.load(part_o_ptr + (row[:, None] * num_slots + c) * HEAD_DIM + d[None, :], mask=gmask[:, None],
-                          other=0.0)
-            m_new = tl.maximum(m_i, lse_c)      # m_i is finite: a context holds >= 1 token past the prefix
-            alpha = tl.exp2(m_i - m_new)
-            beta = tl.exp2(lse_c - m_new)       # the slice's weight: its lse = log2 of its sum, o_c normalized
-            l_i = l_i * alpha + beta
-            acc = acc * alpha[:, None] + o_c * beta[:, None]
-            m_i = m_new
     if not SPLIT:
         out = acc / l_i[:, None]
         tl.store(out_ptr + row[:, None] * HEAD_DIM + d[None, :], out.to(out_ptr.dtype.element_ty),
@@ -404,24 +389,33 @@ def _decode_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, 
 
 
 @triton.jit
-def _shared_prefix_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, bt_stride, ref_row_ptr, prefix_len_ptr,
-                          shared_lens_ptr, part_o_ptr, part_lse_ptr, qk_scale, B, num_slots, first_slot,
-                          N_HEADS: tl.constexpr, N_KV: tl.constexpr, HEAD_DIM: tl.constexpr,
-                          BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    # grid (N_KV, num_chunks, cdiv(B * GROUP, BLOCK_M)): cascade attention's first level. The prefix_len tokens
-    # that many sequences share (blocks of row ref_row's table) are cut into num_chunks slices; one program
-    # attends a slice for BLOCK_M query rows, each row a (sequence, q head of this kv head) pair, like a
-    # prefill tile whose queries come from different sequences. The prefix's K/V are read once per step instead
-    # of once per sequence. Each slice's partial result goes to slot first_slot + chunk, for the rows with
-    # shared_lens > 0; _decode_reduce_kernel merges it with the slices of each row's own tokens.
+def _decode_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, bt_stride, context_lens_ptr,
+                             out_ptr, part_o_ptr, part_lse_ptr, qk_scale, num_splits,
+                             N_HEADS: tl.constexpr, N_KV: tl.constexpr, HEAD_DIM: tl.constexpr,
+                             BLOCK_SIZE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
+                             SPLIT: tl.constexpr):
+    # grid (B, N_KV, num_splits): one _decode_slice each
+    _decode_slice(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, bt_stride, context_lens_ptr, context_lens_ptr,
+                  out_ptr, part_o_ptr, part_lse_ptr, qk_scale, tl.program_id(0), tl.program_id(1), tl.program_id(2),
+                  num_splits, num_splits, N_HEADS, N_KV, HEAD_DIM, BLOCK_SIZE, BLOCK_G, BLOCK_N, SPLIT, SHARED=False)
+
+
+@triton.jit
+def _shared_prefix_slice(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, bt_stride, ref_row_ptr, prefix_len_ptr,
+                         shared_lens_ptr, part_o_ptr, part_lse_ptr, qk_scale, B, kv_head, chunk, tile, num_chunks,
+                         num_slots, first_slot, N_HEADS: tl.constexpr, N_KV: tl.constexpr, HEAD_DIM: tl.constexpr,
+                         BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Cascade attention's first level: the prefix_len tokens that many sequences share (the blocks of row
+    ref_row's table) are cut into num_chunks slices, and one program attends slice `chunk` for BLOCK_M query
+    rows, each a (sequence, q head of this kv head) pair: a prefill tile whose queries come from different
+    sequences (_prefill_tiles, below). The prefix's K/V are read once per step instead of once per sequence.
+    Each slice's partial result goes to slot first_slot + chunk; rows with shared_lens == 0 get lse = -inf."""
     GROUP: tl.constexpr = N_HEADS // N_KV
-    kv_head = tl.program_id(0)
-    chunk = tl.program_id(1)
     prefix_len = tl.load(prefix_len_ptr)
-    chunk_len = tl.cdiv(tl.cdiv(prefix_len, tl.num_programs(1)), BLOCK_N) * BLOCK_N
+    chunk_len = tl.cdiv(tl.cdiv(prefix_len, num_chunks), BLOCK_N) * BLOCK_N
     start = chunk * chunk_len
     end = tl.minimum(start + chunk_len, prefix_len)     # no prefix, or a slice past it: no work, lse = -inf
-    r = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
+    r = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     live = r < B * GROUP
     row = (r // GROUP).to(tl.int64) * N_HEADS + kv_head * GROUP + r % GROUP     # (BLOCK_M,) rows of (B*H)
     d = tl.arange(0, HEAD_DIM)
@@ -437,6 +431,31 @@ def _shared_prefix_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, bt_
     slot = row * num_slots + first_slot + chunk
     tl.store(part_o_ptr + slot[:, None] * HEAD_DIM + d[None, :], acc / l_safe[:, None], mask=live[:, None])
     tl.store(part_lse_ptr + slot, tl.where(takes & (l_i > 0), m_i + tl.log2(l_safe), float("-inf")), mask=live)
+
+
+@triton.jit
+def _cascade_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, bt_stride, context_lens_ptr,
+                              ref_row_ptr, prefix_len_ptr, shared_lens_ptr, part_o_ptr, part_lse_ptr, qk_scale, B,
+                              num_splits, num_chunks, N_HEADS: tl.constexpr, N_KV: tl.constexpr,
+                              HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_G: tl.constexpr,
+                              BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
+    # grid (N_KV * num_chunks * q_tiles + B * N_KV * num_splits,): the shared prefix's slices first (the longer
+    # programs), then every row's own tokens, in one launch so the two kinds run side by side. Both write
+    # partial results (slots: the row's num_splits slices, then the prefix's num_chunks); the reduce merges.
+    pid = tl.program_id(0)
+    num_slots = num_splits + num_chunks
+    n_prefix = N_KV * num_chunks * tl.cdiv(B * (N_HEADS // N_KV), BLOCK_M)
+    if pid < n_prefix:
+        _shared_prefix_slice(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, bt_stride, ref_row_ptr,
+                             prefix_len_ptr, shared_lens_ptr, part_o_ptr, part_lse_ptr, qk_scale, B, pid % N_KV,
+                             (pid // N_KV) % num_chunks, pid // (N_KV * num_chunks), num_chunks, num_slots,
+                             num_splits, N_HEADS, N_KV, HEAD_DIM, BLOCK_SIZE, BLOCK_M, BLOCK_N)
+    else:
+        p = pid - n_prefix
+        _decode_slice(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, bt_stride, context_lens_ptr,
+                      shared_lens_ptr, q_ptr, part_o_ptr, part_lse_ptr, qk_scale, p // (N_KV * num_splits),
+                      (p // num_splits) % N_KV, p % num_splits, num_splits, num_slots, N_HEADS, N_KV, HEAD_DIM,
+                      BLOCK_SIZE, BLOCK_G, BLOCK_N, SPLIT=True, SHARED=True)
 
 
 @triton.jit
@@ -476,17 +495,26 @@ def decode_num_splits(batch: int, n_kv: int, max_ctx: int, device) -> int:
     return max(1, min(want, triton.cdiv(max_ctx, DECODE_MIN_PARTITION), DECODE_MAX_SPLITS))
 
 
-SHARED_CONFIG = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)   # the prefill kernel's tiles
-SHARED_WAVES = 1              # slice the shared prefix until this many programs per SM ...
-SHARED_MIN_CHUNKS, SHARED_MAX_FOLD = 4, 8   # ... but at least 4 slices, and at most 8 when decode folds them in
+# Cascade tuning, H100, bf16, 0.6b heads, 2,000 shared + 164 own tokens per row, ms for 28 layers' attention
+# (one launch for both passes; BLOCK_M 32/64/128 swept, 64 best or tied everywhere):
+#   slices of the prefix |   2   |   4   |   8   |  16   | plain decode attention
+#   B=16                 | 0.892 | 0.579 | 0.440 | 0.469 |
+#   B=64                 | 1.095 | 0.922 | 0.934 | 1.094 | 2.44
+#   B=256                | 2.806 | 2.974 | 3.181 | 3.649 | 9.21
+# The best gives the shared pass about one program per two SMs (8b heads at B=64: 4 slices, 1.076 ms, beat 2
+# by 8%; the rule gives 2). Smaller batches were not measured: the engine plans a shared prefix from 16 rows on.
+CASCADE_MIN_BATCH = 16
+SHARED_BLOCK_M = 64           # query rows per program of the shared pass (the prefill kernel's tile)
+SHARED_MIN_CHUNKS = 2
 
 
-def shared_prefix_chunks(batch: int, n_heads: int, n_kv: int, splits: int, block_m: int, device) -> int:
-    """Slices of the shared prefix. Shapes only: graph-capturable. The reduce holds a head's slices, the
-    context's and the prefix's, in registers: together at most DECODE_MAX_SPLITS."""
-    q_tiles = triton.cdiv(batch * (n_heads // n_kv), block_m)
-    want = max(SHARED_MIN_CHUNKS, SHARED_WAVES * _num_sms(device) // (n_kv * q_tiles))
-    return max(1, min(want, SHARED_MAX_FOLD if splits == 1 else DECODE_MAX_SPLITS - splits))
+def shared_prefix_chunks(batch: int, n_heads: int, n_kv: int, splits: int, device) -> int:
+    """Slices of the shared prefix: about one program per two SMs for the shared pass. Shapes only:
+    graph-capturable. The reduce holds a head's slices, the context's and the prefix's, in registers:
+    together at most DECODE_MAX_SPLITS."""
+    q_tiles = triton.cdiv(batch * (n_heads // n_kv), SHARED_BLOCK_M)
+    want = max(SHARED_MIN_CHUNKS, _num_sms(device) // (2 * n_kv * q_tiles))
+    return max(1, min(want, DECODE_MAX_SPLITS - splits))
 
 
 def decode_attention_triton(q, k_cache, v_cache, block_tables, context_lens, scale, shared=None, num_splits=None,
@@ -502,28 +530,26 @@ def decode_attention_triton(q, k_cache, v_cache, block_tables, context_lens, sca
     assert context_lens.shape == (B,)
     max_ctx = block_tables.shape[1] * block_size                 # M = block_tables.shape[1]: fixed per graph
     splits = num_splits or decode_num_splits(B, n_kv, max_ctx, q.device)
-    cfg = SHARED_CONFIG if q.is_cuda else dict(BLOCK_M=16, BLOCK_N=32)   # small tiles: a quick CPU interpreter
-    chunks = 0 if shared is None else num_chunks or shared_prefix_chunks(B, n_heads, n_kv, splits, cfg["BLOCK_M"],
-                                                                         q.device)
-    # Partial results per (sequence, head): the context's slices when split, then the prefix's slices. With
-    # one slice the decode kernel folds the prefix's slices in itself, and there is no reduce kernel.
-    own = splits if splits > 1 else 0
-    slots = own + chunks
+    chunks = 0 if shared is None else num_chunks or shared_prefix_chunks(B, n_heads, n_kv, splits, q.device)
+    slots = splits + chunks      # partial results per (sequence, head): the context's slices, the prefix's
     out = torch.empty_like(q)
-    part_o = torch.empty(B, n_heads, slots, hd, dtype=torch.float32, device=q.device) if slots else None
-    part_lse = torch.empty(B, n_heads, slots, dtype=torch.float32, device=q.device) if slots else None
-    if shared is not None:       # first: the decode kernel may read its results
-        grid = (n_kv, chunks, triton.cdiv(B * (n_heads // n_kv), cfg["BLOCK_M"]))
-        _shared_prefix_kernel[grid](q, k_cache, v_cache, block_tables, block_tables.stride(0), shared.ref_row,
-                                    shared.prefix_len, shared.shared_lens, part_o, part_lse, scale * LOG2E, B, slots,
-                                    own, N_HEADS=n_heads, N_KV=n_kv, HEAD_DIM=hd, BLOCK_SIZE=block_size, **cfg)
-    shared_lens = shared.shared_lens if shared is not None else context_lens     # (unused without SHARED)
-    _decode_attention_kernel[(B, n_kv, splits)](
-        q, k_cache, v_cache, block_tables, block_tables.stride(0), context_lens, shared_lens, out, part_o, part_lse,
-        scale * LOG2E, splits, slots, N_HEADS=n_heads, N_KV=n_kv, HEAD_DIM=hd, BLOCK_SIZE=block_size,
-        BLOCK_G=max(16, triton.next_power_of_2(n_heads // n_kv)), SPLIT=splits > 1, SHARED=shared is not None,
-        **DECODE_CONFIG)
-    if splits > 1:
+    part_o = torch.empty(B, n_heads, slots, hd, dtype=torch.float32, device=q.device) if slots > 1 else None
+    part_lse = torch.empty(B, n_heads, slots, dtype=torch.float32, device=q.device) if slots > 1 else None
+    block_g = max(16, triton.next_power_of_2(n_heads // n_kv))
+    if shared is None:
+        _decode_attention_kernel[(B, n_kv, splits)](
+            q, k_cache, v_cache, block_tables, block_tables.stride(0), context_lens, out, part_o, part_lse,
+            scale * LOG2E, splits, N_HEADS=n_heads, N_KV=n_kv, HEAD_DIM=hd, BLOCK_SIZE=block_size, BLOCK_G=block_g,
+            SPLIT=splits > 1, **DECODE_CONFIG)
+    else:
+        block_m = SHARED_BLOCK_M if q.is_cuda else 16            # a small tile: a quick CPU interpreter
+        grid = (n_kv * chunks * triton.cdiv(B * (n_heads // n_kv), block_m) + B * n_kv * splits,)
+        _cascade_attention_kernel[grid](
+            q, k_cache, v_cache, block_tables, block_tables.stride(0), context_lens, shared.ref_row,
+            shared.prefix_len, shared.shared_lens, part_o, part_lse, scale * LOG2E, B, splits, chunks,
+            N_HEADS=n_heads, N_KV=n_kv, HEAD_DIM=hd, BLOCK_SIZE=block_size, BLOCK_G=block_g, BLOCK_M=block_m,
+            **DECODE_CONFIG)
+    if slots > 1:
         _decode_reduce_kernel[(B * n_heads,)](part_o, part_lse, out, slots, HEAD_DIM=hd,
                                               BLOCK_S=triton.next_power_of_2(slots))
     return out

@@ -706,6 +706,7 @@ def test_model_logits_triton_path_equals_torch_path(tied_ckpt, monkeypatch):
     monkeypatch.setenv("QWEN3_KERNELS", "triton")
     plans, plan = [], kernels.plan_shared_prefix
     monkeypatch.setattr(kernels, "plan_shared_prefix", lambda *a: plans.append(plan(*a)) or plans[-1])
+    monkeypatch.setattr(kernels, "CASCADE_MIN_BATCH", 2)                # three prompts: let them use it
     got = [o.token_ids for o in llm.generate(prompts, params)]
     assert got == ref
     assert any(p.prefix_len.item() > 0 for p in plans), "the prompts share a prefix: cascade attention should run"
