@@ -511,7 +511,10 @@ class DecodeGraphs:
         self.cu = torch.arange(max_batch + 1, **i32)
         self.rows = torch.arange(max_batch, device=dev)
         self.short_blocks = min(max_blocks, -(-self.SHORT_CONTEXT // kv_cache.shape[3]))
-        self.graphs, self.logits = {}, {}
+        self.graphs = {}
+        # every graph writes its logits here: a graph's output outlives its capture, so outputs of its own
+        # would keep one (batch x vocab) fp32 block per graph alive (GBs for the whole ladder)
+        self.logits = torch.empty(max_batch, model.lm_head.weight.shape[0], dtype=torch.float32, device=dev)
         pool = None
         block_size = kv_cache.shape[3]
         for b in reversed(self.sizes):          # largest first, so smaller graphs reuse its memory pool
@@ -525,12 +528,12 @@ class DecodeGraphs:
                             meta.shared_prefix = kernels.plan_shared_prefix(meta.block_tables, meta.context_lens,
                                                                             block_size)
                         ids = fill_pending(self.ids[:b], last_tokens, self.gather[:b])
-                        return model.compute_logits(model(ids, self.pos[:b], meta, kv_cache))
+                        model.compute_logits(model(ids, self.pos[:b], meta, kv_cache), out=self.logits[:b])
                     with torch.inference_mode():
                         run()                       # warm-up: Triton compiles, cuBLAS picks its kernels
                         g = torch.cuda.CUDAGraph()
                         with torch.cuda.graph(g, pool=pool):
-                            self.logits[b, width, cascade] = run()
+                            run()
                     pool = g.pool()
                     self.graphs[b, width, cascade] = g
         torch.cuda.synchronize()
@@ -552,4 +555,4 @@ class DecodeGraphs:
         self.i32[:b, :w + 1].copy_(host_tensor(rows, torch.int32).view(b, w + 1).pin_memory(), non_blocking=True)
         key = (b, width, shared)
         self.graphs[key].replay()
-        return self.logits[key][:n]
+        return self.logits[:n]

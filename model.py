@@ -194,8 +194,10 @@ class Qwen3ForCausalLM(nn.Module):
         x, _ = self.model.norm(x, residual)
         return x[meta.logits_indices]
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return kernels.linear(hidden, self.lm_head.weight).float()   # (B_sample, vocab) fp32 for sampling
+    def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """(B_sample, vocab) fp32 logits for sampling, into `out` if given (CUDA graphs share one buffer)."""
+        logits = kernels.linear(hidden, self.lm_head.weight)
+        return logits.float() if out is None else out.copy_(logits)
 
 
 # ----------------------------------------------------------------------------------------------------------
