@@ -12,6 +12,8 @@ unless TRITON_INTERPRET=1 and QWEN3_KERNELS=triton (that is how the tests run th
 The ops: rms_norm, add_rms_norm, silu_mul, qk_norm_rope_store (q/k norm + RoPE + K/V into the cache),
 decode_attention and prefill_attention (paged), and linear / silu_mul_linear (a one-token GEMV: a lone
 decode step is all small matrix-vector products, where cuBLAS's GEMM kernels leave bandwidth unused).
+decode_attention also does cascade attention: when many sequences share leading cache blocks (prefix
+caching), plan_shared_prefix picks a shared prefix and the kernel reads its K/V once for all of them.
 
 KV cache layout (per layer): k_cache, v_cache of shape (num_blocks, block_size, n_kv_heads, head_dim).
 A cache *slot* is block_id * block_size + offset_in_block. Block 0 is never handed to a sequence: padded
