@@ -320,39 +320,31 @@ class LLM:
         return outputs
 
     def prepare(self, batch: Batch):
-        """Pack the batch into flat host lists: tokens, positions, cache slots, attention metadata, and for
-        each PENDING token the row of last_tokens that holds it (gather)."""
-        bs = self.args.block_size
-        ids, pos, slots, gather, cu, ctx, logits_idx = [], [], [], [], [0], [], []
+        """Pack the batch into host lists: the new tokens end to end, per-sequence metadata (query offsets,
+        context lengths, block tables, logits rows), and for each PENDING token (packed row, row of
+        last_tokens holding it). Positions and cache slots are derived on the device (positions_and_slots)."""
+        ids, pending, cu, ctx, logits_idx = [], [], [0], [], []
         for seq, n in zip(batch.seqs, batch.num_new):
             start = seq.num_computed
             ids += seq.token_ids[start:start + n]
-            pos += range(start, start + n)
-            p = start
-            while p < start + n:                       # one run of consecutive slots per block
-                take = min(bs - p % bs, start + n - p)
-                first = seq.block_table[p // bs] * bs + p % bs
-                slots += range(first, first + take)
-                p += take
-            gather += [0] * n
-            if ids[-1] == PENDING:                     # only a sequence's newest token can be in flight
-                gather[-1] = self.sample_row[seq]
             cu.append(cu[-1] + n)
             ctx.append(start + n)
+            if ids[-1] == PENDING:                     # only a sequence's newest token can be in flight
+                pending.append((cu[-1] - 1, self.sample_row[seq]))
             if start + n == seq.num_tokens:
                 logits_idx.append(cu[-1] - 1)
         width = max(len(s.block_table) for s in batch.seqs)
         tables = [s.block_table + [0] * (width - len(s.block_table)) for s in batch.seqs]
-        return ids, pos, slots, gather, cu, ctx, tables, logits_idx
+        return ids, pending, cu, ctx, tables, logits_idx
 
     def launch(self, batch: Batch):
         """Queue the batch's forward pass and sampling on the GPU; returns what collect() needs."""
         self.max_batch_seqs = max(self.max_batch_seqs, len(batch.seqs))
         self.num_forwards += 1
-        ids, pos, slots, gather, cu, ctx, tables, logits_idx = self.prepare(batch)
+        ids, pending, cu, ctx, tables, logits_idx = self.prepare(batch)
         shared = batch.is_decode and len(tables) >= kernels.CASCADE_MIN_BATCH and shares_first_block(tables)
         if batch.is_decode and self.graphs is not None and len(ids) <= self.graphs.max_batch:
-            logits = self.graphs.run(ids, pos, slots, gather, ctx, tables, shared)
+            logits = self.graphs.run(ids, pending, ctx, tables, shared)
         else:
             # through pinned memory: a copy from pageable memory would first wait for the GPU to go idle
             pin = self.device.type == "cuda"
@@ -360,14 +352,18 @@ class LLM:
                 self.device, non_blocking=True)
             meta = AttnMeta(cu_seqlens_q=t(cu, torch.int32), context_lens=t(ctx, torch.int32),
                             block_tables=t([b for row in tables for b in row], torch.int32).view(len(tables), -1),
-                            slot_mapping=t(slots, torch.int64),
-                            logits_indices=t(logits_idx, torch.int64), is_decode=batch.is_decode,
+                            slot_mapping=None, logits_indices=t(logits_idx, torch.int64), is_decode=batch.is_decode,
                             max_seqlen_q=max(batch.num_new))
+            pos, meta.slot_mapping = positions_and_slots(meta.cu_seqlens_q, meta.context_lens, meta.block_tables,
+                                                         self.args.block_size, len(ids))
             if shared:
                 meta.shared_prefix = kernels.plan_shared_prefix(meta.block_tables, meta.context_lens,
                                                                 self.args.block_size)
-            input_ids = fill_pending(t(ids, torch.int64), self.last_tokens, t(gather, torch.int64))
-            logits = self.model.compute_logits(self.model(input_ids, t(pos, torch.int64), meta, self.kv_cache))
+            input_ids = t(ids, torch.int64)
+            if pending:                                # tokens sampled last step, still on the device
+                at, rows = t([i for i, _ in pending], torch.int64), t([r for _, r in pending], torch.int64)
+                input_ids[at] = self.last_tokens[rows]
+            logits = self.model.compute_logits(self.model(input_ids, pos, meta, self.kv_cache))
         sampled = [s for s, n in zip(batch.seqs, batch.num_new) if s.num_computed + n == s.num_tokens]
         tokens = self.sample_tokens(sampled, logits[:len(sampled)]) if sampled else None
         indices = [s.num_tokens for s in sampled]       # where each one's PENDING token goes
@@ -477,6 +473,22 @@ def shares_first_block(tables: list[list[int]]) -> bool:
     return len({row[0] for row in tables}) < len(tables)
 
 
+def positions_and_slots(cu_seqlens, context_lens, block_tables, block_size: int, num_tokens: int):
+    """Each packed token's position and KV-cache slot, (T,) int64 each, computed on the device: sequence b's
+    n_b new tokens sit at positions ctx_b - n_b .. ctx_b - 1, and position p lives in slot
+    block_table[p // block_size] * block_size + p % block_size. No host sync (num_tokens is T)."""
+    B = context_lens.shape[0]
+    rows = torch.arange(B, device=context_lens.device)
+    if num_tokens == B:                          # one new token per sequence (decode): each one's newest
+        seq, pos = rows, context_lens.long() - 1
+    else:
+        n = cu_seqlens[1:] - cu_seqlens[:-1]                                            # (B,) new tokens
+        seq = torch.repeat_interleave(rows, n, output_size=num_tokens)                  # (T,) sequence of each
+        pos = torch.arange(num_tokens, device=rows.device) - cu_seqlens[seq] + (context_lens - n)[seq]
+    slots = block_tables[seq, pos // block_size].long() * block_size + pos % block_size
+    return pos, slots
+
+
 def fill_pending(ids: torch.Tensor, last_tokens: torch.Tensor, gather: torch.Tensor) -> torch.Tensor:
     """Input ids with each PENDING entry replaced by the token the previous step sampled on the device."""
     return torch.where(ids == PENDING, last_tokens[gather], ids)
@@ -501,9 +513,8 @@ class DecodeGraphs:
         self.max_batch = max_batch
         dev = kv_cache.device
         i32 = dict(dtype=torch.int32, device=dev)
-        self.i64 = torch.zeros(4, max_batch, dtype=torch.int64, device=dev)
-        # padding rows: token 0 at position 0, slot 0 (block 0); gather: see fill_pending
-        self.ids, self.pos, self.slots, self.gather = self.i64
+        self.i64 = torch.zeros(2, max_batch, dtype=torch.int64, device=dev)
+        self.ids, self.gather = self.i64                 # input tokens; for PENDING ones, see fill_pending
         self.i32 = torch.zeros(max_batch, 1 + max_blocks, **i32)
         self.i32[:, 0] = 1
         self.tables = self.i32[:, 1:]                    # (max_batch, max_blocks), row stride 1 + max_blocks
@@ -520,15 +531,18 @@ class DecodeGraphs:
         for b in reversed(self.sizes):          # largest first, so smaller graphs reuse its memory pool
             for width in sorted({max_blocks, self.short_blocks}):
                 for cascade in (False, True) if b >= kernels.CASCADE_MIN_BATCH else (False,):
-                    meta = AttnMeta(self.cu[:b + 1], self.ctx[:b], self.tables[:b, :width], self.slots[:b],
-                                    self.rows[:b], is_decode=True, max_seqlen_q=1)
-                    def run():
-                        self.ctx[:b].copy_(self.i32[:b, 0])  # inside the graph: no extra launches per step
+                    meta = AttnMeta(self.cu[:b + 1], self.ctx[:b], self.tables[:b, :width], None, self.rows[:b],
+                                    is_decode=True, max_seqlen_q=1)
+                    def run():                  # everything in here is captured: no extra launches per step
+                        self.ctx[:b].copy_(self.i32[:b, 0])
+                        # padding rows (context 1, all block 0) get position 0 and slot 0: block 0 is scratch
+                        pos, meta.slot_mapping = positions_and_slots(meta.cu_seqlens_q, meta.context_lens,
+                                                                     meta.block_tables, block_size, b)
                         if cascade:
                             meta.shared_prefix = kernels.plan_shared_prefix(meta.block_tables, meta.context_lens,
                                                                             block_size)
                         ids = fill_pending(self.ids[:b], last_tokens, self.gather[:b])
-                        model.compute_logits(model(ids, self.pos[:b], meta, kv_cache), out=self.logits[:b])
+                        model.compute_logits(model(ids, pos, meta, kv_cache), out=self.logits[:b])
                     with torch.inference_mode():
                         run()                       # warm-up: Triton compiles, cuBLAS picks its kernels
                         g = torch.cuda.CUDAGraph()
@@ -538,12 +552,14 @@ class DecodeGraphs:
                     self.graphs[b, width, cascade] = g
         torch.cuda.synchronize()
 
-    def run(self, ids, pos, slots, gather, ctx, tables, shared: bool) -> torch.Tensor:
+    def run(self, ids, pending, ctx, tables, shared: bool) -> torch.Tensor:
         n = len(ids)
         b = next(s for s in self.sizes if s >= n)
-        pad = [0] * (b - n)
+        gather = [0] * b
+        for i, row in pending:
+            gather[i] = row
         # two host-to-device copies per step: the int64 inputs in one, the int32 metadata in the other
-        i64 = host_tensor(ids + pad + pos + pad + slots + pad + gather + pad, torch.int64).view(4, b)
+        i64 = host_tensor(ids + [0] * (b - n) + gather, torch.int64).view(2, b)
         self.i64[:, :b].copy_(i64.pin_memory(), non_blocking=True)
         w = len(tables[0])
         rows = []                                        # each row: context length, then the block table
