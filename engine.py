@@ -513,8 +513,9 @@ class DecodeGraphs:
         self.max_batch = max_batch
         dev = kv_cache.device
         i32 = dict(dtype=torch.int32, device=dev)
-        self.i64 = torch.zeros(2, max_batch, dtype=torch.int64, device=dev)
-        self.ids, self.gather = self.i64                 # input tokens; for PENDING ones, see fill_pending
+        self.i64 = torch.zeros(4, max_batch, dtype=torch.int64, device=dev)
+        # padding rows: token 0 at position 0, slot 0 (block 0); gather: see fill_pending
+        self.ids, self.pos, self.slots, self.gather = self.i64
         self.i32 = torch.zeros(max_batch, 1 + max_blocks, **i32)
         self.i32[:, 0] = 1
         self.tables = self.i32[:, 1:]                    # (max_batch, max_blocks), row stride 1 + max_blocks
@@ -527,22 +528,19 @@ class DecodeGraphs:
         # would keep one (batch x vocab) fp32 block per graph alive (GBs for the whole ladder)
         self.logits = torch.empty(max_batch, model.lm_head.weight.shape[0], dtype=torch.float32, device=dev)
         pool = None
-        block_size = kv_cache.shape[3]
+        self.block_size = block_size = kv_cache.shape[3]
         for b in reversed(self.sizes):          # largest first, so smaller graphs reuse its memory pool
             for width in sorted({max_blocks, self.short_blocks}):
                 for cascade in (False, True) if b >= kernels.CASCADE_MIN_BATCH else (False,):
-                    meta = AttnMeta(self.cu[:b + 1], self.ctx[:b], self.tables[:b, :width], None, self.rows[:b],
-                                    is_decode=True, max_seqlen_q=1)
+                    meta = AttnMeta(self.cu[:b + 1], self.ctx[:b], self.tables[:b, :width], self.slots[:b],
+                                    self.rows[:b], is_decode=True, max_seqlen_q=1)
                     def run():                  # everything in here is captured: no extra launches per step
                         self.ctx[:b].copy_(self.i32[:b, 0])
-                        # padding rows (context 1, all block 0) get position 0 and slot 0: block 0 is scratch
-                        pos, meta.slot_mapping = positions_and_slots(meta.cu_seqlens_q, meta.context_lens,
-                                                                     meta.block_tables, block_size, b)
                         if cascade:
                             meta.shared_prefix = kernels.plan_shared_prefix(meta.block_tables, meta.context_lens,
                                                                             block_size)
                         ids = fill_pending(self.ids[:b], last_tokens, self.gather[:b])
-                        model.compute_logits(model(ids, pos, meta, kv_cache), out=self.logits[:b])
+                        model.compute_logits(model(ids, self.pos[:b], meta, kv_cache), out=self.logits[:b])
                     with torch.inference_mode():
                         run()                       # warm-up: Triton compiles, cuBLAS picks its kernels
                         g = torch.cuda.CUDAGraph()
@@ -555,17 +553,22 @@ class DecodeGraphs:
     def run(self, ids, pending, ctx, tables, shared: bool) -> torch.Tensor:
         n = len(ids)
         b = next(s for s in self.sizes if s >= n)
+        bs = self.block_size
         gather = [0] * b
         for i, row in pending:
             gather[i] = row
-        # two host-to-device copies per step: the int64 inputs in one, the int32 metadata in the other
-        i64 = host_tensor(ids + [0] * (b - n) + gather, torch.int64).view(2, b)
-        self.i64[:, :b].copy_(i64.pin_memory(), non_blocking=True)
         w = len(tables[0])
-        rows = []                                        # each row: context length, then the block table
+        # one token per row: its position ctx - 1 and cache slot are cheaper made here than by kernels
+        pos, slots, rows = [], [], []                    # rows: each one's context length, then its block table
         for c, row in zip(ctx, tables):
+            pos.append(c - 1)
+            slots.append(row[(c - 1) // bs] * bs + (c - 1) % bs)
             rows.append(c)
             rows += row
+        pad = [0] * (b - n)
+        # two host-to-device copies per step: the int64 inputs in one, the int32 metadata in the other
+        i64 = host_tensor(ids + pad + pos + pad + slots + pad + gather, torch.int64).view(4, b)
+        self.i64[:, :b].copy_(i64.pin_memory(), non_blocking=True)
         rows += ([1] + [0] * w) * (b - n)                # padding rows: one token of context, in block 0
         width = self.short_blocks if w <= self.short_blocks else self.tables.shape[1]
         self.i32[:b, :w + 1].copy_(host_tensor(rows, torch.int32).view(b, w + 1).pin_memory(), non_blocking=True)
