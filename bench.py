@@ -1,12 +1,13 @@
 """Benchmarks: the standard workloads of BENCH.md, each against its physical floor on this machine.
 
-    python bench.py                                   # offline, decode-1, prefill on qwen3-0.6b (random weights)
+    python bench.py                                   # offline, decode-1, prefill, prefix on qwen3-0.6b (random weights)
     python bench.py offline decode-1 --peer hf        # ... and HF transformers on the same workloads, same process
     python bench.py prefix serve kernels --model qwen3-1.7b
     python bench.py --model tiny                      # on a CPU: the same workloads shrunk, to try it anywhere
 
 Modes: offline (256 requests at once), decode-1 (one request, ms/token), prefill (8 x 2048 tokens, one forward),
-prefix (64 requests sharing a 2,000-token prefix, prefix cache on vs off), serve (serve.py on loopback, N
+prefix (64 requests sharing a 2,000-token prefix, prefix cache on vs off, each after an untimed pass with
+another prefix), serve (serve.py on loopback, N
 streaming clients), kernels (bench_kernels.py's table), accuracy (top-1 agreement and logit difference vs
 transformers on one saved checkpoint). It prints a table (result, floor, result/floor, peer,
 ours/peer), a one-line summary, and writes everything to --out (results.json).
