@@ -500,7 +500,7 @@ def decode_num_splits(batch: int, n_kv: int, max_ctx: int, device) -> int:
 # Cascade tuning, H100, bf16, 0.6b heads, 2,000 shared + 164 own tokens per row, ms for 28 layers' attention
 # (one launch for both passes; BLOCK_M 32/64/128 swept, 64 best or tied everywhere):
 #   slices of the prefix |   2   |   4   |   8   |  16   | plain decode attention
-#   B=16                 | 0.892 | 0.579 | 0.440 | 0.469 |
+#   B=16                 | 0.892 | 0.579 | 0.440 | 0.469 | 0.75
 #   B=64                 | 1.095 | 0.922 | 0.934 | 1.094 | 2.44
 #   B=256                | 2.806 | 2.974 | 3.181 | 3.649 | 9.21
 # The best gives the shared pass about one program per two SMs (8b heads at B=64: 4 slices, 1.076 ms, beat 2
