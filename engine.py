@@ -384,11 +384,11 @@ class LLM:
         st = [self.state[s.request_id] for s in seqs]
         params = [p for p, _, _ in st]
         if all(p.greedy and p.repetition_penalty == 1.0 for p in params):
-            return logits.argmax(-1)                      # the common case needs no sampling tensors
+            return logits.argmax(-1)       # the common case needs no sampling tensors, nor fp32 (same argmax)
         tensors = SamplingTensors.build(params, [seed for _, seed, _ in st],
                                         [s.num_tokens - len(s.prompt_ids) for s in seqs],
                                         [s.token_ids for s in seqs], self.config.vocab_size, self.device)
-        return sample(logits, tensors)
+        return sample(logits.float(), tensors)
 
     def collect(self, in_flight) -> list[StepOutput]:
         """Read a launched step's sampled tokens (the step's one host sync) and act on them."""
@@ -526,7 +526,8 @@ class DecodeGraphs:
         self.graphs = {}
         # every graph writes its logits here: a graph's output outlives its capture, so outputs of its own
         # would keep one (batch x vocab) fp32 block per graph alive (GBs for the whole ladder)
-        self.logits = torch.empty(max_batch, model.lm_head.weight.shape[0], dtype=torch.float32, device=dev)
+        self.logits = torch.empty(max_batch, model.lm_head.weight.shape[0], dtype=model.lm_head.weight.dtype,
+                                  device=dev)
         pool = None
         self.block_size = block_size = kv_cache.shape[3]
         for b in reversed(self.sizes):          # largest first, so smaller graphs reuse its memory pool

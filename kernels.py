@@ -53,9 +53,9 @@ def add_rms_norm_ref(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tens
     return rms_norm_ref(residual, weight, eps), residual
 
 
-def linear_ref(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x (M, K) @ weight (N, K)^T -> (M, N): the projections (no biases in Qwen3)."""
-    return F.linear(x, weight)
+def linear_ref(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x (M, K) @ weight (N, K)^T -> (M, N): the projections (no biases in Qwen3). out: write there instead."""
+    return F.linear(x, weight) if out is None else torch.matmul(x, weight.t(), out=out)
 
 
 def silu_mul_ref(gate_up: torch.Tensor) -> torch.Tensor:
@@ -688,14 +688,15 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, N, K, SILU_MUL: tl.constexpr, BLOCK_N: t
 GEMV_CONFIG = dict(BLOCK_N=2, BLOCK_K=1024, num_warps=4)
 
 
-def linear_triton(x, weight, config=None, silu_mul=False):
-    """x (1, K), weight (N, K), both contiguous -> (1, N). silu_mul: x is (1, 2K) gate_up, and the product
-    is silu_mul_ref(x) @ weight^T."""
+def linear_triton(x, weight, config=None, silu_mul=False, out=None):
+    """x (1, K), weight (N, K), both contiguous -> (1, N) (into out, if given). silu_mul: x is (1, 2K)
+    gate_up, and the product is silu_mul_ref(x) @ weight^T."""
     N, K = weight.shape
     assert x.shape == (1, 2 * K if silu_mul else K) and x.is_contiguous() and weight.is_contiguous()
     assert x.dtype == weight.dtype
     cfg = dict(config or GEMV_CONFIG)
-    out = torch.empty(1, N, dtype=x.dtype, device=x.device)
+    out = torch.empty(1, N, dtype=x.dtype, device=x.device) if out is None else out
+    assert out.shape == (1, N) and out.is_contiguous() and out.dtype == x.dtype
     _gemv_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](x, weight, out, N, K, SILU_MUL=silu_mul, **cfg)
     return out
 
@@ -725,10 +726,10 @@ def _use_triton(x: torch.Tensor) -> bool:
 # cuBLAS     |    6.1     |    8.0     |    117       |    76.4     |    41.2
 # Triton wins at one token on every Qwen3 shape; the kernel is for one token only (more tokens would re-read
 # the weight once each), so from two tokens on cuBLAS's GEMMs run.
-def linear(x, weight):
+def linear(x, weight, out=None):
     if x.shape[0] == 1 and _use_triton(x):
-        return linear_triton(x, weight)
-    return linear_ref(x, weight)
+        return linear_triton(x, weight, out=out)
+    return linear_ref(x, weight, out=out)
 
 
 def silu_mul_linear(gate_up, weight):

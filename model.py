@@ -195,9 +195,9 @@ class Qwen3ForCausalLM(nn.Module):
         return x[meta.logits_indices]
 
     def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """(B_sample, vocab) fp32 logits for sampling, into `out` if given (CUDA graphs share one buffer)."""
-        logits = kernels.linear(hidden, self.lm_head.weight)
-        return logits.float() if out is None else out.copy_(logits)
+        """(B_sample, vocab) logits in the model's dtype, written into `out` if given (CUDA graphs share one
+        buffer). Greedy decoding takes their argmax as they are; sampling does its math in fp32."""
+        return kernels.linear(hidden, self.lm_head.weight, out=out)
 
 
 # ----------------------------------------------------------------------------------------------------------
