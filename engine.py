@@ -477,20 +477,17 @@ def positions_and_slots(cu_seqlens, context_lens, block_tables, block_size: int,
     """Each packed token's position and KV-cache slot, (T,) int64 each, computed on the device: sequence b's
     n_b new tokens sit at positions ctx_b - n_b .. ctx_b - 1, and position p lives in slot
     block_table[p // block_size] * block_size + p % block_size. No host sync (num_tokens is T)."""
-    B = context_lens.shape[0]
-    rows = torch.arange(B, device=context_lens.device)
-    if num_tokens == B:                          # one new token per sequence (decode): each one's newest
-        seq, pos = rows, context_lens.long() - 1
-    else:
-        n = cu_seqlens[1:] - cu_seqlens[:-1]                                            # (B,) new tokens
-        seq = torch.repeat_interleave(rows, n, output_size=num_tokens)                  # (T,) sequence of each
-        pos = torch.arange(num_tokens, device=rows.device) - cu_seqlens[seq] + (context_lens - n)[seq]
+    n = cu_seqlens[1:] - cu_seqlens[:-1]                                                # (B,) new tokens
+    rows = torch.arange(n.shape[0], device=n.device)
+    seq = torch.repeat_interleave(rows, n, output_size=num_tokens)                      # (T,) sequence of each
+    pos = torch.arange(num_tokens, device=n.device) - cu_seqlens[seq] + (context_lens - n)[seq]
     slots = block_tables[seq, pos // block_size].long() * block_size + pos % block_size
     return pos, slots
 
 
 def fill_pending(ids: torch.Tensor, last_tokens: torch.Tensor, gather: torch.Tensor) -> torch.Tensor:
-    """Input ids with each PENDING entry replaced by the token the previous step sampled on the device."""
+    """Input ids with each PENDING entry replaced by the token the previous step sampled on the device (the
+    decode graphs' fixed-shape form: gather holds a last_tokens row for every input row)."""
     return torch.where(ids == PENDING, last_tokens[gather], ids)
 
 

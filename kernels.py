@@ -510,11 +510,11 @@ SHARED_BLOCK_M = 64           # query rows per program of the shared pass (the p
 SHARED_MIN_CHUNKS = 2
 
 
-def shared_prefix_chunks(batch: int, n_heads: int, n_kv: int, splits: int, device) -> int:
+def shared_prefix_chunks(batch: int, n_heads: int, n_kv: int, splits: int, block_m: int, device) -> int:
     """Slices of the shared prefix: about one program per two SMs for the shared pass. Shapes only:
     graph-capturable. The reduce holds a head's slices, the context's and the prefix's, in registers:
     together at most DECODE_MAX_SPLITS."""
-    q_tiles = triton.cdiv(batch * (n_heads // n_kv), SHARED_BLOCK_M)
+    q_tiles = triton.cdiv(batch * (n_heads // n_kv), block_m)
     want = max(SHARED_MIN_CHUNKS, _num_sms(device) // (2 * n_kv * q_tiles))
     return max(1, min(want, DECODE_MAX_SPLITS - splits))
 
@@ -532,7 +532,9 @@ def decode_attention_triton(q, k_cache, v_cache, block_tables, context_lens, sca
     assert context_lens.shape == (B,)
     max_ctx = block_tables.shape[1] * block_size                 # M = block_tables.shape[1]: fixed per graph
     splits = num_splits or decode_num_splits(B, n_kv, max_ctx, q.device)
-    chunks = 0 if shared is None else num_chunks or shared_prefix_chunks(B, n_heads, n_kv, splits, q.device)
+    block_m = SHARED_BLOCK_M if q.is_cuda else 16                # a small tile: a quick CPU interpreter
+    chunks = 0 if shared is None else num_chunks or shared_prefix_chunks(B, n_heads, n_kv, splits, block_m,
+                                                                         q.device)
     slots = splits + chunks      # partial results per (sequence, head): the context's slices, the prefix's
     out = torch.empty_like(q)
     part_o = torch.empty(B, n_heads, slots, hd, dtype=torch.float32, device=q.device) if slots > 1 else None
@@ -544,7 +546,6 @@ def decode_attention_triton(q, k_cache, v_cache, block_tables, context_lens, sca
             scale * LOG2E, splits, N_HEADS=n_heads, N_KV=n_kv, HEAD_DIM=hd, BLOCK_SIZE=block_size, BLOCK_G=block_g,
             SPLIT=splits > 1, **DECODE_CONFIG)
     else:
-        block_m = SHARED_BLOCK_M if q.is_cuda else 16            # a small tile: a quick CPU interpreter
         grid = (n_kv * chunks * triton.cdiv(B * (n_heads // n_kv), block_m) + B * n_kv * splits,)
         _cascade_attention_kernel[grid](
             q, k_cache, v_cache, block_tables, block_tables.stride(0), context_lens, shared.ref_row,

@@ -117,7 +117,6 @@ class Scheduler:
             num_new.append(n)
             budget -= n
             i += 1
-        is_decode = len(seqs) == sum(num_new) and all(s.num_computed + 1 == s.num_tokens for s in seqs)
         preempted = self.num_preemptions > preemptions_before      # no admissions in a step short of blocks
         deferred = []
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
@@ -132,9 +131,9 @@ class Scheduler:
             self.running.append(seq)
             seqs.append(seq)
             num_new.append(min(seq.num_tokens - seq.num_computed, budget))
-            is_decode = is_decode and num_new[-1] == 1 and seq.num_computed + 1 == seq.num_tokens
             budget -= num_new[-1]
         self.waiting.extendleft(reversed(deferred))
+        is_decode = all(n == 1 and s.num_computed + 1 == s.num_tokens for s, n in zip(seqs, num_new))
         return Batch(seqs, num_new, is_decode and bool(seqs))
 
     def prefix_in_flight(self, seq: Sequence, num_cached_blocks: int) -> bool:
