@@ -7,29 +7,28 @@
     print(outs[0].text, outs[0].token_ids, outs[0].finish_reason)
 
 One `step()` = schedule a batch -> pack its tokens into flat tensors + AttnMeta -> launch one forward pass (a
-replayed CUDA graph when the batch is all decodes) and the sampling on the device -> only then read back the
-*previous* step's sampled tokens (the step's one host sync) -> detokenize, check stop conditions, free finished
-requests. So the host prepares step N+1 while the GPU runs step N (see `step`).
+replayed CUDA graph when the batch is all decodes) and the sampling on the device (a second graph) -> only then
+read back the *previous* step's sampled tokens (the step's one host sync) -> detokenize, check stop
+conditions, free finished requests. So the host prepares step N+1 while the GPU runs step N (see `step`).
 
-Also here: the tokenizer (tokenizers' tokenizer.json, the checkpoint's chat template, incremental
-detokenization that never emits half a UTF-8 character), since text in and text out is the engine's job.
+Requests leave settings unset to take the model's defaults (generation_config.json; sample.py explains).
+Logprobs (`SamplingParams.logprobs`, `prompt_logprobs`) are the log-softmax of the raw logits, computed only for
+the rows that ask; a request that wants its prompt's logprobs computes its whole prompt (no prefix-cache hit).
 """
 import array
-import codecs
-import json
 import random
-import sys
 import uuid
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import torch
 
 import cache
 import kernels
 from model import AttnMeta, build_model
-from sample import SamplingParams, SamplingTensors, sample
+from sample import (SamplerGraphs, SamplingParams, SamplingTensors, apply_penalties, generation_defaults,
+                    penalty_entries, resolve, sample, token_logprobs)
 from scheduler import PENDING, Batch, Scheduler, Sequence, Status
+from tokenizer import Detokenizer, Tokenizer
 
 
 @dataclass
@@ -45,7 +44,8 @@ class EngineArgs:
     max_num_batched_tokens: int = 8192   # tokens in one forward pass at most (prefill chunk budget)
     max_model_len: int | None = None     # prompt + output tokens at most; None = the model's maximum
     prefix_cache: bool = True            # reuse K/V of shared prompt prefixes (radix cache)
-    cuda_graphs: bool = True             # replay captured CUDA graphs for decode batches
+    cuda_graphs: bool = True             # replay captured CUDA graphs for decode batches and their sampling
+    generation_config: str = "auto"      # auto: unset sampling settings come from generation_config.json; none
     weight_seed: int = 0                 # seed of the random weights
 
     def __post_init__(self):
@@ -55,6 +55,12 @@ class EngineArgs:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
+        if self.generation_config not in ("auto", "none"):
+            raise ValueError(f"generation_config must be auto or none, got {self.generation_config!r}")
+
+
+# A token's logprobs: (its logprob, [(token id, logprob) of the n most likely]); a prompt's first token has None.
+Logprob = tuple[float, list[tuple[int, float]]]
 
 
 @dataclass
@@ -67,6 +73,8 @@ class StepOutput:
     finish_reason: str | None
     num_prompt_tokens: int
     num_output_tokens: int
+    logprobs: list[Logprob] | None = None                 # one per token in token_ids, when asked for
+    prompt_logprobs: list[Logprob | None] | None = None   # the whole prompt's, with a request's first output
 
 
 @dataclass
@@ -77,100 +85,34 @@ class RequestOutput:
     text: str
     finish_reason: str
     num_cached_tokens: int
+    logprobs: list[Logprob] | None = None
+    prompt_logprobs: list[Logprob | None] | None = None
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Text in, text out
-# ----------------------------------------------------------------------------------------------------------
-
-class Tokenizer:
-    """tokenizer.json through `tokenizers`, or bytes as token ids when a checkpoint has none."""
-
-    def __init__(self, ckpt_dir: Path | None):
-        self.tok, self.chat_template, self.bos = None, None, None
-        if ckpt_dir is not None and (ckpt_dir / "tokenizer.json").exists():
-            from tokenizers import Tokenizer as HFTokenizer
-            self.tok = HFTokenizer.from_file(str(ckpt_dir / "tokenizer.json"))
-            cfg_path = ckpt_dir / "tokenizer_config.json"
-            if cfg_path.exists():
-                self.chat_template = json.loads(cfg_path.read_text()).get("chat_template")
-        else:
-            print("note: no tokenizer.json, using raw bytes as token ids", file=sys.stderr)
-
-    def encode(self, text: str) -> list[int]:
-        if self.tok is None:
-            return list(text.encode("utf-8"))
-        return self.tok.encode(text, add_special_tokens=False).ids
-
-    def decode(self, ids: list[int]) -> str:
-        if self.tok is None:
-            return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
-        return self.tok.decode(ids, skip_special_tokens=True)
-
-    def stream_decoder(self):
-        """A function token id -> new text (None or '' while a character is incomplete), for one stream."""
-        if self.tok is None:
-            utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-            return lambda t: utf8.decode(bytes([t])) if t < 256 else ""
-        from tokenizers.decoders import DecodeStream
-        stream = DecodeStream(skip_special_tokens=True)
-        return lambda t: stream.step(self.tok, t)
-
-    def apply_chat_template(self, messages: list[dict], enable_thinking: bool = True) -> str:
-        """Render messages with the checkpoint's own Jinja template (as transformers does), or with Qwen3's
-        format when the checkpoint has none."""
-        if self.chat_template:
-            import jinja2
-            env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
-            env.globals["raise_exception"] = lambda msg: (_ for _ in ()).throw(ValueError(msg))
-            return env.from_string(self.chat_template).render(
-                messages=messages, add_generation_prompt=True, enable_thinking=enable_thinking)
-        text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
-        return text + "<|im_start|>assistant\n" + ("" if enable_thinking else "<think>\n\n</think>\n\n")
+@dataclass(eq=False)
+class Request:
+    """What the engine keeps per request besides its Sequence (which the scheduler owns)."""
+    request_id: str
+    params: SamplingParams             # resolved: no setting left unset
+    seed: int
+    detok: Detokenizer | None          # None: text comes once, at the end (or not at all: detokenize=False)
+    detokenize: bool
+    prompt: set[int] = field(default_factory=set)             # repetition penalty: tokens of the prompt
+    counts: dict[int, int] = field(default_factory=dict)      # presence/frequency: output token counts
+    prompt_logprobs: list | None = None                        # filled chunk by chunk when asked for
+    sent_prompt_logprobs: bool = False
 
 
-class Detokenizer:
-    """Incremental decoding for one request, with stop strings. The tokenizer's stream decoder emits text as
-    soon as it is whole (nothing while a multi-byte character is split across tokens)."""
+@dataclass
+class InFlight:
+    """A launched step whose results are still on their way to the host."""
+    seqs: list[Sequence]             # the sequences that sampled, in row order
+    indices: list[int]               # where each one's PENDING token sits in its token_ids
+    tokens: torch.Tensor             # (B,) int64, pinned host memory
+    logprobs: tuple | None           # (rows, chosen, top values, top ids) on the host, for the rows that asked
+    prompt_logprobs: tuple | None    # ([(seq, first position, count)], chosen, top values, top ids)
+    event: torch.cuda.Event | None
 
-    def __init__(self, tokenizer: Tokenizer, params: SamplingParams):
-        self.tokenizer, self.params = tokenizer, params
-        self.next_text = tokenizer.stream_decoder()
-        self.ids: list[int] = []
-        self.text = ""                          # all output text so far
-        self.emitted = 0                        # chars of self.text already handed out
-        self.hold = max((len(s) for s in params.stop), default=1) - 1   # a stop string may still be forming
-
-    def add(self, token: int) -> bool:
-        """Append a token; returns True when a stop string appeared (the text is then cut before it)."""
-        self.ids.append(token)
-        new = self.next_text(token)
-        if not new:
-            return False
-        start = max(0, len(self.text) - self.hold)
-        self.text += new
-        for s in self.params.stop:
-            at = self.text.find(s, start)
-            if at >= 0:
-                self.text = self.text[:at]
-                return True
-        return False
-
-    def flush(self):
-        """At the end of a request: the whole output decoded at once (an unfinished character then shows as
-        U+FFFD), so streamed text always equals generate()'s."""
-        self.text = self.tokenizer.decode(self.ids)
-
-    def take(self, final: bool) -> str:
-        """Text not yet handed out; while running, keeps back what could be the start of a stop string."""
-        end = len(self.text) if final else max(self.emitted, len(self.text) - self.hold)
-        out, self.emitted = self.text[self.emitted:end], end
-        return out
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The engine
-# ----------------------------------------------------------------------------------------------------------
 
 def resolve_device_dtype(args: EngineArgs):
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
@@ -193,65 +135,35 @@ class LLM:
         self.model, self.config, ckpt = build_model(args.model, args.random_weights, self.dtype, self.device,
                                                     args.weight_seed)
         self.tokenizer = Tokenizer(ckpt)
+        self.defaults = generation_defaults(ckpt, args.generation_config == "auto")
         cfg = self.config
         self.max_model_len = min(args.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         self.max_blocks_per_seq = -(-self.max_model_len // args.block_size)
-        num_blocks = args.num_blocks or self.blocks_that_fit()
+        num_blocks = args.num_blocks or kv_blocks_that_fit(self)
         self.kv_cache = cache.allocate_kv_cache(cfg, num_blocks, args.block_size, self.dtype, self.device)
         self.blocks = cache.BlockManager(num_blocks, args.block_size, args.prefix_cache)
         self.scheduler = Scheduler(self.blocks, args.max_num_seqs, args.max_num_batched_tokens)
         self.seqs: dict[str, Sequence] = {}
-        self.state: dict[str, tuple] = {}        # request_id -> (params, seed, Detokenizer)
+        self.requests: dict[str, Request] = {}
         self.max_batch_seqs = self.num_forwards = 0   # largest batch reached, forward passes run (stats)
-        self.num_penalized = 0                   # requests with a repetition penalty (they need step-by-step sync)
-        self.in_flight = None                    # the launched step whose tokens are not read yet
+        self.num_penalized = 0                   # requests whose logits depend on their history (step-by-step sync)
+        self.in_flight: InFlight | None = None   # the launched step whose tokens are not read yet
         self.sample_row: dict[Sequence, int] = {}   # row of last_tokens holding each sequence's PENDING token
         self.last_tokens = torch.zeros(args.max_num_seqs, dtype=torch.int64, device=self.device)
-        self.graphs = None
+        self.graphs = self.sampler_graphs = None
         if args.cuda_graphs and self.device.type == "cuda":
             self.graphs = DecodeGraphs(self.model, self.kv_cache, self.last_tokens, args.max_num_seqs,
                                        self.max_blocks_per_seq)
-
-    def blocks_that_fit(self) -> int:
-        bytes_per_block = cache.kv_bytes_per_block(self.config, self.args.block_size, self.dtype)
-        if self.device.type != "cuda":
-            return max(2, min(4096, 2**31 // bytes_per_block))   # CPU: at most 2 GiB of cache by default
-        # measure the activations of the largest forward pass on a throwaway cache, then size the real one
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        probe_blocks = 1 + -(-self.args.max_num_batched_tokens // self.args.block_size)
-        kv = cache.allocate_kv_cache(self.config, probe_blocks, self.args.block_size, self.dtype, self.device)
-        self.warmup(kv)
-        peak = torch.cuda.max_memory_allocated()
-        del kv
-        torch.cuda.empty_cache()
-        total = torch.cuda.get_device_properties(self.device).total_memory
-        probe_bytes = probe_blocks * bytes_per_block
-        n = int((total * self.args.gpu_memory_utilization - (peak - probe_bytes)) // bytes_per_block)
-        if n < 2:
-            raise RuntimeError(f"no GPU memory left for the KV cache (peak {peak / 2**30:.1f} GiB of "
-                               f"{total / 2**30:.1f} GiB); lower max_num_batched_tokens or raise gpu_memory_utilization")
-        return n
-
-    def warmup(self, kv):
-        """One forward pass of max_num_batched_tokens prompt tokens (for memory profiling)."""
-        T, bs = self.args.max_num_batched_tokens, self.args.block_size
-        n_blocks = -(-T // bs)
-        meta = AttnMeta(cu_seqlens_q=torch.tensor([0, T], dtype=torch.int32, device=self.device),
-                        context_lens=torch.tensor([T], dtype=torch.int32, device=self.device),
-                        block_tables=torch.arange(1, n_blocks + 1, dtype=torch.int32, device=self.device)[None],
-                        slot_mapping=torch.arange(bs, bs + T, device=self.device),
-                        logits_indices=torch.tensor([T - 1], device=self.device), is_decode=False, max_seqlen_q=T)
-        ids = torch.zeros(T, dtype=torch.int64, device=self.device)
-        with torch.inference_mode():
-            self.model.compute_logits(self.model(ids, torch.arange(T, device=self.device) % self.max_model_len, meta, kv))
+            self.sampler_graphs = SamplerGraphs(self.graphs.logits, self.graphs.sizes, self.graphs.pool)
 
     # ---- requests -----------------------------------------------------------------------------------------
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
-                    request_id: str | None = None, stream_text: bool = True) -> str:
+                    request_id: str | None = None, stream_text: bool = True, detokenize: bool = True) -> str:
         """Queue a request. stream_text=False skips incremental detokenization (unless stop strings need
-        it): the whole text then arrives with the final output, which saves host time per step."""
-        params = params or SamplingParams()
+        it): the whole text then arrives with the final output, which saves host time per step.
+        detokenize=False: token ids only, no text at all (serve.py's engine process; stop strings are then the
+        caller's to check)."""
+        params = resolve(params or SamplingParams(), self.defaults)
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if not ids:
             raise ValueError("prompt is empty")
@@ -260,17 +172,21 @@ class LLM:
                              f"tokens (prompt + at least one new token)")
         if max(ids) >= self.config.vocab_size or min(ids) < 0:
             raise ValueError(f"prompt token ids must be in [0, {self.config.vocab_size})")
+        if any(not 0 <= t < self.config.vocab_size for t in params.logit_bias):
+            raise ValueError(f"logit_bias token ids must be in [0, {self.config.vocab_size})")
         request_id = request_id or uuid.uuid4().hex
         if request_id in self.seqs:
             raise ValueError(f"request id {request_id!r} is already running")
         max_tokens = min(params.max_tokens, self.max_model_len - len(ids))
-        seq = Sequence(request_id, ids, max_tokens)
+        seq = Sequence(request_id, ids, max_tokens, reuse_prefix=params.prompt_logprobs is None)
         self.scheduler.add(seq)
         seed = params.seed if params.seed is not None else random.getrandbits(63)
-        self.seqs[request_id] = seq
-        detok = Detokenizer(self.tokenizer, params) if stream_text or params.stop else None
-        self.state[request_id] = (params, seed, detok)
-        self.num_penalized += params.repetition_penalty != 1.0
+        detok = Detokenizer(self.tokenizer, params.stop) if detokenize and (stream_text or params.stop) else None
+        req = Request(request_id, params, seed, detok, detokenize, prompt_logprobs=None if params.prompt_logprobs is None else [None])
+        if params.repetition_penalty != 1.0:
+            req.prompt = set(ids)
+        self.seqs[request_id], self.requests[request_id] = seq, req
+        self.num_penalized += params.penalized
         return request_id
 
     def abort(self, request_id: str) -> bool:
@@ -285,8 +201,7 @@ class LLM:
         return True
 
     def forget(self, request_id: str):
-        params = self.state.pop(request_id)[0]
-        self.num_penalized -= params.repetition_penalty != 1.0
+        self.num_penalized -= self.requests.pop(request_id).params.penalized
         del self.seqs[request_id]
 
     def has_work(self) -> bool:
@@ -310,7 +225,7 @@ class LLM:
     def step(self) -> list[StepOutput]:
         outputs = []
         if self.in_flight is not None and self.num_penalized:
-            outputs = self.collect(self.in_flight)     # the repetition penalty needs last token on the host
+            outputs = self.collect(self.in_flight)     # penalties need the last token's count on the host
             self.in_flight = None
         batch = self.scheduler.schedule()
         launched = self.launch(batch) if batch.seqs else None
@@ -319,92 +234,148 @@ class LLM:
         self.in_flight = launched
         return outputs
 
-    def prepare(self, batch: Batch):
-        """Pack the batch into host lists: the new tokens end to end, per-sequence metadata (query offsets,
-        context lengths, block tables, logits rows), and for each PENDING token (packed row, row of
-        last_tokens holding it). Positions and cache slots are derived on the device (positions_and_slots)."""
-        ids, pending, cu, ctx, logits_idx = [], [], [0], [], []
-        for seq, n in zip(batch.seqs, batch.num_new):
-            start = seq.num_computed
-            ids += seq.token_ids[start:start + n]
-            cu.append(cu[-1] + n)
-            ctx.append(start + n)
-            if ids[-1] == PENDING:                     # only a sequence's newest token can be in flight
-                pending.append((cu[-1] - 1, self.sample_row[seq]))
-            if start + n == seq.num_tokens:
-                logits_idx.append(cu[-1] - 1)
-        width = max(len(s.block_table) for s in batch.seqs)
-        tables = [s.block_table + [0] * (width - len(s.block_table)) for s in batch.seqs]
-        return ids, pending, cu, ctx, tables, logits_idx
-
-    def launch(self, batch: Batch):
+    def launch(self, batch: Batch) -> InFlight | None:
         """Queue the batch's forward pass and sampling on the GPU; returns what collect() needs."""
         self.max_batch_seqs = max(self.max_batch_seqs, len(batch.seqs))
         self.num_forwards += 1
-        ids, pending, cu, ctx, tables, logits_idx = self.prepare(batch)
-        shared = batch.is_decode and len(tables) >= kernels.CASCADE_MIN_BATCH and shares_first_block(tables)
-        if batch.is_decode and self.graphs is not None and len(ids) <= self.graphs.max_batch:
+        ids, pending, cu, ctx, tables, logits_idx = pack(batch, self.sample_row)
+        sampled = [s for s, n in zip(batch.seqs, batch.num_new) if s.num_computed + n == s.num_tokens]
+        graphed = batch.is_decode and self.graphs is not None and len(ids) <= self.graphs.max_batch
+        prompt_lp = None
+        if graphed:
+            shared = len(tables) >= kernels.CASCADE_MIN_BATCH and shares_first_block(tables)
             logits = self.graphs.run(ids, pending, ctx, tables, shared)
         else:
-            # through pinned memory: a copy from pageable memory would first wait for the GPU to go idle
-            pin = self.device.type == "cuda"
-            t = lambda xs, dt: (host_tensor(xs, dt).pin_memory() if pin else host_tensor(xs, dt)).to(
-                self.device, non_blocking=True)
-            meta = AttnMeta(cu_seqlens_q=t(cu, torch.int32), context_lens=t(ctx, torch.int32),
-                            block_tables=t([b for row in tables for b in row], torch.int32).view(len(tables), -1),
-                            slot_mapping=None, logits_indices=t(logits_idx, torch.int64), is_decode=batch.is_decode,
-                            max_seqlen_q=max(batch.num_new))
-            pos, meta.slot_mapping = positions_and_slots(meta.cu_seqlens_q, meta.context_lens, meta.block_tables,
-                                                         self.args.block_size, len(ids))
-            if shared:
-                meta.shared_prefix = kernels.plan_shared_prefix(meta.block_tables, meta.context_lens,
-                                                                self.args.block_size)
-            input_ids = t(ids, torch.int64)
-            if pending:                                # tokens sampled last step, still on the device
-                at, rows = t([i for i, _ in pending], torch.int64), t([r for _, r in pending], torch.int64)
-                input_ids[at] = self.last_tokens[rows]
-            logits = self.model.compute_logits(self.model(input_ids, pos, meta, self.kv_cache))
-        sampled = [s for s, n in zip(batch.seqs, batch.num_new) if s.num_computed + n == s.num_tokens]
-        tokens = self.sample_tokens(sampled, logits[:len(sampled)]) if sampled else None
+            extras, targets, owners = self.prompt_logprob_rows(batch, cu)
+            hidden = self.forward_eager(batch, ids, pending, cu, ctx, tables, logits_idx + extras)
+            logits = self.model.compute_logits(hidden[:len(logits_idx)])
+            if extras:
+                prompt_lp = (owners, *self.prompt_logprobs(hidden[len(logits_idx):], targets, owners))
+        reqs = [self.requests[s.request_id] for s in sampled]
+        steps = [s.num_tokens - len(s.prompt_ids) for s in sampled]      # output position of each new token
+        tokens = self.sample_tokens(reqs, steps, logits, graphed) if sampled else None
+        lp = None
+        if tokens is not None and (rows := [i for i, r in enumerate(reqs) if r.params.logprobs is not None]):
+            n = max(reqs[i].params.logprobs for i in rows)
+            at = torch.tensor(rows, device=self.device)
+            lp = (rows, *token_logprobs(logits[at], tokens[at], n))
         indices = [s.num_tokens for s in sampled]       # where each one's PENDING token goes
         self.scheduler.advance(batch)
         self.sample_row = {s: i for i, s in enumerate(sampled)}
-        if tokens is None:
+        if tokens is None and prompt_lp is None:
             return None
-        self.last_tokens[:len(sampled)].copy_(tokens)
-        host = torch.empty(len(sampled), dtype=torch.int64, pin_memory=self.device.type == "cuda")
-        host.copy_(tokens, non_blocking=True)
+        pin = self.device.type == "cuda"
+        # into pinned memory: a copy to pageable memory would wait for the GPU right here
+        to_host = lambda t: torch.empty(t.shape, dtype=t.dtype, pin_memory=pin).copy_(t, non_blocking=True)
+        host_all = lambda ts: ts and tuple(to_host(t) if torch.is_tensor(t) else t for t in ts)
+        if tokens is not None:
+            self.last_tokens[:len(sampled)].copy_(tokens)
         event = None
-        if self.device.type == "cuda":
-            event = torch.cuda.Event()
-            event.record()
-        return sampled, indices, host, event
+        out = InFlight(sampled, indices, tokens if tokens is None else to_host(tokens), host_all(lp),
+                       host_all(prompt_lp), event)
+        if pin:
+            out.event = torch.cuda.Event()
+            out.event.record()
+        return out
 
-    def sample_tokens(self, seqs: list[Sequence], logits: torch.Tensor) -> torch.Tensor:
-        st = [self.state[s.request_id] for s in seqs]
-        params = [p for p, _, _ in st]
-        if all(p.greedy and p.repetition_penalty == 1.0 for p in params):
-            return logits.argmax(-1)       # the common case needs no sampling tensors, nor fp32 (same argmax)
-        tensors = SamplingTensors.build(params, [seed for _, seed, _ in st],
-                                        [s.num_tokens - len(s.prompt_ids) for s in seqs],
-                                        [s.token_ids for s in seqs], self.config.vocab_size, self.device)
-        return sample(logits.float(), tensors)
+    def forward_eager(self, batch, ids, pending, cu, ctx, tables, logits_idx) -> torch.Tensor:
+        """The forward pass of a batch that is not replayed from a graph: inputs through pinned memory (a copy
+        from pageable memory would first wait for the GPU to go idle); returns the hidden states of the rows
+        in logits_idx."""
+        pin = self.device.type == "cuda"
+        t = lambda xs, dt: (host_tensor(xs, dt).pin_memory() if pin else host_tensor(xs, dt)).to(
+            self.device, non_blocking=True)
+        meta = AttnMeta(cu_seqlens_q=t(cu, torch.int32), context_lens=t(ctx, torch.int32),
+                        block_tables=t([b for row in tables for b in row], torch.int32).view(len(tables), -1),
+                        slot_mapping=None, logits_indices=t(logits_idx, torch.int64), is_decode=batch.is_decode,
+                        max_seqlen_q=max(batch.num_new))
+        pos, meta.slot_mapping = positions_and_slots(meta.cu_seqlens_q, meta.context_lens, meta.block_tables,
+                                                     self.args.block_size, len(ids))
+        if batch.is_decode and len(tables) >= kernels.CASCADE_MIN_BATCH and shares_first_block(tables):
+            meta.shared_prefix = kernels.plan_shared_prefix(meta.block_tables, meta.context_lens,
+                                                            self.args.block_size)
+        input_ids = t(ids, torch.int64)
+        if pending:                                # tokens sampled last step, still on the device
+            at, rows = t([i for i, _ in pending], torch.int64), t([r for _, r in pending], torch.int64)
+            input_ids[at] = self.last_tokens[rows]
+        return self.model(input_ids, pos, meta, self.kv_cache)
 
-    def collect(self, in_flight) -> list[StepOutput]:
+    def sample_tokens(self, reqs: list[Request], steps: list[int], logits: torch.Tensor, graphed: bool):
+        """(B, vocab) logits -> (B,) tokens on the device. Greedy batches take the argmax; batches without
+        penalties replay the sampling graph of their size; others apply penalties to an fp32 copy first."""
+        params = [r.params for r in reqs]
+        penalized = any(p.penalized for p in params)
+        if not penalized and all(p.greedy for p in params):
+            return logits.argmax(-1)                   # the common case needs no sampling tensors, nor fp32
+        if graphed and not penalized and self.sampler_graphs is not None:
+            return self.sampler_graphs.run([r.request_id for r in reqs], params, [r.seed for r in reqs], steps)
+        if penalized:
+            logits = apply_penalties(logits.to(torch.float32, copy=True), [penalty_entries(r.params, r.prompt, r.counts)
+                                                      if r.params.penalized else [] for r in reqs])
+        st = SamplingTensors.build(params, [r.seed for r in reqs], steps, self.config.vocab_size, self.device)
+        return sample(logits, st)
+
+    def prompt_logprob_rows(self, batch: Batch, cu: list[int]):
+        """Packed rows whose logits give prompt tokens' logprobs: row of position p predicts prompt token p+1.
+        Returns (rows, target tokens, [(seq, first position, count)])."""
+        rows, targets, owners = [], [], []
+        for seq, n, start in zip(batch.seqs, batch.num_new, cu):
+            req = self.requests[seq.request_id]
+            if req.prompt_logprobs is None or seq.num_computed >= len(seq.prompt_ids):
+                continue
+            first, last = seq.num_computed, min(seq.num_computed + n, len(seq.prompt_ids) - 1)
+            if last > first:
+                rows += range(start, start + last - first)
+                targets += seq.prompt_ids[first + 1:last + 1]
+                owners.append((seq, first + 1, last - first))
+        return rows, targets, owners
+
+    def prompt_logprobs(self, hidden: torch.Tensor, targets: list[int], owners) -> tuple:
+        """Logprobs of prompt tokens from the hidden states of the rows before them, 1,024 rows at a time (a
+        whole prompt's logits at once would be vocab x prompt floats)."""
+        n = max(self.requests[seq.request_id].params.prompt_logprobs for seq, _, _ in owners)
+        tgt = torch.tensor(targets, device=self.device)
+        parts = [token_logprobs(self.model.compute_logits(hidden[i:i + 1024]), tgt[i:i + 1024], n)
+                 for i in range(0, len(targets), 1024)]
+        return tuple(torch.cat(p) for p in zip(*parts))
+
+    def collect(self, fl: InFlight) -> list[StepOutput]:
         """Read a launched step's sampled tokens (the step's one host sync) and act on them."""
-        seqs, indices, host, event = in_flight
-        if event is not None:
-            event.synchronize()
+        if fl.event is not None:
+            fl.event.synchronize()
+        if fl.prompt_logprobs is not None:
+            owners, chosen, top_v, top_i = fl.prompt_logprobs
+            at = 0
+            for seq, first, count in owners:
+                req = self.requests.get(seq.request_id)
+                for k in range(count):          # positions already recorded (a recompute after preemption) skip
+                    if req is not None and first + k == len(req.prompt_logprobs):
+                        req.prompt_logprobs.append(logprob_entry(chosen, top_v, top_i, at + k,
+                                                                 req.params.prompt_logprobs))
+                at += count
+        if fl.tokens is None:
+            return []
+        lp_row = {}
+        if fl.logprobs is not None:
+            rows, chosen, top_v, top_i = fl.logprobs
+            lp_row = {r: (chosen, top_v, top_i, j) for j, r in enumerate(rows)}
         outputs = []
-        for seq, index, tok in zip(seqs, indices, host.tolist()):
+        for i, (seq, index, tok) in enumerate(zip(fl.seqs, fl.indices, fl.tokens.tolist())):
             if seq.status == Status.FINISHED:              # aborted, or stopped while this token was in flight
                 continue
             self.scheduler.complete(seq, index, tok)
-            outputs.append(self.check_stop(seq, index))
+            req = self.requests[seq.request_id]
+            if req.params.penalized:
+                req.counts[tok] = req.counts.get(tok, 0) + 1
+            lp = None
+            if i in lp_row:
+                chosen, top_v, top_i, j = lp_row[i]
+                lp = [logprob_entry(chosen, top_v, top_i, j, req.params.logprobs)]
+            outputs.append(self.check_stop(seq, req, index, lp))
         return outputs
 
-    def check_stop(self, seq: Sequence, index: int) -> StepOutput:
-        params, _, detok = self.state[seq.request_id]
+    def check_stop(self, seq: Sequence, req: Request, index: int, lp) -> StepOutput:
+        params, detok = req.params, req.detok
         tok = seq.token_ids[index]
         n_out = index + 1 - len(seq.prompt_ids)
         reason = None
@@ -424,8 +395,12 @@ class LLM:
                 detok.flush()
             text = detok.take(final=reason is not None)
         else:
-            text = self.tokenizer.decode(seq.output_ids) if reason is not None else ""
-        return StepOutput(seq.request_id, [tok], text, reason is not None, reason, len(seq.prompt_ids), n_out)
+            text = self.tokenizer.decode(seq.output_ids) if reason is not None and req.detokenize else ""
+        prompt_lp = None
+        if req.prompt_logprobs is not None and not req.sent_prompt_logprobs:
+            prompt_lp, req.sent_prompt_logprobs = req.prompt_logprobs, True
+        return StepOutput(seq.request_id, [tok], text, reason is not None, reason, len(seq.prompt_ids), n_out, lp,
+                          prompt_lp)
 
     # ---- conveniences -------------------------------------------------------------------------------------
     def submit(self, prompts: list, params, stream_text: bool) -> list[str]:
@@ -452,19 +427,91 @@ class LLM:
         """Run prompts as one batch to the end; outputs in prompt order."""
         rids = self.submit(prompts, params, stream_text=False)
         seqs = [self.seqs[r] for r in rids]
-        texts = [""] * len(prompts)
+        texts, lps, prompt_lps = [""] * len(prompts), [None] * len(prompts), [None] * len(prompts)
         for i, out in self.drain(rids):
             texts[i] += out.text
-        return [RequestOutput(s.request_id, s.prompt_ids, s.output_ids, texts[i], s.finish_reason, s.num_cached_hit)
-                for i, s in enumerate(seqs)]
+            if out.logprobs is not None:
+                lps[i] = (lps[i] or []) + out.logprobs
+            prompt_lps[i] = out.prompt_logprobs or prompt_lps[i]
+        return [RequestOutput(s.request_id, s.prompt_ids, s.output_ids, texts[i], s.finish_reason, s.num_cached_hit,
+                              lps[i], prompt_lps[i]) for i, s in enumerate(seqs)]
 
 
-def host_tensor(xs: list[int], dtype: torch.dtype) -> torch.Tensor:
-    """A CPU tensor of ints from a list, through the buffer protocol: for the 16k-token lists of a large
-    prefill, torch.tensor(list) costs milliseconds, this a fraction of that."""
+def logprob_entry(chosen, top_v, top_i, j: int, n: int) -> Logprob:
+    """Row j of host tensors -> (logprob, [(token, logprob)] of the top n)."""
+    return float(chosen[j]), list(zip(top_i[j, :n].tolist(), top_v[j, :n].tolist()))
+
+
+def kv_blocks_that_fit(llm: LLM) -> int:
+    """KV blocks for the GPU memory left: profile the largest forward pass and the largest sampling step (every
+    filter, penalties, top-20 logprobs for every row) on a throwaway cache, then size the real one."""
+    args, cfg = llm.args, llm.config
+    bytes_per_block = cache.kv_bytes_per_block(cfg, args.block_size, llm.dtype)
+    if llm.device.type != "cuda":
+        return max(2, min(4096, 2**31 // bytes_per_block))   # CPU: at most 2 GiB of cache by default
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    probe_blocks = 1 + -(-args.max_num_batched_tokens // args.block_size)
+    kv = cache.allocate_kv_cache(cfg, probe_blocks, args.block_size, llm.dtype, llm.device)
+    warmup(llm, kv)
+    peak = torch.cuda.max_memory_allocated()
+    del kv
+    torch.cuda.empty_cache()
+    total = torch.cuda.get_device_properties(llm.device).total_memory
+    n = int((total * args.gpu_memory_utilization - (peak - probe_blocks * bytes_per_block)) // bytes_per_block)
+    if n < 2:
+        raise RuntimeError(f"no GPU memory left for the KV cache (peak {peak / 2**30:.1f} GiB of "
+                           f"{total / 2**30:.1f} GiB); lower max_num_batched_tokens or raise gpu_memory_utilization")
+    return n
+
+
+@torch.inference_mode()
+def warmup(llm: LLM, kv):
+    """One forward pass of max_num_batched_tokens prompt tokens, then the sampler on max_num_seqs rows with
+    every filter, penalties and top-20 logprobs, with the decode graphs' logits buffer held (memory profile)."""
+    T, bs, dev, B, V = (llm.args.max_num_batched_tokens, llm.args.block_size, llm.device, llm.args.max_num_seqs,
+                        llm.config.vocab_size)
+    n_blocks = -(-T // bs)
+    meta = AttnMeta(cu_seqlens_q=torch.tensor([0, T], dtype=torch.int32, device=dev),
+                    context_lens=torch.tensor([T], dtype=torch.int32, device=dev),
+                    block_tables=torch.arange(1, n_blocks + 1, dtype=torch.int32, device=dev)[None],
+                    slot_mapping=torch.arange(bs, bs + T, device=dev),
+                    logits_indices=torch.tensor([T - 1], device=dev), is_decode=False, max_seqlen_q=T)
+    ids = torch.zeros(T, dtype=torch.int64, device=dev)
+    llm.model.compute_logits(llm.model(ids, torch.arange(T, device=dev) % llm.max_model_len, meta, kv))
+    logits = torch.randn(B, V, device=dev).to(llm.dtype)
+    p = SamplingParams(temperature=1.0, top_k=20, top_p=0.9, min_p=0.01, repetition_penalty=1.1, logprobs=20)
+    x = apply_penalties(logits.float(), [[(t, 0.0, 1.1, 0.0) for t in range(64)]] * B)
+    tokens = sample(x, SamplingTensors.build([p] * B, list(range(B)), [0] * B, V, dev))
+    token_logprobs(logits, tokens, 20)
+
+
+def pack(batch: Batch, sample_row: dict):
+    """Pack the batch into host lists: the new tokens end to end, per-sequence metadata (query offsets, context
+    lengths, block tables, logits rows), and for each PENDING token (packed row, row of last_tokens holding
+    it). Positions and cache slots are derived on the device (positions_and_slots)."""
+    ids, pending, cu, ctx, logits_idx = [], [], [0], [], []
+    for seq, n in zip(batch.seqs, batch.num_new):
+        start = seq.num_computed
+        ids += seq.token_ids[start:start + n]
+        cu.append(cu[-1] + n)
+        ctx.append(start + n)
+        if ids[-1] == PENDING:                     # only a sequence's newest token can be in flight
+            pending.append((cu[-1] - 1, sample_row[seq]))
+        if start + n == seq.num_tokens:
+            logits_idx.append(cu[-1] - 1)
+    width = max(len(s.block_table) for s in batch.seqs)
+    tables = [s.block_table + [0] * (width - len(s.block_table)) for s in batch.seqs]
+    return ids, pending, cu, ctx, tables, logits_idx
+
+
+def host_tensor(xs: list, dtype: torch.dtype) -> torch.Tensor:
+    """A CPU tensor from a list of ints (or floats for float32), through the buffer protocol: for the 16k-token
+    lists of a large prefill, torch.tensor(list) costs milliseconds, this a fraction of that."""
     if not xs:
         return torch.empty(0, dtype=dtype)
-    return torch.frombuffer(array.array("q" if dtype == torch.int64 else "i", xs), dtype=dtype)
+    code = {torch.int64: "q", torch.int32: "i", torch.float32: "f"}[dtype]
+    return torch.frombuffer(array.array(code, xs), dtype=dtype)
 
 
 def shares_first_block(tables: list[list[int]]) -> bool:
@@ -546,6 +593,7 @@ class DecodeGraphs:
                             run()
                     pool = g.pool()
                     self.graphs[b, width, cascade] = g
+        self.pool = pool                        # the sampler's graphs share it
         torch.cuda.synchronize()
 
     def run(self, ids, pending, ctx, tables, shared: bool) -> torch.Tensor:

@@ -48,6 +48,7 @@ class Sequence:
     num_cached_hit: int = 0      # of those, tokens that came from the prefix cache (stats)
     tree_node: Node | None = None   # deepest radix node of this sequence's blocks; None: stop caching them
     num_tree_blocks: int = 0     # how many leading blocks of block_table are in the radix tree
+    reuse_prefix: bool = True    # may start from the prefix cache (not when its prompt's logprobs are wanted)
     status: Status = Status.WAITING
     finish_reason: str | None = None
     arrival: int = field(default_factory=lambda: next(_arrival))
@@ -121,7 +122,7 @@ class Scheduler:
         deferred = []
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
             seq = self.waiting.popleft()
-            cached, node = self.blocks.match(seq.token_ids)
+            cached, node = self.blocks.match(seq.token_ids) if seq.reuse_prefix else ([], self.blocks.root)
             if self.prefix_in_flight(seq, len(cached)):
                 deferred.append(seq)                      # next step its prefix is in the cache
                 continue

@@ -25,9 +25,11 @@ import torch
 import bench
 import cache
 import kernels
-from engine import LLM, Detokenizer, EngineArgs, Tokenizer
+import sample as sample_mod
+from engine import LLM, EngineArgs
 from model import AttnMeta, preset
 from sample import SamplingParams, SamplingTensors, sample
+from tokenizer import Detokenizer, Tokenizer
 from serve import shutdown, start_server
 
 TEXT = ("The quick brown fox jumps over the lazy dog. Paris is the capital of France. "
@@ -86,6 +88,11 @@ def assert_no_leak(llm: LLM):
     assert len(b.free) == b.num_blocks - 1, f"{b.num_blocks - 1 - len(b.free)} blocks leaked"
 
 
+def greedy(**kw) -> SamplingParams:
+    """Greedy settings: unset settings would take the checkpoint's defaults (temperature 1 for these)."""
+    return SamplingParams(temperature=0.0, **kw)
+
+
 def hf_greedy(hf, ids, n):
     out = hf.generate(torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
                       attention_mask=torch.ones(1, len(ids), dtype=torch.long))
@@ -133,7 +140,7 @@ def test_logits_match_transformers(ckpt):
 def test_greedy_matches_transformers(ckpt, batched):
     path, hf = ckpt
     llm = engine(path)
-    params = SamplingParams(max_tokens=40, ignore_eos=True)
+    params = greedy(max_tokens=40, ignore_eos=True)
     prompts = [llm.tokenizer.encode(p) for p in PROMPTS]
     outs = llm.generate(prompts, params) if batched else [llm.generate([p], params)[0] for p in prompts]
     for p, o in zip(prompts, outs):
@@ -149,7 +156,7 @@ def test_decode_batch_mixes_lengths_and_finishes(ckpt):
     path, hf = ckpt
     llm = engine(path)
     prompts = [llm.tokenizer.encode(p) for p in PROMPTS]
-    outs = llm.generate(prompts, [SamplingParams(max_tokens=n, ignore_eos=True) for n in (5, 33, 1, 17)])
+    outs = llm.generate(prompts, [greedy(max_tokens=n, ignore_eos=True) for n in (5, 33, 1, 17)])
     for p, o, n in zip(prompts, outs, (5, 33, 1, 17)):
         assert o.token_ids == hf_greedy(hf, p, n)
     assert_no_leak(llm)
@@ -159,48 +166,186 @@ def test_decode_batch_mixes_lengths_and_finishes(ckpt):
 # Sampling
 # ----------------------------------------------------------------------------------------------------------
 
-def draw(logits, params, seeds, steps=None):
+def resolved(**kw) -> SamplingParams:
+    return sample_mod.resolve(SamplingParams(**kw), sample_mod.NEUTRAL)
+
+
+def draw(logits, params, seeds, steps=None, fn=None):
     B = logits.shape[0]
-    st = SamplingTensors.build(params, seeds, steps or [0] * B, [[0]] * B, logits.shape[1], "cpu")
-    return sample(logits, st)
+    st = SamplingTensors.build([sample_mod.resolve(p, sample_mod.NEUTRAL) for p in params], seeds,
+                               steps or [0] * B, logits.shape[1], "cpu")
+    return (fn or sample_mod.sample_ref)(logits, st)
 
 
-def test_sampling_rules():
-    torch.manual_seed(0)
-    V, N = 50, 400
+def hf_warped_probs(logits, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0):
+    """The distribution transformers' logits warpers give, in generate()'s order."""
+    from transformers.generation import logits_process as lp
+    x = lp.TemperatureLogitsWarper(temperature)(None, logits.clone())
+    if top_k:
+        x = lp.TopKLogitsWarper(top_k)(None, x)
+    if top_p < 1:
+        x = lp.TopPLogitsWarper(top_p)(None, x)
+    if min_p:
+        x = lp.MinPLogitsWarper(min_p)(None, x)
+    return x.softmax(-1)[0].double()
+
+
+def chi2_critical(df: int, z: float = 3.719) -> float:
+    """The chi-square value exceeded with probability 1e-4 (z = 3.719), by Wilson-Hilferty."""
+    return df * (1 - 2 / (9 * df) + z * (2 / (9 * df)) ** 0.5) ** 3
+
+
+SAMPLING_CASES = [dict(temperature=1.0), dict(temperature=0.6), dict(temperature=1.0, top_k=5),
+                  dict(temperature=1.0, top_p=0.7), dict(temperature=1.5, min_p=0.1),
+                  dict(temperature=0.6, top_k=20, top_p=0.95), dict(temperature=0.7, top_k=10, top_p=0.8, min_p=0.05),
+                  dict(temperature=2.0, top_k=30, top_p=0.9)]
+
+
+@pytest.mark.parametrize("cfg", SAMPLING_CASES, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
+def test_sampling_follows_transformers_warpers(cfg):
+    """Many seeded draws from fixed logits follow the distribution of transformers' warpers: nothing outside
+    their support, and a chi-square statistic under its 1e-4 quantile (seeds are fixed: it cannot flake)."""
+    torch.manual_seed(1)
+    V, N = 60, 6000
     logits = torch.randn(1, V) * 2
-    order = logits[0].argsort(descending=True)
-    probs = logits[0].softmax(-1)
-    many = logits.expand(N, V).contiguous()
-    seeds = list(range(N))
-    # temperature 0 is argmax
-    assert (draw(many, [SamplingParams()] * N, seeds) == order[0]).all()
-    # top-k never picks outside the k best
-    got = draw(many, [SamplingParams(temperature=1.0, top_k=3)] * N, seeds)
-    assert set(got.tolist()) <= set(order[:3].tolist()) and len(set(got.tolist())) > 1
-    # top-p: the smallest prefix of the sorted tokens whose mass reaches p
-    p = 0.6
-    cum = probs[order].cumsum(0)
-    keep = order[: int((cum < p).sum()) + 1].tolist()
-    got = draw(many, [SamplingParams(temperature=1.0, top_p=p)] * N, seeds)
-    assert set(got.tolist()) <= set(keep)
-    # min-p: never a token below min_p x the best token's probability
-    got = draw(many, [SamplingParams(temperature=1.0, min_p=0.3)] * N, seeds)
-    assert all(probs[t] >= 0.3 * probs.max() for t in got.tolist())
-    # seeded draws repeat, different seeds differ, and the frequencies follow softmax
-    a = draw(many, [SamplingParams(temperature=1.0)] * N, seeds)
-    b = draw(many, [SamplingParams(temperature=1.0)] * N, seeds)
-    assert torch.equal(a, b) and len(set(a.tolist())) > 5
-    freq = torch.bincount(draw(logits.expand(4000, V).contiguous(), [SamplingParams(temperature=1.0)] * 4000,
-                               list(range(4000))), minlength=V).float() / 4000
-    print("max |freq - softmax|:", (freq - probs).abs().max().item())
-    assert (freq - probs).abs().max() < 0.05
+    want = hf_warped_probs(logits, **cfg) * N
+    got = torch.bincount(draw(logits.expand(N, V).contiguous(), [SamplingParams(**cfg)] * N, list(range(N))),
+                         minlength=V).double()
+    support = want > 0
+    assert got[~support].sum() == 0, f"drew {int(got[~support].sum())} tokens outside the warpers' support"
+    small = support & (want < 5)                       # bins expected under 5 draws are pooled into one
+    e = torch.cat([want[support & ~small], want[small].sum()[None]]) if small.any() else want[support]
+    o = torch.cat([got[support & ~small], got[small].sum()[None]]) if small.any() else got[support]
+    chi2, df = ((o - e) ** 2 / e).sum().item(), len(e) - 1
+    print(f"{cfg}: support {int(support.sum())}, chi2 {chi2:.1f}, df {df}, critical {chi2_critical(max(df, 1)):.1f}")
+    assert df == 0 or chi2 < chi2_critical(df)
 
 
-def test_repetition_penalty_discourages_seen_tokens():
-    logits = torch.tensor([[2.0, 1.9, 0.0, -1.0]])
-    st = SamplingTensors.build([SamplingParams(repetition_penalty=2.0)], [0], [0], [[0]], 4, "cpu")
-    assert sample(logits, st).item() == 1                  # token 0 was seen: 2.0 / 2 < 1.9
+def test_sampling_edge_cases():
+    V = 50
+    torch.manual_seed(2)
+    logits = torch.randn(1, V) * 2
+    many = lambda x, n=300: x.expand(n, x.shape[1]).contiguous()
+    seeds = list(range(300))
+    best = logits.argmax().item()
+    assert (draw(many(logits), [SamplingParams(temperature=0.0)] * 300, seeds) == best).all()       # greedy
+    assert (draw(many(logits), [SamplingParams(temperature=1.0, top_k=1)] * 300, seeds) == best).all()
+    assert (draw(many(logits), [SamplingParams(temperature=1.0, top_p=1e-6)] * 300, seeds) == best).all()
+    assert (draw(many(logits), [SamplingParams(temperature=1e-3)] * 300, seeds) == best).all()
+    assert (draw(many(logits), [SamplingParams(temperature=1.0, min_p=1.0)] * 300, seeds) == best).all()
+    one = torch.full((1, V), float("-inf"))
+    one[0, 7] = 0.3                                                      # a single finite logit
+    assert (draw(many(one), [SamplingParams(temperature=1.0, top_p=0.5, top_k=3)] * 300, seeds) == 7).all()
+    # ties: top-k keeps every token tied with the k-th (transformers: scores < k-th value are removed)
+    ties = torch.tensor([[1.0, 1.0, 1.0, 0.0, -1.0]])
+    got = draw(many(ties, 3000), [SamplingParams(temperature=1.0, top_k=2)] * 3000, list(range(3000)))
+    counts = torch.bincount(got, minlength=5).tolist()
+    print("ties, top_k=2:", counts)
+    assert counts[3:] == [0, 0] and min(counts[:3]) > 850
+    # min_p 1 with ties keeps all tied maxima
+    assert set(draw(many(ties), [SamplingParams(temperature=1.0, min_p=1.0)] * 300, seeds).tolist()) == {0, 1, 2}
+    # greedy ties: the first index, as torch.argmax
+    assert draw(ties, [SamplingParams(temperature=0.0)], [0]).item() == 0
+
+
+def test_seeded_draws_do_not_depend_on_the_batch():
+    torch.manual_seed(3)
+    logits = torch.randn(6, 80)
+    params = [SamplingParams(temperature=0.8, top_k=10, seed=s) for s in range(6)]
+    alone = [draw(logits[i:i + 1], [params[i]], [i], [5]).item() for i in range(6)]
+    together = draw(logits.flip(0), params[::-1], list(range(6))[::-1], [5] * 6).flip(0).tolist()
+    assert alone == together
+    assert draw(logits[:1], [params[0]], [0], [6]).item() is not None
+
+
+def test_penalties_match_transformers_and_openai():
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+    torch.manual_seed(4)
+    V = 40
+    logits = torch.randn(2, V) * 3
+    prompt, output = [3, 5, 5, 9], [9, 11, 11, 11, 2]
+    counts = {t: output.count(t) for t in set(output)}
+    # repetition penalty over prompt + output, as transformers' processor over input_ids
+    p = resolved(repetition_penalty=1.7)
+    got = sample_mod.apply_penalties(logits.clone()[:1], [sample_mod.penalty_entries(p, set(prompt), counts)])
+    want = RepetitionPenaltyLogitsProcessor(1.7)(torch.tensor([prompt + output]), logits.clone()[:1])
+    print("repetition penalty max diff:", (got - want).abs().max().item())
+    assert torch.allclose(got, want)
+    # presence / frequency: OpenAI's formula over the output tokens only; logit_bias adds
+    p = resolved(presence_penalty=0.5, frequency_penalty=0.25, logit_bias={0: 3.0, 11: -1.0})
+    got = sample_mod.apply_penalties(logits.clone()[1:], [sample_mod.penalty_entries(p, set(prompt), counts)])[0]
+    want = logits[1].clone()
+    want[0] += 3.0
+    want[11] -= 1.0
+    for t, c in counts.items():
+        want[t] -= 0.25 * c + 0.5
+    assert torch.allclose(got, want)
+    assert got[3] == logits[1, 3], "presence/frequency do not touch prompt tokens"
+
+
+def test_generation_defaults_from_the_checkpoint(tmp_path):
+    path = tmp_path / "ckpt"
+    make_checkpoint(path)
+    (path / "generation_config.json").write_text(json.dumps({"do_sample": True, "temperature": 0.6, "top_k": 20,
+                                                            "top_p": 0.95, "eos_token_id": 2}))
+    llm = engine(path)
+    assert llm.defaults == {**sample_mod.NEUTRAL, "temperature": 0.6, "top_k": 20, "top_p": 0.95}
+    rid = llm.add_request("hi", SamplingParams(top_p=0.5, max_tokens=2))
+    p = llm.requests[rid].params
+    assert (p.temperature, p.top_k, p.top_p, p.min_p) == (0.6, 20, 0.5, 0.0)   # what the request set wins
+    llm.abort(rid)
+    assert engine(path, generation_config="none").defaults == sample_mod.NEUTRAL
+    assert LLM(EngineArgs(model="tiny", random_weights=True, num_blocks=64)).defaults["top_k"] == 20  # Qwen3's
+    assert_no_leak(llm)
+
+
+def test_logprobs_match_transformers(ckpt):
+    """Output and prompt logprobs are log_softmax of the raw logits: transformers' on the same tokens."""
+    path, hf = ckpt
+    llm = engine(path)
+    prompt = llm.tokenizer.encode(PROMPTS[1])
+    out = llm.generate([prompt], SamplingParams(temperature=0.8, top_k=9, max_tokens=12, ignore_eos=True, seed=5,
+                                                logprobs=4, prompt_logprobs=3, presence_penalty=0.3))[0]
+    with torch.no_grad():
+        ref = torch.log_softmax(hf(torch.tensor([prompt + out.token_ids])).logits[0].float(), -1)
+    assert len(out.logprobs) == len(out.token_ids) and len(out.prompt_logprobs) == len(prompt)
+    assert out.prompt_logprobs[0] is None
+    worst = 0.0
+    for i, tok in enumerate(prompt[1:] + out.token_ids):
+        lp, top = (out.prompt_logprobs[i + 1] if i + 1 < len(prompt) else out.logprobs[i + 1 - len(prompt)])
+        row = ref[i]
+        n = 3 if i + 1 < len(prompt) else 4
+        want_top = row.topk(n)
+        worst = max(worst, abs(lp - row[tok].item()), max(abs(v - row[t].item()) for t, v in top))
+        assert [t for t, _ in top] == want_top.indices.tolist()
+    print(f"max |logprob - transformers'|: {worst:.2e}")
+    assert worst < 1e-4
+    assert_no_leak(llm)
+
+
+KT_SAMPLER_ROWS = [dict(temperature=0.0), dict(temperature=0.7), dict(temperature=0.6, top_k=20, top_p=0.95),
+                   dict(temperature=1.0, top_p=0.5), dict(temperature=1.0, min_p=0.2), dict(temperature=1e-3, top_k=5),
+                   dict(temperature=1.0, top_k=1), dict(temperature=1.0, top_p=1e-6), dict(temperature=1.0, min_p=1.0),
+                   dict(temperature=0.8, top_k=200), dict(temperature=0.8, top_k=2500, top_p=0.9),
+                   dict(temperature=1.0, top_k=3, min_p=0.05)]
+
+
+@pytest.mark.usefixtures("kt_triton_poisoned")
+@pytest.mark.parametrize("V,dtype", [(1000, torch.float32), (2900, torch.float16)])
+def test_kt_sampler(V, dtype):
+    """The Triton sampler picks the reference's tokens on fresh logits, every kind of row in one batch: greedy,
+    temperature only, the candidate path, and the slow path (ties everywhere, a huge top-k, top-p alone)."""
+    B = 2 * len(KT_SAMPLER_ROWS)
+    logits = (torch.randn(B, V) * 3).to(dtype)
+    logits[4] = 0.5                                         # all tied: candidates overflow
+    logits[6] = float("-inf")
+    logits[6, V - 3] = 1.0                                  # a single finite logit, in the last partial chunk
+    params = [resolved(**KT_SAMPLER_ROWS[i % len(KT_SAMPLER_ROWS)]) for i in range(B)]
+    st = SamplingTensors.build(params, list(range(100, 100 + B)), [3] * B, V, "cpu")
+    ref = sample_mod.sample_ref(logits, st)
+    got = sample_mod.sample_triton(logits, st)
+    print("tokens differing from the reference:", (got != ref).nonzero().flatten().tolist())
+    assert torch.equal(got, ref)
 
 
 def test_seeded_generation_repeats(ckpt):
@@ -222,7 +367,7 @@ def test_incremental_detokenization_is_exact(ckpt):
     path, _ = ckpt
     tok = Tokenizer(path)
     ids = tok.encode(TEXT[:300])
-    detok = Detokenizer(tok, SamplingParams())
+    detok = Detokenizer(tok, [])
     pieces = []
     for t in ids:
         detok.add(t)
@@ -236,14 +381,14 @@ def test_incremental_detokenization_is_exact(ckpt):
 def test_stop_strings_cut_exactly(ckpt):
     path, _ = ckpt
     llm = engine(path)
-    full = llm.generate([PROMPTS[1]], SamplingParams(max_tokens=40, ignore_eos=True))[0]
+    full = llm.generate([PROMPTS[1]], greedy(max_tokens=40, ignore_eos=True))[0]
     stop = full.text[10:13]
     assert len(full.text) > 13 and stop.strip()
-    out = llm.generate([PROMPTS[1]], SamplingParams(max_tokens=40, ignore_eos=True, stop=[stop]))[0]
+    out = llm.generate([PROMPTS[1]], greedy(max_tokens=40, ignore_eos=True, stop=[stop]))[0]
     assert out.finish_reason == "stop"
     assert out.text == full.text[:full.text.find(stop)]
     # streaming hands out exactly the same text, never a piece of the stop string
-    streamed = "".join(o.text for _, o in llm.stream([PROMPTS[1]], SamplingParams(max_tokens=40, ignore_eos=True,
+    streamed = "".join(o.text for _, o in llm.stream([PROMPTS[1]], greedy(max_tokens=40, ignore_eos=True,
                                                                                    stop=[stop])))
     assert streamed == out.text
     assert_no_leak(llm)
@@ -252,9 +397,9 @@ def test_stop_strings_cut_exactly(ckpt):
 def test_eos_and_stop_token_ids(ckpt):
     path, _ = ckpt
     llm = engine(path)
-    full = llm.generate([PROMPTS[0]], SamplingParams(max_tokens=20, ignore_eos=True))[0]
+    full = llm.generate([PROMPTS[0]], greedy(max_tokens=20, ignore_eos=True))[0]
     stop_tok = full.token_ids[5]
-    out = llm.generate([PROMPTS[0]], SamplingParams(max_tokens=20, stop_token_ids=[stop_tok]))[0]
+    out = llm.generate([PROMPTS[0]], greedy(max_tokens=20, stop_token_ids=[stop_tok]))[0]
     assert out.finish_reason == "stop" and out.token_ids == full.token_ids[:full.token_ids.index(stop_tok) + 1]
     assert_no_leak(llm)
 
@@ -279,7 +424,7 @@ def test_bad_inputs(ckpt, tmp_path):
     with pytest.raises(ValueError, match="unknown model size"):
         LLM(EngineArgs(model="qwen3-7t", random_weights=True))
     with pytest.raises(ValueError, match="max_tokens"):
-        SamplingParams(max_tokens=0)
+        greedy(max_tokens=0)
     with pytest.raises(ValueError, match="top_p"):
         SamplingParams(top_p=0)
     llm = engine(path, max_model_len=64)
@@ -299,7 +444,7 @@ def test_bad_inputs(ckpt, tmp_path):
 
 def test_random_weights_smoke():
     llm = LLM(EngineArgs(model="tiny", random_weights=True, num_blocks=64))
-    out = llm.generate(["hi"], SamplingParams(max_tokens=8, ignore_eos=True))[0]
+    out = llm.generate(["hi"], greedy(max_tokens=8, ignore_eos=True))[0]
     assert len(out.token_ids) == 8
     assert_no_leak(llm)
 
@@ -330,7 +475,7 @@ def reference_outputs(tied_ckpt):
     """Each prompt run alone, no prefix cache, no chunking: the answer every configuration must give."""
     llm = engine(tied_ckpt, prefix_cache=False)
     prompts = mixed_prompts(llm.tokenizer)
-    return prompts, [llm.generate([p], SamplingParams(max_tokens=24, ignore_eos=True))[0].token_ids for p in prompts]
+    return prompts, [llm.generate([p], greedy(max_tokens=24, ignore_eos=True))[0].token_ids for p in prompts]
 
 
 @pytest.mark.parametrize("kw", [dict(prefix_cache=True), dict(prefix_cache=False, max_num_batched_tokens=1),
@@ -344,7 +489,7 @@ def test_batching_variants_match_alone(tied_ckpt, reference_outputs, kw):
     llm = engine(tied_ckpt, **kw)
     # run twice: the second pass finds the first one's blocks in the prefix cache
     for _ in range(2):
-        outs = llm.generate(prompts, SamplingParams(max_tokens=24, ignore_eos=True))
+        outs = llm.generate(prompts, greedy(max_tokens=24, ignore_eos=True))
         assert [o.token_ids for o in outs] == ref
     s = llm.stats()
     print(kw, s)
@@ -358,9 +503,9 @@ def test_batching_variants_match_alone(tied_ckpt, reference_outputs, kw):
 def test_prefix_cache_skips_shared_prefill(tied_ckpt):
     llm = engine(tied_ckpt)
     base = llm.tokenizer.encode(SHARED * 3)
-    llm.generate([base + [5]], SamplingParams(max_tokens=2, ignore_eos=True))
+    llm.generate([base + [5]], greedy(max_tokens=2, ignore_eos=True))
     before = llm.stats()["prefill_tokens_computed"]
-    out = llm.generate([base + [7, 8]], SamplingParams(max_tokens=2, ignore_eos=True))[0]
+    out = llm.generate([base + [7, 8]], greedy(max_tokens=2, ignore_eos=True))[0]
     computed = llm.stats()["prefill_tokens_computed"] - before
     assert out.num_cached_tokens == len(base) // 4 * 4 and computed == len(base) + 2 - out.num_cached_tokens
     assert_no_leak(llm)
@@ -369,15 +514,15 @@ def test_prefix_cache_skips_shared_prefill(tied_ckpt):
 def test_request_too_long_for_pool_is_rejected(tied_ckpt):
     llm = engine(tied_ckpt, num_blocks=8)
     with pytest.raises(ValueError, match="whole cache has 7"):
-        llm.add_request(list(range(20)), SamplingParams(max_tokens=20))
+        llm.add_request(list(range(20)), greedy(max_tokens=20))
     assert_no_leak(llm)
 
 
 def test_abort_mid_prefill_and_mid_decode_frees_blocks(tied_ckpt):
     llm = engine(tied_ckpt, max_num_batched_tokens=8)
     long = llm.tokenizer.encode(SHARED * 3)
-    a = llm.add_request(long, SamplingParams(max_tokens=50))
-    b = llm.add_request(long[:9], SamplingParams(max_tokens=50, ignore_eos=True))
+    a = llm.add_request(long, greedy(max_tokens=50))
+    b = llm.add_request(long[:9], greedy(max_tokens=50, ignore_eos=True))
     llm.step()                                     # a is mid-prefill (8 of ~80 tokens)
     assert 0 < llm.seqs[a].num_computed < len(long)
     assert llm.abort(a)
@@ -429,7 +574,7 @@ def test_randomized_requests_match_alone(tied_ckpt):
     base = llm.tokenizer.encode(SHARED)
     prompts = [base[:rng.randint(1, len(base))] + [rng.randrange(3, 400) for _ in range(rng.randint(0, 6))]
                for _ in range(14)]
-    params = [SamplingParams(max_tokens=rng.randint(1, 20), ignore_eos=True) for _ in prompts]
+    params = [greedy(max_tokens=rng.randint(1, 20), ignore_eos=True) for _ in prompts]
     rids = [llm.add_request(p, sp) for p, sp in zip(prompts, params)]
     aborted = set(rng.sample(rids, 3))
     got = {r: [] for r in rids}
@@ -699,7 +844,7 @@ def test_model_logits_triton_path_equals_torch_path(tied_ckpt, monkeypatch):
     """The whole engine with every Triton kernel forced (interpreter, fp32) gives the PyTorch path's tokens."""
     llm = engine(tied_ckpt, max_num_batched_tokens=16)    # chunked prefill: prefill kernel sees cached prefixes
     prompts = mixed_prompts(llm.tokenizer)[:3]
-    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    params = greedy(max_tokens=6, ignore_eos=True)
     ref = [o.token_ids for o in llm.generate(prompts, params)]
     ref_alone = llm.generate(prompts[:1], params)[0].token_ids          # one token per step: the GEMV path
     llm.blocks.clear_cache()
