@@ -60,9 +60,9 @@ import torch
 
 from engine import LLM, EngineArgs, resolve_device_dtype
 from model import Config, preset, resolve_checkpoint
-from sample import SamplingParams, add_dataclass_args, pick
+from sample import SamplingParams, add_dataclass_args, pick, resolve
 
-MODES = ["offline", "decode-1", "prefix", "prefill", "accuracy", "kernels", "serve"]   # run in this order (fewest rebuilds)
+MODES = ["offline", "nanovllm", "decode-1", "prefix", "prefill", "accuracy", "kernels", "serve"]   # run in this order (fewest rebuilds)
 DEFAULT_MODES = ["offline", "decode-1", "prefill", "prefix"]
 
 
@@ -97,7 +97,8 @@ class Bench:
     dtype: torch.dtype
     bandwidth: float                 # bytes/s, measured
     matmul: float                    # FLOP/s, measured
-    temperature: float
+    sampling: dict                   # SamplingParams settings of the sampled runs ({}: the model's defaults)
+    greedy_beside: bool              # also run greedy beside each sampled run
     peer_num_seqs: int | None        # offline: also run our engine on the peer's (smaller) workload
     held: dict                       # {"args": EngineArgs, "llm": LLM}: at most one engine alive
 
@@ -216,14 +217,15 @@ class Progress:
         self.bar.close() if self.bar is not None else print(file=sys.stderr)
 
 
-def run_requests(llm: LLM, prompts: list[list[int]], out_lens: list[int], temperature: float, desc: str) -> dict:
-    """Submit every request at once, step until all finish. Times are seconds since submission."""
+def run_requests(llm: LLM, prompts: list[list[int]], out_lens: list[int], sampling: dict, desc: str) -> dict:
+    """Submit every request at once, step until all finish. Times are seconds since submission. sampling:
+    SamplingParams settings (unset ones take the model's defaults: Qwen3's for random weights)."""
     stats0 = llm.stats()
     bar = Progress(sum(out_lens), desc)
     t0 = time.perf_counter()
     for p, n in zip(prompts, out_lens):
         # text comes once at the end, as LLM.generate does (no per-token detokenization)
-        llm.add_request(p, SamplingParams(temperature=temperature, max_tokens=n, ignore_eos=True), stream_text=False)
+        llm.add_request(p, SamplingParams(**sampling, max_tokens=n, ignore_eos=True), stream_text=False)
     stamps = []
     while llm.has_work():
         outs = llm.step()
@@ -265,18 +267,22 @@ def row(workload: str, value: float, floor_tok_s: float | None, note: str = "", 
 def run_offline(b: Bench):
     w, llm = b.w, engine(b)
     prompts, outs = offline_requests(w.num_seqs, w.min_len, w.max_len, b.cfg.vocab_size)
-    r = run_requests(llm, prompts, outs, b.temperature, "offline")
     fl = floor(b, [len(p) for p in prompts], outs)
-    tok_s = r["output_tokens"] / r["seconds"]
-    rows = [row(f"offline ({w.num_seqs} reqs)", tok_s, fl["tok_s"],
-                f"{r['output_tokens']:,} tok in {r['seconds']:.1f} s, {r['blocks_total']:,} KV blocks, "
-                f"max batch {r['max_batch_seqs']}, {r['preemptions']} preemptions")]
-    details = {"num_seqs": w.num_seqs, "prompt_tokens": sum(map(len, prompts)), "output_tok_s": tok_s,
-               "floor": fl, **{k: v for k, v in r.items() if k != "stamps"}}
+    rows, details = [], {"num_seqs": w.num_seqs, "prompt_tokens": sum(map(len, prompts)), "floor": fl}
+    for label, sampling in variants(b, llm):
+        r = run_requests(llm, prompts, outs, sampling, f"offline, {label}")
+        tok_s = r["output_tokens"] / r["seconds"]
+        rows.append(row(f"offline ({w.num_seqs} reqs), {label}", tok_s, fl["tok_s"],
+                        f"{r['output_tokens']:,} tok in {r['seconds']:.1f} s, {r['blocks_total']:,} KV blocks, "
+                        f"max batch {r['max_batch_seqs']}, {r['preemptions']} preemptions"))
+        details[label] = {"output_tok_s": tok_s, **{k: v for k, v in r.items() if k != "stamps"}}
+    if len(rows) == 2:
+        rows[0]["note"] += f"; {rows[0]['tok_s'] / rows[1]['tok_s']:.1%} of greedy"
+        details["sampled_over_greedy"] = rows[0]["tok_s"] / rows[1]["tok_s"]
     if b.peer_num_seqs:     # the peer runs fewer requests, all with the mean output length: run ours on that too
         prompts, outs = offline_requests(b.peer_num_seqs, w.min_len, w.max_len, b.cfg.vocab_size)
         outs = [round(statistics.mean(outs))] * len(outs)
-        r2 = run_requests(llm, prompts, outs, b.temperature, "offline, peer workload")
+        r2 = run_requests(llm, prompts, outs, {"temperature": 0.0}, "offline, peer workload")   # HF runs greedy
         fl2 = floor(b, [len(p) for p in prompts], outs)
         rows.append(row(f"offline ({len(outs)} reqs, out={outs[0]})", r2["output_tokens"] / r2["seconds"],
                         fl2["tok_s"], f"{r2['output_tokens']:,} tok in {r2['seconds']:.1f} s", peer_of="offline"))
@@ -285,10 +291,45 @@ def run_offline(b: Bench):
     return rows, details
 
 
+def variants(b: Bench, llm: LLM) -> list[tuple[str, dict]]:
+    """(label, settings) of the runs of a workload: the sampled one, then greedy beside it."""
+    p = resolve(SamplingParams(**b.sampling), llm.defaults)
+    label = "greedy" if p.greedy else ", ".join(
+        [f"T {p.temperature:g}"] + [f"{k} {v:g}" for k, v in (("top-p", p.top_p), ("top-k", p.top_k), ("min-p", p.min_p))
+                                    if v not in (1.0, 0, 0.0)])
+    return [(label, b.sampling)] + ([("greedy", {"temperature": 0.0})] if b.greedy_beside and not p.greedy else [])
+
+
+def nanovllm_requests(n: int, lo: int, hi: int, max_id: int) -> tuple[list[list[int]], list[int]]:
+    """nano-vllm's bench.py, draw for draw: random.seed(0); each prompt randint(lo, hi) ids randint(0, max_id);
+    then each output length randint(lo, hi)."""
+    random.seed(0)
+    prompts = [[random.randint(0, max_id) for _ in range(random.randint(lo, hi))] for _ in range(n)]
+    return prompts, [random.randint(lo, hi) for _ in range(n)]
+
+
+def run_nanovllm(b: Bench):
+    """nano-vllm's own workload and settings (temperature 0.6, nothing else), beside Qwen3's settings and greedy
+    on the same requests: the first row compares with the figures nano-vllm and vLLM publish."""
+    w, llm = b.w, engine(b)
+    prompts, outs = nanovllm_requests(w.num_seqs, w.min_len, w.max_len, min(10000, b.cfg.vocab_size - 1))
+    fl = floor(b, [len(p) for p in prompts], outs)
+    rows, details = [], {"floor": fl}
+    runs = [("T 0.6 (nano-vllm's settings)", dict(temperature=0.6, top_k=0, top_p=1.0, min_p=0.0))]
+    runs += [(label, kw) for label, kw in variants(b, llm) if kw != runs[0][1]]
+    for label, kw in runs:
+        r = run_requests(llm, prompts, outs, kw, f"nanovllm, {label}")
+        tok_s = r["output_tokens"] / r["seconds"]
+        rows.append(row(f"nanovllm ({w.num_seqs} reqs), {label}", tok_s, fl["tok_s"],
+                        f"{r['output_tokens']:,} tok in {r['seconds']:.1f} s"))
+        details[label] = {"output_tok_s": tok_s, "seconds": r["seconds"], "output_tokens": r["output_tokens"]}
+    return rows, details
+
+
 def run_decode1(b: Bench):
     w, llm = b.w, engine(b)
     prompt = random_prompts(1, w.decode_prompt, b.cfg.vocab_size, seed=1)
-    r = run_requests(llm, prompt, [w.decode_tokens], 0.0, "decode-1")
+    r = run_requests(llm, prompt, [w.decode_tokens], {"temperature": 0.0}, "decode-1")
     ms = 1e3 * (r["seconds"] - r["first_token_s"]) / (w.decode_tokens - 1)   # decode steps only, not the prefill
     floor_ms = 1e3 * weight_params(b.cfg) * b.dtype.itemsize / b.bandwidth
     return ([row("decode-1", 1e3 / ms, 1e3 / floor_ms, f"{ms:.2f} ms/token (floor {floor_ms:.2f} ms)",
@@ -304,7 +345,7 @@ def run_prefill(b: Bench):
     times, steps = [], []
     for seed in range(4):      # fresh random prompts each time, so the prefix cache never helps; the first warms
         prompts = random_prompts(w.prefill_seqs, w.prefill_len, b.cfg.vocab_size, seed=100 + seed)
-        r = run_requests(llm, prompts, [1] * w.prefill_seqs, 0.0, "prefill")
+        r = run_requests(llm, prompts, [1] * w.prefill_seqs, {"temperature": 0.0}, "prefill")
         times.append(r["seconds"])
         steps.append(r["steps"])
     t = statistics.median(times[1:])
@@ -328,8 +369,8 @@ def run_prefix(b: Bench):
     rows, details = [], {"floor": fl}
     for on in (True, False):
         llm = engine(b, prefix_cache=on)
-        run_requests(llm, [warm + s for s in suffixes], outs, b.temperature, "prefix warm-up")
-        r = run_requests(llm, prompts, outs, b.temperature, f"prefix cache {'on' if on else 'off'}")
+        run_requests(llm, [warm + s for s in suffixes], outs, b.sampling, "prefix warm-up")
+        r = run_requests(llm, prompts, outs, b.sampling, f"prefix cache {'on' if on else 'off'}")
         del llm                   # the next engine can only be built once this one's KV cache is freed
         tok_s = r["output_tokens"] / r["seconds"]
         rows.append(row(f"prefix, cache {'on' if on else 'off'}", tok_s, fl["tok_s"],
@@ -471,7 +512,7 @@ def serve_level(b: Bench, port: int, n: int) -> tuple[dict, dict]:
     """n clients at once, each streaming one request of the offline workload's lengths."""
     prompts, outs = offline_requests(n, b.w.min_len, b.w.max_len, b.cfg.vocab_size)
     base = {"model": b.eargs.model, "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True,
-            "temperature": b.temperature}
+            **b.sampling}
     results, bar = [None] * n, Progress(n, f"serve, {n} clients")
 
     def client(i):
@@ -658,7 +699,9 @@ def parse_args(argv):
     ap.add_argument("--min-len", type=int, help="offline/serve shortest prompt and output (default: 100; CPU: 16)")
     ap.add_argument("--max-len", type=int, help="offline/serve longest prompt and output (default: 1024; CPU: 64)")
     ap.add_argument("--clients", type=int, nargs="+", help="serve: concurrent clients per level (default: 1 16 64 256)")
-    ap.add_argument("--temperature", type=float, default=SamplingParams.temperature, help="offline, prefix, serve")
+    ap.add_argument("--temperature", type=float, default=None,
+                    help="offline, prefix, serve, nanovllm: the sampled runs' temperature (default: the model's, with "
+                         "its top-p/top-k: Qwen3's 0.6 / 0.95 / 20 for random weights); 0 = greedy only")
     ap.add_argument("--out", default="results.json", help="where the JSON results go (default: results.json)")
     ap.add_argument("--model", help="a named size (random weights) or a checkpoint dir (default: qwen3-0.6b on a GPU, "
                                     "tiny on a CPU)")
@@ -692,7 +735,8 @@ def setup(args) -> Bench:
         print("CPU run: the workloads are shrunk, and the numbers mean nothing for speed (they show the machinery works)")
     print("measuring the ceilings ...", file=sys.stderr)
     bandwidth, matmul = measure_ceilings(device, dtype)
-    b = Bench(eargs, w, cfg, device, dtype, bandwidth, matmul, args.temperature,
+    sampling = {} if args.temperature is None else {"temperature": args.temperature}
+    b = Bench(eargs, w, cfg, device, dtype, bandwidth, matmul, sampling, args.temperature != 0,
               args.peer_num_seqs if args.peer and "offline" in args.modes else None, {})
     prompts, outs = offline_requests(w.num_seqs, w.min_len, w.max_len, cfg.vocab_size)
     fl = floor(b, list(map(len, prompts)), outs)
@@ -712,7 +756,7 @@ def si(x: float) -> str:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     b = setup(args)
-    run = {"offline": run_offline, "decode-1": run_decode1, "prefill": run_prefill, "prefix": run_prefix,
+    run = {"offline": run_offline, "nanovllm": run_nanovllm, "decode-1": run_decode1, "prefill": run_prefill, "prefix": run_prefix,
            "accuracy": run_accuracy, "kernels": run_kernels, "serve": run_serve}
     out = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "device": torch.cuda.get_device_name(b.device)
            if b.device.type == "cuda" else "cpu", "torch": torch.__version__, "modes": args.modes,

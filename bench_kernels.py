@@ -190,6 +190,8 @@ def bench_kernels(copy_gbps: float, matmul_tflops: float, device="cuda", dtype=t
                 (prefix + B * own) * 2 * KV * hd * elt, "GB/s", plain_ms=plain_ms)
             del sets
 
+    rows += bench_sampler(copy_gbps, device)
+
     # prefill attention, causal, no prefix: FLOPs = 2 (QK^T and PV) * 2 * T*T/2 * heads * hd per sequence.
     # The peer is torch's SDPA flash backend on dense (B, H, T, hd) copies of the same inputs (K/V repeated per
     # q head, no paging), timed over the same rotation.
@@ -211,6 +213,36 @@ def bench_kernels(copy_gbps: float, matmul_tflops: float, device="cuda", dtype=t
                 call(kernels.prefill_attention, max_seqlen_q=T), "prefill_attention_triton", flops, "TFLOP/s",
                 sdpa_ms=sdpa_ms, sdpa_rate=flops / sdpa_ms / 1e9)
             del sets, dense
+    return rows
+
+
+def bench_sampler(copy_gbps: float, device="cuda") -> list[dict]:
+    """The sampler at B = 1, 16, 64, 256 rows of Qwen3's vocabulary, per kind of settings, against its floor:
+    reading every logit once (B x V x 2 bytes in bf16). "rel err" is the fraction of rows whose token differs
+    from the reference's (exp/log roundings can flip a near-tie). The reference sorts, so it runs eagerly."""
+    import sample
+    rows, V, elt = [], 151936, 2
+    rnd = lambda *shape: torch.randn(*shape, device=device, dtype=torch.bfloat16)
+    settings = {"greedy": dict(temperature=0.0), "T 0.6": dict(temperature=0.6),
+                "T 0.6 top-p 0.95 top-k 20": dict(temperature=0.6, top_p=0.95, top_k=20),
+                "T 0.8 min-p 0.05": dict(temperature=0.8, min_p=0.05), "T 1 top-k 100": dict(temperature=1.0, top_k=100)}
+    for name, kw in settings.items():
+        p = sample.resolve(sample.SamplingParams(**kw), sample.NEUTRAL)
+        for B in (1, 16, 64, 256):
+            # logits as the lm_head makes them: a few large, most small (random weights: std ~1)
+            make = lambda: (rnd(B, V), sample.SamplingTensors.build([p] * B, list(range(B)), [7] * B, V, device))
+            sets = input_sets(make)
+            ms = time_rotated(lambda x, st: sample.sample_triton(x, st), sets)
+            ref_ms = time_rotated(lambda x, st: sample.sample_ref(x, st), sets[:2], graph=False)
+            x, st = sets[0]
+            differ = (sample.sample_triton(x, st) != sample.sample_ref(x, st)).float().mean().item()
+            rate = B * V * elt / ms / 1e6
+            rows.append(dict(op="sampler", shape=f"{name} B={B}", ms=ms, rate=rate, unit="GB/s",
+                             pct=100 * rate / copy_gbps, target=None, ref_ms=ref_ms, speedup=ref_ms / ms,
+                             path="triton" if sample.HAS_TRITON else "torch",
+                             err=differ, floor_us=1e3 * B * V * elt / copy_gbps / 1e6))
+            del sets
+
     return rows
 
 
@@ -250,6 +282,8 @@ def format_rows(rows, copy_gbps, matmul_tflops) -> str:
             extra = f"splits={r['splits']}"
         if "plain_ms" in r:
             extra = f"without the shared pass {r['plain_ms']:.4f} ms, ratio {r['plain_ms'] / r['ms']:.2f}"
+        if "floor_us" in r:
+            extra = f"{1e3 * r['ms']:.1f} us, floor {r['floor_us']:.1f} us"
         if "sdpa_ms" in r:
             extra = f"sdpa {r['sdpa_ms']:.3f} ms {r['sdpa_rate']:.0f} TFLOP/s, ratio {r['sdpa_ms'] / r['ms']:.2f}"
         lines.append(f"{r['op']:<33}{r['shape']:<28}{r['ms']:>9.4f}{r['rate']:>10.1f}{r['unit']:>8}{r['pct']:>6.1f}%"

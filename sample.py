@@ -13,16 +13,19 @@ The rules, in transformers' order (its logits warpers are the oracle the tests c
   logit_bias, repetition penalty (prompt and output tokens), presence/frequency penalties (output tokens), then
   x = logits / temperature; top-k keeps x >= the k-th largest x (ties kept); top-p keeps a token when the top-k
   survivors more likely than it hold less than top_p of the survivors' mass; min-p keeps x >= max x + log(min_p).
-  The token is drawn from softmax(x) over the survivors by the Gumbel-max trick: argmax of x + Gumbel noise.
-  The noise is a hash of (request seed, output position, token id), so a seeded request gives the same tokens in
-  any batch, and no generator state lives anywhere. Greedy rows (temperature 0) take the argmax of the logits.
+  The token is drawn from softmax(x) over the survivors by the Gumbel-max trick: argmax of x + Gumbel noise, the
+  noise a hash of (request seed, output position, token id); rows without filters draw by inverse CDF with one
+  uniform hashed from (seed, position). So a seeded request gives the same tokens in any batch, and no
+  generator state lives anywhere. Greedy rows (temperature 0) take the argmax of the logits.
 
-The Triton sampler never sorts the vocabulary. Read `sample_triton` first: per chunk of 1,024 logits it keeps
-the max and the softmax sum (and the Gumbel winner for rows without filters); per row, the k-th largest chunk
-max is a lower bound of the top-k threshold (those k chunk maxima are k distinct tokens), so a second pass
-collects only the few tokens above it, from only the chunks whose max reaches it; one program per row then
-applies top-k, top-p and min-p exactly on those candidates. A row whose candidates overflow (no top-k, or a
-huge one, over a flat distribution) takes an exact but slow path: a radix select over the whole row.
+The Triton sampler never sorts the vocabulary. Read `sample_triton` first. Pass 1 keeps, per chunk of 1,024
+logits, the max and the softmax sum. A greedy row is then done; a temperature-only row draws by inverse CDF
+with one uniform (the chunk sums say which chunk holds it, pass 2 scans that chunk). For a filtered row, the
+k-th largest chunk max is a lower bound of the top-k threshold (those k chunk maxima are k distinct tokens), so
+pass 2 collects only the few tokens above it, from only the chunks whose max reaches it; one program per row
+then applies top-k, top-p and min-p exactly on those candidates and draws by Gumbel-max. A row whose
+candidates overflow (no top-k, or a huge one, over a flat distribution) takes an exact but slow path: a radix
+select over the whole row.
 """
 import argparse
 import dataclasses
@@ -147,6 +150,12 @@ def row_keys(seeds: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
     return torch.where(k >= 2**31, k - 2**32, k).to(torch.int32)
 
 
+def uniform_ref(keys: torch.Tensor) -> torch.Tensor:
+    """(B,) int32 keys -> (B,) fp32 uniforms in (0, 1): a row's one draw when it has no filters."""
+    h = _fmix32(keys.long() & M32)
+    return ((h >> 8).float() + 0.5) * (1.0 / (1 << 24))
+
+
 def gumbel_ref(keys: torch.Tensor, vocab: int) -> torch.Tensor:
     """(B,) int32 keys -> (B, vocab) fp32 Gumbel noise: -log(-log(u)), u from fmix32(key + token * golden)."""
     idx = torch.arange(vocab, device=keys.device, dtype=torch.int64)
@@ -204,8 +213,15 @@ def sample_ref(logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
     above = torch.empty_like(x).scatter_(1, order, above_sorted.gather(1, first_of_ties))
     keep &= (st.top_p[:, None] >= 1) | (above < st.top_p[:, None] * p.sum(-1, keepdim=True))
     keep &= (st.min_p[:, None] <= 0) | (x >= M + torch.log(st.min_p.clamp(min=1e-30))[:, None])
-    y = torch.where(keep, x + gumbel_ref(row_keys(st.seeds, st.steps), V), float("-inf"))
-    return torch.where(st.inv_temp == 0, raw.argmax(-1), y.argmax(-1))
+    keys = row_keys(st.seeds, st.steps)
+    y = torch.where(keep, x + gumbel_ref(keys, V), float("-inf"))
+    # rows without filters: inverse CDF with one uniform, the first token whose running mass passes u x total
+    p_all = torch.where(finite, torch.exp(x - M), 0.0)
+    cum = torch.cumsum(p_all, -1)
+    last = V - 1 - finite.flip(-1).int().argmax(-1)                         # the last finite token
+    inv_cdf = torch.minimum((cum <= (uniform_ref(keys) * cum[:, -1])[:, None]).sum(-1), last)
+    plain = (st.top_k >= V) & (st.top_p >= 1) & (st.min_p <= 0)
+    return torch.where(st.inv_temp == 0, raw.argmax(-1), torch.where(plain, inv_cdf, y.argmax(-1)))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -216,7 +232,9 @@ def sample_ref(logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
 # of 149); the rest is per-row work on a few hundred floats. Rows without filters draw in pass 1; greedy rows
 # take their argmax there.
 # ----------------------------------------------------------------------------------------------------------
-SAMPLE_CHUNK = 1024   # logits per pass-1 program: 149 chunks for Qwen3's vocabulary, so top-k up to 149 is fast
+SAMPLE_CHUNK = 1024   # logits per chunk: 149 chunks for Qwen3's vocabulary, so top-k up to 149 takes the fast path
+SAMPLE_SUB = 4        # chunks per program of the two passes (fewer, fuller programs)
+SAMPLE_WARPS = 8
 SAMPLE_CAP = 256      # candidates per row the exact finish holds (top-k 20 over random logits: about 25)
 SAMPLE_SLOW_BLOCK = 1024
 
@@ -232,10 +250,23 @@ def _fmix32_tl(h):
 
 
 @triton.jit
+def _row_key(seeds_ptr, steps_ptr, row):
+    """A row's uint32 noise key from its int64 seed and output position: the same numbers as row_keys."""
+    seed = tl.load(seeds_ptr + row)
+    lo, hi = (seed & 0xFFFFFFFF).to(tl.uint32), ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    step = (tl.load(steps_ptr + row) & 0xFFFFFFFF).to(tl.uint32)
+    return _fmix32_tl(lo ^ _fmix32_tl(hi ^ _fmix32_tl(step * 0x9E3779B9 + 1)))
+
+
+@triton.jit
+def _uniform(h):
+    return ((h >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
+
+
+@triton.jit
 def _gumbel(key, idx):
     """Gumbel noise of tokens idx (int32 tensor) for a row's uint32 key: the same numbers as gumbel_ref."""
-    h = _fmix32_tl(key + idx.to(tl.uint32) * 0x9E3779B9)
-    u = ((h >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
+    u = _uniform(_fmix32_tl(key + idx.to(tl.uint32) * 0x9E3779B9))
     return -tl.log(-tl.log(u))
 
 
@@ -248,39 +279,45 @@ def _first_max(v, idx, BIG):
 
 @triton.jit
 def _row_mode(inv_t, top_k, top_p, min_p, V):
-    """0: greedy, 1: temperature only (drawn in pass 1), 2: filtered."""
+    """0: greedy, 1: temperature only (inverse CDF), 2: filtered (candidates)."""
     plain = (top_k >= V) & (top_p >= 1.0) & (min_p <= 0.0)
     return tl.where(inv_t == 0.0, 0, tl.where(plain, 1, 2))
 
 
 @triton.jit
-def _sample_chunk_kernel(logits_ptr, stride, V, inv_temp_ptr, top_k_ptr, top_p_ptr, min_p_ptr, keys_ptr,
-                         cmax_ptr, csum_ptr, carg_ptr, gval_ptr, gidx_ptr, NCHUNK, CHUNK: tl.constexpr):
-    # pass 1, grid (B, NCHUNK): one chunk's max (and where), softmax sum, and for plain rows the Gumbel winner
-    row, c = tl.program_id(0), tl.program_id(1)
-    inv_t = tl.load(inv_temp_ptr + row)
-    mode = _row_mode(inv_t, tl.load(top_k_ptr + row), tl.load(top_p_ptr + row), tl.load(min_p_ptr + row), V)
-    offs = c * CHUNK + tl.arange(0, CHUNK)
-    raw = tl.load(logits_ptr + row.to(tl.int64) * stride + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
-    x = raw * tl.where(mode == 0, 1.0, inv_t)
-    m, arg = _first_max(x, offs, V)
-    s = tl.sum(tl.where(x > float("-inf"), tl.exp(x - m), 0.0), axis=0)
-    out = row * NCHUNK + c
-    tl.store(cmax_ptr + out, m)
-    tl.store(csum_ptr + out, s)
-    tl.store(carg_ptr + out, arg)
-    if mode == 1:
-        key = tl.load(keys_ptr + row).to(tl.uint32, bitcast=True)
-        gm, gi = _first_max(x + _gumbel(key, offs), offs, V)
-        tl.store(gval_ptr + out, gm)
-        tl.store(gidx_ptr + out, gi)
+def _chunk_tile(logits_ptr, stride, V, row, c, SUB: tl.constexpr, CHUNK: tl.constexpr):
+    """Program c's SUB chunks of CHUNK logits of a row, as a (SUB, CHUNK) tile, and their token ids."""
+    sub = c * SUB + tl.arange(0, SUB)
+    offs = sub[:, None] * CHUNK + tl.arange(0, CHUNK)[None, :]
+    return sub, offs, row.to(tl.int64) * stride + offs
 
 
 @triton.jit
-def _sample_row_kernel(V, inv_temp_ptr, top_k_ptr, top_p_ptr, min_p_ptr, cmax_ptr, csum_ptr, carg_ptr, gval_ptr,
-                       gidx_ptr, stats_ptr, count_ptr, out_ptr, NCHUNK, BLOCK_C: tl.constexpr):
-    # grid (B,): merge the chunks. Greedy and plain rows are done; a filtered row gets its max M, softmax sum Z
-    # and the candidate threshold tau: the k-th largest chunk max (when k <= NCHUNK) and max + log(min_p)
+def _sample_chunk_kernel(logits_ptr, stride, V, inv_temp_ptr, top_k_ptr, top_p_ptr, min_p_ptr, cmax_ptr, csum_ptr,
+                         carg_ptr, NCHUNK, SUB: tl.constexpr, CHUNK: tl.constexpr):
+    # pass 1, grid (B, cdiv(NCHUNK, SUB)): per chunk of CHUNK logits, the max of x (and where) and the softmax sum
+    row, c = tl.program_id(0), tl.program_id(1)
+    inv_t = tl.load(inv_temp_ptr + row)
+    sub, offs, ptrs = _chunk_tile(logits_ptr, stride, V, row, c, SUB, CHUNK)
+    raw = tl.load(logits_ptr + ptrs, mask=offs < V, other=float("-inf")).to(tl.float32)
+    x = raw * tl.where(inv_t == 0.0, 1.0, inv_t)
+    m = tl.max(x, axis=1)                                                      # (SUB,)
+    arg = tl.min(tl.where(x == m[:, None], offs, V), axis=1)
+    s = tl.sum(tl.where(x > float("-inf"), tl.exp(x - m[:, None]), 0.0), axis=1)
+    out = row * NCHUNK + sub
+    live = sub < NCHUNK
+    tl.store(cmax_ptr + out, m, mask=live)
+    tl.store(csum_ptr + out, s, mask=live)
+    tl.store(carg_ptr + out, arg, mask=live)
+
+
+@triton.jit
+def _sample_row_kernel(V, inv_temp_ptr, top_k_ptr, top_p_ptr, min_p_ptr, seeds_ptr, steps_ptr, cmax_ptr, csum_ptr,
+                       carg_ptr, stats_ptr, count_ptr, pick_ptr, out_ptr, NCHUNK, BLOCK_C: tl.constexpr):
+    # grid (B,): merge the chunks. A greedy row is done. A temperature-only row draws u and finds the chunk where
+    # the running mass passes u x total, and what is left of u x total there (pass 2 scans that chunk). A
+    # filtered row gets its max M, softmax sum Z and the candidate threshold tau: the k-th largest chunk max
+    # (when k <= NCHUNK) and max + log(min_p).
     row = tl.program_id(0)
     inv_t, top_k, top_p, min_p = (tl.load(inv_temp_ptr + row), tl.load(top_k_ptr + row), tl.load(top_p_ptr + row),
                                   tl.load(min_p_ptr + row))
@@ -292,46 +329,66 @@ def _sample_row_kernel(V, inv_temp_ptr, top_k_ptr, top_p_ptr, min_p_ptr, cmax_pt
     if mode == 0:
         tl.store(out_ptr + row, tl.min(tl.where(live & (cmax == M), tl.load(carg_ptr + row * NCHUNK + c, mask=live,
                                                                                  other=V), V), axis=0).to(tl.int64))
-    elif mode == 1:
-        gv = tl.load(gval_ptr + row * NCHUNK + c, mask=live, other=float("-inf"))
-        gi = tl.load(gidx_ptr + row * NCHUNK + c, mask=live, other=V)
-        _, tok = _first_max(tl.where(live, gv, float("-inf")), gi, V)
-        tl.store(out_ptr + row, tok.to(tl.int64))
     else:
         csum = tl.load(csum_ptr + row * NCHUNK + c, mask=live, other=0.0)
-        Z = tl.sum(tl.where(cmax > float("-inf"), csum * tl.exp(cmax - M), 0.0), axis=0)
-        tau = tl.full((), float("-inf"), tl.float32)
-        if top_k <= NCHUNK:
-            ranked = tl.sort(cmax, descending=True)
-            tau = tl.max(tl.where(c == top_k - 1, ranked, float("-inf")), axis=0)
-        if min_p > 0.0:
-            tau = tl.maximum(tau, M + tl.log(min_p))
+        mass = tl.where(cmax > float("-inf"), csum * tl.exp(cmax - M), 0.0)
+        Z = tl.sum(mass, axis=0)
         tl.store(stats_ptr + row * 3, M)
-        tl.store(stats_ptr + row * 3 + 1, Z)
-        tl.store(stats_ptr + row * 3 + 2, tau)
-        tl.store(count_ptr + row, 0)
+        if mode == 1:
+            target = _uniform(_fmix32_tl(_row_key(seeds_ptr, steps_ptr, row))) * Z
+            cum = tl.cumsum(mass, axis=0)
+            last = tl.max(tl.where(mass > 0.0, c, 0), axis=0)
+            pick = tl.minimum(tl.sum((live & (cum <= target)).to(tl.int32), axis=0), last)
+            before = tl.sum(tl.where(c < pick, mass, 0.0), axis=0)
+            tl.store(stats_ptr + row * 3 + 1, target - before)
+            tl.store(pick_ptr + row, pick)
+        else:
+            tau = tl.full((), float("-inf"), tl.float32)
+            if top_k <= NCHUNK:
+                ranked = tl.sort(cmax, descending=True)
+                tau = tl.max(tl.where(c == top_k - 1, ranked, float("-inf")), axis=0)
+            if min_p > 0.0:
+                tau = tl.maximum(tau, M + tl.log(min_p))
+            tl.store(stats_ptr + row * 3 + 1, Z)
+            tl.store(stats_ptr + row * 3 + 2, tau)
+            tl.store(count_ptr + row, 0)
 
 
 @triton.jit
 def _sample_collect_kernel(logits_ptr, stride, V, inv_temp_ptr, top_k_ptr, top_p_ptr, min_p_ptr, cmax_ptr,
-                           stats_ptr, count_ptr, cand_val_ptr, cand_idx_ptr, NCHUNK, CAP: tl.constexpr,
-                           CHUNK: tl.constexpr):
-    # pass 2, grid (B, NCHUNK): a filtered row's chunks whose max reaches tau append their tokens >= tau
+                           stats_ptr, count_ptr, pick_ptr, cand_val_ptr, cand_idx_ptr, out_ptr, NCHUNK,
+                           CAP: tl.constexpr, SUB: tl.constexpr, CHUNK: tl.constexpr):
+    # pass 2, grid (B, cdiv(NCHUNK, SUB)), reading only the chunks a row needs. A filtered row's chunks whose max
+    # reaches tau append their tokens >= tau to the row's candidates. A temperature-only row scans its picked
+    # chunk for the first token whose running mass passes what was left of u x total.
     row, c = tl.program_id(0), tl.program_id(1)
     inv_t = tl.load(inv_temp_ptr + row)
     mode = _row_mode(inv_t, tl.load(top_k_ptr + row), tl.load(top_p_ptr + row), tl.load(min_p_ptr + row), V)
-    tau = tl.load(stats_ptr + row * 3 + 2)
-    if (mode == 2) & (tl.load(cmax_ptr + row * NCHUNK + c) >= tau):
-        offs = c * CHUNK + tl.arange(0, CHUNK)
-        x = tl.load(logits_ptr + row.to(tl.int64) * stride + offs, mask=offs < V,
-                    other=float("-inf")).to(tl.float32) * inv_t
-        sel = (x >= tau) & (x > float("-inf"))
-        n = tl.sum(sel.to(tl.int32), axis=0)
-        base = tl.atomic_add(count_ptr + row, n)
-        pos = base + tl.cumsum(sel.to(tl.int32), axis=0) - 1
-        ok = sel & (pos < CAP)
-        tl.store(cand_val_ptr + row * CAP + pos, x, mask=ok)
-        tl.store(cand_idx_ptr + row * CAP + pos, offs, mask=ok)
+    sub, offs, ptrs = _chunk_tile(logits_ptr, stride, V, row, c, SUB, CHUNK)
+    live = sub < NCHUNK
+    M = tl.load(stats_ptr + row * 3)
+    if mode == 2:
+        tau = tl.load(stats_ptr + row * 3 + 2)
+        need = live & (tl.load(cmax_ptr + row * NCHUNK + sub, mask=live, other=float("-inf")) >= tau)   # (SUB,)
+        if tl.max(need.to(tl.int32), axis=0) > 0:
+            x = tl.load(logits_ptr + ptrs, mask=need[:, None] & (offs < V), other=float("-inf")).to(tl.float32) * inv_t
+            sel = ((x >= tau) & (x > float("-inf"))).to(tl.int32)
+            per_sub = tl.sum(sel, axis=1)
+            base = tl.atomic_add(count_ptr + row, tl.sum(per_sub, axis=0))
+            pos = base + (tl.cumsum(per_sub, axis=0) - per_sub)[:, None] + tl.cumsum(sel, axis=1) - 1
+            ok = (sel > 0) & (pos < CAP)
+            tl.store(cand_val_ptr + row * CAP + pos, x, mask=ok)
+            tl.store(cand_idx_ptr + row * CAP + pos, offs, mask=ok)
+    elif mode == 1:
+        pick = tl.load(pick_ptr + row)
+        here = sub == pick
+        if tl.max(here.to(tl.int32), axis=0) > 0:
+            x = tl.load(logits_ptr + ptrs, mask=here[:, None] & (offs < V), other=float("-inf")).to(tl.float32) * inv_t
+            p = tl.where(x > float("-inf"), tl.exp(x - M), 0.0)
+            tok = tl.min(tl.where(tl.cumsum(p, axis=1) > tl.load(stats_ptr + row * 3 + 1), offs, V))
+            if tok == V:                                  # roundings put u past the chunk: its last token
+                tok = tl.max(tl.where(p > 0.0, offs, 0))
+            tl.store(out_ptr + row, tok.to(tl.int64))
 
 
 @triton.jit
@@ -355,7 +412,7 @@ def _radix_select(logits_ptr, row, stride, V, inv_t, M, lo, target, WEIGH: tl.co
     d = tl.arange(0, 16).to(tl.uint32)
     prefix = tl.zeros((), dtype=tl.uint32)
     for p in tl.static_range(8):
-        shift: tl.constexpr = 28 - 4 * p
+        shift = 28 - 4 * p
         cands = prefix | (d << shift)                                          # (16,)
         acc = tl.zeros((16,), dtype=tl.float32)
         for start in range(0, V, BLOCK):
@@ -396,8 +453,8 @@ def _sample_slow(logits_ptr, row, stride, V, inv_t, top_k, top_p, key, M, Z, tau
 
 
 @triton.jit
-def _sample_finish_kernel(logits_ptr, stride, V, inv_temp_ptr, top_k_ptr, top_p_ptr, min_p_ptr, keys_ptr,
-                          stats_ptr, count_ptr, cand_val_ptr, cand_idx_ptr, out_ptr, CAP: tl.constexpr,
+def _sample_finish_kernel(logits_ptr, stride, V, inv_temp_ptr, top_k_ptr, top_p_ptr, min_p_ptr, seeds_ptr,
+                          steps_ptr, stats_ptr, count_ptr, cand_val_ptr, cand_idx_ptr, out_ptr, CAP: tl.constexpr,
                           JB: tl.constexpr, SLOW_BLOCK: tl.constexpr):
     # grid (B,): a filtered row's exact finish over its candidates. For each candidate i: how many candidates
     # are larger and their mass (pairwise, JB at a time). Top-k keeps fewer than k larger; top-p keeps mass
@@ -406,7 +463,7 @@ def _sample_finish_kernel(logits_ptr, stride, V, inv_temp_ptr, top_k_ptr, top_p_
     inv_t, top_k, top_p, min_p = (tl.load(inv_temp_ptr + row), tl.load(top_k_ptr + row), tl.load(top_p_ptr + row),
                                   tl.load(min_p_ptr + row))
     if _row_mode(inv_t, top_k, top_p, min_p, V) == 2:
-        key = tl.load(keys_ptr + row).to(tl.uint32, bitcast=True)
+        key = _row_key(seeds_ptr, steps_ptr, row)
         M, Z, tau = tl.load(stats_ptr + row * 3), tl.load(stats_ptr + row * 3 + 1), tl.load(stats_ptr + row * 3 + 2)
         n = tl.load(count_ptr + row)
         if n <= CAP:
@@ -416,7 +473,7 @@ def _sample_finish_kernel(logits_ptr, stride, V, inv_temp_ptr, top_k_ptr, top_p_
             idx = tl.load(cand_idx_ptr + row * CAP + i, mask=valid, other=V)
             n_above = tl.zeros((CAP,), dtype=tl.int32)
             mass_above = tl.zeros((CAP,), dtype=tl.float32)
-            for j0 in range(0, CAP, JB):
+            for j0 in range(0, n, JB):
                 j = j0 + tl.arange(0, JB)
                 vj = tl.load(cand_val_ptr + row * CAP + j, mask=j < n, other=float("-inf"))
                 above = vj[None, :] > v[:, None]                                   # (CAP, JB)
@@ -439,21 +496,21 @@ def sample_triton(logits: torch.Tensor, st: SamplingTensors, out: torch.Tensor |
     dev = logits.device
     nchunk = triton.cdiv(V, SAMPLE_CHUNK)
     f32, i32 = dict(dtype=torch.float32, device=dev), dict(dtype=torch.int32, device=dev)
-    cmax, csum, gval = torch.empty(3, B, nchunk, **f32)
-    carg, gidx = torch.empty(2, B, nchunk, **i32)
-    stats, count = torch.empty(B, 3, **f32), torch.empty(B, **i32)
+    cmax, csum = torch.empty(2, B, nchunk, **f32)
+    carg = torch.empty(B, nchunk, **i32)
+    stats, (count, pick) = torch.empty(B, 3, **f32), torch.empty(2, B, **i32)
     cand_val, cand_idx = torch.empty(B, SAMPLE_CAP, **f32), torch.empty(B, SAMPLE_CAP, **i32)
     out = torch.empty(B, dtype=torch.int64, device=dev) if out is None else out
-    keys = row_keys(st.seeds, st.steps)
     rows = (st.inv_temp, st.top_k, st.top_p, st.min_p)
-    _sample_chunk_kernel[(B, nchunk)](logits, logits.stride(0), V, *rows, keys, cmax, csum, carg, gval, gidx,
-                                      nchunk, CHUNK=SAMPLE_CHUNK, num_warps=4)
-    _sample_row_kernel[(B,)](V, *rows, cmax, csum, carg, gval, gidx, stats, count, out, nchunk,
+    grid = (B, triton.cdiv(nchunk, SAMPLE_SUB))
+    _sample_chunk_kernel[grid](logits, logits.stride(0), V, *rows, cmax, csum, carg, nchunk, SUB=SAMPLE_SUB,
+                               CHUNK=SAMPLE_CHUNK, num_warps=SAMPLE_WARPS)
+    _sample_row_kernel[(B,)](V, *rows, st.seeds, st.steps, cmax, csum, carg, stats, count, pick, out, nchunk,
                              BLOCK_C=triton.next_power_of_2(nchunk), num_warps=4)
-    _sample_collect_kernel[(B, nchunk)](logits, logits.stride(0), V, *rows, cmax, stats, count, cand_val, cand_idx,
-                                        nchunk, CAP=SAMPLE_CAP, CHUNK=SAMPLE_CHUNK, num_warps=4)
-    _sample_finish_kernel[(B,)](logits, logits.stride(0), V, *rows, keys, stats, count, cand_val, cand_idx, out,
-                                CAP=SAMPLE_CAP, JB=16, SLOW_BLOCK=SAMPLE_SLOW_BLOCK, num_warps=4)
+    _sample_collect_kernel[grid](logits, logits.stride(0), V, *rows, cmax, stats, count, pick, cand_val, cand_idx, out,
+                                 nchunk, CAP=SAMPLE_CAP, SUB=SAMPLE_SUB, CHUNK=SAMPLE_CHUNK, num_warps=SAMPLE_WARPS)
+    _sample_finish_kernel[(B,)](logits, logits.stride(0), V, *rows, st.seeds, st.steps, stats, count, cand_val,
+                                cand_idx, out, CAP=SAMPLE_CAP, JB=16, SLOW_BLOCK=SAMPLE_SLOW_BLOCK, num_warps=4)
     return out
 
 

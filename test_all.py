@@ -1235,7 +1235,7 @@ def test_sv_still_serves_and_nothing_leaks(sv):
 def bn_bench(model: str) -> bench.Bench:
     """A Bench with BENCH.md's H100 ceilings (2.99 TB/s, 777 TFLOP/s), bf16, nothing measured."""
     return bench.Bench(EngineArgs(model=model), bench.Workloads(), preset(model), torch.device("cpu"), torch.bfloat16,
-                       2.99e12, 777e12, 0.0, None, {})
+                       2.99e12, 777e12, {}, True, None, {})
 
 
 @pytest.mark.parametrize("model,offline,decode_ms,prefill", [
@@ -1261,8 +1261,8 @@ def test_bn_floors_match_bench_md(model, offline, decode_ms, prefill):
 
 def test_bn_tiny_run_writes_json(tmp_path):
     out = tmp_path / "results.json"
-    ret = bench.main(["decode-1", "offline", "prefix", "--model", "tiny", "--num-seqs", "4", "--min-len", "8",
-                      "--max-len", "16", "--out", str(out)])
+    ret = bench.main(["decode-1", "offline", "nanovllm", "prefix", "--model", "tiny", "--num-seqs", "4", "--min-len",
+                      "8", "--max-len", "16", "--out", str(out)])
     r = json.loads(out.read_text())
     assert ret["rows"] and len(r["rows"]) == len(ret["rows"])
     for key in ("date", "device", "model", "shape", "engine_args", "workloads", "ceilings", "rows", "details"):
@@ -1271,12 +1271,18 @@ def test_bn_tiny_run_writes_json(tmp_path):
     assert r["ceilings"]["copy_bytes_per_s"] > 0 and r["ceilings"]["matmul_flop_per_s"] > 0
     rows = {row["workload"]: row for row in r["rows"]}
     print({k: (round(v["tok_s"], 1), round(v["floor_tok_s"])) for k, v in rows.items()})
-    assert set(rows) == {"offline (4 reqs)", "decode-1", "prefix, cache on", "prefix, cache off"}
+    qwen3 = "T 0.6, top-p 0.95, top-k 20"              # a random-weight size samples with Qwen3's defaults
+    assert set(rows) == {f"offline (4 reqs), {qwen3}", "offline (4 reqs), greedy", "decode-1", "prefix, cache on",
+                         "prefix, cache off", "nanovllm (4 reqs), T 0.6 (nano-vllm's settings)",
+                         f"nanovllm (4 reqs), {qwen3}", "nanovllm (4 reqs), greedy"}
     for row in rows.values():
         assert row["tok_s"] > 0 and row["floor_tok_s"] > 0
-    off = r["details"]["offline"]
+    off = r["details"]["offline"][qwen3]
     _, outs = bench.offline_requests(4, 8, 16, vocab=512)
     assert off["output_tokens"] == sum(outs) and off["blocks_total"] > 0 and off["preemptions"] == 0
+    assert r["details"]["offline"]["greedy"]["output_tokens"] == sum(outs)
+    _, outs = bench.nanovllm_requests(4, 8, 16, max_id=511)
+    assert r["details"]["nanovllm"]["greedy"]["output_tokens"] == sum(outs)
     assert off["max_batch_seqs"] == 4, "all 4 requests should run in one batch"
     assert r["details"]["decode-1"]["ms_per_token"] > 0
     pre = r["details"]["prefix"]
