@@ -111,7 +111,8 @@ class InFlight:
     tokens: torch.Tensor             # (B,) int64, pinned host memory
     logprobs: tuple | None           # (rows, chosen, top values, top ids) on the host, for the rows that asked
     prompt_logprobs: tuple | None    # ([(seq, first position, count)], chosen, top values, top ids)
-    event: torch.cuda.Event | None
+    event: torch.cuda.Event | None   # recorded after the step's work: collect() waits on it
+    start: torch.cuda.Event | None   # recorded before it: the two time the step on the GPU (stats)
 
 
 def resolve_device_dtype(args: EngineArgs):
@@ -146,6 +147,7 @@ class LLM:
         self.seqs: dict[str, Sequence] = {}
         self.requests: dict[str, Request] = {}
         self.max_batch_seqs = self.num_forwards = 0   # largest batch reached, forward passes run (stats)
+        self.gpu_busy = 0.0                      # seconds the GPU spent running steps (stats: idle = wall - this)
         self.num_penalized = 0                   # requests whose logits depend on their history (step-by-step sync)
         self.in_flight: InFlight | None = None   # the launched step whose tokens are not read yet
         self.sample_row: dict[Sequence, int] = {}   # row of last_tokens holding each sequence's PENDING token
@@ -213,7 +215,7 @@ class LLM:
         return {"requests_running": len(sch.running), "requests_waiting": len(sch.waiting),
                 **self.blocks.stats(), "prefill_tokens_computed": sch.prefill_tokens_computed,
                 "num_preemptions": sch.num_preemptions, "max_batch_seqs": self.max_batch_seqs,
-                "forward_passes": self.num_forwards}
+                "forward_passes": self.num_forwards, "gpu_busy_seconds": self.gpu_busy}
 
     # ---- one step -----------------------------------------------------------------------------------------
     # A step launches the next batch on the GPU *before* reading back the previous batch's sampled tokens, so
@@ -238,6 +240,10 @@ class LLM:
         """Queue the batch's forward pass and sampling on the GPU; returns what collect() needs."""
         self.max_batch_seqs = max(self.max_batch_seqs, len(batch.seqs))
         self.num_forwards += 1
+        start = None
+        if self.device.type == "cuda":             # the GPU reaches it when it starts this step's work
+            start = torch.cuda.Event(enable_timing=True)
+            start.record()
         ids, pending, cu, ctx, tables, logits_idx = pack(batch, self.sample_row)
         sampled = [s for s, n in zip(batch.seqs, batch.num_new) if s.num_computed + n == s.num_tokens]
         graphed = batch.is_decode and self.graphs is not None and len(ids) <= self.graphs.max_batch
@@ -270,11 +276,10 @@ class LLM:
         host_all = lambda ts: ts and tuple(to_host(t) if torch.is_tensor(t) else t for t in ts)
         if tokens is not None:
             self.last_tokens[:len(sampled)].copy_(tokens)
-        event = None
         out = InFlight(sampled, indices, tokens if tokens is None else to_host(tokens), host_all(lp),
-                       host_all(prompt_lp), event)
+                       host_all(prompt_lp), None, start)
         if pin:
-            out.event = torch.cuda.Event()
+            out.event = torch.cuda.Event(enable_timing=True)
             out.event.record()
         return out
 
@@ -343,6 +348,7 @@ class LLM:
         """Read a launched step's sampled tokens (the step's one host sync) and act on them."""
         if fl.event is not None:
             fl.event.synchronize()
+            self.gpu_busy += fl.start.elapsed_time(fl.event) / 1e3
         if fl.prompt_logprobs is not None:
             owners, chosen, top_v, top_i = fl.prompt_logprobs
             at = 0

@@ -881,8 +881,8 @@ SV_PROMPTS = ["The quick brown fox", "Paris is the capital of France. Qwen3 is a
               "日本語 テキスト 😀! The lazy dog"]
 
 
-def sv_engine(path, **kw):
-    return LLM(EngineArgs(**{"model": str(path), "block_size": 4, "num_blocks": 1024, "max_model_len": 1024, **kw}))
+def sv_args(path, **kw) -> EngineArgs:
+    return EngineArgs(**{"model": str(path), "block_size": 4, "num_blocks": 1024, "max_model_len": 1024, **kw})
 
 
 @pytest.fixture(scope="module")
@@ -890,14 +890,14 @@ def sv(tmp_path_factory):
     import openai
     path = tmp_path_factory.mktemp("serve")
     make_checkpoint(path, max_pos=2048)
-    llm, ref = sv_engine(path), sv_engine(path)
-    httpd, engine = start_server(llm, "127.0.0.1", 0, model_name=SV_MODEL, api_key=SV_KEY, max_queue=64,
-                                 max_body=64 * 1024)
+    ref = LLM(sv_args(path))
+    httpd = start_server(sv_args(path), "127.0.0.1", 0, model_name=SV_MODEL, api_key=SV_KEY, max_queue=64,
+                         max_body=64 * 1024)
     port = httpd.server_address[1]
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=SV_KEY, max_retries=0, timeout=60)
-    yield SimpleNamespace(path=path, llm=llm, ref=ref, httpd=httpd, engine=engine, port=port, client=client)
-    shutdown(httpd, engine)
-    assert not engine.thread.is_alive()
+    yield SimpleNamespace(path=path, ref=ref, httpd=httpd, port=port, client=client)
+    shutdown(httpd)
+    assert not httpd.client.proc.is_alive() and httpd.client.proc.exitcode == 0
 
 
 def sv_raw(port, method, path, body=None, headers=None, auth=True):
@@ -1083,7 +1083,15 @@ def test_sv_bad_inputs(sv):
                                           "max_completion_tokens": -1}, 400, "max_tokens"),
         ("POST", "/v1/completions", {**ok, "n": 0}, 400, "'n'"),
         ("POST", "/v1/completions", {**ok, "top_p": 0}, 400, "top_p"),
-        ("POST", "/v1/completions", {**ok, "logprobs": 2}, 400, "not supported"),
+        ("POST", "/v1/completions", {**ok, "logprobs": 21}, 400, "logprobs"),
+        ("POST", "/v1/completions", {**ok, "suffix": "x"}, 400, "not supported"),
+        ("POST", "/v1/completions", {**ok, "presence_penalty": 3}, 400, "presence_penalty"),
+        ("POST", "/v1/completions", {**ok, "logit_bias": {"x": 1}}, 400, "logit_bias"),
+        ("POST", "/v1/completions", {**ok, "logit_bias": {"5": 101}}, 400, "logit_bias"),
+        ("POST", "/v1/completions", {**ok, "logit_bias": {"99999": 1}}, 400, "logit_bias"),
+        ("POST", "/v1/completions", b'{"prompt": "hi", "temperature": NaN}', 400, "temperature"),
+        ("POST", "/v1/chat/completions", {"model": SV_MODEL, "messages": [{"role": "user", "content": "x"}],
+                                          "top_logprobs": 2}, 400, "top_logprobs"),
         ("POST", "/v1/completions", {**ok, "prompt": list(range(5)) * 300}, 400, "context window is 1024"),
         ("POST", "/v1/completions", {**ok, "prompt": [1, 2, 99999]}, 400, "token ids"),
         ("POST", "/v1/completions", {**ok, "prompt": "x" * 70000}, 413, "limit is 65536"),
@@ -1160,8 +1168,7 @@ def test_sv_models_health_metrics(sv):
 def test_sv_more_requests_than_memory(sv):
     """23 KV blocks of 4 tokens hold two of these requests at a time: the rest wait (or are preempted and
     recomputed) in the engine, and every one still completes with the right text."""
-    llm = sv_engine(sv.path, num_blocks=24)
-    httpd, engine = start_server(llm, "127.0.0.1", 0, model_name=SV_MODEL)
+    httpd = start_server(sv_args(sv.path, num_blocks=24), "127.0.0.1", 0, model_name=SV_MODEL)
     prompts = [SV_PROMPTS[i % 4][:12] + str(i) for i in range(8)]
     want = [sv_greedy(sv, p, max_tokens=30, ignore_eos=True).text for p in prompts]
     got = [None] * len(prompts)
@@ -1176,19 +1183,19 @@ def test_sv_more_requests_than_memory(sv):
         t.start()
     for t in threads:
         t.join(60)
-    shutdown(httpd, engine)
-    stats = llm.stats()
+    sv_wait_idle(httpd.server_address[1])
+    stats = httpd.client.stats
+    shutdown(httpd)
     print(f"max batch {stats['max_batch_seqs']}, preemptions {stats['num_preemptions']}")
     assert stats["num_preemptions"] > 0 or stats["max_batch_seqs"] < len(prompts), "memory was never short"
     assert got == want
-    assert all(ref == 0 for ref in llm.blocks.ref)
+    assert stats["blocks_in_use"] == 0 and stats["requests_running"] == stats["requests_waiting"] == 0
 
 
 def test_sv_queue_full_and_shutdown(sv):
     """One sequence at a time and room for one waiting: the third request gets 503. Then shutdown ends both
-    streams with an error chunk, the engine thread exits and every block is back."""
-    llm = sv_engine(sv.path, max_num_seqs=1)
-    httpd, engine = start_server(llm, "127.0.0.1", 0, model_name=SV_MODEL, max_queue=1)
+    streams with an error chunk and the engine process exits cleanly."""
+    httpd = start_server(sv_args(sv.path, max_num_seqs=1), "127.0.0.1", 0, model_name=SV_MODEL, max_queue=1)
     port = httpd.server_address[1]
     body = {"model": SV_MODEL, "prompt": SV_PROMPTS[0], "max_tokens": 1000, "ignore_eos": True, "stream": True}
     streams, texts = [], [None, None]
@@ -1202,15 +1209,124 @@ def test_sv_queue_full_and_shutdown(sv):
     status, headers, err = sv_raw(port, "POST", "/v1/completions", body, auth=False)
     assert status == 503 and headers["Retry-After"] == "1" and err["error"]["code"] == "queue_full"
     t0 = time.time()
-    shutdown(httpd, engine)
+    shutdown(httpd)
     print(f"shutdown took {time.time() - t0:.3f} s")
-    assert time.time() - t0 < 5 and not engine.thread.is_alive()
+    assert time.time() - t0 < 10 and not httpd.client.proc.is_alive() and httpd.client.proc.exitcode == 0
     for t, text in zip(streams, texts):
         t.join(5)
     for text in texts:
         events = [line for line in text.split("\n") if line.startswith("data: ")]
         assert events[-1] == "data: [DONE]" and "shutting down" in events[-2], events[-2:]
-    assert all(ref == 0 for ref in llm.blocks.ref) and not llm.seqs
+
+
+def test_sv_logprobs_echo_and_penalties(sv):
+    """logprobs over HTTP equal LLM.generate's (raw-logit log-softmax), echo puts the prompt first, and the
+    openai client reads both shapes; presence/frequency penalties and logit_bias reach the sampler."""
+    prompt = SV_PROMPTS[1]
+    ids = sv.ref.tokenizer.encode(prompt)
+    want = sv_greedy(sv, prompt, max_tokens=8, ignore_eos=True, logprobs=3, prompt_logprobs=3)
+    r = sv.client.completions.create(model=SV_MODEL, prompt=prompt, max_tokens=8, temperature=0, logprobs=3,
+                                     echo=True, extra_body={"ignore_eos": True})
+    lp = r.choices[0].logprobs
+    assert r.choices[0].text == prompt + want.text
+    assert len(lp.tokens) == len(ids) + 8 and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    got = lp.token_logprobs[1:]
+    ref = [e[0] for e in want.prompt_logprobs[1:]] + [e[0] for e in want.logprobs]
+    print("max |logprob diff| over HTTP:", max(abs(a - b) for a, b in zip(got, ref)))
+    assert all(abs(a - b) < 1e-5 for a, b in zip(got, ref))
+    # legacy top_logprobs are keyed by token text: tokens with the same text (partial UTF-8: U+FFFD) share a key
+    name = sv.ref.tokenizer.token_text
+    tops = [e[1] for e in want.prompt_logprobs[1:]] + [e[1] for e in want.logprobs]
+    assert [set(t) for t in lp.top_logprobs[1:]] == [{name(i) for i, _ in top} for top in tops]
+    assert lp.text_offset[0] == 0
+    # chat: logprobs + top_logprobs, streamed and not
+    msgs = [{"role": "user", "content": "hi"}]
+    c = sv.client.chat.completions.create(model=SV_MODEL, messages=msgs, max_tokens=5, temperature=0, logprobs=True,
+                                          top_logprobs=2, extra_body={"ignore_eos": True})
+    content = c.choices[0].logprobs.content
+    assert len(content) == 5 and all(len(e.top_logprobs) == 2 and e.logprob <= 0 for e in content)
+    assert content[0].top_logprobs[0].logprob >= content[0].top_logprobs[1].logprob
+    streamed = [e for ch in sv.client.chat.completions.create(
+        model=SV_MODEL, messages=msgs, max_tokens=5, temperature=0, logprobs=True, top_logprobs=2, stream=True,
+        extra_body={"ignore_eos": True}) for e in ((ch.choices[0].logprobs.content or []) if ch.choices and
+                                                   ch.choices[0].logprobs else [])]
+    assert [(e.token, round(e.logprob, 5)) for e in streamed] == [(e.token, round(e.logprob, 5)) for e in content]
+    # logit_bias +100 on one token makes greedy pick it every time; penalties give what the engine gives
+    r = sv.client.completions.create(model=SV_MODEL, prompt=prompt, max_tokens=6, temperature=0,
+                                     logit_bias={"65": 100}, extra_body={"ignore_eos": True})
+    assert r.choices[0].text == sv.ref.tokenizer.decode([65] * 6)
+    kw = dict(max_tokens=12, ignore_eos=True, presence_penalty=1.5, frequency_penalty=0.5)
+    r = sv.client.completions.create(model=SV_MODEL, prompt=prompt, temperature=0, presence_penalty=1.5,
+                                     frequency_penalty=0.5, max_tokens=12, extra_body={"ignore_eos": True})
+    assert r.choices[0].text == sv_greedy(sv, prompt, **kw).text != sv_greedy(sv, prompt, max_tokens=12,
+                                                                               ignore_eos=True).text
+
+
+def test_sv_streams_every_step(sv):
+    """No batching by time: a 64-token stream arrives in at least 32 events."""
+    conn = http.client.HTTPConnection("127.0.0.1", sv.port, timeout=60)
+    conn.request("POST", "/v1/completions", json.dumps({"model": SV_MODEL, "prompt": SV_PROMPTS[0], "max_tokens": 64,
+                                                        "temperature": 0, "ignore_eos": True, "stream": True}),
+                 headers={"Authorization": f"Bearer {SV_KEY}"})
+    events = [line for line in conn.getresponse().read().decode().split("\n") if line.startswith("data: {")]
+    conn.close()
+    print(f"64 tokens in {len(events)} events")
+    assert len(events) >= 32
+
+
+def test_sv_engine_death_fails_requests_fast(sv):
+    """Kill the engine process mid-generation: a stream gets an error event and [DONE], a non-streaming request
+    a 500, both within seconds; /health answers 503; new requests 503."""
+    httpd = start_server(sv_args(sv.path), "127.0.0.1", 0, model_name=SV_MODEL)
+    port = httpd.server_address[1]
+    body = {"prompt": SV_PROMPTS[0], "max_tokens": 900, "ignore_eos": True}
+    results = {}
+
+    def ask(stream):
+        results[stream] = sv_raw(port, "POST", "/v1/completions", {**body, "stream": stream})
+
+    threads = [threading.Thread(target=ask, args=(s,)) for s in (True, False)]
+    for t in threads:
+        t.start()
+    deadline = time.time() + 30
+    while sv_metrics(port)["qwen3_requests_running"] < 2 and time.time() < deadline:
+        time.sleep(0.02)
+    os.kill(httpd.client.info["pid"], 9)
+    t0 = time.time()
+    for t in threads:
+        t.join(30)
+    print(f"requests ended {time.time() - t0:.2f} s after the kill")
+    assert time.time() - t0 < 10
+    status, _, text = results[True]
+    events = [line for line in text.split("\n") if line.startswith("data: ")]
+    assert status == 200 and events[-1] == "data: [DONE]" and "engine process died" in events[-2]
+    status, _, err = results[False]
+    assert status == 500 and "engine process died" in err["error"]["message"]
+    assert sv_raw(port, "GET", "/health")[0] == 503
+    assert sv_raw(port, "POST", "/v1/completions", body)[0] == 503
+    shutdown(httpd)
+
+
+def test_sv_drain_finishes_requests_in_flight(sv):
+    """Shutdown with a drain timeout: the request in flight completes; a new one gets 503 meanwhile."""
+    httpd = start_server(sv_args(sv.path), "127.0.0.1", 0, model_name=SV_MODEL)
+    port = httpd.server_address[1]
+    want = sv_greedy(sv, SV_PROMPTS[3], max_tokens=60, ignore_eos=True).text
+    got = {}
+    t = threading.Thread(target=lambda: got.update(r=sv_raw(port, "POST", "/v1/completions", {
+        "prompt": SV_PROMPTS[3], "max_tokens": 60, "temperature": 0, "ignore_eos": True})))
+    t.start()
+    deadline = time.time() + 30
+    while sv_metrics(port)["qwen3_requests_running"] < 1 and time.time() < deadline:
+        time.sleep(0.01)
+    stopper = threading.Thread(target=shutdown, args=(httpd, 30.0))
+    stopper.start()
+    time.sleep(0.05)
+    assert httpd.draining
+    t.join(30)
+    stopper.join(30)
+    assert got["r"][0] == 200 and got["r"][2]["choices"][0]["text"] == want
+    assert not httpd.client.proc.is_alive()
 
 
 def test_sv_still_serves_and_nothing_leaks(sv):
@@ -1220,11 +1336,8 @@ def test_sv_still_serves_and_nothing_leaks(sv):
                                      extra_body={"ignore_eos": True})
     assert r.choices[0].text == want.text
     m = sv_wait_idle(sv.port)
-    assert m["qwen3_kv_blocks_used"] == 0
-    llm = sv.llm
-    assert not llm.seqs and not llm.scheduler.running and not llm.scheduler.waiting
-    assert all(ref == 0 for ref in llm.blocks.ref), "KV blocks still referenced"
-    assert m["qwen3_kv_blocks_free"] + m["qwen3_kv_blocks_cached"] == llm.blocks.num_blocks - 1
+    assert m["qwen3_kv_blocks_used"] == 0 and m["qwen3_requests_running"] == m["qwen3_requests_waiting"] == 0
+    assert m["qwen3_kv_blocks_free"] + m["qwen3_kv_blocks_cached"] == sv.httpd.client.info["num_blocks"] - 1
 
 
 # ----------------------------------------------------------------------------------------------------------
