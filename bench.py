@@ -42,16 +42,12 @@ On a CPU the numbers mean nothing for speed: that run only shows the machinery w
 """
 import argparse
 import gc
-import http.client
 import json
 import os
 import random
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -80,7 +76,9 @@ class Workloads:
     prefix_len: int = 2000
     suffix_len: int = 100
     prefix_out: int = 128
-    clients: tuple = (1, 16, 64, 256)  # serve: concurrent streaming clients per level
+    clients: tuple = (1, 16, 64, 256)  # serve: requests (and concurrent streaming clients) per level
+    request_rate: float = float("inf")  # serve: Poisson arrivals per second (inf: all at once)
+    max_concurrency: int | None = None  # serve: requests in flight at most (None: all of a level's)
 
 
 CPU_WORKLOADS = Workloads(num_seqs=8, min_len=16, max_len=64, decode_prompt=16, decode_tokens=32, prefill_seqs=2,
@@ -269,16 +267,26 @@ def run_offline(b: Bench):
     prompts, outs = offline_requests(w.num_seqs, w.min_len, w.max_len, b.cfg.vocab_size)
     fl = floor(b, [len(p) for p in prompts], outs)
     rows, details = [], {"num_seqs": w.num_seqs, "prompt_tokens": sum(map(len, prompts)), "floor": fl}
-    for label, sampling in variants(b, llm):
+    runs = variants(b, llm)
+    if b.greedy_beside:                          # what top-5 logprobs for every request cost
+        runs.append((runs[0][0] + ", top-5 logprobs", {**runs[0][1], "logprobs": 5}))
+    if b.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    for label, sampling in runs:
         r = run_requests(llm, prompts, outs, sampling, f"offline, {label}")
         tok_s = r["output_tokens"] / r["seconds"]
         rows.append(row(f"offline ({w.num_seqs} reqs), {label}", tok_s, fl["tok_s"],
                         f"{r['output_tokens']:,} tok in {r['seconds']:.1f} s, {r['blocks_total']:,} KV blocks, "
                         f"max batch {r['max_batch_seqs']}, {r['preemptions']} preemptions"))
         details[label] = {"output_tok_s": tok_s, **{k: v for k, v in r.items() if k != "stamps"}}
-    if len(rows) == 2:
+    if len(rows) == 3:
         rows[0]["note"] += f"; {rows[0]['tok_s'] / rows[1]['tok_s']:.1%} of greedy"
+        rows[2]["note"] += f"; {rows[2]['tok_s'] / rows[0]['tok_s']:.1%} of the same without logprobs"
         details["sampled_over_greedy"] = rows[0]["tok_s"] / rows[1]["tok_s"]
+    if b.device.type == "cuda":                  # gpu_memory_utilization is what the engine may use of the card
+        total = torch.cuda.get_device_properties(b.device).total_memory
+        details["peak_memory_of_card"] = torch.cuda.max_memory_reserved() / total
+        rows[0]["note"] += f"; peak GPU memory {details['peak_memory_of_card']:.1%} of the card"
     if b.peer_num_seqs:     # the peer runs fewer requests, all with the mean output length: run ours on that too
         prompts, outs = offline_requests(b.peer_num_seqs, w.min_len, w.max_len, b.cfg.vocab_size)
         outs = [round(statistics.mean(outs))] * len(outs)
@@ -448,118 +456,62 @@ def run_accuracy(b: Bench):
     return [], res
 
 
-# ---- serve: serve.py as a subprocess, N concurrent streaming clients (standard library only) ---------------
+# ---- serve: serve.py as a subprocess, clients in worker processes (bench_serve.py) ----------------------------
 
-def stream_completion(port: int, body: dict, timeout: float = 900) -> dict:
-    """One streaming /v1/completions request: arrival time of each SSE chunk and the usage it reports."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    t0, stamps, usage = time.perf_counter(), [], None
-    try:
-        conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
-        resp = conn.getresponse()
-        if resp.status != 200:
-            return {"error": f"HTTP {resp.status}: {resp.read()[:200]!r}", "stamps": [], "tokens": 0}
-        for line in resp:                        # SSE: 'data: {...}' lines, 'data: [DONE]' at the end
-            data = line.strip().removeprefix(b"data:").strip()
-            if not line.startswith(b"data:") or data == b"[DONE]":
-                continue
-            msg = json.loads(data)
-            usage = msg.get("usage") or usage
-            if msg.get("choices"):
-                stamps.append(time.perf_counter() - t0)
-    except (OSError, http.client.HTTPException, ValueError) as e:
-        return {"error": f"{type(e).__name__}: {e}", "stamps": stamps, "tokens": 0}
-    finally:
-        conn.close()
-    # a chunk may carry several tokens, or none be sent for tokens that add no text: usage is the count
-    return {"stamps": stamps, "tokens": usage["completion_tokens"] if usage else 0, "error": None if usage else "no usage"}
-
-
-def pct(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
-
-
-def start_server(b: Bench) -> tuple[subprocess.Popen, int]:
-    """serve.py with our engine flags (those that differ from their defaults), once GET /health answers."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, str(Path(__file__).parent / "serve.py"), "--port", str(port), "--model", b.eargs.model]
+def run_serve(b: Bench):
+    """Each level: N requests of the offline workload's lengths over N streaming clients (or --max-concurrency),
+    sent at once or at --request-rate. Beside it, from the same run: the same N requests offline (all in one
+    batch, as max_num_seqs = N would run them), its median step time, and the GPU's idle share while serving."""
+    import bench_serve
+    w, llm = b.w, engine(b)
+    runs = variants(b, llm)
+    offline = {}
+    for label, kw in runs:
+        for n in w.clients:
+            prompts, outs = offline_requests(n, w.min_len, w.max_len, b.cfg.vocab_size)
+            r = run_requests(llm, prompts, outs, kw, f"offline x{n}, {label}")
+            steps = [y - x for x, y in zip(r["stamps"], r["stamps"][1:])]
+            offline[label, n] = {"output_tok_s": r["output_tokens"] / r["seconds"],
+                                 "step_p50_ms": 1e3 * statistics.median(steps) if steps else float("nan")}
+    del llm
+    release(b)                                   # the server needs the GPU memory
+    flags = ["--model", b.eargs.model]
     for f in fields(EngineArgs):
         v, flag = getattr(b.eargs, f.name), "--" + f.name.replace("_", "-")
         if f.name != "model" and v != f.default and v is not None:
-            cmd += ([flag] if v else ["--no-" + flag[2:]]) if isinstance(v, bool) else [flag, str(v)]
-    log = tempfile.NamedTemporaryFile("w+", prefix="serve-", suffix=".log", delete=False)
-    print("starting", " ".join(cmd), f"(log: {log.name})", file=sys.stderr)
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    for _ in range(900):
-        if proc.poll() is not None:
-            raise RuntimeError(f"serve.py exited with {proc.returncode}:\n{Path(log.name).read_text()[-3000:]}")
-        try:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-            conn.request("GET", "/health")
-            if conn.getresponse().status == 200:
-                return proc, port
-        except OSError:
-            pass
-        time.sleep(1)
-    proc.kill()
-    raise RuntimeError("serve.py did not answer GET /health in 900 s")
-
-
-def serve_level(b: Bench, port: int, n: int) -> tuple[dict, dict]:
-    """n clients at once, each streaming one request of the offline workload's lengths."""
-    prompts, outs = offline_requests(n, b.w.min_len, b.w.max_len, b.cfg.vocab_size)
-    base = {"model": b.eargs.model, "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True,
-            **b.sampling}
-    results, bar = [None] * n, Progress(n, f"serve, {n} clients")
-
-    def client(i):
-        results[i] = stream_completion(port, {**base, "prompt": prompts[i], "max_tokens": outs[i]})
-        bar.update(1)
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(n)]
-    t0 = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - t0
-    bar.close()
-    ttft = [r["stamps"][0] for r in results if r["stamps"]]
-    itl = [y - x for r in results for x, y in zip(r["stamps"], r["stamps"][1:])]
-    tokens, chunks = sum(r["tokens"] for r in results), sum(len(r["stamps"]) for r in results)
-    complete = sum(r["error"] is None and r["tokens"] == o for r, o in zip(results, outs))
-    errors = [r["error"] for r in results if r["error"]]
-    lv = {"clients": n, "output_tok_s": tokens / wall, "seconds": wall, "output_tokens": tokens, "chunks": chunks,
-          "ttft_p50_ms": 1e3 * pct(ttft, .5), "ttft_p99_ms": 1e3 * pct(ttft, .99), "itl_p50_ms": 1e3 * pct(itl, .5),
-          "itl_p99_ms": 1e3 * pct(itl, .99), "complete": complete, "errors": errors[:3]}
-    note = (f"TTFT p50/p99 {lv['ttft_p50_ms']:.0f}/{lv['ttft_p99_ms']:.0f} ms, ITL p50/p99 {lv['itl_p50_ms']:.1f}/"
-            f"{lv['itl_p99_ms']:.1f} ms, complete {complete}/{n}, {chunks:,} chunks for {tokens:,} tokens"
-            + (f", error: {errors[0]}" if errors else ""))
-    return row(f"serve ({n} clients)", lv["output_tok_s"], floor(b, list(map(len, prompts)), outs)["tok_s"], note), lv
-
-
-def run_serve(b: Bench):
-    if not (Path(__file__).parent / "serve.py").exists():
-        print("serve: serve.py is missing, skipped")
-        return [], {"available": False}
-    release(b)                                   # the server needs the GPU memory
-    proc, port = start_server(b)
+            flags += ([flag] if v else ["--no-" + flag[2:]]) if isinstance(v, bool) else [flag, str(v)]
+    proc, port = bench_serve.start_server(flags)
+    pool = bench_serve.ClientPool(min(8, max(w.clients)))
     rows, levels = [], {}
     try:
         for n in (16, 300, 1000):                # warm-up: Triton compiles its kernels for these shapes once
-            stream_completion(port, {"model": b.eargs.model, "prompt": [1] * n, "max_tokens": 4, "stream": True})
-        for n in b.w.clients:
-            r, levels[n] = serve_level(b, port, n)
-            rows.append(r)
+            bench_serve.stream_completion(port, {"model": b.eargs.model, "prompt": [1] * n, "max_tokens": 4,
+                                                 "stream": True})
+        for label, kw in runs:
+            for n in w.clients:
+                prompts, outs = offline_requests(n, w.min_len, w.max_len, b.cfg.vocab_size)
+                bodies = [{"model": b.eargs.model, "stream": True, "stream_options": {"include_usage": True},
+                           "ignore_eos": True, **kw, "prompt": p, "max_tokens": o} for p, o in zip(prompts, outs)]
+                busy = bench_serve.metric(port, "qwen3_gpu_busy_seconds_total")
+                res, t0 = pool.run(port, bodies, bench_serve.arrivals(n, w.request_rate), w.max_concurrency or n)
+                lv = bench_serve.summarize(res, outs, t0)
+                lv["gpu_idle"] = 1 - (bench_serve.metric(port, "qwen3_gpu_busy_seconds_total") - busy) / lv["seconds"]
+                off = offline[label, n]
+                lv.update(offline_tok_s=off["output_tok_s"], offline_step_p50_ms=off["step_p50_ms"],
+                          of_offline=lv["output_tok_s"] / off["output_tok_s"])
+                levels[f"{label}, {n}"] = lv
+                note = (f"{lv['of_offline']:.0%} of offline ({off['output_tok_s']:,.0f}); TTFT p50/p90/p99 "
+                        f"{lv['ttft_p50_ms']:.0f}/{lv['ttft_p90_ms']:.0f}/{lv['ttft_p99_ms']:.0f} ms; TPOT p50 "
+                        f"{lv['tpot_p50_ms']:.1f} ms; ITL p50/p90/p99 {lv['itl_p50_ms']:.1f}/{lv['itl_p90_ms']:.1f}/"
+                        f"{lv['itl_p99_ms']:.1f} ms (offline step p50 {off['step_p50_ms']:.1f} ms); GPU idle "
+                        f"{lv['gpu_idle']:.1%}; complete {lv['complete']}/{n}, {lv['events']:,} events"
+                        + (f"; error: {lv['errors'][0]}" if lv["errors"] else ""))
+                rows.append(row(f"serve ({n} clients), {label}", lv["output_tok_s"],
+                                floor(b, list(map(len, prompts)), outs)["tok_s"], note))
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-    return rows, {"levels": levels}
+        pool.close()
+        bench_serve.stop_server(proc)
+    return rows, {"levels": levels, "request_rate": w.request_rate, "max_concurrency": w.max_concurrency}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -698,7 +650,11 @@ def parse_args(argv):
     ap.add_argument("--num-seqs", type=int, help="offline requests (default: 256; CPU: 8)")
     ap.add_argument("--min-len", type=int, help="offline/serve shortest prompt and output (default: 100; CPU: 16)")
     ap.add_argument("--max-len", type=int, help="offline/serve longest prompt and output (default: 1024; CPU: 64)")
-    ap.add_argument("--clients", type=int, nargs="+", help="serve: concurrent clients per level (default: 1 16 64 256)")
+    ap.add_argument("--clients", type=int, nargs="+", help="serve: requests per level (default: 1 16 64 256)")
+    ap.add_argument("--request-rate", type=float, default=float("inf"),
+                    help="serve: Poisson arrivals per second (default: inf, all at once)")
+    ap.add_argument("--max-concurrency", type=int, default=None,
+                    help="serve: requests in flight at most (default: all of a level's)")
     ap.add_argument("--temperature", type=float, default=None,
                     help="offline, prefix, serve, nanovllm: the sampled runs' temperature (default: the model's, with "
                          "its top-p/top-k: Qwen3's 0.6 / 0.95 / 20 for random weights); 0 = greedy only")
@@ -726,6 +682,7 @@ def setup(args) -> Bench:
     w = replace(Workloads() if gpu else CPU_WORKLOADS,
                 **{k: getattr(args, k) for k in ("num_seqs", "min_len", "max_len") if getattr(args, k) is not None})
     w.clients = tuple(args.clients or w.clients)
+    w.request_rate, w.max_concurrency = args.request_rate, args.max_concurrency
     name = torch.cuda.get_device_name(device) if gpu else f"CPU ({os.cpu_count()} cores)"
     print(f"device: {name}, torch {torch.__version__}; model {eargs.model} "
           f"({'random weights' if eargs.random_weights else 'checkpoint'}, {str(dtype).removeprefix('torch.')}): hidden "

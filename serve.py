@@ -419,7 +419,7 @@ def shutdown(httpd: Server, drain_timeout: float = 0.0):
     httpd.server_close()                        # joins every handler thread
 
 
-def main(argv=None):
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8000)
@@ -430,7 +430,11 @@ def main(argv=None):
     ap.add_argument("--shutdown-timeout", type=float, default=30.0,
                     help="seconds requests in flight may still run after SIGTERM / Ctrl-C")
     add_dataclass_args(ap, EngineArgs)
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
     try:
         httpd = start_server(pick(args, EngineArgs), args.host, args.port, args.served_model_name, args.api_key,
                              args.max_queue, args.max_body_bytes)

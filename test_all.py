@@ -14,6 +14,7 @@ import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from types import SimpleNamespace
 
 os.environ.setdefault("TRITON_INTERPRET", "1")    # read when triton.jit wraps kernels: before kernels.py loads
@@ -23,6 +24,7 @@ import pytest
 import torch
 
 import bench
+import bench_serve
 import cache
 import kernels
 import sample as sample_mod
@@ -1329,6 +1331,34 @@ def test_sv_drain_finishes_requests_in_flight(sv):
     assert not httpd.client.proc.is_alive()
 
 
+def test_sv_deployment_files_match_serve():
+    """Dockerfile and k8s.yaml cannot be built here: check that their flags parse with serve.py's own parser and
+    that the port, probe and scrape paths are the ones serve.py serves."""
+    import shlex
+    import yaml
+    import serve
+    docker = {}
+    for line in (Path(__file__).parent / "Dockerfile").read_text().splitlines():
+        if line and not line.startswith("#"):
+            key, _, rest = line.partition(" ")
+            docker[key] = json.loads(rest) if rest.startswith("[") else rest
+    entry = docker["ENTRYPOINT"]
+    assert entry[:2] == ["python", "serve.py"]
+    args = serve.parser().parse_args(entry[2:] + docker["CMD"])
+    assert args.host == "0.0.0.0" and str(args.port) == docker["EXPOSE"]
+    deploy, service = yaml.safe_load_all((Path(__file__).parent / "k8s.yaml").read_text())
+    pod = deploy["spec"]["template"]
+    c = pod["spec"]["containers"][0]
+    k8s_args = serve.parser().parse_args(entry[2:] + c["args"])
+    assert c["ports"][0]["containerPort"] == args.port == service["spec"]["ports"][0]["targetPort"]
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert c[probe]["httpGet"]["path"] in serve.Handler.routes and c[probe]["httpGet"]["port"] == args.port
+    ann = pod["metadata"]["annotations"]
+    assert ann["prometheus.io/path"] in serve.Handler.routes and int(ann["prometheus.io/port"]) == args.port
+    assert pod["spec"]["terminationGracePeriodSeconds"] > k8s_args.shutdown_timeout
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == 1 and shlex.join(c["args"])
+
+
 def test_sv_still_serves_and_nothing_leaks(sv):
     """After all of the above: correct output, and every KV block is free or cached."""
     want = sv_greedy(sv, SV_PROMPTS[2], max_tokens=16, ignore_eos=True)
@@ -1385,7 +1415,8 @@ def test_bn_tiny_run_writes_json(tmp_path):
     rows = {row["workload"]: row for row in r["rows"]}
     print({k: (round(v["tok_s"], 1), round(v["floor_tok_s"])) for k, v in rows.items()})
     qwen3 = "T 0.6, top-p 0.95, top-k 20"              # a random-weight size samples with Qwen3's defaults
-    assert set(rows) == {f"offline (4 reqs), {qwen3}", "offline (4 reqs), greedy", "decode-1", "prefix, cache on",
+    assert set(rows) == {f"offline (4 reqs), {qwen3}", "offline (4 reqs), greedy", f"offline (4 reqs), {qwen3}, top-5 "
+                         "logprobs", "decode-1", "prefix, cache on",
                          "prefix, cache off", "nanovllm (4 reqs), T 0.6 (nano-vllm's settings)",
                          f"nanovllm (4 reqs), {qwen3}", "nanovllm (4 reqs), greedy"}
     for row in rows.values():
@@ -1422,8 +1453,26 @@ def test_bn_stream_client_counts_chunks_and_usage():
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        r = bench.stream_completion(server.server_address[1], {"prompt": [1, 2], "max_tokens": 5, "stream": True})
+        r = bench_serve.stream_completion(server.server_address[1], {"prompt": [1, 2], "max_tokens": 5, "stream": True})
     finally:
         server.shutdown()
     assert r["error"] is None and r["tokens"] == 5 and len(r["stamps"]) == 3
     assert r["stamps"] == sorted(r["stamps"]) and r["stamps"][0] > 0
+
+
+def test_bn_serve_levels_and_arrivals(tmp_path):
+    """bench.py serve on the CPU: serve.py in a subprocess, clients in worker processes, offline beside each
+    level; every request completes with its token count. Poisson arrivals have the asked-for rate."""
+    times = bench_serve.arrivals(2000, 50.0)
+    assert times[0] == 0 and times == sorted(times) and 2000 / times[-1] == pytest.approx(50, rel=0.1)
+    assert bench_serve.arrivals(5, float("inf")) == [0.0] * 5
+    out = tmp_path / "serve.json"
+    ret = bench.main(["serve", "--model", "tiny", "--clients", "1", "3", "--min-len", "4", "--max-len", "12",
+                      "--temperature", "0", "--request-rate", "20", "--out", str(out)])
+    levels = ret["details"]["serve"]["levels"]
+    print({k: (round(v["output_tok_s"]), v["complete"], round(v["ttft_p50_ms"], 1)) for k, v in levels.items()})
+    assert set(levels) == {"greedy, 1", "greedy, 3"}
+    for name, lv in levels.items():
+        n = int(name.split(", ")[1])
+        assert lv["complete"] == n and lv["output_tok_s"] > 0 and lv["offline_tok_s"] > 0
+        assert lv["ttft_p50_ms"] > 0 and lv["itl_p50_ms"] >= 0 and lv["events"] >= lv["output_tokens"] // 2
