@@ -242,7 +242,20 @@ def bench_sampler(copy_gbps: float, device="cuda") -> list[dict]:
                              path="triton" if sample.HAS_TRITON else "torch",
                              err=differ, floor_us=1e3 * B * V * elt / copy_gbps / 1e6))
             del sets
-
+    for B in (1, 256):                    # top-5 logprobs of the chosen tokens: the fused path vs log_softmax + topk
+        make = lambda: (rnd(B, V), torch.randint(0, V, (B,), device=device))
+        sets = input_sets(make)
+        ms = time_rotated(lambda x, t: sample.token_logprobs_triton(x, t, 5), sets)
+        ref = lambda x, t: (torch.log_softmax(x.float(), -1).gather(1, t[:, None]), torch.log_softmax(x.float(), -1).topk(5))
+        ref_ms = time_rotated(ref, sets[:4])
+        x, t = sets[0]
+        got, lp = sample.token_logprobs_triton(x, t, 5), torch.log_softmax(x.float(), -1)
+        err = max((got[0] - lp.gather(1, t[:, None])[:, 0]).abs().max().item(), (got[1] - lp.topk(5).values).abs().max().item())
+        rate = B * V * elt / ms / 1e6
+        rows.append(dict(op="logprobs (top 5)", shape=f"B={B}", ms=ms, rate=rate, unit="GB/s", pct=100 * rate / copy_gbps,
+                         target=None, ref_ms=ref_ms, speedup=ref_ms / ms, path="triton", err=err,
+                         floor_us=1e3 * B * V * elt / copy_gbps / 1e6))
+        del sets
     return rows
 
 

@@ -17,6 +17,7 @@ the rows that ask; a request that wants its prompt's logprobs computes its whole
 """
 import array
 import random
+import sys
 import uuid
 from dataclasses import dataclass, field
 
@@ -154,9 +155,20 @@ class LLM:
         self.last_tokens = torch.zeros(args.max_num_seqs, dtype=torch.int64, device=self.device)
         self.graphs = self.sampler_graphs = None
         if args.cuda_graphs and self.device.type == "cuda":
+            before = torch.cuda.memory_reserved()
             self.graphs = DecodeGraphs(self.model, self.kv_cache, self.last_tokens, args.max_num_seqs,
                                        self.max_blocks_per_seq)
             self.sampler_graphs = SamplerGraphs(self.graphs.logits, self.graphs.sizes, self.graphs.pool)
+            self.graph_bytes = torch.cuda.memory_reserved() - before
+        if self.device.type == "cuda":
+            gib = lambda x: f"{x / 2**30:.2f} GiB"
+            total = torch.cuda.get_device_properties(self.device).total_memory
+            weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
+            print(f"GPU memory: weights {gib(weights)}, KV cache {gib(self.kv_cache.numel() * self.kv_cache.element_size())}"
+                  f" ({num_blocks} blocks), graphs {gib(getattr(self, 'graph_bytes', 0))}; reserved "
+                  f"{gib(torch.cuda.memory_reserved())} of {gib(total)} "
+                  f"({torch.cuda.memory_reserved() / total:.1%}; gpu_memory_utilization {args.gpu_memory_utilization})",
+                  file=sys.stderr)
 
     # ---- requests -----------------------------------------------------------------------------------------
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
@@ -486,9 +498,11 @@ def warmup(llm: LLM, kv):
     ids = torch.zeros(T, dtype=torch.int64, device=dev)
     llm.model.compute_logits(llm.model(ids, torch.arange(T, device=dev) % llm.max_model_len, meta, kv))
     logits = torch.randn(B, V, device=dev).to(llm.dtype)
-    p = SamplingParams(temperature=1.0, top_k=20, top_p=0.9, min_p=0.01, repetition_penalty=1.1, logprobs=20)
+    kinds = [dict(temperature=0.0), dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0),
+             dict(temperature=1.0, top_k=20, top_p=0.9, min_p=0.01)]       # greedy, plain, filtered: every kernel
+    params = [resolve(SamplingParams(**kinds[i % 3]), llm.defaults) for i in range(B)]
     x = apply_penalties(logits.float(), [[(t, 0.0, 1.1, 0.0) for t in range(64)]] * B)
-    tokens = sample(x, SamplingTensors.build([p] * B, list(range(B)), [0] * B, V, dev))
+    tokens = sample(x, SamplingTensors.build(params, list(range(B)), [0] * B, V, dev))
     token_logprobs(logits, tokens, 20)
 
 

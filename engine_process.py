@@ -83,14 +83,25 @@ def engine_main(args, conn, max_queue: int):
 
 
 class EngineLoop:
-    """Owns the LLM inside the engine process: commands in, one step, outputs out, repeat."""
+    """Owns the LLM inside the engine process: commands in, one step, outputs out, repeat. Outputs leave
+    through a sender thread: a front that reads slowly (a full pipe) never holds up the next step."""
 
     def __init__(self, llm, conn, max_queue: int):
         self.llm, self.conn, self.max_queue = llm, conn, max_queue
         self.stopping = False
         self.changed, self.last_stats = True, 0.0
+        self.outbox: queue.Queue = queue.Queue()
+        self.sender = threading.Thread(target=self.send_loop, name="engine-sender", daemon=True)
+
+    def send_loop(self):
+        try:
+            while (msg := self.outbox.get()) is not None:
+                self.conn.send(msg)
+        except (OSError, ValueError):
+            self.stopping = True                            # the front is gone: nothing left to serve
 
     def run(self):
+        self.sender.start()
         try:
             while not self.stopping:
                 self.handle_commands(wait=0.0 if self.llm.has_work() else 0.05)
@@ -98,10 +109,12 @@ class EngineLoop:
                     self.step()
                 now = time.perf_counter()
                 if self.changed or now - self.last_stats > STATS_EVERY:
-                    self.conn.send(("stats", self.llm.stats()))
+                    self.outbox.put(("stats", self.llm.stats()))
                     self.changed, self.last_stats = False, now
-        except (EOFError, BrokenPipeError, ConnectionResetError):
+        except (EOFError, OSError):
             pass                                            # the front is gone: nothing left to serve
+        self.outbox.put(None)
+        self.sender.join(10)
 
     def handle_commands(self, wait: float):
         while self.conn.poll(wait):
@@ -120,7 +133,7 @@ class EngineLoop:
         waiting = len(self.llm.scheduler.waiting)
         ids = [j[0] for j in jobs]
         if waiting + len(jobs) > self.max_queue:
-            self.conn.send(("rejected", ids, 503, f"{waiting} requests are already waiting (--max-queue "
+            self.outbox.put(("rejected", ids, 503, f"{waiting} requests are already waiting (--max-queue "
                                                   f"{self.max_queue}); retry later", "queue_full"))
             return
         added = []
@@ -131,9 +144,9 @@ class EngineLoop:
         except ValueError as e:                             # too long, bad token ids, too big for the cache
             for rid in added:
                 self.llm.abort(rid)
-            self.conn.send(("rejected", ids, 400, str(e), None))
+            self.outbox.put(("rejected", ids, 400, str(e), None))
             return
-        self.conn.send(("admitted", ids))
+        self.outbox.put(("admitted", ids))
 
     def step(self):
         try:
@@ -144,10 +157,10 @@ class EngineLoop:
             for rid in rids:
                 self.llm.abort(rid)
             self.llm.in_flight = None
-            self.conn.send(("rejected", rids, 500, f"engine error: {type(e).__name__}: {e}", None))
+            self.outbox.put(("rejected", rids, 500, f"engine error: {type(e).__name__}: {e}", None))
             return
         if outs:
-            self.conn.send(("out", [Output(o.request_id, o.token_ids, o.finish_reason, o.num_prompt_tokens,
+            self.outbox.put(("out", [Output(o.request_id, o.token_ids, o.finish_reason, o.num_prompt_tokens,
                                            o.num_output_tokens, o.logprobs, o.prompt_logprobs) for o in outs]))
             self.changed |= any(o.finished for o in outs)
 

@@ -187,11 +187,17 @@ class SamplingTensors:
 
     @staticmethod
     def build(params: list[SamplingParams], seeds: list[int], steps: list[int], vocab: int, device):
+        """Two copies through pinned memory: (3, Bp) floats and (3, Bp) ints, Bp = B rounded up to 4, so every
+        row starts 16-byte aligned (Triton compiles one kernel per pointer alignment: keep it one)."""
         f, k = SamplingTensors.host_rows(params, vocab)
-        t = lambda xs, dt: torch.tensor(xs, dtype=dt).to(device, non_blocking=True)
-        fl = t(list(zip(*f)), torch.float32)                           # (3, B): each row contiguous
-        return SamplingTensors(fl[0], t(k, torch.int64), fl[1], fl[2], t(seeds, torch.int64),
-                               t(steps, torch.int64))
+        B = len(params)
+        pad = [0] * (-B % 4)
+        pin = torch.device(device).type == "cuda"
+        up = lambda xs, dt: torch.tensor(xs, dtype=dt).view(3, -1).pin_memory().to(device, non_blocking=True) \
+            if pin else torch.tensor(xs, dtype=dt).view(3, -1)
+        fl = up([r[j] for j in range(3) for r in f + [(0.0, 1.0, 0.0)] * len(pad)], torch.float32)
+        it = up(k + pad + seeds + pad + steps + pad, torch.int64)
+        return SamplingTensors(fl[0, :B], it[0, :B], fl[1, :B], fl[2, :B], it[1, :B], it[2, :B])
 
 
 def sample_ref(logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
@@ -233,8 +239,16 @@ def sample_ref(logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
 # take their argmax there.
 # ----------------------------------------------------------------------------------------------------------
 SAMPLE_CHUNK = 1024   # logits per chunk: 149 chunks for Qwen3's vocabulary, so top-k up to 149 takes the fast path
-SAMPLE_SUB = 4        # chunks per program of the two passes (fewer, fuller programs)
-SAMPLE_WARPS = 8
+# Programs of SUB chunks, H100, bf16, us per call (B = 1 / 16 / 256 rows), swept by gpu runs of bench_sampler:
+#   SUB, warps | T 0.6 top-p 0.95 top-k 20 | T 0.6 only         | greedy
+#   1, 4       | 12.6 / 17.3 / 91.0        | 8.5 / 12.2 / 72.5  | 7.1 / 11.1 / 71.3
+#   2, 4       | 14.0 / 19.1 / 101.3       | 8.7 / 12.3 / 63.2  | 7.2 / 10.9 / 59.0
+#   4, 4       | 15.4 / 22.4 / 132.5       | 9.3 / 13.1 / 67.2  | 7.6 / 11.4 / 60.8
+#   8, 8       | 16.7 / 25.3 / 186.8       | 9.9 / 14.3 / 80.2  | 7.8 / 12.2 / 70.2
+# Pass 1 reads everything and likes 2 chunks a program; pass 2 reads a few chunks and likes 1.
+SAMPLE_SUB = 2
+SAMPLE_COLLECT_SUB = 1
+SAMPLE_WARPS = 4
 SAMPLE_CAP = 256      # candidates per row the exact finish holds (top-k 20 over random logits: about 25)
 SAMPLE_SLOW_BLOCK = 1024
 
@@ -489,8 +503,8 @@ def _sample_finish_kernel(logits_ptr, stride, V, inv_temp_ptr, top_k_ptr, top_p_
         tl.store(out_ptr + row, tok.to(tl.int64))
 
 
-def sample_triton(logits: torch.Tensor, st: SamplingTensors, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Same contract as sample_ref. logits: (B, V), rows contiguous (bf16/fp16/fp32); out: (B,) int64."""
+def _candidates(logits: torch.Tensor, st: SamplingTensors, out: torch.Tensor):
+    """Passes 1 and 2 (and the per-row merge between them). Returns the per-row state the finish reads."""
     B, V = logits.shape
     assert logits.stride(1) == 1 and st.inv_temp.shape == (B,)
     dev = logits.device
@@ -500,18 +514,85 @@ def sample_triton(logits: torch.Tensor, st: SamplingTensors, out: torch.Tensor |
     carg = torch.empty(B, nchunk, **i32)
     stats, (count, pick) = torch.empty(B, 3, **f32), torch.empty(2, B, **i32)
     cand_val, cand_idx = torch.empty(B, SAMPLE_CAP, **f32), torch.empty(B, SAMPLE_CAP, **i32)
-    out = torch.empty(B, dtype=torch.int64, device=dev) if out is None else out
     rows = (st.inv_temp, st.top_k, st.top_p, st.min_p)
-    grid = (B, triton.cdiv(nchunk, SAMPLE_SUB))
-    _sample_chunk_kernel[grid](logits, logits.stride(0), V, *rows, cmax, csum, carg, nchunk, SUB=SAMPLE_SUB,
-                               CHUNK=SAMPLE_CHUNK, num_warps=SAMPLE_WARPS)
+    _sample_chunk_kernel[(B, triton.cdiv(nchunk, SAMPLE_SUB))](
+        logits, logits.stride(0), V, *rows, cmax, csum, carg, nchunk, SUB=SAMPLE_SUB, CHUNK=SAMPLE_CHUNK,
+        num_warps=SAMPLE_WARPS)
     _sample_row_kernel[(B,)](V, *rows, st.seeds, st.steps, cmax, csum, carg, stats, count, pick, out, nchunk,
                              BLOCK_C=triton.next_power_of_2(nchunk), num_warps=4)
-    _sample_collect_kernel[grid](logits, logits.stride(0), V, *rows, cmax, stats, count, pick, cand_val, cand_idx, out,
-                                 nchunk, CAP=SAMPLE_CAP, SUB=SAMPLE_SUB, CHUNK=SAMPLE_CHUNK, num_warps=SAMPLE_WARPS)
+    _sample_collect_kernel[(B, triton.cdiv(nchunk, SAMPLE_COLLECT_SUB))](
+        logits, logits.stride(0), V, *rows, cmax, stats, count, pick, cand_val, cand_idx, out, nchunk,
+        CAP=SAMPLE_CAP, SUB=SAMPLE_COLLECT_SUB, CHUNK=SAMPLE_CHUNK, num_warps=SAMPLE_WARPS)
+    return rows, stats, count, cand_val, cand_idx
+
+
+def sample_triton(logits: torch.Tensor, st: SamplingTensors, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Same contract as sample_ref. logits: (B, V), rows contiguous (bf16/fp16/fp32); out: (B,) int64."""
+    B, V = logits.shape
+    out = torch.empty(B, dtype=torch.int64, device=logits.device) if out is None else out
+    rows, stats, count, cand_val, cand_idx = _candidates(logits, st, out)
     _sample_finish_kernel[(B,)](logits, logits.stride(0), V, *rows, st.seeds, st.steps, stats, count, cand_val,
                                 cand_idx, out, CAP=SAMPLE_CAP, JB=16, SLOW_BLOCK=SAMPLE_SLOW_BLOCK, num_warps=4)
     return out
+
+
+@triton.jit
+def _logprob_finish_kernel(logits_ptr, stride, V, tokens_ptr, stats_ptr, count_ptr, cand_val_ptr, cand_idx_ptr,
+                           chosen_ptr, top_val_ptr, top_idx_ptr, N, CAP: tl.constexpr, JB: tl.constexpr,
+                           SLOW_BLOCK: tl.constexpr):
+    # grid (B,): log Z = M + log(sum); the chosen token's logprob; the top N by ranking the candidates (ties by
+    # token id), each written at its rank
+    row = tl.program_id(0)
+    lse = tl.load(stats_ptr + row * 3) + tl.log(tl.load(stats_ptr + row * 3 + 1))
+    tok = tl.load(tokens_ptr + row)
+    tl.store(chosen_ptr + row, tl.load(logits_ptr + row.to(tl.int64) * stride + tok).to(tl.float32) - lse)
+    n = tl.load(count_ptr + row)
+    if n <= CAP:
+        i = tl.arange(0, CAP)
+        v = tl.load(cand_val_ptr + row * CAP + i, mask=i < n, other=float("-inf"))
+        idx = tl.load(cand_idx_ptr + row * CAP + i, mask=i < n, other=2**30)
+        rank = tl.zeros((CAP,), dtype=tl.int32)
+        for j0 in range(0, n, JB):
+            j = j0 + tl.arange(0, JB)
+            vj = tl.load(cand_val_ptr + row * CAP + j, mask=j < n, other=float("-inf"))
+            ij = tl.load(cand_idx_ptr + row * CAP + j, mask=j < n, other=2**30)
+            before = (vj[None, :] > v[:, None]) | ((vj[None, :] == v[:, None]) & (ij[None, :] < idx[:, None]))
+            rank += tl.sum(before.to(tl.int32), axis=1)
+        ok = (i < n) & (rank < N)
+        tl.store(top_val_ptr + row * N + rank, v - lse, mask=ok)
+        tl.store(top_idx_ptr + row * N + rank, idx.to(tl.int64), mask=ok)
+    else:   # candidates overflowed (few chunks, or ties): N passes, each the next (value, -id) down the row
+        pv, pi = tl.full((), float("inf"), tl.float32), tl.full((), -1, tl.int32)
+        for r in range(N):
+            bv, bi = tl.full((), float("-inf"), tl.float32), tl.full((), 2**30, tl.int32)
+            for start in range(0, V, SLOW_BLOCK):
+                x, offs = _row_x(logits_ptr, row, stride, V, 1.0, start, SLOW_BLOCK)
+                after = (x < pv) | ((x == pv) & (offs > pi))
+                m = tl.max(tl.where(after, x, float("-inf")), axis=0)
+                mi = tl.min(tl.where(after & (x == m), offs, 2**30), axis=0)
+                better = (m > bv) | ((m == bv) & (mi < bi))
+                bv, bi = tl.where(better, m, bv), tl.where(better, mi, bi)
+            tl.store(top_val_ptr + row * N + r, bv - lse)
+            tl.store(top_idx_ptr + row * N + r, bi.to(tl.int64))
+            pv, pi = bv, bi
+
+
+def token_logprobs_triton(logits: torch.Tensor, tokens: torch.Tensor, n: int):
+    """Same contract as token_logprobs: the sampler's first passes on the raw logits (temperature 1, top-k n)
+    give log Z and the top n's candidates without a (B, V) log-softmax or a sort. n <= SAMPLE_CHUNK count."""
+    B, V = logits.shape
+    dev = logits.device
+    ones = torch.ones(B, dtype=torch.float32, device=dev)
+    zeros = torch.zeros(B, dtype=torch.int64, device=dev)
+    st = SamplingTensors(ones, torch.full((B,), max(n, 1), dtype=torch.int64, device=dev), ones, ones * 0, zeros,
+                         zeros)
+    _, stats, count, cand_val, cand_idx = _candidates(logits, st, zeros)
+    chosen = torch.empty(B, dtype=torch.float32, device=dev)
+    top_val = torch.empty(B, n, dtype=torch.float32, device=dev)
+    top_idx = torch.empty(B, n, dtype=torch.int64, device=dev)
+    _logprob_finish_kernel[(B,)](logits, logits.stride(0), V, tokens, stats, count, cand_val, cand_idx, chosen,
+                                 top_val, top_idx, n, CAP=SAMPLE_CAP, JB=16, SLOW_BLOCK=SAMPLE_SLOW_BLOCK, num_warps=4)
+    return chosen, top_val, top_idx
 
 
 def sample(logits: torch.Tensor, st: SamplingTensors, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -597,7 +678,10 @@ def apply_penalties(logits: torch.Tensor, entries: list[list[tuple]]) -> torch.T
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, n: int):
     """Raw-logit logprobs (vLLM's default: before penalties and temperature) of the chosen tokens and the top n:
-    (R, V) logits, (R,) tokens -> ((R,) fp32, (R, n) fp32, (R, n) int64), all on the device."""
+    (R, V) logits, (R,) tokens -> ((R,) fp32, (R, n) fp32, (R, n) int64), all on the device. The Triton path
+    where the sampler's runs; this reference builds an (R, V) fp32 log-softmax and sorts for the top n."""
+    if HAS_TRITON and kernels.kernel_mode() != "torch" and (logits.is_cuda or kernels.kernel_mode() == "triton"):
+        return token_logprobs_triton(logits, tokens, n)
     lp = torch.log_softmax(logits.float(), dim=-1)
     top = lp.topk(n, dim=-1) if n else (lp[:, :0], lp[:, :0].long())
     return lp.gather(1, tokens[:, None].long())[:, 0], top[0], top[1]

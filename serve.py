@@ -55,13 +55,18 @@ class Metrics:
         self.ttft, self.itl = [0] * len(TTFT_BUCKETS), [0] * len(ITL_BUCKETS)
         self.sums = {"ttft": [0.0, 0], "itl": [0.0, 0]}
 
-    def observe(self, name: str, x: float):
-        counts, buckets = (self.ttft, TTFT_BUCKETS) if name == "ttft" else (self.itl, ITL_BUCKETS)
+    def count(self, latencies: list[tuple[str, float]], tokens: int, finished: list[str]):
+        """One handler wake-up's worth: ("ttft" or "itl", seconds) per output, tokens, finish reasons."""
         with self.lock:
-            for i, le in enumerate(buckets):
-                counts[i] += x <= le
-            self.sums[name][0] += x
-            self.sums[name][1] += 1
+            for name, x in latencies:
+                counts, buckets = (self.ttft, TTFT_BUCKETS) if name == "ttft" else (self.itl, ITL_BUCKETS)
+                for i, le in enumerate(buckets):
+                    counts[i] += x <= le
+                self.sums[name][0] += x
+                self.sums[name][1] += 1
+            self.generation_tokens += tokens
+            for reason in finished:
+                self.finished[reason] += 1
 
     def render(self, s: dict) -> str:
         """Prometheus text format: the engine's latest stats (s) and the front's counters."""
@@ -265,13 +270,14 @@ class Handler(BaseHTTPRequestHandler):
         index = {job[0]: i for i, job in enumerate(jobs)}
         head = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
                 "created": int(time.time()), "model": srv.model_name}
+        event_head = json.dumps(head)[:-1] + ', "choices": ['          # each event: this, one choice, "]}"
         t0 = time.perf_counter()
         last = [None] * len(choices)                     # when each choice's latest tokens came
         srv.generating.add(threading.current_thread())
         try:
             sink = srv.client.submit(jobs)
             while any(c.finish_reason is None for c in choices):
-                touched = set()
+                touched, latencies, tokens, ended = set(), [], 0, []
                 for item in self.next_items(sink):
                     if item == ADMITTED:                 # only now is it certain to be a 200
                         with srv.metrics.lock:
@@ -287,15 +293,15 @@ class Handler(BaseHTTPRequestHandler):
                         srv.client.abort([item.request_id])
                     touched.add(i)
                     now = time.perf_counter()
-                    srv.metrics.observe("ttft" if last[i] is None else "itl", now - (last[i] or t0))
+                    latencies.append(("ttft" if last[i] is None else "itl", now - (last[i] or t0)))
                     last[i] = now
-                    with srv.metrics.lock:
-                        srv.metrics.generation_tokens += len(item.token_ids)
-                        if choices[i].finish_reason is not None:
-                            srv.metrics.finished[choices[i].finish_reason] += 1
+                    tokens += len(item.token_ids)
+                    if choices[i].finish_reason is not None:
+                        ended.append(choices[i].finish_reason)
+                srv.metrics.count(latencies, tokens, ended)
                 for i in sorted(touched) if stream else ():
                     if (delta := choices[i].delta()) is not None:
-                        self.send_event({**head, "choices": [delta]})
+                        self.send_event(event_head + json.dumps(delta) + "]}")
         except (ConnectionError, TimeoutError):
             self.end_all(jobs, choices, "abort")         # the client left: its KV blocks go at the next step
             self.log(rid, choices, "client disconnected", t0)

@@ -350,6 +350,22 @@ def test_kt_sampler(V, dtype):
     assert torch.equal(got, ref)
 
 
+@pytest.mark.usefixtures("kt_triton_poisoned")
+@pytest.mark.parametrize("V,n", [(6000, 5), (1000, 5), (2900, 20), (3000, 0)])
+def test_kt_token_logprobs(V, n):
+    """The fused logprobs (the sampler's passes on the raw logits) equal log_softmax + topk: through the
+    candidates (6 chunks for top-5), and through the exact fallback (fewer chunks than n)."""
+    B = 7
+    logits = torch.randn(B, V) * 4
+    tokens = torch.randint(0, V, (B,))
+    got = sample_mod.token_logprobs_triton(logits, tokens, n)
+    lp = torch.log_softmax(logits, -1)
+    want = (lp.gather(1, tokens[:, None])[:, 0], *lp.topk(n))
+    print("max |chosen logprob diff|:", (got[0] - want[0]).abs().max().item())
+    assert torch.allclose(got[0], want[0], atol=1e-5) and torch.allclose(got[1], want[1], atol=1e-5)
+    assert torch.equal(got[2], want[2])
+
+
 def test_seeded_generation_repeats(ckpt):
     path, _ = ckpt
     llm = engine(path)
