@@ -275,8 +275,11 @@ class LLM:
         lp = None
         if tokens is not None and (rows := [i for i, r in enumerate(reqs) if r.params.logprobs is not None]):
             n = max(reqs[i].params.logprobs for i in rows)
-            at = torch.tensor(rows, device=self.device)
-            lp = (rows, *token_logprobs(logits[at], tokens[at], n))
+            if len(rows) == len(reqs):                 # the common case: every row asks, no gather
+                lp = (rows, *token_logprobs(logits, tokens, n))
+            else:
+                at = to_device(rows, torch.int64, self.device)
+                lp = (rows, *token_logprobs(logits[at], tokens[at], n))
         indices = [s.num_tokens for s in sampled]       # where each one's PENDING token goes
         self.scheduler.advance(batch)
         self.sample_row = {s: i for i, s in enumerate(sampled)}
@@ -351,7 +354,7 @@ class LLM:
         """Logprobs of prompt tokens from the hidden states of the rows before them, 1,024 rows at a time (a
         whole prompt's logits at once would be vocab x prompt floats)."""
         n = max(self.requests[seq.request_id].params.prompt_logprobs for seq, _, _ in owners)
-        tgt = torch.tensor(targets, device=self.device)
+        tgt = to_device(targets, torch.int64, self.device)
         parts = [token_logprobs(self.model.compute_logits(hidden[i:i + 1024]), tgt[i:i + 1024], n)
                  for i in range(0, len(targets), 1024)]
         return tuple(torch.cat(p) for p in zip(*parts))
@@ -362,7 +365,8 @@ class LLM:
             fl.event.synchronize()
             self.gpu_busy += fl.start.elapsed_time(fl.event) / 1e3
         if fl.prompt_logprobs is not None:
-            owners, chosen, top_v, top_i = fl.prompt_logprobs
+            owners, *lists = fl.prompt_logprobs
+            chosen, top_v, top_i = (t.tolist() for t in lists)
             at = 0
             for seq, first, count in owners:
                 req = self.requests.get(seq.request_id)
@@ -375,7 +379,8 @@ class LLM:
             return []
         lp_row = {}
         if fl.logprobs is not None:
-            rows, chosen, top_v, top_i = fl.logprobs
+            rows, *lists = fl.logprobs
+            chosen, top_v, top_i = (t.tolist() for t in lists)
             lp_row = {r: (chosen, top_v, top_i, j) for j, r in enumerate(rows)}
         outputs = []
         for i, (seq, index, tok) in enumerate(zip(fl.seqs, fl.indices, fl.tokens.tolist())):
@@ -455,9 +460,9 @@ class LLM:
                               lps[i], prompt_lps[i]) for i, s in enumerate(seqs)]
 
 
-def logprob_entry(chosen, top_v, top_i, j: int, n: int) -> Logprob:
-    """Row j of host tensors -> (logprob, [(token, logprob)] of the top n)."""
-    return float(chosen[j]), list(zip(top_i[j, :n].tolist(), top_v[j, :n].tolist()))
+def logprob_entry(chosen: list, top_v: list, top_i: list, j: int, n: int) -> Logprob:
+    """Row j of the host lists -> (logprob, [(token, logprob)] of the top n)."""
+    return chosen[j], list(zip(top_i[j][:n], top_v[j][:n]))
 
 
 def kv_blocks_that_fit(llm: LLM) -> int:
@@ -472,7 +477,7 @@ def kv_blocks_that_fit(llm: LLM) -> int:
     probe_blocks = 1 + -(-args.max_num_batched_tokens // args.block_size)
     kv = cache.allocate_kv_cache(cfg, probe_blocks, args.block_size, llm.dtype, llm.device)
     warmup(llm, kv)
-    peak = torch.cuda.max_memory_allocated()
+    peak = torch.cuda.max_memory_reserved()          # reserved: the allocator's rounding and fragmentation too
     del kv
     torch.cuda.empty_cache()
     total = torch.cuda.get_device_properties(llm.device).total_memory
@@ -523,6 +528,13 @@ def pack(batch: Batch, sample_row: dict):
     width = max(len(s.block_table) for s in batch.seqs)
     tables = [s.block_table + [0] * (width - len(s.block_table)) for s in batch.seqs]
     return ids, pending, cu, ctx, tables, logits_idx
+
+
+def to_device(xs: list, dtype: torch.dtype, device) -> torch.Tensor:
+    """A list to the device without waiting for it: through pinned memory (torch.tensor(xs, device=cuda) copies
+    synchronously, and the host would stop running ahead of the GPU)."""
+    t = host_tensor(xs, dtype)
+    return t.pin_memory().to(device, non_blocking=True) if torch.device(device).type == "cuda" else t
 
 
 def host_tensor(xs: list, dtype: torch.dtype) -> torch.Tensor:

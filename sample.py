@@ -669,7 +669,9 @@ def apply_penalties(logits: torch.Tensor, entries: list[list[tuple]]) -> torch.T
     flat = [(r, *e) for r, row in enumerate(entries) for e in row]
     if not flat:
         return logits
-    r, t, bias, rep, sub = (torch.tensor(c, device=logits.device) for c in zip(*flat))
+    pin = logits.is_cuda                       # through pinned memory: never wait for the GPU here
+    r, t, bias, rep, sub = (torch.tensor(c).pin_memory().to(logits.device, non_blocking=True) if pin else
+                            torch.tensor(c) for c in zip(*flat))
     v = logits[r, t] + bias.float()
     v = torch.where(v > 0, v / rep.float(), v * rep.float())
     logits[r, t] = v - sub.float()
