@@ -218,6 +218,7 @@ class Progress:
 def run_requests(llm: LLM, prompts: list[list[int]], out_lens: list[int], sampling: dict, desc: str) -> dict:
     """Submit every request at once, step until all finish. Times are seconds since submission. sampling:
     SamplingParams settings (unset ones take the model's defaults: Qwen3's for random weights)."""
+    llm.blocks.clear_cache()                     # each run computes its prompts: an earlier run's cache is not reused
     stats0 = llm.stats()
     bar = Progress(sum(out_lens), desc)
     t0 = time.perf_counter()

@@ -73,6 +73,7 @@ class ClientPool:
     def __init__(self, workers: int):
         self.workers = workers
         self.pool = multiprocessing.get_context("spawn").Pool(workers)
+        self.pool.map(time.sleep, [0.1] * workers)   # every worker started (imports done) before a level is timed
 
     def run(self, port: int, bodies: list[dict], arrivals: list[float], concurrency: int) -> tuple[list, float]:
         """Returns (per-request results in order, the monotonic time the level started)."""
@@ -110,7 +111,7 @@ def summarize(results: list[dict], want_tokens: list[int], t0: float) -> dict:
     """Output tok/s over the level's wall time, and TTFT, time per output token and inter-token latency
     (between consecutive events of a stream) at p50/p90/p99, in ms."""
     end = max((r["stamps"][-1] for r in results if r["stamps"]), default=t0)
-    wall = end - t0
+    wall = end - min((r["sent"] for r in results), default=t0)   # from the first request actually sent
     ttft = [r["stamps"][0] - r["sent"] for r in results if r["stamps"]]
     tpot = [(r["stamps"][-1] - r["stamps"][0]) / (r["tokens"] - 1) for r in results if r["tokens"] > 1 and r["stamps"]]
     itl = [y - x for r in results for x, y in zip(r["stamps"], r["stamps"][1:])]

@@ -1,8 +1,9 @@
 """The engine in its own process: the loop that owns the LLM there, and the client the HTTP front talks to.
 
     client = EngineClient(EngineArgs(model="Qwen/Qwen3-0.6B"), max_queue=1024)   # spawns the process, waits
-    sink = client.submit([("req-1", token_ids, params)])                          # a queue.Queue of events
-    print(sink.get())      # ADMITTED, then per step (request id, Output), ... or an EngineError
+    events = queue.Queue()
+    client.submit([("req-1", token_ids, params)], events.put)    # called from the client's reader thread
+    print(events.get())    # ADMITTED, then one Output per step that gave the request tokens, or an EngineError
 
 Why a process: the HTTP front (threads, JSON, detokenization) and the engine loop would otherwise share one
 interpreter lock, and every stream's wake-up would delay the next step. Here the engine process does nothing
@@ -29,7 +30,7 @@ import sys
 import threading
 import time
 import traceback
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 ADMITTED = "admitted"          # first event on a request's sink when the engine accepted it
 STATS_EVERY = 0.02             # seconds between stats messages while nothing changes
@@ -171,7 +172,8 @@ class EngineLoop:
 
 class EngineClient:
     """Starts the engine process and talks to it. Thread-safe: HTTP threads call submit/abort; one reader
-    thread routes the engine's messages to each request's sink (a queue.Queue)."""
+    thread hands the engine's messages to each request's callback (it must be quick: it runs on the reader
+    thread, before the next request's)."""
 
     def __init__(self, args, max_queue: int = 1024, start_timeout: float = 1800):
         ctx = multiprocessing.get_context("spawn")
@@ -180,7 +182,7 @@ class EngineClient:
         self.proc.start()
         child.close()
         self.send_lock = threading.Lock()
-        self.sinks: dict[str, queue.Queue] = {}
+        self.sinks: dict[str, Callable] = {}          # request id -> its callback
         self.sinks_lock = threading.Lock()
         self.dead, self.stopping = threading.Event(), False
         self.stats: dict = {}
@@ -202,16 +204,14 @@ class EngineClient:
     def alive(self) -> bool:
         return not self.dead.is_set() and not self.stopping
 
-    def submit(self, jobs: list[tuple]) -> queue.Queue:
-        """Queue requests (all admitted or none): returns the sink their events arrive on."""
-        sink = queue.Queue()
+    def submit(self, jobs: list[tuple], on_event: Callable):
+        """Queue requests (all admitted or none). on_event gets ADMITTED, then each Output, or an EngineError."""
         with self.sinks_lock:
             if self.dead.is_set():
                 raise EngineError(503, "the engine is not running")
             for rid, _, _ in jobs:
-                self.sinks[rid] = sink
+                self.sinks[rid] = on_event
         self.send(("add", jobs))
-        return sink
 
     def abort(self, request_ids: list[str]):
         with self.sinks_lock:
@@ -233,13 +233,15 @@ class EngineClient:
                 msg = self.conn.recv()
                 kind = msg[0]
                 if kind == "out":
+                    calls = []
                     with self.sinks_lock:
                         for out in msg[1]:
-                            sink = self.sinks.get(out.request_id)
-                            if sink is not None:
-                                sink.put(out)
+                            if (cb := self.sinks.get(out.request_id)) is not None:
+                                calls.append((cb, out))
                                 if out.finish_reason is not None:
                                     del self.sinks[out.request_id]
+                    for cb, out in calls:
+                        self.call(cb, out)
                 elif kind == "stats":
                     self.stats = msg[1]                        # replaced, never changed: readers see a whole dict
                 elif kind == "admitted":
@@ -254,18 +256,26 @@ class EngineClient:
             err = EngineError(503 if self.stopping else 500, "the server is shutting down" if self.stopping else
                               f"the engine process died (exit code {code}); this request was lost")
             with self.sinks_lock:
-                for sink in set(self.sinks.values()):
-                    sink.put(err)
+                calls = {id(cb): cb for cb in self.sinks.values()}
                 self.sinks.clear()
+            for cb in calls.values():
+                self.call(cb, err)
 
     def route(self, request_ids, event, keep: bool):
         with self.sinks_lock:
-            sinks = {id(s): s for rid in request_ids if (s := self.sinks.get(rid)) is not None}
+            calls = {id(cb): cb for rid in request_ids if (cb := self.sinks.get(rid)) is not None}
             if not keep:
                 for rid in request_ids:
                     self.sinks.pop(rid, None)
-        for s in sinks.values():
-            s.put(event)
+        for cb in calls.values():
+            self.call(cb, event)
+
+    @staticmethod
+    def call(cb, event):
+        try:
+            cb(event)
+        except Exception:                                     # one request's bug must not stop the reader
+            traceback.print_exc()
 
     def stop(self, timeout: float = 30):
         """Tell the engine to stop (requests still in it end with a 503 error) and wait for the process."""

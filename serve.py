@@ -23,7 +23,6 @@ import argparse
 import dataclasses
 import hmac
 import json
-import queue
 import select
 import signal
 import socket
@@ -138,6 +137,94 @@ class Server(ThreadingHTTPServer):
     def handle_error(self, request, client_address):
         if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):   # a client hanging up is normal
             super().handle_error(request, client_address)
+
+
+class Response:
+    """One HTTP request's choices, fed by the engine client's reader thread (`__call__`, once per engine event):
+    it detokenizes, checks stop strings and, for a stream, renders and writes each event to the socket itself
+    without blocking, so no handler thread wakes per token. What a full socket does not take waits in `pending`
+    for the handler thread, which writes it blocking (`flush`): a slow client never holds up the others."""
+
+    def __init__(self, srv: "Server", sock: socket.socket, jobs: list, choices: list[Choice], stream: bool,
+                 event_head: str):
+        self.srv, self.sock, self.choices, self.stream, self.event_head = srv, sock, choices, stream, event_head
+        self.ids = [j[0] for j in jobs]
+        self.index = {rid: i for i, rid in enumerate(self.ids)}
+        self.admitted, self.done, self.wake = threading.Event(), threading.Event(), threading.Event()
+        self.error: EngineError | None = None
+        self.lock = threading.Lock()
+        self.writing = self.flushing = self.gone = False   # headers sent; the handler is writing; socket closed
+        self.pending = bytearray()
+        self.t0 = time.perf_counter()
+        self.last = [None] * len(choices)                   # when each choice's latest tokens came
+
+    def __call__(self, item):
+        if item == ADMITTED:
+            self.admitted.set()
+        elif isinstance(item, EngineError):
+            self.error = item
+        else:
+            i = self.index[item.request_id]
+            c = self.choices[i]
+            if c.finish_reason is not None:               # tokens in flight after a stop string
+                return
+            if c.add(item):                               # a stop string: the engine may stop this one now
+                self.srv.client.abort([item.request_id])
+            now = time.perf_counter()
+            kind = "ttft" if self.last[i] is None else "itl"
+            self.srv.metrics.count([(kind, now - (self.last[i] or self.t0))], len(item.token_ids),
+                                   [c.finish_reason] if c.finish_reason else [])
+            self.last[i] = now
+            if self.stream and (delta := c.delta()) is not None:
+                self.write(self.event_head + json.dumps(delta) + "]}")
+            if all(c.finish_reason is not None for c in self.choices):
+                self.done.set()
+        if item == ADMITTED or self.error is not None or self.done.is_set() or self.pending:
+            self.wake.set()                               # the handler wakes for these only, never per token
+
+    def write(self, event: str):
+        data = f"data: {event}\n\n".encode()
+        data = b"%x\r\n%s\r\n" % (len(data), data)       # one HTTP/1.1 chunk per event
+        with self.lock:
+            if self.gone:
+                return
+            if not self.writing or self.flushing or self.pending:
+                self.pending += data                        # keep the order: behind what waits already
+                return
+            try:
+                sent = self.sock.send(data, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                self.gone = True
+                return
+            self.pending += data[sent:]
+
+    def start(self):
+        """The handler thread sent the headers: events may now go to the socket."""
+        with self.lock:
+            self.writing = True
+
+    def flush(self):
+        """On the handler thread: write what is pending, blocking, until nothing is."""
+        while True:
+            with self.lock:
+                if not self.pending or not self.writing or self.gone:
+                    self.flushing = False
+                    return
+                data, self.pending, self.flushing = bytes(self.pending), bytearray(), True
+            try:
+                self.sock.sendall(data)
+            except OSError:
+                with self.lock:
+                    self.gone, self.flushing = True, False
+                return
+
+    def end(self, reason: str):
+        """Abort what still runs in the engine, and count it."""
+        live = [rid for rid, c in zip(self.ids, self.choices) if c.finish_reason is None]
+        self.srv.client.abort(live)
+        self.srv.metrics.count([], 0, [reason] * len(live))
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -267,55 +354,40 @@ class Handler(BaseHTTPRequestHandler):
                  dataclasses.replace(engine_params, seed=params.seed + i)) for i in range(len(prompts) * n)]
         choices = [Choice(i, srv.tokenizer, params, chat, echo and echo[i // n], prompts[i // n])
                    for i in range(len(jobs))]
-        index = {job[0]: i for i, job in enumerate(jobs)}
         head = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
                 "created": int(time.time()), "model": srv.model_name}
-        event_head = json.dumps(head)[:-1] + ', "choices": ['          # each event: this, one choice, "]}"
-        t0 = time.perf_counter()
-        last = [None] * len(choices)                     # when each choice's latest tokens came
+        resp = Response(srv, self.connection, jobs, choices, stream, json.dumps(head)[:-1] + ', "choices": [')
         srv.generating.add(threading.current_thread())
         try:
-            sink = srv.client.submit(jobs)
-            while any(c.finish_reason is None for c in choices):
-                touched, latencies, tokens, ended = set(), [], 0, []
-                for item in self.next_items(sink):
-                    if item == ADMITTED:                 # only now is it certain to be a 200
-                        with srv.metrics.lock:
-                            srv.metrics.prompt_tokens += sum(map(len, prompts)) * n
-                        if stream:
-                            self.start_stream()
-                            for i in range(len(jobs) if chat else 0):   # OpenAI's first chat chunk: the role
-                                self.send_event({**head, "choices": [{"index": i, "delta": {"role": "assistant",
-                                                 "content": ""}, "logprobs": None, "finish_reason": None}]})
-                        continue
-                    i = index[item.request_id]
-                    if choices[i].add(item):              # a stop string: the engine may stop this one now
-                        srv.client.abort([item.request_id])
-                    touched.add(i)
-                    now = time.perf_counter()
-                    latencies.append(("ttft" if last[i] is None else "itl", now - (last[i] or t0)))
-                    last[i] = now
-                    tokens += len(item.token_ids)
-                    if choices[i].finish_reason is not None:
-                        ended.append(choices[i].finish_reason)
-                srv.metrics.count(latencies, tokens, ended)
-                for i in sorted(touched) if stream else ():
-                    if (delta := choices[i].delta()) is not None:
-                        self.send_event(event_head + json.dumps(delta) + "]}")
+            srv.client.submit(jobs, resp)
+            self.wait(resp, resp.admitted)
+            if resp.error is None:
+                with srv.metrics.lock:
+                    srv.metrics.prompt_tokens += sum(map(len, prompts)) * n
+                if stream:                               # only now is it certain to be a 200
+                    self.start_stream()
+                    for i in range(len(jobs) if chat else 0):       # OpenAI's first chat chunk: the role
+                        self.send_event({**head, "choices": [{"index": i, "delta": {"role": "assistant",
+                                         "content": ""}, "logprobs": None, "finish_reason": None}]})
+                    resp.start()
+                self.wait(resp, resp.done)
+            if resp.error is not None:
+                raise ApiError(resp.error.status, resp.error.message, code=resp.error.code,
+                               headers={"Retry-After": "1"} if resp.error.status == 503 else None)
         except (ConnectionError, TimeoutError):
-            self.end_all(jobs, choices, "abort")         # the client left: its KV blocks go at the next step
-            self.log(rid, choices, "client disconnected", t0)
+            resp.end("abort")                            # the client left: its KV blocks go at the next step
+            self.log(rid, choices, "client disconnected", resp.t0)
             raise
         except ApiError as e:
-            self.end_all(jobs, choices, "error")
-            self.log(rid, choices, f"error {e.status}", t0)
+            resp.end("error")
+            self.log(rid, choices, f"error {e.status}", resp.t0)
             if not self.streaming:
                 raise
             self.send_event(e.body())
             return self.end_stream()
         finally:
             srv.generating.discard(threading.current_thread())
-        self.log(rid, choices, ",".join(sorted({c.finish_reason for c in choices})), t0)
+        self.log(rid, choices, ",".join(sorted({c.finish_reason for c in choices})), resp.t0)
         if stream:
             if include_usage:
                 self.send_event({**head, "choices": [], "usage": usage(choices, n)})
@@ -323,33 +395,16 @@ class Handler(BaseHTTPRequestHandler):
         self.send_json(200, {**head, "object": "chat.completion" if chat else "text_completion",
                              "choices": [c.final() for c in choices], "usage": usage(choices, n)})
 
-    def end_all(self, jobs, choices, reason: str):
-        """Abort what is still running in the engine and count it."""
-        self.server.client.abort([j[0] for j, c in zip(jobs, choices) if c.finish_reason is None])
-        with self.server.metrics.lock:
-            self.server.metrics.finished[reason] += sum(c.finish_reason is None for c in choices)
-
-    def next_items(self, sink: queue.Queue) -> list:
-        """Wait for the next events on a request's sink, then take all that are there. Raises ApiError for the
-        engine's errors, ConnectionResetError when the client has gone."""
-        while True:
-            now = time.perf_counter()
-            if now - self.last_gone_check > 0.1:       # a syscall or two: every 0.1 s, not every token
-                self.last_gone_check = now
-                if self.client_gone():
-                    raise ConnectionResetError("client closed the connection")
-            try:
-                items = [sink.get(timeout=0.1)]
-                break
-            except queue.Empty:
-                continue
-        while not sink.empty():
-            items.append(sink.get_nowait())
-        for item in items:
-            if isinstance(item, EngineError):
-                raise ApiError(item.status, item.message, code=item.code,
-                               headers={"Retry-After": "1"} if item.status == 503 else None)
-        return items
+    def wait(self, resp: "Response", event: threading.Event):
+        """Until event (or an error): write what a slow client's socket did not take, notice a client that left
+        (every 0.1 s: a syscall or two)."""
+        while not event.is_set() and resp.error is None:
+            resp.wake.wait(0.1)
+            resp.wake.clear()
+            resp.flush()
+            if resp.gone or self.client_gone():
+                raise ConnectionResetError("client closed the connection")
+        resp.flush()
 
     def client_gone(self) -> bool:
         """True when the client closed its end (the socket reads as EOF). A stream would also notice on its
