@@ -102,6 +102,7 @@ class Request:
     counts: dict[int, int] = field(default_factory=dict)      # presence/frequency: output token counts
     prompt_logprobs: list | None = None                        # filled chunk by chunk when asked for
     sent_prompt_logprobs: bool = False
+    matcher: object | None = None                              # structured output: its grammar's state
 
 
 @dataclass
@@ -149,7 +150,8 @@ class LLM:
         self.requests: dict[str, Request] = {}
         self.max_batch_seqs = self.num_forwards = 0   # largest batch reached, forward passes run (stats)
         self.gpu_busy = 0.0                      # seconds the GPU spent running steps (stats: idle = wall - this)
-        self.num_penalized = 0                   # requests whose logits depend on their history (step-by-step sync)
+        self.num_synced = 0                      # requests whose logits depend on their last token (step-by-step sync)
+        self.grammars = None                     # structured output: built on the first request that asks
         self.in_flight: InFlight | None = None   # the launched step whose tokens are not read yet
         self.sample_row: dict[Sequence, int] = {}   # row of last_tokens holding each sequence's PENDING token
         self.last_tokens = torch.zeros(args.max_num_seqs, dtype=torch.int64, device=self.device)
@@ -193,14 +195,19 @@ class LLM:
             raise ValueError(f"request id {request_id!r} is already running")
         max_tokens = min(params.max_tokens, self.max_model_len - len(ids))
         seq = Sequence(request_id, ids, max_tokens, reuse_prefix=params.prompt_logprobs is None)
-        self.scheduler.add(seq)
         seed = params.seed if params.seed is not None else random.getrandbits(63)
         detok = Detokenizer(self.tokenizer, params.stop) if detokenize and (stream_text or params.stop) else None
         req = Request(request_id, params, seed, detok, detokenize, prompt_logprobs=None if params.prompt_logprobs is None else [None])
         if params.repetition_penalty != 1.0:
             req.prompt = set(ids)
+        if params.grammar is not None:
+            if self.grammars is None:
+                from grammar import Grammars
+                self.grammars = Grammars(self.tokenizer, self.config.vocab_size, self.config.eos_token_id)
+            req.matcher = self.grammars.matcher(params.grammar)
+        self.scheduler.add(seq)
         self.seqs[request_id], self.requests[request_id] = seq, req
-        self.num_penalized += params.penalized
+        self.num_synced += params.needs_last_token
         return request_id
 
     def abort(self, request_id: str) -> bool:
@@ -215,7 +222,7 @@ class LLM:
         return True
 
     def forget(self, request_id: str):
-        self.num_penalized -= self.requests.pop(request_id).params.penalized
+        self.num_synced -= self.requests.pop(request_id).params.needs_last_token
         del self.seqs[request_id]
 
     def has_work(self) -> bool:
@@ -238,8 +245,8 @@ class LLM:
     @torch.inference_mode()
     def step(self) -> list[StepOutput]:
         outputs = []
-        if self.in_flight is not None and self.num_penalized:
-            outputs = self.collect(self.in_flight)     # penalties need the last token's count on the host
+        if self.in_flight is not None and self.num_synced:
+            outputs = self.collect(self.in_flight)     # penalties and grammars need the last token on the host
             self.in_flight = None
         batch = self.scheduler.schedule()
         launched = self.launch(batch) if batch.seqs else None
@@ -324,14 +331,16 @@ class LLM:
         """(B, vocab) logits -> (B,) tokens on the device. Greedy batches take the argmax; batches without
         penalties replay the sampling graph of their size; others apply penalties to an fp32 copy first."""
         params = [r.params for r in reqs]
-        penalized = any(p.penalized for p in params)
-        if not penalized and all(p.greedy for p in params):
+        changed = any(p.needs_last_token for p in params)          # penalties or a grammar change the logits
+        if not changed and all(p.greedy for p in params):
             return logits.argmax(-1)                   # the common case needs no sampling tensors, nor fp32
-        if graphed and not penalized and self.sampler_graphs is not None:
+        if graphed and not changed and self.sampler_graphs is not None:
             return self.sampler_graphs.run([r.request_id for r in reqs], params, [r.seed for r in reqs], steps)
-        if penalized:
+        if changed:
             logits = apply_penalties(logits.to(torch.float32, copy=True), [penalty_entries(r.params, r.prompt, r.counts)
                                                       if r.params.penalized else [] for r in reqs])
+            if any(r.matcher is not None for r in reqs):
+                self.grammars.mask(logits, [r.matcher for r in reqs])
         st = SamplingTensors.build(params, [r.seed for r in reqs], steps, self.config.vocab_size, self.device)
         return sample(logits, st)
 
@@ -390,6 +399,8 @@ class LLM:
             req = self.requests[seq.request_id]
             if req.params.penalized:
                 req.counts[tok] = req.counts.get(tok, 0) + 1
+            if req.matcher is not None:
+                req.matcher.accept_token(tok)
             lp = None
             if i in lp_row:
                 chosen, top_v, top_i, j = lp_row[i]
@@ -409,6 +420,8 @@ class LLM:
             reason = "stop"
         elif n_out >= seq.max_tokens:
             reason = "length"
+        elif req.matcher is not None and req.matcher.is_terminated():
+            reason = "stop"                               # the grammar is complete: nothing more may follow
         if reason is not None:
             del seq.token_ids[index + 1:]                 # a token sampled after the stop is dropped
             self.scheduler.finish(seq, reason)

@@ -175,10 +175,12 @@ class EngineClient:
     thread hands the engine's messages to each request's callback (it must be quick: it runs on the reader
     thread, before the next request's)."""
 
-    def __init__(self, args, max_queue: int = 1024, start_timeout: float = 1800):
+    def __init__(self, args, max_queue: int = 1024, start_timeout: float = 1800, target=None):
+        """target: the engine process's main (tests pass a stand-in that speaks the same protocol)."""
         ctx = multiprocessing.get_context("spawn")
         self.conn, child = ctx.Pipe(duplex=True)
-        self.proc = ctx.Process(target=engine_main, args=(args, child, max_queue), name="qwen3-engine", daemon=True)
+        self.proc = ctx.Process(target=target or engine_main, args=(args, child, max_queue), name="qwen3-engine",
+                                daemon=True)
         self.proc.start()
         child.close()
         self.send_lock = threading.Lock()

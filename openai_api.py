@@ -12,6 +12,7 @@ len(prompts) x n choices (index = prompt index x n + i); with a seed, choice i s
 import json
 import math
 
+from chat import ChatParser
 from engine_process import Output
 from sample import MAX_LOGPROBS, SamplingParams
 from tokenizer import Detokenizer, Tokenizer
@@ -50,7 +51,7 @@ def field(body: dict, name: str, typ: type, default=None):
     return float(v) if typ is float else v
 
 
-def sampling_params(body: dict, default_max_tokens: int, chat: bool) -> SamplingParams:
+def sampling_params(body: dict, default_max_tokens: int, chat: bool, grammar: tuple | None = None) -> SamplingParams:
     if body.get("suffix"):
         raise ApiError(400, "'suffix' is not supported by this server", param="suffix")
     stop = body.get("stop") or []
@@ -85,7 +86,7 @@ def sampling_params(body: dict, default_max_tokens: int, chat: bool) -> Sampling
             frequency_penalty=field(body, "frequency_penalty", float, 0.0), logit_bias=bias,
             logprobs=logprobs, prompt_logprobs=prompt_logprobs,
             max_tokens=field(body, "max_completion_tokens", int, field(body, "max_tokens", int, default_max_tokens)),
-            stop=stop, ignore_eos=field(body, "ignore_eos", bool, False),
+            stop=stop, ignore_eos=field(body, "ignore_eos", bool, False), grammar=grammar,
             seed=None if seed is None else seed % (1 << 62))          # the sampler hashes seeds as int64
     except ValueError as e:                              # SamplingParams.__post_init__ checks the ranges
         raise ApiError(400, str(e)) from None
@@ -102,19 +103,85 @@ def parse_prompts(prompt) -> list[str | list[int]]:
 
 
 def parse_messages(messages) -> list[dict]:
+    """OpenAI messages -> the chat template's: system (developer), user, assistant (with tool_calls and
+    reasoning_content), tool (with tool_call_id). Content: a string or text parts."""
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "'messages' is required: a non-empty list of {role, content}", param="messages")
     out = []
     for i, m in enumerate(messages):
+        where = f"messages[{i}]"
         role, content = (m.get("role"), m.get("content")) if isinstance(m, dict) else (None, None)
-        if role not in ("system", "developer", "user", "assistant"):
-            raise ApiError(400, f"messages[{i}].role must be system, user or assistant", param=f"messages[{i}]")
+        if role not in ("system", "developer", "user", "assistant", "tool"):
+            raise ApiError(400, f"{where}.role must be system, user, assistant or tool", param=where)
         if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in content):
             content = "".join(str(p.get("text", "")) for p in content)        # content parts: text only
-        if not isinstance(content, str):
-            raise ApiError(400, f"messages[{i}].content must be a string or text parts", param=f"messages[{i}]")
-        out.append({"role": "system" if role == "developer" else role, "content": content})
+        calls = m.get("tool_calls") if role == "assistant" else None
+        if not isinstance(content, str) and not (content is None and calls):
+            raise ApiError(400, f"{where}.content must be a string or text parts", param=where)
+        msg = {"role": "system" if role == "developer" else role, "content": content or ""}
+        if calls is not None:
+            if not isinstance(calls, list) or not all(isinstance(c, dict) and isinstance(c.get("function"), dict)
+                                                      and isinstance(c["function"].get("name"), str) for c in calls):
+                raise ApiError(400, f"{where}.tool_calls must be a list of {{function: {{name, arguments}}}}",
+                               param=where)
+            msg["tool_calls"] = calls
+        if role == "tool":
+            msg["tool_call_id"] = field(m, "tool_call_id", str, "")
+        if isinstance(m.get("reasoning_content"), str):
+            msg["reasoning_content"] = m["reasoning_content"]
+        out.append(msg)
     return out
+
+
+def parse_tools(body: dict) -> tuple[list | None, str | None, str]:
+    """(tools for the template, or None; the tool a call is forced to, if named; the tool_choice mode: none,
+    auto or required)."""
+    tools = field(body, "tools", list)
+    choice = body.get("tool_choice", "auto" if tools else "none")
+    if tools is not None and not all(isinstance(t, dict) and isinstance(t.get("function"), dict)
+                                     and isinstance(t["function"].get("name"), str) for t in tools):
+        raise ApiError(400, "'tools' must be a list of {type: function, function: {name, parameters}}", param="tools")
+    if isinstance(choice, dict) and isinstance(choice.get("function"), dict):
+        name, mode = choice["function"].get("name"), "required"
+    elif choice in ("none", "auto", "required"):
+        name, mode = None, choice
+    else:
+        raise ApiError(400, "'tool_choice' must be none, auto, required or {type: function, function: {name}}",
+                       param="tool_choice")
+    if mode != "none" and not tools:
+        raise ApiError(400, f"'tool_choice' {choice!r} needs 'tools'", param="tool_choice")
+    return (None if mode == "none" else tools), name, mode
+
+
+def grammar_spec(body: dict, tools: list | None, tool_name: str | None, tool_mode: str) -> tuple | None:
+    """Structured output asked for: response_format json_object / json_schema, or tool_choice required or
+    named (a tool call block is then the whole output). Checked here, so a bad schema is a 400."""
+    from grammar import check_spec, tool_call_spec
+    fmt = field(body, "response_format", dict, {"type": "text"})
+    spec = None
+    if fmt.get("type") == "json_object":
+        spec = ("json_object", "")
+    elif fmt.get("type") == "json_schema":
+        schema = fmt.get("json_schema", {}).get("schema") if isinstance(fmt.get("json_schema"), dict) else None
+        if not isinstance(schema, dict):
+            raise ApiError(400, "response_format json_schema needs json_schema.schema: an object",
+                           param="response_format")
+        spec = ("json_schema", json.dumps(schema))
+    elif fmt.get("type") != "text":
+        raise ApiError(400, "response_format type must be text, json_object or json_schema", param="response_format")
+    if tool_mode == "required":
+        if spec is not None:
+            raise ApiError(400, "use either response_format or a required tool_choice", param="tool_choice")
+        try:
+            spec = tool_call_spec(tools, tool_name)
+        except ValueError as e:
+            raise ApiError(400, str(e), param="tool_choice") from None
+    if spec is not None:
+        try:
+            check_spec(spec)
+        except ValueError as e:
+            raise ApiError(400, str(e), param="response_format" if tool_mode != "required" else "tool_choice") from None
+    return spec
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -129,8 +196,11 @@ class Choice:
     `final` the whole choice. echo: the prompt's text (and its logprobs) come first."""
 
     def __init__(self, index: int, tokenizer: Tokenizer, params: SamplingParams, chat: bool, echo: str | None,
-                 prompt_ids: list[int]):
+                 prompt_ids: list[int], parser: ChatParser | None = None):
         self.index, self.tokenizer, self.params, self.chat = index, tokenizer, params, chat
+        self.parser = parser                           # chat: reasoning and tool calls out of the text
+        self.parsed = {"reasoning_content": "", "content": "", "tool_calls": []}   # all of it so far
+        self.unsent = {"reasoning_content": "", "content": "", "tool_calls": []}   # since the last delta
         self.detok = Detokenizer(tokenizer, params.stop)
         self.echo, self.prompt_ids = echo, prompt_ids
         self.text, self.sent = "", 0                   # text so far, and how much of it delta() has sent
@@ -158,7 +228,14 @@ class Choice:
         elif out.finish_reason is not None:
             self.detok.flush()
             self.finish_reason = out.finish_reason
-        self.text += self.detok.take(final=self.finish_reason is not None)
+        new = self.detok.take(final=self.finish_reason is not None)
+        self.text += new
+        if self.parser is not None:
+            for k, v in self.parser.feed(new, final=self.finish_reason is not None).items():
+                self.parsed[k] += v
+                self.unsent[k] += v
+            if self.finish_reason == "stop" and self.parser.tool_calls:
+                self.finish_reason = "tool_calls"
         return hit
 
     def delta(self) -> dict | None:
@@ -169,7 +246,12 @@ class Choice:
         if not new and not lps and not self.new_tokens and self.finish_reason is None:
             return None
         self.new_tokens = 0
-        if self.chat:
+        if self.chat and self.parser is not None:
+            body = {"delta": {k: v for k, v in self.unsent.items() if v}}
+            for k, call in enumerate(body["delta"].get("tool_calls", [])):
+                call["index"] = len(self.parsed["tool_calls"]) - len(self.unsent["tool_calls"]) + k
+            self.unsent = {"reasoning_content": "", "content": "", "tool_calls": []}
+        elif self.chat:
             body = {"delta": {"content": new} if new else {}}
         else:
             body = {"text": new}
@@ -177,8 +259,16 @@ class Choice:
                 "finish_reason": self.finish_reason}
 
     def final(self) -> dict:
-        text = (self.echo or "") + self.text if not self.chat else self.text
-        body = {"message": {"role": "assistant", "content": text}} if self.chat else {"text": text}
+        if self.chat:
+            msg = {"role": "assistant", "content": self.text}
+            if self.parser is not None:
+                p = self.parsed
+                msg = {"role": "assistant", "content": p["content"] or (None if p["tool_calls"] else ""),
+                       **({"reasoning_content": p["reasoning_content"]} if p["reasoning_content"] else {}),
+                       **({"tool_calls": p["tool_calls"]} if p["tool_calls"] else {})}
+            body = {"message": msg}
+        else:
+            body = {"text": (self.echo or "") + self.text}
         return {"index": self.index, **body, "logprobs": self.render_logprobs(self.logprobs, 0),
                 "finish_reason": self.finish_reason}
 

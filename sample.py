@@ -53,6 +53,7 @@ class SamplingParams:
     logit_bias: dict[int, float] = field(default_factory=dict)   # token id -> added to its logit
     logprobs: int | None = None         # return each output token's logprob and the top-n (0..20)
     prompt_logprobs: int | None = None  # the same for the prompt's tokens (the first gets none)
+    grammar: tuple[str, str] | None = None    # structured output (grammar.py): ("json_schema", schema), ...
     max_tokens: int = 256               # new tokens at most
     stop: list[str] = field(default_factory=list)            # stop strings, cut from the output text
     stop_token_ids: list[int] = field(default_factory=list)  # extra stop tokens besides the model's EOS
@@ -93,9 +94,14 @@ class SamplingParams:
 
     @property
     def penalized(self) -> bool:
-        """Whether the logits change with the request's history (the engine must know the last token)."""
+        """Whether penalties or a logit bias change the logits."""
         return (self.repetition_penalty not in (None, 1.0) or self.presence_penalty != 0
                 or self.frequency_penalty != 0 or bool(self.logit_bias))
+
+    @property
+    def needs_last_token(self) -> bool:
+        """Whether the next step's logits depend on the last token on the host (penalties, a grammar)."""
+        return self.penalized or self.grammar is not None
 
 
 MAX_LOGPROBS = 20
@@ -697,7 +703,7 @@ def add_dataclass_args(ap: argparse.ArgumentParser, cls, skip=()):
     """One flag per dataclass field, with the field's default: the CLI and the code never disagree."""
     for f in dataclasses.fields(cls):
         tname = getattr(f.type, "__name__", None) if isinstance(f.type, type) else str(f.type)  # 'int | None'
-        if f.name in skip or tname.startswith("dict"):
+        if f.name in skip or tname.startswith(("dict", "tuple")):
             continue
         flag = "--" + f.name.replace("_", "-")
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default

