@@ -35,6 +35,8 @@ from these two numbers and the model shape:
   prompt tokens (0.24 s) = 5.72 s -> 25,200 output tok/s, as BENCH.md says. (prefix: the shared prefix
   computed once, F(0, 2000) + 64 x F(2000, 2100), and its K/V read once per decode step for the whole batch;
   serve: the offline formula over the N requests of a level.)
+  MoE models (qwen3-30b-a3b, qwen3-235b-a22b): W of a step counts only the experts its running requests are
+  routed to (experts_read: k for one token, nearly all for 256), and F counts the active parameters (k experts).
   decode-1: W / bandwidth per token (0.40 ms for 0.6b). prefill: F(0, 2048) per prompt at the matmul rate
   (545k tok/s for 0.6b).
 
@@ -138,11 +140,24 @@ def measure_ceilings(device, dtype) -> tuple[float, float]:
     return bandwidth, 2 * n**3 / t
 
 
-def weight_params(cfg: Config) -> int:
-    """Parameters read per decode step: every layer's matrices and the lm_head (norms are negligible)."""
-    attn = cfg.hidden_size * cfg.head_dim * (2 * cfg.num_attention_heads + 2 * cfg.num_key_value_heads)
-    mlp = 3 * cfg.hidden_size * cfg.intermediate_size
-    return cfg.num_hidden_layers * (attn + mlp) + cfg.vocab_size * cfg.hidden_size
+def weight_params(cfg: Config, experts: float | None = None) -> float:
+    """Parameters read per decode step: every layer's matrices and the lm_head (norms are negligible). A MoE
+    layer reads its router and only the experts some token was routed to: `experts` of them (default k, what
+    one token reads); the same count with k is a prefill token's active parameters."""
+    H, L = cfg.hidden_size, cfg.num_hidden_layers
+    attn = H * cfg.head_dim * (2 * cfg.num_attention_heads + 2 * cfg.num_key_value_heads)
+    moe_layers = sum(cfg.is_moe_layer(i) for i in range(L))
+    e = cfg.num_experts_per_tok if experts is None else experts
+    moe = moe_layers * (cfg.num_experts * H + e * 3 * H * cfg.moe_intermediate_size)
+    return L * attn + (L - moe_layers) * 3 * H * cfg.intermediate_size + moe + cfg.vocab_size * H
+
+
+def experts_read(cfg: Config, batch: int) -> float:
+    """Distinct experts a decode step of `batch` tokens reads per MoE layer when routing is uniform (as random
+    weights route): E x (1 - (1 - k/E)^batch). One token: exactly k; 256 tokens: nearly all of them."""
+    if not cfg.num_experts:
+        return 0.0
+    return cfg.num_experts * (1 - (1 - cfg.num_experts_per_tok / cfg.num_experts) ** batch)
 
 
 def prompt_flops(cfg: Config, a: int, b: int) -> int:
@@ -157,11 +172,13 @@ def floor(b: Bench, prompt_lens: list[int], out_lens: list[int], computed: list[
     must be computed, default every prompt in full. shared_prefix: leading tokens every request shares, whose
     K/V a decode step need read from memory only once for the whole batch."""
     nbytes = b.dtype.itemsize
-    W = weight_params(b.cfg) * nbytes
     K = 2 * b.cfg.num_hidden_layers * b.cfg.num_key_value_heads * b.cfg.head_dim * nbytes
     kv = K * sum((o - 1) * p + o * (o - 1) // 2 for p, o in zip(prompt_lens, out_lens))
     kv -= K * shared_prefix * (sum(out_lens) - len(out_lens) - (max(out_lens) - 1))
-    weights = W * (max(out_lens) - 1)
+    # decode step j (1 .. max o - 1) runs the requests with o_i > j; dense: the same weights every step
+    running = [sum(o > j for o in out_lens) for j in range(1, max(out_lens))] if b.cfg.num_experts else []
+    weights = (sum(weight_params(b.cfg, experts_read(b.cfg, n)) for n in running) * nbytes if running else
+               weight_params(b.cfg) * nbytes * (max(out_lens) - 1))
     flops = sum(prompt_flops(b.cfg, lo, hi) for lo, hi in (computed or [(0, p) for p in prompt_lens]))
     seconds = (kv + weights) / b.bandwidth + flops / b.matmul
     return {"tok_s": sum(out_lens) / seconds, "seconds": seconds, "kv_bytes": kv, "weight_bytes": weights,
@@ -688,7 +705,9 @@ def setup(args) -> Bench:
     print(f"device: {name}, torch {torch.__version__}; model {eargs.model} "
           f"({'random weights' if eargs.random_weights else 'checkpoint'}, {str(dtype).removeprefix('torch.')}): hidden "
           f"{cfg.hidden_size}, {cfg.num_hidden_layers} layers, heads {cfg.num_attention_heads}/{cfg.num_key_value_heads}, "
-          f"head_dim {cfg.head_dim}, intermediate {cfg.intermediate_size}, vocab {cfg.vocab_size}")
+          f"head_dim {cfg.head_dim}, intermediate {cfg.intermediate_size}, vocab {cfg.vocab_size}"
+          + (f", {cfg.num_experts} experts ({cfg.num_experts_per_tok} per token, width {cfg.moe_intermediate_size})"
+             if cfg.num_experts else ""))
     if not gpu:
         print("CPU run: the workloads are shrunk, and the numbers mean nothing for speed (they show the machinery works)")
     print("measuring the ceilings ...", file=sys.stderr)
@@ -700,7 +719,7 @@ def setup(args) -> Bench:
     fl = floor(b, list(map(len, prompts)), outs)
     print(f"ceilings: copy {si(bandwidth)}B/s (read + written), {str(dtype).removeprefix('torch.')} matmul {si(matmul)}FLOP/s")
     print(f"offline floor: {si(fl['kv_bytes'])}B of KV reads + {si(fl['weight_bytes'])}B of weight reads "
-          f"({max(outs) - 1} steps x {si(weight_params(cfg) * dtype.itemsize)}B) at {si(bandwidth)}B/s + "
+          f"({max(outs) - 1} steps, {si(fl['weight_bytes'] / (max(outs) - 1))}B each) at {si(bandwidth)}B/s + "
           f"{sum(map(len, prompts)):,} prompt tokens ({si(fl['prompt_flops'])}FLOP) at {si(matmul)}FLOP/s = "
           f"{fl['seconds']:.3g} s -> {fl['tok_s']:,.0f} output tok/s")
     return b

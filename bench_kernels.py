@@ -191,6 +191,7 @@ def bench_kernels(copy_gbps: float, matmul_tflops: float, device="cuda", dtype=t
             del sets
 
     rows += bench_sampler(copy_gbps, device)
+    rows += bench_moe(copy_gbps, matmul_tflops, device, dtype)
 
     # prefill attention, causal, no prefix: FLOPs = 2 (QK^T and PV) * 2 * T*T/2 * heads * hd per sequence.
     # The peer is torch's SDPA flash backend on dense (B, H, T, hd) copies of the same inputs (K/V repeated per
@@ -259,6 +260,42 @@ def bench_sampler(copy_gbps: float, device="cuda") -> list[dict]:
     return rows
 
 
+MOE_SHAPES = {"qwen3-30b-a3b": (2048, 768), "qwen3-235b-a22b": (4096, 1536)}   # (hidden, moe_intermediate)
+
+
+def bench_moe(copy_gbps: float, matmul_tflops: float, device="cuda", dtype=torch.bfloat16, E=128, k=8) -> list[dict]:
+    """The fused MoE (moe.py: align + gate/up GEMM with SiLU*up + down GEMM with the routing weights + the sum
+    over k), given the router's choice, at decode batch sizes (GB/s over the bytes of the distinct experts the
+    batch routes to, counted from the ids) and prefill sizes (TFLOP/s over 2 x T x k x 3 x H x I). Routing is
+    uniform at random, as random weights give. The reference asks the host which experts were hit: eager."""
+    import moe
+    rows, elt = [], torch.finfo(dtype).bits // 8
+    for model, (H, I) in MOE_SHAPES.items():
+        layer_bytes = E * 3 * H * I * elt
+        for T in (1, 16, 64, 256, 2048, 8192):
+            def make():
+                ids = torch.rand(T, E, device=device).topk(k, dim=-1).indices
+                w = torch.softmax(torch.randn(T, k, device=device), -1).to(dtype)
+                gate_up = torch.randn(E, 2 * I, H, device=device, dtype=dtype) / H ** 0.5
+                down = torch.randn(E, H, I, device=device, dtype=dtype) / I ** 0.5
+                return torch.randn(T, H, device=device, dtype=dtype), gate_up, down, w, ids
+            sets = input_sets(make, min_bytes=3 * layer_bytes, most=4)   # routed experts of one set may fit L2
+            ms = time_rotated(moe.moe_triton, sets)
+            ref_ms = time_rotated(moe.moe_ref, sets[:1], graph=False)
+            x, gu, dn, w, ids = sets[0]
+            err = rel_err(moe.moe_triton(x, gu, dn, w, ids), moe.moe_ref(x.float(), gu.float(), dn.float(), w.float(), ids))
+            distinct = ids.unique().numel()
+            if T <= 256:
+                rate, unit, ceil = distinct * 3 * H * I * elt / ms / 1e6, "GB/s", copy_gbps
+            else:
+                rate, unit, ceil = 2 * T * k * 3 * H * I / ms / 1e9, "TFLOP/s", matmul_tflops
+            rows.append(dict(op="fused moe (E=128, k=8)", shape=f"{model} T={T}", ms=ms, rate=rate, unit=unit,
+                             pct=100 * rate / ceil, target=70 if T <= 256 else 50, ref_ms=ref_ms, speedup=ref_ms / ms,
+                             path="triton", err=err, experts=distinct))
+            del sets
+    return rows
+
+
 def check_kernels(device="cuda", dtype=torch.bfloat16) -> list[tuple[str, float]]:
     """bf16 relative errors at awkward shapes on the GPU: ragged contexts, block sizes 16/32/256, long contexts
     (split path), GQA 1..8, packed prefill after prefixes that are not block-aligned."""
@@ -297,6 +334,8 @@ def format_rows(rows, copy_gbps, matmul_tflops) -> str:
             extra = f"without the shared pass {r['plain_ms']:.4f} ms, ratio {r['plain_ms'] / r['ms']:.2f}"
         if "floor_us" in r:
             extra = f"{1e3 * r['ms']:.1f} us, floor {r['floor_us']:.1f} us"
+        if "experts" in r:
+            extra = f"{r['experts']} distinct experts routed to"
         if "sdpa_ms" in r:
             extra = f"sdpa {r['sdpa_ms']:.3f} ms {r['sdpa_rate']:.0f} TFLOP/s, ratio {r['sdpa_ms'] / r['ms']:.2f}"
         lines.append(f"{r['op']:<33}{r['shape']:<28}{r['ms']:>9.4f}{r['rate']:>10.1f}{r['unit']:>8}{r['pct']:>6.1f}%"

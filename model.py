@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 
 import kernels
+from moe import SparseMoeBlock
 
 
 @dataclass
@@ -35,13 +36,28 @@ class Config:
     max_position_embeddings: int = 40960
     tie_word_embeddings: bool = True      # small sizes reuse embed_tokens as the lm_head
     eos_token_id: list[int] = field(default_factory=lambda: [151645, 151643])   # <|im_end|>, <|endoftext|>
+    # Mixture of experts (Qwen3-MoE, moe.py); num_experts 0 = a dense model
+    num_experts: int = 0
+    num_experts_per_tok: int = 0          # k: experts each token is routed to
+    moe_intermediate_size: int = 0        # each expert's SwiGLU width
+    norm_topk_prob: bool = True           # renormalize the k routing weights to sum 1
+    decoder_sparse_step: int = 1          # every n-th layer has experts ...
+    mlp_only_layers: list[int] = field(default_factory=list)   # ... except these, which keep a dense MLP
+
+    def is_moe_layer(self, i: int) -> bool:
+        return self.num_experts > 0 and i not in self.mlp_only_layers and (i + 1) % self.decoder_sparse_step == 0
 
     @staticmethod
     def from_json(path) -> "Config":
         """Translate a checkpoint's config.json, once, at load time."""
         raw = json.loads(Path(path).read_text())
-        if raw.get("model_type", "qwen3") != "qwen3":
-            raise ValueError(f"{path}: model_type {raw.get('model_type')!r} is not qwen3")
+        if raw.get("model_type", "qwen3") not in ("qwen3", "qwen3_moe"):
+            raise ValueError(f"{path}: model_type {raw.get('model_type')!r} is neither qwen3 nor qwen3_moe")
+        if raw.get("model_type") == "qwen3_moe":
+            raw.setdefault("num_experts", raw.get("num_local_experts"))   # transformers 5 writes this name
+        if raw.get("quantization_config"):
+            raise ValueError(f"{path}: quantized checkpoints ({raw['quantization_config'].get('quant_method')}) "
+                             f"are not supported; use the bf16 checkpoint")
         rope = raw.get("rope_scaling") or raw.get("rope_parameters") or {}
         if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
             raise ValueError(f"{path}: rope scaling {rope} is not supported (plain RoPE only)")
@@ -65,10 +81,19 @@ PRESETS = {
                         tie_word_embeddings=False),
     "qwen3-32b": Config(hidden_size=5120, intermediate_size=25600, num_hidden_layers=64, num_attention_heads=64,
                         tie_word_embeddings=False),
+    "qwen3-30b-a3b": Config(hidden_size=2048, num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4,
+                            intermediate_size=6144, tie_word_embeddings=False, num_experts=128, num_experts_per_tok=8,
+                            moe_intermediate_size=768),
+    "qwen3-235b-a22b": Config(hidden_size=4096, num_hidden_layers=94, num_attention_heads=64, num_key_value_heads=4,
+                              intermediate_size=12288, tie_word_embeddings=False, num_experts=128,
+                              num_experts_per_tok=8, moe_intermediate_size=1536),
     # for tests and CPU smoke runs: vocab 512 covers the 256 byte-level tokens plus a few merges/specials
     "tiny": Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                    num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=2048,
                    eos_token_id=[0]),
+    "tiny-moe": Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, head_dim=16, max_position_embeddings=2048, eos_token_id=[0],
+                       num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32),
 }
 
 
@@ -147,12 +172,13 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, moe: bool):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp = SparseMoeBlock(cfg.hidden_size, cfg.num_experts, cfg.num_experts_per_tok, cfg.moe_intermediate_size,
+                                  cfg.norm_topk_prob) if moe else MLP(cfg)
 
     def forward(self, x, residual, positions, meta, kv, cos_sin):
         # The residual stream is carried separately so each add fuses into the following norm.
@@ -169,7 +195,7 @@ class Qwen3Model(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, cfg.is_moe_layer(i)) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
@@ -211,11 +237,52 @@ FUSED = {
 }
 
 
-def shard_rows(cfg: Config, fused: str) -> list[int]:
+def shard_rows(cfg: Config, fused: str, expert: bool = False) -> list[int]:
     """Row counts of the shards of a fused weight, in shard order."""
     if fused == "qkv_proj":
         return [cfg.num_attention_heads * cfg.head_dim] + [cfg.num_key_value_heads * cfg.head_dim] * 2
-    return [cfg.intermediate_size] * 2
+    return [cfg.moe_intermediate_size if expert else cfg.intermediate_size] * 2
+
+
+def checkpoint_slot(params: dict, cfg: Config, key: str):
+    """Where checkpoint tensor `key` goes: (the parameter's name, the view of it to fill), or (None, None).
+    Three cases: a plain parameter; a shard of a fused one (FUSED); one expert of a stacked expert weight
+    (mlp.experts.<e>.<proj>.weight -> row e of mlp.experts.gate_up_proj or mlp.experts.down_proj)."""
+    module, _, leaf = key.rpartition(".")             # e.g. model.layers.0.self_attn.q_proj, weight
+    prefix, _, proj = module.rpartition(".")
+    expert = None
+    if prefix.rpartition(".")[2].isdigit() and prefix.rpartition(".")[0].endswith(".experts"):
+        prefix, _, e = prefix.rpartition(".")         # ...mlp.experts, 3
+        expert, leaf = int(e), ""
+    if proj in FUSED:
+        fused, shard = FUSED[proj]
+        name = f"{prefix}.{fused}" + (f".{leaf}" if leaf else "")
+        rows = shard_rows(cfg, fused, expert is not None)
+        target = params.get(name)
+        if target is not None:
+            target = target.data if expert is None else target.data[expert]
+            target = target[sum(rows[:shard]):sum(rows[:shard + 1])]
+        return name, target
+    if expert is not None:                            # down_proj of one expert
+        name = f"{prefix}.{proj}"
+        return name, params[name].data[expert] if name in params else None
+    return key, params[key].data if key in params else None
+
+
+def expected_keys(model: "Qwen3ForCausalLM") -> set[str]:
+    """The checkpoint keys a complete checkpoint has (fused and stacked parameters named as stored)."""
+    cfg, keys = model.config, set()
+    for name, p in model.named_parameters():       # a tied lm_head appears once, as embed_tokens
+        module, _, leaf = name.rpartition(".")
+        prefix, _, proj = module.rpartition(".")
+        if name.endswith(".experts.gate_up_proj") or name.endswith(".experts.down_proj"):
+            projs = ("gate_proj", "up_proj") if name.endswith("gate_up_proj") else ("down_proj",)
+            keys |= {f"{module}.{e}.{n}.weight" for e in range(cfg.num_experts) for n in projs}
+        elif proj in ("qkv_proj", "gate_up_proj"):
+            keys |= {f"{prefix}.{n}.{leaf}" for n, (fz, _) in FUSED.items() if fz == proj}
+        else:
+            keys.add(name)
+    return keys
 
 
 def resolve_checkpoint(model: str) -> Path:
@@ -237,7 +304,7 @@ def resolve_checkpoint(model: str) -> Path:
 
 
 def load_weights(model: Qwen3ForCausalLM, ckpt_dir: Path):
-    """Copy every tensor of the checkpoint's safetensors files into the model, through the FUSED table.
+    """Copy every tensor of the checkpoint's safetensors files into the model (checkpoint_slot says where).
     Fails on an unknown, missing or misshapen tensor."""
     from safetensors import safe_open
     cfg = model.config
@@ -249,38 +316,18 @@ def load_weights(model: Qwen3ForCausalLM, ckpt_dir: Path):
     for f in files:
         with safe_open(str(f), framework="pt", device="cpu") as st:
             for key in st.keys():
-                tensor = st.get_tensor(key)
-                module, _, leaf = key.rpartition(".")         # e.g. model.layers.0.self_attn.q_proj, weight
-                prefix, _, proj = module.rpartition(".")
-                if proj in FUSED:
-                    fused, shard = FUSED[proj]
-                    name = f"{prefix}.{fused}.{leaf}"
-                    rows = shard_rows(cfg, fused)
-                    start = sum(rows[:shard])
-                    target = params.get(name)
-                    if target is not None:
-                        target = target.data[start:start + rows[shard]]
-                else:
-                    name = key
-                    target = params[name].data if name in params else None
+                name, target = checkpoint_slot(params, cfg, key)
                 if target is None:
                     if key == "lm_head.weight" and cfg.tie_word_embeddings:
                         continue                               # some tied checkpoints store it anyway
                     raise KeyError(f"{f.name}: unexpected tensor {key!r} (not a Qwen3 parameter)")
+                tensor = st.get_tensor(key)
                 if tuple(target.shape) != tuple(tensor.shape):
                     raise ValueError(f"{f.name}: {key} has shape {tuple(tensor.shape)}, the config says "
                                      f"{tuple(target.shape)}")
                 target.copy_(tensor)
                 filled.add(key)
-    expected = set()
-    for name, p in model.named_parameters():                   # tied lm_head appears once, as embed_tokens
-        module, _, leaf = name.rpartition(".")
-        prefix, _, proj = module.rpartition(".")
-        if proj in ("qkv_proj", "gate_up_proj"):
-            expected |= {f"{prefix}.{n}.{leaf}" for n, (fz, _) in FUSED.items() if fz == proj}
-        else:
-            expected.add(name)
-    missing = sorted(expected - filled)
+    missing = sorted(expected_keys(model) - filled)
     if missing:
         raise KeyError(f"{ckpt_dir}: checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
 
@@ -318,8 +365,7 @@ if __name__ == "__main__":
     ap.add_argument("--model", default="qwen3-0.6b")
     args = ap.parse_args()
     cfg = preset(args.model) if not os.path.isdir(args.model) else Config.from_json(Path(args.model) / "config.json")
-    n = cfg.vocab_size * cfg.hidden_size * (1 if cfg.tie_word_embeddings else 2)
-    n += cfg.num_hidden_layers * (cfg.hidden_size * cfg.head_dim * (2 * cfg.num_attention_heads + 2 * cfg.num_key_value_heads)
-                                  + 3 * cfg.hidden_size * cfg.intermediate_size)
+    with torch.device("meta"):
+        n = sum(p.numel() for p in Qwen3ForCausalLM(cfg).parameters())
     print(cfg)
     print(f"{n / 1e9:.3f} B parameters")

@@ -891,6 +891,78 @@ def test_model_logits_triton_path_equals_torch_path(tied_ckpt, monkeypatch):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Mixture of experts (moe.py): Qwen3-MoE checkpoints against transformers, the kernels against the reference
+# ----------------------------------------------------------------------------------------------------------
+
+def make_moe_checkpoint(path, norm_topk_prob: bool, seed=0):
+    """A tiny Qwen3MoeForCausalLM written by transformers: 3 layers, the middle one dense (mlp_only_layers)."""
+    import transformers
+    torch.manual_seed(seed)
+    hf_cfg = transformers.Qwen3MoeConfig(
+        vocab_size=512, hidden_size=64, intermediate_size=96, moe_intermediate_size=40, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=6, num_experts_per_tok=2,
+        decoder_sparse_step=1, mlp_only_layers=[1], norm_topk_prob=norm_topk_prob, max_position_embeddings=512,
+        rope_theta=10000.0, tie_word_embeddings=False, eos_token_id=2, bos_token_id=0, initializer_range=0.3)
+    hf = transformers.Qwen3MoeForCausalLM(hf_cfg).float().eval()
+    hf.save_pretrained(path, safe_serialization=True)
+    make_tokenizer(path)
+    return hf
+
+
+@pytest.mark.parametrize("norm_topk_prob", [True, False])
+def test_moe_matches_transformers(tmp_path, norm_topk_prob, monkeypatch):
+    hf = make_moe_checkpoint(tmp_path, norm_topk_prob)
+    llm = engine(tmp_path)
+    assert [type(l.mlp).__name__ for l in llm.model.model.layers] == ["SparseMoeBlock", "MLP", "SparseMoeBlock"]
+    prompts = [llm.tokenizer.encode(p) for p in PROMPTS]
+    with torch.inference_mode():                     # logits of one prompt's prefill, through the engine's model
+        s = prompts[1]
+        meta = AttnMeta(torch.tensor([0, len(s)], dtype=torch.int32), torch.tensor([len(s)], dtype=torch.int32),
+                        torch.arange(1, 1 + -(-len(s) // 4), dtype=torch.int32)[None], torch.arange(4, 4 + len(s)),
+                        torch.arange(len(s)), is_decode=False, max_seqlen_q=len(s))
+        logits = llm.model.compute_logits(llm.model(torch.tensor(s), torch.arange(len(s)), meta, llm.kv_cache))
+        diff = (logits - hf(torch.tensor([s])).logits[0]).abs().max().item()
+    print(f"max abs logit diff vs transformers: {diff:.2e}")
+    assert diff < 1e-4
+    outs = llm.generate(prompts, greedy(max_tokens=30, ignore_eos=True))
+    for p, o in zip(prompts, outs):
+        assert o.token_ids == hf_greedy(hf, p, 30)
+    if norm_topk_prob:                               # every Triton kernel forced (interpreter): the same tokens
+        monkeypatch.setenv("QWEN3_KERNELS", "triton")
+        outs = llm.generate(prompts[:2], greedy(max_tokens=5, ignore_eos=True))
+        assert [o.token_ids for o in outs] == [hf_greedy(hf, p, 5) for p in prompts[:2]]
+    assert_no_leak(llm)
+
+
+@pytest.mark.usefixtures("kt_triton_poisoned")
+@pytest.mark.parametrize("T,E,k", [(1, 6, 2), (7, 6, 6), (33, 8, 2), (1, 5, 5), (20, 16, 1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_kt_moe(T, E, k, dtype):
+    """Router and expert GEMMs under the interpreter: awkward H and I, experts with no tokens (E > T * k),
+    one token to every expert (k = E), against moe_ref and route_ref."""
+    import moe
+    H, I = 48, 40
+    x = torch.randn(T, H).to(dtype)
+    logits = torch.randn(T, E).to(dtype)
+    for renorm in (True, False):
+        w, ids = moe.route_triton(logits, k, renorm)
+        w_ref, ids_ref = moe.route_ref(logits, k, renorm)
+        assert torch.equal(ids, ids_ref), (ids, ids_ref)
+        kt_check(f"route T={T} E={E} k={k} renorm={renorm}", w, w_ref, dtype)
+    pairs, block_expert = moe.align(ids, E, 16)
+    real = pairs[pairs < T * k]
+    assert sorted(real.tolist()) == list(range(T * k))            # every pair once, padding is the sentinel
+    tile_of = torch.arange(len(pairs)) // 16
+    assert (ids.flatten()[real] == block_expert[tile_of[pairs < T * k]]).all()   # each tile one expert
+    gate_up, down = (torch.randn(E, 2 * I, H) / H ** 0.5).to(dtype), (torch.randn(E, H, I) / I ** 0.5).to(dtype)
+    cfg = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=4)
+    out = moe.moe_triton(x, gate_up, down, w, ids, cfg)
+    ref = moe.moe_ref(x.float(), gate_up.float(), down.float(), w.float(), ids).to(dtype)
+    kt_check(f"fused moe T={T} E={E} k={k}", out, ref, dtype)
+    assert torch.equal(moe.fused_moe(x, gate_up, down, w, ids), moe.moe_triton(x, gate_up, down, w, ids))
+
+
+# ----------------------------------------------------------------------------------------------------------
 # serve.py: the OpenAI-compatible server on 127.0.0.1, through the official openai client and raw http.client
 # ----------------------------------------------------------------------------------------------------------
 

@@ -1,0 +1,239 @@
+"""Mixture of experts for Qwen3-MoE (Qwen3-30B-A3B, Qwen3-235B-A22B): the router, the fused expert kernels,
+and their PyTorch reference.
+
+In a MoE layer the MLP is replaced by E experts, each a small SwiGLU MLP of width I (moe_intermediate_size),
+and a router that sends every token to k of them:
+
+    x (T, H) -> router logits (T, E) -> softmax in fp32 -> top-k: weights (T, k), expert ids (T, k)
+             -> (renormalized to sum 1 when norm_topk_prob) -> sum_j weight_j * expert_{id_j}(x)    (T, H)
+
+`moe_ref` is that, one expert at a time, as transformers computes it; it is the CPU path and the definition.
+On the GPU four steps run, none of which waits for the host (so decode runs inside CUDA graphs):
+  1. `route`: softmax + top-k + renormalization in one Triton program per token.
+  2. `align`: the T*k (token, expert) pairs sorted by expert, each expert's run padded to a multiple of BLOCK_M
+     with a sentinel, so that every tile of BLOCK_M rows belongs to one expert (a few torch ops on the device).
+  3. two grouped-GEMM launches of `_expert_gemm_kernel`, one program per (row tile, column tile): gate/up with
+     silu(gate) * up in the epilogue -> (T*k, I), then down with each pair's routing weight -> (T*k, H).
+     A tile of padding (blocks past the last expert's run) exits before it loads anything, so a decode step
+     reads only the experts its tokens were routed to.
+  4. the k rows of each token summed.
+(This is the design of vLLM's fused-MoE kernel: one grouped GEMM over tokens sorted by expert.)
+
+Bytes and FLOPs, what bench.py counts: a decode step reads 3 x H x I x 2 bytes per distinct expert routed to,
+per MoE layer; a prefill token costs 2 x 3 x H x I x k FLOPs in the experts (the active parameters).
+
+Checkpoint keys: `mlp.gate.weight` (E, H) is the router; `mlp.experts.<e>.{gate,up,down}_proj.weight` are
+stacked on load into `mlp.experts.gate_up_proj` (E, 2I, H; gate rows first) and `mlp.experts.down_proj`
+(E, H, I), the names transformers uses for its own stacked experts (model.py's loader has the table).
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import kernels
+from kernels import _use_triton, tl, triton
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The layer
+# ----------------------------------------------------------------------------------------------------------
+
+class Experts(nn.Module):
+    def __init__(self, num_experts: int, hidden: int, intermediate: int):
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate, hidden))   # (E, 2I, H)
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, intermediate))          # (E, H, I)
+
+
+class SparseMoeBlock(nn.Module):
+    """Drop-in for model.MLP in the layers that have experts."""
+
+    def __init__(self, hidden: int, num_experts: int, top_k: int, intermediate: int, norm_topk_prob: bool):
+        super().__init__()
+        self.top_k, self.norm_topk_prob = top_k, norm_topk_prob
+        self.gate = nn.Linear(hidden, num_experts, bias=False)                 # the router
+        self.experts = Experts(num_experts, hidden, intermediate)
+
+    def forward(self, x):
+        logits = kernels.linear(x, self.gate.weight)                          # (T, E) in the model's dtype
+        weights, ids = route(logits, self.top_k, self.norm_topk_prob)         # (T, k) each
+        return fused_moe(x, self.experts.gate_up_proj, self.experts.down_proj, weights, ids)   # (T, H)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# PyTorch references
+# ----------------------------------------------------------------------------------------------------------
+
+def route_ref(logits: torch.Tensor, top_k: int, renormalize: bool):
+    """(T, E) router logits -> (T, k) weights in the logits' dtype, (T, k) int64 expert ids (transformers' order:
+    softmax in fp32, top-k, renormalize, then cast)."""
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+    weights, ids = torch.topk(probs, top_k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(-1, keepdim=True)
+    return weights.to(logits.dtype), ids
+
+
+def moe_ref(x, gate_up, down, weights, ids):
+    """x (T, H), gate_up (E, 2I, H), down (E, H, I), weights / ids (T, k) -> (T, H): each expert once, on the
+    tokens routed to it (it looks up which on the host: the CPU path)."""
+    out = torch.zeros_like(x)
+    for e in ids.unique().tolist():
+        tok, slot = torch.where(ids == e)
+        h = F.linear(x[tok], gate_up[e])                                      # (n, 2I)
+        g, u = h.chunk(2, dim=-1)
+        y = F.linear(F.silu(g) * u, down[e]) * weights[tok, slot, None]       # (n, H)
+        out.index_add_(0, tok, y.to(x.dtype))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Routing and alignment
+# ----------------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _route_kernel(logits_ptr, w_ptr, id_ptr, E, TOP_K: tl.constexpr, RENORM: tl.constexpr,
+                  BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One program per token: softmax over its E logits, then k rounds of "take the largest, mask it out"
+    (the lowest index wins a tie, as torch.topk does in practice)."""
+    row = tl.program_id(0)
+    offs = tl.arange(0, BLOCK_E)
+    x = tl.load(logits_ptr + row * E + offs, mask=offs < E, other=float("-inf")).to(tl.float32)
+    p = tl.exp(x - tl.max(x, 0))
+    p = p / tl.sum(p, 0)
+    p = tl.where(offs < E, p, -1.0)
+    slots = tl.arange(0, BLOCK_K)
+    w = tl.zeros([BLOCK_K], dtype=tl.float32)
+    ids = tl.zeros([BLOCK_K], dtype=tl.int64)
+    for j in tl.static_range(TOP_K):
+        best = tl.max(p, 0)
+        at = tl.min(tl.where(p == best, offs, BLOCK_E), 0)
+        w = tl.where(slots == j, best, w)
+        ids = tl.where(slots == j, at.to(tl.int64), ids)
+        p = tl.where(offs == at, -1.0, p)
+    if RENORM:
+        w = w / tl.sum(w, 0)
+    tl.store(w_ptr + row * TOP_K + slots, w.to(w_ptr.dtype.element_ty), mask=slots < TOP_K)
+    tl.store(id_ptr + row * TOP_K + slots, ids, mask=slots < TOP_K)
+
+
+def route_triton(logits: torch.Tensor, top_k: int, renormalize: bool):
+    T, E = logits.shape
+    weights = torch.empty(T, top_k, dtype=logits.dtype, device=logits.device)
+    ids = torch.empty(T, top_k, dtype=torch.int64, device=logits.device)
+    if T:
+        _route_kernel[(T,)](logits.contiguous(), weights, ids, E, TOP_K=top_k, RENORM=renormalize,
+                            BLOCK_E=triton.next_power_of_2(E), BLOCK_K=triton.next_power_of_2(top_k))
+    return weights, ids
+
+
+def align(ids: torch.Tensor, num_experts: int, block_m: int):
+    """(T, k) expert ids -> (sorted_pairs, block_expert): sorted_pairs (P,) holds pair indices (token * k + j)
+    grouped by expert, each expert's run padded to a multiple of block_m with the sentinel T*k; block_expert
+    (P / block_m,) is the expert of each tile, num_experts for tiles past the last run. P is the most the
+    padding can need, so the sizes are fixed by T alone (CUDA graphs) and nothing is read back to the host."""
+    n = ids.numel()
+    flat = ids.flatten()                                                   # (T*k,) expert of each pair
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=ids.device).scatter_add_(
+        0, flat, torch.ones_like(flat))                                    # (E,) pairs per expert
+    padded = (counts + block_m - 1) // block_m * block_m
+    ends = padded.cumsum(0)                                                # (E,) end of each expert's run
+    order = torch.argsort(flat, stable=True)                               # pairs by expert, in token order
+    e_sorted = flat[order]
+    rank = torch.arange(n, device=ids.device) - (counts.cumsum(0) - counts)[e_sorted]   # place in its run
+    P = -(-(n + min(n, num_experts) * (block_m - 1)) // block_m) * block_m
+    sorted_pairs = torch.full((P,), n, dtype=torch.int64, device=ids.device)
+    sorted_pairs[(ends - padded)[e_sorted] + rank] = order
+    tile_start = torch.arange(0, P, block_m, device=ids.device)
+    block_expert = torch.searchsorted(ends, tile_start, right=True)        # num_experts past the last run
+    return sorted_pairs, block_expert
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The grouped GEMM
+# ----------------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _expert_gemm_kernel(a_ptr, w_ptr, out_ptr, pairs_ptr, block_expert_ptr, weights_ptr, N, K, num_pairs,
+                        num_experts, stride_a, stride_we, stride_wn, stride_out,
+                        A_ROWS_PER_PAIR: tl.constexpr, GATE_UP: tl.constexpr, WEIGHTED: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Program (m, n): the BLOCK_M pairs of tile m, all routed to one expert e, times columns n of e's weight.
+    Row r of A is pair // A_ROWS_PER_PAIR (k: the token's hidden state; 1: the pair's own intermediate row).
+    GATE_UP: the weight holds 2N rows (gate, then up): two accumulators, out = silu(gate) * up.
+    WEIGHTED: out *= the pair's routing weight."""
+    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    e = tl.load(block_expert_ptr + pid_m)
+    if e >= num_experts:                       # a tile of padding past the last expert's run
+        return
+    pairs = tl.load(pairs_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+    valid = pairs < num_pairs
+    rows = tl.where(valid, pairs // A_ROWS_PER_PAIR, 0)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + rows[:, None] * stride_a + offs_k[None, :]                                # (BM, BK)
+    w_ptrs = w_ptr + e.to(tl.int64) * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None]   # (BK, BN)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_in = offs_k < K - k0
+        a = tl.load(a_ptrs, mask=valid[:, None] & k_in[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=k_in[:, None] & (offs_n[None, :] < N), other=0.0)
+        acc += tl.dot(a, w)
+        if GATE_UP:
+            w_up = tl.load(w_ptrs + N * stride_wn, mask=k_in[:, None] & (offs_n[None, :] < N), other=0.0)
+            acc_up += tl.dot(a, w_up)
+        a_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    if GATE_UP:
+        acc = acc / (1.0 + tl.exp(-acc)) * acc_up
+    if WEIGHTED:
+        acc = acc * tl.load(weights_ptr + pairs, mask=valid, other=0.0).to(tl.float32)[:, None]
+    out_ptrs = out_ptr + pairs[:, None] * stride_out + offs_n[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=valid[:, None] & (offs_n[None, :] < N))
+
+
+def moe_config(num_pairs: int) -> dict:
+    """Tile sizes by the number of (token, expert) pairs: decode batches have a few pairs per expert, so small
+    row tiles waste little on padding; prefill fills 64-row tiles."""
+    if num_pairs <= 1024:
+        return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3)
+    return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
+
+
+def moe_triton(x, gate_up, down, weights, ids, config: dict | None = None):
+    T, H = x.shape
+    E, two_i, _ = gate_up.shape
+    I, k = two_i // 2, ids.shape[1]
+    n = T * k
+    cfg = dict(config or moe_config(n))
+    if not x.is_cuda:                          # the CPU interpreter: tl.dot wants tiles of 16 and up, no stages
+        cfg.pop("num_stages", None)
+    bm, bn, bk = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K")
+    pairs, block_expert = align(ids, E, bm)
+    x = x.contiguous()
+    inter = torch.empty(n, I, dtype=x.dtype, device=x.device)                       # (T*k, I)
+    _expert_gemm_kernel[(block_expert.numel(), triton.cdiv(I, bn))](
+        x, gate_up, inter, pairs, block_expert, weights, I, H, n, E, x.stride(0), gate_up.stride(0),
+        gate_up.stride(1), inter.stride(0), A_ROWS_PER_PAIR=k, GATE_UP=True, WEIGHTED=False,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **cfg)
+    out = torch.empty(n, H, dtype=x.dtype, device=x.device)                         # (T*k, H)
+    _expert_gemm_kernel[(block_expert.numel(), triton.cdiv(H, bn))](
+        inter, down, out, pairs, block_expert, weights.contiguous(), H, I, n, E, inter.stride(0), down.stride(0),
+        down.stride(1), out.stride(0), A_ROWS_PER_PAIR=1, GATE_UP=False, WEIGHTED=True,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **cfg)
+    return out.view(T, k, H).sum(1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Dispatchers
+# ----------------------------------------------------------------------------------------------------------
+
+def route(logits, top_k: int, renormalize: bool):
+    return route_triton(logits, top_k, renormalize) if _use_triton(logits) else route_ref(logits, top_k, renormalize)
+
+
+def fused_moe(x, gate_up, down, weights, ids):
+    """On CUDA always the Triton path: the reference asks the host which experts were hit (a sync per layer,
+    no CUDA graphs), so it cannot win inside a decode step."""
+    return moe_triton(x, gate_up, down, weights, ids) if _use_triton(x) else moe_ref(x, gate_up, down, weights, ids)
