@@ -272,7 +272,7 @@ def bench_moe(copy_gbps: float, matmul_tflops: float, device="cuda", dtype=torch
     rows, elt = [], torch.finfo(dtype).bits // 8
     for model, (H, I) in MOE_SHAPES.items():
         layer_bytes = E * 3 * H * I * elt
-        for T in (1, 16, 64, 256, 2048, 8192):
+        for T in (1, 2, 4, 8, 16, 64, 256, 2048, 8192):
             def make():
                 ids = torch.rand(T, E, device=device).topk(k, dim=-1).indices
                 w = torch.softmax(torch.randn(T, k, device=device), -1).to(dtype)
@@ -281,6 +281,12 @@ def bench_moe(copy_gbps: float, matmul_tflops: float, device="cuda", dtype=torch
                 return torch.randn(T, H, device=device, dtype=dtype), gate_up, down, w, ids
             sets = input_sets(make, min_bytes=3 * layer_bytes, most=4)   # routed experts of one set may fit L2
             ms = time_rotated(moe.moe_triton, sets)
+            other = {}                         # around the switch to the sorted path: the other path's time
+            if T <= 8:
+                gemv = "GEMV" in moe.moe_config(T * k)
+                alt = moe.moe_config(moe.GEMV_MAX_PAIRS + 1 if gemv else 1)
+                other = {"alt_ms": time_rotated(lambda *a: moe.moe_triton(*a, config=alt), sets),
+                         "alt": "sorted tiles" if gemv else "gemv"}
             ref_ms = time_rotated(moe.moe_ref, sets[:1], graph=False)
             x, gu, dn, w, ids = sets[0]
             err = rel_err(moe.moe_triton(x, gu, dn, w, ids), moe.moe_ref(x.float(), gu.float(), dn.float(), w.float(), ids))
@@ -291,7 +297,7 @@ def bench_moe(copy_gbps: float, matmul_tflops: float, device="cuda", dtype=torch
                 rate, unit, ceil = 2 * T * k * 3 * H * I / ms / 1e9, "TFLOP/s", matmul_tflops
             rows.append(dict(op="fused moe (E=128, k=8)", shape=f"{model} T={T}", ms=ms, rate=rate, unit=unit,
                              pct=100 * rate / ceil, target=70 if T <= 256 else 50, ref_ms=ref_ms, speedup=ref_ms / ms,
-                             path="triton", err=err, experts=distinct))
+                             path="triton", err=err, experts=distinct, **other))
             del sets
     return rows
 
@@ -335,7 +341,8 @@ def format_rows(rows, copy_gbps, matmul_tflops) -> str:
         if "floor_us" in r:
             extra = f"{1e3 * r['ms']:.1f} us, floor {r['floor_us']:.1f} us"
         if "experts" in r:
-            extra = f"{r['experts']} distinct experts routed to"
+            extra = f"{r['experts']} distinct experts routed to" + (
+                f"; {r['alt']} path {r['alt_ms']:.4f} ms" if "alt" in r else "")
         if "sdpa_ms" in r:
             extra = f"sdpa {r['sdpa_ms']:.3f} ms {r['sdpa_rate']:.0f} TFLOP/s, ratio {r['sdpa_ms'] / r['ms']:.2f}"
         lines.append(f"{r['op']:<33}{r['shape']:<28}{r['ms']:>9.4f}{r['rate']:>10.1f}{r['unit']:>8}{r['pct']:>6.1f}%"

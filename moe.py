@@ -16,6 +16,8 @@ On the GPU four steps run, none of which waits for the host (so decode runs insi
      silu(gate) * up in the epilogue -> (T*k, I), then down with each pair's routing weight -> (T*k, H).
      A tile of padding (blocks past the last expert's run) exits before it loads anything, so a decode step
      reads only the experts its tokens were routed to.
+     A few pairs (a lone decode: k of them) skip steps 2-3's sorting: `_expert_gemv_kernel` streams each pair's
+     expert rows as a matrix-vector product, one launch for gate/up and one for down.
   4. the k rows of each token summed.
 (This is the design of vLLM's fused-MoE kernel: one grouped GEMM over tokens sorted by expert.)
 
@@ -193,12 +195,59 @@ def _expert_gemm_kernel(a_ptr, w_ptr, out_ptr, pairs_ptr, block_expert_ptr, weig
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=valid[:, None] & (offs_n[None, :] < N))
 
 
+@triton.jit
+def _expert_gemv_kernel(a_ptr, w_ptr, out_ptr, ids_ptr, weights_ptr, N, K, stride_a, stride_we,
+                        A_ROWS_PER_PAIR: tl.constexpr, GATE_UP: tl.constexpr, WEIGHTED: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The few-token path (a lone decode): program (p, n) multiplies pair p's input row by rows n of its own
+    expert's weight, no sorting and no tiles of padding. Two pairs on one expert read it twice, which costs
+    less than aligning while pairs are few (table at moe_config). Same GATE_UP / WEIGHTED meaning as above;
+    products pile up in an fp32 (BLOCK_N, BLOCK_K) tile reduced once, as kernels._gemv_kernel does."""
+    pair = tl.program_id(0)
+    e = tl.load(ids_ptr + pair).to(tl.int64)
+    rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    a_row = a_ptr + (pair // A_ROWS_PER_PAIR) * stride_a
+    w_rows = w_ptr + e * stride_we + rows[:, None].to(tl.int64) * K
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        mask = row_mask[:, None] & (cols < K)[None, :]
+        x = tl.load(a_row + cols, mask=cols < K, other=0.0).to(tl.float32)[None, :]
+        acc += tl.load(w_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32) * x
+        if GATE_UP:
+            acc_up += tl.load(w_rows + N * K + cols[None, :], mask=mask, other=0.0).to(tl.float32) * x
+    y = tl.sum(acc, axis=1)
+    if GATE_UP:
+        y = y / (1.0 + tl.exp(-y)) * tl.sum(acc_up, axis=1)
+    if WEIGHTED:
+        y = y * tl.load(weights_ptr + pair).to(tl.float32)
+    tl.store(out_ptr + pair * N + rows, y.to(out_ptr.dtype.element_ty), mask=row_mask)
+
+
+# ms per fused MoE call, E=128, k=8, bf16, H200 (bench.py kernels; graph replays, weights past L2):
+#   pairs (tokens x 8) |   8    |   16   |   32   |   64   |  2048  | 16384  | 65536
+#   30b-a3b  gemv      | 0.0353 | 0.0577 | 0.0987 | 0.1734 |        |        |
+#            sorted    | 0.0675 | 0.0948 | 0.1275 | 0.1741 | 0.397  | 0.702  | 1.990
+#   235b     gemv      | 0.0983 | 0.1722 | 0.3212 | 0.5852 |        |        |
+#            sorted    | 0.1316 | 0.1989 | 0.3202 | 0.5040 | 1.266  | 2.313  | 6.693
+# "sorted" at each size is the best of a sweep of tiles (BLOCK_M 16-128, BLOCK_N 64-256, BLOCK_K 64-128, 4-8
+# warps, 3-4 stages); the tiles below are those winners (within 5%). At 2048 pairs 64x128x64 gave 0.416 / 1.358,
+# at 16384 and 65536 it gave 0.780 / 2.104 (30b) and 2.644 / 7.873 (235b).
+GEMV_MAX_PAIRS = 32
+
+
 def moe_config(num_pairs: int) -> dict:
-    """Tile sizes by the number of (token, expert) pairs: decode batches have a few pairs per expert, so small
-    row tiles waste little on padding; prefill fills 64-row tiles."""
+    """Tile sizes by the number of (token, expert) pairs: a lone decode streams each pair's expert (gemv); decode
+    batches have a few pairs per expert, so small row tiles waste little on padding; prefill fills 128-row tiles."""
+    if num_pairs <= GEMV_MAX_PAIRS:
+        return dict(GEMV=True, BLOCK_N=4, BLOCK_K=512, num_warps=4)
     if num_pairs <= 1024:
         return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3)
-    return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
+    if num_pairs <= 4096:
+        return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3)
+    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
 
 
 def moe_triton(x, gate_up, down, weights, ids, config: dict | None = None):
@@ -209,9 +258,11 @@ def moe_triton(x, gate_up, down, weights, ids, config: dict | None = None):
     cfg = dict(config or moe_config(n))
     if not x.is_cuda:                          # the CPU interpreter: tl.dot wants tiles of 16 and up, no stages
         cfg.pop("num_stages", None)
+    x = x.contiguous()
+    if cfg.pop("GEMV", False):
+        return moe_gemv(x, gate_up, down, weights.contiguous(), ids.contiguous(), cfg)
     bm, bn, bk = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K")
     pairs, block_expert = align(ids, E, bm)
-    x = x.contiguous()
     inter = torch.empty(n, I, dtype=x.dtype, device=x.device)                       # (T*k, I)
     _expert_gemm_kernel[(block_expert.numel(), triton.cdiv(I, bn))](
         x, gate_up, inter, pairs, block_expert, weights, I, H, n, E, x.stride(0), gate_up.stride(0),
@@ -222,6 +273,21 @@ def moe_triton(x, gate_up, down, weights, ids, config: dict | None = None):
         inter, down, out, pairs, block_expert, weights.contiguous(), H, I, n, E, inter.stride(0), down.stride(0),
         down.stride(1), out.stride(0), A_ROWS_PER_PAIR=1, GATE_UP=False, WEIGHTED=True,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **cfg)
+    return out.view(T, k, H).sum(1)
+
+
+def moe_gemv(x, gate_up, down, weights, ids, cfg: dict):
+    T, H = x.shape
+    I, k = gate_up.shape[1] // 2, ids.shape[1]
+    bn = cfg["BLOCK_N"]
+    inter = torch.empty(T * k, I, dtype=x.dtype, device=x.device)                   # (T*k, I)
+    _expert_gemv_kernel[(T * k, triton.cdiv(I, bn))](x, gate_up, inter, ids, weights, I, H, x.stride(0),
+                                                     gate_up.stride(0), A_ROWS_PER_PAIR=k, GATE_UP=True,
+                                                     WEIGHTED=False, **cfg)
+    out = torch.empty(T * k, H, dtype=x.dtype, device=x.device)                     # (T*k, H)
+    _expert_gemv_kernel[(T * k, triton.cdiv(H, bn))](inter, down, out, ids, weights, H, I, inter.stride(0),
+                                                     down.stride(0), A_ROWS_PER_PAIR=1, GATE_UP=False,
+                                                     WEIGHTED=True, **cfg)
     return out.view(T, k, H).sum(1)
 
 

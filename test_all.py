@@ -935,7 +935,7 @@ def test_moe_matches_transformers(tmp_path, norm_topk_prob, monkeypatch):
 
 
 @pytest.mark.usefixtures("kt_triton_poisoned")
-@pytest.mark.parametrize("T,E,k", [(1, 6, 2), (7, 6, 6), (33, 8, 2), (1, 5, 5), (20, 16, 1)])
+@pytest.mark.parametrize("T,E,k", [(1, 6, 2), (7, 6, 6), (19, 8, 2), (1, 5, 5), (13, 16, 1)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_kt_moe(T, E, k, dtype):
     """Router and expert GEMMs under the interpreter: awkward H and I, experts with no tokens (E > T * k),
@@ -955,10 +955,9 @@ def test_kt_moe(T, E, k, dtype):
     tile_of = torch.arange(len(pairs)) // 16
     assert (ids.flatten()[real] == block_expert[tile_of[pairs < T * k]]).all()   # each tile one expert
     gate_up, down = (torch.randn(E, 2 * I, H) / H ** 0.5).to(dtype), (torch.randn(E, H, I) / I ** 0.5).to(dtype)
-    cfg = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=4)
-    out = moe.moe_triton(x, gate_up, down, w, ids, cfg)
     ref = moe.moe_ref(x.float(), gate_up.float(), down.float(), w.float(), ids).to(dtype)
-    kt_check(f"fused moe T={T} E={E} k={k}", out, ref, dtype)
+    for cfg in (dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=4), dict(GEMV=True, BLOCK_N=16, BLOCK_K=32)):
+        kt_check(f"fused moe T={T} E={E} k={k} {cfg}", moe.moe_triton(x, gate_up, down, w, ids, cfg), ref, dtype)
     assert torch.equal(moe.fused_moe(x, gate_up, down, w, ids), moe.moe_triton(x, gate_up, down, w, ids))
 
 
