@@ -152,6 +152,18 @@ def weight_params(cfg: Config, experts: float | None = None) -> float:
     return L * attn + (L - moe_layers) * 3 * H * cfg.intermediate_size + moe + cfg.vocab_size * H
 
 
+def weight_bytes(cfg: Config, nbytes: int, experts: float | None = None) -> float:
+    """Bytes of weight_params(cfg, experts): FP8 projections (quant.py) read 1 byte per weight plus a 4-byte
+    scale per 128, the rest nbytes."""
+    total = weight_params(cfg, experts) * nbytes
+    if cfg.quantization == "fp8":
+        H, L = cfg.hidden_size, cfg.num_hidden_layers
+        attn = H * cfg.head_dim * (2 * cfg.num_attention_heads + 2 * cfg.num_key_value_heads)
+        dense = sum(not cfg.is_moe_layer(i) for i in range(L)) * 3 * H * cfg.intermediate_size
+        total -= (L * attn + dense) * (nbytes - 1 - 4 / 128)
+    return total
+
+
 def experts_read(cfg: Config, batch: int) -> float:
     """Distinct experts a decode step of `batch` tokens reads per MoE layer when routing is uniform (as random
     weights route): E x (1 - (1 - k/E)^batch). One token: exactly k; 256 tokens: nearly all of them."""
@@ -177,8 +189,8 @@ def floor(b: Bench, prompt_lens: list[int], out_lens: list[int], computed: list[
     kv -= K * shared_prefix * (sum(out_lens) - len(out_lens) - (max(out_lens) - 1))
     # decode step j (1 .. max o - 1) runs the requests with o_i > j; dense: the same weights every step
     running = [sum(o > j for o in out_lens) for j in range(1, max(out_lens))] if b.cfg.num_experts else []
-    weights = (sum(weight_params(b.cfg, experts_read(b.cfg, n)) for n in running) * nbytes if running else
-               weight_params(b.cfg) * nbytes * (max(out_lens) - 1))
+    weights = (sum(weight_bytes(b.cfg, nbytes, experts_read(b.cfg, n)) for n in running) if running else
+               weight_bytes(b.cfg, nbytes) * (max(out_lens) - 1))
     flops = sum(prompt_flops(b.cfg, lo, hi) for lo, hi in (computed or [(0, p) for p in prompt_lens]))
     seconds = (kv + weights) / b.bandwidth + flops / b.matmul
     return {"tok_s": sum(out_lens) / seconds, "seconds": seconds, "kv_bytes": kv, "weight_bytes": weights,
@@ -357,7 +369,7 @@ def run_decode1(b: Bench):
     prompt = random_prompts(1, w.decode_prompt, b.cfg.vocab_size, seed=1)
     r = run_requests(llm, prompt, [w.decode_tokens], {"temperature": 0.0}, "decode-1")
     ms = 1e3 * (r["seconds"] - r["first_token_s"]) / (w.decode_tokens - 1)   # decode steps only, not the prefill
-    floor_ms = 1e3 * weight_params(b.cfg) * b.dtype.itemsize / b.bandwidth
+    floor_ms = 1e3 * weight_bytes(b.cfg, b.dtype.itemsize) / b.bandwidth
     return ([row("decode-1", 1e3 / ms, 1e3 / floor_ms, f"{ms:.2f} ms/token (floor {floor_ms:.2f} ms)",
                  peer_of="decode-1")],
             {"ms_per_token": ms, "tok_s": 1e3 / ms, "floor_ms_per_token": floor_ms, "prefill_s": r["first_token_s"]})
@@ -697,6 +709,7 @@ def setup(args) -> Bench:
         cfg, eargs.random_weights = preset(eargs.model), True      # a named size: random weights of its shape
     except ValueError:
         cfg = Config.from_json(resolve_checkpoint(eargs.model) / "config.json")
+    cfg.quantization = cfg.quantization or eargs.quantization          # floors count FP8 weights at their width
     w = replace(Workloads() if gpu else CPU_WORKLOADS,
                 **{k: getattr(args, k) for k in ("num_seqs", "min_len", "max_len") if getattr(args, k) is not None})
     w.clients = tuple(args.clients or w.clients)
@@ -707,7 +720,7 @@ def setup(args) -> Bench:
           f"{cfg.hidden_size}, {cfg.num_hidden_layers} layers, heads {cfg.num_attention_heads}/{cfg.num_key_value_heads}, "
           f"head_dim {cfg.head_dim}, intermediate {cfg.intermediate_size}, vocab {cfg.vocab_size}"
           + (f", {cfg.num_experts} experts ({cfg.num_experts_per_tok} per token, width {cfg.moe_intermediate_size})"
-             if cfg.num_experts else ""))
+             if cfg.num_experts else "") + (", FP8 projections (W8A16)" if cfg.quantization else ""))
     if not gpu:
         print("CPU run: the workloads are shrunk, and the numbers mean nothing for speed (they show the machinery works)")
     print("measuring the ceilings ...", file=sys.stderr)

@@ -192,6 +192,7 @@ def bench_kernels(copy_gbps: float, matmul_tflops: float, device="cuda", dtype=t
 
     rows += bench_sampler(copy_gbps, device)
     rows += bench_moe(copy_gbps, matmul_tflops, device, dtype)
+    rows += bench_fp8(copy_gbps, matmul_tflops, device, dtype)
 
     # prefill attention, causal, no prefix: FLOPs = 2 (QK^T and PV) * 2 * T*T/2 * heads * hd per sequence.
     # The peer is torch's SDPA flash backend on dense (B, H, T, hd) copies of the same inputs (K/V repeated per
@@ -298,6 +299,37 @@ def bench_moe(copy_gbps: float, matmul_tflops: float, device="cuda", dtype=torch
             rows.append(dict(op="fused moe (E=128, k=8)", shape=f"{model} T={T}", ms=ms, rate=rate, unit=unit,
                              pct=100 * rate / ceil, target=70 if T <= 256 else 50, ref_ms=ref_ms, speedup=ref_ms / ms,
                              path="triton", err=err, experts=distinct, **other))
+            del sets
+    return rows
+
+
+FP8_SHAPES = {"8b qkv 4096->6144": (6144, 4096), "8b gate_up 4096->24576": (24576, 4096),
+              "8b down 12288->4096": (4096, 12288)}
+
+
+def bench_fp8(copy_gbps: float, matmul_tflops: float, device="cuda", dtype=torch.bfloat16) -> list[dict]:
+    """quant.py's W8A16 projections against cuBLAS on the bf16 weight (the ref column): one token in GB/s over
+    the FP8 bytes (weight + row scales), 256 and 8192 tokens in TFLOP/s."""
+    import quant
+    rows = []
+    for name, (N, K) in FP8_SHAPES.items():
+        for M in (1, 16, 256, 8192):
+            def make():
+                w = torch.randn(N, K, device=device) / K ** 0.5
+                q, s = quant.quantize_blocks(w)
+                return torch.randn(M, K, device=device, dtype=dtype), q, quant.row_scales(s, N), w.to(dtype)
+            sets = input_sets(make, most=8)
+            ms = time_rotated(lambda x, q, s, w: quant.fp8_linear_triton(x, q, s), sets)
+            ref_ms = time_rotated(lambda x, q, s, w: x @ w.t(), sets)
+            x, q, s, w = sets[0]
+            err = rel_err(quant.fp8_linear_triton(x, q, s), quant.fp8_linear_ref(x.float(), q, s))
+            if M <= 16:
+                rate, unit, ceil = (N * K * (1 + 4 / 128) + M * (N + K) * 2) / ms / 1e6, "GB/s", copy_gbps
+            else:
+                rate, unit, ceil = 2 * M * N * K / ms / 1e9, "TFLOP/s", matmul_tflops
+            rows.append(dict(op="fp8 linear (W8A16)", shape=f"{name} M={M}", ms=ms, rate=rate, unit=unit,
+                             pct=100 * rate / ceil, target=None, ref_ms=ref_ms, speedup=ref_ms / ms, path="triton",
+                             err=err))
             del sets
     return rows
 

@@ -48,6 +48,7 @@ class EngineArgs:
     cuda_graphs: bool = True             # replay captured CUDA graphs for decode batches and their sampling
     generation_config: str = "auto"      # auto: unset sampling settings come from generation_config.json; none
     weight_seed: int = 0                 # seed of the random weights
+    quantization: str | None = None      # fp8: quantize the projections to FP8 blocks at load (quant.py)
 
     def __post_init__(self):
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -56,6 +57,8 @@ class EngineArgs:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
+        if self.quantization not in (None, "fp8"):
+            raise ValueError(f"quantization must be fp8 (or unset), got {self.quantization!r}")
         if self.generation_config not in ("auto", "none"):
             raise ValueError(f"generation_config must be auto or none, got {self.generation_config!r}")
 
@@ -136,7 +139,7 @@ class LLM:
         self.args = args
         self.device, self.dtype = resolve_device_dtype(args)
         self.model, self.config, ckpt = build_model(args.model, args.random_weights, self.dtype, self.device,
-                                                    args.weight_seed)
+                                                    args.weight_seed, args.quantization)
         self.tokenizer = Tokenizer(ckpt)
         self.defaults = generation_defaults(ckpt, args.generation_config == "auto")
         cfg = self.config

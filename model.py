@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 
 import kernels
+import quant
 from moe import SparseMoeBlock
 
 
@@ -43,6 +44,7 @@ class Config:
     norm_topk_prob: bool = True           # renormalize the k routing weights to sum 1
     decoder_sparse_step: int = 1          # every n-th layer has experts ...
     mlp_only_layers: list[int] = field(default_factory=list)   # ... except these, which keep a dense MLP
+    quantization: str | None = None       # "fp8": the checkpoint's projections are FP8 blocks (quant.py)
 
     def is_moe_layer(self, i: int) -> bool:
         return self.num_experts > 0 and i not in self.mlp_only_layers and (i + 1) % self.decoder_sparse_step == 0
@@ -56,8 +58,9 @@ class Config:
         if raw.get("model_type") == "qwen3_moe":
             raw.setdefault("num_experts", raw.get("num_local_experts"))   # transformers 5 writes this name
         if raw.get("quantization_config"):
-            raise ValueError(f"{path}: quantized checkpoints ({raw['quantization_config'].get('quant_method')}) "
-                             f"are not supported; use the bf16 checkpoint")
+            raw["quantization"] = quant.check_config(raw["quantization_config"], path)
+            if raw.get("model_type") == "qwen3_moe":
+                raise ValueError(f"{path}: FP8 MoE checkpoints are not supported; use the bf16 checkpoint")
         rope = raw.get("rope_scaling") or raw.get("rope_parameters") or {}
         if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
             raise ValueError(f"{path}: rope scaling {rope} is not supported (plain RoPE only)")
@@ -132,20 +135,32 @@ class RMSNorm(nn.Module):
         return kernels.add_rms_norm(x, residual, self.weight, self.eps)   # (normed, x + residual)
 
 
+class Linear(nn.Module):
+    """A projection without bias, y = x @ weight^T, through kernels.linear (quant.Fp8Linear stands in for FP8)."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+
+    def forward(self, x, silu_mul: bool = False):
+        """silu_mul: x is a gate_up row block (T, 2 * in) and the input is silu(gate) * up."""
+        return kernels.silu_mul_linear(x, self.weight) if silu_mul else kernels.linear(x, self.weight)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.eps = cfg.rms_norm_eps
         # q, k and v projections fused into one matmul; loading fills the three row ranges (see FUSED).
-        self.qkv_proj = nn.Linear(cfg.hidden_size, (self.n_heads + 2 * self.n_kv_heads) * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
+        self.qkv_proj = Linear(cfg.hidden_size, (self.n_heads + 2 * self.n_kv_heads) * self.head_dim)
+        self.o_proj = Linear(self.n_heads * self.head_dim, cfg.hidden_size)
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)   # per-head norms, before RoPE (new in Qwen3)
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
 
     def forward(self, x, positions, meta: AttnMeta, kv, cos_sin):
         k_cache, v_cache = kv                                     # (num_blocks, block_size, n_kv, head_dim) each
-        qkv = kernels.linear(x, self.qkv_proj.weight)             # (T, (n_heads + 2*n_kv) * head_dim)
+        qkv = self.qkv_proj(x)                                    # (T, (n_heads + 2*n_kv) * head_dim)
         # norm + RoPE on q and k, and k/v written into their cache slots before attention reads them
         q = kernels.qk_norm_rope_store(qkv, self.q_norm.weight, self.k_norm.weight, cos_sin, positions,
                                        k_cache, v_cache, meta.slot_mapping, self.n_heads, self.n_kv_heads,
@@ -157,18 +172,18 @@ class Attention(nn.Module):
         else:
             o = kernels.prefill_attention(q, k_cache, v_cache, meta.cu_seqlens_q, meta.context_lens,
                                           meta.block_tables, scale, max_seqlen_q=meta.max_seqlen_q)
-        return kernels.linear(o.reshape(x.shape[0], -1), self.o_proj.weight)   # (T, hidden)
+        return self.o_proj(o.reshape(x.shape[0], -1))             # (T, hidden)
 
 
 class MLP(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)   # gate rows first
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size)   # gate rows first
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size)
 
     def forward(self, x):
-        gate_up = kernels.linear(x, self.gate_up_proj.weight)    # (T, 2 * intermediate)
-        return kernels.silu_mul_linear(gate_up, self.down_proj.weight)   # down_proj(silu(gate) * up)
+        gate_up = self.gate_up_proj(x)                            # (T, 2 * intermediate)
+        return self.down_proj(gate_up, silu_mul=True)             # down_proj(silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -322,6 +337,11 @@ def load_weights(model: Qwen3ForCausalLM, ckpt_dir: Path):
                         continue                               # some tied checkpoints store it anyway
                     raise KeyError(f"{f.name}: unexpected tensor {key!r} (not a Qwen3 parameter)")
                 tensor = st.get_tensor(key)
+                if key.endswith(".weight_scale_inv"):         # FP8 block scales -> one per row (quant.py)
+                    tensor = quant.row_scales(tensor, target.shape[0])
+                if (target.dtype == quant.FP8) != (tensor.dtype == quant.FP8):
+                    raise ValueError(f"{f.name}: {key} is {tensor.dtype}, the model expects {target.dtype} (a "
+                                     f"checkpoint mixing FP8 and unquantized projections is not supported)")
                 if tuple(target.shape) != tuple(tensor.shape):
                     raise ValueError(f"{f.name}: {key} has shape {tuple(tensor.shape)}, the config says "
                                      f"{tuple(target.shape)}")
@@ -332,8 +352,11 @@ def load_weights(model: Qwen3ForCausalLM, ckpt_dir: Path):
         raise KeyError(f"{ckpt_dir}: checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
 
 
-def build_model(model: str, random_weights: bool, dtype: torch.dtype, device: torch.device, seed: int = 0):
-    """Returns (model, config, checkpoint dir or None). Random weights: init std 0.02, as the benchmarks use."""
+def build_model(model: str, random_weights: bool, dtype: torch.dtype, device: torch.device, seed: int = 0,
+                quantization: str | None = None):
+    """Returns (model, config, checkpoint dir or None). Random weights: init std 0.02, as the benchmarks use.
+    quantization "fp8": the projections' weights quantized to FP8 blocks after loading (quant.py); an FP8
+    checkpoint is loaded as it is stored either way."""
     if random_weights:
         cfg, ckpt = preset(model), None
     else:
@@ -348,6 +371,8 @@ def build_model(model: str, random_weights: bool, dtype: torch.dtype, device: to
     if cfg.tie_word_embeddings:                                # to_empty gives each module its own tensor
         m.lm_head.weight = m.model.embed_tokens.weight
     m.cos_sin = kernels.rope_cos_sin(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, device=device)
+    if cfg.quantization == "fp8":
+        quant.to_fp8(m, quantize=False)                        # empty FP8 projections the checkpoint fills
     if ckpt is None:
         for name, p in m.named_parameters():
             if name.endswith("norm.weight"):
@@ -356,6 +381,13 @@ def build_model(model: str, random_weights: bool, dtype: torch.dtype, device: to
                 nn.init.normal_(p, std=0.02)
     else:
         load_weights(m, ckpt)
+    if quantization not in (None, "fp8"):
+        raise ValueError(f"quantization must be fp8 or None, got {quantization!r}")
+    if quantization == "fp8" and cfg.quantization is None:
+        if cfg.num_experts:
+            raise ValueError("--quantization fp8 is not supported for MoE models yet")
+        quant.to_fp8(m, quantize=True)
+        cfg.quantization = "fp8"
     return m.eval().requires_grad_(False), cfg, ckpt
 
 

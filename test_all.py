@@ -891,6 +891,105 @@ def test_model_logits_triton_path_equals_torch_path(tied_ckpt, monkeypatch):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# FP8 weights (quant.py): the official block format, --quantization fp8, the W8A16 kernels
+# ----------------------------------------------------------------------------------------------------------
+
+FP8_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def make_fp8_checkpoint(path):
+    """A tiny Qwen3 in Qwen's FP8 layout (weight in float8_e4m3fn, weight_scale_inv per 128 x 128 block), with
+    shapes that cut blocks (hidden 160, intermediate 300), and the transformers model holding the dequantized
+    weights: the reference."""
+    import transformers
+    from safetensors.torch import save_file
+    import quant
+    torch.manual_seed(0)
+    hf_cfg = transformers.Qwen3Config(
+        vocab_size=512, hidden_size=160, intermediate_size=300, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=32, max_position_embeddings=512, rope_theta=10000.0,
+        tie_word_embeddings=False, eos_token_id=2, bos_token_id=0, initializer_range=0.1)
+    hf = transformers.Qwen3ForCausalLM(hf_cfg).float().eval()
+    tensors, state = {}, hf.state_dict()
+    for key, t in state.items():
+        if key.rpartition(".")[0].rpartition(".")[2] in FP8_PROJ:
+            q, scale = quant.quantize_blocks(t)
+            tensors[key], tensors[key + "_scale_inv"] = q, scale
+            state[key] = quant.dequantize(q, quant.row_scales(scale, t.shape[0]), torch.float32)
+        else:
+            tensors[key] = t.contiguous()
+    hf.load_state_dict(state)
+    save_file(tensors, str(path / "model.safetensors"))
+    cfg = json.loads(hf_cfg.to_json_string())
+    cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                  "weight_block_size": [128, 128]}
+    (path / "config.json").write_text(json.dumps(cfg))
+    make_tokenizer(path)
+    return hf
+
+
+def test_fp8_checkpoint_matches_transformers(tmp_path, monkeypatch):
+    import quant
+    hf = make_fp8_checkpoint(tmp_path)
+    llm = engine(tmp_path)
+    attn = llm.model.model.layers[0].self_attn
+    assert isinstance(attn.qkv_proj, quant.Fp8Linear) and attn.qkv_proj.weight.dtype == quant.FP8
+    prompts = [llm.tokenizer.encode(p) for p in PROMPTS]
+    outs = llm.generate(prompts, greedy(max_tokens=30, ignore_eos=True))
+    for p, o in zip(prompts, outs):
+        assert o.token_ids == hf_greedy(hf, p, 30)
+    monkeypatch.setenv("QWEN3_KERNELS", "triton")   # the W8A16 kernels (interpreter): the same tokens
+    outs = llm.generate(prompts[:2], greedy(max_tokens=4, ignore_eos=True))
+    assert [o.token_ids for o in outs] == [hf_greedy(hf, p, 4) for p in prompts[:2]]
+    assert_no_leak(llm)
+    bad = json.loads((tmp_path / "config.json").read_text())
+    bad["quantization_config"]["weight_block_size"] = [64, 64]
+    (tmp_path / "config.json").write_text(json.dumps(bad))
+    with pytest.raises(ValueError, match="blocks"):
+        engine(tmp_path)
+
+
+def test_quantization_fp8_of_a_bf16_checkpoint(ckpt):
+    """--quantization fp8 stores what quantizing each checkpoint tensor by hand gives (q, k, v on their own)."""
+    import quant
+    from safetensors.torch import load_file
+    path, _ = ckpt
+    llm = engine(path, quantization="fp8")
+    state = {}
+    for f in sorted(path.glob("*.safetensors")):
+        state.update(load_file(str(f)))
+    layer = llm.model.model.layers[1]
+    for fused, parts in ((layer.self_attn.qkv_proj, ("q_proj", "k_proj", "v_proj")),
+                         (layer.mlp.gate_up_proj, ("gate_proj", "up_proj")), (layer.mlp.down_proj, ("down_proj",))):
+        module = "self_attn" if parts[0] == "q_proj" else "mlp"
+        by_hand = [quant.quantize_blocks(state[f"model.layers.1.{module}.{p}.weight"]) for p in parts]
+        q = torch.cat([h[0] for h in by_hand])
+        scale = torch.cat([quant.row_scales(h[1], h[0].shape[0]) for h in by_hand])
+        assert torch.equal(fused.weight.view(torch.uint8), q.view(torch.uint8)) and torch.equal(fused.weight_scale_inv, scale)
+    out = llm.generate(["The quick brown fox"], greedy(max_tokens=8, ignore_eos=True))[0]
+    assert len(out.token_ids) == 8
+    assert_no_leak(llm)
+    with pytest.raises(ValueError, match="quantization"):
+        EngineArgs(model=str(path), quantization="int4")
+
+
+@pytest.mark.usefixtures("kt_triton_poisoned")
+@pytest.mark.parametrize("M,N,K", [(1, 200, 300), (1, 37, 128), (5, 200, 300), (33, 130, 260)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_kt_fp8_linear(M, N, K, dtype):
+    import quant
+    q, s = quant.quantize_blocks(torch.randn(N, K) / K ** 0.5)
+    s = quant.row_scales(s, N)
+    x = torch.randn(M, K).to(dtype)
+    cfg = dict(BLOCK_N=8, BLOCK_K=128) if M == 1 else dict(BLOCK_M=16, BLOCK_N=32, GROUP_M=2, num_warps=4)
+    kt_check(f"fp8 linear M={M} N={N} K={K} {dtype}", quant.fp8_linear_triton(x, q, s, cfg),
+             quant.fp8_linear_ref(x, q, s), dtype)
+    kt_check(f"fp8 dequantize N={N} K={K}", quant.dequantize_triton(q, s, dtype), quant.dequantize(q, s, dtype), dtype)
+    if M > quant.FP8_GEMM_MAX_M:                      # the default path there: widen once, then a plain matmul
+        kt_check(f"fp8 linear (widened) M={M}", quant.fp8_linear_triton(x, q, s), quant.fp8_linear_ref(x, q, s), dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Mixture of experts (moe.py): Qwen3-MoE checkpoints against transformers, the kernels against the reference
 # ----------------------------------------------------------------------------------------------------------
 
