@@ -7,6 +7,9 @@ The forward pass takes a *packed* batch: the new tokens of many sequences laid e
 no padding), their positions, and an `AttnMeta` saying where each sequence starts, how long its context is
 and where its K/V live in the paged cache. Prefill, decode and a mix of both go through the same code.
 
+Qwen3-MoE checkpoints (model_type qwen3_moe) differ only in their MLPs: the layers `Config.is_moe_layer` names
+hold a `moe.SparseMoeBlock` instead. FP8 (quant.py) swaps the `Linear` projections for `quant.Fp8Linear`.
+
     python model.py --model qwen3-0.6b      # prints the config and parameter count of a named size
 """
 import json
