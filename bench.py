@@ -140,28 +140,29 @@ def measure_ceilings(device, dtype) -> tuple[float, float]:
     return bandwidth, 2 * n**3 / t
 
 
+def projection_params(cfg: Config) -> int:
+    """The attention projections of every layer and the dense MLPs (what FP8 quantizes)."""
+    H, L = cfg.hidden_size, cfg.num_hidden_layers
+    attn = H * cfg.head_dim * (2 * cfg.num_attention_heads + 2 * cfg.num_key_value_heads)
+    return L * attn + sum(not cfg.is_moe_layer(i) for i in range(L)) * 3 * H * cfg.intermediate_size
+
+
 def weight_params(cfg: Config, experts: float | None = None) -> float:
     """Parameters read per decode step: every layer's matrices and the lm_head (norms are negligible). A MoE
     layer reads its router and only the experts some token was routed to: `experts` of them (default k, what
     one token reads); the same count with k is a prefill token's active parameters."""
-    H, L = cfg.hidden_size, cfg.num_hidden_layers
-    attn = H * cfg.head_dim * (2 * cfg.num_attention_heads + 2 * cfg.num_key_value_heads)
-    moe_layers = sum(cfg.is_moe_layer(i) for i in range(L))
+    H = cfg.hidden_size
+    moe_layers = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
     e = cfg.num_experts_per_tok if experts is None else experts
     moe = moe_layers * (cfg.num_experts * H + e * 3 * H * cfg.moe_intermediate_size)
-    return L * attn + (L - moe_layers) * 3 * H * cfg.intermediate_size + moe + cfg.vocab_size * H
+    return projection_params(cfg) + moe + cfg.vocab_size * H
 
 
 def weight_bytes(cfg: Config, nbytes: int, experts: float | None = None) -> float:
     """Bytes of weight_params(cfg, experts): FP8 projections (quant.py) read 1 byte per weight plus a 4-byte
     scale per 128, the rest nbytes."""
-    total = weight_params(cfg, experts) * nbytes
-    if cfg.quantization == "fp8":
-        H, L = cfg.hidden_size, cfg.num_hidden_layers
-        attn = H * cfg.head_dim * (2 * cfg.num_attention_heads + 2 * cfg.num_key_value_heads)
-        dense = sum(not cfg.is_moe_layer(i) for i in range(L)) * 3 * H * cfg.intermediate_size
-        total -= (L * attn + dense) * (nbytes - 1 - 4 / 128)
-    return total
+    fp8_saving = projection_params(cfg) * (nbytes - 1 - 4 / 128) if cfg.quantization == "fp8" else 0
+    return weight_params(cfg, experts) * nbytes - fp8_saving
 
 
 def experts_read(cfg: Config, batch: int) -> float:

@@ -269,9 +269,9 @@ def checkpoint_slot(params: dict, cfg: Config, key: str):
     module, _, leaf = key.rpartition(".")             # e.g. model.layers.0.self_attn.q_proj, weight
     prefix, _, proj = module.rpartition(".")
     expert = None
-    if prefix.rpartition(".")[2].isdigit() and prefix.rpartition(".")[0].endswith(".experts"):
-        prefix, _, e = prefix.rpartition(".")         # ...mlp.experts, 3
-        expert, leaf = int(e), ""
+    parent, _, e = prefix.rpartition(".")             # ...mlp.experts, 3
+    if e.isdigit() and parent.endswith(".experts"):
+        prefix, expert, leaf = parent, int(e), ""
     if proj in FUSED:
         fused, shard = FUSED[proj]
         name = f"{prefix}.{fused}" + (f".{leaf}" if leaf else "")
@@ -375,7 +375,7 @@ def build_model(model: str, random_weights: bool, dtype: torch.dtype, device: to
         m.lm_head.weight = m.model.embed_tokens.weight
     m.cos_sin = kernels.rope_cos_sin(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, device=device)
     if cfg.quantization == "fp8":
-        quant.to_fp8(m, quantize=False)                        # empty FP8 projections the checkpoint fills
+        quant.to_fp8(m, shard_rows, quantize=False)                        # empty FP8 projections the checkpoint fills
     if ckpt is None:
         for name, p in m.named_parameters():
             if name.endswith("norm.weight"):
@@ -384,12 +384,10 @@ def build_model(model: str, random_weights: bool, dtype: torch.dtype, device: to
                 nn.init.normal_(p, std=0.02)
     else:
         load_weights(m, ckpt)
-    if quantization not in (None, "fp8"):
-        raise ValueError(f"quantization must be fp8 or None, got {quantization!r}")
     if quantization == "fp8" and cfg.quantization is None:
         if cfg.num_experts:
             raise ValueError("--quantization fp8 is not supported for MoE models yet")
-        quant.to_fp8(m, quantize=True)
+        quant.to_fp8(m, shard_rows, quantize=True)
         cfg.quantization = "fp8"
     return m.eval().requires_grad_(False), cfg, ckpt
 

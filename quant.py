@@ -93,22 +93,21 @@ class Fp8Linear(nn.Module):
         return fp8_linear(x, self.weight, self.weight_scale_inv)
 
 
-def projections(model):
-    """(parent module, attribute, shard row counts) of every projection FP8 replaces."""
-    cfg = model.config
-    q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+def projections(model, shard_rows):
+    """(parent module, attribute, shard row counts or None) of every projection FP8 replaces; shard_rows is
+    model.shard_rows, the fused layout's owner."""
     for layer in model.model.layers:
-        yield layer.self_attn, "qkv_proj", [q, kv, kv]
+        yield layer.self_attn, "qkv_proj", shard_rows(model.config, "qkv_proj")
         yield layer.self_attn, "o_proj", None
         if hasattr(layer.mlp, "gate_up_proj"):                 # a dense MLP (MoE experts stay as they are)
-            yield layer.mlp, "gate_up_proj", [cfg.intermediate_size] * 2
+            yield layer.mlp, "gate_up_proj", shard_rows(model.config, "gate_up_proj")
             yield layer.mlp, "down_proj", None
 
 
-def to_fp8(model, quantize: bool):
+def to_fp8(model, shard_rows, quantize: bool):
     """Swap the projections for Fp8Linear. quantize: from the weights they hold (each checkpoint shard, e.g.
     q, k, v, quantized on its own, as an FP8 checkpoint stores it); else empty, for an FP8 checkpoint to fill."""
-    for parent, name, shards in projections(model):
+    for parent, name, shards in projections(model, shard_rows):
         lin = getattr(parent, name)
         N, K = lin.weight.shape
         new = Fp8Linear(K, N, device=lin.weight.device)
