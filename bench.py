@@ -60,7 +60,7 @@ from engine import LLM, EngineArgs, resolve_device_dtype
 from model import Config, preset, resolve_checkpoint
 from sample import SamplingParams, add_dataclass_args, pick, resolve
 
-MODES = ["offline", "nanovllm", "decode-1", "prefix", "prefill", "accuracy", "kernels", "serve"]   # run in this order (fewest rebuilds)
+MODES = ["offline", "nanovllm", "decode-1", "spec", "prefix", "prefill", "accuracy", "kernels", "serve"]   # run in this order (fewest rebuilds)
 DEFAULT_MODES = ["offline", "decode-1", "prefill", "prefix"]
 
 
@@ -374,6 +374,54 @@ def run_decode1(b: Bench):
     return ([row("decode-1", 1e3 / ms, 1e3 / floor_ms, f"{ms:.2f} ms/token (floor {floor_ms:.2f} ms)",
                  peer_of="decode-1")],
             {"ms_per_token": ms, "tok_s": 1e3 / ms, "floor_ms_per_token": floor_ms, "prefill_s": r["first_token_s"]})
+
+
+def oracle_drafter(continuations: dict, acceptance: float, vocab: int, rng: random.Random):
+    """A drafter proposing each request's known greedy continuation, each draft token corrupted (shifted to another
+    id) with probability 1 - acceptance: speculation measured at a chosen acceptance, which random weights cannot
+    give an n-gram or draft model."""
+    def propose(seq, k):
+        done = seq.num_tokens - len(seq.prompt_ids)
+        want = continuations[tuple(seq.prompt_ids)][done:done + k]
+        return [t if rng.random() < acceptance else (t + 1) % vocab for t in want]
+    return propose
+
+
+def run_spec(b: Bench):
+    """Speculative decoding (speculate.py) at controlled acceptance: batch 1 and 16, K = 2, 4, 8 drafts, drafts from
+    the target's own greedy continuation with 0-60% of them corrupted, against the same requests without
+    speculation on the same engine (greedy, decode_prompt-token prompts, decode_tokens out). ms/token is per
+    sequence: wall time / tokens each sequence produced. The floor column is plain decoding's (every token reads
+    the weights once: B x bandwidth / weight bytes); speculation is how a run gets past it."""
+    w = b.w
+    llm = engine(b, speculative_method="ngram")
+    spec, rows, details = llm.speculator, [], {}
+    for B in (1, 16):
+        prompts = random_prompts(B, w.decode_prompt, b.cfg.vocab_size, seed=3)
+        greedy = {"temperature": 0.0}
+        llm.speculator = None
+        plain = run_requests(llm, prompts, [w.decode_tokens] * B, greedy, f"spec off, B={B}")
+        ref = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=w.decode_tokens, ignore_eos=True))
+        llm.speculator = spec
+        cont = {tuple(p): o.token_ids for p, o in zip(prompts, ref)}
+        base_ms = 1e3 * plain["seconds"] / w.decode_tokens
+        fl = B * b.bandwidth / weight_bytes(b.cfg, b.dtype.itemsize)
+        rows.append(row(f"spec off, B={B}", B * 1e3 / base_ms, fl, f"{base_ms:.2f} ms/token"))
+        for K in (2, 4, 8):
+            for acc in (1.0, 0.7, 0.4, 0.0):
+                spec.k, spec.drafter = K, oracle_drafter(cont, acc, b.cfg.vocab_size, random.Random(K))
+                before = spec.stats()
+                r = run_requests(llm, prompts, [w.decode_tokens] * B, greedy, f"spec B={B} K={K} acc={acc}")
+                st = {k: v - before[k] for k, v in spec.stats().items()}
+                ms = 1e3 * r["seconds"] / w.decode_tokens
+                measured = st["spec_accepted_tokens"] / max(1, st["spec_draft_tokens"])
+                per_step = 1 + st["spec_accepted_tokens"] / max(1, st["spec_verified_seqs"])
+                label = f"spec B={B} K={K} drafts kept {acc:.0%}"
+                rows.append(row(label, B * 1e3 / ms, fl, f"{ms:.2f} ms/token, {base_ms / ms:.2f}x spec off; "
+                                f"acceptance {measured:.0%}, {per_step:.2f} tokens per verify pass"))
+                details[label] = {"ms_per_token": ms, "speedup": base_ms / ms, "acceptance": measured,
+                                  "tokens_per_step": per_step}
+    return rows, details
 
 
 def run_prefill(b: Bench):
@@ -747,7 +795,7 @@ def si(x: float) -> str:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     b = setup(args)
-    run = {"offline": run_offline, "nanovllm": run_nanovllm, "decode-1": run_decode1, "prefill": run_prefill, "prefix": run_prefix,
+    run = {"offline": run_offline, "nanovllm": run_nanovllm, "decode-1": run_decode1, "prefill": run_prefill, "prefix": run_prefix, "spec": run_spec,
            "accuracy": run_accuracy, "kernels": run_kernels, "serve": run_serve}
     out = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "device": torch.cuda.get_device_name(b.device)
            if b.device.type == "cuda" else "cpu", "torch": torch.__version__, "modes": args.modes,

@@ -28,7 +28,8 @@ import kernels
 from model import AttnMeta, build_model
 from sample import (SamplerGraphs, SamplingParams, SamplingTensors, apply_penalties, generation_defaults,
                     penalty_entries, resolve, sample, token_logprobs)
-from scheduler import PENDING, Batch, Scheduler, Sequence, Status
+from scheduler import PENDING, Batch, Scheduler, Sequence, Status, pack
+from speculate import Speculator
 from tokenizer import Detokenizer, Tokenizer
 
 
@@ -49,6 +50,8 @@ class EngineArgs:
     generation_config: str = "auto"      # auto: unset sampling settings come from generation_config.json; none
     weight_seed: int = 0                 # seed of the random weights
     quantization: str | None = None      # fp8: quantize the projections to FP8 blocks at load (quant.py)
+    speculative_method: str | None = None   # ngram: prompt-lookup drafts for greedy requests (speculate.py)
+    num_speculative_tokens: int = 4      # drafts verified per step
 
     def __post_init__(self):
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -59,6 +62,10 @@ class EngineArgs:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
         if self.quantization not in (None, "fp8"):
             raise ValueError(f"quantization must be fp8 (or unset), got {self.quantization!r}")
+        if self.speculative_method not in (None, "ngram"):
+            raise ValueError(f"speculative_method must be ngram (or unset), got {self.speculative_method!r}")
+        if self.num_speculative_tokens < 1:
+            raise ValueError(f"num_speculative_tokens must be >= 1, got {self.num_speculative_tokens}")
         if self.generation_config not in ("auto", "none"):
             raise ValueError(f"generation_config must be auto or none, got {self.generation_config!r}")
 
@@ -159,6 +166,7 @@ class LLM:
         self.sample_row: dict[Sequence, int] = {}   # row of last_tokens holding each sequence's PENDING token
         self.last_tokens = torch.zeros(args.max_num_seqs, dtype=torch.int64, device=self.device)
         self.graphs = self.sampler_graphs = None
+        self.speculator = Speculator(args.num_speculative_tokens) if args.speculative_method else None
         if args.cuda_graphs and self.device.type == "cuda":
             before = torch.cuda.memory_reserved()
             self.graphs = DecodeGraphs(self.model, self.kv_cache, self.last_tokens, args.max_num_seqs,
@@ -237,7 +245,8 @@ class LLM:
         return {"requests_running": len(sch.running), "requests_waiting": len(sch.waiting),
                 **self.blocks.stats(), "prefill_tokens_computed": sch.prefill_tokens_computed,
                 "num_preemptions": sch.num_preemptions, "max_batch_seqs": self.max_batch_seqs,
-                "forward_passes": self.num_forwards, "gpu_busy_seconds": self.gpu_busy}
+                "forward_passes": self.num_forwards, "gpu_busy_seconds": self.gpu_busy,
+                **(self.speculator.stats() if self.speculator is not None else {})}
 
     # ---- one step -----------------------------------------------------------------------------------------
     # A step launches the next batch on the GPU *before* reading back the previous batch's sampled tokens, so
@@ -247,6 +256,12 @@ class LLM:
 
     @torch.inference_mode()
     def step(self) -> list[StepOutput]:
+        if self.speculator is not None and self.speculator.ready(self):
+            return self.speculator.step(self)          # a pure decode phase of greedy requests: drafts
+        return self.step_ahead()
+
+    def step_ahead(self) -> list[StepOutput]:
+        """The step described above: launch this batch, then collect the previous one."""
         outputs = []
         if self.in_flight is not None and self.num_synced:
             outputs = self.collect(self.in_flight)     # penalties and grammars need the last token on the host
@@ -525,25 +540,6 @@ def warmup(llm: LLM, kv):
     x = apply_penalties(logits.float(), [[(t, 0.0, 1.1, 0.0) for t in range(64)]] * B)
     tokens = sample(x, SamplingTensors.build(params, list(range(B)), [0] * B, V, dev))
     token_logprobs(logits, tokens, 20)
-
-
-def pack(batch: Batch, sample_row: dict):
-    """Pack the batch into host lists: the new tokens end to end, per-sequence metadata (query offsets, context
-    lengths, block tables, logits rows), and for each PENDING token (packed row, row of last_tokens holding
-    it). Positions and cache slots are derived on the device (positions_and_slots)."""
-    ids, pending, cu, ctx, logits_idx = [], [], [0], [], []
-    for seq, n in zip(batch.seqs, batch.num_new):
-        start = seq.num_computed
-        ids += seq.token_ids[start:start + n]
-        cu.append(cu[-1] + n)
-        ctx.append(start + n)
-        if ids[-1] == PENDING:                     # only a sequence's newest token can be in flight
-            pending.append((cu[-1] - 1, sample_row[seq]))
-        if start + n == seq.num_tokens:
-            logits_idx.append(cu[-1] - 1)
-    width = max(len(s.block_table) for s in batch.seqs)
-    tables = [s.block_table + [0] * (width - len(s.block_table)) for s in batch.seqs]
-    return ids, pending, cu, ctx, tables, logits_idx
 
 
 def to_device(xs: list, dtype: torch.dtype, device) -> torch.Tensor:

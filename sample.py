@@ -59,6 +59,7 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)  # extra stop tokens besides the model's EOS
     ignore_eos: bool = False            # keep going past EOS (benchmarks)
     seed: int | None = None             # per-request seed: same seed, same tokens, whatever the batch
+    speculative: bool = True            # may use the engine's speculative decoding (when it has it on)
 
     def __post_init__(self):
         if isinstance(self.stop, str):

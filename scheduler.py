@@ -49,6 +49,7 @@ class Sequence:
     tree_node: Node | None = None   # deepest radix node of this sequence's blocks; None: stop caching them
     num_tree_blocks: int = 0     # how many leading blocks of block_table are in the radix tree
     reuse_prefix: bool = True    # may start from the prefix cache (not when its prompt's logprobs are wanted)
+    num_draft: int = 0           # trailing tokens that are speculative drafts, not yet verified (speculate.py)
     status: Status = Status.WAITING
     finish_reason: str | None = None
     arrival: int = field(default_factory=lambda: next(_arrival))
@@ -202,8 +203,10 @@ class Scheduler:
         self.cache_full_blocks(seq)
 
     def cache_full_blocks(self, seq: Sequence):
-        """Put blocks that became full of computed tokens into the radix tree, so later requests reuse them."""
-        while seq.tree_node is not None and (seq.num_tree_blocks + 1) * self.blocks.block_size <= seq.num_computed:
+        """Put blocks that became full of computed tokens into the radix tree, so later requests reuse them
+        (never one holding an unverified draft)."""
+        while (seq.tree_node is not None
+               and (seq.num_tree_blocks + 1) * self.blocks.block_size <= seq.num_computed - seq.num_draft):
             i = seq.num_tree_blocks
             seq.tree_node = self.blocks.insert(seq.tree_node, self.blocks.block_key(seq.token_ids, i),
                                                seq.block_table[i])
@@ -221,3 +224,22 @@ class Scheduler:
     def release(self, seq: Sequence):
         self.blocks.release(seq.block_table)
         seq.block_table, seq.num_computed, seq.tree_node, seq.num_tree_blocks = [], 0, None, 0
+
+
+def pack(batch: Batch, sample_row: dict):
+    """Pack the batch into host lists: the new tokens end to end, per-sequence metadata (query offsets, context
+    lengths, block tables, logits rows), and for each PENDING token (packed row, row of last_tokens holding
+    it). Positions and cache slots are derived on the device (positions_and_slots)."""
+    ids, pending, cu, ctx, logits_idx = [], [], [0], [], []
+    for seq, n in zip(batch.seqs, batch.num_new):
+        start = seq.num_computed
+        ids += seq.token_ids[start:start + n]
+        cu.append(cu[-1] + n)
+        ctx.append(start + n)
+        if ids[-1] == PENDING:                     # only a sequence's newest token can be in flight
+            pending.append((cu[-1] - 1, sample_row[seq]))
+        if start + n == seq.num_tokens:
+            logits_idx.append(cu[-1] - 1)
+    width = max(len(s.block_table) for s in batch.seqs)
+    tables = [s.block_table + [0] * (width - len(s.block_table)) for s in batch.seqs]
+    return ids, pending, cu, ctx, tables, logits_idx

@@ -94,6 +94,12 @@ class Metrics:
                    [("", round(hits / max(1, hits + computed), 6))])
             metric("gpu_busy_seconds_total", "counter", "GPU time of the engine's steps (CUDA events).",
                    [("", round(s.get("gpu_busy_seconds", 0.0), 6))])
+            if "spec_draft_tokens" in s:              # speculative decoding is on
+                drafted, accepted, seqs = s["spec_draft_tokens"], s["spec_accepted_tokens"], s["spec_verified_seqs"]
+                metric("spec_acceptance_rate", "gauge", "Draft tokens the target accepted, as a fraction.",
+                       [("", round(accepted / max(1, drafted), 6))])
+                metric("spec_tokens_per_step", "gauge", "Tokens a sequence gains per verify pass.",
+                       [("", round(1 + accepted / max(1, seqs), 6))])
             for name, help, counts, buckets in (("time_to_first_token_seconds", "Time to first token.", self.ttft,
                                                  TTFT_BUCKETS), ("inter_token_latency_seconds",
                                                                  "Time between tokens of a request.", self.itl,

@@ -614,6 +614,44 @@ def test_randomized_requests_match_alone(tied_ckpt):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Speculative decoding (speculate.py): n-gram drafts give exactly the greedy tokens, and nothing leaks
+# ----------------------------------------------------------------------------------------------------------
+
+def test_ngram_drafts():
+    from speculate import ngram_drafts
+    assert ngram_drafts([1, 2, 3, 9, 1, 2, 3], 3) == [9, 1, 2]          # longest suffix (1 2 3), its continuation
+    assert ngram_drafts([5, 1, 7, 8, 2, 1], 2) == [7, 8]                # only the last token recurs
+    assert ngram_drafts([1, 2, 3], 4) == [] and ngram_drafts([4], 2) == []
+    assert ngram_drafts([1, 2, 1, 2, 1, 2], 4) == [1, 2]               # the latest earlier occurrence
+
+
+@pytest.mark.parametrize("kw", [{}, dict(max_num_batched_tokens=24, num_blocks=40)])   # budget cuts, preemption
+def test_ngram_speculation_matches_transformers(ckpt, kw):
+    path, hf = ckpt
+    llm = engine(path, speculative_method="ngram", num_speculative_tokens=3, **kw)
+    prompts = [llm.tokenizer.encode(p) for p in PROMPTS + [TEXT[:300]]]
+    outs = llm.generate(prompts, greedy(max_tokens=40, ignore_eos=True))
+    for p, o in zip(prompts, outs):
+        assert o.token_ids == hf_greedy(hf, p, 40)
+    st = llm.stats()
+    print({k: v for k, v in st.items() if k.startswith("spec")}, "preemptions", st["num_preemptions"])
+    assert st["spec_accepted_tokens"] > 0 and st["spec_draft_tokens"] > st["spec_accepted_tokens"]   # both cases
+    if kw:
+        assert st["num_preemptions"] > 0
+    assert_no_leak(llm)
+    # an abort mid-stream, a sampled request beside greedy ones, an opted-out one: all end, nothing leaks
+    ids = [llm.add_request(p, greedy(max_tokens=30, ignore_eos=True)) for p in prompts[:2]]
+    for _ in range(4):
+        llm.step()
+    llm.abort(ids[0])
+    llm.generate(prompts[:3], [greedy(max_tokens=12), SamplingParams(temperature=1.0, max_tokens=12, seed=1),
+                               greedy(max_tokens=12, speculative=False)])
+    while llm.has_work():
+        llm.step()
+    assert_no_leak(llm)
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Triton kernels vs their PyTorch references, on the CPU through the Triton interpreter. fp32 and fp16 only:
 # the interpreter's tl.dot on bf16 inputs is wrong on this CPU (bench.py kernels checks bf16 on the GPU).
 # ----------------------------------------------------------------------------------------------------------

@@ -1,0 +1,115 @@
+"""Speculative decoding by prompt lookup (n-gram drafts), exact for greedy requests, inside continuous batching.
+
+    llm = LLM(EngineArgs(model=..., speculative_method="ngram", num_speculative_tokens=4))
+    python sample.py --model ./Qwen3-8B --speculative-method ngram --temperature 0 --prompt "..."
+
+A decode step reads all the weights for one token per sequence. When a request repeats itself (code edits,
+quoting its context, lists), its next tokens are often the continuation of an earlier occurrence of its latest
+n-gram: propose K of those (`ngram_drafts`), run the target over the last token and the K drafts at once (a short
+prefill over the paged cache, one forward), keep the drafts up to the first one the target's argmax disagrees
+with, and take the target's own token there. Every step yields 1..K+1 tokens, each exactly what greedy decoding
+would have produced, for about the cost of one decode step (the weights are read once).
+
+How it sits in the engine (`LLM.step` hands a step here when `ready`):
+  - only pure decode phases speculate: nothing waiting, no prompt half computed, every running request greedy,
+    without logprobs, penalties or a grammar, and not opted out (`SamplingParams.speculative`); other steps
+    are the engine's own.
+  - drafts are appended to the sequence's tokens and marked (`Sequence.num_draft`), so the scheduler computes
+    them like a prompt chunk and never puts a block holding an unverified token into the prefix cache.
+  - after the verify pass the rejected drafts are cut off: their K/V slots lie past `num_computed` and are
+    overwritten later; their blocks stay with the sequence (they hold its next tokens) and are freed with it.
+  - the verify pass runs eagerly (no CUDA graph) and synchronously: the next drafts depend on its result.
+
+Not here (yet): drafts from a small draft model, and sampled requests (they decode without drafts).
+The bench replaces `drafter` with one that proposes a known continuation, partly corrupted, to measure the
+mechanism at a chosen acceptance rate (bench.py spec).
+"""
+from scheduler import Status, pack
+
+NGRAM_MAX, NGRAM_MIN = 4, 1      # longest and shortest suffix looked up in the request's own tokens
+
+
+def ngram_drafts(tokens: list[int], k: int) -> list[int]:
+    """Up to k tokens that followed the latest earlier occurrence of the longest suffix n-gram (n = 4 .. 1)."""
+    L = len(tokens)
+    for n in range(min(NGRAM_MAX, L - 1), NGRAM_MIN - 1, -1):
+        suffix = tokens[L - n:]
+        for i in range(L - n - 1, -1, -1):                    # latest occurrence first, not the suffix itself
+            if tokens[i:i + n] == suffix:
+                return tokens[i + n:i + n + k]
+    return []
+
+
+def eligible(params) -> bool:
+    return (params.speculative and params.greedy and not params.needs_last_token and params.logprobs is None
+            and params.prompt_logprobs is None)
+
+
+class Speculator:
+    """Drafting and verification state of one engine (the counters feed /metrics and bench.py)."""
+
+    def __init__(self, k: int):
+        self.k = k
+        self.drafter = lambda seq, k: ngram_drafts(seq.token_ids, k)   # (Sequence, k) -> up to k draft tokens
+        self.drafted = self.accepted = self.verify_steps = self.verified = 0   # verified: sequence-steps
+
+    def ready(self, llm) -> bool:
+        sch = llm.scheduler
+        return (not sch.waiting and bool(sch.running)
+                and all(s.num_computed == s.num_tokens - 1 and eligible(llm.requests[s.request_id].params)
+                        for s in sch.running))
+
+    def step(self, llm) -> list:
+        """One speculative step of the engine (see the file's docstring); returns its StepOutputs."""
+        outputs = llm.collect(llm.in_flight) if llm.in_flight is not None else []
+        llm.in_flight = None
+        sch = llm.scheduler
+        for seq in sch.running:                      # drafts, never past the request's last token
+            room = seq.max_tokens - (seq.num_tokens - len(seq.prompt_ids)) - 1
+            drafts = self.drafter(seq, min(self.k, room)) if room > 0 else []
+            seq.token_ids += drafts
+            seq.num_draft = len(drafts)
+        if not any(s.num_draft for s in sch.running):
+            return outputs + llm.step_ahead()        # nothing to verify: an ordinary (graphed) decode step
+        batch = sch.schedule()
+        in_batch = set(map(id, batch.seqs))
+        for seq in list(sch.running) + list(sch.waiting):
+            if seq.num_draft and (seq.status != Status.RUNNING or id(seq) not in in_batch):
+                del seq.token_ids[len(seq.token_ids) - seq.num_draft:]      # preempted or left out: no drafts
+                seq.num_draft = 0
+        for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new)):
+            cut = seq.num_computed + n                 # a token budget that cut the drafts short: drop the rest
+            if cut < seq.num_tokens:
+                seq.num_draft -= seq.num_tokens - cut
+                del seq.token_ids[cut:]
+        if not batch.seqs:
+            return outputs
+        llm.num_forwards += 1
+        ids, _, cu, ctx, tables, _ = pack(batch, {})
+        rows = [r for seq, end in zip(batch.seqs, cu[1:]) for r in range(end - 1 - seq.num_draft, end)]
+        hidden = llm.forward_eager(batch, ids, [], cu, ctx, tables, rows)
+        target = llm.model.compute_logits(hidden).argmax(-1).tolist()    # the step's one host sync
+        sch.advance(batch)                             # counts the drafts as computed; no blocks cached yet
+        at = 0
+        for seq in batch.seqs:
+            d = seq.num_draft
+            base = seq.num_tokens - 1 - d              # tokens before the drafts (PENDING is the last)
+            drafts, t = seq.token_ids[base:base + d], target[at:at + d + 1]
+            at += d + 1
+            a = next((j for j in range(d) if drafts[j] != t[j]), d)        # drafts the target agrees with
+            seq.token_ids[base:] = drafts[:a] + [t[a]]
+            seq.num_computed, seq.num_draft = base + a, 0
+            sch.cache_full_blocks(seq)
+            self.drafted, self.accepted, self.verified = self.drafted + d, self.accepted + a, self.verified + 1
+            req = llm.requests[seq.request_id]
+            for index in range(base, base + a + 1):
+                outputs.append(llm.check_stop(seq, req, index, None))
+                if seq.status == Status.FINISHED:
+                    break
+        self.verify_steps += 1
+        return outputs
+
+    def stats(self) -> dict:
+        """Acceptance = accepted / drafted; tokens per target step of a sequence = 1 + accepted / verified."""
+        return {"spec_draft_tokens": self.drafted, "spec_accepted_tokens": self.accepted,
+                "spec_verify_steps": self.verify_steps, "spec_verified_seqs": self.verified}
