@@ -18,15 +18,15 @@ How it sits in the engine (`LLM.step` hands a step here when `ready`):
     them like a prompt chunk and never puts a block holding an unverified token into the prefix cache.
   - after the verify pass the rejected drafts are cut off: their K/V slots lie past `num_computed` and are
     overwritten later; their blocks stay with the sequence (they hold its next tokens) and are freed with it.
-  - the verify pass runs eagerly (no CUDA graph) and synchronously: the next drafts depend on its result.
+  - the verify pass runs eagerly (no CUDA graph) and synchronously: the next drafts depend on its result. On
+    an H200 an eager qwen3-8b verify pass takes 17-28 ms, launch-bound, against 4.9 ms for a graphed decode
+    step, so speculation does not pay on the GPU until the verify pass is captured (a first try, padding every
+    sequence to k + 1 tokens, was exact on the CPU but hit a device-side assert on the GPU: not kept).
 
 Not here (yet): drafts from a small draft model, and sampled requests (they decode without drafts).
 The bench replaces `drafter` with one that proposes a known continuation, partly corrupted, to measure the
 mechanism at a chosen acceptance rate (bench.py spec).
 """
-import torch
-
-from model import AttnMeta
 from scheduler import Status, pack
 
 NGRAM_MAX, NGRAM_MIN = 4, 1      # longest and shortest suffix looked up in the request's own tokens
@@ -55,7 +55,6 @@ class Speculator:
         self.k = k
         self.drafter = lambda seq, k: ngram_drafts(seq.token_ids, k)   # (Sequence, k) -> up to k draft tokens
         self.drafted = self.accepted = self.verify_steps = self.verified = 0   # verified: sequence-steps
-        self.graphs: dict[int, VerifyGraphs] = {}     # by k
 
     def ready(self, llm) -> bool:
         sch = llm.scheduler
@@ -89,16 +88,10 @@ class Speculator:
         if not batch.seqs:
             return outputs
         llm.num_forwards += 1
-        graphs = self.graphs_for(llm, batch)
-        if graphs is not None:                         # every sequence padded to k+1 tokens, one graph replay
-            target = graphs.run(batch).tolist()
-            rows = [i * (self.k + 1) + j for i, seq in enumerate(batch.seqs) for j in range(seq.num_draft + 1)]
-            target = [target[r] for r in rows]
-        else:
-            ids, _, cu, ctx, tables, _ = pack(batch, {})
-            rows = [r for seq, end in zip(batch.seqs, cu[1:]) for r in range(end - 1 - seq.num_draft, end)]
-            hidden = llm.forward_eager(batch, ids, [], cu, ctx, tables, rows)
-            target = llm.model.compute_logits(hidden).argmax(-1).tolist()    # the step's one host sync
+        ids, _, cu, ctx, tables, _ = pack(batch, {})
+        rows = [r for seq, end in zip(batch.seqs, cu[1:]) for r in range(end - 1 - seq.num_draft, end)]
+        hidden = llm.forward_eager(batch, ids, [], cu, ctx, tables, rows)
+        target = llm.model.compute_logits(hidden).argmax(-1).tolist()    # the step's one host sync
         sch.advance(batch)                             # counts the drafts as computed; no blocks cached yet
         at = 0
         for seq in batch.seqs:
@@ -119,92 +112,8 @@ class Speculator:
         self.verify_steps += 1
         return outputs
 
-    def graphs_for(self, llm, batch):
-        """The verify graphs for this batch, captured on first use for (k, batch size), or None: eager."""
-        if llm.graphs is None or len(batch.seqs) > VerifyGraphs.MAX_BATCH:
-            return None
-        if max(s.num_computed for s in batch.seqs) + self.k + 1 > llm.max_model_len:
-            return None                                # padding would run past the RoPE table
-        if self.k not in self.graphs:
-            self.graphs[self.k] = VerifyGraphs(llm, self.k, llm.graphs.pool)
-        return self.graphs[self.k]
-
     def stats(self) -> dict:
         """Acceptance = accepted / drafted; tokens per target step of a sequence = 1 + accepted / verified."""
         return {"spec_draft_tokens": self.drafted, "spec_accepted_tokens": self.accepted,
                 "spec_verify_steps": self.verify_steps, "spec_verified_seqs": self.verified}
 
-
-class VerifyGraphs:
-    """CUDA graphs of the verify pass for k drafts, for batches of 1, 2, 4, 8 and 16 sequences: each sequence's
-    last token and drafts padded to k + 1 tokens (a sequence with fewer drafts gets dummy tokens after them, a
-    missing one a dummy sequence in block 0). A dummy token's K/V lands past the sequence's computed tokens (or
-    in block 0 past its blocks), where nothing reads it before the next step writes it. The graph ends with
-    the argmax of every position's logits. Eagerly, an 8b verify pass spends ~15 ms launching ~400 kernels."""
-    MAX_BATCH = 16
-
-    def __init__(self, llm, k: int, pool=None):
-        model, kv, dev = llm.model, llm.kv_cache, llm.device
-        self.k, self.block_size, n = k, llm.args.block_size, k + 1
-        self.sizes = [b for b in (1, 2, 4, 8, 16) if b <= llm.args.max_num_seqs]
-        B, T, W = self.sizes[-1], self.sizes[-1] * n, llm.max_blocks_per_seq
-        self.i64 = torch.zeros(2, T, dtype=torch.int64, device=dev)          # input ids, cache slots
-        self.pos = torch.zeros(T, dtype=torch.int64, device=dev)
-        self.ctx = torch.full((B,), n, dtype=torch.int32, device=dev)
-        self.tables = torch.zeros(B, W, dtype=torch.int32, device=dev)
-        self.tokens = torch.zeros(T, dtype=torch.int64, device=dev)
-        cu = torch.arange(0, (B + 1) * n, n, dtype=torch.int32, device=dev)
-        rows = torch.arange(T, device=dev)
-        self.graphs = {}
-        for b in reversed(self.sizes):
-            t = b * n
-            meta = AttnMeta(cu[:b + 1], self.ctx[:b], self.tables[:b], self.i64[1, :t], rows[:t], is_decode=False,
-                            max_seqlen_q=n)
-            def run(t=t, meta=meta):                   # bound now: the CPU keeps these closures
-                logits = model.compute_logits(model(self.i64[0, :t], self.pos[:t], meta, kv))
-                self.tokens[:t].copy_(logits.argmax(-1))
-            if dev.type != "cuda":                     # the CPU (tests): the same padded pass, run eagerly
-                self.graphs[b] = run
-                continue
-            with torch.inference_mode():
-                run()                                  # warm-up (padding only: block 0)
-                g = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(g, pool=pool):
-                    run()
-            pool = g.pool()
-            self.graphs[b] = g.replay
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-
-    def run(self, batch) -> torch.Tensor:
-        """Tokens (argmax) at every padded position of the batch, on the device: (b * (k + 1),)."""
-        n, bs = self.k + 1, self.block_size
-        b = next(s for s in self.sizes if s >= len(batch.seqs))
-        ids, pos, slots, ctx = [], [], [], []
-        for seq in batch.seqs:
-            start = seq.num_computed
-            chunk = seq.token_ids[start:start + 1 + seq.num_draft]
-            ids += chunk + [0] * (n - len(chunk))
-            for p in range(start, start + n):
-                pos.append(p)
-                block = seq.block_table[p // bs] if p // bs < len(seq.block_table) else 0
-                slots.append(block * bs + p % bs)
-            ctx.append(start + n)
-        pad = b - len(batch.seqs)
-        ids += [0] * (pad * n)
-        pos += list(range(n)) * pad
-        slots += list(range(n)) * pad
-        ctx += [n] * pad
-        t = b * n
-        pin = (lambda x: x.pin_memory()) if self.tokens.is_cuda else (lambda x: x)
-        self.i64[:, :t].copy_(pin(torch.tensor([ids, slots], dtype=torch.int64)), non_blocking=True)
-        self.pos[:t].copy_(pin(torch.tensor(pos, dtype=torch.int64)), non_blocking=True)
-        self.ctx[:b].copy_(pin(torch.tensor(ctx, dtype=torch.int32)), non_blocking=True)
-        width = max(len(s.block_table) for s in batch.seqs)
-        table = torch.zeros(b, width, dtype=torch.int32)
-        for i, seq in enumerate(batch.seqs):
-            table[i, :len(seq.block_table)] = torch.tensor(seq.block_table, dtype=torch.int32)
-        self.tables[:b].zero_()
-        self.tables[:b, :width].copy_(pin(table), non_blocking=True)
-        self.graphs[b]()
-        return self.tokens[:t]
