@@ -638,6 +638,10 @@ def test_ngram_speculation_matches_transformers(ckpt, kw):
     assert st["spec_accepted_tokens"] > 0 and st["spec_draft_tokens"] > st["spec_accepted_tokens"]   # both cases
     if kw:
         assert st["num_preemptions"] > 0
+    from serve import Metrics
+    text = Metrics().render(st)                       # what /metrics shows of it
+    rate = st["spec_accepted_tokens"] / st["spec_draft_tokens"]
+    assert f"qwen3_spec_acceptance_rate {round(rate, 6)}" in text and "qwen3_spec_tokens_per_step" in text
     assert_no_leak(llm)
     # an abort mid-stream, a sampled request beside greedy ones, an opted-out one: all end, nothing leaks
     ids = [llm.add_request(p, greedy(max_tokens=30, ignore_eos=True)) for p in prompts[:2]]
