@@ -1,4 +1,4 @@
-"""Speculative decoding by prompt lookup (n-gram drafts), exact for greedy requests, inside continuous batching.
+"""Speculative decoding by prompt lookup (n-gram drafts), exact, inside continuous batching.
 
     llm = LLM(EngineArgs(model=..., speculative_method="ngram", num_speculative_tokens=4))
     python sample.py --model ./Qwen3-8B --speculative-method ngram --temperature 0 --prompt "..."
@@ -6,12 +6,18 @@
 A decode step reads all the weights for one token per sequence. When a request repeats itself (code edits,
 quoting its context, lists), its next tokens are often the continuation of an earlier occurrence of its latest
 n-gram: propose K of those (`ngram_drafts`), run the target over the last token and the K drafts at once (a short
-prefill over the paged cache, one forward), keep the drafts up to the first one the target's argmax disagrees
-with, and take the target's own token there. Every step yields 1..K+1 tokens, each exactly what greedy decoding
-would have produced, for about the cost of one decode step (the weights are read once).
+prefill over the paged cache, one forward), keep the drafts up to the first one the target's own token at that
+position disagrees with, and take the target's token there. Every step yields 1..K+1 tokens, each exactly what
+decoding without drafts would have produced, for about the cost of one decode step (the weights are read once).
+
+Sampled requests too: the target's token at each position is drawn as the sampler draws it there (Gumbel-max
+with noise hashed from seed, output position and token id, after the same filters), so a seeded request gives
+the same tokens with or without speculation. For a fixed draft d that is the standard rejection scheme of
+speculative decoding: the draft survives with probability p(d), and a rejected position's token follows p
+with d taken out and renormalized; the output follows the target's distribution.
 
 How it sits in the engine (`LLM.step` hands a step here when `ready`):
-  - only pure decode phases speculate: nothing waiting, no prompt half computed, every running request greedy,
+  - only pure decode phases speculate: nothing waiting, no prompt half computed, every running request
     without logprobs, penalties or a grammar, and not opted out (`SamplingParams.speculative`); other steps
     are the engine's own.
   - drafts are appended to the sequence's tokens and marked (`Sequence.num_draft`), so the scheduler computes
@@ -23,7 +29,7 @@ How it sits in the engine (`LLM.step` hands a step here when `ready`):
     step, so speculation does not pay on the GPU until the verify pass is captured (a first try, padding every
     sequence to k + 1 tokens, was exact on the CPU but hit a device-side assert on the GPU: not kept).
 
-Not here (yet): drafts from a small draft model, and sampled requests (they decode without drafts).
+Not here (yet): drafts from a small draft model.
 The bench replaces `drafter` with one that proposes a known continuation, partly corrupted, to measure the
 mechanism at a chosen acceptance rate (bench.py spec).
 """
@@ -44,7 +50,7 @@ def ngram_drafts(tokens: list[int], k: int) -> list[int]:
 
 
 def eligible(params) -> bool:
-    return (params.speculative and params.greedy and not params.needs_last_token and params.logprobs is None
+    return (params.speculative and not params.needs_last_token and params.logprobs is None
             and params.prompt_logprobs is None)
 
 
@@ -91,7 +97,12 @@ class Speculator:
         ids, _, cu, ctx, tables, _ = pack(batch, {})
         rows = [r for seq, end in zip(batch.seqs, cu[1:]) for r in range(end - 1 - seq.num_draft, end)]
         hidden = llm.forward_eager(batch, ids, [], cu, ctx, tables, rows)
-        target = llm.model.compute_logits(hidden).argmax(-1).tolist()    # the step's one host sync
+        # each row's token as decoding would draw it there: the argmax, or the seeded draw of that output
+        # position (the sampler's noise is a hash of seed, position and token, so the same draw)
+        reqs = [llm.requests[seq.request_id] for seq in batch.seqs for _ in range(seq.num_draft + 1)]
+        steps = [seq.num_tokens - seq.num_draft - len(seq.prompt_ids) + j for seq in batch.seqs
+                 for j in range(seq.num_draft + 1)]
+        target = llm.sample_tokens(reqs, steps, llm.model.compute_logits(hidden), graphed=False).tolist()
         sch.advance(batch)                             # counts the drafts as computed; no blocks cached yet
         at = 0
         for seq in batch.seqs:

@@ -643,6 +643,14 @@ def test_ngram_speculation_matches_transformers(ckpt, kw):
     rate = st["spec_accepted_tokens"] / st["spec_draft_tokens"]
     assert f"qwen3_spec_acceptance_rate {round(rate, 6)}" in text and "qwen3_spec_tokens_per_step" in text
     assert_no_leak(llm)
+    # seeded sampled requests: the same tokens as without speculation (the same draw at every position)
+    sampled = [SamplingParams(temperature=0.3, top_k=20, top_p=0.95, max_tokens=30, seed=s, ignore_eos=True)
+               for s in range(len(prompts))]
+    before = llm.stats()["spec_accepted_tokens"]
+    got = [o.token_ids for o in llm.generate(prompts, sampled)]
+    assert llm.stats()["spec_accepted_tokens"] > before or kw       # (the small pool preempts instead)
+    plain = engine(path, **kw)
+    assert got == [o.token_ids for o in plain.generate(prompts, sampled)]
     # an abort mid-stream, a sampled request beside greedy ones, an opted-out one: all end, nothing leaks
     ids = [llm.add_request(p, greedy(max_tokens=30, ignore_eos=True)) for p in prompts[:2]]
     for _ in range(4):
