@@ -8,8 +8,9 @@
 Modes: offline (256 requests at once), decode-1 (one request, ms/token), prefill (8 x 2048 tokens, one forward),
 prefix (64 requests sharing a 2,000-token prefix, prefix cache on vs off, each after an untimed pass with
 another prefix), serve (serve.py on loopback, N
-streaming clients), kernels (bench_kernels.py's table), accuracy (top-1 agreement and logit difference vs
-transformers on one saved checkpoint). It prints a table (result, floor, result/floor, peer,
+streaming clients), kernels (bench_kernels.py's table), allreduce (with --tensor-parallel-size: all-reduce time
+and bus bandwidth at decode and prefill sizes), spec (speculative decoding at chosen acceptance rates), accuracy
+(top-1 agreement and logit difference vs transformers on one saved checkpoint). It prints a table (result, floor, result/floor, peer,
 ours/peer), a one-line summary, and writes everything to --out (results.json).
 
 First it measures the two ceilings of the device (BENCH.md): memory bandwidth = bytes read + written by a
@@ -40,6 +41,9 @@ from these two numbers and the model shape:
   decode-1: W / bandwidth per token (0.40 ms for 0.6b). prefill: F(0, 2048) per prompt at the matmul rate
   (545k tok/s for 0.6b).
 
+With --tensor-parallel-size N the floors use N x the ceilings measured on one device (N GPUs' bandwidth and
+matmul rate together).
+
 On a CPU the numbers mean nothing for speed: that run only shows the machinery works.
 """
 import argparse
@@ -60,7 +64,7 @@ from engine import LLM, EngineArgs, resolve_device_dtype
 from model import Config, preset, resolve_checkpoint
 from sample import SamplingParams, add_dataclass_args, pick, resolve
 
-MODES = ["offline", "nanovllm", "decode-1", "spec", "prefix", "prefill", "accuracy", "kernels", "serve"]   # run in this order (fewest rebuilds)
+MODES = ["offline", "nanovllm", "decode-1", "spec", "allreduce", "prefix", "prefill", "accuracy", "kernels", "serve"]   # run in this order (fewest rebuilds)
 DEFAULT_MODES = ["offline", "decode-1", "prefill", "prefix"]
 
 
@@ -480,6 +484,24 @@ def run_prefix(b: Bench):
     return rows, details
 
 
+def run_allreduce(b: Bench):
+    """Tensor parallelism: all-reduce time and bus bandwidth (2 (N-1)/N x bytes / time, NCCL's measure) at the
+    message sizes of decode (batch x hidden) and of a prefill chunk, and what a decode step spends in them."""
+    n = b.eargs.tensor_parallel_size
+    if n == 1:
+        print("allreduce: needs --tensor-parallel-size 2 or more")
+        return [], {"available": False}
+    llm, H, L = engine(b), b.cfg.hidden_size, b.cfg.num_hidden_layers
+    tokens = [1, 8, 64, 256, b.eargs.max_num_batched_tokens]
+    times = llm.runner.all_reduce_times([t * H for t in tokens])
+    table = [{"tokens": t, "bytes": t * H * b.dtype.itemsize, "us": 1e6 * s,
+              "bus GB/s": 2 * (n - 1) / n * t * H * b.dtype.itemsize / s / 1e9,
+              "per step (2L+1 of them), ms": 1e3 * (2 * L + 1) * s} for t, s in zip(tokens, times)]
+    print(f"\nall-reduce over {n} ranks ({b.device.type}), hidden {H}, {L} layers:")
+    print_table(table, list(table[0]))
+    return [], {"available": True, "ranks": n, "rows": table}
+
+
 def run_kernels(b: Bench):
     if not (Path(__file__).parent / "bench_kernels.py").exists() or b.device.type != "cuda":
         print("kernels: the kernel table is not available (it needs bench_kernels.py and a GPU)")
@@ -785,6 +807,10 @@ def setup(args) -> Bench:
         print("CPU run: the workloads are shrunk, and the numbers mean nothing for speed (they show the machinery works)")
     print("measuring the ceilings ...", file=sys.stderr)
     bandwidth, matmul = measure_ceilings(device, dtype)
+    n = eargs.tensor_parallel_size              # tensor parallelism: the floor of all n devices together
+    if n > 1:
+        print(f"tensor parallelism over {n} devices: ceilings measured on one, floors at {n} x them")
+        bandwidth, matmul = n * bandwidth, n * matmul
     sampling = {} if args.temperature is None else {"temperature": args.temperature}
     b = Bench(eargs, w, cfg, device, dtype, bandwidth, matmul, sampling, args.temperature != 0,
               args.peer_num_seqs if args.peer and "offline" in args.modes else None, {})
@@ -807,7 +833,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     b = setup(args)
     run = {"offline": run_offline, "nanovllm": run_nanovllm, "decode-1": run_decode1, "prefill": run_prefill, "prefix": run_prefix, "spec": run_spec,
-           "accuracy": run_accuracy, "kernels": run_kernels, "serve": run_serve}
+           "allreduce": run_allreduce, "accuracy": run_accuracy, "kernels": run_kernels, "serve": run_serve}
     out = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "device": torch.cuda.get_device_name(b.device)
            if b.device.type == "cuda" else "cpu", "torch": torch.__version__, "modes": args.modes,
            "model": b.eargs.model, "dtype": str(b.dtype).removeprefix("torch."), "shape": asdict(b.cfg),

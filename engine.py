@@ -15,7 +15,6 @@ Requests leave settings unset to take the model's defaults (generation_config.js
 Logprobs (`SamplingParams.logprobs`, `prompt_logprobs`) are the log-softmax of the raw logits, computed only for
 the rows that ask; a request that wants its prompt's logprobs computes its whole prompt (no prefix-cache hit).
 """
-import array
 import random
 import sys
 import uuid
@@ -25,7 +24,9 @@ import torch
 
 import cache
 import kernels
-from model import AttnMeta, build_model
+import parallel
+from model import load_config
+from runner import Runner, build_rank, shares_first_block, to_device
 from sample import (SamplerGraphs, SamplingParams, SamplingTensors, apply_penalties, generation_defaults,
                     penalty_entries, resolve, sample, token_logprobs)
 from scheduler import PENDING, Batch, Scheduler, Sequence, Status, pack
@@ -52,6 +53,7 @@ class EngineArgs:
     quantization: str | None = None      # fp8: quantize the projections to FP8 blocks at load (quant.py)
     speculative_method: str | None = None   # ngram: prompt-lookup drafts for greedy requests (speculate.py)
     num_speculative_tokens: int = 4      # drafts verified per step
+    tensor_parallel_size: int = 1        # GPUs (CPU: processes) the model is split over (parallel.py)
 
     def __post_init__(self):
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -64,6 +66,8 @@ class EngineArgs:
             raise ValueError(f"quantization must be fp8 (or unset), got {self.quantization!r}")
         if self.speculative_method not in (None, "ngram"):
             raise ValueError(f"speculative_method must be ngram (or unset), got {self.speculative_method!r}")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
         if self.num_speculative_tokens < 1:
             raise ValueError(f"num_speculative_tokens must be >= 1, got {self.num_speculative_tokens}")
         if self.generation_config not in ("auto", "none"):
@@ -145,15 +149,28 @@ class LLM:
         args = args or EngineArgs(**kw)
         self.args = args
         self.device, self.dtype = resolve_device_dtype(args)
-        self.model, self.config, ckpt = build_model(args.model, args.random_weights, self.dtype, self.device,
-                                                    args.weight_seed, args.quantization)
+        self.group = None                        # tensor parallelism: this (rank 0's) group; parallel.py
+        if args.tensor_parallel_size > 1:
+            parallel.check(load_config(args.model, args.random_weights)[0], args.tensor_parallel_size,
+                           self.device.type)
+            self.group = parallel.start(args.tensor_parallel_size, self.device.type, build_rank, args,
+                                        self.device.type, self.dtype)
+        try:
+            self.runner = Runner(args, self.device, self.dtype, self.group)
+            if self.group is not None:
+                parallel.wait_ready(self.group)
+        except BaseException:
+            self.close()
+            raise
+        self.model, self.config, ckpt = self.runner.model, self.runner.config, self.runner.ckpt
         self.tokenizer = Tokenizer(ckpt)
         self.defaults = generation_defaults(ckpt, args.generation_config == "auto")
         cfg = self.config
         self.max_model_len = min(args.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         self.max_blocks_per_seq = -(-self.max_model_len // args.block_size)
-        num_blocks = args.num_blocks or kv_blocks_that_fit(self)
-        self.kv_cache = cache.allocate_kv_cache(cfg, num_blocks, args.block_size, self.dtype, self.device)
+        num_blocks = args.num_blocks or self.runner.fit_blocks(self.max_model_len, self.defaults)
+        self.runner.allocate(num_blocks)
+        self.kv_cache = self.runner.kv_cache
         self.blocks = cache.BlockManager(num_blocks, args.block_size, args.prefix_cache)
         self.scheduler = Scheduler(self.blocks, args.max_num_seqs, args.max_num_batched_tokens)
         self.seqs: dict[str, Sequence] = {}
@@ -163,25 +180,28 @@ class LLM:
         self.num_synced = 0                      # requests whose logits depend on their last token (step-by-step sync)
         self.grammars = None                     # structured output: built on the first request that asks
         self.in_flight: InFlight | None = None   # the launched step whose tokens are not read yet
-        self.sample_row: dict[Sequence, int] = {}   # row of last_tokens holding each sequence's PENDING token
-        self.last_tokens = torch.zeros(args.max_num_seqs, dtype=torch.int64, device=self.device)
+        self.sample_row: dict[Sequence, int] = {}   # row of runner.last_tokens holding each PENDING token
         self.graphs = self.sampler_graphs = None
         self.speculator = Speculator(args.num_speculative_tokens) if args.speculative_method else None
         if args.cuda_graphs and self.device.type == "cuda":
             before = torch.cuda.memory_reserved()
-            self.graphs = DecodeGraphs(self.model, self.kv_cache, self.last_tokens, args.max_num_seqs,
-                                       self.max_blocks_per_seq)
+            self.runner.capture(self.max_blocks_per_seq)
+            self.graphs = self.runner.graphs
             self.sampler_graphs = SamplerGraphs(self.graphs.logits, self.graphs.sizes, self.graphs.pool)
             self.graph_bytes = torch.cuda.memory_reserved() - before
         if self.device.type == "cuda":
             gib = lambda x: f"{x / 2**30:.2f} GiB"
             total = torch.cuda.get_device_properties(self.device).total_memory
             weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
-            print(f"GPU memory: weights {gib(weights)}, KV cache {gib(self.kv_cache.numel() * self.kv_cache.element_size())}"
+            print(f"GPU memory{' of rank 0' if self.group else ''}: weights {gib(weights)}, KV cache {gib(self.kv_cache.numel() * self.kv_cache.element_size())}"
                   f" ({num_blocks} blocks), graphs {gib(getattr(self, 'graph_bytes', 0))}; reserved "
                   f"{gib(torch.cuda.memory_reserved())} of {gib(total)} "
                   f"({torch.cuda.memory_reserved() / total:.1%}; gpu_memory_utilization {args.gpu_memory_utilization})",
                   file=sys.stderr)
+
+    def close(self):
+        """Stop the other tensor-parallel ranks (at exit anyway; nothing to do without TP)."""
+        parallel.close(self.group)
 
     # ---- requests -----------------------------------------------------------------------------------------
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
@@ -287,13 +307,14 @@ class LLM:
         prompt_lp = None
         if graphed:
             shared = len(tables) >= kernels.CASCADE_MIN_BATCH and shares_first_block(tables)
-            logits = self.graphs.run(ids, pending, ctx, tables, shared)
+            logits = self.runner.decode(ids, pending, ctx, tables, shared)
         else:
             extras, targets, owners = self.prompt_logprob_rows(batch, cu)
-            hidden = self.forward_eager(batch, ids, pending, cu, ctx, tables, logits_idx + extras)
-            logits = self.model.compute_logits(hidden[:len(logits_idx)])
+            self.runner.forward(ids, pending, cu, ctx, tables, logits_idx + extras, max(batch.num_new),
+                                batch.is_decode)
+            logits = self.runner.logits(0, len(logits_idx))
             if extras:
-                prompt_lp = (owners, *self.prompt_logprobs(hidden[len(logits_idx):], targets, owners))
+                prompt_lp = (owners, *self.prompt_logprobs(len(logits_idx), targets, owners))
         reqs = [self.requests[s.request_id] for s in sampled]
         steps = [s.num_tokens - len(s.prompt_ids) for s in sampled]      # output position of each new token
         tokens = self.sample_tokens(reqs, steps, logits, graphed) if sampled else None
@@ -315,35 +336,13 @@ class LLM:
         to_host = lambda t: torch.empty(t.shape, dtype=t.dtype, pin_memory=pin).copy_(t, non_blocking=True)
         host_all = lambda ts: ts and tuple(to_host(t) if torch.is_tensor(t) else t for t in ts)
         if tokens is not None:
-            self.last_tokens[:len(sampled)].copy_(tokens)
+            self.runner.set_last_tokens(tokens)
         out = InFlight(sampled, indices, tokens if tokens is None else to_host(tokens), host_all(lp),
                        host_all(prompt_lp), None, start)
         if pin:
             out.event = torch.cuda.Event(enable_timing=True)
             out.event.record()
         return out
-
-    def forward_eager(self, batch, ids, pending, cu, ctx, tables, logits_idx) -> torch.Tensor:
-        """The forward pass of a batch that is not replayed from a graph: inputs through pinned memory (a copy
-        from pageable memory would first wait for the GPU to go idle); returns the hidden states of the rows
-        in logits_idx."""
-        pin = self.device.type == "cuda"
-        t = lambda xs, dt: (host_tensor(xs, dt).pin_memory() if pin else host_tensor(xs, dt)).to(
-            self.device, non_blocking=True)
-        meta = AttnMeta(cu_seqlens_q=t(cu, torch.int32), context_lens=t(ctx, torch.int32),
-                        block_tables=t([b for row in tables for b in row], torch.int32).view(len(tables), -1),
-                        slot_mapping=None, logits_indices=t(logits_idx, torch.int64), is_decode=batch.is_decode,
-                        max_seqlen_q=max(batch.num_new))
-        pos, meta.slot_mapping = positions_and_slots(meta.cu_seqlens_q, meta.context_lens, meta.block_tables,
-                                                     self.args.block_size, len(ids))
-        if batch.is_decode and len(tables) >= kernels.CASCADE_MIN_BATCH and shares_first_block(tables):
-            meta.shared_prefix = kernels.plan_shared_prefix(meta.block_tables, meta.context_lens,
-                                                            self.args.block_size)
-        input_ids = t(ids, torch.int64)
-        if pending:                                # tokens sampled last step, still on the device
-            at, rows = t([i for i, _ in pending], torch.int64), t([r for _, r in pending], torch.int64)
-            input_ids[at] = self.last_tokens[rows]
-        return self.model(input_ids, pos, meta, self.kv_cache)
 
     def sample_tokens(self, reqs: list[Request], steps: list[int], logits: torch.Tensor, graphed: bool):
         """(B, vocab) logits -> (B,) tokens on the device. Greedy batches take the argmax; batches without
@@ -377,13 +376,13 @@ class LLM:
                 owners.append((seq, first + 1, last - first))
         return rows, targets, owners
 
-    def prompt_logprobs(self, hidden: torch.Tensor, targets: list[int], owners) -> tuple:
-        """Logprobs of prompt tokens from the hidden states of the rows before them, 1,024 rows at a time (a
-        whole prompt's logits at once would be vocab x prompt floats)."""
+    def prompt_logprobs(self, first: int, targets: list[int], owners) -> tuple:
+        """Logprobs of prompt tokens from the hidden states of the rows before them (the runner's rows from
+        `first` on), 1,024 rows at a time (a whole prompt's logits at once would be vocab x prompt floats)."""
         n = max(self.requests[seq.request_id].params.prompt_logprobs for seq, _, _ in owners)
         tgt = to_device(targets, torch.int64, self.device)
-        parts = [token_logprobs(self.model.compute_logits(hidden[i:i + 1024]), tgt[i:i + 1024], n)
-                 for i in range(0, len(targets), 1024)]
+        parts = [token_logprobs(self.runner.logits(first + i, first + min(i + 1024, len(targets))),
+                                tgt[i:i + 1024], n) for i in range(0, len(targets), 1024)]
         return tuple(torch.cat(p) for p in zip(*parts))
 
     def collect(self, fl: InFlight) -> list[StepOutput]:
@@ -494,174 +493,3 @@ class LLM:
 def logprob_entry(chosen: list, top_v: list, top_i: list, j: int, n: int) -> Logprob:
     """Row j of the host lists -> (logprob, [(token, logprob)] of the top n)."""
     return chosen[j], list(zip(top_i[j][:n], top_v[j][:n]))
-
-
-def kv_blocks_that_fit(llm: LLM) -> int:
-    """KV blocks for the GPU memory left: profile the largest forward pass and the largest sampling step (every
-    filter, penalties, top-20 logprobs for every row) on a throwaway cache, then size the real one."""
-    args, cfg = llm.args, llm.config
-    bytes_per_block = cache.kv_bytes_per_block(cfg, args.block_size, llm.dtype)
-    if llm.device.type != "cuda":
-        return max(2, min(4096, 2**31 // bytes_per_block))   # CPU: at most 2 GiB of cache by default
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    probe_blocks = 1 + -(-args.max_num_batched_tokens // args.block_size)
-    kv = cache.allocate_kv_cache(cfg, probe_blocks, args.block_size, llm.dtype, llm.device)
-    warmup(llm, kv)
-    peak = torch.cuda.max_memory_reserved()          # reserved: the allocator's rounding and fragmentation too
-    del kv
-    torch.cuda.empty_cache()
-    total = torch.cuda.get_device_properties(llm.device).total_memory
-    n = int((total * args.gpu_memory_utilization - (peak - probe_blocks * bytes_per_block)) // bytes_per_block)
-    if n < 2:
-        raise RuntimeError(f"no GPU memory left for the KV cache (peak {peak / 2**30:.1f} GiB of "
-                           f"{total / 2**30:.1f} GiB); lower max_num_batched_tokens or raise gpu_memory_utilization")
-    return n
-
-
-@torch.inference_mode()
-def warmup(llm: LLM, kv):
-    """One forward pass of max_num_batched_tokens prompt tokens, then the sampler on max_num_seqs rows with
-    every filter, penalties and top-20 logprobs, with the decode graphs' logits buffer held (memory profile)."""
-    T, bs, dev, B, V = (llm.args.max_num_batched_tokens, llm.args.block_size, llm.device, llm.args.max_num_seqs,
-                        llm.config.vocab_size)
-    n_blocks = -(-T // bs)
-    meta = AttnMeta(cu_seqlens_q=torch.tensor([0, T], dtype=torch.int32, device=dev),
-                    context_lens=torch.tensor([T], dtype=torch.int32, device=dev),
-                    block_tables=torch.arange(1, n_blocks + 1, dtype=torch.int32, device=dev)[None],
-                    slot_mapping=torch.arange(bs, bs + T, device=dev),
-                    logits_indices=torch.tensor([T - 1], device=dev), is_decode=False, max_seqlen_q=T)
-    ids = torch.zeros(T, dtype=torch.int64, device=dev)
-    llm.model.compute_logits(llm.model(ids, torch.arange(T, device=dev) % llm.max_model_len, meta, kv))
-    logits = torch.randn(B, V, device=dev).to(llm.dtype)
-    kinds = [dict(temperature=0.0), dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0),
-             dict(temperature=1.0, top_k=20, top_p=0.9, min_p=0.01)]       # greedy, plain, filtered: every kernel
-    params = [resolve(SamplingParams(**kinds[i % 3]), llm.defaults) for i in range(B)]
-    x = apply_penalties(logits.float(), [[(t, 0.0, 1.1, 0.0) for t in range(64)]] * B)
-    tokens = sample(x, SamplingTensors.build(params, list(range(B)), [0] * B, V, dev))
-    token_logprobs(logits, tokens, 20)
-
-
-def to_device(xs: list, dtype: torch.dtype, device) -> torch.Tensor:
-    """A list to the device without waiting for it: through pinned memory (torch.tensor(xs, device=cuda) copies
-    synchronously, and the host would stop running ahead of the GPU)."""
-    t = host_tensor(xs, dtype)
-    return t.pin_memory().to(device, non_blocking=True) if torch.device(device).type == "cuda" else t
-
-
-def host_tensor(xs: list, dtype: torch.dtype) -> torch.Tensor:
-    """A CPU tensor from a list of ints (or floats for float32), through the buffer protocol: for the 16k-token
-    lists of a large prefill, torch.tensor(list) costs milliseconds, this a fraction of that."""
-    if not xs:
-        return torch.empty(0, dtype=dtype)
-    code = {torch.int64: "q", torch.int32: "i", torch.float32: "f"}[dtype]
-    return torch.frombuffer(array.array(code, xs), dtype=dtype)
-
-
-def shares_first_block(tables: list[list[int]]) -> bool:
-    """Whether two sequences of a decode batch start with the same cache block: the prefix cache shared it,
-    so cascade attention can read their common prefix once (kernels.plan_shared_prefix picks it)."""
-    return len({row[0] for row in tables}) < len(tables)
-
-
-def positions_and_slots(cu_seqlens, context_lens, block_tables, block_size: int, num_tokens: int):
-    """Each packed token's position and KV-cache slot, (T,) int64 each, computed on the device: sequence b's
-    n_b new tokens sit at positions ctx_b - n_b .. ctx_b - 1, and position p lives in slot
-    block_table[p // block_size] * block_size + p % block_size. No host sync (num_tokens is T)."""
-    n = cu_seqlens[1:] - cu_seqlens[:-1]                                                # (B,) new tokens
-    rows = torch.arange(n.shape[0], device=n.device)
-    seq = torch.repeat_interleave(rows, n, output_size=num_tokens)                      # (T,) sequence of each
-    pos = torch.arange(num_tokens, device=n.device) - cu_seqlens[seq] + (context_lens - n)[seq]
-    slots = block_tables[seq, pos // block_size].long() * block_size + pos % block_size
-    return pos, slots
-
-
-def fill_pending(ids: torch.Tensor, last_tokens: torch.Tensor, gather: torch.Tensor) -> torch.Tensor:
-    """Input ids with each PENDING entry replaced by the token the previous step sampled on the device (the
-    decode graphs' fixed-shape form: gather holds a last_tokens row for every input row)."""
-    return torch.where(ids == PENDING, last_tokens[gather], ids)
-
-
-class DecodeGraphs:
-    """CUDA graphs of the decode forward pass (model + lm_head) for a ladder of batch sizes. A decode batch
-    is padded up to the next captured size: padding rows write their K/V into reserved block 0 and their
-    logits are dropped. Replaying a graph launches the whole forward pass at once, which is what makes small
-    batches fast (a 0.6B model step is ~300 kernels).
-
-    Each size is captured for two block-table widths: the full one, and a short one (SHORT_CONTEXT tokens).
-    Decode attention splits each context into slices by the table width, so the short graphs give a short
-    context one 64-token tile per slice instead of several in a row (decode-1 on qwen3-0.6b, H100: 1.29 ->
-    1.09 ms/token). From kernels.CASCADE_MIN_BATCH rows on, each is captured once more with cascade attention
-    (a shared prefix read once for all the rows that hold it), replayed when rows share their first block."""
-    SHORT_CONTEXT = 2048
-
-    def __init__(self, model, kv_cache, last_tokens, max_batch: int, max_blocks: int):
-        self.sizes = sorted({1, 2, 4, 8, *range(16, max_batch + 16, 16)})
-        self.sizes = [b for b in self.sizes if b < max_batch] + [max_batch]
-        self.max_batch = max_batch
-        dev = kv_cache.device
-        i32 = dict(dtype=torch.int32, device=dev)
-        self.i64 = torch.zeros(4, max_batch, dtype=torch.int64, device=dev)
-        # padding rows: token 0 at position 0, slot 0 (block 0); gather: see fill_pending
-        self.ids, self.pos, self.slots, self.gather = self.i64
-        self.i32 = torch.zeros(max_batch, 1 + max_blocks, **i32)
-        self.i32[:, 0] = 1
-        self.tables = self.i32[:, 1:]                    # (max_batch, max_blocks), row stride 1 + max_blocks
-        self.ctx = torch.ones(max_batch, **i32)          # contiguous copy of column 0 (kernels want it dense)
-        self.cu = torch.arange(max_batch + 1, **i32)
-        self.rows = torch.arange(max_batch, device=dev)
-        self.short_blocks = min(max_blocks, -(-self.SHORT_CONTEXT // kv_cache.shape[3]))
-        self.graphs = {}
-        # every graph writes its logits here: a graph's output outlives its capture, so outputs of its own
-        # would keep one (batch x vocab) fp32 block per graph alive (GBs for the whole ladder)
-        self.logits = torch.empty(max_batch, model.lm_head.weight.shape[0], dtype=model.lm_head.weight.dtype,
-                                  device=dev)
-        pool = None
-        self.block_size = block_size = kv_cache.shape[3]
-        for b in reversed(self.sizes):          # largest first, so smaller graphs reuse its memory pool
-            for width in sorted({max_blocks, self.short_blocks}):
-                for cascade in (False, True) if b >= kernels.CASCADE_MIN_BATCH else (False,):
-                    meta = AttnMeta(self.cu[:b + 1], self.ctx[:b], self.tables[:b, :width], self.slots[:b],
-                                    self.rows[:b], is_decode=True, max_seqlen_q=1)
-                    def run():                  # everything in here is captured: no extra launches per step
-                        self.ctx[:b].copy_(self.i32[:b, 0])
-                        if cascade:
-                            meta.shared_prefix = kernels.plan_shared_prefix(meta.block_tables, meta.context_lens,
-                                                                            block_size)
-                        ids = fill_pending(self.ids[:b], last_tokens, self.gather[:b])
-                        model.compute_logits(model(ids, self.pos[:b], meta, kv_cache), out=self.logits[:b])
-                    with torch.inference_mode():
-                        run()                       # warm-up: Triton compiles, cuBLAS picks its kernels
-                        g = torch.cuda.CUDAGraph()
-                        with torch.cuda.graph(g, pool=pool):
-                            run()
-                    pool = g.pool()
-                    self.graphs[b, width, cascade] = g
-        self.pool = pool                        # the sampler's graphs share it
-        torch.cuda.synchronize()
-
-    def run(self, ids, pending, ctx, tables, shared: bool) -> torch.Tensor:
-        n = len(ids)
-        b = next(s for s in self.sizes if s >= n)
-        bs = self.block_size
-        gather = [0] * b
-        for i, row in pending:
-            gather[i] = row
-        w = len(tables[0])
-        # one token per row: its position ctx - 1 and cache slot are cheaper made here than by kernels
-        pos, slots, rows = [], [], []                    # rows: each one's context length, then its block table
-        for c, row in zip(ctx, tables):
-            pos.append(c - 1)
-            slots.append(row[(c - 1) // bs] * bs + (c - 1) % bs)
-            rows.append(c)
-            rows += row
-        pad = [0] * (b - n)
-        # two host-to-device copies per step: the int64 inputs in one, the int32 metadata in the other
-        i64 = host_tensor(ids + pad + pos + pad + slots + pad + gather, torch.int64).view(4, b)
-        self.i64[:, :b].copy_(i64.pin_memory(), non_blocking=True)
-        rows += ([1] + [0] * w) * (b - n)                # padding rows: one token of context, in block 0
-        width = self.short_blocks if w <= self.short_blocks else self.tables.shape[1]
-        self.i32[:b, :w + 1].copy_(host_tensor(rows, torch.int32).view(b, w + 1).pin_memory(), non_blocking=True)
-        key = (b, width, shared)
-        self.graphs[key].replay()
-        return self.logits[:n]

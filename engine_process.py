@@ -64,6 +64,8 @@ def engine_main(args, conn, max_queue: int):
     the front goes away. Ctrl-C reaches the whole process group: the front decides when this one stops."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    import parallel
+    parallel.exit_with_parent()
     from engine import LLM
     from sample import SamplingParams
     try:
@@ -79,7 +81,8 @@ def engine_main(args, conn, max_queue: int):
     conn.send(("ready", {"max_model_len": llm.max_model_len, "vocab_size": llm.config.vocab_size,
                          "num_blocks": llm.blocks.num_blocks, "block_size": llm.args.block_size,
                          "dtype": str(llm.dtype).removeprefix("torch."), "device": str(llm.device),
-                         "defaults": llm.defaults, "pid": os.getpid()}))
+                         "defaults": llm.defaults, "pid": os.getpid(),
+                         "rank_pids": [p.pid for p in llm.group.procs] if llm.group else []}))
     EngineLoop(llm, conn, max_queue).run()
 
 
@@ -179,8 +182,10 @@ class EngineClient:
         """target: the engine process's main (tests pass a stand-in that speaks the same protocol)."""
         ctx = multiprocessing.get_context("spawn")
         self.conn, child = ctx.Pipe(duplex=True)
+        # a daemonic process may not start processes of its own, as tensor parallelism's ranks are; the engine
+        # then watches for this process's death itself (parallel.exit_with_parent)
         self.proc = ctx.Process(target=target or engine_main, args=(args, child, max_queue), name="qwen3-engine",
-                                daemon=True)
+                                daemon=getattr(args, "tensor_parallel_size", 1) == 1)
         self.proc.start()
         child.close()
         self.send_lock = threading.Lock()

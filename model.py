@@ -9,6 +9,8 @@ and where its K/V live in the paged cache. Prefill, decode and a mix of both go 
 
 Qwen3-MoE checkpoints (model_type qwen3_moe) differ only in their MLPs: the layers `Config.is_moe_layer` names
 hold a `moe.SparseMoeBlock` instead. FP8 (quant.py) swaps the `Linear` projections for `quant.Fp8Linear`.
+Tensor parallelism (parallel.py) builds the same model from one rank's shard of the config; its only marks
+here are the `parallel.` hooks: the vocab-parallel embedding, two all-reduces per layer, the logits' gather.
 
     python model.py --model qwen3-0.6b      # prints the config and parameter count of a named size
 """
@@ -21,6 +23,7 @@ import torch
 import torch.nn as nn
 
 import kernels
+import parallel
 import quant
 from moe import SparseMoeBlock
 
@@ -190,8 +193,9 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: Config, moe: bool):
+    def __init__(self, cfg: Config, moe: bool, tp: parallel.Group | None = None):
         super().__init__()
+        self.tp = tp
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -205,23 +209,25 @@ class DecoderLayer(nn.Module):
         else:
             x, residual = self.input_layernorm(x, residual)
         x = self.self_attn(x, positions, meta, kv, cos_sin)
+        x = parallel.all_reduce(x, self.tp)             # TP: each rank's o_proj summed its own heads only
         x, residual = self.post_attention_layernorm(x, residual)
-        return self.mlp(x), residual
+        return parallel.all_reduce(self.mlp(x), self.tp), residual   # ... and down_proj its intermediate slice
 
 
 class Qwen3Model(nn.Module):
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, tp: parallel.Group | None = None):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, cfg.is_moe_layer(i)) for i in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, cfg.is_moe_layer(i), tp) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
 class Qwen3ForCausalLM(nn.Module):
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, tp: parallel.Group | None = None):
+        """tp: this process's tensor-parallel group; cfg is then the rank's shard (parallel.shard_config)."""
         super().__init__()
-        self.config = cfg
-        self.model = Qwen3Model(cfg)
+        self.config, self.tp = cfg, tp
+        self.model = Qwen3Model(cfg, tp)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -232,7 +238,7 @@ class Qwen3ForCausalLM(nn.Module):
     def forward(self, input_ids, positions, meta: AttnMeta, kv_cache) -> torch.Tensor:
         """input_ids, positions: (T,); kv_cache: (num_layers, 2, num_blocks, block_size, n_kv, head_dim).
         Returns the final hidden states of the rows in meta.logits_indices: (B_sample, hidden)."""
-        x, residual = self.model.embed_tokens(input_ids), None   # (T, hidden)
+        x, residual = parallel.embed(input_ids, self.model.embed_tokens.weight, self.tp), None   # (T, hidden)
         for i, layer in enumerate(self.model.layers):
             x, residual = layer(x, residual, positions, meta, kv_cache[i], self.cos_sin)
         x, _ = self.model.norm(x, residual)
@@ -241,7 +247,9 @@ class Qwen3ForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """(B_sample, vocab) logits in the model's dtype, written into `out` if given (CUDA graphs share one
         buffer). Greedy decoding takes their argmax as they are; sampling does its math in fp32."""
-        return kernels.linear(hidden, self.lm_head.weight, out=out)
+        if self.tp is None:
+            return kernels.linear(hidden, self.lm_head.weight, out=out)
+        return parallel.gather_vocab(kernels.linear(hidden, self.lm_head.weight), self.tp, out)  # (B, V/N) each
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -321,9 +329,28 @@ def resolve_checkpoint(model: str) -> Path:
                                 f"instead") from e
 
 
-def load_weights(model: Qwen3ForCausalLM, ckpt_dir: Path):
-    """Copy every tensor of the checkpoint's safetensors files into the model (checkpoint_slot says where).
-    Fails on an unknown, missing or misshapen tensor."""
+def read_tensor(st, key: str, target: torch.Tensor, tp: parallel.Group | None, kv_heads: int) -> torch.Tensor:
+    """Checkpoint tensor `key` as `target` holds it: FP8 block scales widened to one per row, and under tensor
+    parallelism only this rank's slice, read from the file alone (parallel.shard_slice says which)."""
+    where = None if tp is None else parallel.shard_slice(key, tuple(target.shape), tp.rank, tp.size, kv_heads)
+    if key.endswith(".weight_scale_inv"):                 # (ceil(N/128), ceil(K/128)) -> (N, ceil(K/128))
+        t = st.get_tensor(key)
+        t = quant.row_scales(t, t.shape[0] * quant.BLOCK)
+        if where is not None:                             # the rank's rows, or its 128-column blocks
+            t = t.narrow(where[0], where[1], target.shape[where[0]])
+        return t[:target.shape[0]]
+    if where is None:
+        return st.get_tensor(key)
+    dim, start = where
+    part = st.get_slice(key)
+    end = min(start + target.shape[dim], part.get_shape()[dim])   # a short read fails the shape check below
+    return part[start:end] if dim == 0 else part[:, start:end]
+
+
+def load_weights(model: Qwen3ForCausalLM, ckpt_dir: Path, kv_heads: int):
+    """Copy every tensor of the checkpoint's safetensors files into the model (checkpoint_slot says where;
+    kv_heads: the checkpoint's K/V heads, which TP ranks may share). Fails on an unknown, missing or misshapen
+    tensor."""
     from safetensors import safe_open
     cfg = model.config
     params = dict(model.named_parameters(remove_duplicate=False))
@@ -339,9 +366,7 @@ def load_weights(model: Qwen3ForCausalLM, ckpt_dir: Path):
                     if key == "lm_head.weight" and cfg.tie_word_embeddings:
                         continue                               # some tied checkpoints store it anyway
                     raise KeyError(f"{f.name}: unexpected tensor {key!r} (not a Qwen3 parameter)")
-                tensor = st.get_tensor(key)
-                if key.endswith(".weight_scale_inv"):         # FP8 block scales -> one per row (quant.py)
-                    tensor = quant.row_scales(tensor, target.shape[0])
+                tensor = read_tensor(st, key, target, model.tp, kv_heads)
                 if (target.dtype == quant.FP8) != (tensor.dtype == quant.FP8):
                     raise ValueError(f"{f.name}: {key} is {tensor.dtype}, the model expects {target.dtype} (a "
                                      f"checkpoint mixing FP8 and unquantized projections is not supported)")
@@ -355,21 +380,27 @@ def load_weights(model: Qwen3ForCausalLM, ckpt_dir: Path):
         raise KeyError(f"{ckpt_dir}: checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
 
 
-def build_model(model: str, random_weights: bool, dtype: torch.dtype, device: torch.device, seed: int = 0,
-                quantization: str | None = None):
-    """Returns (model, config, checkpoint dir or None). Random weights: init std 0.02, as the benchmarks use.
-    quantization "fp8": the projections' weights quantized to FP8 blocks after loading (quant.py); an FP8
-    checkpoint is loaded as it is stored either way."""
+def load_config(model: str, random_weights: bool) -> tuple[Config, Path | None]:
+    """(config, checkpoint dir or None): a named size's, or a checkpoint's config.json."""
     if random_weights:
-        cfg, ckpt = preset(model), None
-    else:
-        ckpt = resolve_checkpoint(model)
-        if not (ckpt / "config.json").exists():
-            raise FileNotFoundError(f"{ckpt}: no config.json, so this is not a Hugging Face checkpoint")
-        cfg = Config.from_json(ckpt / "config.json")
+        return preset(model), None
+    ckpt = resolve_checkpoint(model)
+    if not (ckpt / "config.json").exists():
+        raise FileNotFoundError(f"{ckpt}: no config.json, so this is not a Hugging Face checkpoint")
+    return Config.from_json(ckpt / "config.json"), ckpt
+
+
+def build_model(model: str, random_weights: bool, dtype: torch.dtype, device: torch.device, seed: int = 0,
+                quantization: str | None = None, tp: parallel.Group | None = None):
+    """Returns (model, config, checkpoint dir or None); under tensor parallelism (tp) the model is this rank's
+    shard and config the whole model's. Random weights: init std 0.02, as the benchmarks use (every rank draws
+    the same stream, so replicated weights agree). quantization "fp8": the projections' weights quantized to
+    FP8 blocks after loading (quant.py); an FP8 checkpoint is loaded as it is stored either way."""
+    full, ckpt = load_config(model, random_weights)
+    cfg = full if tp is None else parallel.shard_config(full, tp.size)
     torch.manual_seed(seed)
     with torch.device("meta"):
-        m = Qwen3ForCausalLM(cfg)
+        m = Qwen3ForCausalLM(cfg, tp)
     m = m.to_empty(device=device).to(dtype)
     if cfg.tie_word_embeddings:                                # to_empty gives each module its own tensor
         m.lm_head.weight = m.model.embed_tokens.weight
@@ -383,13 +414,13 @@ def build_model(model: str, random_weights: bool, dtype: torch.dtype, device: to
             else:
                 nn.init.normal_(p, std=0.02)
     else:
-        load_weights(m, ckpt)
+        load_weights(m, ckpt, full.num_key_value_heads)
     if quantization == "fp8" and cfg.quantization is None:
         if cfg.num_experts:
             raise ValueError("--quantization fp8 is not supported for MoE models yet")
         quant.to_fp8(m, shard_rows, quantize=True)
-        cfg.quantization = "fp8"
-    return m.eval().requires_grad_(False), cfg, ckpt
+        cfg.quantization = full.quantization = "fp8"
+    return m.eval().requires_grad_(False), full, ckpt
 
 
 if __name__ == "__main__":

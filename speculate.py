@@ -96,13 +96,13 @@ class Speculator:
         llm.num_forwards += 1
         ids, _, cu, ctx, tables, _ = pack(batch, {})
         rows = [r for seq, end in zip(batch.seqs, cu[1:]) for r in range(end - 1 - seq.num_draft, end)]
-        hidden = llm.forward_eager(batch, ids, [], cu, ctx, tables, rows)
+        llm.runner.forward(ids, [], cu, ctx, tables, rows, max(batch.num_new), batch.is_decode)
         # each row's token as decoding would draw it there: the argmax, or the seeded draw of that output
         # position (the sampler's noise is a hash of seed, position and token, so the same draw)
         reqs = [llm.requests[seq.request_id] for seq in batch.seqs for _ in range(seq.num_draft + 1)]
         steps = [seq.num_tokens - seq.num_draft - len(seq.prompt_ids) + j for seq in batch.seqs
                  for j in range(seq.num_draft + 1)]
-        target = llm.sample_tokens(reqs, steps, llm.model.compute_logits(hidden), graphed=False).tolist()
+        target = llm.sample_tokens(reqs, steps, llm.runner.logits(0, len(rows)), graphed=False).tolist()
         sch.advance(batch)                             # counts the drafts as computed; no blocks cached yet
         at = 0
         for seq in batch.seqs:

@@ -55,13 +55,14 @@ def make_tokenizer(path):
     return tok
 
 
-def make_checkpoint(path, tied=True, shard=False, seed=0, max_pos=512):
+def make_checkpoint(path, tied=True, shard=False, seed=0, max_pos=512, **shape):
     import transformers
     torch.manual_seed(seed)
-    hf_cfg = transformers.Qwen3Config(
-        vocab_size=512, hidden_size=64, intermediate_size=160, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, max_position_embeddings=max_pos, rope_theta=10000.0,
-        tie_word_embeddings=tied, eos_token_id=2, bos_token_id=0, initializer_range=0.3)
+    hf_cfg = transformers.Qwen3Config(**{
+        "vocab_size": 512, "hidden_size": 64, "intermediate_size": 160, "num_hidden_layers": 3,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": max_pos,
+        "rope_theta": 10000.0, "tie_word_embeddings": tied, "eos_token_id": 2, "bos_token_id": 0,
+        "initializer_range": 0.3, **shape})
     hf = transformers.Qwen3ForCausalLM(hf_cfg).float().eval()
     hf.save_pretrained(path, max_shard_size="100KB" if shard else "1GB", safe_serialization=True)
     make_tokenizer(path)
@@ -947,7 +948,7 @@ def test_model_logits_triton_path_equals_torch_path(tied_ckpt, monkeypatch):
 FP8_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def make_fp8_checkpoint(path):
+def make_fp8_checkpoint(path, **shape):
     """A tiny Qwen3 in Qwen's FP8 layout (weight in float8_e4m3fn, weight_scale_inv per 128 x 128 block), with
     shapes that cut blocks (hidden 160, intermediate 300), and the transformers model holding the dequantized
     weights: the reference."""
@@ -955,10 +956,11 @@ def make_fp8_checkpoint(path):
     from safetensors.torch import save_file
     import quant
     torch.manual_seed(0)
-    hf_cfg = transformers.Qwen3Config(
-        vocab_size=512, hidden_size=160, intermediate_size=300, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=32, max_position_embeddings=512, rope_theta=10000.0,
-        tie_word_embeddings=False, eos_token_id=2, bos_token_id=0, initializer_range=0.1)
+    hf_cfg = transformers.Qwen3Config(**{
+        "vocab_size": 512, "hidden_size": 160, "intermediate_size": 300, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32, "max_position_embeddings": 512,
+        "rope_theta": 10000.0, "tie_word_embeddings": False, "eos_token_id": 2, "bos_token_id": 0,
+        "initializer_range": 0.1, **shape})
     hf = transformers.Qwen3ForCausalLM(hf_cfg).float().eval()
     tensors, state = {}, hf.state_dict()
     for key, t in state.items():
@@ -1108,6 +1110,143 @@ def test_kt_moe(T, E, k, dtype):
     for cfg in (dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=4), dict(GEMV=True, BLOCK_N=16, BLOCK_K=32)):
         kt_check(f"fused moe T={T} E={E} k={k} {cfg}", moe.moe_triton(x, gate_up, down, w, ids, cfg), ref, dtype)
     assert torch.equal(moe.fused_moe(x, gate_up, down, w, ids), moe.moe_triton(x, gate_up, down, w, ids))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tensor parallelism (parallel.py): gloo ranks on the CPU against one process, transformers and the checkpoint
+# ----------------------------------------------------------------------------------------------------------
+
+TP_SHAPES = {"gqa": dict(num_attention_heads=4, num_key_value_heads=2),
+             "mha": dict(num_attention_heads=4, num_key_value_heads=4),
+             "one-kv-head": dict(num_attention_heads=4, num_key_value_heads=1)}
+
+
+def tp_prompts():
+    """Awkward lengths, two sharing a 13-token prefix, one longer than the 16-token prefill chunks."""
+    rng = random.Random(0)
+    shared = [rng.randrange(3, 512) for _ in range(13)]
+    return [shared + [7, 8], [5, 6, 7], [rng.randrange(3, 512) for _ in range(37)], shared + [9], [11]]
+
+
+@pytest.mark.parametrize("shape,n", [("gqa", 2), ("mha", 2), ("one-kv-head", 2), ("gqa", 4)])
+def test_tp_greedy_matches_one_process_and_transformers(tmp_path, shape, n):
+    """n gloo ranks (n = 4 > 2 K/V heads: each head on two ranks): greedy tokens equal transformers' and the
+    single process's, through chunked prefill, mixed batches and a prefix-cache hit; seeded sampled tokens and
+    prompt logprobs equal the single process's; every block returns."""
+    hf = make_checkpoint(tmp_path, tied=shape == "mha", **TP_SHAPES[shape])
+    prompts = tp_prompts()
+    kw = dict(max_num_batched_tokens=16)
+    single = engine(tmp_path, **kw)
+    sampled = SamplingParams(temperature=0.8, top_p=0.9, top_k=20, seed=5, max_tokens=8, ignore_eos=True,
+                             logprobs=2, prompt_logprobs=1)
+    want = single.generate(prompts, sampled)
+    llm = engine(tmp_path, tensor_parallel_size=n, **kw)
+    try:
+        want_greedy = [hf_greedy(hf, p, 12) for p in prompts]
+        for _ in range(2):                        # the second time from the prefix cache
+            outs = llm.generate(prompts, greedy(max_tokens=12, ignore_eos=True))
+            assert [o.token_ids for o in outs] == want_greedy
+        assert llm.stats()["prefix_hit_tokens"] >= sum(len(p) // 4 * 4 for p in prompts[:4]) - 4
+        got = llm.generate(prompts, sampled)
+        assert [o.token_ids for o in got] == [o.token_ids for o in want]
+        for g, w in zip(got, want):               # fp32 sums in a different order: equal to rounding
+            assert [t for t, _ in g.logprobs[0][1]] == [t for t, _ in w.logprobs[0][1]]
+            assert g.logprobs[0][0] == pytest.approx(w.logprobs[0][0], abs=1e-4)
+            assert len(g.prompt_logprobs) == len(w.prompt_logprobs) and g.prompt_logprobs[0] is None
+            assert [x[0] for x in g.prompt_logprobs[1:]] == pytest.approx([x[0] for x in w.prompt_logprobs[1:]], abs=1e-4)
+        assert_no_leak(llm)
+    finally:
+        llm.close()
+
+
+def test_tp_shards_hold_their_slice_of_the_checkpoint(tmp_path):
+    """Each rank's parameters are its rows (q/k/v, gate/up, embed, lm_head) or columns (o, down) of the
+    checkpoint's tensors; K/V heads replicated when ranks outnumber them; norms whole. No process needed: a
+    shard is built for a rank number (building does not communicate)."""
+    import parallel
+    from model import build_model
+    hf = make_checkpoint(tmp_path, tied=False, num_attention_heads=4, num_key_value_heads=2)
+    sd = {k: v for k, v in hf.state_dict().items()}
+    hd, I = 16, 160
+    for n in (2, 4):
+        for rank in range(n):
+            m, cfg, _ = build_model(str(tmp_path), False, torch.float32, torch.device("cpu"),
+                                    tp=parallel.Group(rank, n))
+            assert cfg.num_attention_heads == 4 and m.config.num_attention_heads == 4 // n
+            att, mlp = m.model.layers[1].self_attn, m.model.layers[1].mlp
+            q_rows, kv = 4 // n * hd, (rank * 2 // n) * hd              # n = 4: ranks 0, 1 share K/V head 0
+            pre = "model.layers.1."
+            q, k, v = att.qkv_proj.weight.split([q_rows, hd * max(1, 2 // n), hd * max(1, 2 // n)])
+            assert torch.equal(q, sd[pre + "self_attn.q_proj.weight"][rank * q_rows:(rank + 1) * q_rows])
+            assert torch.equal(k, sd[pre + "self_attn.k_proj.weight"][kv:kv + k.shape[0]])
+            assert torch.equal(v, sd[pre + "self_attn.v_proj.weight"][kv:kv + v.shape[0]])
+            assert torch.equal(att.o_proj.weight, sd[pre + "self_attn.o_proj.weight"][:, rank * q_rows:(rank + 1) * q_rows])
+            i = I // n
+            gate, up = mlp.gate_up_proj.weight.split([i, i])
+            assert torch.equal(gate, sd[pre + "mlp.gate_proj.weight"][rank * i:(rank + 1) * i])
+            assert torch.equal(up, sd[pre + "mlp.up_proj.weight"][rank * i:(rank + 1) * i])
+            assert torch.equal(mlp.down_proj.weight, sd[pre + "mlp.down_proj.weight"][:, rank * i:(rank + 1) * i])
+            v_rows = 512 // n
+            assert torch.equal(m.model.embed_tokens.weight, sd["model.embed_tokens.weight"][rank * v_rows:(rank + 1) * v_rows])
+            assert torch.equal(m.lm_head.weight, sd["lm_head.weight"][rank * v_rows:(rank + 1) * v_rows])
+            assert torch.equal(att.q_norm.weight, sd[pre + "self_attn.q_norm.weight"])
+            assert torch.equal(m.model.layers[1].input_layernorm.weight, sd[pre + "input_layernorm.weight"])
+
+
+def test_tp_moe_fp8_and_speculation_match_one_process(tmp_path):
+    """Experts split along their intermediate width (transformers' tokens); an FP8 checkpoint whose ranks get
+    whole 128-column blocks of o_proj and down_proj (transformers' on the dequantized weights); --quantization
+    fp8 with every rank's slice whole 128 x 128 blocks, as in the real sizes, so the blocks are the single
+    process's; n-gram speculation (the single process's tokens)."""
+    prompts = tp_prompts()[:3]
+    for d in ("moe", "fp8", "dense"):
+        (tmp_path / d).mkdir()
+    cases = [(make_moe_checkpoint(tmp_path / "moe", norm_topk_prob=True), tmp_path / "moe", {}),
+             (make_fp8_checkpoint(tmp_path / "fp8", intermediate_size=256, head_dim=64), tmp_path / "fp8", {})]
+    blocks = dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=128)
+    make_checkpoint(tmp_path / "dense", tied=False, **blocks)
+    cases += [(None, tmp_path / "dense", dict(quantization="fp8")), (None, tmp_path / "dense", dict(speculative_method="ngram"))]
+    for hf, path, kw in cases:
+        ps = [[5, 6, 7, 8, 9, 10, 5, 6, 7, 8, 9, 10, 5, 6]] if "speculative_method" in kw else prompts
+        params = greedy(max_tokens=10, ignore_eos=True)
+        want = ([hf_greedy(hf, p, 10) for p in ps] if hf is not None else
+                [o.token_ids for o in engine(path, **kw).generate(ps, params)])
+        llm = engine(path, tensor_parallel_size=2, **kw)
+        try:
+            assert [o.token_ids for o in llm.generate(ps, params)] == want, (path.name, kw)
+            if "speculative_method" in kw:
+                assert llm.stats()["spec_accepted_tokens"] > 0
+            assert_no_leak(llm)
+        finally:
+            llm.close()
+
+
+def test_tp_errors(tmp_path):
+    """A split that cannot work fails before any process starts; a rank that cannot build its shard fails the
+    engine's start with that rank's error, and no process is left behind."""
+    import multiprocessing
+    from dataclasses import replace
+    from safetensors.torch import load_file, save_file
+    import parallel
+    make_checkpoint(tmp_path, tied=False)
+    with pytest.raises(ValueError, match="num_attention_heads"):
+        engine(tmp_path, tensor_parallel_size=3)
+    with pytest.raises(ValueError, match=r"num_key_value_heads \(4\) must divide or be a multiple of"):
+        parallel.check(replace(preset("tiny"), num_attention_heads=6, num_key_value_heads=4), 3, "cpu")
+    with pytest.raises(ValueError, match="needs 9 GPUs"):
+        parallel.check(preset("qwen3-8b"), 9, "cuda")
+    with pytest.raises(ValueError, match="tensor_parallel_size"):
+        EngineArgs(tensor_parallel_size=0)
+    # a checkpoint whose lm_head stops at row 400 of 512: rank 0's rows are whole, rank 1's are not
+    weights = load_file(tmp_path / "model.safetensors")
+    weights["lm_head.weight"] = weights["lm_head.weight"][:400].clone()
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(RuntimeError, match=r"rank 1 could not start: ValueError: .*lm_head.weight has shape \(144, 64\)"):
+        engine(tmp_path, tensor_parallel_size=2)
+    deadline = time.time() + 10
+    while multiprocessing.active_children() and time.time() < deadline:
+        time.sleep(0.1)
+    assert not multiprocessing.active_children()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1543,6 +1682,32 @@ def test_sv_engine_death_fails_requests_fast(sv):
     assert status == 500 and "engine process died" in err["error"]["message"]
     assert sv_raw(port, "GET", "/health")[0] == 503
     assert sv_raw(port, "POST", "/v1/completions", body)[0] == 503
+    shutdown(httpd)
+
+
+def test_sv_tensor_parallel_serves_and_a_dead_rank_fails_fast(sv):
+    """serve.py over two gloo ranks gives the single process's text; killing rank 1 mid-generation fails the
+    request within seconds (rank 0 exits instead of waiting on a collective forever) and /health turns 503."""
+    httpd = start_server(sv_args(sv.path, tensor_parallel_size=2), "127.0.0.1", 0, model_name=SV_MODEL)
+    port = httpd.server_address[1]
+    status, _, out = sv_raw(port, "POST", "/v1/completions", {"prompt": SV_PROMPTS[1], "max_tokens": 12,
+                                                               "temperature": 0})
+    assert status == 200 and out["choices"][0]["text"] == sv_greedy(sv, SV_PROMPTS[1], max_tokens=12).text
+    results = []
+    t = threading.Thread(target=lambda: results.append(sv_raw(port, "POST", "/v1/completions", {
+        "prompt": SV_PROMPTS[0], "max_tokens": 900, "ignore_eos": True})))
+    t.start()
+    deadline = time.time() + 30
+    while sv_metrics(port)["qwen3_requests_running"] < 1 and time.time() < deadline:
+        time.sleep(0.02)
+    os.kill(httpd.client.info["rank_pids"][0], 9)
+    t0 = time.time()
+    t.join(30)
+    print(f"request ended {time.time() - t0:.2f} s after the kill")
+    assert time.time() - t0 < 10
+    status, _, err = results[0]
+    assert status == 500 and "engine process died" in err["error"]["message"]
+    assert sv_raw(port, "GET", "/health")[0] == 503
     shutdown(httpd)
 
 

@@ -1,0 +1,289 @@
+"""The model on its device: weights, KV cache, CUDA graphs and the forward passes of one rank.
+
+    runner = Runner(args, device, dtype)          # engine.LLM makes one; the scheduler and sampler are LLM's
+    runner.allocate(runner.fit_blocks(max_model_len, defaults))
+    hidden = runner.forward(ids, pending, cu, ctx, tables, logits_idx, max_seqlen_q, is_decode)
+    logits = runner.logits(0, len(logits_idx))
+
+`Runner` holds what a forward pass needs and nothing about requests: the model, the KV cache tensor, the
+decode graphs, `last_tokens` (the tokens the previous step sampled, still on the device) and the hidden states
+of the last eager pass. Its inputs are host lists (`scheduler.pack` makes them).
+
+Under tensor parallelism (parallel.py) every rank holds a Runner over its shard of the model. The methods in
+the "calls" section are the ones every rank makes: on rank 0 each first sends itself, with its arguments, to
+the other ranks (`parallel.send`), which replay it (`parallel.serve_calls`), so all ranks run the same pass
+and meet in its collectives. So their arguments are host data only.
+"""
+import array
+
+import torch
+
+import cache
+import kernels
+import parallel
+from model import AttnMeta, build_model
+from sample import SamplingParams, SamplingTensors, apply_penalties, resolve, sample, token_logprobs
+from scheduler import PENDING
+
+
+class Runner:
+    def __init__(self, args, device: torch.device, dtype: torch.dtype, group: parallel.Group | None = None):
+        """args: engine.EngineArgs; group: this rank's tensor-parallel group, or None."""
+        self.args, self.device, self.dtype, self.group = args, device, dtype, group
+        # config: the whole model's; self.model.config: this rank's shard of it (the same without TP)
+        self.model, self.config, self.ckpt = build_model(args.model, args.random_weights, dtype, device,
+                                                         args.weight_seed, args.quantization, group)
+        self.kv_cache = self.graphs = self.hidden = None
+        self.last_tokens = torch.zeros(args.max_num_seqs, dtype=torch.int64, device=device)
+
+    def send(self, name: str, *args):
+        parallel.send(self.group, name, *args)
+
+    # ---- calls (every rank makes them; see the file's docstring) ------------------------------------------
+    def fit_blocks(self, max_model_len: int, defaults: dict) -> int:
+        """KV blocks that fit in the memory left, the same number on every rank (the smallest)."""
+        self.send("fit_blocks", max_model_len, defaults)
+        return parallel.all_min(kv_blocks_that_fit(self, max_model_len, defaults), self.group, self.device)
+
+    def allocate(self, num_blocks: int):
+        self.send("allocate", num_blocks)
+        self.kv_cache = cache.allocate_kv_cache(self.model.config, num_blocks, self.args.block_size, self.dtype,
+                                                self.device)
+
+    def capture(self, max_blocks: int):
+        self.send("capture", max_blocks)
+        self.graphs = DecodeGraphs(self.model, self.kv_cache, self.last_tokens, self.args.max_num_seqs, max_blocks)
+
+    def forward(self, ids, pending, cu, ctx, tables, logits_idx, max_seqlen_q: int, is_decode: bool) -> torch.Tensor:
+        """The forward pass of a batch that is not replayed from a graph: inputs through pinned memory (a copy
+        from pageable memory would first wait for the GPU to go idle); returns (and keeps, for `logits`) the
+        hidden states of the rows in logits_idx. pending: (packed row, last_tokens row) of each input token
+        still on the device."""
+        self.send("forward", ids, pending, cu, ctx, tables, logits_idx, max_seqlen_q, is_decode)
+        pin = self.device.type == "cuda"
+        t = lambda xs, dt: (host_tensor(xs, dt).pin_memory() if pin else host_tensor(xs, dt)).to(
+            self.device, non_blocking=True)
+        meta = AttnMeta(cu_seqlens_q=t(cu, torch.int32), context_lens=t(ctx, torch.int32),
+                        block_tables=t([b for row in tables for b in row], torch.int32).view(len(tables), -1),
+                        slot_mapping=None, logits_indices=t(logits_idx, torch.int64), is_decode=is_decode,
+                        max_seqlen_q=max_seqlen_q)
+        pos, meta.slot_mapping = positions_and_slots(meta.cu_seqlens_q, meta.context_lens, meta.block_tables,
+                                                     self.args.block_size, len(ids))
+        if is_decode and len(tables) >= kernels.CASCADE_MIN_BATCH and shares_first_block(tables):
+            meta.shared_prefix = kernels.plan_shared_prefix(meta.block_tables, meta.context_lens,
+                                                            self.args.block_size)
+        input_ids = t(ids, torch.int64)
+        if pending:                                # tokens sampled last step, still on the device
+            at, rows = t([i for i, _ in pending], torch.int64), t([r for _, r in pending], torch.int64)
+            input_ids[at] = self.last_tokens[rows]
+        self.hidden = self.model(input_ids, pos, meta, self.kv_cache)
+        return self.hidden
+
+    def logits(self, start: int, stop: int) -> torch.Tensor:
+        """(stop - start, vocab) logits of rows start:stop of the last forward's hidden states."""
+        self.send("logits", start, stop)
+        return self.model.compute_logits(self.hidden[start:stop])
+
+    def decode(self, ids, pending, ctx, tables, shared: bool) -> torch.Tensor:
+        """A decode batch through its CUDA graph: (len(ids), vocab) logits (a view of the graphs' buffer)."""
+        return self.replay(*self.graphs.prepare(ids, pending, ctx, tables, shared))
+
+    def replay(self, key: tuple, n: int, i64: array.array, i32: array.array) -> torch.Tensor:
+        self.send("replay", key, n, i64, i32)
+        return self.graphs.replay(key, n, i64, i32)
+
+    def set_last_tokens(self, tokens: torch.Tensor):
+        """Rank 0: this step's sampled tokens, on the device, become the next step's PENDING inputs."""
+        self.last_tokens[:len(tokens)].copy_(tokens)
+        self.publish_tokens(len(tokens))
+
+    def publish_tokens(self, n: int):
+        self.send("publish_tokens", n)
+        parallel.broadcast(self.last_tokens[:n], self.group)    # TP: rank 0's sampled tokens to every rank
+
+
+    def all_reduce_times(self, numels: list[int]) -> list[float]:
+        self.send("all_reduce_times", numels)
+        return parallel.time_all_reduce(numels, self.dtype, self.device, self.group)
+
+
+def build_rank(group: parallel.Group, args, device_type: str, dtype: torch.dtype) -> Runner:
+    """Ranks 1..N-1 of tensor parallelism (parallel.worker calls it): rank r's Runner, on cuda:r."""
+    device = torch.device("cuda", group.rank) if device_type == "cuda" else torch.device("cpu")
+    return Runner(args, device, dtype, group)
+
+
+def kv_blocks_that_fit(runner: Runner, max_model_len: int, defaults: dict) -> int:
+    """KV blocks for the GPU memory left: profile the largest forward pass and the largest sampling step (every
+    filter, penalties, top-20 logprobs for every row) on a throwaway cache, then size the real one."""
+    args, cfg = runner.args, runner.model.config
+    bytes_per_block = cache.kv_bytes_per_block(cfg, args.block_size, runner.dtype)
+    if runner.device.type != "cuda":
+        return max(2, min(4096, 2**31 // bytes_per_block))   # CPU: at most 2 GiB of cache by default
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    probe_blocks = 1 + -(-args.max_num_batched_tokens // args.block_size)
+    kv = cache.allocate_kv_cache(cfg, probe_blocks, args.block_size, runner.dtype, runner.device)
+    warmup(runner, kv, max_model_len, defaults)
+    peak = torch.cuda.max_memory_reserved()          # reserved: the allocator's rounding and fragmentation too
+    del kv
+    torch.cuda.empty_cache()
+    total = torch.cuda.get_device_properties(runner.device).total_memory
+    n = int((total * args.gpu_memory_utilization - (peak - probe_blocks * bytes_per_block)) // bytes_per_block)
+    if n < 2:
+        raise RuntimeError(f"no GPU memory left for the KV cache (peak {peak / 2**30:.1f} GiB of "
+                           f"{total / 2**30:.1f} GiB); lower max_num_batched_tokens or raise gpu_memory_utilization")
+    return n
+
+
+@torch.inference_mode()
+def warmup(runner: Runner, kv, max_model_len: int, defaults: dict):
+    """One forward pass of max_num_batched_tokens prompt tokens, then the sampler on max_num_seqs rows with
+    every filter, penalties and top-20 logprobs, with the decode graphs' logits buffer held (memory profile)."""
+    args, model = runner.args, runner.model
+    T, bs, dev, B, V = (args.max_num_batched_tokens, args.block_size, runner.device, args.max_num_seqs,
+                        runner.config.vocab_size)
+    n_blocks = -(-T // bs)
+    meta = AttnMeta(cu_seqlens_q=torch.tensor([0, T], dtype=torch.int32, device=dev),
+                    context_lens=torch.tensor([T], dtype=torch.int32, device=dev),
+                    block_tables=torch.arange(1, n_blocks + 1, dtype=torch.int32, device=dev)[None],
+                    slot_mapping=torch.arange(bs, bs + T, device=dev),
+                    logits_indices=torch.tensor([T - 1], device=dev), is_decode=False, max_seqlen_q=T)
+    ids = torch.zeros(T, dtype=torch.int64, device=dev)
+    model.compute_logits(model(ids, torch.arange(T, device=dev) % max_model_len, meta, kv))
+    logits = torch.randn(B, V, device=dev).to(runner.dtype)
+    kinds = [dict(temperature=0.0), dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0),
+             dict(temperature=1.0, top_k=20, top_p=0.9, min_p=0.01)]       # greedy, plain, filtered: every kernel
+    params = [resolve(SamplingParams(**kinds[i % 3]), defaults) for i in range(B)]
+    x = apply_penalties(logits.float(), [[(t, 0.0, 1.1, 0.0) for t in range(64)]] * B)
+    tokens = sample(x, SamplingTensors.build(params, list(range(B)), [0] * B, V, dev))
+    token_logprobs(logits, tokens, 20)
+
+
+def to_device(xs: list, dtype: torch.dtype, device) -> torch.Tensor:
+    """A list to the device without waiting for it: through pinned memory (torch.tensor(xs, device=cuda) copies
+    synchronously, and the host would stop running ahead of the GPU)."""
+    t = host_tensor(xs, dtype)
+    return t.pin_memory().to(device, non_blocking=True) if torch.device(device).type == "cuda" else t
+
+
+def host_tensor(xs: list, dtype: torch.dtype) -> torch.Tensor:
+    """A CPU tensor from a list of ints (or floats for float32), through the buffer protocol: for the 16k-token
+    lists of a large prefill, torch.tensor(list) costs milliseconds, this a fraction of that."""
+    if not xs:
+        return torch.empty(0, dtype=dtype)
+    code = {torch.int64: "q", torch.int32: "i", torch.float32: "f"}[dtype]
+    return torch.frombuffer(array.array(code, xs), dtype=dtype)
+
+
+def shares_first_block(tables: list[list[int]]) -> bool:
+    """Whether two sequences of a decode batch start with the same cache block: the prefix cache shared it,
+    so cascade attention can read their common prefix once (kernels.plan_shared_prefix picks it)."""
+    return len({row[0] for row in tables}) < len(tables)
+
+
+def positions_and_slots(cu_seqlens, context_lens, block_tables, block_size: int, num_tokens: int):
+    """Each packed token's position and KV-cache slot, (T,) int64 each, computed on the device: sequence b's
+    n_b new tokens sit at positions ctx_b - n_b .. ctx_b - 1, and position p lives in slot
+    block_table[p // block_size] * block_size + p % block_size. No host sync (num_tokens is T)."""
+    n = cu_seqlens[1:] - cu_seqlens[:-1]                                                # (B,) new tokens
+    rows = torch.arange(n.shape[0], device=n.device)
+    seq = torch.repeat_interleave(rows, n, output_size=num_tokens)                      # (T,) sequence of each
+    pos = torch.arange(num_tokens, device=n.device) - cu_seqlens[seq] + (context_lens - n)[seq]
+    slots = block_tables[seq, pos // block_size].long() * block_size + pos % block_size
+    return pos, slots
+
+
+def fill_pending(ids: torch.Tensor, last_tokens: torch.Tensor, gather: torch.Tensor) -> torch.Tensor:
+    """Input ids with each PENDING entry replaced by the token the previous step sampled on the device (the
+    decode graphs' fixed-shape form: gather holds a last_tokens row for every input row)."""
+    return torch.where(ids == PENDING, last_tokens[gather], ids)
+
+
+class DecodeGraphs:
+    """CUDA graphs of the decode forward pass (model + lm_head) for a ladder of batch sizes. A decode batch
+    is padded up to the next captured size: padding rows write their K/V into reserved block 0 and their
+    logits are dropped. Replaying a graph launches the whole forward pass at once, which is what makes small
+    batches fast (a 0.6B model step is ~300 kernels).
+
+    Each size is captured for two block-table widths: the full one, and a short one (SHORT_CONTEXT tokens).
+    Decode attention splits each context into slices by the table width, so the short graphs give a short
+    context one 64-token tile per slice instead of several in a row (decode-1 on qwen3-0.6b, H100: 1.29 ->
+    1.09 ms/token). From kernels.CASCADE_MIN_BATCH rows on, each is captured once more with cascade attention
+    (a shared prefix read once for all the rows that hold it), replayed when rows share their first block."""
+    SHORT_CONTEXT = 2048
+
+    def __init__(self, model, kv_cache, last_tokens, max_batch: int, max_blocks: int):
+        self.sizes = sorted({1, 2, 4, 8, *range(16, max_batch + 16, 16)})
+        self.sizes = [b for b in self.sizes if b < max_batch] + [max_batch]
+        self.max_batch = max_batch
+        dev = kv_cache.device
+        i32 = dict(dtype=torch.int32, device=dev)
+        self.i64 = torch.zeros(4, max_batch, dtype=torch.int64, device=dev)
+        # padding rows: token 0 at position 0, slot 0 (block 0); gather: see fill_pending
+        self.ids, self.pos, self.slots, self.gather = self.i64
+        self.i32 = torch.zeros(max_batch, 1 + max_blocks, **i32)
+        self.i32[:, 0] = 1
+        self.tables = self.i32[:, 1:]                    # (max_batch, max_blocks), row stride 1 + max_blocks
+        self.ctx = torch.ones(max_batch, **i32)          # contiguous copy of column 0 (kernels want it dense)
+        self.cu = torch.arange(max_batch + 1, **i32)
+        self.rows = torch.arange(max_batch, device=dev)
+        self.short_blocks = min(max_blocks, -(-self.SHORT_CONTEXT // kv_cache.shape[3]))
+        self.graphs = {}
+        # every graph writes its logits here: a graph's output outlives its capture, so outputs of its own
+        # would keep one (batch x vocab) fp32 block per graph alive (GBs for the whole ladder)
+        self.logits = torch.empty(max_batch, model.lm_head.weight.shape[0], dtype=model.lm_head.weight.dtype,
+                                  device=dev)
+        pool = None
+        self.block_size = block_size = kv_cache.shape[3]
+        for b in reversed(self.sizes):          # largest first, so smaller graphs reuse its memory pool
+            for width in sorted({max_blocks, self.short_blocks}):
+                for cascade in (False, True) if b >= kernels.CASCADE_MIN_BATCH else (False,):
+                    meta = AttnMeta(self.cu[:b + 1], self.ctx[:b], self.tables[:b, :width], self.slots[:b],
+                                    self.rows[:b], is_decode=True, max_seqlen_q=1)
+                    def run():                  # everything in here is captured: no extra launches per step
+                        self.ctx[:b].copy_(self.i32[:b, 0])
+                        if cascade:
+                            meta.shared_prefix = kernels.plan_shared_prefix(meta.block_tables, meta.context_lens,
+                                                                            block_size)
+                        ids = fill_pending(self.ids[:b], last_tokens, self.gather[:b])
+                        model.compute_logits(model(ids, self.pos[:b], meta, kv_cache), out=self.logits[:b])
+                    with torch.inference_mode():
+                        run()                       # warm-up: Triton compiles, cuBLAS picks its kernels
+                        g = torch.cuda.CUDAGraph()
+                        with torch.cuda.graph(g, pool=pool):
+                            run()
+                    pool = g.pool()
+                    self.graphs[b, width, cascade] = g
+        self.pool = pool                        # the sampler's graphs share it
+        torch.cuda.synchronize()
+
+    def prepare(self, ids, pending, ctx, tables, shared: bool) -> tuple:
+        """A decode batch's inputs as two flat host arrays (int64 and int32) and the key of its graph."""
+        n = len(ids)
+        b = next(s for s in self.sizes if s >= n)
+        bs = self.block_size
+        gather = [0] * b
+        for i, row in pending:
+            gather[i] = row
+        w = len(tables[0])
+        # one token per row: its position ctx - 1 and cache slot are cheaper made here than by kernels
+        pos, slots, rows = [], [], []                    # rows: each one's context length, then its block table
+        for c, row in zip(ctx, tables):
+            pos.append(c - 1)
+            slots.append(row[(c - 1) // bs] * bs + (c - 1) % bs)
+            rows.append(c)
+            rows += row
+        pad = [0] * (b - n)
+        rows += ([1] + [0] * w) * (b - n)                # padding rows: one token of context, in block 0
+        width = self.short_blocks if w <= self.short_blocks else self.tables.shape[1]
+        return (b, width, shared), n, array.array("q", ids + pad + pos + pad + slots + pad + gather), array.array("i", rows)
+
+    def replay(self, key: tuple, n: int, i64: array.array, i32: array.array) -> torch.Tensor:
+        """Two host-to-device copies (the int64 inputs in one, the int32 metadata in the other), one replay."""
+        b = key[0]
+        self.i64[:, :b].copy_(torch.frombuffer(i64, dtype=torch.int64).view(4, b).pin_memory(), non_blocking=True)
+        i32 = torch.frombuffer(i32, dtype=torch.int32).view(b, -1)
+        self.i32[:b, :i32.shape[1]].copy_(i32.pin_memory(), non_blocking=True)
+        self.graphs[key].replay()
+        return self.logits[:n]
