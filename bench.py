@@ -20,6 +20,7 @@ from these two numbers and the model shape:
   W = weight bytes read per decode step = (each layer's q,k,v,o,gate,up,down + lm_head) x bytes per element
       (the embedding lookup reads only T rows, so a tied lm_head is counted once)
   K = KV bytes per token of context = 2 (K and V) x layers x kv_heads x head_dim x bytes per element
+      (1 with --kv-cache-dtype fp8)
   F(a, b) = FLOPs to compute prompt tokens a..b-1 when the first a are cached
           = 2 x weight params x (b - a)  +  4 x layers x heads x head_dim x (a+1 + ... + b)
             (QK^T and PV: 2 FLOPs per head_dim element each, causal: token p attends to p+1 tokens)
@@ -189,7 +190,8 @@ def floor(b: Bench, prompt_lens: list[int], out_lens: list[int], computed: list[
     must be computed, default every prompt in full. shared_prefix: leading tokens every request shares, whose
     K/V a decode step need read from memory only once for the whole batch."""
     nbytes = b.dtype.itemsize
-    K = 2 * b.cfg.num_hidden_layers * b.cfg.num_key_value_heads * b.cfg.head_dim * nbytes
+    kv_nbytes = 1 if b.eargs.kv_cache_dtype == "fp8" else nbytes
+    K = 2 * b.cfg.num_hidden_layers * b.cfg.num_key_value_heads * b.cfg.head_dim * kv_nbytes
     kv = K * sum((o - 1) * p + o * (o - 1) // 2 for p, o in zip(prompt_lens, out_lens))
     kv -= K * shared_prefix * (sum(out_lens) - len(out_lens) - (max(out_lens) - 1))
     # decode step j (1 .. max o - 1) runs the requests with o_i > j; dense: the same weights every step

@@ -168,6 +168,17 @@ def bench_kernels(copy_gbps: float, matmul_tflops: float, device="cuda", dtype=t
                 2 * B * ctx * KV * hd * elt, "GB/s", target=75 if B * ctx >= 32768 else None,
                 splits=kernels.decode_num_splits(B, KV, ctx, torch.device(device)))
 
+    # decode attention over an FP8 cache (--kv-cache-dtype fp8): half the bytes of the same contexts
+    fp8 = torch.float8_e4m3fn
+    for B, ctx in ((64, 2048), (256, 1024), (1, 32768)):
+        H, KV = QWEN3_HEADS["qwen3-8b"]
+        make = lambda: (rnd(B, H, hd), *[t.to(fp8) if t.is_floating_point() else t
+                                         for t in paged_kv([ctx] * B, KV, hd, bs, dtype, device)])
+        call = lambda f: lambda q, kc, vc, bt, cl: f(q, kc, vc, bt, cl, scale)
+        add("decode_attention (fp8 cache)", f"qwen3-8b B={B} ctx={ctx}", make, call(kernels.decode_attention_triton),
+            call(kernels.decode_attention_ref), call(kernels.decode_attention), "decode_attention_triton",
+            2 * B * ctx * KV * hd, "GB/s", target=75 if B * ctx >= 32768 else None)
+
     # decode attention with a shared prefix (cascade): 2,000 tokens (125 blocks) common to every row + 164 own,
     # as in bench.py's prefix workload. Bytes: the prefix's K/V once + each row's own; plain_ms: the same call
     # without the plan, reading the prefix once per row (L2 catches part of those re-reads)
@@ -357,6 +368,21 @@ def check_kernels(device="cuda", dtype=torch.bfloat16) -> list[tuple[str, float]
             o = kernels.prefill_attention_triton(q, k_cache, v_cache, cu, cl, bt, hd ** -0.5)
             r = kernels.prefill_attention_ref(q.float(), k_cache.float(), v_cache.float(), cu, cl, bt, hd ** -0.5)
             out.append((f"prefill bs={block_size} heads={H}/{KV} q_lens={q_lens} prefixes={prefixes}", rel_err(o, r)))
+    # an FP8 cache: the store kernel against the reference's values, and attention reading it
+    fp8, T, H, KV = torch.float8_e4m3fn, 300, 32, 8
+    qkv = torch.randn(T, (H + 2 * KV) * hd, device=device, dtype=dtype) * 3
+    w, cs = torch.ones(hd, device=device, dtype=dtype), kernels.rope_cos_sin(hd, 4096, 1e6, device=device)
+    pos, slots = torch.randint(0, 4096, (T,), device=device), torch.randperm(64 * 16, device=device)[:T]
+    caches = [torch.zeros(64, 16, KV, hd, device=device, dtype=fp8) for _ in range(4)]
+    kernels.qk_norm_rope_store_triton(qkv, w, w, cs, pos, caches[0], caches[1], slots, H, KV, 1e-6)
+    kernels.qk_norm_rope_store_ref(qkv, w, w, cs, pos, caches[2], caches[3], slots, H, KV, 1e-6)
+    out.append(("qk_norm_rope_store into an fp8 cache (k, v)", max(rel_err(caches[0].float(), caches[2].float()),
+                                                                   rel_err(caches[1].float(), caches[3].float()))))
+    k_cache, v_cache, bt, cl = paged_kv([1, 17, 1000, 4097], KV, hd, 16, dtype, device)
+    k_cache, v_cache = k_cache.to(fp8), v_cache.to(fp8)
+    q = torch.randn(4, H, hd, device=device, dtype=dtype)
+    out.append(("decode over an fp8 cache", rel_err(kernels.decode_attention_triton(q, k_cache, v_cache, bt, cl, 0.1),
+                                                    kernels.decode_attention_ref(q, k_cache, v_cache, bt, cl, 0.1))))
     return out
 
 

@@ -51,6 +51,7 @@ class EngineArgs:
     generation_config: str = "auto"      # auto: unset sampling settings come from generation_config.json; none
     weight_seed: int = 0                 # seed of the random weights
     quantization: str | None = None      # fp8: quantize the projections to FP8 blocks at load (quant.py)
+    kv_cache_dtype: str = "auto"         # auto: the model's dtype; fp8: float8_e4m3fn, half the bytes (kernels.py)
     speculative_method: str | None = None   # ngram: prompt-lookup drafts for greedy requests (speculate.py)
     num_speculative_tokens: int = 4      # drafts verified per step
     tensor_parallel_size: int = 1        # GPUs (CPU: processes) the model is split over (parallel.py)
@@ -64,6 +65,8 @@ class EngineArgs:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
         if self.quantization not in (None, "fp8"):
             raise ValueError(f"quantization must be fp8 (or unset), got {self.quantization!r}")
+        if self.kv_cache_dtype not in ("auto", "fp8"):
+            raise ValueError(f"kv_cache_dtype must be auto or fp8, got {self.kv_cache_dtype!r}")
         if self.speculative_method not in (None, "ngram"):
             raise ValueError(f"speculative_method must be ngram (or unset), got {self.speculative_method!r}")
         if self.tensor_parallel_size < 1:

@@ -15,7 +15,9 @@ decode step is all small matrix-vector products, where cuBLAS's GEMM kernels lea
 decode_attention also does cascade attention: when many sequences share leading cache blocks (prefix
 caching), plan_shared_prefix picks a shared prefix and the kernel reads its K/V once for all of them.
 
-KV cache layout (per layer): k_cache, v_cache of shape (num_blocks, block_size, n_kv_heads, head_dim).
+KV cache layout (per layer): k_cache, v_cache of shape (num_blocks, block_size, n_kv_heads, head_dim), in
+the activations' dtype or float8_e4m3fn (--kv-cache-dtype fp8: values stored as they are, no scale, widened
+to the activations' dtype as attention loads them).
 A cache *slot* is block_id * block_size + offset_in_block. Block 0 is never handed to a sequence: padded
 rows of a CUDA-graph batch point at it, so kernels may read/write it freely.
 """
@@ -95,9 +97,17 @@ def qk_norm_rope_store_ref(qkv, q_norm_w, k_norm_w, cos_sin, positions, k_cache,
     cs = cos_sin[positions]                                                 # (T, head_dim)
     q, k = apply_rope_ref(q, cs), apply_rope_ref(k, cs)
     slots = slot_mapping.long()
-    k_cache.view(-1, n_kv_heads, head_dim).index_copy_(0, slots, k.to(k_cache.dtype))
-    v_cache.view(-1, n_kv_heads, head_dim).index_copy_(0, slots, v.reshape(T, n_kv_heads, head_dim).to(v_cache.dtype))
+    store_kv_ref(k_cache, slots, k)
+    store_kv_ref(v_cache, slots, v.reshape(T, n_kv_heads, head_dim))
     return q
+
+
+def store_kv_ref(cache: torch.Tensor, slots: torch.Tensor, x: torch.Tensor):
+    """x (T, n_kv, hd) into cache slots, in the cache's dtype (torch has no index_copy for float8: its bytes)."""
+    flat, x = cache.view(-1, *cache.shape[2:]), x.to(cache.dtype)
+    if cache.dtype.itemsize == 1:
+        flat, x = flat.view(torch.uint8), x.view(torch.uint8)
+    flat.index_copy_(0, slots, x)
 
 
 def gather_kv_ref(cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
@@ -160,15 +170,15 @@ def prefill_attention_ref(q, k_cache, v_cache, cu_seqlens_q, context_lens, block
     for b, ctx in enumerate(ctxs):
         s, e = starts[b], starts[b + 1]
         n_blocks = -(-ctx // k_cache.shape[1])
-        k = gather_kv_ref(k_cache, block_tables[b, :n_blocks])[:ctx]     # (ctx, n_kv, hd)
-        v = gather_kv_ref(v_cache, block_tables[b, :n_blocks])[:ctx]
+        k = gather_kv_ref(k_cache, block_tables[b, :n_blocks])[:ctx].to(q.dtype)     # (ctx, n_kv, hd)
+        v = gather_kv_ref(v_cache, block_tables[b, :n_blocks])[:ctx].to(q.dtype)
         k = k.repeat_interleave(n_heads // n_kv, dim=1).transpose(0, 1)  # (n_heads, ctx, hd)
         v = v.repeat_interleave(n_heads // n_kv, dim=1).transpose(0, 1)
         qb = q[s:e].transpose(0, 1)                                       # (n_heads, q_len, hd)
         # bottom-right aligned causal mask: query i sees keys 0 .. ctx - q_len + i
         q_pos = torch.arange(ctx - (e - s), ctx, device=q.device)
         mask = torch.arange(ctx, device=q.device)[None, :] <= q_pos[:, None]   # (q_len, ctx)
-        o = F.scaled_dot_product_attention(qb, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, scale=scale)
+        o = F.scaled_dot_product_attention(qb, k, v, attn_mask=mask, scale=scale)
         out[s:e] = o.transpose(0, 1)
     return out
 
@@ -300,8 +310,9 @@ def _qk_norm_rope_store_kernel(qkv_ptr, qkv_stride, q_norm_w_ptr, k_norm_w_ptr, 
     tl.store(k_cache_ptr + cache_off, k1.to(k_cache_ptr.dtype.element_ty), mask=hmask)
     tl.store(k_cache_ptr + cache_off + HALF, k2.to(k_cache_ptr.dtype.element_ty), mask=hmask)
     v_row = row + (N_HEADS + N_KV) * HEAD_DIM + h * HEAD_DIM + d[None, :]
-    tl.store(v_cache_ptr + cache_off, tl.load(v_row, mask=hmask), mask=hmask)
-    tl.store(v_cache_ptr + cache_off + HALF, tl.load(v_row + HALF, mask=hmask), mask=hmask)
+    v_dtype = v_cache_ptr.dtype.element_ty
+    tl.store(v_cache_ptr + cache_off, tl.load(v_row, mask=hmask).to(v_dtype), mask=hmask)
+    tl.store(v_cache_ptr + cache_off + HALF, tl.load(v_row + HALF, mask=hmask).to(v_dtype), mask=hmask)
 
 
 def qk_norm_rope_store_triton(qkv, q_norm_w, k_norm_w, cos_sin, positions, k_cache, v_cache, slot_mapping,
@@ -365,8 +376,8 @@ def _decode_slice(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, bt_stride, 
         offs_n = n0 + tl.arange(0, BLOCK_N)
         in_range = offs_n < end
         kv_off = _kv_offsets(bt_row, offs_n, in_range, kv_head, N_KV, HEAD_DIM, BLOCK_SIZE)   # (BLOCK_N, HEAD_DIM)
-        k = tl.load(k_cache_ptr + kv_off, mask=in_range[:, None], other=0.0)
-        v = tl.load(v_cache_ptr + kv_off, mask=in_range[:, None], other=0.0)
+        k = tl.load(k_cache_ptr + kv_off, mask=in_range[:, None], other=0.0).to(q.dtype)   # FP8 cache: widened
+        v = tl.load(v_cache_ptr + kv_off, mask=in_range[:, None], other=0.0).to(q.dtype)
         s = tl.dot(q, tl.trans(k)) * qk_scale                                            # (BLOCK_G, BLOCK_N)
         s = tl.where(in_range[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -526,7 +537,7 @@ def decode_attention_triton(q, k_cache, v_cache, block_tables, context_lens, sca
     B, n_heads, hd = q.shape
     _, block_size, n_kv, _ = k_cache.shape
     assert q.is_contiguous() and k_cache.is_contiguous() and v_cache.is_contiguous() and k_cache.shape[3] == hd
-    assert q.dtype == k_cache.dtype == v_cache.dtype, "q and the cache must share a dtype (one tl.dot)"
+    assert k_cache.dtype == v_cache.dtype in (q.dtype, torch.float8_e4m3fn), "the cache: q's dtype or FP8"
     assert n_heads % n_kv == 0 and hd & (hd - 1) == 0, "n_heads must be a multiple of n_kv; head_dim a power of 2"
     assert block_tables.dim() == 2 and block_tables.shape[0] == B and block_tables.stride(1) == 1
     assert context_lens.shape == (B,)
@@ -575,7 +586,7 @@ def _prefill_tiles(acc, l_i, m_i, q, q_pos, k_cache_ptr, v_cache_ptr, bt_row, kv
         offs_n = n0 + tl.arange(0, BLOCK_N)
         in_range = offs_n < end
         kv_off = _kv_offsets(bt_row, offs_n, in_range, kv_head, N_KV, HEAD_DIM, BLOCK_SIZE)   # (BLOCK_N, HEAD_DIM)
-        k = tl.load(k_cache_ptr + kv_off, mask=in_range[:, None], other=0.0)
+        k = tl.load(k_cache_ptr + kv_off, mask=in_range[:, None], other=0.0).to(q.dtype)   # FP8 cache: widened
         s = tl.dot(q, tl.trans(k)) * qk_scale                                            # (BLOCK_M, BLOCK_N)
         if CAUSAL:
             s = tl.where(offs_n[None, :] <= q_pos[:, None], s, float("-inf"))
@@ -585,7 +596,7 @@ def _prefill_tiles(acc, l_i, m_i, q, q_pos, k_cache_ptr, v_cache_ptr, bt_row, kv
         p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_cache_ptr + kv_off, mask=in_range[:, None], other=0.0)
+        v = tl.load(v_cache_ptr + kv_off, mask=in_range[:, None], other=0.0).to(q.dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
     return acc, l_i, m_i
@@ -640,7 +651,7 @@ def prefill_attention_triton(q, k_cache, v_cache, cu_seqlens_q, context_lens, bl
     _, block_size, n_kv, _ = k_cache.shape
     B = context_lens.shape[0]
     assert q.is_contiguous() and k_cache.is_contiguous() and v_cache.is_contiguous() and k_cache.shape[3] == hd
-    assert q.dtype == k_cache.dtype == v_cache.dtype, "q and the cache must share a dtype (one tl.dot)"
+    assert k_cache.dtype == v_cache.dtype in (q.dtype, torch.float8_e4m3fn), "the cache: q's dtype or FP8"
     assert n_heads % n_kv == 0 and hd & (hd - 1) == 0, "n_heads must be a multiple of n_kv; head_dim a power of 2"
     assert cu_seqlens_q.shape == (B + 1,) and block_tables.shape[0] == B and block_tables.stride(1) == 1
     if max_seqlen_q is None:

@@ -33,6 +33,7 @@ class Runner:
         # config: the whole model's; self.model.config: this rank's shard of it (the same without TP)
         self.model, self.config, self.ckpt = build_model(args.model, args.random_weights, dtype, device,
                                                          args.weight_seed, args.quantization, group)
+        self.kv_dtype = torch.float8_e4m3fn if args.kv_cache_dtype == "fp8" else dtype   # the cache's elements
         self.kv_cache = self.graphs = self.hidden = None
         self.last_tokens = torch.zeros(args.max_num_seqs, dtype=torch.int64, device=device)
 
@@ -47,7 +48,7 @@ class Runner:
 
     def allocate(self, num_blocks: int):
         self.send("allocate", num_blocks)
-        self.kv_cache = cache.allocate_kv_cache(self.model.config, num_blocks, self.args.block_size, self.dtype,
+        self.kv_cache = cache.allocate_kv_cache(self.model.config, num_blocks, self.args.block_size, self.kv_dtype,
                                                 self.device)
 
     def capture(self, max_blocks: int):
@@ -117,13 +118,13 @@ def kv_blocks_that_fit(runner: Runner, max_model_len: int, defaults: dict) -> in
     """KV blocks for the GPU memory left: profile the largest forward pass and the largest sampling step (every
     filter, penalties, top-20 logprobs for every row) on a throwaway cache, then size the real one."""
     args, cfg = runner.args, runner.model.config
-    bytes_per_block = cache.kv_bytes_per_block(cfg, args.block_size, runner.dtype)
+    bytes_per_block = cache.kv_bytes_per_block(cfg, args.block_size, runner.kv_dtype)
     if runner.device.type != "cuda":
         return max(2, min(4096, 2**31 // bytes_per_block))   # CPU: at most 2 GiB of cache by default
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     probe_blocks = 1 + -(-args.max_num_batched_tokens // args.block_size)
-    kv = cache.allocate_kv_cache(cfg, probe_blocks, args.block_size, runner.dtype, runner.device)
+    kv = cache.allocate_kv_cache(cfg, probe_blocks, args.block_size, runner.kv_dtype, runner.device)
     warmup(runner, kv, max_model_len, defaults)
     peak = torch.cuda.max_memory_reserved()          # reserved: the allocator's rounding and fragmentation too
     del kv
