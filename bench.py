@@ -385,9 +385,9 @@ def run_decode1(b: Bench):
 def oracle_drafter(continuations: dict, acceptance: float, vocab: int, rng: random.Random):
     """A drafter proposing each request's known greedy continuation, each draft token corrupted (shifted to another
     id) with probability 1 - acceptance: speculation measured at a chosen acceptance, which random weights cannot
-    give an n-gram or draft model."""
-    def propose(seq, k):
-        done = seq.num_tokens - len(seq.prompt_ids)
+    give an n-gram or draft model. drafted: tokens already appended as drafts (a draft model's, being rewritten)."""
+    def propose(seq, k, drafted=0):
+        done = seq.num_tokens - drafted - len(seq.prompt_ids)
         want = continuations[tuple(seq.prompt_ids)][done:done + k]
         return [t if rng.random() < acceptance else (t + 1) % vocab for t in want]
     return propose
@@ -401,9 +401,11 @@ def run_spec(b: Bench):
     continuation made by plain decoding (other kernels, other rounding) leaves the verify pass's path within a
     few tokens. ms/token is per sequence: wall time / tokens each sequence produced. The floor column is plain
     decoding's (every token reads the weights once: B x bandwidth / weight bytes); speculation is how a run gets
-    past it."""
+    past it. With --speculative-method draft --speculative-model M the draft model runs every round (its cost is
+    measured) and its drafts are then replaced by the controlled ones."""
     w = b.w
-    llm = engine(b, speculative_method="ngram")
+    draft = b.eargs.speculative_model is not None
+    llm = engine(b, speculative_method="draft" if draft else "ngram")
     spec, rows, details = llm.speculator, [], {}
     params = SamplingParams(temperature=0.0, max_tokens=w.decode_tokens, ignore_eos=True)
 
@@ -424,7 +426,8 @@ def run_spec(b: Bench):
         for K in (2, 4, 8):
             spec.k = K
             for kept in (0.0, 1.0, 0.7, 0.4):            # the first run's tokens are the later runs' continuation
-                spec.drafter = oracle_drafter(cont, kept, b.cfg.vocab_size, random.Random(K))
+                oracle = oracle_drafter(cont, kept, b.cfg.vocab_size, random.Random(K))
+                spec.drafter, spec.rewrite = oracle, (lambda seq, d: oracle(seq, len(d), len(d))) if draft else None
                 before = spec.stats()
                 seconds, got = timed(prompts)
                 if kept == 0.0:
@@ -433,7 +436,8 @@ def run_spec(b: Bench):
                 ms = 1e3 * seconds / w.decode_tokens
                 measured = st["spec_accepted_tokens"] / max(1, st["spec_draft_tokens"])
                 per_step = 1 + st["spec_accepted_tokens"] / max(1, st["spec_verified_seqs"])
-                label = f"spec B={B} K={K} drafts kept {kept:.0%}"
+                label = f"spec B={B} K={K} drafts kept {kept:.0%}" + (f", draft model {b.eargs.speculative_model}"
+                                                                      if draft else "")
                 rows.append(row(label, B * 1e3 / ms, fl, f"{ms:.2f} ms/token, {base_ms / ms:.2f}x spec off; "
                                 f"acceptance {measured:.0%}, {per_step:.2f} tokens per verify pass"))
                 details[label] = {"ms_per_token": ms, "speedup": base_ms / ms, "acceptance": measured,

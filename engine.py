@@ -18,7 +18,7 @@ the rows that ask; a request that wants its prompt's logprobs computes its whole
 import random
 import sys
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -30,7 +30,7 @@ from runner import Runner, build_rank, shares_first_block, to_device
 from sample import (SamplerGraphs, SamplingParams, SamplingTensors, apply_penalties, generation_defaults,
                     penalty_entries, resolve, sample, token_logprobs)
 from scheduler import PENDING, Batch, Scheduler, Sequence, Status, pack
-from speculate import Speculator
+from speculate import DraftModel, Speculator
 from tokenizer import Detokenizer, Tokenizer
 
 
@@ -52,7 +52,8 @@ class EngineArgs:
     weight_seed: int = 0                 # seed of the random weights
     quantization: str | None = None      # fp8: quantize the projections to FP8 blocks at load (quant.py)
     kv_cache_dtype: str = "auto"         # auto: the model's dtype; fp8: float8_e4m3fn, half the bytes (kernels.py)
-    speculative_method: str | None = None   # ngram: prompt-lookup drafts for greedy requests (speculate.py)
+    speculative_method: str | None = None   # ngram: prompt-lookup drafts; draft: a draft model's (speculate.py)
+    speculative_model: str | None = None    # draft: the draft model (a smaller Qwen3, the same vocabulary)
     num_speculative_tokens: int = 4      # drafts verified per step
     tensor_parallel_size: int = 1        # GPUs (CPU: processes) the model is split over (parallel.py)
 
@@ -67,8 +68,12 @@ class EngineArgs:
             raise ValueError(f"quantization must be fp8 (or unset), got {self.quantization!r}")
         if self.kv_cache_dtype not in ("auto", "fp8"):
             raise ValueError(f"kv_cache_dtype must be auto or fp8, got {self.kv_cache_dtype!r}")
-        if self.speculative_method not in (None, "ngram"):
-            raise ValueError(f"speculative_method must be ngram (or unset), got {self.speculative_method!r}")
+        if self.speculative_method not in (None, "ngram", "draft"):
+            raise ValueError(f"speculative_method must be ngram or draft (or unset), got {self.speculative_method!r}")
+        if (self.speculative_method == "draft") != (self.speculative_model is not None):
+            raise ValueError("speculative_method draft and speculative_model go together (the draft model's path)")
+        if self.speculative_model is not None and self.tensor_parallel_size > 1:
+            raise ValueError("a draft model with tensor parallelism is not supported yet (use ngram)")
         if self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
         if self.num_speculative_tokens < 1:
@@ -166,13 +171,28 @@ class LLM:
             self.close()
             raise
         self.model, self.config, ckpt = self.runner.model, self.runner.config, self.runner.ckpt
+        self.draft = None                        # speculative_method draft: the draft model's Runner
+        if args.speculative_model is not None:
+            self.draft = Runner(replace(args, model=args.speculative_model, quantization=None), self.device,
+                                self.dtype)
+            if self.draft.config.vocab_size != self.config.vocab_size:
+                raise ValueError(f"the draft model's vocabulary ({self.draft.config.vocab_size}) is not the "
+                                 f"target's ({self.config.vocab_size})")
         self.tokenizer = Tokenizer(ckpt)
         self.defaults = generation_defaults(ckpt, args.generation_config == "auto")
         cfg = self.config
         self.max_model_len = min(args.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         self.max_blocks_per_seq = -(-self.max_model_len // args.block_size)
-        num_blocks = args.num_blocks or self.runner.fit_blocks(self.max_model_len, self.defaults)
+        if self.draft is not None and self.draft.config.max_position_embeddings < self.max_model_len:
+            raise ValueError(f"the draft model's context ({self.draft.config.max_position_embeddings}) is shorter "
+                             f"than max_model_len ({self.max_model_len})")
+        # a draft model's cache has the target's blocks too (one block table addresses both)
+        extra = 0 if self.draft is None else cache.kv_bytes_per_block(self.draft.model.config, args.block_size,
+                                                                      self.draft.kv_dtype)
+        num_blocks = args.num_blocks or self.runner.fit_blocks(self.max_model_len, self.defaults, extra)
         self.runner.allocate(num_blocks)
+        if self.draft is not None:
+            self.draft.allocate(num_blocks)
         self.kv_cache = self.runner.kv_cache
         self.blocks = cache.BlockManager(num_blocks, args.block_size, args.prefix_cache)
         self.scheduler = Scheduler(self.blocks, args.max_num_seqs, args.max_num_batched_tokens)
@@ -185,11 +205,15 @@ class LLM:
         self.in_flight: InFlight | None = None   # the launched step whose tokens are not read yet
         self.sample_row: dict[Sequence, int] = {}   # row of runner.last_tokens holding each PENDING token
         self.graphs = self.sampler_graphs = None
-        self.speculator = Speculator(args.num_speculative_tokens) if args.speculative_method else None
+        self.speculator = None
+        if args.speculative_method:
+            self.speculator = Speculator(args.num_speculative_tokens, self.draft and DraftModel(self.draft))
         if args.cuda_graphs and self.device.type == "cuda":
             before = torch.cuda.memory_reserved()
             self.runner.capture(self.max_blocks_per_seq)
             self.graphs = self.runner.graphs
+            if self.draft is not None:
+                self.draft.capture(self.max_blocks_per_seq)
             self.sampler_graphs = SamplerGraphs(self.graphs.logits, self.graphs.sizes, self.graphs.pool)
             self.graph_bytes = torch.cuda.memory_reserved() - before
         if self.device.type == "cuda":

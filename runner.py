@@ -41,10 +41,12 @@ class Runner:
         parallel.send(self.group, name, *args)
 
     # ---- calls (every rank makes them; see the file's docstring) ------------------------------------------
-    def fit_blocks(self, max_model_len: int, defaults: dict) -> int:
-        """KV blocks that fit in the memory left, the same number on every rank (the smallest)."""
-        self.send("fit_blocks", max_model_len, defaults)
-        return parallel.all_min(kv_blocks_that_fit(self, max_model_len, defaults), self.group, self.device)
+    def fit_blocks(self, max_model_len: int, defaults: dict, extra_bytes_per_block: int = 0) -> int:
+        """KV blocks that fit in the memory left, the same number on every rank (the smallest).
+        extra_bytes_per_block: another cache with the same blocks (a draft model's)."""
+        self.send("fit_blocks", max_model_len, defaults, extra_bytes_per_block)
+        n = kv_blocks_that_fit(self, max_model_len, defaults, extra_bytes_per_block)
+        return parallel.all_min(n, self.group, self.device)
 
     def allocate(self, num_blocks: int):
         self.send("allocate", num_blocks)
@@ -114,11 +116,12 @@ def build_rank(group: parallel.Group, args, device_type: str, dtype: torch.dtype
     return Runner(args, device, dtype, group)
 
 
-def kv_blocks_that_fit(runner: Runner, max_model_len: int, defaults: dict) -> int:
+def kv_blocks_that_fit(runner: Runner, max_model_len: int, defaults: dict, extra_bytes_per_block: int = 0) -> int:
     """KV blocks for the GPU memory left: profile the largest forward pass and the largest sampling step (every
     filter, penalties, top-20 logprobs for every row) on a throwaway cache, then size the real one."""
     args, cfg = runner.args, runner.model.config
-    bytes_per_block = cache.kv_bytes_per_block(cfg, args.block_size, runner.kv_dtype)
+    probe_bytes = cache.kv_bytes_per_block(cfg, args.block_size, runner.kv_dtype)
+    bytes_per_block = probe_bytes + extra_bytes_per_block
     if runner.device.type != "cuda":
         return max(2, min(4096, 2**31 // bytes_per_block))   # CPU: at most 2 GiB of cache by default
     torch.cuda.empty_cache()
@@ -130,7 +133,7 @@ def kv_blocks_that_fit(runner: Runner, max_model_len: int, defaults: dict) -> in
     del kv
     torch.cuda.empty_cache()
     total = torch.cuda.get_device_properties(runner.device).total_memory
-    n = int((total * args.gpu_memory_utilization - (peak - probe_blocks * bytes_per_block)) // bytes_per_block)
+    n = int((total * args.gpu_memory_utilization - (peak - probe_blocks * probe_bytes)) // bytes_per_block)
     if n < 2:
         raise RuntimeError(f"no GPU memory left for the KV cache (peak {peak / 2**30:.1f} GiB of "
                            f"{total / 2**30:.1f} GiB); lower max_num_batched_tokens or raise gpu_memory_utilization")

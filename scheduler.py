@@ -50,6 +50,7 @@ class Sequence:
     num_tree_blocks: int = 0     # how many leading blocks of block_table are in the radix tree
     reuse_prefix: bool = True    # may start from the prefix cache (not when its prompt's logprobs are wanted)
     num_draft: int = 0           # trailing tokens that are speculative drafts, not yet verified (speculate.py)
+    draft_kv: int = 0            # leading tokens whose K/V the draft model's cache holds (speculate.DraftModel)
     status: Status = Status.WAITING
     finish_reason: str | None = None
     arrival: int = field(default_factory=lambda: next(_arrival))
@@ -223,7 +224,7 @@ class Scheduler:
 
     def release(self, seq: Sequence):
         self.blocks.release(seq.block_table)
-        seq.block_table, seq.num_computed, seq.tree_node, seq.num_tree_blocks = [], 0, None, 0
+        seq.block_table, seq.num_computed, seq.tree_node, seq.num_tree_blocks, seq.draft_kv = [], 0, None, 0, 0
 
 
 def pack(batch: Batch, sample_row: dict):

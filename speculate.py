@@ -1,7 +1,8 @@
-"""Speculative decoding by prompt lookup (n-gram drafts), exact, inside continuous batching.
+"""Speculative decoding, exact, inside continuous batching: drafts by prompt lookup (n-gram) or a draft model.
 
     llm = LLM(EngineArgs(model=..., speculative_method="ngram", num_speculative_tokens=4))
     python sample.py --model ./Qwen3-8B --speculative-method ngram --temperature 0 --prompt "..."
+    python sample.py --model ./Qwen3-8B --speculative-method draft --speculative-model ./Qwen3-0.6B --prompt "..."
 
 A decode step reads all the weights for one token per sequence. When a request repeats itself (code edits,
 quoting its context, lists), its next tokens are often the continuation of an earlier occurrence of its latest
@@ -29,11 +30,22 @@ How it sits in the engine (`LLM.step` hands a step here when `ready`):
     step, so speculation does not pay on the GPU until the verify pass is captured (a first try, padding every
     sequence to k + 1 tokens, was exact on the CPU but hit a device-side assert on the GPU: not kept).
 
-Not here (yet): drafts from a small draft model.
-The bench replaces `drafter` with one that proposes a known continuation, partly corrupted, to measure the
-mechanism at a chosen acceptance rate (bench.py spec).
+A draft model (`DraftModel`: a smaller Qwen3 with the same vocabulary) proposes its own greedy continuation.
+It has its own Runner and KV cache with the target's block layout (same block size and count), so a sequence's
+block table addresses both caches and the scheduler allocates for both at once. It runs only in speculative
+steps and catches up lazily: at the start of a round each sequence's tokens it has not seen (from
+`Sequence.draft_kv`, which a preemption resets) go through it as a prefill, which yields the first draft; the
+other K - 1 are single-token decodes (CUDA graphs on the GPU), each reading the previous draft on the device,
+and the host reads all K at once. A rejected draft leaves stale K/V in the draft cache past the accepted
+tokens: `draft_kv` is cut back to them, and they are overwritten later. A sampled request verifies the draft
+model's greedy tokens by the rule above (exact; the acceptance rate is the target's probability of the draft).
+
+The bench replaces `drafter` (or, with a draft model, rewrites its drafts through `rewrite`) to propose a known
+continuation, partly corrupted, and so measure the mechanism at a chosen acceptance rate (bench.py spec).
 """
-from scheduler import Status, pack
+import torch
+
+from scheduler import PENDING, Status, pack
 
 NGRAM_MAX, NGRAM_MIN = 4, 1      # longest and shortest suffix looked up in the request's own tokens
 
@@ -57,9 +69,10 @@ def eligible(params) -> bool:
 class Speculator:
     """Drafting and verification state of one engine (the counters feed /metrics and bench.py)."""
 
-    def __init__(self, k: int):
-        self.k = k
+    def __init__(self, k: int, model: "DraftModel | None" = None):
+        self.k, self.model = k, model
         self.drafter = lambda seq, k: ngram_drafts(seq.token_ids, k)   # (Sequence, k) -> up to k draft tokens
+        self.rewrite = None          # bench: (Sequence, its draft model's drafts) -> the drafts to verify
         self.drafted = self.accepted = self.verify_steps = self.verified = 0   # verified: sequence-steps
 
     def ready(self, llm) -> bool:
@@ -75,7 +88,8 @@ class Speculator:
         sch = llm.scheduler
         for seq in sch.running:                      # drafts, never past the request's last token
             room = seq.max_tokens - (seq.num_tokens - len(seq.prompt_ids)) - 1
-            drafts = self.drafter(seq, min(self.k, room)) if room > 0 else []
+            k = min(self.k, room) if room > 0 else 0
+            drafts = self.drafter(seq, k) if self.model is None else [0] * k   # a draft model fills them in below
             seq.token_ids += drafts
             seq.num_draft = len(drafts)
         if not any(s.num_draft for s in sch.running):
@@ -93,6 +107,12 @@ class Speculator:
                 del seq.token_ids[cut:]
         if not batch.seqs:
             return outputs
+        if self.model is not None:                     # the drafts' cache slots exist now: the draft model runs
+            self.model.fill([s for s in batch.seqs if s.num_draft], llm.args.max_num_batched_tokens)
+            for seq in batch.seqs:
+                if self.rewrite is not None and seq.num_draft:
+                    at = seq.num_tokens - seq.num_draft
+                    seq.token_ids[at:] = self.rewrite(seq, seq.token_ids[at:])
         llm.num_forwards += 1
         ids, _, cu, ctx, tables, _ = pack(batch, {})
         rows = [r for seq, end in zip(batch.seqs, cu[1:]) for r in range(end - 1 - seq.num_draft, end)]
@@ -113,6 +133,7 @@ class Speculator:
             a = next((j for j in range(d) if drafts[j] != t[j]), d)        # drafts the target agrees with
             seq.token_ids[base:] = drafts[:a] + [t[a]]
             seq.num_computed, seq.num_draft = base + a, 0
+            seq.draft_kv = min(seq.draft_kv, seq.num_computed)   # the draft model's K/V past here is stale
             sch.cache_full_blocks(seq)
             self.drafted, self.accepted, self.verified = self.drafted + d, self.accepted + a, self.verified + 1
             req = llm.requests[seq.request_id]
@@ -127,4 +148,63 @@ class Speculator:
         """Acceptance = accepted / drafted; tokens per target step of a sequence = 1 + accepted / verified."""
         return {"spec_draft_tokens": self.drafted, "spec_accepted_tokens": self.accepted,
                 "spec_verify_steps": self.verify_steps, "spec_verified_seqs": self.verified}
+
+
+class DraftModel:
+    """The draft model's Runner and the drafting of one round (see the file's docstring)."""
+
+    def __init__(self, runner):
+        self.runner = runner
+
+    def fill(self, seqs: list, max_tokens: int):
+        """Replace each sequence's num_draft trailing placeholders with the draft model's greedy tokens.
+        max_tokens: tokens per catch-up forward at most (the engine's prefill budget)."""
+        if not seqs:
+            return
+        r = self.runner
+        width = max(len(s.block_table) for s in seqs)
+        tables = [s.block_table + [0] * (width - len(s.block_table)) for s in seqs]
+        last = [s.num_tokens - s.num_draft - 1 for s in seqs]          # each one's last verified token
+        todo = [min(s.draft_kv, L) for s, L in zip(seqs, last)]        # its first token the draft model lacks
+        first = torch.empty(len(seqs), dtype=torch.long, device=r.device)
+        while any(t <= L for t, L in zip(todo, last)):                  # catch up, max_tokens at a time
+            rows, ids, cu, ctx, budget = [], [], [0], [], max_tokens
+            for i, (t, L) in enumerate(zip(todo, last)):
+                if t <= L and budget > 0:
+                    n = min(L + 1 - t, budget)
+                    rows.append(i)
+                    ids += seqs[i].token_ids[t:t + n]
+                    cu.append(len(ids))
+                    ctx.append(t + n)
+                    todo[i], budget = t + n, budget - n
+            r.forward(ids, [], cu, ctx, [tables[i] for i in rows], [c - 1 for c in cu[1:]],
+                      max(b - a for a, b in zip(cu, cu[1:])), len(ids) == len(rows))
+            done = [j for j, i in enumerate(rows) if todo[i] == last[i] + 1]   # rows that reached the last token
+            if done:
+                at = torch.tensor(done, device=r.device)
+                first[torch.tensor([rows[j] for j in done], device=r.device)] = r.logits(0, len(rows))[at].argmax(-1)
+        drafts, live = [first], list(range(len(seqs)))                  # draft j of the sequences in live
+        lives = [live]
+        for j in range(1, max(s.num_draft for s in seqs)):              # one decode step per further draft
+            r.set_last_tokens(drafts[-1])                               # the previous draft, on the device
+            row_of = {i: p for p, i in enumerate(live)}
+            live = [i for i in live if seqs[i].num_draft > j]
+            pending = [(p, row_of[i]) for p, i in enumerate(live)]
+            ids, ctx, tabs = [PENDING] * len(live), [last[i] + 1 + j for i in live], [tables[i] for i in live]
+            if r.graphs is not None and len(live) <= r.graphs.max_batch:
+                logits = r.decode(ids, pending, ctx, tabs, False)
+            else:
+                r.forward(ids, pending, list(range(len(live) + 1)), ctx, tabs, list(range(len(live))), 1, True)
+                logits = r.logits(0, len(live))
+            drafts.append(logits.argmax(-1))
+            lives.append(live)
+        flat = torch.cat(drafts).tolist()                               # the round's one host sync
+        at = 0
+        for j, live in enumerate(lives):
+            for i in live:
+                seq = seqs[i]
+                seq.token_ids[last[i] + 1 + j] = flat[at]
+                at += 1
+        for s, L in zip(seqs, last):
+            s.draft_kv = L + s.num_draft                                # K/V of the last token and drafts 0..d-2
 

@@ -626,10 +626,33 @@ def test_ngram_drafts():
     assert ngram_drafts([1, 2, 1, 2, 1, 2], 4) == [1, 2]               # the latest earlier occurrence
 
 
+def make_draft_checkpoint(src, dst, noise: float):
+    """A draft model for src's checkpoint: its weights plus noise, so it agrees with the target often, not
+    always (the tests then see drafts accepted and rejected)."""
+    from safetensors.torch import load_file, save_file
+    dst.mkdir(exist_ok=True)
+    for f in src.iterdir():
+        if f.suffix == ".safetensors":
+            g = torch.Generator().manual_seed(len(f.name))
+            w = {k: v + noise * v.std() * torch.randn(v.shape, generator=g) if v.dim() == 2 else v
+                 for k, v in load_file(f).items()}
+            save_file(w, dst / f.name, metadata={"format": "pt"})
+        else:
+            shutil.copy(f, dst / f.name)
+    return dst
+
+
+@pytest.mark.parametrize("method", ["ngram", "draft"])
 @pytest.mark.parametrize("kw", [{}, dict(max_num_batched_tokens=24, num_blocks=40)])   # budget cuts, preemption
-def test_ngram_speculation_matches_transformers(ckpt, kw):
+def test_speculation_matches_transformers(ckpt, kw, method, tmp_path):
+    """Greedy tokens equal transformers' with n-gram drafts and with a draft model's (drafts accepted and
+    rejected, budget cuts and preemption in the second case); seeded sampled tokens equal those without
+    speculation; aborts and mixed requests leave no block behind."""
     path, hf = ckpt
-    llm = engine(path, speculative_method="ngram", num_speculative_tokens=3, **kw)
+    small = bool(kw)                                  # the small pool: preemption
+    if method == "draft":
+        kw = {**kw, "speculative_model": str(make_draft_checkpoint(path, tmp_path / "draft", 0.03))}
+    llm = engine(path, speculative_method=method, num_speculative_tokens=3, **kw)
     prompts = [llm.tokenizer.encode(p) for p in PROMPTS + [TEXT[:300]]]
     outs = llm.generate(prompts, greedy(max_tokens=40, ignore_eos=True))
     for p, o in zip(prompts, outs):
@@ -637,7 +660,7 @@ def test_ngram_speculation_matches_transformers(ckpt, kw):
     st = llm.stats()
     print({k: v for k, v in st.items() if k.startswith("spec")}, "preemptions", st["num_preemptions"])
     assert st["spec_accepted_tokens"] > 0 and st["spec_draft_tokens"] > st["spec_accepted_tokens"]   # both cases
-    if kw:
+    if small:
         assert st["num_preemptions"] > 0
     from serve import Metrics
     text = Metrics().render(st)                       # what /metrics shows of it
@@ -649,8 +672,8 @@ def test_ngram_speculation_matches_transformers(ckpt, kw):
                for s in range(len(prompts))]
     before = llm.stats()["spec_accepted_tokens"]
     got = [o.token_ids for o in llm.generate(prompts, sampled)]
-    assert llm.stats()["spec_accepted_tokens"] > before or kw       # (the small pool preempts instead)
-    plain = engine(path, **kw)
+    assert llm.stats()["spec_accepted_tokens"] > before or small    # (the small pool preempts instead)
+    plain = engine(path, **{k: v for k, v in kw.items() if k != "speculative_model"})
     assert got == [o.token_ids for o in plain.generate(prompts, sampled)]
     # an abort mid-stream, a sampled request beside greedy ones, an opted-out one: all end, nothing leaks
     ids = [llm.add_request(p, greedy(max_tokens=30, ignore_eos=True)) for p in prompts[:2]]
