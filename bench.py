@@ -10,7 +10,8 @@ prefix (64 requests sharing a 2,000-token prefix, prefix cache on vs off, each a
 another prefix), serve (serve.py on loopback, N
 streaming clients), kernels (bench_kernels.py's table), allreduce (with --tensor-parallel-size: all-reduce time
 and bus bandwidth at decode and prefill sizes), spec (speculative decoding at chosen acceptance rates), accuracy
-(top-1 agreement and logit difference vs transformers on one saved checkpoint). It prints a table (result, floor, result/floor, peer,
+(top-1 agreement and logit error against transformers computing in fp32, for our engine, with FP8 weights, with an
+FP8 KV cache, and transformers in the run's dtype beside them). It prints a table (result, floor, result/floor, peer,
 ours/peer), a one-line summary, and writes everything to --out (results.json).
 
 First it measures the two ceilings of the device (BENCH.md): memory bandwidth = bytes read + written by a
@@ -54,7 +55,6 @@ import os
 import random
 import statistics
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -520,57 +520,18 @@ def run_kernels(b: Bench):
 
 
 def run_accuracy(b: Bench):
-    """Engine vs HF transformers on one checkpoint: random weights of this shape saved with save_pretrained,
-    loaded by both. Next-token top-1 agreement over 8 prompts x 512 positions and the max abs logit
-    difference. In bf16 two correct implementations differ by rounding, so it also reports how often HF's sdpa
-    and eager attention agree with each other, and our agreement where HF's top-2 margin exceeds the noise."""
-    import transformers
-    from model import AttnMeta
+    """bench_hf.accuracy: our engine (plain, FP8 KV cache, FP8 weights) and transformers in the run's dtype,
+    each against transformers in fp32: top-1 agreement and logit error. 8 prompts x 512 positions (CPU: 2 x 64)."""
+    import bench_hf
     release(b)
-    c, dev, n_prompts, length = b.cfg, b.device, 8, 512
-    hf_cfg = transformers.Qwen3Config(**{k: getattr(c, k) for k in (
-        "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-        "num_key_value_heads", "head_dim", "max_position_embeddings", "rope_theta", "rms_norm_eps",
-        "tie_word_embeddings")}, initializer_range=0.02)
-    torch.manual_seed(0)
-    with tempfile.TemporaryDirectory() as d:
-        hf = transformers.Qwen3ForCausalLM(hf_cfg).to(b.dtype)
-        hf.save_pretrained(d)
-        hf = hf.to(dev).eval()
-        hf_eager = transformers.Qwen3ForCausalLM.from_pretrained(d, dtype=b.dtype, attn_implementation="eager")
-        hf_eager = hf_eager.to(dev).eval()
-        llm = LLM(replace(b.eargs, model=d, random_weights=False, cuda_graphs=False, num_blocks=n_prompts * length // 16 + 8))
-    prompts = torch.randint(0, c.vocab_size, (n_prompts, length), generator=torch.Generator().manual_seed(1))
-    agree = hf_self = agree_clear = n_clear = 0
-    worst = 0.0
-    bs = llm.args.block_size
-    with torch.inference_mode():
-        for ids in prompts.to(dev):
-            ref = hf(ids[None]).logits[0].float()
-            hf_self += (hf_eager(ids[None]).logits[0].float().argmax(-1) == ref.argmax(-1)).sum().item()
-            meta = AttnMeta(torch.tensor([0, length], dtype=torch.int32, device=dev),
-                            torch.tensor([length], dtype=torch.int32, device=dev),
-                            torch.arange(1, length // bs + 1, dtype=torch.int32, device=dev)[None],
-                            torch.arange(bs, bs + length, device=dev), torch.arange(length, device=dev),
-                            is_decode=False, max_seqlen_q=length)
-            out = llm.model.compute_logits(llm.model(ids, torch.arange(length, device=dev), meta, llm.kv_cache))
-            same = out.argmax(-1) == ref.argmax(-1)
-            diff = (out - ref).abs().max().item()
-            worst = max(worst, diff)
-            top2 = ref.topk(2, dim=-1).values
-            clear = (top2[:, 0] - top2[:, 1]) > 2 * diff          # no logit moved by more than diff
-            agree += same.sum().item()
-            agree_clear += same[clear].sum().item()
-            n_clear += clear.sum().item()
-    del llm, hf, hf_eager
+    n_prompts, length = (8, 512) if b.device.type == "cuda" else (2, 64)
+    res = bench_hf.accuracy(b.cfg, b.eargs, b.device, b.dtype, n_prompts, length)
     release(b)
-    n = n_prompts * length
-    res = {"positions": n, "top1_agreement": agree / n, "max_abs_logit_diff": worst,
-           "hf_sdpa_vs_hf_eager_top1": hf_self / n, "positions_margin_above_noise": n_clear,
-           "top1_agreement_margin_above_noise": agree_clear / max(n_clear, 1)}
-    print(f"accuracy vs transformers ({n} positions): top-1 agreement {agree / n:.2%} (HF sdpa vs HF eager: "
-          f"{hf_self / n:.2%}), max abs logit diff {worst:.3g}; where HF's top-2 margin > 2x that diff "
-          f"({n_clear} positions): {agree_clear / max(n_clear, 1):.2%}")
+    table = [{"variant": k, "top-1 vs fp32": f"{v['top1_agreement']:.2%}", "max |logit diff|": v["max_abs_logit_diff"],
+              "mean |logit diff|": v["mean_abs_logit_diff"], "clear positions": v["clear_positions"],
+              "top-1 there": f"{v['top1_agreement_clear']:.2%}"} for k, v in res.items()]
+    print(f"\naccuracy against transformers in fp32 ({n_prompts} x {length} positions):")
+    print_table(table, list(table[0]))
     return [], res
 
 
@@ -636,86 +597,31 @@ def run_serve(b: Bench):
 # The peer: Hugging Face transformers on the same workloads, same random-weight shapes
 # ----------------------------------------------------------------------------------------------------------
 
-def hf_model(b: Bench):
-    """transformers' Qwen3ForCausalLM of the engine's shape (Config's field names are config.json's), random init
-    (std 0.02): with EOS ignored, weight values do not change throughput."""
-    import transformers
-    shape = {f.name: getattr(b.cfg, f.name) for f in fields(Config) if f.name != "eos_token_id"}
-    hc = transformers.Qwen3Config(**shape, initializer_range=0.02, eos_token_id=None, pad_token_id=0)
-    torch.manual_seed(0)
-    with torch.device(b.device):
-        model = transformers.Qwen3ForCausalLM(hc)
-    return model.to(b.dtype).eval()
-
-
-def hf_decode1(b: Bench, model) -> tuple[float, str]:
-    """`generate` with a static cache; ms/token from the streamer's per-token timestamps, prefill excluded."""
-    from transformers import GenerationConfig
-    from transformers.generation.streamers import BaseStreamer
-
-    class Stamps(BaseStreamer):
-        def __init__(self):
-            self.t = []
-
-        def put(self, value):                   # first call: the prompt; then one per new token
-            value.cpu()                          # wait for the GPU, so the time is the token's
-            self.t.append(time.perf_counter())
-
-        def end(self):
-            pass
-    ids = torch.tensor(random_prompts(1, b.w.decode_prompt, b.cfg.vocab_size, seed=1), device=b.device)
-    gc_ = GenerationConfig(max_new_tokens=b.w.decode_tokens, min_new_tokens=b.w.decode_tokens, do_sample=False,
-                           cache_implementation="static", pad_token_id=0)
-    for _ in range(2):                           # the first run compiles
-        s = Stamps()
-        with torch.inference_mode():
-            model.generate(ids, generation_config=gc_, streamer=s)
-    ms = 1e3 * (s.t[-1] - s.t[1]) / (len(s.t) - 2)
-    return 1e3 / ms, f"HF generate, static cache: {ms:.2f} ms/token"
-
-
-def hf_prefill(b: Bench, model) -> tuple[float, str]:
-    """One plain forward of the batch, logits of the last position only (as the engine computes)."""
-    ids = torch.tensor(random_prompts(b.w.prefill_seqs, b.w.prefill_len, b.cfg.vocab_size, seed=100), device=b.device)
-    with torch.inference_mode():
-        t = median_time(lambda: model(input_ids=ids, logits_to_keep=1, use_cache=False), b.device, reps=3, warmup=1)
-    return ids.numel() / t, "HF forward"
-
-
-def hf_offline(b: Bench, model) -> tuple[float, str]:
-    """`generate_batch` (continuous batching, paged cache); one max_new_tokens for all: the mean output length."""
-    import inspect
-    from transformers import GenerationConfig
-    prompts, outs = offline_requests(b.peer_num_seqs, b.w.min_len, b.w.max_len, b.cfg.vocab_size)
-    n_out = round(statistics.mean(outs))
-    gc_ = GenerationConfig(max_new_tokens=n_out, do_sample=False, eos_token_id=None, pad_token_id=0)
-    kw = {"progress_bar": True} if "progress_bar" in inspect.signature(model.generate_batch).parameters else {}
-    sync(b.device)
-    t0 = time.perf_counter()
-    results = model.generate_batch(inputs=prompts, generation_config=gc_, **kw)
-    sync(b.device)
-    seconds = time.perf_counter() - t0
-    tokens = sum(len(r.generated_tokens) for r in results.values())
-    if tokens == 0:
-        raise RuntimeError("generate_batch returned no tokens (its log says why)")
-    return tokens / seconds, (f"HF generate_batch: {len(prompts)} reqs, {tokens:,} of {len(prompts) * n_out:,} tok "
-                              f"in {seconds:.1f} s")
-
-
-PEERS = {"decode-1": hf_decode1, "prefill": hf_prefill, "offline": hf_offline}
+def peer_runs(b: Bench) -> dict:
+    """mode -> (model -> (tok/s, note)): bench_hf's runs on this run's workloads."""
+    import bench_hf
+    w = b.w
+    return {"decode-1": lambda m: bench_hf.decode1(m, torch.tensor(random_prompts(1, w.decode_prompt, b.cfg.vocab_size,
+                                                                                  seed=1), device=b.device), w.decode_tokens),
+            "prefill": lambda m: bench_hf.prefill(m, torch.tensor(random_prompts(w.prefill_seqs, w.prefill_len,
+                                                                                 b.cfg.vocab_size, seed=100), device=b.device),
+                                                  lambda fn: median_time(fn, b.device, reps=3, warmup=1)),
+            "offline": lambda m: bench_hf.offline(m, *offline_requests(b.peer_num_seqs, w.min_len, w.max_len,
+                                                                       b.cfg.vocab_size), lambda: sync(b.device))}
 
 
 def run_peer(b: Bench, rows: list[dict], details: dict):
+    import bench_hf
     release(b)
     print("building the HF transformers peer", file=sys.stderr)
-    model = hf_model(b)
-    for mode, fn in PEERS.items():
+    model = bench_hf.hf_model(b.cfg, b.device, b.dtype)
+    for mode, fn in peer_runs(b).items():
         targets = [r for r in rows if r["peer_of"] == mode]
         if not targets:
             continue
         print(f"peer: {mode}", file=sys.stderr)
         try:
-            value, note = fn(b, model)
+            value, note = fn(model)
         except Exception as e:                   # a peer that breaks must not lose our own results
             value, note = None, f"HF failed: {type(e).__name__}: {e}"
             print(note, file=sys.stderr)

@@ -2181,8 +2181,8 @@ def test_bn_floors_match_bench_md(model, offline, decode_ms, prefill):
 
 def test_bn_tiny_run_writes_json(tmp_path):
     out = tmp_path / "results.json"
-    ret = bench.main(["decode-1", "offline", "nanovllm", "prefix", "--model", "tiny", "--num-seqs", "4", "--min-len",
-                      "8", "--max-len", "16", "--out", str(out)])
+    ret = bench.main(["decode-1", "offline", "nanovllm", "prefix", "accuracy", "--model", "tiny", "--num-seqs", "4",
+                      "--min-len", "8", "--max-len", "16", "--out", str(out)])
     r = json.loads(out.read_text())
     assert ret["rows"] and len(r["rows"]) == len(ret["rows"])
     for key in ("date", "device", "model", "shape", "engine_args", "workloads", "ceilings", "rows", "details"):
@@ -2210,6 +2210,10 @@ def test_bn_tiny_run_writes_json(tmp_path):
     w = bench.CPU_WORKLOADS
     assert pre["off"]["prefill_tokens_computed"] == w.prefix_seqs * (w.prefix_len + w.suffix_len)
     assert 0 < pre["on"]["prefill_tokens_computed"] <= pre["off"]["prefill_tokens_computed"]
+    acc = r["details"]["accuracy"]                    # fp32 on the CPU: ours is the reference; FP8 rounds
+    assert acc["ours float32"]["top1_agreement"] == 1.0 and acc["ours float32"]["max_abs_logit_diff"] < 1e-4
+    for name in ("ours float32, FP8 KV cache", "ours float32, FP8 weights"):
+        assert 1e-4 < acc[name]["max_abs_logit_diff"] < 1 and acc[name]["top1_agreement"] > 0.5
 
 
 def test_bn_stream_client_counts_chunks_and_usage():
