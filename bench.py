@@ -164,10 +164,14 @@ def weight_params(cfg: Config, experts: float | None = None) -> float:
 
 
 def weight_bytes(cfg: Config, nbytes: int, experts: float | None = None) -> float:
-    """Bytes of weight_params(cfg, experts): FP8 projections (quant.py) read 1 byte per weight plus a 4-byte
-    scale per 128, the rest nbytes."""
-    fp8_saving = projection_params(cfg) * (nbytes - 1 - 4 / 128) if cfg.quantization == "fp8" else 0
-    return weight_params(cfg, experts) * nbytes - fp8_saving
+    """Bytes of weight_params(cfg, experts): FP8 projections and experts (quant.py) read 1 byte per weight plus a
+    4-byte scale per 128, the rest nbytes."""
+    if cfg.quantization != "fp8":
+        return weight_params(cfg, experts) * nbytes
+    moe_layers = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
+    e = cfg.num_experts_per_tok if experts is None else experts
+    fp8 = projection_params(cfg) + moe_layers * e * 3 * cfg.hidden_size * cfg.moe_intermediate_size
+    return weight_params(cfg, experts) * nbytes - fp8 * (nbytes - 1 - 4 / 128)
 
 
 def experts_read(cfg: Config, batch: int) -> float:

@@ -65,8 +65,6 @@ class Config:
             raw.setdefault("num_experts", raw.get("num_local_experts"))   # transformers 5 writes this name
         if raw.get("quantization_config"):
             raw["quantization"] = quant.check_config(raw["quantization_config"], path)
-            if raw.get("model_type") == "qwen3_moe":
-                raise ValueError(f"{path}: FP8 MoE checkpoints are not supported; use the bf16 checkpoint")
         rope = raw.get("rope_scaling") or raw.get("rope_parameters") or {}
         if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
             raise ValueError(f"{path}: rope scaling {rope} is not supported (plain RoPE only)")
@@ -273,16 +271,20 @@ def shard_rows(cfg: Config, fused: str, expert: bool = False) -> list[int]:
 def checkpoint_slot(params: dict, cfg: Config, key: str):
     """Where checkpoint tensor `key` goes: (the parameter's name, the view of it to fill), or (None, None).
     Three cases: a plain parameter; a shard of a fused one (FUSED); one expert of a stacked expert weight
-    (mlp.experts.<e>.<proj>.weight -> row e of mlp.experts.gate_up_proj or mlp.experts.down_proj)."""
+    (mlp.experts.<e>.<proj>.weight -> row e of mlp.experts.gate_up_proj or mlp.experts.down_proj; FP8 scales
+    .weight_scale_inv -> mlp.experts.gate_up_proj_scale_inv / down_proj_scale_inv)."""
     module, _, leaf = key.rpartition(".")             # e.g. model.layers.0.self_attn.q_proj, weight
     prefix, _, proj = module.rpartition(".")
     expert = None
     parent, _, e = prefix.rpartition(".")             # ...mlp.experts, 3
-    if e.isdigit() and parent.endswith(".experts"):
-        prefix, expert, leaf = parent, int(e), ""
+    if e.isdigit() and parent.endswith(".experts"):  # stacked: weight -> <proj>, weight_scale_inv -> <proj>_scale_inv
+        suffix = {"weight": "", "weight_scale_inv": "_scale_inv"}.get(leaf)
+        if suffix is None:
+            return key, None
+        prefix, expert, leaf = parent, int(e), suffix
     if proj in FUSED:
         fused, shard = FUSED[proj]
-        name = f"{prefix}.{fused}" + (f".{leaf}" if leaf else "")
+        name = f"{prefix}.{fused}" + (leaf if expert is not None else f".{leaf}")
         rows = shard_rows(cfg, fused, expert is not None)
         target = params.get(name)
         if target is not None:
@@ -290,7 +292,7 @@ def checkpoint_slot(params: dict, cfg: Config, key: str):
             target = target[sum(rows[:shard]):sum(rows[:shard + 1])]
         return name, target
     if expert is not None:                            # down_proj of one expert
-        name = f"{prefix}.{proj}"
+        name = f"{prefix}.{proj}{leaf}"
         return name, params[name].data[expert] if name in params else None
     return key, params[key].data if key in params else None
 
@@ -301,9 +303,10 @@ def expected_keys(model: "Qwen3ForCausalLM") -> set[str]:
     for name, p in model.named_parameters():       # a tied lm_head appears once, as embed_tokens
         module, _, leaf = name.rpartition(".")
         prefix, _, proj = module.rpartition(".")
-        if name.endswith(".experts.gate_up_proj") or name.endswith(".experts.down_proj"):
-            projs = ("gate_proj", "up_proj") if name.endswith("gate_up_proj") else ("down_proj",)
-            keys |= {f"{module}.{e}.{n}.weight" for e in range(cfg.num_experts) for n in projs}
+        if ".experts." in name:                   # gate_up_proj, down_proj and FP8's *_scale_inv
+            projs = ("gate_proj", "up_proj") if "gate_up_proj" in leaf else ("down_proj",)
+            kind = "weight_scale_inv" if leaf.endswith("_scale_inv") else "weight"
+            keys |= {f"{module}.{e}.{n}.{kind}" for e in range(cfg.num_experts) for n in projs}
         elif proj in ("qkv_proj", "gate_up_proj"):
             keys |= {f"{prefix}.{n}.{leaf}" for n, (fz, _) in FUSED.items() if fz == proj}
         else:
@@ -416,8 +419,6 @@ def build_model(model: str, random_weights: bool, dtype: torch.dtype, device: to
     else:
         load_weights(m, ckpt, full.num_key_value_heads)
     if quantization == "fp8" and cfg.quantization is None:
-        if cfg.num_experts:
-            raise ValueError("--quantization fp8 is not supported for MoE models yet")
         quant.to_fp8(m, shard_rows, quantize=True)
         cfg.quantization = full.quantization = "fp8"
     return m.eval().requires_grad_(False), full, ckpt

@@ -27,12 +27,18 @@ per MoE layer; a prefill token costs 2 x 3 x H x I x k FLOPs in the experts (the
 Checkpoint keys: `mlp.gate.weight` (E, H) is the router; `mlp.experts.<e>.{gate,up,down}_proj.weight` are
 stacked on load into `mlp.experts.gate_up_proj` (E, 2I, H; gate rows first) and `mlp.experts.down_proj`
 (E, H, I), the names transformers uses for its own stacked experts (model.py's loader has the table).
+
+FP8 experts (Qwen's FP8 MoE checkpoints, or --quantization fp8; quant.py): the stacked weights are
+float8_e4m3fn with `gate_up_proj_scale_inv` (E, 2I, ceil(H/128)) and `down_proj_scale_inv` (E, H, ceil(I/128)),
+one scale per row and 128 columns, as quant.Fp8Linear keeps them. The kernels widen each weight tile to the
+activations' dtype and apply the scale of its 128-column block (W8A16), so a decode step reads 1 byte per weight.
 """
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import kernels
+import quant
 from kernels import _use_triton, tl, triton
 
 
@@ -45,6 +51,8 @@ class Experts(nn.Module):
         super().__init__()
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate, hidden))   # (E, 2I, H)
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, intermediate))          # (E, H, I)
+        self.register_parameter("gate_up_proj_scale_inv", None)     # FP8 experts only (quant.experts_to_fp8)
+        self.register_parameter("down_proj_scale_inv", None)
 
 
 class SparseMoeBlock(nn.Module):
@@ -59,7 +67,9 @@ class SparseMoeBlock(nn.Module):
     def forward(self, x):
         logits = kernels.linear(x, self.gate.weight)                          # (T, E) in the model's dtype
         weights, ids = route(logits, self.top_k, self.norm_topk_prob)         # (T, k) each
-        return fused_moe(x, self.experts.gate_up_proj, self.experts.down_proj, weights, ids)   # (T, H)
+        ex = self.experts
+        return fused_moe(x, ex.gate_up_proj, ex.down_proj, weights, ids, ex.gate_up_proj_scale_inv,
+                         ex.down_proj_scale_inv)                               # (T, H)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -76,15 +86,17 @@ def route_ref(logits: torch.Tensor, top_k: int, renormalize: bool):
     return weights.to(logits.dtype), ids
 
 
-def moe_ref(x, gate_up, down, weights, ids):
+def moe_ref(x, gate_up, down, weights, ids, gate_up_scales=None, down_scales=None):
     """x (T, H), gate_up (E, 2I, H), down (E, H, I), weights / ids (T, k) -> (T, H): each expert once, on the
-    tokens routed to it (it looks up which on the host: the CPU path)."""
+    tokens routed to it (it looks up which on the host: the CPU path). FP8 experts: their scales (the module's
+    docstring); each expert is dequantized when used."""
     out = torch.zeros_like(x)
+    w = lambda ws, s, e: ws[e] if s is None else quant.dequantize(ws[e], s[e], x.dtype)
     for e in ids.unique().tolist():
         tok, slot = torch.where(ids == e)
-        h = F.linear(x[tok], gate_up[e])                                      # (n, 2I)
+        h = F.linear(x[tok], w(gate_up, gate_up_scales, e))                  # (n, 2I)
         g, u = h.chunk(2, dim=-1)
-        y = F.linear(F.silu(g) * u, down[e]) * weights[tok, slot, None]       # (n, H)
+        y = F.linear(F.silu(g) * u, w(down, down_scales, e)) * weights[tok, slot, None]   # (n, H)
         out.index_add_(0, tok, y.to(x.dtype))
     return out
 
@@ -156,14 +168,15 @@ def align(ids: torch.Tensor, num_experts: int, block_m: int):
 # ----------------------------------------------------------------------------------------------------------
 
 @triton.jit
-def _expert_gemm_kernel(a_ptr, w_ptr, out_ptr, pairs_ptr, block_expert_ptr, weights_ptr, N, K, num_pairs,
-                        num_experts, stride_a, stride_we, stride_wn, stride_out,
+def _expert_gemm_kernel(a_ptr, w_ptr, s_ptr, out_ptr, pairs_ptr, block_expert_ptr, weights_ptr, N, K, KB,
+                        num_pairs, num_experts, stride_a, stride_we, stride_wn, stride_se, stride_out,
                         A_ROWS_PER_PAIR: tl.constexpr, GATE_UP: tl.constexpr, WEIGHTED: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                        SCALED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Program (m, n): the BLOCK_M pairs of tile m, all routed to one expert e, times columns n of e's weight.
     Row r of A is pair // A_ROWS_PER_PAIR (k: the token's hidden state; 1: the pair's own intermediate row).
     GATE_UP: the weight holds 2N rows (gate, then up): two accumulators, out = silu(gate) * up.
-    WEIGHTED: out *= the pair's routing weight."""
+    WEIGHTED: out *= the pair's routing weight. SCALED: FP8 weights, s_ptr their (E, rows, KB) scales; a k step
+    (BLOCK_K divides 128) lies in one scale block, so its product is scaled per column."""
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     e = tl.load(block_expert_ptr + pid_m)
     if e >= num_experts:                       # a tile of padding past the last expert's run
@@ -175,16 +188,25 @@ def _expert_gemm_kernel(a_ptr, w_ptr, out_ptr, pairs_ptr, block_expert_ptr, weig
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + rows[:, None] * stride_a + offs_k[None, :]                                # (BM, BK)
     w_ptrs = w_ptr + e.to(tl.int64) * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None]   # (BK, BN)
+    s_row = s_ptr + e.to(tl.int64) * stride_se + offs_n * KB                                  # (BN,)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k_in = offs_k < K - k0
         a = tl.load(a_ptrs, mask=valid[:, None] & k_in[None, :], other=0.0)
         w = tl.load(w_ptrs, mask=k_in[:, None] & (offs_n[None, :] < N), other=0.0)
-        acc += tl.dot(a, w)
+        if SCALED:
+            s = tl.load(s_row + k0 // 128, mask=offs_n < N, other=0.0)
+            acc += tl.dot(a, w.to(a.dtype)) * s[None, :]
+        else:
+            acc += tl.dot(a, w)
         if GATE_UP:
             w_up = tl.load(w_ptrs + N * stride_wn, mask=k_in[:, None] & (offs_n[None, :] < N), other=0.0)
-            acc_up += tl.dot(a, w_up)
+            if SCALED:
+                s_up = tl.load(s_row + N * KB + k0 // 128, mask=offs_n < N, other=0.0)
+                acc_up += tl.dot(a, w_up.to(a.dtype)) * s_up[None, :]
+            else:
+                acc_up += tl.dot(a, w_up)
         a_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
     if GATE_UP:
@@ -196,34 +218,55 @@ def _expert_gemm_kernel(a_ptr, w_ptr, out_ptr, pairs_ptr, block_expert_ptr, weig
 
 
 @triton.jit
-def _expert_gemv_kernel(a_ptr, w_ptr, out_ptr, ids_ptr, weights_ptr, N, K, stride_a, stride_we,
-                        A_ROWS_PER_PAIR: tl.constexpr, GATE_UP: tl.constexpr, WEIGHTED: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _expert_gemv_kernel(a_ptr, w_ptr, s_ptr, out_ptr, ids_ptr, weights_ptr, N, K, KB, stride_a, stride_we,
+                        stride_se, A_ROWS_PER_PAIR: tl.constexpr, GATE_UP: tl.constexpr, WEIGHTED: tl.constexpr,
+                        SCALED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """The few-token path (a lone decode): program (p, n) multiplies pair p's input row by rows n of its own
     expert's weight, no sorting and no tiles of padding. Two pairs on one expert read it twice, which costs
     less than aligning while pairs are few (table at moe_config). Same GATE_UP / WEIGHTED meaning as above;
-    products pile up in an fp32 (BLOCK_N, BLOCK_K) tile reduced once, as kernels._gemv_kernel does."""
+    products pile up in an fp32 (BLOCK_N, BLOCK_K) tile reduced once, as kernels._gemv_kernel does. SCALED: FP8
+    weights; each column's scale is that of its 128-column block (BLOCK_K a multiple of 128, or a divisor)."""
     pair = tl.program_id(0)
     e = tl.load(ids_ptr + pair).to(tl.int64)
     rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     a_row = a_ptr + (pair // A_ROWS_PER_PAIR) * stride_a
     w_rows = w_ptr + e * stride_we + rows[:, None].to(tl.int64) * K
+    s_rows = s_ptr + e * stride_se + rows[:, None] * KB                                      # (BLOCK_N, 1)
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         mask = row_mask[:, None] & (cols < K)[None, :]
         x = tl.load(a_row + cols, mask=cols < K, other=0.0).to(tl.float32)[None, :]
-        acc += tl.load(w_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32) * x
+        xg = x
+        if SCALED:                             # the scale rides on x: (BLOCK_N, BLOCK_K), per row and block
+            xg = x * _block_scales(s_rows, k0, KB, row_mask, BLOCK_N, BLOCK_K)
+        acc += tl.load(w_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32) * xg
         if GATE_UP:
-            acc_up += tl.load(w_rows + N * K + cols[None, :], mask=mask, other=0.0).to(tl.float32) * x
+            xu = x
+            if SCALED:
+                xu = x * _block_scales(s_rows + N * KB, k0, KB, row_mask, BLOCK_N, BLOCK_K)
+            acc_up += tl.load(w_rows + N * K + cols[None, :], mask=mask, other=0.0).to(tl.float32) * xu
     y = tl.sum(acc, axis=1)
     if GATE_UP:
         y = y / (1.0 + tl.exp(-y)) * tl.sum(acc_up, axis=1)
     if WEIGHTED:
         y = y * tl.load(weights_ptr + pair).to(tl.float32)
     tl.store(out_ptr + pair * N + rows, y.to(out_ptr.dtype.element_ty), mask=row_mask)
+
+
+@triton.jit
+def _block_scales(s_rows, k0, KB, row_mask, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(BLOCK_N, BLOCK_K) scales of columns k0 .. k0 + BLOCK_K of BLOCK_N rows (s_rows: each row's KB scales)."""
+    if BLOCK_K >= 128:
+        NB: tl.constexpr = BLOCK_K // 128
+        blocks = k0 // 128 + tl.arange(0, NB)
+        s = tl.load(s_rows + blocks[None, :], mask=row_mask[:, None] & (blocks < KB)[None, :], other=0.0)
+        return tl.reshape(tl.broadcast_to(s[:, :, None], (BLOCK_N, NB, 128)), (BLOCK_N, BLOCK_K))
+    else:
+        s = tl.load(s_rows + k0 // 128, mask=row_mask[:, None], other=0.0)                # (BLOCK_N, 1)
+        return tl.broadcast_to(s, (BLOCK_N, BLOCK_K))
 
 
 # ms per fused MoE call, E=128, k=8, bf16, H200 (bench.py kernels; graph replays, weights past L2):
@@ -250,7 +293,7 @@ def moe_config(num_pairs: int) -> dict:
     return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
 
 
-def moe_triton(x, gate_up, down, weights, ids, config: dict | None = None):
+def moe_triton(x, gate_up, down, weights, ids, gate_up_scales=None, down_scales=None, config: dict | None = None):
     T, H = x.shape
     E, two_i, _ = gate_up.shape
     I, k = two_i // 2, ids.shape[1]
@@ -258,36 +301,33 @@ def moe_triton(x, gate_up, down, weights, ids, config: dict | None = None):
     cfg = dict(config or moe_config(n))
     if not x.is_cuda:                          # the CPU interpreter: tl.dot wants tiles of 16 and up, no stages
         cfg.pop("num_stages", None)
-    x = x.contiguous()
+    x, weights, ids = x.contiguous(), weights.contiguous(), ids.contiguous()
+    scaled = gate_up_scales is not None
+    su, sd = (gate_up_scales, down_scales) if scaled else (gate_up, down)   # unused pointers when not scaled
     if cfg.pop("GEMV", False):
-        return moe_gemv(x, gate_up, down, weights.contiguous(), ids.contiguous(), cfg)
+        bn = cfg["BLOCK_N"]
+        inter = torch.empty(n, I, dtype=x.dtype, device=x.device)                   # (T*k, I)
+        _expert_gemv_kernel[(n, triton.cdiv(I, bn))](x, gate_up, su, inter, ids, weights, I, H, su.shape[-1],
+                                                     x.stride(0), gate_up.stride(0), su.stride(0), A_ROWS_PER_PAIR=k,
+                                                     GATE_UP=True, WEIGHTED=False, SCALED=scaled, **cfg)
+        out = torch.empty(n, H, dtype=x.dtype, device=x.device)                     # (T*k, H)
+        _expert_gemv_kernel[(n, triton.cdiv(H, bn))](inter, down, sd, out, ids, weights, H, I, sd.shape[-1],
+                                                     inter.stride(0), down.stride(0), sd.stride(0), A_ROWS_PER_PAIR=1,
+                                                     GATE_UP=False, WEIGHTED=True, SCALED=scaled, **cfg)
+        return out.view(T, k, H).sum(1)
     bm, bn, bk = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K")
+    assert not scaled or 128 % bk == 0, "FP8 experts: BLOCK_K must divide the 128-column scale blocks"
     pairs, block_expert = align(ids, E, bm)
     inter = torch.empty(n, I, dtype=x.dtype, device=x.device)                       # (T*k, I)
     _expert_gemm_kernel[(block_expert.numel(), triton.cdiv(I, bn))](
-        x, gate_up, inter, pairs, block_expert, weights, I, H, n, E, x.stride(0), gate_up.stride(0),
-        gate_up.stride(1), inter.stride(0), A_ROWS_PER_PAIR=k, GATE_UP=True, WEIGHTED=False,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **cfg)
+        x, gate_up, su, inter, pairs, block_expert, weights, I, H, su.shape[-1], n, E, x.stride(0),
+        gate_up.stride(0), gate_up.stride(1), su.stride(0), inter.stride(0), A_ROWS_PER_PAIR=k, GATE_UP=True,
+        WEIGHTED=False, SCALED=scaled, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **cfg)
     out = torch.empty(n, H, dtype=x.dtype, device=x.device)                         # (T*k, H)
     _expert_gemm_kernel[(block_expert.numel(), triton.cdiv(H, bn))](
-        inter, down, out, pairs, block_expert, weights.contiguous(), H, I, n, E, inter.stride(0), down.stride(0),
-        down.stride(1), out.stride(0), A_ROWS_PER_PAIR=1, GATE_UP=False, WEIGHTED=True,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **cfg)
-    return out.view(T, k, H).sum(1)
-
-
-def moe_gemv(x, gate_up, down, weights, ids, cfg: dict):
-    T, H = x.shape
-    I, k = gate_up.shape[1] // 2, ids.shape[1]
-    bn = cfg["BLOCK_N"]
-    inter = torch.empty(T * k, I, dtype=x.dtype, device=x.device)                   # (T*k, I)
-    _expert_gemv_kernel[(T * k, triton.cdiv(I, bn))](x, gate_up, inter, ids, weights, I, H, x.stride(0),
-                                                     gate_up.stride(0), A_ROWS_PER_PAIR=k, GATE_UP=True,
-                                                     WEIGHTED=False, **cfg)
-    out = torch.empty(T * k, H, dtype=x.dtype, device=x.device)                     # (T*k, H)
-    _expert_gemv_kernel[(T * k, triton.cdiv(H, bn))](inter, down, out, ids, weights, H, I, inter.stride(0),
-                                                     down.stride(0), A_ROWS_PER_PAIR=1, GATE_UP=False,
-                                                     WEIGHTED=True, **cfg)
+        inter, down, sd, out, pairs, block_expert, weights, H, I, sd.shape[-1], n, E, inter.stride(0),
+        down.stride(0), down.stride(1), sd.stride(0), out.stride(0), A_ROWS_PER_PAIR=1, GATE_UP=False,
+        WEIGHTED=True, SCALED=scaled, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **cfg)
     return out.view(T, k, H).sum(1)
 
 
@@ -299,7 +339,8 @@ def route(logits, top_k: int, renormalize: bool):
     return route_triton(logits, top_k, renormalize) if _use_triton(logits) else route_ref(logits, top_k, renormalize)
 
 
-def fused_moe(x, gate_up, down, weights, ids):
+def fused_moe(x, gate_up, down, weights, ids, gate_up_scales=None, down_scales=None):
     """On CUDA always the Triton path: the reference asks the host which experts were hit (a sync per layer,
-    no CUDA graphs), so it cannot win inside a decode step."""
-    return moe_triton(x, gate_up, down, weights, ids) if _use_triton(x) else moe_ref(x, gate_up, down, weights, ids)
+    no CUDA graphs), so it cannot win inside a decode step. The scales: FP8 experts (None: unquantized)."""
+    f = moe_triton if _use_triton(x) else moe_ref
+    return f(x, gate_up, down, weights, ids, gate_up_scales, down_scales)

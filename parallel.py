@@ -73,11 +73,13 @@ def check(cfg, n: int, device_type: str):
              ("moe_intermediate_size", cfg.moe_intermediate_size % n == 0)]
     if cfg.quantization == "fp8":       # an FP8 checkpoint's 128-column scale blocks must not straddle two ranks
         rules += [("intermediate_size", cfg.intermediate_size // n % 128 == 0),
+                  ("moe_intermediate_size", cfg.moe_intermediate_size // n % 128 == 0),
                   ("num_attention_heads x head_dim", cfg.num_attention_heads * cfg.head_dim // n % 128 == 0)]
     for name, ok in rules:
         if not ok:
             how = "divide or be a multiple of" if name == "num_key_value_heads" else "be divisible by"
-            if cfg.quantization == "fp8" and name in ("intermediate_size", "num_attention_heads x head_dim"):
+            if cfg.quantization == "fp8" and name in ("intermediate_size", "moe_intermediate_size",
+                                                      "num_attention_heads x head_dim"):
                 how = "give each rank a multiple of 128 columns (FP8 blocks) when divided by"
             value = getattr(cfg, name, cfg.num_attention_heads * cfg.head_dim)
             raise ValueError(f"tensor_parallel_size {n}: the model's {name} ({value}) must {how} it")

@@ -14,7 +14,8 @@ What this file replaces in model.py: `model.Linear` modules of the attention (qk
 (gate_up_proj, down_proj) become `Fp8Linear`, whose `weight_scale_inv` holds one scale per *row* and 128-column
 block, (N, ceil(K/128)): q, k and v (and gate and up) are fused into one matrix whose shards need not start on a
 128-row boundary, so each row carries its own shard's block scale. That costs 4 bytes per 128 weights (3%).
-MoE experts stay in the model's dtype (an FP8 MoE checkpoint is refused with a clear error).
+MoE experts (Qwen3-30B-A3B-FP8 and the like) are stacked per layer: `experts_to_fp8` makes their two weights
+float8 with the same per-row scales, and moe.py's kernels read them.
 
 Kernels (Triton, each with `fp8_linear_ref` as the reference: dequantize, then F.linear):
   - one token: a GEMV that streams fp8 rows (bytes: N x K x 1 + scales; the floor is those / bandwidth);
@@ -104,21 +105,47 @@ def projections(model, shard_rows):
             yield layer.mlp, "down_proj", None
 
 
+def quantize_rows(w: torch.Tensor, shards: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, K) -> FP8 values and (N, ceil(K/128)) row scales, each shard of rows (q, k, v) quantized on its own."""
+    q = torch.empty(w.shape, dtype=FP8, device=w.device)
+    s = torch.empty(w.shape[0], -(-w.shape[1] // BLOCK), device=w.device)
+    start = 0
+    for rows in shards:
+        q[start:start + rows], blocks = quantize_blocks(w[start:start + rows])
+        s[start:start + rows] = row_scales(blocks, rows)
+        start += rows
+    return q, s
+
+
+def experts_to_fp8(experts, quantize: bool):
+    """A moe.Experts' stacked weights (E, N, K) to FP8 with (E, N, ceil(K/128)) scales: quantized from what it
+    holds (gate and up on their own) or empty, for an FP8 checkpoint to fill."""
+    for name, shards in (("gate_up_proj", 2), ("down_proj", 1)):
+        w = getattr(experts, name).data
+        E, N, K = w.shape
+        q = torch.empty(E, N, K, dtype=FP8, device=w.device)
+        s = torch.empty(E, N, -(-K // BLOCK), device=w.device)
+        if quantize:
+            for e in range(E):
+                q[e], s[e] = quantize_rows(w[e], [N // shards] * shards)
+        setattr(experts, name, nn.Parameter(q, requires_grad=False))
+        setattr(experts, name + "_scale_inv", nn.Parameter(s, requires_grad=False))
+
+
 def to_fp8(model, shard_rows, quantize: bool):
-    """Swap the projections for Fp8Linear. quantize: from the weights they hold (each checkpoint shard, e.g.
-    q, k, v, quantized on its own, as an FP8 checkpoint stores it); else empty, for an FP8 checkpoint to fill."""
+    """Swap the projections for Fp8Linear and the MoE experts for FP8 ones. quantize: from the weights they hold
+    (each checkpoint shard, e.g. q, k, v, quantized on its own, as an FP8 checkpoint stores it); else empty, for
+    an FP8 checkpoint to fill."""
     for parent, name, shards in projections(model, shard_rows):
         lin = getattr(parent, name)
         N, K = lin.weight.shape
         new = Fp8Linear(K, N, device=lin.weight.device)
         if quantize:
-            start = 0
-            for rows in shards or [N]:
-                q, s = quantize_blocks(lin.weight.data[start:start + rows])
-                new.weight.data[start:start + rows] = q
-                new.weight_scale_inv.data[start:start + rows] = row_scales(s, rows)
-                start += rows
+            new.weight.data, new.weight_scale_inv.data = quantize_rows(lin.weight.data, shards or [N])
         setattr(parent, name, new)
+    for layer in model.model.layers:
+        if hasattr(layer.mlp, "experts"):
+            experts_to_fp8(layer.mlp.experts, quantize)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -1186,6 +1186,50 @@ def test_moe_matches_transformers(tmp_path, norm_topk_prob, monkeypatch):
     assert_no_leak(llm)
 
 
+def test_fp8_moe_checkpoint_matches_transformers(tmp_path, monkeypatch):
+    """A Qwen3-MoE checkpoint in Qwen's FP8 layout (every projection but the router quantized per 128 x 128
+    block, experts included): greedy tokens equal transformers' on the
+    dequantized weights, through the PyTorch path and the Triton kernels; --quantization fp8 of the bf16
+    checkpoint holds the same expert bytes and gives the same tokens."""
+    import transformers
+    from safetensors.torch import load_file, save_file
+    import quant
+    src, fp8_dir, deq_dir = (tmp_path / d for d in ("bf16", "fp8", "deq"))
+    for d in (src, fp8_dir, deq_dir):
+        d.mkdir()
+    make_moe_checkpoint(src, norm_topk_prob=True)
+    tensors, fp8, deq = load_file(src / "model.safetensors"), {}, {}
+    for key, t in tensors.items():
+        if key.rpartition(".")[0].rpartition(".")[2] in FP8_PROJ:
+            q, scale = quant.quantize_blocks(t)
+            fp8[key], fp8[key + "_scale_inv"] = q, scale
+            deq[key] = quant.dequantize(q, quant.row_scales(scale, t.shape[0]), torch.float32)
+        else:
+            fp8[key] = deq[key] = t
+    cfg = json.loads((src / "config.json").read_text())
+    for d, w, qc in ((fp8_dir, fp8, {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                     "weight_block_size": [128, 128]}), (deq_dir, deq, None)):
+        save_file(w, str(d / "model.safetensors"), metadata={"format": "pt"})
+        (d / "config.json").write_text(json.dumps({**cfg, **({"quantization_config": qc} if qc else {})}))
+        make_tokenizer(d)
+    assert any(".experts.3.down_proj.weight_scale_inv" in k for k in fp8)
+    hf = transformers.Qwen3MoeForCausalLM.from_pretrained(deq_dir).float().eval()
+    llm = engine(fp8_dir)
+    ex = llm.model.model.layers[0].mlp.experts
+    assert ex.gate_up_proj.dtype == quant.FP8 and ex.down_proj_scale_inv is not None
+    prompts = [llm.tokenizer.encode(p) for p in PROMPTS[:3]]
+    want = [hf_greedy(hf, p, 12) for p in prompts]
+    assert [o.token_ids for o in llm.generate(prompts, greedy(max_tokens=12, ignore_eos=True))] == want
+    on_the_fly = engine(src, quantization="fp8")
+    ex2 = on_the_fly.model.model.layers[0].mlp.experts
+    assert torch.equal(ex2.gate_up_proj.view(torch.uint8), ex.gate_up_proj.view(torch.uint8))
+    assert torch.equal(ex2.down_proj_scale_inv, ex.down_proj_scale_inv)
+    assert [o.token_ids for o in on_the_fly.generate(prompts, greedy(max_tokens=12, ignore_eos=True))] == want
+    monkeypatch.setenv("QWEN3_KERNELS", "triton")     # the FP8 expert kernels (interpreter): the same tokens
+    assert llm.generate(prompts[:1], greedy(max_tokens=4, ignore_eos=True))[0].token_ids == want[0][:4]
+    assert_no_leak(llm)
+
+
 @pytest.mark.usefixtures("kt_triton_poisoned")
 @pytest.mark.parametrize("T,E,k", [(1, 6, 2), (7, 6, 6), (19, 8, 2), (1, 5, 5), (13, 16, 1)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -1209,8 +1253,38 @@ def test_kt_moe(T, E, k, dtype):
     gate_up, down = (torch.randn(E, 2 * I, H) / H ** 0.5).to(dtype), (torch.randn(E, H, I) / I ** 0.5).to(dtype)
     ref = moe.moe_ref(x.float(), gate_up.float(), down.float(), w.float(), ids).to(dtype)
     for cfg in (dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=4), dict(GEMV=True, BLOCK_N=16, BLOCK_K=32)):
-        kt_check(f"fused moe T={T} E={E} k={k} {cfg}", moe.moe_triton(x, gate_up, down, w, ids, cfg), ref, dtype)
+        kt_check(f"fused moe T={T} E={E} k={k} {cfg}", moe.moe_triton(x, gate_up, down, w, ids, config=cfg), ref, dtype)
     assert torch.equal(moe.fused_moe(x, gate_up, down, w, ids), moe.moe_triton(x, gate_up, down, w, ids))
+
+
+def fp8_experts(w: torch.Tensor, shards: int):
+    """(E, N, K) weights -> FP8 values and (E, N, ceil(K/128)) row scales, each of the `shards` row blocks of an
+    expert quantized on its own (gate and up, as a checkpoint stores them)."""
+    import quant
+    q, s = torch.empty(w.shape, dtype=quant.FP8), torch.empty(*w.shape[:2], -(-w.shape[2] // 128))
+    rows = w.shape[1] // shards
+    for e in range(w.shape[0]):
+        for j in range(shards):
+            qq, ss = quant.quantize_blocks(w[e, j * rows:(j + 1) * rows].float())
+            q[e, j * rows:(j + 1) * rows], s[e, j * rows:(j + 1) * rows] = qq, quant.row_scales(ss, rows)
+    return q, s
+
+
+@pytest.mark.usefixtures("kt_triton_poisoned")
+@pytest.mark.parametrize("T,E,k,dtype", [(1, 6, 2, torch.float32), (6, 4, 2, torch.float16)])
+def test_kt_moe_fp8(T, E, k, dtype):
+    """FP8 experts (W8A16, a scale per row and 128 columns): the grouped GEMM and both GEMV variants (BLOCK_K
+    below and above the 128-column block) against the reference on the dequantized weights; H and I cut blocks."""
+    import moe
+    H, I = 136, 72
+    x, logits = torch.randn(T, H).to(dtype), torch.randn(T, E).to(dtype)
+    w, ids = moe.route_ref(logits, k, True)
+    gu, su = fp8_experts(torch.randn(E, 2 * I, H) / H ** 0.5, 2)
+    dn, sd = fp8_experts(torch.randn(E, H, I) / I ** 0.5, 1)
+    ref = moe.moe_ref(x.float(), gu, dn, w.float(), ids, su, sd).to(dtype)
+    for cfg in (dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=4), dict(GEMV=True, BLOCK_N=32, BLOCK_K=32),
+                dict(GEMV=True, BLOCK_N=32, BLOCK_K=256)):
+        kt_check(f"fp8 moe T={T} E={E} k={k} {cfg}", moe.moe_triton(x, gu, dn, w, ids, su, sd, config=cfg), ref, dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------
