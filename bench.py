@@ -8,7 +8,8 @@
 Modes: offline (256 requests at once), decode-1 (one request, ms/token), prefill (8 x 2048 tokens, one forward),
 prefix (64 requests sharing a 2,000-token prefix, prefix cache on vs off, each after an untimed pass with
 another prefix), serve (serve.py on loopback, N
-streaming clients), kernels (bench_kernels.py's table), allreduce (with --tensor-parallel-size: all-reduce time
+streaming clients), kernels (bench_kernels.py's table, after a profiler timeline of a decode step at batch 1
+and 8: each kernel's time per step, the GPU's busy time and the gaps), allreduce (with --tensor-parallel-size: all-reduce time
 and bus bandwidth at decode and prefill sizes), spec (speculative decoding at chosen acceptance rates), accuracy
 (top-1 agreement and logit error against transformers computing in fp32, for our engine, with FP8 weights, with an
 FP8 KV cache, and transformers in the run's dtype beside them). It prints a table (result, floor, result/floor, peer,
@@ -516,11 +517,18 @@ def run_kernels(b: Bench):
     if not (Path(__file__).parent / "bench_kernels.py").exists() or b.device.type != "cuda":
         print("kernels: the kernel table is not available (it needs bench_kernels.py and a GPU)")
         return [], {"available": False}
-    from bench_kernels import bench_kernels, format_rows
+    from bench_kernels import bench_kernels, decode_timeline, format_rows, format_timeline
+    timeline = {}
+    for batch in (1, 8):                               # first, while an engine of this model is alive
+        try:
+            timeline[batch] = decode_timeline(engine(b), batch)
+            print(format_timeline(timeline[batch], 1e6 * weight_bytes(b.cfg, b.dtype.itemsize) / b.bandwidth))
+        except Exception as e:                         # the profiler must not cost the kernel table
+            print(f"decode timeline failed: {type(e).__name__}: {e}")
     release(b)
     table = bench_kernels(b.bandwidth / 1e9, b.matmul / 1e12)
     print(format_rows(table, b.bandwidth / 1e9, b.matmul / 1e12))
-    return [], {"available": True, "rows": table}
+    return [], {"available": True, "rows": table, "decode_timeline": timeline}
 
 
 def run_accuracy(b: Bench):

@@ -386,6 +386,53 @@ def check_kernels(device="cuda", dtype=torch.bfloat16) -> list[tuple[str, float]
     return out
 
 
+def decode_timeline(llm, batch: int = 1, steps: int = 20, prompt_len: int = 128) -> dict:
+    """What a decode step of `batch` requests spends on the GPU, from the profiler over `steps` engine steps
+    (decode graphs replaying): each kernel (and copy) by name, its launches and microseconds per step; per step
+    the kernels' total, the GPU's busy time (their union) and the span from the first kernel's start to the
+    last one's end divided by the steps (so it includes the gaps between kernels and between steps)."""
+    from torch.profiler import ProfilerActivity, profile
+    from sample import SamplingParams
+    params = SamplingParams(temperature=0.0, max_tokens=steps + 20, ignore_eos=True)
+    rids = [llm.add_request([1 + i] * prompt_len, params) for i in range(batch)]
+    for _ in range(4):                                   # the prefill, then decodes
+        llm.step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            llm.step()
+        torch.cuda.synchronize()
+    for r in rids:
+        llm.abort(r)
+    llm.step()
+    events = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                    if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.end > e.time_range.start)
+    by_name: dict[str, list] = {}
+    for start, end, name in events:
+        by_name.setdefault(name, []).append(end - start)
+    busy, last = 0.0, float("-inf")                      # the union of the kernels' intervals
+    for start, end, _ in events:
+        busy += max(0.0, end - max(start, last))
+        last = max(last, end)
+    span = events[-1][1] - events[0][0] if events else 0.0
+    top = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))
+    return {"batch": batch, "steps": steps, "kernels_per_step": len(events) / steps,
+            "kernel_us_per_step": sum(e - s for s, e, _ in events) / steps, "busy_us_per_step": busy / steps,
+            "span_us_per_step": span / steps,
+            "kernels": [{"name": n[:60], "launches_per_step": len(t) / steps, "us_per_step": sum(t) / steps,
+                         "us_each": sum(t) / len(t)} for n, t in top]}
+
+
+def format_timeline(t: dict, floor_us: float) -> str:
+    lines = [f"decode step timeline, batch {t['batch']} ({t['steps']} steps under the profiler): "
+             f"{t['kernels_per_step']:.0f} kernels, {t['kernel_us_per_step']:.0f} us of kernels, GPU busy "
+             f"{t['busy_us_per_step']:.0f} us of a {t['span_us_per_step']:.0f} us span per step (the rest: gaps); "
+             f"floor {floor_us:.0f} us (weight bytes / bandwidth)"]
+    for k in t["kernels"][:20]:
+        lines.append(f"  {k['us_per_step']:8.1f} us/step  {k['launches_per_step']:5.1f} x {k['us_each']:7.2f} us  {k['name']}")
+    return "\n".join(lines)
+
+
 def format_rows(rows, copy_gbps, matmul_tflops) -> str:
     lines = [f"ceilings: copy {copy_gbps:.0f} GB/s, bf16 matmul {matmul_tflops:.0f} TFLOP/s",
              f"{'op':<33}{'shape':<28}{'ms':>9}{'rate':>10}{'unit':>8}{'%ceil':>7}{'tgt':>5}"

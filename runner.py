@@ -22,7 +22,7 @@ import cache
 import kernels
 import parallel
 from model import AttnMeta, build_model
-from sample import SamplingParams, SamplingTensors, apply_penalties, resolve, sample, token_logprobs
+from sample import SamplerGraphs, SamplingParams, SamplingTensors, apply_penalties, resolve, sample, token_logprobs
 from scheduler import PENDING
 
 
@@ -118,7 +118,9 @@ def build_rank(group: parallel.Group, args, device_type: str, dtype: torch.dtype
 
 def kv_blocks_that_fit(runner: Runner, max_model_len: int, defaults: dict, extra_bytes_per_block: int = 0) -> int:
     """KV blocks for the GPU memory left: profile the largest forward pass and the largest sampling step (every
-    filter, penalties, top-20 logprobs for every row) on a throwaway cache, then size the real one."""
+    filter, penalties, top-20 logprobs for every row) on a throwaway cache, then size the real one. With CUDA
+    graphs the largest batch's decode and sampler graphs are captured too: their private memory pool stays
+    reserved beside the KV cache for good (smaller batches' graphs reuse it), so the budget must hold it."""
     args, cfg = runner.args, runner.model.config
     probe_bytes = cache.kv_bytes_per_block(cfg, args.block_size, runner.kv_dtype)
     bytes_per_block = probe_bytes + extra_bytes_per_block
@@ -129,8 +131,14 @@ def kv_blocks_that_fit(runner: Runner, max_model_len: int, defaults: dict, extra
     probe_blocks = 1 + -(-args.max_num_batched_tokens // args.block_size)
     kv = cache.allocate_kv_cache(cfg, probe_blocks, args.block_size, runner.kv_dtype, runner.device)
     warmup(runner, kv, max_model_len, defaults)
+    graphs = samplers = None
+    if args.cuda_graphs:
+        B = args.max_num_seqs
+        graphs = DecodeGraphs(runner.model, kv, runner.last_tokens, B, -(-max_model_len // args.block_size), sizes=[B])
+        if runner.group is None or runner.group.rank == 0:          # only rank 0 samples
+            samplers = SamplerGraphs(graphs.logits, graphs.sizes, graphs.pool)
     peak = torch.cuda.max_memory_reserved()          # reserved: the allocator's rounding and fragmentation too
-    del kv
+    del kv, graphs, samplers
     torch.cuda.empty_cache()
     total = torch.cuda.get_device_properties(runner.device).total_memory
     n = int((total * args.gpu_memory_utilization - (peak - probe_blocks * probe_bytes)) // bytes_per_block)
@@ -217,9 +225,10 @@ class DecodeGraphs:
     (a shared prefix read once for all the rows that hold it), replayed when rows share their first block."""
     SHORT_CONTEXT = 2048
 
-    def __init__(self, model, kv_cache, last_tokens, max_batch: int, max_blocks: int):
+    def __init__(self, model, kv_cache, last_tokens, max_batch: int, max_blocks: int, sizes: list[int] | None = None):
+        """sizes: the batch sizes to capture (default: the ladder up to max_batch)."""
         self.sizes = sorted({1, 2, 4, 8, *range(16, max_batch + 16, 16)})
-        self.sizes = [b for b in self.sizes if b < max_batch] + [max_batch]
+        self.sizes = sizes or [b for b in self.sizes if b < max_batch] + [max_batch]
         self.max_batch = max_batch
         dev = kv_cache.device
         i32 = dict(dtype=torch.int32, device=dev)
