@@ -334,6 +334,17 @@ def qk_norm_rope_store_triton(qkv, q_norm_w, k_norm_w, cos_sin, positions, k_cac
 
 
 @triton.jit
+def _widen(x, cache_ptr, q_ptr):
+    """Attention over an FP8 cache multiplies q and the loaded K/V in fp16 when q is 16-bit (e4m3 widens to fp16
+    in one instruction, to bf16 through several), in fp32 when q is; other caches: x as it is."""
+    if cache_ptr.dtype.element_ty == tl.float8e4nv:
+        if q_ptr.dtype.element_ty == tl.float32:
+            return x.to(tl.float32)
+        return x.to(tl.float16)
+    return x
+
+
+@triton.jit
 def _kv_offsets(block_table_row_ptr, offs_n, in_range, kv_head, N_KV: tl.constexpr, HEAD_DIM: tl.constexpr,
                 BLOCK_SIZE: tl.constexpr):
     """Element offsets of tokens offs_n (BLOCK_N,) of one sequence, one kv head, in the paged cache."""
@@ -368,6 +379,7 @@ def _decode_slice(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, bt_stride, 
     d = tl.arange(0, HEAD_DIM)
     q = tl.load(q_ptr + b.to(tl.int64) * N_HEADS * HEAD_DIM + heads[:, None] * HEAD_DIM + d[None, :],
                 mask=g[:, None] < GROUP, other=0.0)                                      # (BLOCK_G, HEAD_DIM)
+    q = _widen(q, k_cache_ptr, q_ptr)
     m_i = tl.full((BLOCK_G,), float("-inf"), tl.float32)     # running max of the scores (log2 units)
     l_i = tl.zeros((BLOCK_G,), tl.float32)                    # running sum of exp2(score - m_i)
     acc = tl.zeros((BLOCK_G, HEAD_DIM), tl.float32)
@@ -376,8 +388,8 @@ def _decode_slice(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, bt_stride, 
         offs_n = n0 + tl.arange(0, BLOCK_N)
         in_range = offs_n < end
         kv_off = _kv_offsets(bt_row, offs_n, in_range, kv_head, N_KV, HEAD_DIM, BLOCK_SIZE)   # (BLOCK_N, HEAD_DIM)
-        k = tl.load(k_cache_ptr + kv_off, mask=in_range[:, None], other=0.0).to(q.dtype)   # FP8 cache: widened
-        v = tl.load(v_cache_ptr + kv_off, mask=in_range[:, None], other=0.0).to(q.dtype)
+        k = _widen(tl.load(k_cache_ptr + kv_off, mask=in_range[:, None], other=0.0), k_cache_ptr, q_ptr)
+        v = _widen(tl.load(v_cache_ptr + kv_off, mask=in_range[:, None], other=0.0), k_cache_ptr, q_ptr)
         s = tl.dot(q, tl.trans(k)) * qk_scale                                            # (BLOCK_G, BLOCK_N)
         s = tl.where(in_range[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -433,6 +445,7 @@ def _shared_prefix_slice(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, bt_s
     row = (r // GROUP).to(tl.int64) * N_HEADS + kv_head * GROUP + r % GROUP     # (BLOCK_M,) rows of (B*H)
     d = tl.arange(0, HEAD_DIM)
     q = tl.load(q_ptr + row[:, None] * HEAD_DIM + d[None, :], mask=live[:, None], other=0.0)   # (BLOCK_M, HEAD_DIM)
+    q = _widen(q, k_cache_ptr, q_ptr)
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
@@ -586,7 +599,7 @@ def _prefill_tiles(acc, l_i, m_i, q, q_pos, k_cache_ptr, v_cache_ptr, bt_row, kv
         offs_n = n0 + tl.arange(0, BLOCK_N)
         in_range = offs_n < end
         kv_off = _kv_offsets(bt_row, offs_n, in_range, kv_head, N_KV, HEAD_DIM, BLOCK_SIZE)   # (BLOCK_N, HEAD_DIM)
-        k = tl.load(k_cache_ptr + kv_off, mask=in_range[:, None], other=0.0).to(q.dtype)   # FP8 cache: widened
+        k = tl.load(k_cache_ptr + kv_off, mask=in_range[:, None], other=0.0).to(q.dtype)   # q: widened (_widen)
         s = tl.dot(q, tl.trans(k)) * qk_scale                                            # (BLOCK_M, BLOCK_N)
         if CAUSAL:
             s = tl.where(offs_n[None, :] <= q_pos[:, None], s, float("-inf"))
@@ -625,6 +638,7 @@ def _prefill_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, cu_seqlens_ptr, c
     d = tl.arange(0, HEAD_DIM)
     q_off = (q_start + offs_m).to(tl.int64)[:, None] * (N_HEADS * HEAD_DIM) + h * HEAD_DIM + d[None, :]
     q = tl.load(q_ptr + q_off, mask=(offs_m < q_len)[:, None], other=0.0)                   # (BLOCK_M, HEAD_DIM)
+    q = _widen(q, k_cache_ptr, q_ptr)
 
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
