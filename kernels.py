@@ -337,10 +337,11 @@ def qk_norm_rope_store_triton(qkv, q_norm_w, k_norm_w, cos_sin, positions, k_cac
 def _widen(x, cache_ptr, q_ptr):
     """Attention over an FP8 cache multiplies q and the loaded K/V in fp16 when q is 16-bit (e4m3 widens to fp16
     in one instruction, to bf16 through several), in fp32 when q is; other caches: x as it is."""
-    if cache_ptr.dtype.element_ty == tl.float8e4nv:
+    if cache_ptr.dtype.element_ty == tl.float8e4nv:     # decided at compile time; one return (the compiler's rule)
         if q_ptr.dtype.element_ty == tl.float32:
-            return x.to(tl.float32)
-        return x.to(tl.float16)
+            x = x.to(tl.float32)
+        else:
+            x = x.to(tl.float16)
     return x
 
 
