@@ -510,8 +510,9 @@ class LLM:
         texts, lps, prompt_lps = [""] * len(prompts), [None] * len(prompts), [None] * len(prompts)
         for i, out in self.drain(rids):
             texts[i] += out.text
-            if out.logprobs is not None:
-                lps[i] = (lps[i] or []) + out.logprobs
+            if out.logprobs is not None:              # in place: a new list per token would cost O(tokens^2)
+                lps[i] = lps[i] or []
+                lps[i] += out.logprobs
             prompt_lps[i] = out.prompt_logprobs or prompt_lps[i]
         return [RequestOutput(s.request_id, s.prompt_ids, s.output_ids, texts[i], s.finish_reason, s.num_cached_hit,
                               lps[i], prompt_lps[i]) for i, s in enumerate(seqs)]
