@@ -65,23 +65,20 @@ def check(cfg, n: int, device_type: str):
         raise ValueError(f"tensor_parallel_size must be >= 1, got {n}")
     if device_type == "cuda" and n > torch.cuda.device_count():
         raise ValueError(f"tensor_parallel_size {n} needs {n} GPUs; this machine has {torch.cuda.device_count()}")
-    kv = cfg.num_key_value_heads
-    rules = [("num_attention_heads", cfg.num_attention_heads % n == 0),
-             ("num_key_value_heads", kv % n == 0 or n % kv == 0),
-             ("vocab_size", cfg.vocab_size % n == 0),
-             ("intermediate_size", cfg.intermediate_size % n == 0),
-             ("moe_intermediate_size", cfg.moe_intermediate_size % n == 0)]
+    kv, q_cols = cfg.num_key_value_heads, cfg.num_attention_heads * cfg.head_dim
+    divides = "be divisible by"
+    rules = [("num_attention_heads", cfg.num_attention_heads, cfg.num_attention_heads % n == 0, divides),
+             ("num_key_value_heads", kv, kv % n == 0 or n % kv == 0, "divide or be a multiple of"),
+             ("vocab_size", cfg.vocab_size, cfg.vocab_size % n == 0, divides),
+             ("intermediate_size", cfg.intermediate_size, cfg.intermediate_size % n == 0, divides),
+             ("moe_intermediate_size", cfg.moe_intermediate_size, cfg.moe_intermediate_size % n == 0, divides)]
     if cfg.quantization == "fp8":       # an FP8 checkpoint's 128-column scale blocks must not straddle two ranks
-        rules += [("intermediate_size", cfg.intermediate_size // n % 128 == 0),
-                  ("moe_intermediate_size", cfg.moe_intermediate_size // n % 128 == 0),
-                  ("num_attention_heads x head_dim", cfg.num_attention_heads * cfg.head_dim // n % 128 == 0)]
-    for name, ok in rules:
+        blocks = "give each rank a multiple of 128 columns (FP8 blocks) when divided by"
+        rules += [(name, value, value // n % 128 == 0, blocks) for name, value in (
+            ("intermediate_size", cfg.intermediate_size), ("moe_intermediate_size", cfg.moe_intermediate_size),
+            ("num_attention_heads x head_dim", q_cols))]
+    for name, value, ok, how in rules:
         if not ok:
-            how = "divide or be a multiple of" if name == "num_key_value_heads" else "be divisible by"
-            if cfg.quantization == "fp8" and name in ("intermediate_size", "moe_intermediate_size",
-                                                      "num_attention_heads x head_dim"):
-                how = "give each rank a multiple of 128 columns (FP8 blocks) when divided by"
-            value = getattr(cfg, name, cfg.num_attention_heads * cfg.head_dim)
             raise ValueError(f"tensor_parallel_size {n}: the model's {name} ({value}) must {how} it")
 
 

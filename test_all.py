@@ -1049,13 +1049,27 @@ def test_model_logits_triton_path_equals_torch_path(tied_ckpt, monkeypatch):
 FP8_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
+def fp8_layout(tensors: dict) -> tuple[dict, dict]:
+    """Checkpoint tensors -> (Qwen's FP8 layout: each projection as float8 + weight_scale_inv, the same tensors
+    with each projection dequantized: what the FP8 checkpoint means, for the reference)."""
+    import quant
+    fp8, deq = {}, {}
+    for key, t in tensors.items():
+        if key.rpartition(".")[0].rpartition(".")[2] in FP8_PROJ:
+            q, scale = quant.quantize_blocks(t)
+            fp8[key], fp8[key + "_scale_inv"] = q, scale
+            deq[key] = quant.dequantize(q, quant.row_scales(scale, t.shape[0]), torch.float32)
+        else:
+            fp8[key] = deq[key] = t.contiguous()
+    return fp8, deq
+
+
 def make_fp8_checkpoint(path, **shape):
     """A tiny Qwen3 in Qwen's FP8 layout (weight in float8_e4m3fn, weight_scale_inv per 128 x 128 block), with
     shapes that cut blocks (hidden 160, intermediate 300), and the transformers model holding the dequantized
     weights: the reference."""
     import transformers
     from safetensors.torch import save_file
-    import quant
     torch.manual_seed(0)
     hf_cfg = transformers.Qwen3Config(**{
         "vocab_size": 512, "hidden_size": 160, "intermediate_size": 300, "num_hidden_layers": 2,
@@ -1063,14 +1077,7 @@ def make_fp8_checkpoint(path, **shape):
         "rope_theta": 10000.0, "tie_word_embeddings": False, "eos_token_id": 2, "bos_token_id": 0,
         "initializer_range": 0.1, **shape})
     hf = transformers.Qwen3ForCausalLM(hf_cfg).float().eval()
-    tensors, state = {}, hf.state_dict()
-    for key, t in state.items():
-        if key.rpartition(".")[0].rpartition(".")[2] in FP8_PROJ:
-            q, scale = quant.quantize_blocks(t)
-            tensors[key], tensors[key + "_scale_inv"] = q, scale
-            state[key] = quant.dequantize(q, quant.row_scales(scale, t.shape[0]), torch.float32)
-        else:
-            tensors[key] = t.contiguous()
+    tensors, state = fp8_layout(hf.state_dict())
     hf.load_state_dict(state)
     save_file(tensors, str(path / "model.safetensors"))
     cfg = json.loads(hf_cfg.to_json_string())
@@ -1198,14 +1205,7 @@ def test_fp8_moe_checkpoint_matches_transformers(tmp_path, monkeypatch):
     for d in (src, fp8_dir, deq_dir):
         d.mkdir()
     make_moe_checkpoint(src, norm_topk_prob=True)
-    tensors, fp8, deq = load_file(src / "model.safetensors"), {}, {}
-    for key, t in tensors.items():
-        if key.rpartition(".")[0].rpartition(".")[2] in FP8_PROJ:
-            q, scale = quant.quantize_blocks(t)
-            fp8[key], fp8[key + "_scale_inv"] = q, scale
-            deq[key] = quant.dequantize(q, quant.row_scales(scale, t.shape[0]), torch.float32)
-        else:
-            fp8[key] = deq[key] = t
+    fp8, deq = fp8_layout(load_file(src / "model.safetensors"))
     cfg = json.loads((src / "config.json").read_text())
     for d, w, qc in ((fp8_dir, fp8, {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
                                      "weight_block_size": [128, 128]}), (deq_dir, deq, None)):
@@ -1261,13 +1261,8 @@ def fp8_experts(w: torch.Tensor, shards: int):
     """(E, N, K) weights -> FP8 values and (E, N, ceil(K/128)) row scales, each of the `shards` row blocks of an
     expert quantized on its own (gate and up, as a checkpoint stores them)."""
     import quant
-    q, s = torch.empty(w.shape, dtype=quant.FP8), torch.empty(*w.shape[:2], -(-w.shape[2] // 128))
-    rows = w.shape[1] // shards
-    for e in range(w.shape[0]):
-        for j in range(shards):
-            qq, ss = quant.quantize_blocks(w[e, j * rows:(j + 1) * rows].float())
-            q[e, j * rows:(j + 1) * rows], s[e, j * rows:(j + 1) * rows] = qq, quant.row_scales(ss, rows)
-    return q, s
+    parts = [quant.quantize_rows(we, [w.shape[1] // shards] * shards) for we in w]
+    return torch.stack([q for q, _ in parts]), torch.stack([s for _, s in parts])
 
 
 @pytest.mark.usefixtures("kt_triton_poisoned")
