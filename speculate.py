@@ -45,6 +45,7 @@ continuation, partly corrupted, and so measure the mechanism at a chosen accepta
 """
 import torch
 
+from runner import to_device
 from scheduler import PENDING, Status, pack
 
 NGRAM_MAX, NGRAM_MIN = 4, 1      # longest and shortest suffix looked up in the request's own tokens
@@ -180,9 +181,9 @@ class DraftModel:
             r.forward(ids, [], cu, ctx, [tables[i] for i in rows], [c - 1 for c in cu[1:]],
                       max(b - a for a, b in zip(cu, cu[1:])), len(ids) == len(rows))
             done = [j for j, i in enumerate(rows) if todo[i] == last[i] + 1]   # rows that reached the last token
-            if done:
-                at = torch.tensor(done, device=r.device)
-                first[torch.tensor([rows[j] for j in done], device=r.device)] = r.logits(0, len(rows))[at].argmax(-1)
+            if done:                                   # (pinned copies: a list to the device would sync)
+                at, to = to_device(done, torch.int64, r.device), to_device([rows[j] for j in done], torch.int64, r.device)
+                first[to] = r.logits(0, len(rows))[at].argmax(-1)
         drafts, live = [first], list(range(len(seqs)))                  # draft j of the sequences in live
         lives = [live]
         for j in range(1, max(s.num_draft for s in seqs)):              # one decode step per further draft
