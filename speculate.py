@@ -182,8 +182,8 @@ class DraftModel:
                       max(b - a for a, b in zip(cu, cu[1:])), len(ids) == len(rows))
             done = [j for j, i in enumerate(rows) if todo[i] == last[i] + 1]   # rows that reached the last token
             if done:                                   # (pinned copies: a list to the device would sync)
-                at, to = to_device(done, torch.int64, r.device), to_device([rows[j] for j in done], torch.int64, r.device)
-                first[to] = r.logits(0, len(rows))[at].argmax(-1)
+                at = to_device(done, torch.int64, r.device)
+                first[to_device([rows[j] for j in done], torch.int64, r.device)] = r.logits(0, len(rows))[at].argmax(-1)
         drafts, live = [first], list(range(len(seqs)))                  # draft j of the sequences in live
         lives = [live]
         for j in range(1, max(s.num_draft for s in seqs)):              # one decode step per further draft
