@@ -25,16 +25,14 @@ How it sits in the engine (`LLM.step` hands a step here when `ready`):
     them like a prompt chunk and never puts a block holding an unverified token into the prefix cache.
   - after the verify pass the rejected drafts are cut off: their K/V slots lie past `num_computed` and are
     overwritten later; their blocks stay with the sequence (they hold its next tokens) and are freed with it.
-  - the verify pass runs eagerly (no CUDA graph) and synchronously: the next drafts depend on its result. On
-    an H200 an eager qwen3-8b verify pass takes 17-28 ms, launch-bound, against 4.9 ms for a graphed decode
-    step, so speculation does not pay on the GPU until the verify pass is captured (a first try, padding every
-    sequence to k + 1 tokens, was exact on the CPU but hit a device-side assert on the GPU: not kept).
+  - the verify pass is synchronous (the next drafts depend on its result) and runs in the decode CUDA graphs
+    where it fits them, each of its tokens a decode row of its own (`forward_tokens`).
 
 A draft model (`DraftModel`: a smaller Qwen3 with the same vocabulary) proposes its own greedy continuation.
 It has its own Runner and KV cache with the target's block layout (same block size and count), so a sequence's
 block table addresses both caches and the scheduler allocates for both at once. It runs only in speculative
 steps and catches up lazily: at the start of a round each sequence's tokens it has not seen (from
-`Sequence.draft_kv`, which a preemption resets) go through it as a prefill, which yields the first draft; the
+`Sequence.draft_kv`, which a preemption resets) go through it (`forward_tokens`), which yields the first draft; the
 other K - 1 are single-token decodes (CUDA graphs on the GPU), each reading the previous draft on the device,
 and the host reads all K at once. A rejected draft leaves stale K/V in the draft cache past the accepted
 tokens: `draft_kv` is cut back to them, and they are overwritten later. A sampled request verifies the draft
@@ -45,8 +43,9 @@ continuation, partly corrupted, and so measure the mechanism at a chosen accepta
 """
 import torch
 
-from runner import to_device
-from scheduler import PENDING, Status, pack
+import kernels
+from runner import shares_first_block, to_device
+from scheduler import PENDING, Status
 
 NGRAM_MAX, NGRAM_MIN = 4, 1      # longest and shortest suffix looked up in the request's own tokens
 
@@ -115,15 +114,14 @@ class Speculator:
                     at = seq.num_tokens - seq.num_draft
                     seq.token_ids[at:] = self.rewrite(seq, seq.token_ids[at:])
         llm.num_forwards += 1
-        ids, _, cu, ctx, tables, _ = pack(batch, {})
-        rows = [r for seq, end in zip(batch.seqs, cu[1:]) for r in range(end - 1 - seq.num_draft, end)]
-        llm.runner.forward(ids, [], cu, ctx, tables, rows, max(batch.num_new), batch.is_decode)
+        spans = [(s.num_computed, s.num_tokens) for s in batch.seqs]   # the last verified token and the drafts
+        logits = forward_tokens(llm.runner, batch.seqs, spans, padded_tables(batch.seqs), None)
         # each row's token as decoding would draw it there: the argmax, or the seeded draw of that output
         # position (the sampler's noise is a hash of seed, position and token, so the same draw)
         reqs = [llm.requests[seq.request_id] for seq in batch.seqs for _ in range(seq.num_draft + 1)]
         steps = [seq.num_tokens - seq.num_draft - len(seq.prompt_ids) + j for seq in batch.seqs
                  for j in range(seq.num_draft + 1)]
-        target = llm.sample_tokens(reqs, steps, llm.runner.logits(0, len(rows)), graphed=False).tolist()
+        target = llm.sample_tokens(reqs, steps, logits, graphed=False).tolist()
         sch.advance(batch)                             # counts the drafts as computed; no blocks cached yet
         at = 0
         for seq in batch.seqs:
@@ -163,27 +161,24 @@ class DraftModel:
         if not seqs:
             return
         r = self.runner
-        width = max(len(s.block_table) for s in seqs)
-        tables = [s.block_table + [0] * (width - len(s.block_table)) for s in seqs]
+        tables = padded_tables(seqs)
         last = [s.num_tokens - s.num_draft - 1 for s in seqs]          # each one's last verified token
         todo = [min(s.draft_kv, L) for s, L in zip(seqs, last)]        # its first token the draft model lacks
         first = torch.empty(len(seqs), dtype=torch.long, device=r.device)
         while any(t <= L for t, L in zip(todo, last)):                  # catch up, max_tokens at a time
-            rows, ids, cu, ctx, budget = [], [], [0], [], max_tokens
+            rows, spans, ends, budget = [], [], [], max_tokens
             for i, (t, L) in enumerate(zip(todo, last)):
                 if t <= L and budget > 0:
                     n = min(L + 1 - t, budget)
                     rows.append(i)
-                    ids += seqs[i].token_ids[t:t + n]
-                    cu.append(len(ids))
-                    ctx.append(t + n)
+                    spans.append((t, t + n))
+                    ends.append((ends[-1] if ends else -1) + n)
                     todo[i], budget = t + n, budget - n
-            r.forward(ids, [], cu, ctx, [tables[i] for i in rows], [c - 1 for c in cu[1:]],
-                      max(b - a for a, b in zip(cu, cu[1:])), len(ids) == len(rows))
+            logits = forward_tokens(r, [seqs[i] for i in rows], spans, [tables[i] for i in rows], ends)
             done = [j for j, i in enumerate(rows) if todo[i] == last[i] + 1]   # rows that reached the last token
             if done:                                   # (pinned copies: a list to the device would sync)
                 at = to_device(done, torch.int64, r.device)
-                first[to_device([rows[j] for j in done], torch.int64, r.device)] = r.logits(0, len(rows))[at].argmax(-1)
+                first[to_device([rows[j] for j in done], torch.int64, r.device)] = logits[at].argmax(-1)
         drafts, live = [first], list(range(len(seqs)))                  # draft j of the sequences in live
         lives = [live]
         for j in range(1, max(s.num_draft for s in seqs)):              # one decode step per further draft
@@ -209,3 +204,42 @@ class DraftModel:
         for s, L in zip(seqs, last):
             s.draft_kv = L + s.num_draft                                # K/V of the last token and drafts 0..d-2
 
+
+
+def padded_tables(seqs) -> list[list[int]]:
+    width = max(len(s.block_table) for s in seqs)
+    return [s.block_table + [0] * (width - len(s.block_table)) for s in seqs]
+
+
+def forward_tokens(runner, seqs, spans, tables, rows) -> torch.Tensor:
+    """Run tokens seqs[i].token_ids[a:b] for each span (a, b) through the model (their K/V into the cache);
+    returns the logits of the packed rows `rows` (None: every row), (len(rows), vocab).
+
+    When the tokens fit the decode graphs, each token is a decode row of its own: context = its position + 1,
+    its sequence's block table. A graph replays the whole pass at once, where an eager pass is launch-bound
+    (an 8b verify pass took 17-28 ms eagerly, 4.9 ms as a decode graph of one row). The qk-norm kernel writes
+    every row's K/V before attention reads any, so a row sees the tokens before it in the same pass, and the
+    cost over a plain decode step is attention reading a context once per row (small beside the weights)."""
+    n = sum(b - a for a, b in spans)
+    g = runner.graphs
+    if n <= (g.max_batch if g is not None else runner.args.max_num_seqs):     # as many rows as a decode batch
+        ids, ctx, tabs = [], [], []
+        for seq, (a, b), table in zip(seqs, spans, tables):
+            ids += seq.token_ids[a:b]
+            ctx += range(a + 1, b + 1)
+            tabs += [table] * (b - a)
+        shared = n >= kernels.CASCADE_MIN_BATCH and shares_first_block(tabs)
+        if g is not None:
+            logits = runner.decode(ids, [], ctx, tabs, shared)    # a view of the graphs' buffer: use it at once
+        else:
+            runner.forward(ids, [], list(range(n + 1)), ctx, tabs, list(range(n)), 1, True)
+            logits = runner.logits(0, n)
+        return logits if rows is None else logits[to_device(rows, torch.int64, logits.device)]
+    ids, cu, ctx = [], [0], []
+    for seq, (a, b) in zip(seqs, spans):
+        ids += seq.token_ids[a:b]
+        cu.append(len(ids))
+        ctx.append(b)
+    rows = list(range(n)) if rows is None else rows
+    runner.forward(ids, [], cu, ctx, tables, rows, max(b - a for a, b in spans), n == len(seqs))
+    return runner.logits(0, len(rows))
