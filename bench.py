@@ -65,6 +65,7 @@ import torch
 from engine import LLM, EngineArgs, resolve_device_dtype
 from model import Config, preset, resolve_checkpoint
 from sample import SamplingParams, add_dataclass_args, pick, resolve
+from speculate import MIN_ACCEPTED
 
 MODES = ["offline", "nanovllm", "decode-1", "spec", "allreduce", "prefix", "prefill", "accuracy", "kernels", "serve"]   # run in this order (fewest rebuilds)
 DEFAULT_MODES = ["offline", "decode-1", "prefill", "prefix"]
@@ -410,7 +411,9 @@ def run_spec(b: Bench):
     few tokens. ms/token is per sequence: wall time / tokens each sequence produced. The floor column is plain
     decoding's (every token reads the weights once: B x bandwidth / weight bytes); speculation is how a run gets
     past it. With --speculative-method draft --speculative-model M the draft model runs every round (its cost is
-    measured) and its drafts are then replaced by the controlled ones."""
+    measured) and its drafts are then replaced by the controlled ones. Every row drafts at every step
+    (Speculator.min_accepted = 0: a plain decode step between verify passes would round differently and leave
+    the path) except "pausing", the engine's default, where a sequence whose drafts keep failing pauses."""
     w = b.w
     draft = b.eargs.speculative_model is not None
     llm = engine(b, speculative_method="draft" if draft else "ngram")
@@ -433,23 +436,27 @@ def run_spec(b: Bench):
         rows.append(row(f"spec off, B={B}", B * 1e3 / base_ms, fl, f"{base_ms:.2f} ms/token"))
         for K in (2, 4, 8):
             spec.k = K
-            for kept in (0.0, 1.0, 0.7, 0.4):            # the first run's tokens are the later runs' continuation
+            # the first run's tokens are the later runs' continuation
+            for kept, pausing in ((0.0, False), (0.0, True), (1.0, False), (0.7, False), (0.4, False)):
                 oracle = oracle_drafter(cont, kept, b.cfg.vocab_size, random.Random(K))
                 spec.drafter, spec.rewrite = oracle, (lambda seq, d: oracle(seq, len(d), len(d))) if draft else None
+                spec.min_accepted = MIN_ACCEPTED if pausing else 0.0
                 before = spec.stats()
                 seconds, got = timed(prompts)
-                if kept == 0.0:
+                if kept == 0.0 and not pausing:
                     cont = got
                 st = {k: v - before[k] for k, v in spec.stats().items()}
                 ms = 1e3 * seconds / w.decode_tokens
                 measured = st["spec_accepted_tokens"] / max(1, st["spec_draft_tokens"])
                 per_step = 1 + st["spec_accepted_tokens"] / max(1, st["spec_verified_seqs"])
-                label = f"spec B={B} K={K} drafts kept {kept:.0%}" + (f", draft model {b.eargs.speculative_model}"
-                                                                      if draft else "")
+                label = (f"spec B={B} K={K} drafts kept {kept:.0%}" + (", pausing" if pausing else "")
+                         + (f", draft model {b.eargs.speculative_model}" if draft else ""))
                 rows.append(row(label, B * 1e3 / ms, fl, f"{ms:.2f} ms/token, {base_ms / ms:.2f}x spec off; "
-                                f"acceptance {measured:.0%}, {per_step:.2f} tokens per verify pass"))
+                                f"acceptance {measured:.0%}, {per_step:.2f} tokens per verify pass, "
+                                f"{st['spec_verify_steps']} passes"))
                 details[label] = {"ms_per_token": ms, "speedup": base_ms / ms, "acceptance": measured,
-                                  "tokens_per_step": per_step}
+                                  "tokens_per_step": per_step, "verify_passes": st["spec_verify_steps"]}
+    spec.min_accepted = MIN_ACCEPTED
     return rows, details
 
 

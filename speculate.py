@@ -19,8 +19,8 @@ with d taken out and renormalized; the output follows the target's distribution.
 
 How it sits in the engine (`LLM.step` hands a step here when `ready`):
   - only pure decode phases speculate: nothing waiting, no prompt half computed, every running request
-    without logprobs, penalties or a grammar, and not opted out (`SamplingParams.speculative`); other steps
-    are the engine's own.
+    without logprobs, penalties or a grammar, and not opted out (`SamplingParams.speculative`), and some
+    sequence drafting (one whose drafts keep failing pauses: MIN_ACCEPTED); other steps are the engine's own.
   - drafts are appended to the sequence's tokens and marked (`Sequence.num_draft`), so the scheduler computes
     them like a prompt chunk and never puts a block holding an unverified token into the prefix cache.
   - after the verify pass the rejected drafts are cut off: their K/V slots lie past `num_computed` and are
@@ -48,6 +48,11 @@ from runner import shares_first_block, to_device
 from scheduler import PENDING, Status
 
 NGRAM_MAX, NGRAM_MIN = 4, 1      # longest and shortest suffix looked up in the request's own tokens
+# A verify pass costs more than the decode step it replaces (qwen3-8b, H200, batch 1, K = 4 drafts all rejected:
+# 5.72 against 4.90 ms), so a sequence whose drafts keep failing stops drafting: while the running mean of its
+# accepted drafts per pass (halved at each pass, then the pass's count added at half weight) is below
+# MIN_ACCEPTED, it decodes plainly for PROBE_EVERY tokens, then tries one pass again.
+MIN_ACCEPTED, PROBE_EVERY = 0.25, 16
 
 
 def ngram_drafts(tokens: list[int], k: int) -> list[int]:
@@ -74,10 +79,13 @@ class Speculator:
         self.drafter = lambda seq, k: ngram_drafts(seq.token_ids, k)   # (Sequence, k) -> up to k draft tokens
         self.rewrite = None          # bench: (Sequence, its draft model's drafts) -> the drafts to verify
         self.drafted = self.accepted = self.verify_steps = self.verified = 0   # verified: sequence-steps
+        self.min_accepted = MIN_ACCEPTED     # 0: always draft (bench.py measures the verify pass's cost so)
 
     def ready(self, llm) -> bool:
+        """Whether this step speculates: a pure decode phase (see the file's docstring) in which some sequence
+        drafts (the others take plain decode steps, with the engine's overlap of host and GPU)."""
         sch = llm.scheduler
-        return (not sch.waiting and bool(sch.running)
+        return (not sch.waiting and bool(sch.running) and any(s.num_tokens >= s.spec_resume for s in sch.running)
                 and all(s.num_computed == s.num_tokens - 1 and eligible(llm.requests[s.request_id].params)
                         for s in sch.running))
 
@@ -88,7 +96,7 @@ class Speculator:
         sch = llm.scheduler
         for seq in sch.running:                      # drafts, never past the request's last token
             room = seq.max_tokens - (seq.num_tokens - len(seq.prompt_ids)) - 1
-            k = min(self.k, room) if room > 0 else 0
+            k = min(self.k, room) if room > 0 and seq.num_tokens >= seq.spec_resume else 0
             drafts = self.drafter(seq, k) if self.model is None else [0] * k   # a draft model fills them in below
             seq.token_ids += drafts
             seq.num_draft = len(drafts)
@@ -135,6 +143,10 @@ class Speculator:
             seq.draft_kv = min(seq.draft_kv, seq.num_computed)   # the draft model's K/V past here is stale
             sch.cache_full_blocks(seq)
             self.drafted, self.accepted, self.verified = self.drafted + d, self.accepted + a, self.verified + 1
+            if d:
+                seq.spec_mean = (seq.spec_mean + a) / 2
+                if seq.spec_mean < self.min_accepted:
+                    seq.spec_resume = seq.num_tokens + PROBE_EVERY
             req = llm.requests[seq.request_id]
             for index in range(base, base + a + 1):
                 outputs.append(llm.check_stop(seq, req, index, None))
@@ -228,7 +240,9 @@ def forward_tokens(runner, seqs, spans, tables, rows) -> torch.Tensor:
             ids += seq.token_ids[a:b]
             ctx += range(a + 1, b + 1)
             tabs += [table] * (b - a)
-        shared = n >= kernels.CASCADE_MIN_BATCH and shares_first_block(tabs)
+        # cascade attention when sequences share a prefix (rows of one sequence always do: not a reason), so
+        # a row's arithmetic does not depend on the other sequences in the pass
+        shared = n >= kernels.CASCADE_MIN_BATCH and shares_first_block(tables)
         if g is not None:
             logits = runner.decode(ids, [], ctx, tabs, shared)    # a view of the graphs' buffer: use it at once
         else:

@@ -654,6 +654,7 @@ def test_speculation_matches_transformers(ckpt, kw, method, tmp_path):
     if method == "draft":
         kw = {**kw, "speculative_model": str(make_draft_checkpoint(path, tmp_path / "draft", 0.03))}
     llm = engine(path, speculative_method=method, num_speculative_tokens=3, **kw)
+    llm.speculator.min_accepted = 0.0                 # never pause drafting (its own test below)
     prompts = [llm.tokenizer.encode(p) for p in PROMPTS + [TEXT[:300]]]
     outs = llm.generate(prompts, greedy(max_tokens=40, ignore_eos=True))
     for p, o in zip(prompts, outs):
@@ -685,6 +686,27 @@ def test_speculation_matches_transformers(ckpt, kw, method, tmp_path):
                                greedy(max_tokens=12, speculative=False)])
     while llm.has_work():
         llm.step()
+    assert_no_leak(llm)
+
+
+def test_speculation_pauses_failing_drafts(ckpt):
+    """Drafts that are always wrong: after a few verify passes the sequence decodes plainly, probing now and then
+    (speculate.MIN_ACCEPTED, PROBE_EVERY); with pausing off every step verifies. Tokens stay greedy's."""
+    import speculate
+    path, hf = ckpt
+    llm = engine(path, speculative_method="ngram", num_speculative_tokens=3)
+    prompt = llm.tokenizer.encode(PROMPTS[1])
+    want = hf_greedy(hf, prompt, 40)
+    llm.speculator.drafter = lambda seq, k: [(seq.token_ids[-1] + 1) % 512] * k   # never the argmax here
+    passes = []
+    for floor in (speculate.MIN_ACCEPTED, 0.0):
+        llm.speculator.min_accepted = floor
+        before = llm.stats()["spec_verify_steps"]
+        assert llm.generate([prompt], greedy(max_tokens=40, ignore_eos=True))[0].token_ids == want
+        passes.append(llm.stats()["spec_verify_steps"] - before)
+    assert llm.stats()["spec_accepted_tokens"] == 0
+    # paused: 3 passes bring the mean from 1 below 0.25, then one probe per PROBE_EVERY tokens
+    assert passes[0] <= 3 + 40 // speculate.PROBE_EVERY and passes[1] >= 30, passes
     assert_no_leak(llm)
 
 
