@@ -131,6 +131,17 @@ def bench_kernels(copy_gbps: float, matmul_tflops: float, device="cuda", dtype=t
         add("linear (1 token)", f"{name} {K}->{Nw}", lambda: (rnd(1, K), rnd(Nw, K) / K ** 0.5),
             kernels.linear_triton, kernels.linear_ref, kernels.linear, "linear_triton", Nw * K * elt, "GB/s")
 
+    # one token's add + RMSNorm and the projection after it, in one kernel (kernels.norm_linear)
+    for name, (K, Nw) in {"0.6b qkv": (1024, 4096), "0.6b gate_up": (1024, 6144), "8b qkv": (4096, 6144),
+                          "8b gate_up": (4096, 24576)}.items():
+        nw = 1 + 0.1 * rnd(K)
+        def ref(x, r, w):
+            normed, h = kernels.add_rms_norm_ref(x, r, nw, eps)
+            return kernels.linear_ref(normed, w), h
+        add("norm + linear (1 token)", f"{name} {K}->{Nw}", lambda: (rnd(1, K), rnd(1, K), rnd(Nw, K) / K ** 0.5),
+            lambda x, r, w: kernels.linear_triton(x, w, norm=(r, nw, eps)), ref,
+            lambda x, r, w: kernels.norm_linear(x, r, nw, eps, w), "linear_triton", Nw * K * elt, "GB/s")
+
     # SiLU * up, qwen3-8b intermediate 12288: read 2*I, write I per token
     I = 12288
     for T in (1, 16, 128, 1024, 16384):

@@ -689,8 +689,8 @@ def prefill_attention_triton(q, k_cache, v_cache, cu_seqlens_q, context_lens, bl
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, out_ptr, N, K, SILU_MUL: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr):
+def _gemv_kernel(x_ptr, w_ptr, out_ptr, N, K, res_ptr, norm_w_ptr, res_out_ptr, eps, SILU_MUL: tl.constexpr,
+                 NORM: tl.constexpr, HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # One token (M = 1, a lone decode): out[n] = sum_k x[k] * w[n, k]. Bytes: the weight, N*K elements read
     # once; 2 FLOPs per element is nothing, so the floor is weight bytes / bandwidth. cuBLAS's GEMM kernels
     # reach less of it at M = 1 on Qwen3's small matrices (table at `linear`). Each program owns BLOCK_N rows
@@ -698,18 +698,40 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, N, K, SILU_MUL: tl.constexpr, BLOCK_N: t
     # reduced once at the end, so the loop body is loads and FMAs only.
     # SILU_MUL: x is a gate_up row (2*K wide) and the input is silu(gate) * up, made on the fly (rounded as
     # silu_mul_ref rounds): the MLP's down projection then needs no separate activation kernel.
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    # NORM: the input is rms_norm(h) * norm_w with h = x (+ res when HAS_RES), rounded as add_rms_norm_ref
+    # rounds: every program first sums h's squares over the whole row (K elements from L2, a few KB), and
+    # program 0 writes h to res_out (the residual stream onward). That is one kernel instead of two per norm.
+    pid = tl.program_id(0)
+    dtype = x_ptr.dtype.element_ty
+    rstd = 1.0
+    if NORM:
+        ss = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            col_mask = cols < K
+            h = tl.load(x_ptr + cols, mask=col_mask, other=0.0)
+            if HAS_RES:
+                h = (h.to(tl.float32) + tl.load(res_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)).to(dtype)
+                tl.store(res_out_ptr + cols, h, mask=col_mask & (cols * 0 + pid == 0))   # (a tensor mask)
+            ss += h.to(tl.float32) * h.to(tl.float32)
+        rstd = tl.rsqrt(tl.sum(ss, axis=0) / K + eps)
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         col_mask = cols < K
         if SILU_MUL:
-            dtype = x_ptr.dtype.element_ty
             gate = tl.load(x_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
             up = tl.load(x_ptr + K + cols, mask=col_mask, other=0.0).to(tl.float32)
             act = (gate * tl.sigmoid(gate)).to(dtype).to(tl.float32)
             x = (act * up).to(dtype).to(tl.float32)
+        elif NORM:
+            h = tl.load(x_ptr + cols, mask=col_mask, other=0.0)
+            if HAS_RES:
+                h = (h.to(tl.float32) + tl.load(res_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)).to(dtype)
+            nw = tl.load(norm_w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+            x = ((h.to(tl.float32) * rstd).to(dtype).to(tl.float32) * nw).to(dtype).to(tl.float32)
         else:
             x = tl.load(x_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
         w = tl.load(w_ptr + rows[:, None].to(tl.int64) * K + cols[None, :],
@@ -723,17 +745,27 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, N, K, SILU_MUL: tl.constexpr, BLOCK_N: t
 GEMV_CONFIG = dict(BLOCK_N=2, BLOCK_K=1024, num_warps=4)
 
 
-def linear_triton(x, weight, config=None, silu_mul=False, out=None):
+def linear_triton(x, weight, config=None, silu_mul=False, out=None, norm=None):
     """x (1, K), weight (N, K), both contiguous -> (1, N) (into out, if given). silu_mul: x is (1, 2K)
-    gate_up, and the product is silu_mul_ref(x) @ weight^T."""
+    gate_up, and the product is silu_mul_ref(x) @ weight^T. norm: (residual or None, norm weight, eps): the
+    product is of add_rms_norm_ref(x, residual, ...)'s (rms_norm_ref's) output; returns (out, x + residual)."""
     N, K = weight.shape
     assert x.shape == (1, 2 * K if silu_mul else K) and x.is_contiguous() and weight.is_contiguous()
     assert x.dtype == weight.dtype
     cfg = dict(config or GEMV_CONFIG)
     out = torch.empty(1, N, dtype=x.dtype, device=x.device) if out is None else out
     assert out.shape == (1, N) and out.is_contiguous() and out.dtype == x.dtype
-    _gemv_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](x, weight, out, N, K, SILU_MUL=silu_mul, **cfg)
-    return out
+    res, norm_w, eps = norm or (None, None, 0.0)
+    res_out = None
+    if norm is not None:
+        assert norm_w.shape == (K,) and norm_w.dtype == x.dtype and not silu_mul
+        if res is not None:
+            assert res.shape == x.shape and res.dtype == x.dtype and res.is_contiguous()
+            res_out = torch.empty_like(x)
+    _gemv_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](x, weight, out, N, K, res, norm_w, res_out, eps,
+                                                    SILU_MUL=silu_mul, NORM=norm is not None,
+                                                    HAS_RES=res is not None, **cfg)
+    return out if norm is None else (out, x if res is None else res_out)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -765,6 +797,17 @@ def linear(x, weight, out=None):
     if x.shape[0] == 1 and _use_triton(x):
         return linear_triton(x, weight, out=out)
     return linear_ref(x, weight, out=out)
+
+
+def norm_linear(x, residual, norm_w, eps, weight):
+    """(linear(rms_norm(h), weight), h) with h = x + residual (x when residual is None): a norm and the
+    projection after it. For one token one GEMV kernel does both (a lone decode step is made of launches)."""
+    if x.shape[0] == 1 and _use_triton(x) and norm_w.dtype == x.dtype:
+        return linear_triton(x, weight, norm=(residual, norm_w, eps))
+    if residual is None:
+        return linear(rms_norm(x, norm_w, eps), weight), x
+    normed, residual = add_rms_norm(x, residual, norm_w, eps)
+    return linear(normed, weight), residual
 
 
 def silu_mul_linear(gate_up, weight):

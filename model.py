@@ -162,9 +162,9 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)   # per-head norms, before RoPE (new in Qwen3)
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
 
-    def forward(self, x, positions, meta: AttnMeta, kv, cos_sin):
+    def forward(self, qkv, positions, meta: AttnMeta, kv, cos_sin):
+        """qkv: (T, (n_heads + 2*n_kv) * head_dim), qkv_proj's output (DecoderLayer runs it with the norm)."""
         k_cache, v_cache = kv                                     # (num_blocks, block_size, n_kv, head_dim) each
-        qkv = self.qkv_proj(x)                                    # (T, (n_heads + 2*n_kv) * head_dim)
         # norm + RoPE on q and k, and k/v written into their cache slots before attention reads them
         q = kernels.qk_norm_rope_store(qkv, self.q_norm.weight, self.k_norm.weight, cos_sin, positions,
                                        k_cache, v_cache, meta.slot_mapping, self.n_heads, self.n_kv_heads,
@@ -176,7 +176,7 @@ class Attention(nn.Module):
         else:
             o = kernels.prefill_attention(q, k_cache, v_cache, meta.cu_seqlens_q, meta.context_lens,
                                           meta.block_tables, scale, max_seqlen_q=meta.max_seqlen_q)
-        return self.o_proj(o.reshape(x.shape[0], -1))             # (T, hidden)
+        return self.o_proj(o.reshape(qkv.shape[0], -1))           # (T, hidden)
 
 
 class MLP(nn.Module):
@@ -185,9 +185,18 @@ class MLP(nn.Module):
         self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size)   # gate rows first
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size)
 
-    def forward(self, x):
-        gate_up = self.gate_up_proj(x)                            # (T, 2 * intermediate)
+    def forward(self, gate_up):
+        """gate_up: (T, 2 * intermediate), gate_up_proj's output (DecoderLayer runs it with the norm)."""
         return self.down_proj(gate_up, silu_mul=True)             # down_proj(silu(gate) * up)
+
+
+def norm_linear(norm: RMSNorm, x, residual, proj):
+    """(proj(norm(x + residual)), x + residual); residual None: no add. At one token a plain Linear does both
+    in one kernel (kernels.norm_linear); quant.Fp8Linear has a GEMV of its own, so its norm runs first."""
+    if type(proj) is Linear:
+        return kernels.norm_linear(x, residual, norm.weight, norm.eps, proj.weight)
+    x, residual = (norm(x), x) if residual is None else norm(x, residual)
+    return proj(x), residual
 
 
 class DecoderLayer(nn.Module):
@@ -201,15 +210,16 @@ class DecoderLayer(nn.Module):
                                   cfg.norm_topk_prob) if moe else MLP(cfg)
 
     def forward(self, x, residual, positions, meta, kv, cos_sin):
-        # The residual stream is carried separately so each add fuses into the following norm.
-        if residual is None:
-            x, residual = self.input_layernorm(x), x
-        else:
-            x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(x, positions, meta, kv, cos_sin)
+        # The residual stream is carried separately so each add fuses into the norm after it, and each norm
+        # into the projection after that (norm_linear).
+        qkv, residual = norm_linear(self.input_layernorm, x, residual, self.self_attn.qkv_proj)
+        x = self.self_attn(qkv, positions, meta, kv, cos_sin)
         x = parallel.all_reduce(x, self.tp)             # TP: each rank's o_proj summed its own heads only
-        x, residual = self.post_attention_layernorm(x, residual)
-        return parallel.all_reduce(self.mlp(x), self.tp), residual   # ... and down_proj its intermediate slice
+        if isinstance(self.mlp, SparseMoeBlock):        # the router and the experts read the normed input
+            x, residual = self.post_attention_layernorm(x, residual)
+            return parallel.all_reduce(self.mlp(x), self.tp), residual
+        gate_up, residual = norm_linear(self.post_attention_layernorm, x, residual, self.mlp.gate_up_proj)
+        return parallel.all_reduce(self.mlp(gate_up), self.tp), residual   # ... and down_proj its slice
 
 
 class Qwen3Model(nn.Module):

@@ -1014,6 +1014,14 @@ def test_kt_linear_one_token(K, N, dtype):
     kt_check(f"silu_mul + linear K={K} N={N} {dtype}",
              kernels.linear_triton(gate_up, w, dict(BLOCK_N=8, BLOCK_K=32), silu_mul=True),
              kernels.linear_ref(kernels.silu_mul_ref(gate_up), w), dtype)
+    # the norm before it in the same kernel, with and without the residual add; h = x + residual onward
+    res, nw = torch.randn(1, K).to(dtype), (1 + 0.1 * torch.randn(K)).to(dtype)
+    for r in (res, None):
+        got, h = kernels.linear_triton(x, w, dict(BLOCK_N=8, BLOCK_K=32), norm=(r, nw, 1e-6))
+        want_h = x if r is None else x + r
+        kt_check(f"norm + linear K={K} N={N} {dtype} residual={r is not None}", got,
+                 kernels.linear_ref(kernels.rms_norm_ref(want_h, nw, 1e-6), w), dtype)
+        torch.testing.assert_close(h, want_h, atol=0, rtol=0)
 
 
 @pytest.mark.usefixtures("kt_triton_poisoned")
