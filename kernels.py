@@ -698,26 +698,17 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, N, K, res_ptr, norm_w_ptr, res_out_ptr, 
     # reduced once at the end, so the loop body is loads and FMAs only.
     # SILU_MUL: x is a gate_up row (2*K wide) and the input is silu(gate) * up, made on the fly (rounded as
     # silu_mul_ref rounds): the MLP's down projection then needs no separate activation kernel.
-    # NORM: the input is rms_norm(h) * norm_w with h = x (+ res when HAS_RES), rounded as add_rms_norm_ref
-    # rounds: every program first sums h's squares over the whole row (K elements from L2, a few KB), and
-    # program 0 writes h to res_out (the residual stream onward). That is one kernel instead of two per norm.
+    # NORM: the input is rms_norm(h) * norm_w with h = x (+ res when HAS_RES), in one pass: the products
+    # use h * norm_w, the squares of h are summed beside them, and the row sums are scaled by rstd at the end
+    # (rms_norm_ref rounds h * rstd to the dtype first; here it stays fp32, so the results differ by about one
+    # rounding). Every program reads the whole row (K elements, from L2) and program 0 writes h to res_out (the
+    # residual stream onward). That is one kernel instead of two per norm.
     pid = tl.program_id(0)
     dtype = x_ptr.dtype.element_ty
-    rstd = 1.0
-    if NORM:
-        ss = tl.zeros((BLOCK_K,), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            cols = k0 + tl.arange(0, BLOCK_K)
-            col_mask = cols < K
-            h = tl.load(x_ptr + cols, mask=col_mask, other=0.0)
-            if HAS_RES:
-                h = (h.to(tl.float32) + tl.load(res_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)).to(dtype)
-                tl.store(res_out_ptr + cols, h, mask=col_mask & (cols * 0 + pid == 0))   # (a tensor mask)
-            ss += h.to(tl.float32) * h.to(tl.float32)
-        rstd = tl.rsqrt(tl.sum(ss, axis=0) / K + eps)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    ss = tl.zeros((BLOCK_K,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         col_mask = cols < K
@@ -730,19 +721,25 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, N, K, res_ptr, norm_w_ptr, res_out_ptr, 
             h = tl.load(x_ptr + cols, mask=col_mask, other=0.0)
             if HAS_RES:
                 h = (h.to(tl.float32) + tl.load(res_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)).to(dtype)
-            nw = tl.load(norm_w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-            x = ((h.to(tl.float32) * rstd).to(dtype).to(tl.float32) * nw).to(dtype).to(tl.float32)
+                tl.store(res_out_ptr + cols, h, mask=col_mask & (cols * 0 + pid == 0))   # (a tensor mask)
+            h = h.to(tl.float32)
+            ss += h * h
+            x = h * tl.load(norm_w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
         else:
             x = tl.load(x_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
         w = tl.load(w_ptr + rows[:, None].to(tl.int64) * K + cols[None, :],
                     mask=row_mask[:, None] & col_mask[None, :], other=0.0)
         acc += w.to(tl.float32) * x[None, :]
-    tl.store(out_ptr + rows, tl.sum(acc, axis=1).to(out_ptr.dtype.element_ty), mask=row_mask)
+    out = tl.sum(acc, axis=1)
+    if NORM:
+        out = out * tl.rsqrt(tl.sum(ss, axis=0) / K + eps)
+    tl.store(out_ptr + rows, out.to(out_ptr.dtype.element_ty), mask=row_mask)
 
 
 # Swept on an H100 (BLOCK_N 2-32, BLOCK_K 128-1024, 2-8 warps) over the 0.6b and 8b shapes: two rows per
 # program and long K chunks were best or within 8% of the best on every shape (narrow rows = many programs).
 GEMV_CONFIG = dict(BLOCK_N=2, BLOCK_K=1024, num_warps=4)
+NORM_GEMV_CONFIG = dict(BLOCK_N=4, BLOCK_K=1024, num_warps=4)   # with the norm: fewer programs read the row
 
 
 def linear_triton(x, weight, config=None, silu_mul=False, out=None, norm=None):
@@ -752,7 +749,7 @@ def linear_triton(x, weight, config=None, silu_mul=False, out=None, norm=None):
     N, K = weight.shape
     assert x.shape == (1, 2 * K if silu_mul else K) and x.is_contiguous() and weight.is_contiguous()
     assert x.dtype == weight.dtype
-    cfg = dict(config or GEMV_CONFIG)
+    cfg = dict(config or (GEMV_CONFIG if norm is None else NORM_GEMV_CONFIG))
     out = torch.empty(1, N, dtype=x.dtype, device=x.device) if out is None else out
     assert out.shape == (1, N) and out.is_contiguous() and out.dtype == x.dtype
     res, norm_w, eps = norm or (None, None, 0.0)
