@@ -739,7 +739,7 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, N, K, res_ptr, norm_w_ptr, res_out_ptr, 
 # Swept on an H100 (BLOCK_N 2-32, BLOCK_K 128-1024, 2-8 warps) over the 0.6b and 8b shapes: two rows per
 # program and long K chunks were best or within 8% of the best on every shape (narrow rows = many programs).
 GEMV_CONFIG = dict(BLOCK_N=2, BLOCK_K=1024, num_warps=4)
-NORM_GEMV_CONFIG = dict(BLOCK_N=4, BLOCK_K=1024, num_warps=4)   # with the norm: fewer programs read the row
+NORM_GEMV_CONFIG = dict(BLOCK_N=8, BLOCK_K=1024, num_warps=4)   # with the norm: fewer programs read the row
 
 
 def linear_triton(x, weight, config=None, silu_mul=False, out=None, norm=None):
