@@ -749,7 +749,7 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, N, K, res_ptr, norm_w_ptr, res_out_ptr, 
 #                         | norm  |  21.7    |  22.8    |  18.5    |  17.8   |  18.0    |  22.5
 #   8b gate_up 4096->24576| plain |  51.0    |  57.5    |  60.1    |  65.5   |  68.1    |  52.3
 #                         | norm  |  64.8    |  67.0    |  54.6    |  56.2   |  57.2    |  72.7
-# The norm costs 1-4 us per call and saves an RMSNorm launch (1.5-2 us) and its gap: decode-1 0.98 -> 0.95 ms
+# The norm costs 1-4 us per call and saves an RMSNorm launch (1.5-2 us) and its gap: decode-1 1.00 -> 0.95 ms
 # (0.6b), 4.90 -> 4.87 ms (8b); with 4 rows per program it was 5.55 ms on the 8b.
 GEMV_CONFIG = dict(BLOCK_N=2, BLOCK_K=1024, num_warps=4)
 NORM_GEMV_CONFIG = dict(BLOCK_N=8, BLOCK_K=1024, num_warps=4)
