@@ -778,6 +778,40 @@ def linear_triton(x, weight, config=None, silu_mul=False, out=None, norm=None):
     return out if norm is None else (out, x if res is None else res_out)
 
 
+@triton.jit
+def _skinny_gemm_kernel(x_ptr, w_ptr, out_ptr, M, N, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_K: tl.constexpr):
+    # A few tokens (M <= BLOCK_M = 16: small decode batches, a speculative verify pass): out = x @ w^T with the
+    # weight read once for all M rows, like the GEMV. Each program owns BLOCK_N rows of w and streams them
+    # in BLOCK_K chunks through one tensor-core product per chunk (x padded to 16 rows with zeros).
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ms = tl.arange(0, BLOCK_M)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + ms[:, None] * K + cols[None, :], mask=(ms[:, None] < M) & (cols[None, :] < K), other=0.0)
+        w = tl.load(w_ptr + rows[:, None].to(tl.int64) * K + cols[None, :],
+                    mask=(rows[:, None] < N) & (cols[None, :] < K), other=0.0)
+        acc = tl.dot(x, tl.trans(w), acc)
+    tl.store(out_ptr + ms[:, None] * N + rows[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=(ms[:, None] < M) & (rows[None, :] < N))
+
+
+SKINNY_CONFIG = dict(BLOCK_N=16, BLOCK_K=256, num_warps=4, num_stages=4)
+
+
+def skinny_linear_triton(x, weight, config=None, out=None):
+    """x (M, K) with M <= 16, weight (N, K), both contiguous -> (M, N) (into out, if given)."""
+    (M, K), N = x.shape, weight.shape[0]
+    assert M <= 16 and weight.shape[1] == K and x.is_contiguous() and weight.is_contiguous()
+    assert x.dtype == weight.dtype
+    cfg = dict(config or SKINNY_CONFIG)
+    out = torch.empty(M, N, dtype=x.dtype, device=x.device) if out is None else out
+    assert out.shape == (M, N) and out.is_contiguous() and out.dtype == x.dtype
+    _skinny_gemm_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](x, weight, out, M, N, K, BLOCK_M=16, **cfg)
+    return out
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Dispatchers: what model.py calls
 # ----------------------------------------------------------------------------------------------------------

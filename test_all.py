@@ -1004,6 +1004,15 @@ def test_fp8_kv_cache_engine(ckpt, monkeypatch):
 
 @pytest.mark.usefixtures("kt_triton_poisoned")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("M,K,N", [(2, 64, 5), (5, 100, 37), (16, 300, 130), (9, 16, 1)])
+def test_kt_skinny_linear(M, K, N, dtype):
+    x, w = torch.randn(M, K).to(dtype), (torch.randn(N, K) / K ** 0.5).to(dtype)
+    kt_check(f"skinny linear M={M} K={K} N={N} {dtype}",
+             kernels.skinny_linear_triton(x, w, dict(BLOCK_N=16, BLOCK_K=32)), kernels.linear_ref(x, w), dtype)
+
+
+@pytest.mark.usefixtures("kt_triton_poisoned")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("K,N", [(64, 5), (100, 37), (1000, 130), (16, 1)])
 def test_kt_linear_one_token(K, N, dtype):
     x, w = torch.randn(1, K).to(dtype), (torch.randn(N, K) / K ** 0.5).to(dtype)
