@@ -131,6 +131,14 @@ def bench_kernels(copy_gbps: float, matmul_tflops: float, device="cuda", dtype=t
         add("linear (1 token)", f"{name} {K}->{Nw}", lambda: (rnd(1, K), rnd(Nw, K) / K ** 0.5),
             kernels.linear_triton, kernels.linear_ref, kernels.linear, "linear_triton", Nw * K * elt, "GB/s")
 
+    # 2..16 tokens through the tall projections (small decode batches, verify passes): the skinny kernel
+    for name, (K, Nw) in {"0.6b o": (2048, 1024), "0.6b down": (3072, 1024), "8b o": (4096, 4096),
+                          "8b down": (12288, 4096)}.items():
+        for M in (2, 8, 16):
+            add("linear (2-16 tokens)", f"{name} {M}x{K}->{Nw}", lambda: (rnd(M, K), rnd(Nw, K) / K ** 0.5),
+                kernels.skinny_linear_triton, kernels.linear_ref, kernels.linear, "skinny_linear_triton",
+                Nw * K * elt, "GB/s")
+
     # one token's add + RMSNorm and the projection after it, in one kernel (kernels.norm_linear)
     for name, (K, Nw) in {"0.6b qkv": (1024, 4096), "0.6b gate_up": (1024, 6144), "8b qkv": (4096, 6144),
                           "8b gate_up": (4096, 24576)}.items():
