@@ -200,15 +200,33 @@ except Exception:  # not installed, or installed but unusable: the dispatchers t
     triton = types.SimpleNamespace(jit=lambda fn: fn)     # just enough for the decorators below to be defined
     tl = types.SimpleNamespace(constexpr=None)
 
+def pdl(x: torch.Tensor) -> dict:
+    """Launch options for programmatic dependent launch (Hopper and later): the decode step's kernels start
+    while the one before them finishes, each doing what does not depend on it (the GEMV's first weight chunk)
+    before `gdc_wait`. A kernel given these must wait before it reads what an earlier kernel wrote. {} off the
+    GPU (the interpreter has no such thing) and with QWEN3_PDL=0."""
+    if not x.is_cuda or os.environ.get("QWEN3_PDL", "1") == "0" or _sm_major(x.device) < 9:
+        return {}
+    return dict(USE_GDC=True, launch_pdl=True)
+
+
+@functools.lru_cache
+def _sm_major(device) -> int:
+    return torch.cuda.get_device_capability(device)[0]
+
+
 LOG2E = 1.4426950408889634   # the attention kernels use exp2: exp(x) = exp2(x * log2(e)), folded into the scale
 
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, N, eps,
-                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, USE_GDC: tl.constexpr = False):
     # One program per row; the row (N <= BLOCK elements) stays in registers between the sum and the scale.
     # Bytes: rms_norm reads x and writes out (2*N*elt per row); add_rms_norm also reads residual and writes the
     # new residual (4*N*elt). FLOPs are ~4 per element: far under the matmul rate, so bandwidth is the floor.
+    if USE_GDC:                                        # programmatic dependent launch: see `pdl`
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < N
@@ -234,7 +252,7 @@ def rms_norm_triton(x, weight, eps, residual=None):
     res_out = torch.empty_like(x) if residual is not None else None
     BLOCK = triton.next_power_of_2(N)
     _rms_norm_kernel[(x.numel() // N,)](x, residual, weight, out, res_out, N, eps, HAS_RESIDUAL=residual is not None,
-                                        BLOCK=BLOCK, num_warps=min(16, max(1, BLOCK // 512)))
+                                        BLOCK=BLOCK, num_warps=min(16, max(1, BLOCK // 512)), **pdl(x))
     return out if residual is None else (out, res_out)
 
 
@@ -279,10 +297,13 @@ def _norm_rope(x1, x2, w_ptr, cos, sin, eps, HEAD_DIM: tl.constexpr):
 def _qk_norm_rope_store_kernel(qkv_ptr, qkv_stride, q_norm_w_ptr, k_norm_w_ptr, cos_sin_ptr, positions_ptr,
                                slot_mapping_ptr, q_out_ptr, k_cache_ptr, v_cache_ptr, eps,
                                N_HEADS: tl.constexpr, N_KV: tl.constexpr, HEAD_DIM: tl.constexpr,
-                               BLOCK_H: tl.constexpr, BLOCK_KV: tl.constexpr):
+                               BLOCK_H: tl.constexpr, BLOCK_KV: tl.constexpr, USE_GDC: tl.constexpr = False):
     # One program per token: its whole qkv row, (N_HEADS + 2*N_KV) * HEAD_DIM elements, is read once; q comes
     # out normed+rotated, k normed+rotated into its cache slot, v copied into its slot. Bytes per token:
     # (N_HEADS + 2*N_KV) * HEAD_DIM * elt read and as many written, plus one HEAD_DIM fp32 cos/sin row.
+    if USE_GDC:                                        # programmatic dependent launch: see `pdl`
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     HALF: tl.constexpr = HEAD_DIM // 2
     t = tl.program_id(0).to(tl.int64)
     d = tl.arange(0, HALF)
@@ -329,7 +350,7 @@ def qk_norm_rope_store_triton(qkv, q_norm_w, k_norm_w, cos_sin, positions, k_cac
     _qk_norm_rope_store_kernel[(T,)](qkv, qkv.stride(0), q_norm_w, k_norm_w, cos_sin, positions, slot_mapping, q,
                                      k_cache, v_cache, eps, N_HEADS=n_heads, N_KV=n_kv_heads, HEAD_DIM=hd,
                                      BLOCK_H=triton.next_power_of_2(n_heads),
-                                     BLOCK_KV=triton.next_power_of_2(n_kv_heads), num_warps=4)
+                                     BLOCK_KV=triton.next_power_of_2(n_kv_heads), num_warps=4, **pdl(qkv))
     return q
 
 
@@ -419,8 +440,11 @@ def _decode_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, 
                              out_ptr, part_o_ptr, part_lse_ptr, qk_scale, num_splits,
                              N_HEADS: tl.constexpr, N_KV: tl.constexpr, HEAD_DIM: tl.constexpr,
                              BLOCK_SIZE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
-                             SPLIT: tl.constexpr):
+                             SPLIT: tl.constexpr, USE_GDC: tl.constexpr = False):
     # grid (B, N_KV, num_splits): one _decode_slice each
+    if USE_GDC:                                        # programmatic dependent launch: see `pdl`
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     _decode_slice(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, bt_stride, context_lens_ptr, context_lens_ptr,
                   out_ptr, part_o_ptr, part_lse_ptr, qk_scale, tl.program_id(0), tl.program_id(1), tl.program_id(2),
                   num_splits, num_splits, N_HEADS, N_KV, HEAD_DIM, BLOCK_SIZE, BLOCK_G, BLOCK_N, SPLIT, SHARED=False)
@@ -487,9 +511,12 @@ def _cascade_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr,
 
 @triton.jit
 def _decode_reduce_kernel(part_o_ptr, part_lse_ptr, out_ptr, num_slots, HEAD_DIM: tl.constexpr,
-                          BLOCK_S: tl.constexpr):
+                          BLOCK_S: tl.constexpr, USE_GDC: tl.constexpr = False):
     # grid (B * N_HEADS,): weigh each slice's output by exp2(lse_slice - lse_max). Bytes: num_slots * HEAD_DIM
     # fp32 per head, small against the KV bytes of the slices.
+    if USE_GDC:                                        # programmatic dependent launch: see `pdl`
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     row = tl.program_id(0).to(tl.int64)
     s = tl.arange(0, BLOCK_S)
     d = tl.arange(0, HEAD_DIM)
@@ -577,7 +604,7 @@ def decode_attention_triton(q, k_cache, v_cache, block_tables, context_lens, sca
         _decode_attention_kernel[(B, n_kv, splits)](
             q, k_cache, v_cache, block_tables, block_tables.stride(0), context_lens, out, part_o, part_lse,
             scale * LOG2E, splits, N_HEADS=n_heads, N_KV=n_kv, HEAD_DIM=hd, BLOCK_SIZE=block_size, BLOCK_G=block_g,
-            SPLIT=splits > 1, **(DECODE_CONFIG_FP8 if k_cache.dtype.itemsize == 1 else DECODE_CONFIG))
+            SPLIT=splits > 1, **(DECODE_CONFIG_FP8 if k_cache.dtype.itemsize == 1 else DECODE_CONFIG), **pdl(q))
     else:
         grid = (n_kv * chunks * triton.cdiv(B * (n_heads // n_kv), block_m) + B * n_kv * splits,)
         _cascade_attention_kernel[grid](
@@ -587,7 +614,7 @@ def decode_attention_triton(q, k_cache, v_cache, block_tables, context_lens, sca
             **DECODE_CONFIG)
     if slots > 1:
         _decode_reduce_kernel[(B * n_heads,)](part_o, part_lse, out, slots, HEAD_DIM=hd,
-                                              BLOCK_S=triton.next_power_of_2(slots))
+                                              BLOCK_S=triton.next_power_of_2(slots), **pdl(q))
     return out
 
 
@@ -689,8 +716,34 @@ def prefill_attention_triton(q, k_cache, v_cache, cu_seqlens_q, context_lens, bl
 
 
 @triton.jit
+def _gemv_input(x_ptr, res_ptr, norm_w_ptr, res_out_ptr, cols, col_mask, first, K, SILU_MUL: tl.constexpr,
+                NORM: tl.constexpr, HAS_RES: tl.constexpr):
+    # One BLOCK_K chunk of _gemv_kernel's input in fp32, and (NORM) the squares of h for its rstd.
+    dtype = x_ptr.dtype.element_ty
+    if SILU_MUL:
+        gate = tl.load(x_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+        up = tl.load(x_ptr + K + cols, mask=col_mask, other=0.0).to(tl.float32)
+        act = (gate * tl.sigmoid(gate)).to(dtype).to(tl.float32)
+        x = (act * up).to(dtype).to(tl.float32)
+        sq = x * 0.0
+    elif NORM:
+        h = tl.load(x_ptr + cols, mask=col_mask, other=0.0)
+        if HAS_RES:
+            h = (h.to(tl.float32) + tl.load(res_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)).to(dtype)
+            tl.store(res_out_ptr + cols, h, mask=col_mask & first)
+        h = h.to(tl.float32)
+        sq = h * h
+        x = h * tl.load(norm_w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+    else:
+        x = tl.load(x_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+        sq = x * 0.0
+    return x, sq
+
+
+@triton.jit
 def _gemv_kernel(x_ptr, w_ptr, out_ptr, N, K, res_ptr, norm_w_ptr, res_out_ptr, eps, SILU_MUL: tl.constexpr,
-                 NORM: tl.constexpr, HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                 NORM: tl.constexpr, HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 USE_GDC: tl.constexpr = False):
     # One token (M = 1, a lone decode): out[n] = sum_k x[k] * w[n, k]. Bytes: the weight, N*K elements read
     # once; 2 FLOPs per element is nothing, so the floor is weight bytes / bandwidth. cuBLAS's GEMM kernels
     # reach less of it at M = 1 on Qwen3's small matrices (table at `linear`). Each program owns BLOCK_N rows
@@ -703,30 +756,28 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, N, K, res_ptr, norm_w_ptr, res_out_ptr, 
     # (rms_norm_ref rounds h * rstd to the dtype first; here it stays fp32, so the results differ by about one
     # rounding). Every program reads the whole row (K elements, from L2) and program 0 writes h to res_out (the
     # residual stream onward). That is one kernel instead of two per norm.
+    # USE_GDC (programmatic dependent launch, see `pdl`): the first weight chunk is loaded before waiting for
+    # the kernel before (no kernel writes weights), so it streams while that kernel finishes.
     pid = tl.program_id(0)
-    dtype = x_ptr.dtype.element_ty
+    if USE_GDC:
+        tl.extra.cuda.gdc_launch_dependents()
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
-    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    ss = tl.zeros((BLOCK_K,), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    cols = tl.arange(0, BLOCK_K)
+    col_mask = cols < K
+    w = tl.load(w_ptr + rows[:, None].to(tl.int64) * K + cols[None, :],
+                mask=row_mask[:, None] & col_mask[None, :], other=0.0)
+    if USE_GDC:
+        tl.extra.cuda.gdc_wait()
+    first = cols * 0 + pid == 0                        # program 0 writes the residual (a tensor mask)
+    x, ss = _gemv_input(x_ptr, res_ptr, norm_w_ptr, res_out_ptr, cols, col_mask, first, K, SILU_MUL, NORM, HAS_RES)
+    acc = w.to(tl.float32) * x[None, :]
+    for k0 in range(BLOCK_K, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         col_mask = cols < K
-        if SILU_MUL:
-            gate = tl.load(x_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-            up = tl.load(x_ptr + K + cols, mask=col_mask, other=0.0).to(tl.float32)
-            act = (gate * tl.sigmoid(gate)).to(dtype).to(tl.float32)
-            x = (act * up).to(dtype).to(tl.float32)
-        elif NORM:
-            h = tl.load(x_ptr + cols, mask=col_mask, other=0.0)
-            if HAS_RES:
-                h = (h.to(tl.float32) + tl.load(res_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)).to(dtype)
-                tl.store(res_out_ptr + cols, h, mask=col_mask & (cols * 0 + pid == 0))   # (a tensor mask)
-            h = h.to(tl.float32)
-            ss += h * h
-            x = h * tl.load(norm_w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-        else:
-            x = tl.load(x_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+        x, sq = _gemv_input(x_ptr, res_ptr, norm_w_ptr, res_out_ptr, cols, col_mask, first, K, SILU_MUL, NORM,
+                            HAS_RES)
+        ss += sq
         w = tl.load(w_ptr + rows[:, None].to(tl.int64) * K + cols[None, :],
                     mask=row_mask[:, None] & col_mask[None, :], other=0.0)
         acc += w.to(tl.float32) * x[None, :]
@@ -774,7 +825,7 @@ def linear_triton(x, weight, config=None, silu_mul=False, out=None, norm=None):
             res_out = torch.empty_like(x)
     _gemv_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](x, weight, out, N, K, res, norm_w, res_out, eps,
                                                     SILU_MUL=silu_mul, NORM=norm is not None,
-                                                    HAS_RES=res is not None, **cfg)
+                                                    HAS_RES=res is not None, **cfg, **pdl(x))
     return out if norm is None else (out, x if res is None else res_out)
 
 
