@@ -48,8 +48,9 @@ from runner import shares_first_block, to_device
 from scheduler import PENDING, Status
 
 NGRAM_MAX, NGRAM_MIN = 4, 1      # longest and shortest suffix looked up in the request's own tokens
-# A verify pass costs more than the decode step it replaces (qwen3-8b, H200, batch 1, K = 4 drafts all rejected:
-# 5.72 against 4.90 ms), so a sequence whose drafts keep failing stops drafting: while the running mean of its
+# A verify pass costs more than the decode step it replaces (qwen3-8b, H200, K = 4 drafts all rejected: 5.14
+# against 4.95 ms at batch 1, 6.71 against 5.08 at batch 16; bench.py spec), so a sequence whose drafts keep
+# failing stops drafting (the same runs with it: 1.00x and 0.97x decoding without drafts): while the mean of its
 # accepted drafts per pass (halved at each pass, then the pass's count added at half weight) is below
 # MIN_ACCEPTED, it decodes plainly for PROBE_EVERY tokens, then tries one pass again.
 MIN_ACCEPTED, PROBE_EVERY = 0.25, 16
