@@ -12,6 +12,7 @@ decode graphs run), and no call reads its inputs from L2. The prefill reference 
 import torch
 import torch.nn.functional as F
 
+import gemv
 import kernels
 
 QWEN3_HEADS = {"qwen3-0.6b": (16, 8), "qwen3-8b": (32, 8)}     # (q heads, kv heads), head_dim 128 for both
@@ -65,13 +66,15 @@ def rel_err(out, ref) -> float:
 
 
 def _path(launcher: str, call) -> str:
-    """Which path the dispatcher takes for this call: run it once with the Triton launcher wrapped."""
-    real, hit = getattr(kernels, launcher), []
-    setattr(kernels, launcher, lambda *a, **k: hit.append(1) or real(*a, **k))
+    """Which path the dispatcher takes for this call: run it once with the Triton launcher wrapped.
+    launcher: a kernels.py name, or "gemv.<name>" for one in gemv.py."""
+    module, name = (gemv, launcher[5:]) if launcher.startswith("gemv.") else (kernels, launcher)
+    real, hit = getattr(module, name), []
+    setattr(module, name, lambda *a, **k: hit.append(1) or real(*a, **k))
     try:
         call()
     finally:
-        setattr(kernels, launcher, real)
+        setattr(module, name, real)
     return "triton" if hit else "torch"
 
 
@@ -129,26 +132,26 @@ def bench_kernels(copy_gbps: float, matmul_tflops: float, device="cuda", dtype=t
     for name, (K, Nw) in {"0.6b qkv": (1024, 4096), "0.6b down": (3072, 1024), "lm_head": (1024, 151936),
                           "8b gate_up": (4096, 24576), "8b down": (12288, 4096)}.items():
         add("linear (1 token)", f"{name} {K}->{Nw}", lambda: (rnd(1, K), rnd(Nw, K) / K ** 0.5),
-            kernels.linear_triton, kernels.linear_ref, kernels.linear, "linear_triton", Nw * K * elt, "GB/s")
+            gemv.linear_triton, gemv.linear_ref, gemv.linear, "gemv.linear_triton", Nw * K * elt, "GB/s")
 
     # 2..16 tokens through the tall projections (small decode batches, verify passes): the skinny kernel
     for name, (K, Nw) in {"0.6b o": (2048, 1024), "0.6b down": (3072, 1024), "8b o": (4096, 4096),
                           "8b down": (12288, 4096)}.items():
         for M in (2, 8, 16):
             add("linear (2-16 tokens)", f"{name} {M}x{K}->{Nw}", lambda: (rnd(M, K), rnd(Nw, K) / K ** 0.5),
-                kernels.skinny_linear_triton, kernels.linear_ref, kernels.linear, "skinny_linear_triton",
+                gemv.skinny_linear_triton, gemv.linear_ref, gemv.linear, "gemv.skinny_linear_triton",
                 Nw * K * elt, "GB/s")
 
-    # one token's add + RMSNorm and the projection after it, in one kernel (kernels.norm_linear)
+    # one token's add + RMSNorm and the projection after it, in one kernel (gemv.norm_linear)
     for name, (K, Nw) in {"0.6b qkv": (1024, 4096), "0.6b gate_up": (1024, 6144), "8b qkv": (4096, 6144),
                           "8b gate_up": (4096, 24576)}.items():
         nw = 1 + 0.1 * rnd(K)
         def ref(x, r, w):
             normed, h = kernels.add_rms_norm_ref(x, r, nw, eps)
-            return kernels.linear_ref(normed, w), h
+            return gemv.linear_ref(normed, w), h
         add("norm + linear (1 token)", f"{name} {K}->{Nw}", lambda: (rnd(1, K), rnd(1, K), rnd(Nw, K) / K ** 0.5),
-            lambda x, r, w: kernels.linear_triton(x, w, norm=(r, nw, eps)), ref,
-            lambda x, r, w: kernels.norm_linear(x, r, nw, eps, w), "linear_triton", Nw * K * elt, "GB/s")
+            lambda x, r, w: gemv.linear_triton(x, w, norm=(r, nw, eps)), ref,
+            lambda x, r, w: gemv.norm_linear(x, r, nw, eps, w), "gemv.linear_triton", Nw * K * elt, "GB/s")
 
     # SiLU * up, qwen3-8b intermediate 12288: read 2*I, write I per token
     I = 12288

@@ -10,8 +10,10 @@ uses the measured thresholds written next to each dispatcher. On the CPU the PyT
 unless TRITON_INTERPRET=1 and QWEN3_KERNELS=triton (that is how the tests run the Triton kernels on a CPU).
 
 The ops: rms_norm, add_rms_norm, silu_mul, qk_norm_rope_store (q/k norm + RoPE + K/V into the cache),
-decode_attention and prefill_attention (paged), and linear / silu_mul_linear (a one-token GEMV: a lone
-decode step is all small matrix-vector products, where cuBLAS's GEMM kernels leave bandwidth unused).
+decode_attention and prefill_attention (paged), and linear / silu_mul_linear / norm_linear (a one-token GEMV,
+with SiLU*up or add + RMSNorm in its prologue: a lone decode step is all small matrix-vector products, where
+cuBLAS's GEMM kernels leave bandwidth unused; from 2 to 16 tokens a skinny GEMM on the tall projections).
+The decode chain's kernels use programmatic dependent launch on Hopper (`pdl`; QWEN3_PDL=0 turns it off).
 decode_attention also does cascade attention: when many sequences share leading cache blocks (prefix
 caching), plan_shared_prefix picks a shared prefix and the kernel reads its K/V once for all of them.
 
@@ -53,11 +55,6 @@ def add_rms_norm_ref(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tens
     """residual = x + residual; return (rms_norm(residual), residual)."""
     residual = x + residual
     return rms_norm_ref(residual, weight, eps), residual
-
-
-def linear_ref(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """x (M, K) @ weight (N, K)^T -> (M, N): the projections (no biases in Qwen3). out: write there instead."""
-    return F.linear(x, weight) if out is None else torch.matmul(x, weight.t(), out=out)
 
 
 def silu_mul_ref(gate_up: torch.Tensor) -> torch.Tensor:
@@ -206,9 +203,12 @@ def pdl(x: torch.Tensor) -> dict:
     before `gdc_wait`. A kernel given these must wait before it reads what an earlier kernel wrote. {} off the
     GPU (the interpreter has no such thing) and with QWEN3_PDL=0. H200, `bench.py decode-1`, off -> on in one
     run: qwen3-0.6b 0.92 -> 0.85 ms/token, qwen3-8b 4.84 -> 4.68 ms/token, greedy tokens identical."""
-    if not x.is_cuda or os.environ.get("QWEN3_PDL", "1") == "0" or _sm_major(x.device) < 9:
+    if not x.is_cuda or os.environ.get("QWEN3_PDL", "1") == "0" or _sm_major(x.device) < 9 or not HAS_GDC:
         return {}
     return dict(USE_GDC=True, launch_pdl=True)
+
+
+HAS_GDC = HAS_TRITON and hasattr(getattr(getattr(tl, "extra", None), "cuda", None), "gdc_wait")  # Triton >= 3.3
 
 
 @functools.lru_cache
@@ -716,167 +716,6 @@ def prefill_attention_triton(q, k_cache, v_cache, cu_seqlens_q, context_lens, bl
     return out
 
 
-@triton.jit
-def _gemv_input(x_ptr, res_ptr, norm_w_ptr, res_out_ptr, cols, col_mask, first, K, SILU_MUL: tl.constexpr,
-                NORM: tl.constexpr, HAS_RES: tl.constexpr):
-    # One BLOCK_K chunk of _gemv_kernel's input in fp32, and (NORM) the squares of h for its rstd.
-    dtype = x_ptr.dtype.element_ty
-    if SILU_MUL:
-        gate = tl.load(x_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-        up = tl.load(x_ptr + K + cols, mask=col_mask, other=0.0).to(tl.float32)
-        act = (gate * tl.sigmoid(gate)).to(dtype).to(tl.float32)
-        x = (act * up).to(dtype).to(tl.float32)
-        sq = x * 0.0
-    elif NORM:
-        h = tl.load(x_ptr + cols, mask=col_mask, other=0.0)
-        if HAS_RES:
-            h = (h.to(tl.float32) + tl.load(res_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)).to(dtype)
-            tl.store(res_out_ptr + cols, h, mask=col_mask & first)
-        h = h.to(tl.float32)
-        sq = h * h
-        x = h * tl.load(norm_w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-    else:
-        x = tl.load(x_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-        sq = x * 0.0
-    return x, sq
-
-
-@triton.jit
-def _gemv_kernel(x_ptr, w_ptr, out_ptr, N, K, res_ptr, norm_w_ptr, res_out_ptr, eps, SILU_MUL: tl.constexpr,
-                 NORM: tl.constexpr, HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 USE_GDC: tl.constexpr = False):
-    # One token (M = 1, a lone decode): out[n] = sum_k x[k] * w[n, k]. Bytes: the weight, N*K elements read
-    # once; 2 FLOPs per element is nothing, so the floor is weight bytes / bandwidth. cuBLAS's GEMM kernels
-    # reach less of it at M = 1 on Qwen3's small matrices (table at `linear`). Each program owns BLOCK_N rows
-    # of w and streams them in BLOCK_K chunks; products pile up in a (BLOCK_N, BLOCK_K) fp32 tile that is
-    # reduced once at the end, so the loop body is loads and FMAs only.
-    # SILU_MUL: x is a gate_up row (2*K wide) and the input is silu(gate) * up, made on the fly (rounded as
-    # silu_mul_ref rounds): the MLP's down projection then needs no separate activation kernel.
-    # NORM: the input is rms_norm(h) * norm_w with h = x (+ res when HAS_RES), in one pass: the products
-    # use h * norm_w, the squares of h are summed beside them, and the row sums are scaled by rstd at the end
-    # (rms_norm_ref rounds h * rstd to the dtype first; here it stays fp32, so the results differ by about one
-    # rounding). Every program reads the whole row (K elements, from L2) and program 0 writes h to res_out (the
-    # residual stream onward). That is one kernel instead of two per norm.
-    # USE_GDC (programmatic dependent launch, see `pdl`): the first weight chunk is loaded before waiting for
-    # the kernel before (no kernel writes weights), so it streams while that kernel finishes.
-    pid = tl.program_id(0)
-    if USE_GDC:
-        tl.extra.cuda.gdc_launch_dependents()
-    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = rows < N
-    cols = tl.arange(0, BLOCK_K)
-    col_mask = cols < K
-    w = tl.load(w_ptr + rows[:, None].to(tl.int64) * K + cols[None, :],
-                mask=row_mask[:, None] & col_mask[None, :], other=0.0)
-    if USE_GDC:
-        tl.extra.cuda.gdc_wait()
-    first = cols * 0 + pid == 0                        # program 0 writes the residual (a tensor mask)
-    x, ss = _gemv_input(x_ptr, res_ptr, norm_w_ptr, res_out_ptr, cols, col_mask, first, K, SILU_MUL, NORM, HAS_RES)
-    acc = w.to(tl.float32) * x[None, :]
-    for k0 in range(BLOCK_K, K, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
-        col_mask = cols < K
-        x, sq = _gemv_input(x_ptr, res_ptr, norm_w_ptr, res_out_ptr, cols, col_mask, first, K, SILU_MUL, NORM,
-                            HAS_RES)
-        ss += sq
-        w = tl.load(w_ptr + rows[:, None].to(tl.int64) * K + cols[None, :],
-                    mask=row_mask[:, None] & col_mask[None, :], other=0.0)
-        acc += w.to(tl.float32) * x[None, :]
-    out = tl.sum(acc, axis=1)
-    if NORM:
-        out = out * tl.rsqrt(tl.sum(ss, axis=0) / K + eps)
-    tl.store(out_ptr + rows, out.to(out_ptr.dtype.element_ty), mask=row_mask)
-
-
-# Swept on an H100 (BLOCK_N 2-32, BLOCK_K 128-1024, 2-8 warps) over the 0.6b and 8b shapes: two rows per
-# program and long K chunks were best or within 8% of the best on every shape (narrow rows = many programs).
-# With the norm each program also reads the whole input row, so fewer, wider programs win. H200, bf16, us per
-# call (weights rotated past L2), BLOCK_N/BLOCK_K/warps:
-#   K -> N            |       | 2/1024/4 | 4/1024/4 | 8/1024/4 | 8/512/4 | 16/512/8 | 1/1024/4
-#   0.6b qkv 1024->4096   | plain |   4.2    |   4.6    |   4.6    |   6.2   |   6.2    |   5.0
-#                         | norm  |   6.4    |   5.8    |   5.4    |   5.4   |   5.9    |   7.0
-#   0.6b gate_up 1024->6144 plain |   5.5    |   6.7    |   7.1    |   6.8   |   6.8    |   6.2
-#                         | norm  |   8.2    |   8.4    |   7.5    |   6.6   |   7.1    |   9.0
-#   8b qkv 4096->6144     | plain |  15.0    |  18.5    |  19.1    |  19.1   |  19.4    |  15.5
-#                         | norm  |  21.7    |  22.8    |  18.5    |  17.8   |  18.0    |  22.5
-#   8b gate_up 4096->24576| plain |  51.0    |  57.5    |  60.1    |  65.5   |  68.1    |  52.3
-#                         | norm  |  64.8    |  67.0    |  54.6    |  56.2   |  57.2    |  72.7
-# The norm costs 1-4 us per call and saves an RMSNorm launch (1.5-2 us) and its gap: decode-1 1.00 -> 0.95 ms
-# (0.6b), 4.90 -> 4.87 ms (8b); with 4 rows per program it was 5.55 ms on the 8b.
-GEMV_CONFIG = dict(BLOCK_N=2, BLOCK_K=1024, num_warps=4)
-NORM_GEMV_CONFIG = dict(BLOCK_N=8, BLOCK_K=1024, num_warps=4)
-
-
-def linear_triton(x, weight, config=None, silu_mul=False, out=None, norm=None):
-    """x (1, K), weight (N, K), both contiguous -> (1, N) (into out, if given). silu_mul: x is (1, 2K)
-    gate_up, and the product is silu_mul_ref(x) @ weight^T. norm: (residual or None, norm weight, eps): the
-    product is of add_rms_norm_ref(x, residual, ...)'s (rms_norm_ref's) output; returns (out, x + residual)."""
-    N, K = weight.shape
-    assert x.shape == (1, 2 * K if silu_mul else K) and x.is_contiguous() and weight.is_contiguous()
-    assert x.dtype == weight.dtype
-    cfg = dict(config or (GEMV_CONFIG if norm is None else NORM_GEMV_CONFIG))
-    out = torch.empty(1, N, dtype=x.dtype, device=x.device) if out is None else out
-    assert out.shape == (1, N) and out.is_contiguous() and out.dtype == x.dtype
-    res, norm_w, eps = norm or (None, None, 0.0)
-    res_out = None
-    if norm is not None:
-        assert norm_w.shape == (K,) and norm_w.dtype == x.dtype and not silu_mul
-        if res is not None:
-            assert res.shape == x.shape and res.dtype == x.dtype and res.is_contiguous()
-            res_out = torch.empty_like(x)
-    _gemv_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](x, weight, out, N, K, res, norm_w, res_out, eps,
-                                                    SILU_MUL=silu_mul, NORM=norm is not None,
-                                                    HAS_RES=res is not None, **cfg, **pdl(x))
-    return out if norm is None else (out, x if res is None else res_out)
-
-
-@triton.jit
-def _skinny_gemm_kernel(x_ptr, w_ptr, out_ptr, M, N, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_K: tl.constexpr):
-    # A few tokens (M <= BLOCK_M = 16: small decode batches, a speculative verify pass): out = x @ w^T with the
-    # weight read once for all M rows, like the GEMV. Each program owns BLOCK_N rows of w and streams them
-    # in BLOCK_K chunks through one tensor-core product per chunk (x padded to 16 rows with zeros).
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    ms = tl.arange(0, BLOCK_M)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + ms[:, None] * K + cols[None, :], mask=(ms[:, None] < M) & (cols[None, :] < K), other=0.0)
-        w = tl.load(w_ptr + rows[:, None].to(tl.int64) * K + cols[None, :],
-                    mask=(rows[:, None] < N) & (cols[None, :] < K), other=0.0)
-        acc = tl.dot(x, tl.trans(w), acc)
-    tl.store(out_ptr + ms[:, None] * N + rows[None, :], acc.to(out_ptr.dtype.element_ty),
-             mask=(ms[:, None] < M) & (rows[None, :] < N))
-
-
-# H200, bf16, us per call (weights rotated past L2) at M = 2 / 8 tokens; BLOCK_N/BLOCK_K/warps/stages:
-#   K -> N                 |   cuBLAS    | 16/512/4/3  | 32/256/4/4  | 64/128/4/4
-#   0.6b qkv 1024->4096    |  5.1 /  5.5 |  5.7 /  6.0 |  5.4 /  5.4 |  5.8 /  5.8
-#   0.6b o 2048->1024      | 12.9 /  6.1 |  5.6 /  5.6 |  6.5 /  7.0 |  7.6 /  7.6
-#   0.6b down 3072->1024   |  7.7 /  7.7 |  6.9 /  6.9 |  8.5 /  8.5 | 10.1 / 10.1
-#   8b qkv 4096->6144      | 16.7 / 16.4 | 17.9 / 17.8 | 16.4 / 16.3 | 16.9 / 17.0
-#   8b o 4096->4096        | 13.8 / 13.8 | 13.3 / 13.2 | 12.2 / 12.3 | 14.5 / 14.7
-#   8b gate_up 4096->24576 | 51.9 / 56.8 | 63.4 / 62.2 | 53.3 / 53.7 | 51.8 / 52.0
-#   8b down 12288->4096    | 31.6 / 31.8 | 32.9 / 32.6 | 29.8 / 29.8 | 38.1 / 38.2
-#   8b lm_head 4096->151936| 297  / 299  | 353  / 347  | 288  / 292  | 286  / 289
-# (M = 4 and 16 alike.) cuBLAS is as fast on the wide projections (N > K); on the tall ones (o and down, where
-# it splits K and adds a reduce kernel) the skinny kernel wins by 3-55%: 16/512 up to N = 1024, 32/256 above.
-SKINNY_CONFIG = dict(BLOCK_N=32, BLOCK_K=256, num_warps=4, num_stages=4)
-SKINNY_CONFIG_NARROW = dict(BLOCK_N=16, BLOCK_K=512, num_warps=4, num_stages=3)   # N <= 1024
-
-
-def skinny_linear_triton(x, weight, config=None, out=None):
-    """x (M, K) with M <= 16, weight (N, K), both contiguous -> (M, N) (into out, if given)."""
-    (M, K), N = x.shape, weight.shape[0]
-    assert M <= 16 and weight.shape[1] == K and x.is_contiguous() and weight.is_contiguous()
-    assert x.dtype == weight.dtype
-    cfg = dict(config or (SKINNY_CONFIG_NARROW if N <= 1024 else SKINNY_CONFIG))
-    out = torch.empty(M, N, dtype=x.dtype, device=x.device) if out is None else out
-    assert out.shape == (M, N) and out.is_contiguous() and out.dtype == x.dtype
-    _skinny_gemm_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](x, weight, out, M, N, K, BLOCK_M=16, **cfg)
-    return out
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Dispatchers: what model.py calls
 # ----------------------------------------------------------------------------------------------------------
@@ -896,40 +735,6 @@ def _use_triton(x: torch.Tensor) -> bool:
 # rows x 4096 |   1    |   16   |  128   |  1024  | 16384
 # triton      | 0.0020 | 0.0024 | 0.0030 | 0.0073 | 0.0922
 # torch       | 0.0151 | 0.0238 | 0.0265 | 0.0643 | 1.0144
-# One token, K -> N, bf16, us per call (bench.py kernels: CUDA-graph replays, weights rotated past L2), H100:
-#            | 1024->4096 | 3072->1024 | 1024->151936 | 4096->24576 | 12288->4096
-# triton     |    5.2     |    4.9     |    106       |    69.9     |    38.5
-# cuBLAS     |    6.1     |    8.0     |    117       |    76.4     |    41.2
-# Triton wins at one token on every Qwen3 shape; the kernel is for one token only (more tokens would re-read
-# the weight once each). From 2 to 16 tokens the skinny kernel takes the tall projections (its table), and
-# cuBLAS the rest.
-def linear(x, weight, out=None):
-    if x.shape[0] == 1 and _use_triton(x):
-        return linear_triton(x, weight, out=out)
-    if 2 <= x.shape[0] <= 16 and weight.shape[0] <= weight.shape[1] and _use_triton(x) and x.is_contiguous():
-        return skinny_linear_triton(x, weight, out=out)          # 2..16 tokens, a tall projection (table above)
-    return linear_ref(x, weight, out=out)
-
-
-def norm_linear(x, residual, norm_w, eps, weight):
-    """(linear(rms_norm(h), weight), h) with h = x + residual (x when residual is None): a norm and the
-    projection after it. For one token one GEMV kernel does both (a lone decode step is made of launches)."""
-    if x.shape[0] == 1 and _use_triton(x) and norm_w.dtype == x.dtype:
-        return linear_triton(x, weight, norm=(residual, norm_w, eps))
-    if residual is None:
-        return linear(rms_norm(x, norm_w, eps), weight), x
-    normed, residual = add_rms_norm(x, residual, norm_w, eps)
-    return linear(normed, weight), residual
-
-
-def silu_mul_linear(gate_up, weight):
-    """The MLP's down projection of silu(gate) * up. For one token a single GEMV kernel applies the activation
-    as it loads its input (one launch fewer per layer, which is what a lone decode step is made of)."""
-    if gate_up.shape[0] == 1 and _use_triton(gate_up):
-        return linear_triton(gate_up, weight, silu_mul=True)
-    return linear(silu_mul(gate_up), weight)
-
-
 def rms_norm(x, weight, eps):
     return rms_norm_triton(x, weight, eps) if _use_triton(x) else rms_norm_ref(x, weight, eps)
 

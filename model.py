@@ -1,7 +1,7 @@
 """The Qwen3 model: config, forward pass over a packed batch on a paged KV cache, checkpoint loading.
 
 Read `Config` first, then `Qwen3ForCausalLM.forward`. Everything here is plain PyTorch; the fused ops it calls
-live in kernels.py (Triton on the GPU, their PyTorch references on the CPU).
+live in kernels.py and the projections in gemv.py (Triton on the GPU, their PyTorch references on the CPU).
 
 The forward pass takes a *packed* batch: the new tokens of many sequences laid end to end (T tokens in all,
 no padding), their positions, and an `AttnMeta` saying where each sequence starts, how long its context is
@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+import gemv
 import kernels
 import parallel
 import quant
@@ -140,7 +141,7 @@ class RMSNorm(nn.Module):
 
 
 class Linear(nn.Module):
-    """A projection without bias, y = x @ weight^T, through kernels.linear (quant.Fp8Linear stands in for FP8)."""
+    """A projection without bias, y = x @ weight^T, through gemv.linear (quant.Fp8Linear stands in for FP8)."""
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__()
@@ -148,7 +149,7 @@ class Linear(nn.Module):
 
     def forward(self, x, silu_mul: bool = False):
         """silu_mul: x is a gate_up row block (T, 2 * in) and the input is silu(gate) * up."""
-        return kernels.silu_mul_linear(x, self.weight) if silu_mul else kernels.linear(x, self.weight)
+        return gemv.silu_mul_linear(x, self.weight) if silu_mul else gemv.linear(x, self.weight)
 
 
 class Attention(nn.Module):
@@ -192,9 +193,9 @@ class MLP(nn.Module):
 
 def norm_linear(norm: RMSNorm, x, residual, proj):
     """(proj(norm(x + residual)), x + residual); residual None: no add. At one token a plain Linear does both
-    in one kernel (kernels.norm_linear); quant.Fp8Linear has a GEMV of its own, so its norm runs first."""
+    in one kernel (gemv.norm_linear); quant.Fp8Linear has a GEMV of its own, so its norm runs first."""
     if type(proj) is Linear:
-        return kernels.norm_linear(x, residual, norm.weight, norm.eps, proj.weight)
+        return gemv.norm_linear(x, residual, norm.weight, norm.eps, proj.weight)
     x, residual = (norm(x), x) if residual is None else norm(x, residual)
     return proj(x), residual
 
@@ -256,8 +257,8 @@ class Qwen3ForCausalLM(nn.Module):
         """(B_sample, vocab) logits in the model's dtype, written into `out` if given (CUDA graphs share one
         buffer). Greedy decoding takes their argmax as they are; sampling does its math in fp32."""
         if self.tp is None:
-            return kernels.linear(hidden, self.lm_head.weight, out=out)
-        return parallel.gather_vocab(kernels.linear(hidden, self.lm_head.weight), self.tp, out)  # (B, V/N) each
+            return gemv.linear(hidden, self.lm_head.weight, out=out)
+        return parallel.gather_vocab(gemv.linear(hidden, self.lm_head.weight), self.tp, out)  # (B, V/N) each
 
 
 # ----------------------------------------------------------------------------------------------------------

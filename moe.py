@@ -37,7 +37,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import kernels
+import gemv
 import quant
 from kernels import _use_triton, tl, triton
 
@@ -65,7 +65,7 @@ class SparseMoeBlock(nn.Module):
         self.experts = Experts(num_experts, hidden, intermediate)
 
     def forward(self, x):
-        logits = kernels.linear(x, self.gate.weight)                          # (T, E) in the model's dtype
+        logits = gemv.linear(x, self.gate.weight)                          # (T, E) in the model's dtype
         weights, ids = route(logits, self.top_k, self.norm_topk_prob)         # (T, k) each
         ex = self.experts
         return fused_moe(x, ex.gate_up_proj, ex.down_proj, weights, ids, ex.gate_up_proj_scale_inv,
@@ -224,7 +224,7 @@ def _expert_gemv_kernel(a_ptr, w_ptr, s_ptr, out_ptr, ids_ptr, weights_ptr, N, K
     """The few-token path (a lone decode): program (p, n) multiplies pair p's input row by rows n of its own
     expert's weight, no sorting and no tiles of padding. Two pairs on one expert read it twice, which costs
     less than aligning while pairs are few (table at moe_config). Same GATE_UP / WEIGHTED meaning as above;
-    products pile up in an fp32 (BLOCK_N, BLOCK_K) tile reduced once, as kernels._gemv_kernel does. SCALED: FP8
+    products pile up in an fp32 (BLOCK_N, BLOCK_K) tile reduced once, as gemv._gemv_kernel does. SCALED: FP8
     weights; each column's scale is that of its 128-column block (BLOCK_K a multiple of 128, or a divisor)."""
     pair = tl.program_id(0)
     e = tl.load(ids_ptr + pair).to(tl.int64)

@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import gemv
 import kernels
 from kernels import _use_triton, tl, triton
 
@@ -261,7 +262,7 @@ def fp8_linear_triton(x, weight, scales, config: dict | None = None):
         _fp8_gemv_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](x, weight, scales, out, N, K, scales.shape[1], **cfg)
         return out
     if M > FP8_GEMM_MAX_M and config is None:     # compute-bound: widen once, then cuBLAS (table above)
-        return kernels.linear_ref(x, dequantize_triton(weight, scales, x.dtype))
+        return gemv.linear_ref(x, dequantize_triton(weight, scales, x.dtype))
     cfg = dict(config or fp8_gemm_config(M))
     if not x.is_cuda:
         cfg.pop("num_stages", None)

@@ -27,6 +27,7 @@ import torch
 import bench
 import bench_serve
 import cache
+import gemv
 import kernels
 import sample as sample_mod
 from engine import LLM, EngineArgs
@@ -1003,37 +1004,6 @@ def test_fp8_kv_cache_engine(ckpt, monkeypatch):
 
 
 @pytest.mark.usefixtures("kt_triton_poisoned")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("M,K,N", [(2, 64, 5), (5, 100, 37), (16, 300, 130), (9, 16, 1)])
-def test_kt_skinny_linear(M, K, N, dtype):
-    x, w = torch.randn(M, K).to(dtype), (torch.randn(N, K) / K ** 0.5).to(dtype)
-    kt_check(f"skinny linear M={M} K={K} N={N} {dtype}",
-             kernels.skinny_linear_triton(x, w, dict(BLOCK_N=16, BLOCK_K=32)), kernels.linear_ref(x, w), dtype)
-
-
-@pytest.mark.usefixtures("kt_triton_poisoned")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("K,N", [(64, 5), (100, 37), (1000, 130), (16, 1)])
-def test_kt_linear_one_token(K, N, dtype):
-    x, w = torch.randn(1, K).to(dtype), (torch.randn(N, K) / K ** 0.5).to(dtype)
-    kt_check(f"linear K={K} N={N} {dtype}", kernels.linear_triton(x, w, dict(BLOCK_N=8, BLOCK_K=32)),
-             kernels.linear_ref(x, w), dtype)
-    assert kernels.linear(torch.randn(3, K).to(dtype), w).shape == (3, N)     # several tokens: the reference
-    gate_up = torch.randn(1, 2 * K).to(dtype)
-    kt_check(f"silu_mul + linear K={K} N={N} {dtype}",
-             kernels.linear_triton(gate_up, w, dict(BLOCK_N=8, BLOCK_K=32), silu_mul=True),
-             kernels.linear_ref(kernels.silu_mul_ref(gate_up), w), dtype)
-    # the norm before it in the same kernel, with and without the residual add; h = x + residual onward
-    res, nw = torch.randn(1, K).to(dtype), (1 + 0.1 * torch.randn(K)).to(dtype)
-    for r in (res, None):
-        got, h = kernels.linear_triton(x, w, dict(BLOCK_N=8, BLOCK_K=32), norm=(r, nw, 1e-6))
-        want_h = x if r is None else x + r
-        kt_check(f"norm + linear K={K} N={N} {dtype} residual={r is not None}", got,
-                 kernels.linear_ref(kernels.rms_norm_ref(want_h, nw, 1e-6), w), dtype)
-        torch.testing.assert_close(h, want_h, atol=0, rtol=0)
-
-
-@pytest.mark.usefixtures("kt_triton_poisoned")
 def test_kt_dispatch(monkeypatch):
     """auto takes PyTorch on the CPU; torch forces it; a bad value is an error."""
     x, w = torch.randn(3, 64), torch.ones(64)
@@ -1080,6 +1050,43 @@ def test_model_logits_triton_path_equals_torch_path(tied_ckpt, monkeypatch):
     print("max abs logit diff, triton vs torch path:", (tri - ref_logits).abs().max().item())
     assert (tri - ref_logits).abs().max() < 1e-4
     assert_no_leak(llm)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The projections (gemv.py): the one-token GEMV (with the norm or SiLU*up before it) and the skinny GEMM
+# against the reference, through the interpreter
+# ----------------------------------------------------------------------------------------------------------
+
+@pytest.mark.usefixtures("kt_triton_poisoned")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("M,K,N", [(2, 64, 5), (5, 100, 37), (16, 300, 130), (9, 16, 1)])
+def test_kt_skinny_linear(M, K, N, dtype):
+    x, w = torch.randn(M, K).to(dtype), (torch.randn(N, K) / K ** 0.5).to(dtype)
+    kt_check(f"skinny linear M={M} K={K} N={N} {dtype}",
+             gemv.skinny_linear_triton(x, w, dict(BLOCK_N=16, BLOCK_K=32)), gemv.linear_ref(x, w), dtype)
+
+
+@pytest.mark.usefixtures("kt_triton_poisoned")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("K,N", [(64, 5), (100, 37), (1000, 130), (16, 1)])
+def test_kt_linear_one_token(K, N, dtype):
+    x, w = torch.randn(1, K).to(dtype), (torch.randn(N, K) / K ** 0.5).to(dtype)
+    kt_check(f"linear K={K} N={N} {dtype}", gemv.linear_triton(x, w, dict(BLOCK_N=8, BLOCK_K=32)),
+             gemv.linear_ref(x, w), dtype)
+    x3 = torch.randn(3, K).to(dtype)                 # several tokens: the skinny kernel (these are tall shapes)
+    kt_check(f"linear 3 tokens K={K} N={N} {dtype}", gemv.linear(x3, w), gemv.linear_ref(x3, w), dtype)
+    gate_up = torch.randn(1, 2 * K).to(dtype)
+    kt_check(f"silu_mul + linear K={K} N={N} {dtype}",
+             gemv.linear_triton(gate_up, w, dict(BLOCK_N=8, BLOCK_K=32), silu_mul=True),
+             gemv.linear_ref(kernels.silu_mul_ref(gate_up), w), dtype)
+    # the norm before it in the same kernel, with and without the residual add; h = x + residual onward
+    res, nw = torch.randn(1, K).to(dtype), (1 + 0.1 * torch.randn(K)).to(dtype)
+    for r in (res, None):
+        got, h = gemv.linear_triton(x, w, dict(BLOCK_N=8, BLOCK_K=32), norm=(r, nw, 1e-6))
+        want_h = x if r is None else x + r
+        kt_check(f"norm + linear K={K} N={N} {dtype} residual={r is not None}", got,
+                 gemv.linear_ref(kernels.rms_norm_ref(want_h, nw, 1e-6), w), dtype)
+        torch.testing.assert_close(h, want_h, atol=0, rtol=0)
 
 
 # ----------------------------------------------------------------------------------------------------------
