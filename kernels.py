@@ -10,9 +10,7 @@ uses the measured thresholds written next to each dispatcher. On the CPU the PyT
 unless TRITON_INTERPRET=1 and QWEN3_KERNELS=triton (that is how the tests run the Triton kernels on a CPU).
 
 The ops: rms_norm, add_rms_norm, silu_mul, qk_norm_rope_store (q/k norm + RoPE + K/V into the cache),
-decode_attention and prefill_attention (paged), and linear / silu_mul_linear / norm_linear (a one-token GEMV,
-with SiLU*up or add + RMSNorm in its prologue: a lone decode step is all small matrix-vector products, where
-cuBLAS's GEMM kernels leave bandwidth unused; from 2 to 16 tokens a skinny GEMM on the tall projections).
+decode_attention and prefill_attention (paged); the projections (GEMV, skinny GEMM) are in gemv.py.
 The decode chain's kernels use programmatic dependent launch on Hopper (`pdl`; QWEN3_PDL=0 turns it off).
 decode_attention also does cascade attention: when many sequences share leading cache blocks (prefix
 caching), plan_shared_prefix picks a shared prefix and the kernel reads its K/V once for all of them.
@@ -197,6 +195,9 @@ except Exception:  # not installed, or installed but unusable: the dispatchers t
     triton = types.SimpleNamespace(jit=lambda fn: fn)     # just enough for the decorators below to be defined
     tl = types.SimpleNamespace(constexpr=None)
 
+HAS_GDC = HAS_TRITON and hasattr(getattr(getattr(tl, "extra", None), "cuda", None), "gdc_wait")  # Triton >= 3.3
+
+
 def pdl(x: torch.Tensor) -> dict:
     """Launch options for programmatic dependent launch (Hopper and later): the decode step's kernels start
     while the one before them finishes, each doing what does not depend on it (the GEMV's first weight chunk)
@@ -206,9 +207,6 @@ def pdl(x: torch.Tensor) -> dict:
     if not x.is_cuda or os.environ.get("QWEN3_PDL", "1") == "0" or _sm_major(x.device) < 9 or not HAS_GDC:
         return {}
     return dict(USE_GDC=True, launch_pdl=True)
-
-
-HAS_GDC = HAS_TRITON and hasattr(getattr(getattr(tl, "extra", None), "cuda", None), "gdc_wait")  # Triton >= 3.3
 
 
 @functools.lru_cache

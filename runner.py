@@ -91,6 +91,14 @@ class Runner:
         """A decode batch through its CUDA graph: (len(ids), vocab) logits (a view of the graphs' buffer)."""
         return self.replay(*self.graphs.prepare(ids, pending, ctx, tables, shared))
 
+    def decode_rows(self, ids, pending, ctx, tables, shared: bool) -> torch.Tensor:
+        """A decode batch through its CUDA graph when one holds it, else eagerly: (len(ids), vocab) logits."""
+        if self.graphs is not None and len(ids) <= self.graphs.max_batch:
+            return self.decode(ids, pending, ctx, tables, shared)
+        n = len(ids)
+        self.forward(ids, pending, list(range(n + 1)), ctx, tables, list(range(n)), 1, True)
+        return self.logits(0, n)
+
     def replay(self, key: tuple, n: int, i64: array.array, i32: array.array) -> torch.Tensor:
         self.send("replay", key, n, i64, i32)
         return self.graphs.replay(key, n, i64, i32)

@@ -243,6 +243,10 @@ def pack(batch: Batch, sample_row: dict):
             pending.append((cu[-1] - 1, sample_row[seq]))
         if start + n == seq.num_tokens:
             logits_idx.append(cu[-1] - 1)
-    width = max(len(s.block_table) for s in batch.seqs)
-    tables = [s.block_table + [0] * (width - len(s.block_table)) for s in batch.seqs]
-    return ids, pending, cu, ctx, tables, logits_idx
+    return ids, pending, cu, ctx, padded_tables(batch.seqs), logits_idx
+
+
+def padded_tables(seqs) -> list[list[int]]:
+    """The sequences' block tables, padded with block 0 to the longest (one rectangular tensor on the device)."""
+    width = max(len(s.block_table) for s in seqs)
+    return [s.block_table + [0] * (width - len(s.block_table)) for s in seqs]

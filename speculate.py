@@ -45,7 +45,7 @@ import torch
 
 import kernels
 from runner import shares_first_block, to_device
-from scheduler import PENDING, Status
+from scheduler import PENDING, Status, padded_tables
 
 NGRAM_MAX, NGRAM_MIN = 4, 1      # longest and shortest suffix looked up in the request's own tokens
 # A verify pass costs more than the decode step it replaces (qwen3-8b, H200, K = 4 drafts all rejected: 5.14
@@ -200,12 +200,7 @@ class DraftModel:
             live = [i for i in live if seqs[i].num_draft > j]
             pending = [(p, row_of[i]) for p, i in enumerate(live)]
             ids, ctx, tabs = [PENDING] * len(live), [last[i] + 1 + j for i in live], [tables[i] for i in live]
-            if r.graphs is not None and len(live) <= r.graphs.max_batch:
-                logits = r.decode(ids, pending, ctx, tabs, False)
-            else:
-                r.forward(ids, pending, list(range(len(live) + 1)), ctx, tabs, list(range(len(live))), 1, True)
-                logits = r.logits(0, len(live))
-            drafts.append(logits.argmax(-1))
+            drafts.append(r.decode_rows(ids, pending, ctx, tabs, False).argmax(-1))
             lives.append(live)
         flat = torch.cat(drafts).tolist()                               # the round's one host sync
         at = 0
@@ -218,21 +213,16 @@ class DraftModel:
             s.draft_kv = L + s.num_draft                                # K/V of the last token and drafts 0..d-2
 
 
-
-def padded_tables(seqs) -> list[list[int]]:
-    width = max(len(s.block_table) for s in seqs)
-    return [s.block_table + [0] * (width - len(s.block_table)) for s in seqs]
-
-
 def forward_tokens(runner, seqs, spans, tables, rows) -> torch.Tensor:
     """Run tokens seqs[i].token_ids[a:b] for each span (a, b) through the model (their K/V into the cache);
     returns the logits of the packed rows `rows` (None: every row), (len(rows), vocab).
 
     When the tokens fit the decode graphs, each token is a decode row of its own: context = its position + 1,
     its sequence's block table. A graph replays the whole pass at once, where an eager pass is launch-bound
-    (an 8b verify pass of 4 drafts took 17-28 ms eagerly, 5.1 ms as decode rows in a graph; H200). The qk-norm kernel writes
-    every row's K/V before attention reads any, so a row sees the tokens before it in the same pass, and the
-    cost over a plain decode step is attention reading a context once per row (small beside the weights)."""
+    (an 8b verify pass of 4 drafts took 17-28 ms eagerly, 5.1 ms as decode rows in a graph; H200). The qk-norm
+    kernel writes every row's K/V before attention reads any, so a row sees the tokens before it in the same
+    pass, and the cost over a plain decode step is attention reading a context once per row (small beside the
+    weights)."""
     n = sum(b - a for a, b in spans)
     g = runner.graphs
     if n <= (g.max_batch if g is not None else runner.args.max_num_seqs):     # as many rows as a decode batch
@@ -244,11 +234,7 @@ def forward_tokens(runner, seqs, spans, tables, rows) -> torch.Tensor:
         # cascade attention when sequences share a prefix (rows of one sequence always do: not a reason), so
         # a row's arithmetic does not depend on the other sequences in the pass
         shared = n >= kernels.CASCADE_MIN_BATCH and shares_first_block(tables)
-        if g is not None:
-            logits = runner.decode(ids, [], ctx, tabs, shared)    # a view of the graphs' buffer: use it at once
-        else:
-            runner.forward(ids, [], list(range(n + 1)), ctx, tabs, list(range(n)), 1, True)
-            logits = runner.logits(0, n)
+        logits = runner.decode_rows(ids, [], ctx, tabs, shared)    # graphs: a view of their buffer, use it at once
         return logits if rows is None else logits[to_device(rows, torch.int64, logits.device)]
     ids, cu, ctx = [], [0], []
     for seq, (a, b) in zip(seqs, spans):
