@@ -108,6 +108,7 @@ class Bench:
     greedy_beside: bool              # also run greedy beside each sampled run
     peer_num_seqs: int | None        # offline: also run our engine on the peer's (smaller) workload
     held: dict                       # {"args": EngineArgs, "llm": LLM}: at most one engine alive
+    repeat: int = 1                  # offline, nanovllm: runs of each variant, interleaved; the median is reported
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -136,6 +137,9 @@ def measure_ceilings(device, dtype) -> tuple[float, float]:
     """(bytes/s of a device-to-device copy counting read + written, FLOP/s of a square matmul)."""
     gpu = device.type == "cuda"
     n_bytes = 2 * 2**30 if gpu else 2**28
+    # cuBLAS's workspace first, in a small segment of its own: made later it would sit inside the copy buffers'
+    # 2 GiB segment and keep it reserved after they are freed (the allocator frees only empty segments)
+    torch.ones(64, 64, dtype=dtype, device=device) @ torch.ones(64, 64, dtype=dtype, device=device)
     src = torch.empty(n_bytes, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     t = median_time(lambda: dst.copy_(src), device, reps=10)
@@ -318,13 +322,11 @@ def run_offline(b: Bench):
         runs.append((runs[0][0] + ", top-5 logprobs", {**runs[0][1], "logprobs": 5}))
     if b.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    for label, sampling in runs:
-        r = run_requests(llm, prompts, outs, sampling, f"offline, {label}")
-        tok_s = r["output_tokens"] / r["seconds"]
-        rows.append(row(f"offline ({w.num_seqs} reqs), {label}", tok_s, fl["tok_s"],
-                        f"{r['output_tokens']:,} tok in {r['seconds']:.1f} s, {r['blocks_total']:,} KV blocks, "
-                        f"max batch {r['max_batch_seqs']}, {r['preemptions']} preemptions"))
-        details[label] = {"output_tok_s": tok_s, **{k: v for k, v in r.items() if k != "stamps"}}
+    for label, r in repeated(b, llm, prompts, outs, runs, "offline"):
+        rows.append(row(f"offline ({w.num_seqs} reqs), {label}", r["output_tok_s"], fl["tok_s"],
+                        f"{r['output_tokens']:,} tok in {r['seconds']:.1f} s{r['spread']}, {r['blocks_total']:,} KV "
+                        f"blocks, max batch {r['max_batch_seqs']}, {r['preemptions']} preemptions"))
+        details[label] = r
     if len(rows) == 3:
         rows[0]["note"] += f"; {rows[0]['tok_s'] / rows[1]['tok_s']:.1%} of greedy"
         rows[2]["note"] += f"; {rows[2]['tok_s'] / rows[0]['tok_s']:.1%} of the same without logprobs"
@@ -343,6 +345,24 @@ def run_offline(b: Bench):
         details["peer_workload"] = {"num_seqs": len(outs), "out_len": outs[0], "floor": fl2,
                                     "output_tok_s": r2["output_tokens"] / r2["seconds"], "seconds": r2["seconds"]}
     return rows, details
+
+
+def repeated(b: Bench, llm: LLM, prompts, outs, runs: list[tuple[str, dict]], desc: str) -> list[tuple[str, dict]]:
+    """Each (label, settings) run b.repeat times, the variants interleaved (A B C A B C ...) so that a slow spell of
+    the machine falls on all of them; each variant's median run (by tok/s), with every run's tok/s beside it."""
+    results = {label: [] for label, _ in runs}
+    for i in range(b.repeat):
+        for label, sampling in runs:
+            r = run_requests(llm, prompts, outs, sampling, f"{desc}, {label}" + (f" ({i + 1}/{b.repeat})" if b.repeat > 1 else ""))
+            r = {"output_tok_s": r["output_tokens"] / r["seconds"], **{k: v for k, v in r.items() if k != "stamps"}}
+            results[label].append(r)
+    out = []
+    for label, rs in results.items():
+        rates = [r["output_tok_s"] for r in rs]
+        med = sorted(rs, key=lambda r: r["output_tok_s"])[(len(rs) - 1) // 2]
+        spread = f"; median of {len(rs)}: {', '.join(f'{x:,.0f}' for x in rates)} tok/s" if len(rs) > 1 else ""
+        out.append((label, {**med, "runs_tok_s": rates, "spread": spread}))
+    return out
 
 
 def variants(b: Bench, llm: LLM) -> list[tuple[str, dict]]:
@@ -371,12 +391,12 @@ def run_nanovllm(b: Bench):
     rows, details = [], {"floor": fl}
     runs = [("T 0.6 (nano-vllm's settings)", dict(temperature=0.6, top_k=0, top_p=1.0, min_p=0.0))]
     runs += [(label, kw) for label, kw in variants(b, llm) if kw != runs[0][1]]
-    for label, kw in runs:
-        r = run_requests(llm, prompts, outs, kw, f"nanovllm, {label}")
-        tok_s = r["output_tokens"] / r["seconds"]
-        rows.append(row(f"nanovllm ({w.num_seqs} reqs), {label}", tok_s, fl["tok_s"],
-                        f"{r['output_tokens']:,} tok in {r['seconds']:.1f} s"))
-        details[label] = {"output_tok_s": tok_s, "seconds": r["seconds"], "output_tokens": r["output_tokens"]}
+    for label, r in repeated(b, llm, prompts, outs, runs, "nanovllm"):
+        rows.append(row(f"nanovllm ({w.num_seqs} reqs), {label}", r["output_tok_s"], fl["tok_s"],
+                        f"{r['output_tokens']:,} tok in {r['seconds']:.1f} s{r['spread']}"))
+        details[label] = r
+    if len(rows) == 3:
+        rows[1]["note"] += f"; {rows[1]['tok_s'] / rows[2]['tok_s']:.1%} of greedy"
     return rows, details
 
 
@@ -704,6 +724,8 @@ def parse_args(argv):
     ap.add_argument("--temperature", type=float, default=None,
                     help="offline, prefix, serve, nanovllm: the sampled runs' temperature (default: the model's, with "
                          "its top-p/top-k: Qwen3's 0.6 / 0.95 / 20 for random weights); 0 = greedy only")
+    ap.add_argument("--repeat", type=int, help="offline, nanovllm: runs of each variant, interleaved, the median "
+                                               "reported (default: 3 on a GPU, 1 on a CPU)")
     ap.add_argument("--out", default="results.json", help="where the JSON results go (default: results.json)")
     ap.add_argument("--model", help="a named size (random weights) or a checkpoint dir (default: qwen3-0.6b on a GPU, "
                                     "tiny on a CPU)")
@@ -747,7 +769,8 @@ def setup(args) -> Bench:
         bandwidth, matmul = n * bandwidth, n * matmul
     sampling = {} if args.temperature is None else {"temperature": args.temperature}
     b = Bench(eargs, w, cfg, device, dtype, bandwidth, matmul, sampling, args.temperature != 0,
-              args.peer_num_seqs if args.peer and "offline" in args.modes else None, {})
+              args.peer_num_seqs if args.peer and "offline" in args.modes else None, {},
+              args.repeat or (3 if gpu else 1))
     prompts, outs = offline_requests(w.num_seqs, w.min_len, w.max_len, cfg.vocab_size)
     fl = floor(b, list(map(len, prompts)), outs)
     print(f"ceilings: copy {si(bandwidth)}B/s (read + written), {str(dtype).removeprefix('torch.')} matmul {si(matmul)}FLOP/s")

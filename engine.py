@@ -133,7 +133,7 @@ class InFlight:
     seqs: list[Sequence]             # the sequences that sampled, in row order
     indices: list[int]               # where each one's PENDING token sits in its token_ids
     tokens: torch.Tensor             # (B,) int64, pinned host memory
-    logprobs: tuple | None           # (rows, chosen, top values, top ids) on the host, for the rows that asked
+    logprobs: tuple | None           # (rows that asked, their places in the lists, chosen, top values, top ids)
     prompt_logprobs: tuple | None    # ([(seq, first position, count)], chosen, top values, top ids)
     event: torch.cuda.Event | None   # recorded after the step's work: collect() waits on it
     start: torch.cuda.Event | None   # recorded before it: the two time the step on the GPU (stats)
@@ -344,15 +344,20 @@ class LLM:
                 prompt_lp = (owners, *self.prompt_logprobs(len(logits_idx), targets, owners))
         reqs = [self.requests[s.request_id] for s in sampled]
         steps = [s.num_tokens - len(s.prompt_ids) for s in sampled]      # output position of each new token
-        tokens = self.sample_tokens(reqs, steps, logits, graphed) if sampled else None
+        rows = [i for i, r in enumerate(reqs) if r.params.logprobs is not None]   # the rows that want logprobs
+        tokens = self.sample_tokens(reqs, steps, logits, graphed, bool(rows)) if sampled else None
         lp = None
-        if tokens is not None and (rows := [i for i, r in enumerate(reqs) if r.params.logprobs is not None]):
+        if isinstance(tokens, tuple):                  # the sampling graph computed every row's: keep what is asked
+            tokens, lists = tokens
             n = max(reqs[i].params.logprobs for i in rows)
-            if len(rows) == len(reqs):                 # the common case: every row asks, no gather
-                lp = (rows, *token_logprobs(logits, tokens, n))
+            lp = (rows, rows, lists[0], lists[1][:, :n], lists[2][:, :n])
+        elif tokens is not None and rows:
+            n = max(reqs[i].params.logprobs for i in rows)
+            if len(rows) == len(reqs):                 # every row asks, no gather
+                lp = (rows, rows, *token_logprobs(logits, tokens, n))
             else:
                 at = to_device(rows, torch.int64, self.device)
-                lp = (rows, *token_logprobs(logits[at], tokens[at], n))
+                lp = (rows, range(len(rows)), *token_logprobs(logits[at], tokens[at], n))
         indices = [s.num_tokens for s in sampled]       # where each one's PENDING token goes
         self.scheduler.advance(batch)
         self.sample_row = {s: i for i, s in enumerate(sampled)}
@@ -371,15 +376,20 @@ class LLM:
             out.event.record()
         return out
 
-    def sample_tokens(self, reqs: list[Request], steps: list[int], logits: torch.Tensor, graphed: bool):
-        """(B, vocab) logits -> (B,) tokens on the device. Greedy batches take the argmax; batches without
-        penalties replay the sampling graph of their size; others apply penalties to an fp32 copy first."""
+    def sample_tokens(self, reqs: list[Request], steps: list[int], logits: torch.Tensor, graphed: bool,
+                      logprobs: bool = False):
+        """(B, vocab) logits -> (B,) tokens on the device. Batches without penalties replay the sampling graph of
+        their size (with logprobs: the one that also computes them, and then the result is (tokens, logprob
+        lists)); greedy batches that want no logprobs take the argmax; others apply penalties to an fp32 copy."""
         params = [r.params for r in reqs]
         changed = any(p.needs_last_token for p in params)          # penalties or a grammar change the logits
-        if not changed and all(p.greedy for p in params):
+        if not changed and not logprobs and all(p.greedy for p in params):
             return logits.argmax(-1)                   # the common case needs no sampling tensors, nor fp32
         if graphed and not changed and self.sampler_graphs is not None:
-            return self.sampler_graphs.run([r.request_id for r in reqs], params, [r.seed for r in reqs], steps)
+            return self.sampler_graphs.run([r.request_id for r in reqs], params, [r.seed for r in reqs], steps,
+                                           logprobs)
+        if not changed and all(p.greedy for p in params):
+            return logits.argmax(-1)
         if changed:
             logits = apply_penalties(logits.to(torch.float32, copy=True), [penalty_entries(r.params, r.prompt, r.counts)
                                                       if r.params.penalized else [] for r in reqs])
@@ -431,10 +441,10 @@ class LLM:
         if fl.tokens is None:
             return []
         lp_row = {}
-        if fl.logprobs is not None:
-            rows, *lists = fl.logprobs
+        if fl.logprobs is not None:                    # rows, where each row's values sit in the lists, the lists
+            rows, at, *lists = fl.logprobs
             chosen, top_v, top_i = (t.tolist() for t in lists)
-            lp_row = {r: (chosen, top_v, top_i, j) for j, r in enumerate(rows)}
+            lp_row = {r: (chosen, top_v, top_i, j) for r, j in zip(rows, at)}
         outputs = []
         for i, (seq, index, tok) in enumerate(zip(fl.seqs, fl.indices, fl.tokens.tolist())):
             if seq.status == Status.FINISHED:              # aborted, or stopped while this token was in flight

@@ -432,6 +432,8 @@ def build_model(model: str, random_weights: bool, dtype: torch.dtype, device: to
     if quantization == "fp8" and cfg.quantization is None:
         quant.to_fp8(m, shard_rows, quantize=True)
         cfg.quantization = full.quantization = "fp8"
+    if cfg.quantization == "fp8":
+        quant.finish(m)
     return m.eval().requires_grad_(False), full, ckpt
 
 

@@ -1,6 +1,7 @@
 """FP8 weights: Qwen's official FP8 checkpoints (Qwen/Qwen3-8B-FP8 and the rest) and `--quantization fp8` for
-any bf16 checkpoint, run as W8A16: weights stay float8_e4m3fn in memory (half the bytes a decode step reads),
-the kernels widen them to the activations' dtype on the fly and multiply there.
+any bf16 checkpoint: weights stay float8_e4m3fn in memory (half the bytes a decode step reads). One token runs
+W8A16 (the kernel widens the weights on the fly); two or more run W8A8, as the checkpoints' `activation_scheme:
+dynamic` means and as vLLM and transformers run them, on the FP8 tensor cores (twice the bf16 rate).
 
     python sample.py --model ./Qwen3-8B-FP8 --prompt hi                     # quantization_config: read as is
     python bench.py decode-1 offline --model qwen3-8b --quantization fp8    # bf16 weights quantized at load
@@ -17,16 +18,18 @@ block, (N, ceil(K/128)): q, k and v (and gate and up) are fused into one matrix 
 MoE experts (Qwen3-30B-A3B-FP8 and the like) are stacked per layer: `experts_to_fp8` makes their two weights
 float8 with the same per-row scales, and moe.py's kernels read them.
 
-Kernels (Triton, each with `fp8_linear_ref` as the reference: dequantize, then F.linear):
+Kernels (each with its PyTorch reference beside it; the measured table at FP8_GEMM_MAX_M):
   - one token: a GEMV that streams fp8 rows (bytes: N x K x 1 + scales; the floor is those / bandwidth);
-  - a few tokens: a tiled GEMM on the tensor cores, BLOCK_K = 128 so each k step has one scale per column;
-  - many tokens: the weight widened once by a dequantize kernel, then cuBLAS (measured table at FP8_GEMM_MAX_M).
+    reference `fp8_linear_ref` (dequantize, then F.linear);
+  - two or more tokens: each token's activations quantized per group of 128 columns (`quantize_act_triton`:
+    scale = max |x| / 448), then an FP8 x FP8 GEMM applying both scales per 128-column k step (reference
+    `w8a8_linear_ref`): cuBLAS's block-scaled GEMM (torch's `scaled_mm`) on Hopper when the weight is in whole
+    128 x 128 blocks; else a W8A16 Triton tile GEMM up to 16 tokens and `_w8a8_gemm_kernel` (Triton) beyond.
 """
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import gemv
 import kernels
 from kernels import _use_triton, tl, triton
 
@@ -88,11 +91,27 @@ class Fp8Linear(nn.Module):
                                    requires_grad=False)
         self.weight_scale_inv = nn.Parameter(torch.empty(out_features, -(-in_features // BLOCK), device=device),
                                              requires_grad=False)
+        self.block_scales = None     # weight_scale_inv as cuBLAS's block-scaled GEMM reads them (set by `finish`)
 
     def forward(self, x, silu_mul: bool = False):
         if silu_mul:
             x = kernels.silu_mul(x)
-        return fp8_linear(x, self.weight, self.weight_scale_inv)
+        return fp8_linear(x, self.weight, self.weight_scale_inv, self.block_scales)
+
+
+def has_cublas_block_fp8(device) -> bool:
+    """cuBLAS's block-scaled FP8 GEMM is there: torch's `scaled_mm` (2.10+) on a Hopper GPU (PyTorch allows
+    its 1 x 128 / 128 x 128 recipes on SM90 only)."""
+    device = torch.device(device)
+    return (device.type == "cuda" and hasattr(F, "scaled_mm") and hasattr(F, "ScalingType")
+            and torch.cuda.get_device_capability(device)[0] == 9)
+
+
+def finish(model):
+    """After the weights are loaded: each Fp8Linear's scales in cuBLAS's block layout, where cuBLAS can run it."""
+    for m in model.modules():
+        if isinstance(m, Fp8Linear) and has_cublas_block_fp8(m.weight.device):
+            m.block_scales = cublas_block_scales(m.weight_scale_inv)
 
 
 def projections(model, shard_rows):
@@ -180,23 +199,14 @@ def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, N, K, KB, BLOCK_N: tl.constex
 
 
 @triton.jit
-def _fp8_dequant_kernel(w_ptr, s_ptr, out_ptr, N, K, KB, BLOCK_N: tl.constexpr):
-    # (BLOCK_N rows, one 128-column block) per program: fp8 x its scale -> out's dtype
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    kb = tl.program_id(1)
-    cols = kb * 128 + tl.arange(0, 128)
-    mask = (rows < N)[:, None] & (cols < K)[None, :]
-    offs = rows[:, None].to(tl.int64) * K + cols[None, :]
-    s = tl.load(s_ptr + rows * KB + kb, mask=rows < N, other=0.0)
-    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32) * s[:, None]
-    tl.store(out_ptr + offs, w.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-def dequantize_triton(weight, scales, dtype):
-    N, K = weight.shape
-    out = torch.empty(N, K, dtype=dtype, device=weight.device)
-    _fp8_dequant_kernel[(triton.cdiv(N, 32), scales.shape[1])](weight, scales, out, N, K, scales.shape[1], BLOCK_N=32)
-    return out
+def _tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """This program's (row tile, column tile) of C. Program ids walk GROUP_M row tiles per column tile, so a
+    column tile of W is reused from L2 by the programs running beside it."""
+    pid = tl.program_id(0)
+    n_m, n_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    first_m = pid // (GROUP_M * n_n) * GROUP_M
+    size_m = tl.minimum(n_m - first_m, GROUP_M)
+    return first_m + (pid % (GROUP_M * n_n)) % size_m, (pid % (GROUP_M * n_n)) // size_m
 
 
 @triton.jit
@@ -204,14 +214,7 @@ def _fp8_gemm_kernel(a_ptr, w_ptr, s_ptr, c_ptr, M, N, K, KB, stride_a, stride_c
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
     # Several tokens: C (M, N) = A (M, K) @ W^T, k steps of 128 (one scale block): acc += (A_k @ W_k^T) * s_k
     # with s_k the scales of the tile's columns. The weight tile is widened to A's dtype for the tensor cores.
-    # Program ids walk GROUP_M row tiles per column tile, so a column tile of W is reused from L2.
-    pid = tl.program_id(0)
-    n_m, n_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
-    group = pid // (GROUP_M * n_n)
-    first_m = group * GROUP_M
-    size_m = tl.minimum(n_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * n_n)) % size_m
-    pid_n = (pid % (GROUP_M * n_n)) // size_m
+    pid_m, pid_n = _tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, 128)
@@ -230,14 +233,156 @@ def _fp8_gemm_kernel(a_ptr, w_ptr, s_ptr, c_ptr, M, N, K, KB, stride_a, stride_c
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
 
 
-# H200, bf16 activations, 8b shapes (ms; bench.py kernels), Triton tiles vs cuBLAS on the bf16 weight:
-#                     | M=16: triton / cuBLAS bf16 | M=256: triton / cuBLAS bf16 | M=8192: triton / cuBLAS bf16
-#  qkv 4096->6144     |     0.026 / 0.017          |     0.088 / 0.023           |     1.93 / 0.59
-#  gate_up 4096->24576|     0.046 / 0.056          |     0.256 / 0.082           |     7.47 / 2.40
-#  down 12288->4096   |     0.073 / 0.032          |     0.253 / 0.046           |     3.84 / 1.13
-# The tiled kernel widens each weight tile in registers on its way to the tensor cores and loses to cuBLAS from
-# a few rows on, so above FP8_GEMM_MAX_M rows the weight is widened once (one pass: 1 byte read, 2 written)
-# and cuBLAS runs; FP8 tensor-core GEMMs with quantized activations (W8A8) are what would win there.
+def quantize_act_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M, K) activations -> (M, K) float8_e4m3fn, (M, ceil(K/128)) fp32 scales: each token's 128-column groups
+    scaled so their largest magnitude maps to 448 (dynamic per-token-group quantization)."""
+    M, K = x.shape
+    kb = -(-K // BLOCK)
+    padded = torch.zeros(M, kb * BLOCK, dtype=torch.float32, device=x.device)
+    padded[:, :K] = x.float()
+    groups = padded.view(M, kb, BLOCK)                                         # (M, kb, 128)
+    scale = groups.abs().amax(dim=2).clamp(min=1e-12) / FP8_MAX              # (M, kb)
+    q = (groups / scale[:, :, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    return q.view(M, kb * BLOCK)[:, :K].contiguous(), scale
+
+
+def w8a8_linear_ref(x, weight, scales):
+    """What the W8A8 path computes: x quantized per token and 128 columns, times the FP8 weight, in fp32."""
+    q, s = quantize_act_ref(x)
+    return F.linear(dequantize(q, s, torch.float32), dequantize(weight, scales, torch.float32)).to(x.dtype)
+
+
+@triton.jit
+def _act_quant_kernel(x_ptr, q_ptr, s_ptr, M, M_OUT, K, stride_x, stride_sm, stride_sk, ROWS: tl.constexpr):
+    # grid (cdiv(M_OUT, ROWS), KB): ROWS tokens x one 128-column group -> float8 values and one scale per token.
+    # Rows M .. M_OUT-1 (padding some GEMMs want) read as zeros: values 0, a tiny scale.
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    kb = tl.program_id(1)
+    cols = kb * 128 + tl.arange(0, 128)
+    out_mask = (rows < M_OUT)[:, None] & (cols < K)[None, :]
+    x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_x + cols[None, :],
+                mask=(rows < M)[:, None] & (cols < K)[None, :], other=0.0).to(tl.float32)
+    scale = tl.maximum(tl.max(tl.abs(x), axis=1), 1e-12) / 448.0                         # (ROWS,)
+    q = tl.minimum(tl.maximum(x / scale[:, None], -448.0), 448.0)
+    tl.store(q_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], q.to(q_ptr.dtype.element_ty), mask=out_mask)
+    tl.store(s_ptr + rows * stride_sm + kb * stride_sk, scale, mask=rows < M_OUT)
+
+
+def quantize_act_triton(x, rows_multiple: int = 1, column_major: bool = False):
+    """Same contract as quantize_act_ref. rows_multiple: pad the rows to a multiple of it (zeros); column_major:
+    the scales laid out (KB, M) in memory, returned as the (M, KB) transposed view (what cuBLAS reads)."""
+    M, K = x.shape
+    KB = triton.cdiv(K, BLOCK)
+    Mp = -(-M // rows_multiple) * rows_multiple
+    q = torch.empty(Mp, K, dtype=FP8, device=x.device)
+    s = torch.empty(KB, Mp, dtype=torch.float32, device=x.device).t() if column_major else \
+        torch.empty(Mp, KB, dtype=torch.float32, device=x.device)
+    _act_quant_kernel[(triton.cdiv(Mp, 16), KB)](x, q, s, M, Mp, K, x.stride(0), s.stride(0), s.stride(1), ROWS=16,
+                                                 num_warps=4)
+    return q, s
+
+
+@triton.jit
+def _w8a8_gemm_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, c_ptr, M, N, K, KB, stride_c,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    # C (M, N) = A (M, K) @ W^T with A and W float8: each k step of 128 is one scale group of both, so
+    # acc += (A_k @ W_k^T) * a_scale[row] * w_scale[col], the product on the FP8 tensor cores (fp32 accumulate).
+    # Out-of-range rows and columns read row/column 0 (indices modulo M, N: no masks in the loop) and are not
+    # stored; the last k step masks the columns past K.
+    pid_m, pid_n = _tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M
+    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
+    offs_k = tl.arange(0, 128)
+    a_ptrs = a_ptr + offs_m[:, None].to(tl.int64) * K + offs_k[None, :]                 # (BM, 128)
+    w_ptrs = w_ptr + offs_n[None, :].to(tl.int64) * K + offs_k[:, None]                 # (128, BN)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kb in range(0, KB):
+        k_in = offs_k < K - kb * 128
+        a = tl.load(a_ptrs, mask=k_in[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=k_in[:, None], other=0.0)
+        a_s = tl.load(as_ptr + offs_m * KB + kb)
+        w_s = tl.load(ws_ptr + offs_n * KB + kb)
+        acc += tl.dot(a, w) * a_s[:, None] * w_s[None, :]
+        a_ptrs += 128
+        w_ptrs += 128
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    tl.store(c_ptr + rows[:, None].to(tl.int64) * stride_c + cols[None, :], acc.to(c_ptr.dtype.element_ty),
+             mask=(rows < M)[:, None] & (cols < N)[None, :])
+
+
+def w8a8_gemm_triton(q, s, weight, scales, dtype, config: dict | None = None):
+    """(M, K) float8 activations and their (M, KB) scales times the FP8 weight -> (M, N) in dtype."""
+    M, K = q.shape
+    N = weight.shape[0]
+    out = torch.empty(M, N, dtype=dtype, device=q.device)
+    if M == 0:
+        return out
+    cfg = dict(config or w8a8_config(M))
+    if not q.is_cuda:
+        cfg.pop("num_stages", None)
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
+    _w8a8_gemm_kernel[grid](q, s, weight, scales, out, M, N, K, scales.shape[1], out.stride(0), **cfg)
+    return out
+
+
+def w8a8_linear_triton(x, weight, scales, config: dict | None = None):
+    """Same contract as w8a8_linear_ref: quantize_act_triton, then the FP8 x FP8 GEMM."""
+    return w8a8_gemm_triton(*quantize_act_triton(x), weight, scales, x.dtype, config)
+
+
+def cublas_block_scales(scales: torch.Tensor) -> torch.Tensor | None:
+    """(N, KB) row scales -> (N / 128, KB rounded up to 4) block scales, whose transposed view is what cuBLAS's
+    block-scaled FP8 GEMM reads (as `torch.nn.functional.scaled_mm` takes them); None where they are not 128 x 128
+    blocks (a fused shard not on a 128-row boundary, N not a multiple of 128): those keep the Triton GEMM."""
+    N, KB = scales.shape
+    if N % BLOCK or not torch.equal(scales, scales[::BLOCK].repeat_interleave(BLOCK, dim=0)):
+        return None
+    return F.pad(scales[::BLOCK], (0, -KB % 4)).contiguous()
+
+
+def scaled_mm_cublas(x, weight, block_scales):
+    """W8A8 through cuBLAS's block-scaled FP8 GEMM (Hopper, CUDA 12.9+): activations in 1 x 128 groups, the weight
+    in 128 x 128 blocks; the rows padded to a multiple of 4 as it wants. The same products as _w8a8_gemm_kernel."""
+    M = x.shape[0]
+    q, s = quantize_act_triton(x, rows_multiple=4, column_major=True)
+    return F.scaled_mm(q, weight.t(), s, F.ScalingType.BlockWise1x128, block_scales.t(),
+                       F.ScalingType.BlockWise128x128, output_dtype=x.dtype)[:M]
+
+
+def w8a8_config(M: int) -> dict:
+    """Swept on an H200 (8b shapes, BLOCK_M 16-128 x BLOCK_N 32-256, 4-8 warps, 3-4 stages): the best or within
+    5% at each size; 128-row tiles lost 15-35% everywhere."""
+    if M <= 128:
+        return dict(BLOCK_M=64, BLOCK_N=32, GROUP_M=8, num_warps=4, num_stages=4)
+    if M <= 256:
+        return dict(BLOCK_M=64, BLOCK_N=64, GROUP_M=8, num_warps=4, num_stages=3)
+    return dict(BLOCK_M=64, BLOCK_N=128, GROUP_M=8, num_warps=4, num_stages=3)
+
+
+# Two or more tokens, H200, bf16 activations, us per call (CUDA-graph replays over weights rotated past L2), the
+# FP8 paths against cuBLAS on the bf16 weight (what the bf16 model runs). cuBLAS block: quantize_act_triton +
+# torch's scaled_mm with 1 x 128 / 128 x 128 scales; Triton W8A8: the best of 4 tiles; Triton W8A16: the tiles
+# above (before this table they served up to 16 tokens, and above that the weight was widened, then cuBLAS bf16):
+#   shape, tokens          | bf16 cuBLAS | cuBLAS block W8A8 | Triton W8A8 | Triton W8A16
+#   qkv 4096->6144,    17  |     17.4    |   17.0            |    21.3     |    40.5
+#                     256  |     22.7    |   19.2 (1.18x)    |    37.6     |
+#                    2048  |    151.1    |  101.0 (1.50x)    |   193.8     |
+#                   16384  |   1243.0    |  771.3 (1.61x)    |  1545.0     |
+#   o 4096->4096,      17  |     15.4    |   17.4 (0.89x)    |    19.0     |    41.9
+#                     256  |     18.1    |   18.6 (0.98x)    |    29.3     |
+#                   16384  |    818.4    |  547.9 (1.49x)    |  1027.9     |
+#   gate_up 4096->24576, 17|     56.0    |   41.1 (1.36x)    |    46.1     |    98.8
+#                     256  |     84.3    |   54.0 (1.56x)    |   106.0     |
+#                   16384  |   5154.6    | 3070.4 (1.68x)    |  6306.0     |
+#   down 12288->4096,  17  |     31.9    |   27.8 (1.15x)    |    43.7     |   115.7
+#                      64  |     33.8    |   39.5 (0.86x)    |    43.7     |   119.6
+#                     256  |     46.5    |   42.7 (1.09x)    |    76.4     |
+#                   16384  |   2546.2    | 1633.8 (1.56x)    |  3320.9     |
+# So from two tokens on cuBLAS's block-scaled GEMM runs wherever it can (Hopper, weights in whole 128 x 128
+# blocks), Triton's W8A8 elsewhere (it keeps each k step's scaling inside the loop, which stalls its pipeline:
+# 400-600 TFLOP/s), the W8A16 tiles only up to 16 tokens off Hopper. An earlier widen-then-cuBLAS path lost to
+# the bf16 model everywhere (one more pass over the weight per call).
 # One token, swept on an H200 (BLOCK_N 2-16, BLOCK_K 256-1024, 4-8 warps), us: qkv 13.0-13.4, gate_up 35.8-38.5,
 # down 22.3-25.3 for the best four each; 4 x 512 x 4 warps is within 8% of the best on all three.
 FP8_GEMV_CONFIG = dict(BLOCK_N=4, BLOCK_K=512, num_warps=4)
@@ -245,12 +390,10 @@ FP8_GEMM_MAX_M = 16
 
 
 def fp8_gemm_config(M: int) -> dict:
-    if M <= 64:
-        return dict(BLOCK_M=16 if M <= 16 else 64, BLOCK_N=64, GROUP_M=8, num_warps=4, num_stages=4)
-    return dict(BLOCK_M=128, BLOCK_N=128, GROUP_M=8, num_warps=8, num_stages=3)
+    return dict(BLOCK_M=16, BLOCK_N=64, GROUP_M=8, num_warps=4, num_stages=4)
 
 
-def fp8_linear_triton(x, weight, scales, config: dict | None = None):
+def fp8_linear_triton(x, weight, scales, config: dict | None = None, block_scales=None):
     M, K = x.shape
     N = weight.shape[0]
     x = x.contiguous()
@@ -261,8 +404,10 @@ def fp8_linear_triton(x, weight, scales, config: dict | None = None):
         cfg = dict(config or FP8_GEMV_CONFIG)
         _fp8_gemv_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](x, weight, scales, out, N, K, scales.shape[1], **cfg)
         return out
-    if M > FP8_GEMM_MAX_M and config is None:     # compute-bound: widen once, then cuBLAS (table above)
-        return gemv.linear_ref(x, dequantize_triton(weight, scales, x.dtype))
+    if block_scales is not None and config is None:      # cuBLAS's FP8 tensor-core GEMM (W8A8, table above)
+        return scaled_mm_cublas(x, weight, block_scales)
+    if M > FP8_GEMM_MAX_M and config is None:             # the same product in Triton (W8A8)
+        return w8a8_linear_triton(x, weight, scales)
     cfg = dict(config or fp8_gemm_config(M))
     if not x.is_cuda:
         cfg.pop("num_stages", None)
@@ -271,5 +416,8 @@ def fp8_linear_triton(x, weight, scales, config: dict | None = None):
     return out
 
 
-def fp8_linear(x, weight, scales):
-    return fp8_linear_triton(x, weight, scales) if _use_triton(x) else fp8_linear_ref(x, weight, scales)
+def fp8_linear(x, weight, scales, block_scales=None):
+    """x (M, K) @ the FP8 weight^T. block_scales: cublas_block_scales(scales), where cuBLAS runs the block format."""
+    if _use_triton(x):
+        return fp8_linear_triton(x, weight, scales, block_scales=block_scales)
+    return fp8_linear_ref(x, weight, scales)

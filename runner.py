@@ -136,6 +136,7 @@ def kv_blocks_that_fit(runner: Runner, max_model_len: int, defaults: dict, extra
         return max(2, min(4096, 2**31 // bytes_per_block))   # CPU: at most 2 GiB of cache by default
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
+    reserved0, allocated0 = torch.cuda.memory_reserved(), torch.cuda.memory_allocated()
     probe_blocks = 1 + -(-args.max_num_batched_tokens // args.block_size)
     kv = cache.allocate_kv_cache(cfg, probe_blocks, args.block_size, runner.kv_dtype, runner.device)
     warmup(runner, kv, max_model_len, defaults)
@@ -145,13 +146,19 @@ def kv_blocks_that_fit(runner: Runner, max_model_len: int, defaults: dict, extra
         graphs = DecodeGraphs(runner.model, kv, runner.last_tokens, B, -(-max_model_len // args.block_size), sizes=[B])
         if runner.group is None or runner.group.rank == 0:          # only rank 0 samples
             samplers = SamplerGraphs(graphs.logits, graphs.sizes, graphs.pool)
-    peak = torch.cuda.max_memory_reserved()          # reserved: the allocator's rounding and fragmentation too
+    # what the engine needs besides its KV cache: the reserved peak (the allocator's rounding and fragmentation
+    # too) less the probe cache; but a probe that fit in free space of a segment reserved before (one that an
+    # earlier tensor still pins, e.g. cuBLAS's workspace inside a big buffer's segment) never raised that peak, so
+    # also count what was reserved before plus the live bytes the profile added beside the probe
+    probe = probe_blocks * probe_bytes
+    need = max(torch.cuda.max_memory_reserved() - probe,
+               reserved0 + torch.cuda.max_memory_allocated() - allocated0 - probe)
     del kv, graphs, samplers
     torch.cuda.empty_cache()
     total = torch.cuda.get_device_properties(runner.device).total_memory
-    n = int((total * args.gpu_memory_utilization - (peak - probe_blocks * probe_bytes)) // bytes_per_block)
+    n = int((total * args.gpu_memory_utilization - need) // bytes_per_block)
     if n < 2:
-        raise RuntimeError(f"no GPU memory left for the KV cache (peak {peak / 2**30:.1f} GiB of "
+        raise RuntimeError(f"no GPU memory left for the KV cache (the rest needs {need / 2**30:.1f} GiB of "
                            f"{total / 2**30:.1f} GiB); lower max_num_batched_tokens or raise gpu_memory_utilization")
     return n
 

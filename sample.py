@@ -612,9 +612,11 @@ def sample(logits: torch.Tensor, st: SamplingTensors, out: torch.Tensor | None =
 
 
 class SamplerGraphs:
-    """The Triton sampler captured in one CUDA graph per decode batch size, reading the decode graphs' logits
+    """The Triton sampler captured in CUDA graphs per decode batch size, reading the decode graphs' logits
     buffer and its settings from persistent buffers. A step uploads every row's settings only when the batch's
-    requests changed; otherwise only the output positions (one small copy)."""
+    requests changed; otherwise only the output positions (one small copy). A second graph per size also
+    computes every row's logprobs with the top MAX_LOGPROBS (for batches where some request asks): replayed,
+    they cost no launches from Python, which at small batches is most of their price."""
 
     def __init__(self, logits: torch.Tensor, sizes: list[int], pool=None):
         max_b, V = logits.shape
@@ -624,20 +626,28 @@ class SamplerGraphs:
         self.i64 = torch.zeros(3, max_b, dtype=torch.int64, device=dev)       # top_k, seed, step
         self.tokens = torch.zeros(max_b, dtype=torch.int64, device=dev)
         self.rows = None                          # request ids whose settings the buffers hold
-        self.graphs = {}
+        self.graphs, self.logprobs = {}, {}       # (size, with logprobs) -> graph; size -> its logprob outputs
         for b in reversed(sizes):
             st = SamplingTensors(self.f32[0, :b], self.i64[0, :b], self.f32[1, :b], self.f32[2, :b],
                                  self.i64[1, :b], self.i64[2, :b])
-            run = lambda: sample_triton(logits[:b], st, out=self.tokens[:b])
-            run()                                 # compile outside the capture
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, pool=pool):
-                run()
-            pool = g.pool()
-            self.graphs[b] = g
+            for with_lp in (False, True):
+                def run():
+                    tokens = sample_triton(logits[:b], st, out=self.tokens[:b])
+                    return token_logprobs_triton(logits[:b], tokens, MAX_LOGPROBS) if with_lp else None
+                run()                             # compile outside the capture
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g, pool=pool):
+                    out = run()                   # with logprobs: static outputs, rewritten by each replay
+                pool = g.pool()
+                self.graphs[b, with_lp] = g
+                if with_lp:
+                    self.logprobs[b] = out
 
-    def run(self, request_ids: list[str], params: list[SamplingParams], seeds: list[int], steps: list[int]):
-        """Sample the first len(params) rows of the logits buffer; returns (n,) tokens on the device."""
+    def run(self, request_ids: list[str], params: list[SamplingParams], seeds: list[int], steps: list[int],
+            logprobs: bool = False):
+        """Sample the first len(params) rows of the logits buffer; returns (n,) tokens on the device, and with
+        logprobs also (chosen (n,), top values (n, MAX_LOGPROBS), top ids (n, MAX_LOGPROBS)) as token_logprobs
+        gives them (valid until the next replay)."""
         n, max_b = len(params), self.f32.shape[1]
         b = next(s for s in self.sizes if s >= n)
         pad = [0] * (max_b - n)
@@ -650,8 +660,10 @@ class SamplerGraphs:
             self.rows = request_ids
         else:
             self.i64[2].copy_(torch.tensor(steps + pad, dtype=torch.int64).pin_memory(), non_blocking=True)
-        self.graphs[b].replay()
-        return self.tokens[:n]
+        self.graphs[b, logprobs].replay()
+        if not logprobs:
+            return self.tokens[:n]
+        return self.tokens[:n], tuple(t[:n] for t in self.logprobs[b])
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -925,6 +925,16 @@ def test_kt_prefill_attention(group, dtype, block_size, q_lens, prefixes):
         torch.testing.assert_close(out2, out)
 
 
+def assert_e4m3_close(out, ref):
+    """float8_e4m3fn values from a kernel under the interpreter against the reference's: at most one e4m3 step
+    apart, except where the interpreter's conversion drops the carry when rounding up reaches the next power of
+    two (1.95 -> 1.0, not 2.0); few differ at all, and enough values are normal (>= 2^-6) to say so."""
+    out, ref = out.float(), ref.float()
+    near = (out - ref).abs() <= ref.abs() * 2 ** -3 + 2 ** -9
+    carry = (ref.abs() == 2 ** ref.abs().log2().round()) & (out == ref / 2)
+    assert (near | carry).all() and (out != ref).float().mean() < 0.05 and (ref.abs() >= 2 ** -6).sum() > 1000
+
+
 @pytest.mark.usefixtures("kt_triton_poisoned")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_kt_fp8_kv_cache(dtype):
@@ -943,11 +953,7 @@ def test_kt_fp8_kv_cache(dtype):
     q = kernels.qk_norm_rope_store_triton(qkv, w, w, cos_sin, pos, caches[0], caches[1], slots, n_heads, n_kv, 1e-6)
     kernels.qk_norm_rope_store_ref(qkv, w, w, cos_sin, pos, caches[2], caches[3], slots, n_heads, n_kv, 1e-6)
     for out, ref in ((caches[0], caches[2]), (caches[1], caches[3])):
-        out, ref = out.float(), ref.float()
-        near = (out - ref).abs() <= ref.abs() * 2 ** -3 + 2 ** -9             # at most one e4m3 step apart
-        # the interpreter drops the carry when rounding up reaches the next power of two (1.95 -> 1.0, not 2.0)
-        carry = (ref.abs() == 2 ** ref.abs().log2().round()) & (out == ref / 2)
-        assert (near | carry).all() and (out != ref).float().mean() < 0.05 and (ref.abs() >= 2 ** -6).sum() > 1000
+        assert_e4m3_close(out, ref)
     lens = [1, 17, 6, 40]
     k_cache, v_cache, bt = kt_paged_cache(lens, bs, 2, hd, dtype)
     k_cache, v_cache = (3 * k_cache.float()).to(fp8), v_cache.to(fp8)
@@ -1181,7 +1187,7 @@ def test_quantization_fp8_of_a_bf16_checkpoint(ckpt):
 
 
 @pytest.mark.usefixtures("kt_triton_poisoned")
-@pytest.mark.parametrize("M,N,K", [(1, 200, 300), (1, 37, 128), (5, 200, 300), (33, 130, 260)])
+@pytest.mark.parametrize("M,N,K", [(1, 200, 300), (1, 37, 128), (5, 200, 300), (33, 130, 260), (70, 72, 1000)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_kt_fp8_linear(M, N, K, dtype):
     import quant
@@ -1191,9 +1197,16 @@ def test_kt_fp8_linear(M, N, K, dtype):
     cfg = dict(BLOCK_N=8, BLOCK_K=128) if M == 1 else dict(BLOCK_M=16, BLOCK_N=32, GROUP_M=2, num_warps=4)
     kt_check(f"fp8 linear M={M} N={N} K={K} {dtype}", quant.fp8_linear_triton(x, q, s, cfg),
              quant.fp8_linear_ref(x, q, s), dtype)
-    kt_check(f"fp8 dequantize N={N} K={K}", quant.dequantize_triton(q, s, dtype), quant.dequantize(q, s, dtype), dtype)
-    if M > quant.FP8_GEMM_MAX_M:                      # the default path there: widen once, then a plain matmul
-        kt_check(f"fp8 linear (widened) M={M}", quant.fp8_linear_triton(x, q, s), quant.fp8_linear_ref(x, q, s), dtype)
+    if M > quant.FP8_GEMM_MAX_M:     # the default path there: W8A8, activations quantized per token and 128 columns
+        xq, xs = quant.quantize_act_triton(x)
+        rq, rs = quant.quantize_act_ref(x)
+        torch.testing.assert_close(xs, rs, rtol=1e-6, atol=0)
+        assert_e4m3_close(xq, rq)
+        kt_check(f"w8a8 gemm M={M} N={N} K={K} {dtype}", quant.w8a8_gemm_triton(rq, rs, q, s, dtype, cfg),
+                 quant.w8a8_linear_ref(x, q, s), dtype)
+        kt_check(f"w8a8 gemm, default tiles", quant.w8a8_gemm_triton(rq, rs, q, s, dtype),
+                 quant.w8a8_linear_ref(x, q, s), dtype)
+        torch.testing.assert_close(quant.fp8_linear_triton(x, q, s), quant.w8a8_gemm_triton(xq, xs, q, s, dtype))
 
 
 # ----------------------------------------------------------------------------------------------------------
