@@ -283,7 +283,9 @@ def run_requests(llm: LLM, prompts: list[list[int]], out_lens: list[int], sampli
     bar.close()
     stats = llm.stats()
     steps = stats["forward_passes"] - stats0["forward_passes"]
+    busy = stats["gpu_busy_seconds"] - stats0["gpu_busy_seconds"]
     return {"seconds": stamps[-1], "first_token_s": stamps[0], "steps": steps, "output_tokens": sum(out_lens),
+            "gpu_idle": 1 - busy / stamps[-1] if llm.device.type == "cuda" else None,
             "stamps": stamps, "prefill_tokens_computed": stats["prefill_tokens_computed"] - stats0["prefill_tokens_computed"],
             "preemptions": stats["num_preemptions"] - stats0["num_preemptions"], "blocks_total": stats["blocks_total"],
             "max_batch_seqs": stats["max_batch_seqs"]}
@@ -325,7 +327,8 @@ def run_offline(b: Bench):
     for label, r in repeated(b, llm, prompts, outs, runs, "offline"):
         rows.append(row(f"offline ({w.num_seqs} reqs), {label}", r["output_tok_s"], fl["tok_s"],
                         f"{r['output_tokens']:,} tok in {r['seconds']:.1f} s{r['spread']}, {r['blocks_total']:,} KV "
-                        f"blocks, max batch {r['max_batch_seqs']}, {r['preemptions']} preemptions"))
+                        f"blocks, max batch {r['max_batch_seqs']}, {r['preemptions']} preemptions"
+                        + (f", GPU idle {r['gpu_idle']:.1%}" if r["gpu_idle"] is not None else "")))
         details[label] = r
     if len(rows) == 3:
         rows[0]["note"] += f"; {rows[0]['tok_s'] / rows[1]['tok_s']:.1%} of greedy"
@@ -758,7 +761,7 @@ def setup(args) -> Bench:
           f"{cfg.hidden_size}, {cfg.num_hidden_layers} layers, heads {cfg.num_attention_heads}/{cfg.num_key_value_heads}, "
           f"head_dim {cfg.head_dim}, intermediate {cfg.intermediate_size}, vocab {cfg.vocab_size}"
           + (f", {cfg.num_experts} experts ({cfg.num_experts_per_tok} per token, width {cfg.moe_intermediate_size})"
-             if cfg.num_experts else "") + (", FP8 projections (W8A16)" if cfg.quantization else ""))
+             if cfg.num_experts else "") + (", FP8 projections (W8A16 for one token, W8A8 for more)" if cfg.quantization else ""))
     if not gpu:
         print("CPU run: the workloads are shrunk, and the numbers mean nothing for speed (they show the machinery works)")
     print("measuring the ceilings ...", file=sys.stderr)

@@ -341,8 +341,9 @@ FP8_SHAPES = {"8b qkv 4096->6144": (6144, 4096), "8b gate_up 4096->24576": (2457
 
 
 def bench_fp8(copy_gbps: float, matmul_tflops: float, device="cuda", dtype=torch.bfloat16) -> list[dict]:
-    """quant.py's W8A16 projections against cuBLAS on the bf16 weight (the ref column): one token in GB/s over
-    the FP8 bytes (weight + row scales), 256 and 8192 tokens in TFLOP/s."""
+    """quant.py's projections as the engine dispatches them (one token W8A16, more W8A8) against cuBLAS on the
+    bf16 weight (the ref column): up to 16 tokens in GB/s over the FP8 bytes (weight + row scales), 256 and 8192
+    tokens in TFLOP/s."""
     import quant
     rows = []
     for name, (N, K) in FP8_SHAPES.items():
@@ -352,18 +353,24 @@ def bench_fp8(copy_gbps: float, matmul_tflops: float, device="cuda", dtype=torch
                 q, s = quant.quantize_blocks(w)
                 return torch.randn(M, K, device=device, dtype=dtype), q, quant.row_scales(s, N), w.to(dtype)
             sets = input_sets(make, most=8)
-            ms = time_rotated(lambda x, q, s, w: quant.fp8_linear_triton(x, q, s), sets)
-            ref_ms = time_rotated(lambda x, q, s, w: x @ w.t(), sets)
-            x, q, s, w = sets[0]
-            err = rel_err(quant.fp8_linear_triton(x, q, s), quant.fp8_linear_ref(x.float(), q, s))
+            blocks = [quant.cublas_block_scales(s) if quant.has_cublas_block_fp8(device) else None
+                      for _, _, s, _ in sets]
+            args = [(*t, b) for t, b in zip(sets, blocks)]
+            ms = time_rotated(lambda x, q, s, w, b: quant.fp8_linear_triton(x, q, s, block_scales=b), args)
+            ref_ms = time_rotated(lambda x, q, s, w, b: x @ w.t(), args)
+            x, q, s, w, b = args[0]
+            ref = quant.fp8_linear_ref if M == 1 else quant.w8a8_linear_ref
+            err = rel_err(quant.fp8_linear_triton(x, q, s, block_scales=b), ref(x.float(), q, s))
             if M <= 16:
                 rate, unit, ceil = (N * K * (1 + 4 / 128) + M * (N + K) * 2) / ms / 1e6, "GB/s", copy_gbps
             else:
                 rate, unit, ceil = 2 * M * N * K / ms / 1e9, "TFLOP/s", matmul_tflops
-            rows.append(dict(op="fp8 linear (W8A16)", shape=f"{name} M={M}", ms=ms, rate=rate, unit=unit,
-                             pct=100 * rate / ceil, target=None, ref_ms=ref_ms, speedup=ref_ms / ms, path="triton",
+            path = "triton" if M == 1 or b is None else "cuBLAS block"
+            rows.append(dict(op=f"fp8 linear ({'W8A16' if M == 1 else 'W8A8'})", shape=f"{name} M={M}", ms=ms,
+                             rate=rate, unit=unit, pct=100 * rate / ceil, target=None, ref_ms=ref_ms,
+                             speedup=ref_ms / ms, path=path,
                              err=err))
-            del sets
+            del sets, args
     return rows
 
 
@@ -381,6 +388,11 @@ def check_kernels(device="cuda", dtype=torch.bfloat16) -> list[tuple[str, float]
             o = kernels.decode_attention_triton(q, k_cache, v_cache, bt, cl, hd ** -0.5)
             r = kernels.decode_attention_ref(q, k_cache, v_cache, bt, cl, hd ** -0.5)
             out.append((f"decode bs={block_size} heads={H}/{KV} ctx={lens}", rel_err(o, r)))
+            counters = torch.zeros(len(lens) * KV, dtype=torch.int32, device=device)
+            for _ in range(2):                 # slices merged in-kernel, as the decode graphs run it
+                m = kernels.decode_attention_triton(q, k_cache, v_cache, bt, cl, hd ** -0.5, counters=counters)
+                out.append((f"decode, merged in-kernel, bs={block_size} heads={H}/{KV} ctx={lens}",
+                            rel_err(m, r) if not counters.any() else float("inf")))
             q_lens = [int(x) for x in torch.randint(1, 300, (4,), generator=g)]
             prefixes = [0, 5, 13, 290]
             k_cache, v_cache, bt, cl = paged_kv([a + b for a, b in zip(q_lens, prefixes)], KV, hd, block_size, dtype,

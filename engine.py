@@ -345,14 +345,13 @@ class LLM:
         reqs = [self.requests[s.request_id] for s in sampled]
         steps = [s.num_tokens - len(s.prompt_ids) for s in sampled]      # output position of each new token
         rows = [i for i, r in enumerate(reqs) if r.params.logprobs is not None]   # the rows that want logprobs
-        tokens = self.sample_tokens(reqs, steps, logits, graphed, bool(rows)) if sampled else None
+        n = max((reqs[i].params.logprobs for i in rows), default=None)             # the most top logprobs asked
+        tokens = self.sample_tokens(reqs, steps, logits, graphed, n) if sampled else None
         lp = None
-        if isinstance(tokens, tuple):                  # the sampling graph computed every row's: keep what is asked
+        if isinstance(tokens, tuple):                  # the sampling graph computed every row's: keep the rows asking
             tokens, lists = tokens
-            n = max(reqs[i].params.logprobs for i in rows)
-            lp = (rows, rows, lists[0], lists[1][:, :n], lists[2][:, :n])
+            lp = (rows, rows, *lists)
         elif tokens is not None and rows:
-            n = max(reqs[i].params.logprobs for i in rows)
             if len(rows) == len(reqs):                 # every row asks, no gather
                 lp = (rows, rows, *token_logprobs(logits, tokens, n))
             else:
@@ -377,13 +376,14 @@ class LLM:
         return out
 
     def sample_tokens(self, reqs: list[Request], steps: list[int], logits: torch.Tensor, graphed: bool,
-                      logprobs: bool = False):
+                      logprobs: int | None = None):
         """(B, vocab) logits -> (B,) tokens on the device. Batches without penalties replay the sampling graph of
-        their size (with logprobs: the one that also computes them, and then the result is (tokens, logprob
-        lists)); greedy batches that want no logprobs take the argmax; others apply penalties to an fp32 copy."""
+        their size (logprobs, the most top logprobs a row wants: the graph that also computes every row's, and
+        the result is then (tokens, logprob lists)); greedy batches that want no logprobs take the argmax;
+        others apply penalties to an fp32 copy first."""
         params = [r.params for r in reqs]
         changed = any(p.needs_last_token for p in params)          # penalties or a grammar change the logits
-        if not changed and not logprobs and all(p.greedy for p in params):
+        if not changed and logprobs is None and all(p.greedy for p in params):
             return logits.argmax(-1)                   # the common case needs no sampling tensors, nor fp32
         if graphed and not changed and self.sampler_graphs is not None:
             return self.sampler_graphs.run([r.request_id for r in reqs], params, [r.seed for r in reqs], steps,

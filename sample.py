@@ -584,15 +584,18 @@ def _logprob_finish_kernel(logits_ptr, stride, V, tokens_ptr, stats_ptr, count_p
             pv, pi = bv, bi
 
 
-def token_logprobs_triton(logits: torch.Tensor, tokens: torch.Tensor, n: int):
+def token_logprobs_triton(logits: torch.Tensor, tokens: torch.Tensor, n: int, top_k: torch.Tensor | None = None):
     """Same contract as token_logprobs: the sampler's first passes on the raw logits (temperature 1, top-k n)
-    give log Z and the top n's candidates without a (B, V) log-softmax or a sort. n <= SAMPLE_CHUNK count."""
+    give log Z and the top n's candidates without a (B, V) log-softmax or a sort. n <= SAMPLE_CHUNK count.
+    top_k: (B,) int64, at most n: find only the top top_k (the later columns are left unwritten), as a graph
+    captured for n = MAX_LOGPROBS does when the batch asks for fewer."""
     B, V = logits.shape
     dev = logits.device
     ones = torch.ones(B, dtype=torch.float32, device=dev)
     zeros = torch.zeros(B, dtype=torch.int64, device=dev)
-    st = SamplingTensors(ones, torch.full((B,), max(n, 1), dtype=torch.int64, device=dev), ones, ones * 0, zeros,
-                         zeros)
+    if top_k is None:
+        top_k = torch.full((B,), max(n, 1), dtype=torch.int64, device=dev)
+    st = SamplingTensors(ones, top_k, ones, ones * 0, zeros, zeros)
     _, stats, count, cand_val, cand_idx = _candidates(logits, st, zeros)
     chosen = torch.empty(B, dtype=torch.float32, device=dev)
     top_val = torch.empty(B, n, dtype=torch.float32, device=dev)
@@ -625,6 +628,8 @@ class SamplerGraphs:
         self.f32 = torch.zeros(3, max_b, dtype=torch.float32, device=dev)     # inv_temp, top_p, min_p
         self.i64 = torch.zeros(3, max_b, dtype=torch.int64, device=dev)       # top_k, seed, step
         self.tokens = torch.zeros(max_b, dtype=torch.int64, device=dev)
+        self.lp_n = torch.full((max_b,), MAX_LOGPROBS, dtype=torch.int64, device=dev)   # top logprobs to find
+        self.lp_n_now = MAX_LOGPROBS
         self.rows = None                          # request ids whose settings the buffers hold
         self.graphs, self.logprobs = {}, {}       # (size, with logprobs) -> graph; size -> its logprob outputs
         for b in reversed(sizes):
@@ -633,7 +638,7 @@ class SamplerGraphs:
             for with_lp in (False, True):
                 def run():
                     tokens = sample_triton(logits[:b], st, out=self.tokens[:b])
-                    return token_logprobs_triton(logits[:b], tokens, MAX_LOGPROBS) if with_lp else None
+                    return token_logprobs_triton(logits[:b], tokens, MAX_LOGPROBS, self.lp_n[:b]) if with_lp else None
                 run()                             # compile outside the capture
                 g = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(g, pool=pool):
@@ -644,11 +649,14 @@ class SamplerGraphs:
                     self.logprobs[b] = out
 
     def run(self, request_ids: list[str], params: list[SamplingParams], seeds: list[int], steps: list[int],
-            logprobs: bool = False):
+            logprobs: int | None = None):
         """Sample the first len(params) rows of the logits buffer; returns (n,) tokens on the device, and with
-        logprobs also (chosen (n,), top values (n, MAX_LOGPROBS), top ids (n, MAX_LOGPROBS)) as token_logprobs
-        gives them (valid until the next replay)."""
+        logprobs (the most top logprobs a row wants) also (chosen (n,), top values (n, logprobs), top ids
+        (n, logprobs)) as token_logprobs gives them (views, valid until the next replay)."""
         n, max_b = len(params), self.f32.shape[1]
+        if logprobs is not None and logprobs != self.lp_n_now:
+            self.lp_n.fill_(max(logprobs, 1))
+            self.lp_n_now = logprobs
         b = next(s for s in self.sizes if s >= n)
         pad = [0] * (max_b - n)
         if request_ids != self.rows:             # padding rows: greedy, the cheapest
@@ -660,10 +668,11 @@ class SamplerGraphs:
             self.rows = request_ids
         else:
             self.i64[2].copy_(torch.tensor(steps + pad, dtype=torch.int64).pin_memory(), non_blocking=True)
-        self.graphs[b, logprobs].replay()
-        if not logprobs:
+        self.graphs[b, logprobs is not None].replay()
+        if logprobs is None:
             return self.tokens[:n]
-        return self.tokens[:n], tuple(t[:n] for t in self.logprobs[b])
+        chosen, top_v, top_i = self.logprobs[b]
+        return self.tokens[:n], (chosen[:n], top_v[:n, :logprobs], top_i[:n, :logprobs])
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -832,6 +832,14 @@ def test_kt_decode_attention(group, dtype, block_size, context_lens, num_splits)
     kt_check(f"decode ctx={context_lens} bs={block_size} group={group} splits={num_splits} {dtype}", out, ref, dtype)
     if num_splits is None:   # the dispatcher takes the same path
         torch.testing.assert_close(kernels.decode_attention(q, k_cache, v_cache, block_tables, ctx, scale), out)
+    # the slices merged in-kernel by the last to finish (as the decode graphs run it): the same result, twice
+    # over the same counters (each launch leaves them zero for the next)
+    counters = torch.zeros(len(context_lens) * n_kv + 3, dtype=torch.int32)
+    for _ in range(2):
+        merged = kernels.decode_attention_triton(q, k_cache, v_cache, block_tables, ctx, scale,
+                                                 num_splits=num_splits, counters=counters)
+        torch.testing.assert_close(merged, out, rtol=0, atol=0)
+        assert not counters.any()
 
 
 def kt_shared_tables(groups, block_size, n_kv, hd, dtype, seed):
@@ -1096,7 +1104,7 @@ def test_kt_linear_one_token(K, N, dtype):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# FP8 weights (quant.py): the official block format, --quantization fp8, the W8A16 kernels
+# FP8 weights (quant.py): the official block format, --quantization fp8, the W8A16 and W8A8 kernels
 # ----------------------------------------------------------------------------------------------------------
 
 FP8_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -1151,7 +1159,7 @@ def test_fp8_checkpoint_matches_transformers(tmp_path, monkeypatch):
     outs = llm.generate(prompts, greedy(max_tokens=30, ignore_eos=True))
     for p, o in zip(prompts, outs):
         assert o.token_ids == hf_greedy(hf, p, 30)
-    monkeypatch.setenv("QWEN3_KERNELS", "triton")   # the W8A16 kernels (interpreter): the same tokens
+    monkeypatch.setenv("QWEN3_KERNELS", "triton")   # the FP8 kernels (interpreter): the same tokens
     outs = llm.generate(prompts[:2], greedy(max_tokens=4, ignore_eos=True))
     assert [o.token_ids for o in outs] == [hf_greedy(hf, p, 4) for p in prompts[:2]]
     assert_no_leak(llm)
