@@ -436,31 +436,17 @@ def _decode_slice(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, bt_stride, 
 
 @triton.jit
 def _decode_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, bt_stride, context_lens_ptr,
-                             out_ptr, part_o_ptr, part_lse_ptr, counters_ptr, qk_scale, num_splits,
+                             out_ptr, part_o_ptr, part_lse_ptr, qk_scale, num_splits,
                              N_HEADS: tl.constexpr, N_KV: tl.constexpr, HEAD_DIM: tl.constexpr,
                              BLOCK_SIZE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
-                             SPLIT: tl.constexpr, MERGE: tl.constexpr = False, BLOCK_S: tl.constexpr = 1,
-                             USE_GDC: tl.constexpr = False):
-    # grid (B, N_KV, num_splits): one _decode_slice each. MERGE: the last slice of a (sequence, kv head) to
-    # finish merges all of them (no reduce launch): each counts itself done in counters[b, kv_head], and the one
-    # that counts last reads the others' partial results (they were stored before each one counted) and resets
-    # the counter to 0 for the next launch.
+                             SPLIT: tl.constexpr, USE_GDC: tl.constexpr = False):
+    # grid (B, N_KV, num_splits): one _decode_slice each
     if USE_GDC:                                        # programmatic dependent launch: see `pdl`
         tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
-    b, kv_head = tl.program_id(0), tl.program_id(1)
     _decode_slice(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, bt_stride, context_lens_ptr, context_lens_ptr,
-                  out_ptr, part_o_ptr, part_lse_ptr, qk_scale, b, kv_head, tl.program_id(2),
+                  out_ptr, part_o_ptr, part_lse_ptr, qk_scale, tl.program_id(0), tl.program_id(1), tl.program_id(2),
                   num_splits, num_splits, N_HEADS, N_KV, HEAD_DIM, BLOCK_SIZE, BLOCK_G, BLOCK_N, SPLIT, SHARED=False)
-    if MERGE:
-        tl.debug_barrier()                             # every thread's partial stores issued before the count
-        counter = counters_ptr + b * N_KV + kv_head
-        if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == num_splits - 1:
-            GROUP: tl.constexpr = N_HEADS // N_KV
-            for g in tl.static_range(GROUP):
-                _merge_slices(part_o_ptr, part_lse_ptr, out_ptr, b.to(tl.int64) * N_HEADS + kv_head * GROUP + g,
-                              num_splits, HEAD_DIM, BLOCK_S, FRESH=True)
-            tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
 
 
 @triton.jit
@@ -523,31 +509,22 @@ def _cascade_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr,
 
 
 @triton.jit
-def _merge_slices(part_o_ptr, part_lse_ptr, out_ptr, row, num_slots, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr,
-                  FRESH: tl.constexpr):
-    """Row `row` of (B * N_HEADS): weigh each slice's output by exp2(lse_slice - lse_max). Bytes: num_slots *
-    HEAD_DIM fp32 per head, small against the KV bytes of the slices. FRESH: other programs of this launch wrote
-    the partials, so read them from L2 (".cg"): this SM's L1 may hold the same addresses from an earlier launch."""
-    s = tl.arange(0, BLOCK_S)
-    d = tl.arange(0, HEAD_DIM)
-    lse = tl.load(part_lse_ptr + row * num_slots + s, mask=s < num_slots, other=float("-inf"),
-                  cache_modifier=".cg" if FRESH else "")                                  # (BLOCK_S,)
-    w = tl.exp2(lse - tl.max(lse, axis=0))                   # slice 0 always holds >= 1 token: the max is finite
-    o = tl.load(part_o_ptr + (row * num_slots + s[:, None]) * HEAD_DIM + d[None, :],
-                mask=s[:, None] < num_slots, other=0.0, cache_modifier=".cg" if FRESH else "")  # (BLOCK_S, HEAD_DIM)
-    out = tl.sum(w[:, None] * o, axis=0) / tl.sum(w, axis=0)
-    tl.store(out_ptr + row * HEAD_DIM + d, out.to(out_ptr.dtype.element_ty))
-
-
-@triton.jit
 def _decode_reduce_kernel(part_o_ptr, part_lse_ptr, out_ptr, num_slots, HEAD_DIM: tl.constexpr,
                           BLOCK_S: tl.constexpr, USE_GDC: tl.constexpr = False):
-    # grid (B * N_HEADS,): one _merge_slices each
+    # grid (B * N_HEADS,): weigh each slice's output by exp2(lse_slice - lse_max). Bytes: num_slots * HEAD_DIM
+    # fp32 per head, small against the KV bytes of the slices.
     if USE_GDC:                                        # programmatic dependent launch: see `pdl`
         tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
-    _merge_slices(part_o_ptr, part_lse_ptr, out_ptr, tl.program_id(0).to(tl.int64), num_slots, HEAD_DIM, BLOCK_S,
-                  FRESH=False)
+    row = tl.program_id(0).to(tl.int64)
+    s = tl.arange(0, BLOCK_S)
+    d = tl.arange(0, HEAD_DIM)
+    lse = tl.load(part_lse_ptr + row * num_slots + s, mask=s < num_slots, other=float("-inf"))   # (BLOCK_S,)
+    w = tl.exp2(lse - tl.max(lse, axis=0))                   # slice 0 always holds >= 1 token: the max is finite
+    o = tl.load(part_o_ptr + (row * num_slots + s[:, None]) * HEAD_DIM + d[None, :],
+                mask=s[:, None] < num_slots, other=0.0)      # (BLOCK_S, HEAD_DIM)
+    out = tl.sum(w[:, None] * o, axis=0) / tl.sum(w, axis=0)
+    tl.store(out_ptr + row * HEAD_DIM + d, out.to(out_ptr.dtype.element_ty))
 
 
 @functools.lru_cache
@@ -570,6 +547,10 @@ DECODE_CONFIG_FP8 = dict(BLOCK_N=128, num_warps=4, num_stages=3)
 DECODE_MIN_PARTITION = 64     # fewest tokens a context slice is given (one tile)
 DECODE_WAVES = 4              # split until B * n_kv * splits reaches this many programs per SM
 DECODE_MAX_SPLITS = 64        # the reduce kernel holds all slices of a head in registers
+# Tried and dropped (H200, 2026-12-02): no reduce launch, the last slice of each (sequence, kv head) to finish
+# merging them (an atomic counter per pair, partials read back through L2). `bench.py decode-1` got slower:
+# qwen3-0.6b 0.90 ms/token (0.85 with the reduce kernel), qwen3-8b 4.75 (4.66): one program merging a kv head's
+# GROUP heads at the kernel's tail takes longer than the reduce launch it saves under PDL.
 
 
 def decode_num_splits(batch: int, n_kv: int, max_ctx: int, device) -> int:
@@ -602,11 +583,9 @@ def shared_prefix_chunks(batch: int, n_heads: int, n_kv: int, splits: int, block
 
 
 def decode_attention_triton(q, k_cache, v_cache, block_tables, context_lens, scale, shared=None, num_splits=None,
-                            num_chunks=None, counters=None):
+                            num_chunks=None):
     """Same contract as decode_attention_ref. shared: a SharedPrefix plan (cascade attention), or None.
-    num_splits / num_chunks: None picks by shape (decode_num_splits / shared_prefix_chunks). counters: (>= B *
-    n_kv,) int32 zeros that outlive the call (the decode graphs keep one): the slices of a split context are then
-    merged by the last of them to finish, not by a reduce launch (left zero again for the next call)."""
+    num_splits / num_chunks: None picks by shape (decode_num_splits / shared_prefix_chunks)."""
     B, n_heads, hd = q.shape
     _, block_size, n_kv, _ = k_cache.shape
     assert q.is_contiguous() and k_cache.is_contiguous() and v_cache.is_contiguous() and k_cache.shape[3] == hd
@@ -624,16 +603,11 @@ def decode_attention_triton(q, k_cache, v_cache, block_tables, context_lens, sca
     part_o = torch.empty(B, n_heads, slots, hd, dtype=torch.float32, device=q.device) if slots > 1 else None
     part_lse = torch.empty(B, n_heads, slots, dtype=torch.float32, device=q.device) if slots > 1 else None
     block_g = max(16, triton.next_power_of_2(n_heads // n_kv))
-    merge = shared is None and slots > 1 and counters is not None
-    if merge:
-        assert counters.dtype == torch.int32 and counters.numel() >= B * n_kv
     if shared is None:
         _decode_attention_kernel[(B, n_kv, splits)](
             q, k_cache, v_cache, block_tables, block_tables.stride(0), context_lens, out, part_o, part_lse,
-            counters if merge else None, scale * LOG2E, splits, N_HEADS=n_heads, N_KV=n_kv, HEAD_DIM=hd,
-            BLOCK_SIZE=block_size, BLOCK_G=block_g, SPLIT=splits > 1, MERGE=merge,
-            BLOCK_S=triton.next_power_of_2(slots), **(DECODE_CONFIG_FP8 if k_cache.dtype.itemsize == 1 else DECODE_CONFIG),
-            **pdl(q))
+            scale * LOG2E, splits, N_HEADS=n_heads, N_KV=n_kv, HEAD_DIM=hd, BLOCK_SIZE=block_size, BLOCK_G=block_g,
+            SPLIT=splits > 1, **(DECODE_CONFIG_FP8 if k_cache.dtype.itemsize == 1 else DECODE_CONFIG), **pdl(q))
     else:
         grid = (n_kv * chunks * triton.cdiv(B * (n_heads // n_kv), block_m) + B * n_kv * splits,)
         _cascade_attention_kernel[grid](
@@ -641,7 +615,7 @@ def decode_attention_triton(q, k_cache, v_cache, block_tables, context_lens, sca
             shared.prefix_len, shared.shared_lens, part_o, part_lse, scale * LOG2E, B, splits, chunks,
             N_HEADS=n_heads, N_KV=n_kv, HEAD_DIM=hd, BLOCK_SIZE=block_size, BLOCK_G=block_g, BLOCK_M=block_m,
             **DECODE_CONFIG)
-    if slots > 1 and not merge:
+    if slots > 1:
         _decode_reduce_kernel[(B * n_heads,)](part_o, part_lse, out, slots, HEAD_DIM=hd,
                                               BLOCK_S=triton.next_power_of_2(slots), **pdl(q))
     return out
@@ -795,13 +769,11 @@ def qk_norm_rope_store(qkv, q_norm_w, k_norm_w, cos_sin, positions, k_cache, v_c
 # 16/8 heads x 128 | B=1 ctx=128 | B=1 ctx=2048 | B=8 ctx=512 | B=64 ctx=2048 | B=256 ctx=1024 | B=1 ctx=32768
 # triton           |   0.0061    |    0.0101    |   0.0127    |    0.1934     |     0.3735     |    0.0563
 # torch            |   0.0414    |    0.0937    |   0.1322    |    3.2640     |     6.3863     |    1.5417
-def decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, shared: SharedPrefix | None = None,
-                     counters: torch.Tensor | None = None):
-    """shared (cascade attention) and counters (the slices merged in-kernel) change how the Triton kernels split
-    and merge the work, never the result: the reference ignores them."""
+def decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, shared: SharedPrefix | None = None):
+    """shared (cascade attention) changes how the Triton kernels split the work, never the result: the
+    reference ignores it."""
     if _use_triton(q):
-        return decode_attention_triton(q, k_cache, v_cache, block_tables, context_lens, scale, shared=shared,
-                                       counters=counters)
+        return decode_attention_triton(q, k_cache, v_cache, block_tables, context_lens, scale, shared=shared)
     return decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, scale)
 
 

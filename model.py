@@ -126,7 +126,6 @@ class AttnMeta:
     is_decode: bool                # every sequence has exactly one new token (decode kernel, CUDA graphs)
     max_seqlen_q: int = 1          # longest new-token run in the batch (grid size of the prefill kernel)
     shared_prefix: kernels.SharedPrefix | None = None   # decode: blocks many rows share, attended once (cascade)
-    split_counters: torch.Tensor | None = None  # decode graphs: (B * n_kv,) int32 zeros, attention merges in-kernel
 
 
 class RMSNorm(nn.Module):
@@ -174,7 +173,7 @@ class Attention(nn.Module):
         scale = self.head_dim ** -0.5
         if meta.is_decode:
             o = kernels.decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale,
-                                          shared=meta.shared_prefix, counters=meta.split_counters)
+                                          shared=meta.shared_prefix)
         else:
             o = kernels.prefill_attention(q, k_cache, v_cache, meta.cu_seqlens_q, meta.context_lens,
                                           meta.block_tables, scale, max_seqlen_q=meta.max_seqlen_q)

@@ -256,8 +256,6 @@ class DecodeGraphs:
         self.ctx = torch.ones(max_batch, **i32)          # contiguous copy of column 0 (kernels want it dense)
         self.cu = torch.arange(max_batch + 1, **i32)
         self.rows = torch.arange(max_batch, device=dev)
-        # decode attention's split counters, shared by every layer and graph (each launch leaves them zero)
-        self.counters = torch.zeros(max_batch * model.model.layers[0].self_attn.n_kv_heads, **i32)
         self.short_blocks = min(max_blocks, -(-self.SHORT_CONTEXT // kv_cache.shape[3]))
         self.graphs = {}
         # every graph writes its logits here: a graph's output outlives its capture, so outputs of its own
@@ -270,7 +268,7 @@ class DecodeGraphs:
             for width in sorted({max_blocks, self.short_blocks}):
                 for cascade in (False, True) if b >= kernels.CASCADE_MIN_BATCH else (False,):
                     meta = AttnMeta(self.cu[:b + 1], self.ctx[:b], self.tables[:b, :width], self.slots[:b],
-                                    self.rows[:b], is_decode=True, max_seqlen_q=1, split_counters=self.counters)
+                                    self.rows[:b], is_decode=True, max_seqlen_q=1)
                     def run():                  # everything in here is captured: no extra launches per step
                         self.ctx[:b].copy_(self.i32[:b, 0])
                         if cascade:
