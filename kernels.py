@@ -550,8 +550,8 @@ DECODE_MAX_SPLITS = 64        # the reduce kernel holds all slices of a head in 
 # Tried and dropped (H200, 2026-12-02): no reduce launch, the last slice of each (sequence, kv head) to finish
 # merging them (an atomic counter per pair, partials read back through L2). `bench.py decode-1` got slower:
 # qwen3-0.6b 0.90 ms/token (0.85 with the reduce kernel, a session earlier), qwen3-8b 4.75 (4.66 with it, the
-# same day): one program merging a kv head's
-# GROUP heads at the kernel's tail takes longer than the reduce launch it saves under PDL.
+# same day): one program merging a kv head's GROUP heads at the kernel's tail takes longer than the reduce
+# launch it saves under PDL.
 
 
 def decode_num_splits(batch: int, n_kv: int, max_ctx: int, device) -> int:
