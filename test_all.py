@@ -325,6 +325,19 @@ def test_logprobs_match_transformers(ckpt):
         assert [t for t, _ in top] == want_top.indices.tolist()
     print(f"max |logprob - transformers'|: {worst:.2e}")
     assert worst < 1e-4
+    # one batch whose rows ask for different numbers of top logprobs (or none): each gets its own, as alone
+    prompts = [llm.tokenizer.encode(p) for p in PROMPTS[:3]]
+    params = [SamplingParams(temperature=0.7, max_tokens=6, ignore_eos=True, seed=i, logprobs=n)
+              for i, n in enumerate((4, 1, None))]
+    together = llm.generate(prompts, params)
+    for p, sp, o in zip(prompts, params, together):
+        alone = llm.generate([p], sp)[0]
+        assert o.token_ids == alone.token_ids
+        if sp.logprobs is None:
+            assert o.logprobs is None
+        else:
+            assert all(len(top) == sp.logprobs for _, top in o.logprobs)
+            assert [[t for t, _ in top] for _, top in o.logprobs] == [[t for t, _ in top] for _, top in alone.logprobs]
     assert_no_leak(llm)
 
 
