@@ -353,7 +353,7 @@ def bench_fp8(copy_gbps: float, matmul_tflops: float, device="cuda", dtype=torch
                 q, s = quant.quantize_blocks(w)
                 return torch.randn(M, K, device=device, dtype=dtype), q, quant.row_scales(s, N), w.to(dtype)
             sets = input_sets(make, most=8)
-            blocks = [quant.cublas_block_scales(s) if quant.has_cublas_block_fp8(device) else None
+            blocks = [quant.cublas_block_scales(s, K) if quant.has_cublas_block_fp8(device) else None
                       for _, _, s, _ in sets]
             args = [(*t, b) for t, b in zip(sets, blocks)]
             ms = time_rotated(lambda x, q, s, w, b: quant.fp8_linear_triton(x, q, s, block_scales=b), args)

@@ -111,7 +111,7 @@ def finish(model):
     """After the weights are loaded: each Fp8Linear's scales in cuBLAS's block layout, where cuBLAS can run it."""
     for m in model.modules():
         if isinstance(m, Fp8Linear) and has_cublas_block_fp8(m.weight.device):
-            m.block_scales = cublas_block_scales(m.weight_scale_inv)
+            m.block_scales = cublas_block_scales(m.weight_scale_inv, m.weight.shape[1])
 
 
 def projections(model, shard_rows):
@@ -331,12 +331,12 @@ def w8a8_linear_triton(x, weight, scales, config: dict | None = None):
     return w8a8_gemm_triton(*quantize_act_triton(x), weight, scales, x.dtype, config)
 
 
-def cublas_block_scales(scales: torch.Tensor) -> torch.Tensor | None:
+def cublas_block_scales(scales: torch.Tensor, in_features: int) -> torch.Tensor | None:
     """(N, KB) row scales -> (N / 128, KB rounded up to 4) block scales, whose transposed view is what cuBLAS's
-    block-scaled FP8 GEMM reads (as `torch.nn.functional.scaled_mm` takes them); None where they are not 128 x 128
-    blocks (a fused shard not on a 128-row boundary, N not a multiple of 128): those keep the Triton GEMM."""
+    block-scaled FP8 GEMM reads (as `torch.nn.functional.scaled_mm` takes them); None where they are not whole
+    128 x 128 blocks (a fused shard not on a 128-row boundary, N or K not a multiple of 128): the Triton GEMM."""
     N, KB = scales.shape
-    if N % BLOCK or not torch.equal(scales, scales[::BLOCK].repeat_interleave(BLOCK, dim=0)):
+    if N % BLOCK or in_features % BLOCK or not torch.equal(scales, scales[::BLOCK].repeat_interleave(BLOCK, dim=0)):
         return None
     return F.pad(scales[::BLOCK], (0, -KB % 4)).contiguous()
 

@@ -1220,6 +1220,24 @@ def test_kt_fp8_linear(M, N, K, dtype):
         kt_check(f"w8a8 gemm, default tiles", quant.w8a8_gemm_triton(rq, rs, q, s, dtype),
                  quant.w8a8_linear_ref(x, q, s), dtype)
         torch.testing.assert_close(quant.fp8_linear_triton(x, q, s), quant.w8a8_gemm_triton(xq, xs, q, s, dtype))
+        # cuBLAS's layout: rows padded to a multiple of 4 (zeros), the scales column-major
+        pq, ps = quant.quantize_act_triton(x, rows_multiple=4, column_major=True)
+        assert pq.shape[0] == -(-M // 4) * 4 and ps.shape == (pq.shape[0], xs.shape[1]) and ps.stride(0) == 1
+        assert torch.equal(pq[:M].view(torch.uint8), xq.view(torch.uint8)) and torch.equal(ps[:M], xs)
+        assert not pq[M:].float().any()
+
+
+def test_cublas_block_scales():
+    """Row scales -> cuBLAS's (N/128, KB rounded up to 4) block scales, only where the weight is whole blocks."""
+    import quant
+    q, s = quant.quantize_blocks(torch.randn(384, 640))
+    rows = quant.row_scales(s, 384)                                          # (384, 5)
+    b = quant.cublas_block_scales(rows, 640)
+    assert b.shape == (3, 8) and torch.equal(b[:, :5], s) and not b[:, 5:].any()
+    assert quant.cublas_block_scales(rows, 600) is None                     # K not whole blocks
+    assert quant.cublas_block_scales(rows[:300], 640) is None               # N not whole blocks
+    shards = torch.cat([quant.quantize_rows(torch.randn(n, 640), [n])[1] for n in (200, 184)])
+    assert quant.cublas_block_scales(shards, 640) is None                   # a shard starting mid-block
 
 
 # ----------------------------------------------------------------------------------------------------------
