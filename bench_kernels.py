@@ -359,14 +359,15 @@ def bench_fp8(copy_gbps: float, matmul_tflops: float, device="cuda", dtype=torch
             ms = time_rotated(lambda x, q, s, w, b: quant.fp8_linear_triton(x, q, s, block_scales=b), args)
             ref_ms = time_rotated(lambda x, q, s, w, b: x @ w.t(), args)
             x, q, s, w, b = args[0]
-            ref = quant.fp8_linear_ref if M == 1 else quant.w8a8_linear_ref
+            w8a16 = M == 1 or (b is None and M <= quant.FP8_GEMM_MAX_M)     # the path dispatch takes
+            ref = quant.fp8_linear_ref if w8a16 else quant.w8a8_linear_ref
             err = rel_err(quant.fp8_linear_triton(x, q, s, block_scales=b), ref(x.float(), q, s))
             if M <= 16:
                 rate, unit, ceil = (N * K * (1 + 4 / 128) + M * (N + K) * 2) / ms / 1e6, "GB/s", copy_gbps
             else:
                 rate, unit, ceil = 2 * M * N * K / ms / 1e9, "TFLOP/s", matmul_tflops
             path = "triton" if M == 1 or b is None else "cuBLAS block"
-            rows.append(dict(op=f"fp8 linear ({'W8A16' if M == 1 else 'W8A8'})", shape=f"{name} M={M}", ms=ms,
+            rows.append(dict(op=f"fp8 linear ({'W8A16' if w8a16 else 'W8A8'})", shape=f"{name} M={M}", ms=ms,
                              rate=rate, unit=unit, pct=100 * rate / ceil, target=None, ref_ms=ref_ms,
                              speedup=ref_ms / ms, path=path,
                              err=err))
