@@ -618,8 +618,9 @@ class SamplerGraphs:
     """The Triton sampler captured in CUDA graphs per decode batch size, reading the decode graphs' logits
     buffer and its settings from persistent buffers. A step uploads every row's settings only when the batch's
     requests changed; otherwise only the output positions (one small copy). A second graph per size also
-    computes every row's logprobs with the top MAX_LOGPROBS (for batches where some request asks): replayed,
-    they cost no launches from Python, which at small batches is most of their price."""
+    computes every row's logprob and top n (n, at most MAX_LOGPROBS, from a device buffer: the most any row of
+    the batch asks for), for batches where some request wants logprobs: replayed, they cost no launches from
+    Python, which at small batches is most of their price."""
 
     def __init__(self, logits: torch.Tensor, sizes: list[int], pool=None):
         max_b, V = logits.shape
