@@ -285,6 +285,7 @@ def run_requests(llm: LLM, prompts: list[list[int]], out_lens: list[int], sampli
     steps = stats["forward_passes"] - stats0["forward_passes"]
     busy = stats["gpu_busy_seconds"] - stats0["gpu_busy_seconds"]
     return {"seconds": stamps[-1], "first_token_s": stamps[0], "steps": steps, "output_tokens": sum(out_lens),
+            "output_tok_s": sum(out_lens) / stamps[-1],
             "gpu_idle": 1 - busy / stamps[-1] if llm.device.type == "cuda" else None,
             "stamps": stamps, "prefill_tokens_computed": stats["prefill_tokens_computed"] - stats0["prefill_tokens_computed"],
             "preemptions": stats["num_preemptions"] - stats0["num_preemptions"], "blocks_total": stats["blocks_total"],
@@ -357,8 +358,7 @@ def repeated(b: Bench, llm: LLM, prompts, outs, runs: list[tuple[str, dict]], de
     for i in range(b.repeat):
         for label, sampling in runs:
             r = run_requests(llm, prompts, outs, sampling, f"{desc}, {label}" + (f" ({i + 1}/{b.repeat})" if b.repeat > 1 else ""))
-            r = {"output_tok_s": r["output_tokens"] / r["seconds"], **{k: v for k, v in r.items() if k != "stamps"}}
-            results[label].append(r)
+            results[label].append({k: v for k, v in r.items() if k != "stamps"})
     out = []
     for label, rs in results.items():
         rates = [r["output_tok_s"] for r in rs]

@@ -383,12 +383,13 @@ class LLM:
         others apply penalties to an fp32 copy first."""
         params = [r.params for r in reqs]
         changed = any(p.needs_last_token for p in params)          # penalties or a grammar change the logits
-        if not changed and logprobs is None and all(p.greedy for p in params):
+        greedy = not changed and all(p.greedy for p in params)
+        if greedy and logprobs is None:
             return logits.argmax(-1)                   # the common case needs no sampling tensors, nor fp32
         if graphed and not changed and self.sampler_graphs is not None:
             return self.sampler_graphs.run([r.request_id for r in reqs], params, [r.seed for r in reqs], steps,
                                            logprobs)
-        if not changed and all(p.greedy for p in params):
+        if greedy:                                     # eager logprobs are computed beside the argmax
             return logits.argmax(-1)
         if changed:
             logits = apply_penalties(logits.to(torch.float32, copy=True), [penalty_entries(r.params, r.prompt, r.counts)

@@ -24,7 +24,7 @@ Kernels (each with its PyTorch reference beside it; the measured table at FP8_GE
   - two or more tokens: each token's activations quantized per group of 128 columns (`quantize_act_triton`:
     scale = max |x| / 448), then an FP8 x FP8 GEMM applying both scales per 128-column k step (reference
     `w8a8_linear_ref`): cuBLAS's block-scaled GEMM (torch's `scaled_mm`) on Hopper when the weight is in whole
-    128 x 128 blocks; else a W8A16 Triton tile GEMM up to 16 tokens and `_w8a8_gemm_kernel` (Triton) beyond.
+    128 x 128 blocks; else `_fp8_gemm_kernel` (Triton): W8A16 tiles up to 16 tokens, W8A8 beyond.
 """
 import torch
 import torch.nn as nn
@@ -209,30 +209,6 @@ def _tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.conste
     return first_m + (pid % (GROUP_M * n_n)) % size_m, (pid % (GROUP_M * n_n)) // size_m
 
 
-@triton.jit
-def _fp8_gemm_kernel(a_ptr, w_ptr, s_ptr, c_ptr, M, N, K, KB, stride_a, stride_c,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    # Several tokens: C (M, N) = A (M, K) @ W^T, k steps of 128 (one scale block): acc += (A_k @ W_k^T) * s_k
-    # with s_k the scales of the tile's columns. The weight tile is widened to A's dtype for the tensor cores.
-    pid_m, pid_n = _tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, 128)
-    a_ptrs = a_ptr + offs_m[:, None].to(tl.int64) * stride_a + offs_k[None, :]           # (BM, 128)
-    w_ptrs = w_ptr + offs_n[None, :].to(tl.int64) * K + offs_k[:, None]                  # (128, BN)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kb in range(0, KB):
-        k_in = offs_k < K - kb * 128
-        a = tl.load(a_ptrs, mask=(offs_m < M)[:, None] & k_in[None, :], other=0.0)
-        w = tl.load(w_ptrs, mask=k_in[:, None] & (offs_n < N)[None, :], other=0.0).to(a.dtype)
-        s = tl.load(s_ptr + offs_n * KB + kb, mask=offs_n < N, other=0.0)
-        acc += tl.dot(a, w) * s[None, :]
-        a_ptrs += 128
-        w_ptrs += 128
-    c_ptrs = c_ptr + offs_m[:, None].to(tl.int64) * stride_c + offs_n[None, :]
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
-
-
 def quantize_act_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(M, K) activations -> (M, K) float8_e4m3fn, (M, ceil(K/128)) fp32 scales: each token's 128-column groups
     scaled so their largest magnitude maps to 448 (dynamic per-token-group quantization)."""
@@ -283,10 +259,11 @@ def quantize_act_triton(x, rows_multiple: int = 1, column_major: bool = False):
 
 
 @triton.jit
-def _w8a8_gemm_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, c_ptr, M, N, K, KB, stride_c,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    # C (M, N) = A (M, K) @ W^T with A and W float8: each k step of 128 is one scale group of both, so
-    # acc += (A_k @ W_k^T) * a_scale[row] * w_scale[col], the product on the FP8 tensor cores (fp32 accumulate).
+def _fp8_gemm_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, c_ptr, M, N, K, KB, stride_c,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, A_FP8: tl.constexpr):
+    # C (M, N) = A (M, K) @ W^T, W float8, in k steps of 128 (one scale group): A_FP8 (W8A8): A float8 too, and
+    # acc += (A_k @ W_k^T) * a_scale[row] * w_scale[col] on the FP8 tensor cores; else (W8A16) the weight tile is
+    # widened to A's dtype and acc += (A_k @ W_k^T) * w_scale[col]. fp32 accumulation either way.
     # Out-of-range rows and columns read row/column 0 (indices modulo M, N: no masks in the loop) and are not
     # stored; the last k step masks the columns past K.
     pid_m, pid_n = _tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -300,9 +277,11 @@ def _w8a8_gemm_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, c_ptr, M, N, K, KB, stride_c
         k_in = offs_k < K - kb * 128
         a = tl.load(a_ptrs, mask=k_in[None, :], other=0.0)
         w = tl.load(w_ptrs, mask=k_in[:, None], other=0.0)
-        a_s = tl.load(as_ptr + offs_m * KB + kb)
         w_s = tl.load(ws_ptr + offs_n * KB + kb)
-        acc += tl.dot(a, w) * a_s[:, None] * w_s[None, :]
+        if A_FP8:
+            acc += tl.dot(a, w) * tl.load(as_ptr + offs_m * KB + kb)[:, None] * w_s[None, :]
+        else:
+            acc += tl.dot(a, w.to(a.dtype)) * w_s[None, :]
         a_ptrs += 128
         w_ptrs += 128
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -311,19 +290,26 @@ def _w8a8_gemm_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, c_ptr, M, N, K, KB, stride_c
              mask=(rows < M)[:, None] & (cols < N)[None, :])
 
 
-def w8a8_gemm_triton(q, s, weight, scales, dtype, config: dict | None = None):
-    """(M, K) float8 activations and their (M, KB) scales times the FP8 weight -> (M, N) in dtype."""
-    M, K = q.shape
+def fp8_gemm_triton(a, a_scales, weight, scales, dtype, config: dict):
+    """(M, K) contiguous activations times the FP8 weight -> (M, N) in dtype: W8A8 when a is float8 with its
+    (M, KB) a_scales, W8A16 when a_scales is None."""
+    M, K = a.shape
     N = weight.shape[0]
-    out = torch.empty(M, N, dtype=dtype, device=q.device)
+    out = torch.empty(M, N, dtype=dtype, device=a.device)
     if M == 0:
         return out
-    cfg = dict(config or w8a8_config(M))
-    if not q.is_cuda:
+    cfg = dict(config)
+    if not a.is_cuda:
         cfg.pop("num_stages", None)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
-    _w8a8_gemm_kernel[grid](q, s, weight, scales, out, M, N, K, scales.shape[1], out.stride(0), **cfg)
+    _fp8_gemm_kernel[grid](a, a_scales, weight, scales, out, M, N, K, scales.shape[1], out.stride(0),
+                           A_FP8=a_scales is not None, **cfg)
     return out
+
+
+def w8a8_gemm_triton(q, s, weight, scales, dtype, config: dict | None = None):
+    """(M, K) float8 activations and their (M, KB) scales times the FP8 weight -> (M, N) in dtype."""
+    return fp8_gemm_triton(q, s, weight, scales, dtype, config or w8a8_config(q.shape[0]))
 
 
 def w8a8_linear_triton(x, weight, scales, config: dict | None = None):
@@ -343,7 +329,7 @@ def cublas_block_scales(scales: torch.Tensor, in_features: int) -> torch.Tensor 
 
 def scaled_mm_cublas(x, weight, block_scales):
     """W8A8 through cuBLAS's block-scaled FP8 GEMM (Hopper, CUDA 12.9+): activations in 1 x 128 groups, the weight
-    in 128 x 128 blocks; the rows padded to a multiple of 4 as it wants. The same products as _w8a8_gemm_kernel."""
+    in 128 x 128 blocks; the rows padded to a multiple of 4 as it wants. The same products as _fp8_gemm_kernel's W8A8."""
     M = x.shape[0]
     q, s = quantize_act_triton(x, rows_multiple=4, column_major=True)
     return F.scaled_mm(q, weight.t(), s, F.ScalingType.BlockWise1x128, block_scales.t(),
@@ -387,20 +373,17 @@ def w8a8_config(M: int) -> dict:
 # down 22.3-25.3 for the best four each; 4 x 512 x 4 warps is within 8% of the best on all three.
 FP8_GEMV_CONFIG = dict(BLOCK_N=4, BLOCK_K=512, num_warps=4)
 FP8_GEMM_MAX_M = 16
-
-
-def fp8_gemm_config(M: int) -> dict:
-    return dict(BLOCK_M=16, BLOCK_N=64, GROUP_M=8, num_warps=4, num_stages=4)
+FP8_GEMM_CONFIG = dict(BLOCK_M=16, BLOCK_N=64, GROUP_M=8, num_warps=4, num_stages=4)   # W8A16, 2..16 tokens
 
 
 def fp8_linear_triton(x, weight, scales, config: dict | None = None, block_scales=None):
     M, K = x.shape
     N = weight.shape[0]
     x = x.contiguous()
-    out = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    if M == 0:
-        return out
-    if M == 1:
+    if M <= 1:
+        out = torch.empty(M, N, dtype=x.dtype, device=x.device)
+        if M == 0:
+            return out
         cfg = dict(config or FP8_GEMV_CONFIG)
         _fp8_gemv_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](x, weight, scales, out, N, K, scales.shape[1], **cfg)
         return out
@@ -408,12 +391,7 @@ def fp8_linear_triton(x, weight, scales, config: dict | None = None, block_scale
         return scaled_mm_cublas(x, weight, block_scales)
     if M > FP8_GEMM_MAX_M and config is None:             # the same product in Triton (W8A8)
         return w8a8_linear_triton(x, weight, scales)
-    cfg = dict(config or fp8_gemm_config(M))
-    if not x.is_cuda:
-        cfg.pop("num_stages", None)
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
-    _fp8_gemm_kernel[grid](x, weight, scales, out, M, N, K, scales.shape[1], x.stride(0), out.stride(0), **cfg)
-    return out
+    return fp8_gemm_triton(x, None, weight, scales, x.dtype, config or FP8_GEMM_CONFIG)
 
 
 def fp8_linear(x, weight, scales, block_scales=None):
