@@ -541,8 +541,17 @@ DECODE_CONFIG = dict(BLOCK_N=64, num_warps=4, num_stages=3)   # BLOCK_N: tokens 
 #   16/8, 256, 1024       |   259.5    | 245.6  |  229.8  |  344.4  |  309.4  |  229.8
 #   32/8,  64, 2048       |   137.4    | 157.3  |  120.7  |  175.9  |  166.6  |  120.5
 #   32/8,   1, 32768      |    62.5    |  62.6  |   61.7  |   65.2  |  108.7  |   82.6
-# 128 tokens per tile read as many bytes as bf16's 64; at 2.2-2.3 TB/s of FP8 bytes the widening, not memory,
-# is the limit, so the cache's halved bytes buy 1.13x, not 2x.
+# 128 tokens per tile read as many bytes as bf16's 64. The FP8 kernel reads 2.2-2.3 TB/s, so the halved bytes buy
+# 1.13x, not 2x. Where the time goes (H200, 2026-12-02, 16/8 heads, B=256, ctx 1024, us; scratch variants of this
+# kernel, BLOCK_N 128, 4 warps):
+#   this kernel 229 | K/V in a (block, kv head, token, dim) layout 213-217 | q, p in FP8 and both dots FP8 (no
+#   widening) 226-229 | loads only (int32 words xor-ed, no math) 141-147 | V stored transposed per block 410
+# Nsight Compute on this kernel: 25% occupancy (4 CTAs of 4 warps per SM, by registers and shared memory),
+# 4.3 cycles between a warp's instructions, memory 47% and SM 44% of peak: latency- and issue-bound, and not by
+# the widening (the all-FP8 variant is no faster). The bf16 kernel at the same shape: 4.18 TB/s, memory-bound.
+# Each FP8 tile carries twice the tokens per byte, so twice the per-token work (the padded 16-row softmax of a
+# GROUP of 2-4 heads, masks, block-table lookups). The head-major layout would give 5-10%; not adopted (every
+# kernel and reference reads the cache). Closing the rest needs less work per token, not fewer bytes.
 DECODE_CONFIG_FP8 = dict(BLOCK_N=128, num_warps=4, num_stages=3)
 DECODE_MIN_PARTITION = 64     # fewest tokens a context slice is given (one tile)
 DECODE_WAVES = 4              # split until B * n_kv * splits reaches this many programs per SM
