@@ -441,11 +441,11 @@ class LLM:
                 at += count
         if fl.tokens is None:
             return []
-        lp_row = {}                                    # row -> its Logprob, the top list as wide as the widest ask
-        if fl.logprobs is not None:                    # rows, where each row's values sit in the lists, the lists
+        lp_at = {}                                     # batch row -> where its values sit in the host lists
+        if fl.logprobs is not None:
             rows, at, *lists = fl.logprobs
             chosen, top_v, top_i = (t.tolist() for t in lists)
-            lp_row = {r: (chosen[j], list(zip(top_i[j], top_v[j]))) for r, j in zip(rows, at)}
+            lp_at = dict(zip(rows, at))
         outputs = []
         for i, (seq, index, tok) in enumerate(zip(fl.seqs, fl.indices, fl.tokens.tolist())):
             if seq.status == Status.FINISHED:              # aborted, or stopped while this token was in flight
@@ -456,10 +456,8 @@ class LLM:
                 req.counts[tok] = req.counts.get(tok, 0) + 1
             if req.matcher is not None:
                 req.matcher.accept_token(tok)
-            lp = lp_row.get(i)
-            if lp is not None:
-                n = req.params.logprobs
-                lp = [lp if len(lp[1]) == n else (lp[0], lp[1][:n])]
+            j = lp_at.get(i)
+            lp = None if j is None else [logprob_entry(chosen, top_v, top_i, j, req.params.logprobs)]
             outputs.append(self.check_stop(seq, req, index, lp))
         return outputs
 
