@@ -15,7 +15,8 @@ measured tables; QWEN3_KERNELS and programmatic dependent launch (`kernels.pdl`)
 import torch
 import torch.nn.functional as F
 
-from kernels import _use_triton, add_rms_norm, pdl, rms_norm, silu_mul, tl, triton
+from kernels import (_num_sms, _use_triton, add_rms_norm, add_rms_norm_ref, pdl, rms_norm, silu_mul, silu_mul_ref, tl,
+                     triton)
 
 
 def linear_ref(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -216,3 +217,152 @@ def silu_mul_linear(gate_up, weight):
     if gate_up.shape[0] == 1 and _use_triton(gate_up):
         return linear_triton(gate_up, weight, silu_mul=True)
     return linear(silu_mul(gate_up), weight)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One token's o_proj + residual add + RMSNorm + gate_up + SiLU-multiply + down in one persistent kernel
+# ----------------------------------------------------------------------------------------------------------
+def mlp_block_ref(o, residual, o_w, norm_w, eps, gate_up_w, down_w):
+    """The definition: (down(silu_mul(gate_up(rms_norm(h)))), h) with h = o_proj(o) + residual."""
+    normed, h = add_rms_norm_ref(linear_ref(o, o_w), residual, norm_w, eps)
+    return linear_ref(silu_mul_ref(linear_ref(normed, gate_up_w)), down_w), h
+
+
+@triton.jit
+def _grid_sync(sync_ptr, target):
+    # Wait until every program of the grid has arrived (the grid is at most one program per SM, so all are
+    # resident). The counter only grows: each launch adds 2 * programs, so it needs no reset between launches.
+    tl.debug_barrier()                                 # this program's warps have all issued their stores
+    tl.atomic_add(sync_ptr, 1, sem="release", scope="gpu")
+    seen = tl.atomic_add(sync_ptr, 0, sem="acquire", scope="gpu")
+    while seen < target:
+        seen = tl.atomic_add(sync_ptr, 0, sem="acquire", scope="gpu")
+    tl.debug_barrier()
+
+
+@triton.jit
+def _block_rows(tile, I, PAIRS: tl.constexpr, BN: tl.constexpr):
+    # The weight rows of one tile. PAIRS (gate_up): BN // 2 gate rows j interleaved with their up rows I + j,
+    # so that the tile's outputs pair up for SiLU(gate) * up; else BN consecutive rows.
+    r = tl.arange(0, BN)
+    if PAIRS:
+        return tile * (BN // 2) + r // 2 + (r % 2) * I
+    return tile * BN + r
+
+
+@triton.jit
+def _block_chunk(w_ptr, it, pid, P, n_chunks, n_it, N, K, I, PAIRS: tl.constexpr, BN: tl.constexpr,
+                 BK: tl.constexpr):
+    # Chunk `it` of this program's work (tile pid + (it // n_chunks) * P, columns (it % n_chunks) * BK ...);
+    # zeros past the end (it >= n_it), so that the loop can always load one chunk ahead.
+    rows = _block_rows(pid + (it // n_chunks) * P, I, PAIRS, BN)
+    cols = (it % n_chunks) * BK + tl.arange(0, BK)
+    in_range = (cols < K) & (cols * 0 + it < n_it)     # (a tensor compare: the interpreter mistypes int < scalar)
+    mask = ((rows % I if PAIRS else rows) < N)[:, None] & in_range[None, :]
+    return tl.load(w_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _block_stage(x_ptr, res_ptr, norm_w_ptr, res_out_ptr, w_ptr, out_ptr, w, pid, P, N, K, I, eps,
+                 NORM: tl.constexpr, PAIRS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    # This program's share of one projection: tiles pid, pid + P, ... of BN weight rows (N outputs, or N pairs
+    # with PAIRS), streamed in BK-column chunks with the next chunk always in flight (w arrives holding the
+    # first, loaded before the grid barrier this stage waits at). x is read from L2 (.cg: another SM wrote
+    # it). NORM: the input is rms_norm(x + res) * norm_w made on the fly (as _gemv_input; program 0 writes
+    # x + res to res_out). PAIRS: the outputs are SiLU(gate) * up, rounded as silu_mul_ref rounds.
+    dtype = out_ptr.dtype.element_ty
+    n_tiles = tl.cdiv(N, BN // 2) if PAIRS else tl.cdiv(N, BN)
+    n_chunks = tl.cdiv(K, BK)
+    n_it = tl.cdiv(tl.maximum(n_tiles - pid, 0), P) * n_chunks
+    rstd = 1.0
+    if NORM:
+        ss = tl.zeros((BK,), tl.float32)
+        for k0 in range(0, K, BK):
+            cols = k0 + tl.arange(0, BK)
+            h = (tl.load(x_ptr + cols, mask=cols < K, other=0.0, cache_modifier=".cg").to(tl.float32)
+                 + tl.load(res_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)).to(dtype)
+            tl.store(res_out_ptr + cols, h, mask=(cols < K) & (cols * 0 + pid == 0))
+            ss += h.to(tl.float32) * h.to(tl.float32)
+        rstd = tl.rsqrt(tl.sum(ss, axis=0) / K + eps)
+    acc = tl.zeros((BN, BK), tl.float32)
+    for it in range(n_it):
+        w_next = _block_chunk(w_ptr, it + 1, pid, P, n_chunks, n_it, N, K, I, PAIRS, BN, BK)
+        cols = (it % n_chunks) * BK + tl.arange(0, BK)
+        x = tl.load(x_ptr + cols, mask=cols < K, other=0.0, cache_modifier=".cg").to(tl.float32)
+        if NORM:
+            h = (x + tl.load(res_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)).to(dtype).to(tl.float32)
+            x = h * tl.load(norm_w_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
+        acc += w.to(tl.float32) * x[None, :]
+        w = w_next
+        if it % n_chunks == n_chunks - 1:              # the tile's last chunk: its outputs are complete
+            y = (tl.sum(acc, axis=1) * rstd).to(dtype)
+            tile = pid + (it // n_chunks) * P
+            if PAIRS:
+                gate, up = tl.split(tl.reshape(y, (BN // 2, 2)))
+                gate = gate.to(tl.float32)
+                y = ((gate * tl.sigmoid(gate)).to(dtype).to(tl.float32) * up.to(tl.float32)).to(dtype)
+                rows = tile * (BN // 2) + tl.arange(0, BN // 2)
+            else:
+                rows = tile * BN + tl.arange(0, BN)
+            tl.store(out_ptr + rows, y, mask=rows < N)
+            acc = tl.zeros((BN, BK), tl.float32)
+
+
+@triton.jit
+def _mlp_block_kernel(o_ptr, res_ptr, o_w_ptr, norm_w_ptr, gate_up_w_ptr, down_w_ptr, t_ptr, act_ptr, res_out_ptr,
+                      out_ptr, sync_ptr, eps, H, A, I, STAGE: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                      USE_GDC: tl.constexpr = False):
+    # One token through o_proj (A -> H) -> t; + residual, RMSNorm, gate_up (H -> 2I), SiLU * up -> act;
+    # down (I -> H) -> out. The three projections are three stages separated by grid barriers: STAGE 0, one
+    # program per SM, runs them all, and each stage's first weight chunk is loaded before its barrier, so
+    # the weights stream while the last programs finish the stage before. STAGE 1/2/3 runs only that stage
+    # (the interpreter runs programs one after another, where a barrier would wait forever).
+    pid = tl.program_id(0)
+    P = tl.num_programs(0)
+    if USE_GDC:                                        # programmatic dependent launch: see kernels.pdl
+        tl.extra.cuda.gdc_launch_dependents()
+    if STAGE == 0 or STAGE == 1:
+        w = _block_chunk(o_w_ptr, 0, pid, P, tl.cdiv(A, BK), 1, H, A, I, False, BN, BK)
+    if USE_GDC:
+        tl.extra.cuda.gdc_wait()
+    if STAGE == 0:
+        seen = tl.atomic_add(sync_ptr, 0, sem="acquire", scope="gpu")
+        base = seen - seen % (2 * P)                   # no barrier of this launch can pass before all read it
+    if STAGE == 0 or STAGE == 1:
+        _block_stage(o_ptr, o_ptr, o_ptr, o_ptr, o_w_ptr, t_ptr, w, pid, P, H, A, I, eps, False, False, BN, BK)
+    if STAGE == 0 or STAGE == 2:
+        w = _block_chunk(gate_up_w_ptr, 0, pid, P, tl.cdiv(H, BK), 1, I, H, I, True, BN, BK)
+        if STAGE == 0:
+            _grid_sync(sync_ptr, base + P)
+        _block_stage(t_ptr, res_ptr, norm_w_ptr, res_out_ptr, gate_up_w_ptr, act_ptr, w, pid, P, I, H, I, eps,
+                     True, True, BN, BK)
+    if STAGE == 0 or STAGE == 3:
+        w = _block_chunk(down_w_ptr, 0, pid, P, tl.cdiv(I, BK), 1, H, I, I, False, BN, BK)
+        if STAGE == 0:
+            _grid_sync(sync_ptr, base + 2 * P)
+        _block_stage(act_ptr, act_ptr, act_ptr, act_ptr, down_w_ptr, out_ptr, w, pid, P, H, I, I, eps, False,
+                     False, BN, BK)
+
+
+MLP_BLOCK_CONFIG = dict(BN=8, BK=512, num_warps=4)
+
+
+def mlp_block_triton(o, residual, o_w, norm_w, eps, gate_up_w, down_w, sync, config=None, persistent=None,
+                     programs=None):
+    """mlp_block_ref for one token. sync: an int64 counter of the caller's (one per call site, zeros at
+    first). persistent: one launch with grid barriers (default on the GPU; `programs` of them, one per SM
+    unless given) or one launch per stage."""
+    (H, A), I = o_w.shape, down_w.shape[1]
+    assert o.shape == (1, A) and residual.shape == (1, H) and gate_up_w.shape == (2 * I, H) and down_w.shape == (H, I)
+    assert all(t.is_contiguous() and t.dtype == o.dtype for t in (o, residual, o_w, norm_w, gate_up_w, down_w))
+    assert sync.dtype == torch.int64 and sync.numel() >= 1
+    cfg = dict(config or MLP_BLOCK_CONFIG)
+    t, res_out, out = (torch.empty(1, H, dtype=o.dtype, device=o.device) for _ in range(3))
+    act = torch.empty(1, I, dtype=o.dtype, device=o.device)
+    args = (o, residual, o_w, norm_w, gate_up_w, down_w, t, act, res_out, out, sync, eps, H, A, I)
+    if persistent if persistent is not None else o.is_cuda:
+        _mlp_block_kernel[(programs or _num_sms(o.device),)](*args, STAGE=0, **cfg, **pdl(o))
+    else:
+        for stage, n in ((1, H), (2, 2 * I), (3, H)):
+            _mlp_block_kernel[(triton.cdiv(n, cfg["BN"]),)](*args, STAGE=stage, **cfg)
+    return out, res_out
