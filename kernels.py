@@ -536,23 +536,25 @@ def _num_sms(device) -> int:
 # 64/128/256; 2/4/8 programs per SM). 64-token slices lift B=1 ctx=2048 from 600 to 800 GB/s; past 4 programs
 # per SM, B=64 ctx=2048 splits in two and loses 3%.
 DECODE_CONFIG = dict(BLOCK_N=64, num_warps=4, num_stages=3)   # BLOCK_N: tokens per K/V tile
-# An FP8 cache (--kv-cache-dtype fp8), H200, bf16 q, us per call (bf16 cache beside it; BLOCK_N/warps/stages):
-#   heads, B, ctx         | bf16 cache | 64/4/3 | 128/4/3 | 128/8/3 | 256/8/3 | 128/4/4
-#   16/8, 256, 1024       |   259.5    | 245.6  |  229.8  |  344.4  |  309.4  |  229.8
-#   32/8,  64, 2048       |   137.4    | 157.3  |  120.7  |  175.9  |  166.6  |  120.5
-#   32/8,   1, 32768      |    62.5    |  62.6  |   61.7  |   65.2  |  108.7  |   82.6
-# 128 tokens per tile read as many bytes as bf16's 64. The FP8 kernel reads 2.2-2.3 TB/s, so the halved bytes buy
-# 1.13x, not 2x. Where the time goes (H200, 2026-12-02, 16/8 heads, B=256, ctx 1024, us; scratch variants of this
-# kernel, BLOCK_N 128, 4 warps):
-#   this kernel 229 | K/V in a (block, kv head, token, dim) layout 213-217 | q, p in FP8 and both dots FP8 (no
-#   widening) 226-229 | loads only (int32 words xor-ed, no math) 141-147 | V stored transposed per block 410
-# Nsight Compute on this kernel: 25% occupancy (4 CTAs of 4 warps per SM, by registers and shared memory),
-# 4.3 cycles between a warp's instructions, memory 47% and SM 44% of peak: latency- and issue-bound, and not by
-# the widening (the all-FP8 variant is no faster). The bf16 kernel at the same shape: 4.18 TB/s, memory-bound.
-# Each FP8 tile carries twice the tokens per byte, so twice the per-token work (the padded 16-row softmax of a
-# GROUP of 2-4 heads, masks, block-table lookups). The head-major layout would give 5-10%; not adopted (every
-# kernel and reference reads the cache). Closing the rest needs less work per token, not fewer bytes.
-DECODE_CONFIG_FP8 = dict(BLOCK_N=128, num_warps=4, num_stages=3)
+# An FP8 cache (--kv-cache-dtype fp8), H200, bf16 q, us per call, contexts drawn from [ctx/2, ctx] (scratch sweep,
+# 2026-12-02; BLOCK_N/warps/stages, the bf16 cache's 64/4/3 beside it):
+#   heads, B, ctx         | bf16 cache | 128/4/3 | 64/4/3 | 64/2/3 | 128/2/3 | 64/1/3 | 32/1/3
+#   16/8,   1, 1024       |            |    8.5  |   7.6  |   7.7  |  10.1   |  10.1  |   9.4
+#   16/8,  16, 1024       |            |   24.3  |  25.9  |  21.2  |  23.0   |  25.8  |  24.8
+#   16/8, 256, 1024       |   259.5*   |  193.4  | 198.9  | 161.6  | 176.6   | 172.3  | 180.0
+#   16/8, 256,  512       |            |  107.8  | 106.2  |  84.9  |  99.0   |  94.5  |  94.4
+#   32/8,  64, 2048       |   137.4*   |  103.7  | 124.5  | 104.7  |  91.9   | 134.0  | 139.3
+#   32/8,   1, 32768      |    62.5*   |   39.6  |  47.1  |  37.9  |  34.1   |  44.7  |  56.8
+#   32/8, 256, 1024       |   208.7    |  187.8  | 193.4  | 157.0  | 173.0   | 172.4  | 172.8
+#   32/4, 256, 1024       |   115.5    |   99.9  | 108.8  |  97.0  |  95.1   |  88.9  |  93.4
+# (* every context at ctx, an earlier sweep.) 64/2/3: 0.89x of 128/4/3 in geometric mean, 1.01x at worst. Why
+# two warps: at 128/4/3, 16/8 heads, B=256, ctx 1024 (229 us) the kernel was latency- and issue-bound (Nsight
+# Compute: 25% occupancy, 4.3 cycles between a warp's instructions, memory 47% and SM 44% of peak; loads alone
+# took 141-147 us, all-FP8 dots without widening 226-229, a head-major cache layout 213-217). An FP8 tile holds
+# twice the tokens per byte, so twice the per-token work (the padded 16-row softmax of 2-4 heads, its cross-warp
+# reductions, masks, block-table lookups); two warps halve the cross-warp traffic and fit twice the programs per
+# SM. The bf16 cache is byte-bound (4.18 TB/s) and keeps 4 warps: 2 warps were 1.006x its time, 1 warp 1.07-1.36x.
+DECODE_CONFIG_FP8 = dict(BLOCK_N=64, num_warps=2, num_stages=3)
 DECODE_MIN_PARTITION = 64     # fewest tokens a context slice is given (one tile)
 DECODE_WAVES = 4              # split until B * n_kv * splits reaches this many programs per SM
 DECODE_MAX_SPLITS = 64        # the reduce kernel holds all slices of a head in registers
