@@ -110,7 +110,21 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, N, K, res_ptr, norm_w_ptr, res_out_ptr, 
 #                         | norm  |  64.8    |  67.0    |  54.6    |  56.2   |  57.2    |  72.7
 # The norm costs 1-4 us per call and saves an RMSNorm launch (1.5-2 us) and its gap: decode-1 1.00 -> 0.95 ms
 # (0.6b), 4.90 -> 4.87 ms (8b); with 4 rows per program it was 5.55 ms on the 8b.
-GEMV_CONFIG = dict(BLOCK_N=2, BLOCK_K=1024, num_warps=4)
+# Without the norm, chunks as long as the row (up to 4096; BLOCK_K is cut to the row's power of two) put a
+# program's whole weight slice in flight at once, before gdc_wait: H200, 2026-12-02, us per call in a PDL chain
+# of calls (CUDA graph, weights rotated past L2), BLOCK_N/BLOCK_K/warps:
+#   K -> N                      | 2/1024/4 | 2/2048/4 | 2/4096/4 | 2/2048/8 | 4/2048/8 | 4/4096/8 | 1/4096/4
+#   0.6b o      2048->1024      |    2.9   |    2.3   |    2.3   |    2.4   |    2.3   |    2.3   |    2.5
+#   0.6b down   3072->1024 silu |    5.1   |    5.5   |    4.3   |    5.4   |    5.1   |    3.8   |    5.7
+#   0.6b lm_head 1024->151936   |   95.5   |   95.6   |   95.5   |  107.2   |   92.1   |   92.2   |  185.6
+#   1.7b o      2048->2048      |    3.7   |    3.6   |    3.6   |    4.5   |    3.6   |    3.6   |    4.2
+#   1.7b down   6144->2048 silu |   13.3   |   11.1   |   12.9   |   10.8   |    9.0   |   10.4   |   18.5
+#   8b o        4096->4096      |   10.6   |   10.9   |   10.4   |   10.1   |   11.0   |   10.9   |   10.2
+#   8b down    12288->4096 silu |   37.5   |   38.6   |   37.8   |   31.8   |   31.9   |   30.5   |   56.9
+# The same run with the norm (qkv, gate_up) kept 8/1024/4: 8/512/4 was 0.8 us slower on 0.6b qkv (5.0 vs 4.2)
+# and 0.6 faster on its gate_up, 4/4096/8 and 8/4096/8 were slower on every shape. `bench.py decode-1`, 2/1024/4
+# -> 4/4096/8 in one command: qwen3-0.6b 0.85 -> 0.79 ms/token, qwen3-8b 4.65 -> 4.40 ms/token.
+GEMV_CONFIG = dict(BLOCK_N=4, BLOCK_K=4096, num_warps=8)
 NORM_GEMV_CONFIG = dict(BLOCK_N=8, BLOCK_K=1024, num_warps=4)
 
 
@@ -122,6 +136,7 @@ def linear_triton(x, weight, config=None, silu_mul=False, out=None, norm=None):
     assert x.shape == (1, 2 * K if silu_mul else K) and x.is_contiguous() and weight.is_contiguous()
     assert x.dtype == weight.dtype
     cfg = dict(config or (GEMV_CONFIG if norm is None else NORM_GEMV_CONFIG))
+    cfg["BLOCK_K"] = min(cfg["BLOCK_K"], triton.next_power_of_2(K))    # no chunk wider than the row
     out = torch.empty(1, N, dtype=x.dtype, device=x.device) if out is None else out
     assert out.shape == (1, N) and out.is_contiguous() and out.dtype == x.dtype
     res, norm_w, eps = norm or (None, None, 0.0)
