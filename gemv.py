@@ -96,7 +96,8 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, N, K, res_ptr, norm_w_ptr, res_out_ptr, 
 
 
 # Swept on an H100 (BLOCK_N 2-32, BLOCK_K 128-1024, 2-8 warps) over the 0.6b and 8b shapes: two rows per
-# program and long K chunks were best or within 8% of the best on every shape (narrow rows = many programs).
+# program and the longest K chunks were best or within 8% of the best on every shape (narrow rows = many
+# programs); chunks past 1,024 columns were first tried later (the second table).
 # With the norm each program also reads the whole input row, so fewer, wider programs win. H200, bf16, us per
 # call (weights rotated past L2), BLOCK_N/BLOCK_K/warps:
 #   K -> N            |       | 2/1024/4 | 4/1024/4 | 8/1024/4 | 8/512/4 | 16/512/8 | 1/1024/4
