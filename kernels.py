@@ -547,22 +547,19 @@ DECODE_CONFIG = dict(BLOCK_N=64, num_warps=4, num_stages=3)   # BLOCK_N: tokens 
 #   32/8,   1, 32768      |    62.5*   |   39.6  |  47.1  |  37.9  |  34.1   |  44.7  |  56.8
 #   32/8, 256, 1024       |   208.7    |  187.8  | 193.4  | 157.0  | 173.0   | 172.4  | 172.8
 #   32/4, 256, 1024       |   115.5    |   99.9  | 108.8  |  97.0  |  95.1   |  88.9  |  93.4
-# (* every context at ctx, an earlier sweep.) 64/2/3: 0.89x of 128/4/3 in geometric mean, 1.01x at worst. Why
-# two warps: at 128/4/3, 16/8 heads, B=256, ctx 1024 (229 us) the kernel was latency- and issue-bound (Nsight
-# Compute: 25% occupancy, 4.3 cycles between a warp's instructions, memory 47% and SM 44% of peak; loads alone
-# took 141-147 us, all-FP8 dots without widening 226-229, a head-major cache layout 213-217). An FP8 tile holds
-# twice the tokens per byte, so twice the per-token work (the padded 16-row softmax of 2-4 heads, its cross-warp
-# reductions, masks, block-table lookups); two warps halve the cross-warp traffic and fit twice the programs per
-# SM. The bf16 cache is byte-bound (4.18 TB/s) and keeps 4 warps: 2 warps were 1.006x its time, 1 warp 1.07-1.36x.
+# (* every context at ctx, an earlier sweep.) 64/2/3: 0.89x of 128/4/3 in geometric mean, 1.01x at worst. At
+# 128/4/3 (16/8 heads, B=256, ctx 1024: 229 us) the kernel was latency- and issue-bound (Nsight Compute: 25%
+# occupancy, memory 47% and SM 44% of peak; loads alone 141-147 us, all-FP8 dots 226-229, head-major cache 213-217):
+# an FP8 tile holds twice the tokens per byte, so twice the per-token work (the padded 16-row softmax, its
+# cross-warp reductions, masks); two warps halve the cross-warp traffic and fit twice the programs per SM. The
+# bf16 cache is byte-bound (4.18 TB/s) and keeps 4 warps: 2 warps were 1.006x its time, 1 warp 1.07-1.36x.
 DECODE_CONFIG_FP8 = dict(BLOCK_N=64, num_warps=2, num_stages=3)
 DECODE_MIN_PARTITION = 64     # fewest tokens a context slice is given (one tile)
 DECODE_WAVES = 4              # split until B * n_kv * splits reaches this many programs per SM
 DECODE_MAX_SPLITS = 64        # the reduce kernel holds all slices of a head in registers
 # Tried and dropped (H200, 2026-12-02): no reduce launch, the last slice of each (sequence, kv head) to finish
-# merging them (an atomic counter per pair, partials read back through L2). `bench.py decode-1` got slower:
-# qwen3-0.6b 0.90 ms/token (0.85 with the reduce kernel, a session earlier), qwen3-8b 4.75 (4.66 with it, the
-# same day): one program merging a kv head's GROUP heads at the kernel's tail takes longer than the reduce
-# launch it saves under PDL.
+# merging them (an atomic counter per pair). `bench.py decode-1` got slower: qwen3-0.6b 0.90 ms/token (0.85 with
+# the reduce kernel), qwen3-8b 4.75 (4.66): that merge takes longer than the reduce launch it saves under PDL.
 
 
 def decode_num_splits(batch: int, n_kv: int, max_ctx: int, device) -> int:
