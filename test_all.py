@@ -1092,11 +1092,15 @@ def test_kt_linear_one_token(K, N, dtype):
     x, w = torch.randn(1, K).to(dtype), (torch.randn(N, K) / K ** 0.5).to(dtype)
     kt_check(f"linear K={K} N={N} {dtype}", gemv.linear_triton(x, w, dict(BLOCK_N=8, BLOCK_K=32)),
              gemv.linear_ref(x, w), dtype)
+    kt_check(f"linear, default tiles (chunks cut to the row) K={K} N={N} {dtype}", gemv.linear_triton(x, w),
+             gemv.linear_ref(x, w), dtype)
     x3 = torch.randn(3, K).to(dtype)                 # several tokens: the skinny kernel (these are tall shapes)
     kt_check(f"linear 3 tokens K={K} N={N} {dtype}", gemv.linear(x3, w), gemv.linear_ref(x3, w), dtype)
     gate_up = torch.randn(1, 2 * K).to(dtype)
     kt_check(f"silu_mul + linear K={K} N={N} {dtype}",
              gemv.linear_triton(gate_up, w, dict(BLOCK_N=8, BLOCK_K=32), silu_mul=True),
+             gemv.linear_ref(kernels.silu_mul_ref(gate_up), w), dtype)
+    kt_check(f"silu_mul + linear, default tiles K={K} N={N} {dtype}", gemv.linear_triton(gate_up, w, silu_mul=True),
              gemv.linear_ref(kernels.silu_mul_ref(gate_up), w), dtype)
     # the norm before it in the same kernel, with and without the residual add; h = x + residual onward
     res, nw = torch.randn(1, K).to(dtype), (1 + 0.1 * torch.randn(K)).to(dtype)
@@ -1210,6 +1214,9 @@ def test_kt_fp8_linear(M, N, K, dtype):
     cfg = dict(BLOCK_N=8, BLOCK_K=128) if M == 1 else dict(BLOCK_M=16, BLOCK_N=32, GROUP_M=2, num_warps=4)
     kt_check(f"fp8 linear M={M} N={N} K={K} {dtype}", quant.fp8_linear_triton(x, q, s, cfg),
              quant.fp8_linear_ref(x, q, s), dtype)
+    if M == 1:                       # the default GEMV tiles: one chunk as wide as the row's power of two
+        kt_check(f"fp8 linear, default tiles N={N} K={K} {dtype}", quant.fp8_linear_triton(x, q, s),
+                 quant.fp8_linear_ref(x, q, s), dtype)
     if M > quant.FP8_GEMM_MAX_M:     # the default path there: W8A8, activations quantized per token and 128 columns
         xq, xs = quant.quantize_act_triton(x)
         rq, rs = quant.quantize_act_ref(x)
