@@ -6,14 +6,14 @@
     python bench.py --model tiny                      # on a CPU: the same workloads shrunk, to try it anywhere
 
 Modes: offline (256 requests at once), decode-1 (one request, ms/token), prefill (8 x 2048 tokens, one forward),
-prefix (64 requests sharing a 2,000-token prefix, prefix cache on vs off, each after an untimed pass with
-another prefix), serve (serve.py on loopback, N
-streaming clients), kernels (bench_kernels.py's table, after a profiler timeline of a decode step at batch 1
-and 8: each kernel's time per step, the GPU's busy time and the gaps), allreduce (with --tensor-parallel-size: all-reduce time
-and bus bandwidth at decode and prefill sizes), spec (speculative decoding at chosen acceptance rates), accuracy
-(top-1 agreement and logit error against transformers computing in fp32, for our engine, with FP8 weights, with an
-FP8 KV cache, and transformers in the run's dtype beside them). It prints a table (result, floor, result/floor, peer,
-ours/peer), a one-line summary, and writes everything to --out (results.json).
+prefix (64 requests sharing a 2,000-token prefix, prefix cache on vs off, each after an untimed pass with another
+prefix), serve (serve.py on loopback, N streaming clients), kernels (bench_kernels.py's table, after a profiler
+timeline of a decode step at batch 1 and 8: each kernel's time per step, the GPU's busy time and the gaps),
+allreduce (with --tensor-parallel-size: all-reduce time and bus bandwidth at decode and prefill sizes), spec
+(speculative decoding at chosen acceptance rates), accuracy (top-1 agreement and logit error against transformers
+in fp32, for our engine, with FP8 weights, with an FP8 KV cache, and transformers in the run's dtype beside them).
+It prints a table (result, floor, result/floor, peer, ours/peer), a one-line summary, and writes everything to
+--out (results.json).
 
 First it measures the two ceilings of the device (BENCH.md): memory bandwidth = bytes read + written by a
 device-to-device copy of 2 GiB / median time, and the bf16 matmul rate of 8192^3 `a @ b`. Every floor comes
@@ -57,7 +57,7 @@ import random
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -599,12 +599,7 @@ def run_serve(b: Bench):
                                  "step_p50_ms": 1e3 * statistics.median(steps) if steps else float("nan")}
     del llm
     release(b)                                   # the server needs the GPU memory
-    flags = ["--model", b.eargs.model]
-    for f in fields(EngineArgs):
-        v, flag = getattr(b.eargs, f.name), "--" + f.name.replace("_", "-")
-        if f.name != "model" and v != f.default and v is not None:
-            flags += ([flag] if v else ["--no-" + flag[2:]]) if isinstance(v, bool) else [flag, str(v)]
-    proc, port = bench_serve.start_server(flags)
+    proc, port = bench_serve.start_server(bench_serve.server_flags(b.eargs))
     pool = bench_serve.ClientPool(min(8, max(w.clients)))
     rows, levels = [], {}
     try:
@@ -624,14 +619,8 @@ def run_serve(b: Bench):
                 lv.update(offline_tok_s=off["output_tok_s"], offline_step_p50_ms=off["step_p50_ms"],
                           of_offline=lv["output_tok_s"] / off["output_tok_s"])
                 levels[f"{label}, {n}"] = lv
-                note = (f"{lv['of_offline']:.0%} of offline ({off['output_tok_s']:,.0f}); TTFT p50/p90/p99 "
-                        f"{lv['ttft_p50_ms']:.0f}/{lv['ttft_p90_ms']:.0f}/{lv['ttft_p99_ms']:.0f} ms; TPOT p50 "
-                        f"{lv['tpot_p50_ms']:.1f} ms; ITL p50/p90/p99 {lv['itl_p50_ms']:.1f}/{lv['itl_p90_ms']:.1f}/"
-                        f"{lv['itl_p99_ms']:.1f} ms (offline step p50 {off['step_p50_ms']:.1f} ms); GPU idle "
-                        f"{lv['gpu_idle']:.1%}; complete {lv['complete']}/{n}, {lv['events']:,} events"
-                        + (f"; error: {lv['errors'][0]}" if lv["errors"] else ""))
                 rows.append(row(f"serve ({n} clients), {label}", lv["output_tok_s"],
-                                floor(b, list(map(len, prompts)), outs)["tok_s"], note))
+                                floor(b, list(map(len, prompts)), outs)["tok_s"], bench_serve.note(lv, n)))
     finally:
         pool.close()
         bench_serve.stop_server(proc)

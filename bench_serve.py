@@ -9,6 +9,7 @@ second never competes with itself for one interpreter lock. Each request is sent
 arrivals at --request-rate, or all at once) while fewer than --max-concurrency are in flight. Times are
 time.monotonic(), which every process on the machine shares.
 """
+import dataclasses
 import http.client
 import json
 import math
@@ -124,6 +125,27 @@ def summarize(results: list[dict], want_tokens: list[int], t0: float) -> dict:
         for q in (50, 90, 99):
             out[f"{name}_p{q}_ms"] = 1e3 * pct(xs, q / 100)
     return out
+
+
+def note(lv: dict, n: int) -> str:
+    """The table's note for one level of n clients (summarize's dict, with the offline run and GPU idle added)."""
+    return (f"{lv['of_offline']:.0%} of offline ({lv['offline_tok_s']:,.0f}); TTFT p50/p90/p99 "
+            f"{lv['ttft_p50_ms']:.0f}/{lv['ttft_p90_ms']:.0f}/{lv['ttft_p99_ms']:.0f} ms; TPOT p50 "
+            f"{lv['tpot_p50_ms']:.1f} ms; ITL p50/p90/p99 {lv['itl_p50_ms']:.1f}/{lv['itl_p90_ms']:.1f}/"
+            f"{lv['itl_p99_ms']:.1f} ms (offline step p50 {lv['offline_step_p50_ms']:.1f} ms); GPU idle "
+            f"{lv['gpu_idle']:.1%}; complete {lv['complete']}/{n}, {lv['events']:,} events"
+            + (f"; error: {lv['errors'][0]}" if lv["errors"] else ""))
+
+
+def server_flags(eargs) -> list[str]:
+    """serve.py flags that rebuild these engine arguments (a dataclass): the model, then every field not at its
+    default (booleans as --flag / --no-flag)."""
+    flags = ["--model", eargs.model]
+    for f in dataclasses.fields(eargs):
+        v, flag = getattr(eargs, f.name), "--" + f.name.replace("_", "-")
+        if f.name != "model" and v != f.default and v is not None:
+            flags += ([flag] if v else ["--no-" + flag[2:]]) if isinstance(v, bool) else [flag, str(v)]
+    return flags
 
 
 def metric(port: int, name: str) -> float:
