@@ -40,6 +40,7 @@ import torch.nn.functional as F
 import gemv
 import quant
 from kernels import _use_triton, tl, triton
+from quant import _block_scales
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -254,19 +255,6 @@ def _expert_gemv_kernel(a_ptr, w_ptr, s_ptr, out_ptr, ids_ptr, weights_ptr, N, K
     if WEIGHTED:
         y = y * tl.load(weights_ptr + pair).to(tl.float32)
     tl.store(out_ptr + pair * N + rows, y.to(out_ptr.dtype.element_ty), mask=row_mask)
-
-
-@triton.jit
-def _block_scales(s_rows, k0, KB, row_mask, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """(BLOCK_N, BLOCK_K) scales of columns k0 .. k0 + BLOCK_K of BLOCK_N rows (s_rows: each row's KB scales)."""
-    if BLOCK_K >= 128:
-        NB: tl.constexpr = BLOCK_K // 128
-        blocks = k0 // 128 + tl.arange(0, NB)
-        s = tl.load(s_rows + blocks[None, :], mask=row_mask[:, None] & (blocks < KB)[None, :], other=0.0)
-        return tl.reshape(tl.broadcast_to(s[:, :, None], (BLOCK_N, NB, 128)), (BLOCK_N, BLOCK_K))
-    else:
-        s = tl.load(s_rows + k0 // 128, mask=row_mask[:, None], other=0.0)                # (BLOCK_N, 1)
-        return tl.broadcast_to(s, (BLOCK_N, BLOCK_K))
 
 
 # ms per fused MoE call, E=128, k=8, bf16, H200 (bench.py kernels; graph replays, weights past L2):

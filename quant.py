@@ -178,17 +178,25 @@ def fp8_linear_ref(x, weight, scales):
 
 
 @triton.jit
+def _block_scales(s_rows, k0, KB, row_mask, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(BLOCK_N, BLOCK_K) scales of columns k0 .. k0 + BLOCK_K of BLOCK_N rows (s_rows: each row's KB scales)."""
+    if BLOCK_K >= 128:
+        NB: tl.constexpr = BLOCK_K // 128
+        blocks = k0 // 128 + tl.arange(0, NB)
+        s = tl.load(s_rows + blocks[None, :], mask=row_mask[:, None] & (blocks < KB)[None, :], other=0.0)
+        return tl.reshape(tl.broadcast_to(s[:, :, None], (BLOCK_N, NB, 128)), (BLOCK_N, BLOCK_K))
+    else:
+        s = tl.load(s_rows + k0 // 128, mask=row_mask[:, None], other=0.0)                # (BLOCK_N, 1)
+        return tl.broadcast_to(s, (BLOCK_N, BLOCK_K))
+
+
+@triton.jit
 def _fp8_gemv_chunk(w_ptr, s_ptr, rows, row_mask, k0, K, KB, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    # Columns k0 .. k0 + BLOCK_K of the weight rows, in fp32, times their scales (one per row and 128 columns,
-    # broadcast over the block).
-    NB: tl.constexpr = BLOCK_K // 128
+    # Columns k0 .. k0 + BLOCK_K of the weight rows, in fp32, times their scales.
     cols = k0 + tl.arange(0, BLOCK_K)
     w = tl.load(w_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], mask=row_mask[:, None] & (cols < K)[None, :],
                 other=0.0).to(tl.float32)
-    blocks = k0 // 128 + tl.arange(0, NB)
-    s = tl.load(s_ptr + rows[:, None] * KB + blocks[None, :], mask=row_mask[:, None] & (blocks < KB)[None, :],
-                other=0.0)                                                              # (BLOCK_N, NB)
-    return w * tl.reshape(tl.broadcast_to(s[:, :, None], (BLOCK_N, NB, 128)), (BLOCK_N, BLOCK_K))
+    return w * _block_scales(s_ptr + rows[:, None] * KB, k0, KB, row_mask, BLOCK_N, BLOCK_K)
 
 
 @triton.jit
