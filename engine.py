@@ -217,14 +217,7 @@ class LLM:
             self.sampler_graphs = SamplerGraphs(self.graphs.logits, self.graphs.sizes, self.graphs.pool)
             self.graph_bytes = torch.cuda.memory_reserved() - before
         if self.device.type == "cuda":
-            gib = lambda x: f"{x / 2**30:.2f} GiB"
-            total = torch.cuda.get_device_properties(self.device).total_memory
-            weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
-            print(f"GPU memory{' of rank 0' if self.group else ''}: weights {gib(weights)}, KV cache {gib(self.kv_cache.numel() * self.kv_cache.element_size())}"
-                  f" ({num_blocks} blocks), graphs {gib(getattr(self, 'graph_bytes', 0))}; reserved "
-                  f"{gib(torch.cuda.memory_reserved())} of {gib(total)} "
-                  f"({torch.cuda.memory_reserved() / total:.1%}; gpu_memory_utilization {args.gpu_memory_utilization})",
-                  file=sys.stderr)
+            report_memory(self, num_blocks)
 
     def close(self):
         """Stop the other tensor-parallel ranks (at exit anyway; nothing to do without TP)."""
@@ -336,27 +329,19 @@ class LLM:
             shared = len(tables) >= kernels.CASCADE_MIN_BATCH and shares_first_block(tables)
             logits = self.runner.decode(ids, pending, ctx, tables, shared)
         else:
-            extras, targets, owners = self.prompt_logprob_rows(batch, cu)
+            extras, targets, owners = prompt_logprob_rows(batch, cu, self.requests)
             self.runner.forward(ids, pending, cu, ctx, tables, logits_idx + extras, max(batch.num_new),
                                 batch.is_decode)
             logits = self.runner.logits(0, len(logits_idx))
             if extras:
-                prompt_lp = (owners, *self.prompt_logprobs(len(logits_idx), targets, owners))
+                n = max(self.requests[seq.request_id].params.prompt_logprobs for seq, _, _ in owners)
+                prompt_lp = (owners, *prompt_logprobs(self.runner, len(logits_idx), targets, n))
         reqs = [self.requests[s.request_id] for s in sampled]
         steps = [s.num_tokens - len(s.prompt_ids) for s in sampled]      # output position of each new token
         rows = [i for i, r in enumerate(reqs) if r.params.logprobs is not None]   # the rows that want logprobs
         n = max((reqs[i].params.logprobs for i in rows), default=None)             # the most top logprobs asked
         tokens = self.sample_tokens(reqs, steps, logits, graphed, n) if sampled else None
-        lp = None
-        if isinstance(tokens, tuple):                  # the sampling graph computed every row's: keep the rows asking
-            tokens, lists = tokens
-            lp = (rows, rows, *lists)
-        elif tokens is not None and rows:
-            if len(rows) == len(reqs):                 # every row asks, no gather
-                lp = (rows, rows, *token_logprobs(logits, tokens, n))
-            else:
-                at = to_device(rows, torch.int64, self.device)
-                lp = (rows, range(len(rows)), *token_logprobs(logits[at], tokens[at], n))
+        tokens, lp = row_logprobs(tokens, logits, rows, len(reqs), n)
         indices = [s.num_tokens for s in sampled]       # where each one's PENDING token goes
         self.scheduler.advance(batch)
         self.sample_row = {s: i for i, s in enumerate(sampled)}
@@ -399,46 +384,13 @@ class LLM:
         st = SamplingTensors.build(params, [r.seed for r in reqs], steps, self.config.vocab_size, self.device)
         return sample(logits, st)
 
-    def prompt_logprob_rows(self, batch: Batch, cu: list[int]):
-        """Packed rows whose logits give prompt tokens' logprobs: row of position p predicts prompt token p+1.
-        Returns (rows, target tokens, [(seq, first position, count)])."""
-        rows, targets, owners = [], [], []
-        for seq, n, start in zip(batch.seqs, batch.num_new, cu):
-            req = self.requests[seq.request_id]
-            if req.prompt_logprobs is None or seq.num_computed >= len(seq.prompt_ids):
-                continue
-            first, last = seq.num_computed, min(seq.num_computed + n, len(seq.prompt_ids) - 1)
-            if last > first:
-                rows += range(start, start + last - first)
-                targets += seq.prompt_ids[first + 1:last + 1]
-                owners.append((seq, first + 1, last - first))
-        return rows, targets, owners
-
-    def prompt_logprobs(self, first: int, targets: list[int], owners) -> tuple:
-        """Logprobs of prompt tokens from the hidden states of the rows before them (the runner's rows from
-        `first` on), 1,024 rows at a time (a whole prompt's logits at once would be vocab x prompt floats)."""
-        n = max(self.requests[seq.request_id].params.prompt_logprobs for seq, _, _ in owners)
-        tgt = to_device(targets, torch.int64, self.device)
-        parts = [token_logprobs(self.runner.logits(first + i, first + min(i + 1024, len(targets))),
-                                tgt[i:i + 1024], n) for i in range(0, len(targets), 1024)]
-        return tuple(torch.cat(p) for p in zip(*parts))
-
     def collect(self, fl: InFlight) -> list[StepOutput]:
         """Read a launched step's sampled tokens (the step's one host sync) and act on them."""
         if fl.event is not None:
             fl.event.synchronize()
             self.gpu_busy += fl.start.elapsed_time(fl.event) / 1e3
         if fl.prompt_logprobs is not None:
-            owners, *lists = fl.prompt_logprobs
-            chosen, top_v, top_i = (t.tolist() for t in lists)
-            at = 0
-            for seq, first, count in owners:
-                req = self.requests.get(seq.request_id)
-                for k in range(count):          # positions already recorded (a recompute after preemption) skip
-                    if req is not None and first + k == len(req.prompt_logprobs):
-                        req.prompt_logprobs.append(logprob_entry(chosen, top_v, top_i, at + k,
-                                                                 req.params.prompt_logprobs))
-                at += count
+            record_prompt_logprobs(fl.prompt_logprobs, self.requests)
         if fl.tokens is None:
             return []
         lp_at = {}                                     # batch row -> where its values sit in the host lists
@@ -527,6 +479,71 @@ class LLM:
                               lps[i], prompt_lps[i]) for i, s in enumerate(seqs)]
 
 
+# ---- LLM's logprob bookkeeping and memory report, as plain functions of what they use -------------------------
 def logprob_entry(chosen: list, top_v: list, top_i: list, j: int, n: int) -> Logprob:
     """Row j of the host lists -> (logprob, [(token, logprob)] of the top n)."""
     return chosen[j], list(zip(top_i[j][:n], top_v[j][:n]))
+
+
+def row_logprobs(tokens, logits: torch.Tensor, rows: list[int], batch: int, n: int | None):
+    """(tokens, logprobs of the rows that ask: (rows, their places in the lists, chosen, top values, top ids) or
+    None). tokens: what sample_tokens returned, a tuple when the sampling graph computed every row's logprobs."""
+    if isinstance(tokens, tuple):                      # the sampling graph computed every row's: keep the rows asking
+        tokens, lists = tokens
+        return tokens, (rows, rows, *lists)
+    if tokens is None or not rows:
+        return tokens, None
+    if len(rows) == batch:                             # every row asks, no gather
+        return tokens, (rows, rows, *token_logprobs(logits, tokens, n))
+    at = to_device(rows, torch.int64, logits.device)
+    return tokens, (rows, range(len(rows)), *token_logprobs(logits[at], tokens[at], n))
+
+
+def prompt_logprob_rows(batch: Batch, cu: list[int], requests: dict):
+    """Packed rows whose logits give prompt tokens' logprobs: row of position p predicts prompt token p+1.
+    Returns (rows, target tokens, [(seq, first position, count)])."""
+    rows, targets, owners = [], [], []
+    for seq, n, start in zip(batch.seqs, batch.num_new, cu):
+        req = requests[seq.request_id]
+        if req.prompt_logprobs is None or seq.num_computed >= len(seq.prompt_ids):
+            continue
+        first, last = seq.num_computed, min(seq.num_computed + n, len(seq.prompt_ids) - 1)
+        if last > first:
+            rows += range(start, start + last - first)
+            targets += seq.prompt_ids[first + 1:last + 1]
+            owners.append((seq, first + 1, last - first))
+    return rows, targets, owners
+
+
+def prompt_logprobs(runner: Runner, first: int, targets: list[int], n: int) -> tuple:
+    """Logprobs (and the top n) of prompt tokens from the hidden states of the rows before them (the runner's rows
+    from `first` on), 1,024 rows at a time (a whole prompt's logits at once would be vocab x prompt floats)."""
+    tgt = to_device(targets, torch.int64, runner.device)
+    parts = [token_logprobs(runner.logits(first + i, first + min(i + 1024, len(targets))), tgt[i:i + 1024], n)
+             for i in range(0, len(targets), 1024)]
+    return tuple(torch.cat(p) for p in zip(*parts))
+
+
+def record_prompt_logprobs(prompt_lp: tuple, requests: dict):
+    """A collected step's prompt logprobs (owners, chosen, top values, top ids) appended to their requests."""
+    owners, *lists = prompt_lp
+    chosen, top_v, top_i = (t.tolist() for t in lists)
+    at = 0
+    for seq, first, count in owners:
+        req = requests.get(seq.request_id)
+        for k in range(count):                  # positions already recorded (a recompute after preemption) skip
+            if req is not None and first + k == len(req.prompt_logprobs):
+                req.prompt_logprobs.append(logprob_entry(chosen, top_v, top_i, at + k, req.params.prompt_logprobs))
+        at += count
+
+
+def report_memory(llm: LLM, num_blocks: int):
+    """One line on stderr: what the weights, the KV cache and the CUDA graphs take of the GPU."""
+    gib = lambda x: f"{x / 2**30:.2f} GiB"
+    total = torch.cuda.get_device_properties(llm.device).total_memory
+    weights = sum(p.numel() * p.element_size() for p in llm.model.parameters())
+    kv = llm.kv_cache.numel() * llm.kv_cache.element_size()
+    reserved = torch.cuda.memory_reserved()
+    print(f"GPU memory{' of rank 0' if llm.group else ''}: weights {gib(weights)}, KV cache {gib(kv)} ({num_blocks} "
+          f"blocks), graphs {gib(getattr(llm, 'graph_bytes', 0))}; reserved {gib(reserved)} of {gib(total)} "
+          f"({reserved / total:.1%}; gpu_memory_utilization {llm.args.gpu_memory_utilization})", file=sys.stderr)
