@@ -12,6 +12,7 @@ decode graphs run), and no call reads its inputs from L2. The prefill reference 
 import torch
 import torch.nn.functional as F
 
+import attention
 import gemv
 import kernels
 
@@ -185,10 +186,10 @@ def bench_kernels(copy_gbps: float, matmul_tflops: float, device="cuda", dtype=t
         for B, ctx in ((1, 128), (1, 2048), (8, 512), (64, 2048), (256, 1024), (1, 32768)):
             make = lambda: (rnd(B, H, hd), *paged_kv([ctx] * B, KV, hd, bs, dtype, device))
             call = lambda f: lambda q, kc, vc, bt, cl: f(q, kc, vc, bt, cl, scale)
-            add("decode_attention", f"{model} B={B} ctx={ctx}", make, call(kernels.decode_attention_triton),
-                call(kernels.decode_attention_ref), call(kernels.decode_attention), "decode_attention_triton",
+            add("decode_attention", f"{model} B={B} ctx={ctx}", make, call(attention.decode_attention_triton),
+                call(attention.decode_attention_ref), call(attention.decode_attention), "decode_attention_triton",
                 2 * B * ctx * KV * hd * elt, "GB/s", target=75 if B * ctx >= 32768 else None,
-                splits=kernels.decode_num_splits(B, KV, ctx, torch.device(device)))
+                splits=attention.decode_num_splits(B, KV, ctx, torch.device(device)))
 
     # decode attention over an FP8 cache (--kv-cache-dtype fp8): half the bytes of the same contexts
     fp8 = torch.float8_e4m3fn
@@ -197,8 +198,8 @@ def bench_kernels(copy_gbps: float, matmul_tflops: float, device="cuda", dtype=t
         make = lambda: (rnd(B, H, hd), *[t.to(fp8) if t.is_floating_point() else t
                                          for t in paged_kv([ctx] * B, KV, hd, bs, dtype, device)])
         call = lambda f: lambda q, kc, vc, bt, cl: f(q, kc, vc, bt, cl, scale)
-        add("decode_attention (fp8 cache)", f"qwen3-8b B={B} ctx={ctx}", make, call(kernels.decode_attention_triton),
-            call(kernels.decode_attention_ref), call(kernels.decode_attention), "decode_attention_triton",
+        add("decode_attention (fp8 cache)", f"qwen3-8b B={B} ctx={ctx}", make, call(attention.decode_attention_triton),
+            call(attention.decode_attention_ref), call(attention.decode_attention), "decode_attention_triton",
             2 * B * ctx * KV * hd, "GB/s", target=75 if B * ctx >= 32768 else None)
 
     # decode attention with a shared prefix (cascade): 2,000 tokens (125 blocks) common to every row + 164 own,
@@ -212,14 +213,14 @@ def bench_kernels(copy_gbps: float, matmul_tflops: float, device="cuda", dtype=t
                 n = prefix // bs
                 tables = torch.cat([bt[:1, :n].expand(B, n), bt[1:, :-(-own // bs)]], dim=1).contiguous()
                 cl = torch.full((B,), prefix + own, dtype=torch.int32, device=device)
-                return rnd(B, H, hd), kc, vc, tables, cl, kernels.plan_shared_prefix(tables, cl, bs)
+                return rnd(B, H, hd), kc, vc, tables, cl, attention.plan_shared_prefix(tables, cl, bs)
             sets = input_sets(make)
-            plain_ms = time_rotated(lambda q, kc, vc, bt, cl, plan: kernels.decode_attention_triton(
+            plain_ms = time_rotated(lambda q, kc, vc, bt, cl, plan: attention.decode_attention_triton(
                 q, kc, vc, bt, cl, scale), sets)
             call = lambda f: lambda q, kc, vc, bt, cl, plan: f(q, kc, vc, bt, cl, scale, shared=plan)
             add("decode_attention (shared prefix)", f"{model} B={B} {prefix}+{own}", sets,
-                call(kernels.decode_attention_triton), lambda q, kc, vc, bt, cl, plan: kernels.decode_attention_ref(
-                    q, kc, vc, bt, cl, scale), call(kernels.decode_attention), "decode_attention_triton",
+                call(attention.decode_attention_triton), lambda q, kc, vc, bt, cl, plan: attention.decode_attention_ref(
+                    q, kc, vc, bt, cl, scale), call(attention.decode_attention), "decode_attention_triton",
                 (prefix + B * own) * 2 * KV * hd * elt, "GB/s", plain_ms=plain_ms)
             del sets
 
@@ -237,15 +238,15 @@ def bench_kernels(copy_gbps: float, matmul_tflops: float, device="cuda", dtype=t
             call = lambda f, **kw: lambda q, kc, vc, bt, cl: f(q, kc, vc, cu, cl, bt, scale, **kw)
             sets = input_sets(make)
             dense = [(q.view(B, T, H, hd).transpose(1, 2).contiguous(),
-                      *(kernels.gather_kv_ref(c, bt).repeat_interleave(H // KV, dim=2).transpose(1, 2).contiguous()
+                      *(attention.gather_kv_ref(c, bt).repeat_interleave(H // KV, dim=2).transpose(1, 2).contiguous()
                         for c in (kc, vc))) for q, kc, vc, bt, cl in sets]
             with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
                 sdpa_ms = time_rotated(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                                                                         scale=scale), dense)
             flops = B * 2 * T * T * H * hd
             add("prefill_attention", f"{model} {B}x{T} causal", sets,
-                call(kernels.prefill_attention_triton, max_seqlen_q=T), call(kernels.prefill_attention_ref),
-                call(kernels.prefill_attention, max_seqlen_q=T), "prefill_attention_triton", flops, "TFLOP/s",
+                call(attention.prefill_attention_triton, max_seqlen_q=T), call(attention.prefill_attention_ref),
+                call(attention.prefill_attention, max_seqlen_q=T), "prefill_attention_triton", flops, "TFLOP/s",
                 sdpa_ms=sdpa_ms, sdpa_rate=flops / sdpa_ms / 1e9)
             del sets, dense
     return rows
@@ -386,8 +387,8 @@ def check_kernels(device="cuda", dtype=torch.bfloat16) -> list[tuple[str, float]
             lens = [1, 17, 1000, 40960, 4097][: 5 if H == 32 else 3]
             k_cache, v_cache, bt, cl = paged_kv(lens, KV, hd, block_size, dtype, device)
             q = torch.randn(len(lens), H, hd, device=device, dtype=dtype)
-            o = kernels.decode_attention_triton(q, k_cache, v_cache, bt, cl, hd ** -0.5)
-            r = kernels.decode_attention_ref(q, k_cache, v_cache, bt, cl, hd ** -0.5)
+            o = attention.decode_attention_triton(q, k_cache, v_cache, bt, cl, hd ** -0.5)
+            r = attention.decode_attention_ref(q, k_cache, v_cache, bt, cl, hd ** -0.5)
             out.append((f"decode bs={block_size} heads={H}/{KV} ctx={lens}", rel_err(o, r)))
 
             q_lens = [int(x) for x in torch.randint(1, 300, (4,), generator=g)]
@@ -396,8 +397,8 @@ def check_kernels(device="cuda", dtype=torch.bfloat16) -> list[tuple[str, float]
                                                 device)
             q = torch.randn(sum(q_lens), H, hd, device=device, dtype=dtype)
             cu = torch.tensor([0] + q_lens, device=device).cumsum(0).to(torch.int32)
-            o = kernels.prefill_attention_triton(q, k_cache, v_cache, cu, cl, bt, hd ** -0.5)
-            r = kernels.prefill_attention_ref(q.float(), k_cache.float(), v_cache.float(), cu, cl, bt, hd ** -0.5)
+            o = attention.prefill_attention_triton(q, k_cache, v_cache, cu, cl, bt, hd ** -0.5)
+            r = attention.prefill_attention_ref(q.float(), k_cache.float(), v_cache.float(), cu, cl, bt, hd ** -0.5)
             out.append((f"prefill bs={block_size} heads={H}/{KV} q_lens={q_lens} prefixes={prefixes}", rel_err(o, r)))
     # an FP8 cache: the store kernel against the reference's values, and attention reading it
     fp8, T, H, KV = torch.float8_e4m3fn, 300, 32, 8
@@ -412,8 +413,8 @@ def check_kernels(device="cuda", dtype=torch.bfloat16) -> list[tuple[str, float]
     k_cache, v_cache, bt, cl = paged_kv([1, 17, 1000, 4097], KV, hd, 16, dtype, device)
     k_cache, v_cache = k_cache.to(fp8), v_cache.to(fp8)
     q = torch.randn(4, H, hd, device=device, dtype=dtype)
-    out.append(("decode over an fp8 cache", rel_err(kernels.decode_attention_triton(q, k_cache, v_cache, bt, cl, 0.1),
-                                                    kernels.decode_attention_ref(q, k_cache, v_cache, bt, cl, 0.1))))
+    out.append(("decode over an fp8 cache", rel_err(attention.decode_attention_triton(q, k_cache, v_cache, bt, cl, 0.1),
+                                                    attention.decode_attention_ref(q, k_cache, v_cache, bt, cl, 0.1))))
     return out
 
 

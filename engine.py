@@ -22,8 +22,8 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+import attention
 import cache
-import kernels
 import parallel
 from model import load_config
 from runner import Runner, build_rank, shares_first_block, to_device
@@ -326,7 +326,7 @@ class LLM:
         graphed = batch.is_decode and self.graphs is not None and len(ids) <= self.graphs.max_batch
         prompt_lp = None
         if graphed:
-            shared = len(tables) >= kernels.CASCADE_MIN_BATCH and shares_first_block(tables)
+            shared = len(tables) >= attention.CASCADE_MIN_BATCH and shares_first_block(tables)
             logits = self.runner.decode(ids, pending, ctx, tables, shared)
         else:
             extras, targets, owners = prompt_logprob_rows(batch, cu, self.requests)

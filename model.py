@@ -1,7 +1,8 @@
 """The Qwen3 model: config, forward pass over a packed batch on a paged KV cache, checkpoint loading.
 
 Read `Config` first, then `Qwen3ForCausalLM.forward`. Everything here is plain PyTorch; the fused ops it calls
-live in kernels.py and the projections in gemv.py (Triton on the GPU, their PyTorch references on the CPU).
+live in kernels.py, attention in attention.py and the projections in gemv.py (Triton on the GPU, their
+PyTorch references on the CPU).
 
 The forward pass takes a *packed* batch: the new tokens of many sequences laid end to end (T tokens in all,
 no padding), their positions, and an `AttnMeta` saying where each sequence starts, how long its context is
@@ -22,6 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+import attention
 import gemv
 import kernels
 import parallel
@@ -125,7 +127,7 @@ class AttnMeta:
     logits_indices: torch.Tensor   # (B_sample,) int64: packed rows whose next-token logits are wanted
     is_decode: bool                # every sequence has exactly one new token (decode kernel, CUDA graphs)
     max_seqlen_q: int = 1          # longest new-token run in the batch (grid size of the prefill kernel)
-    shared_prefix: kernels.SharedPrefix | None = None   # decode: blocks many rows share, attended once (cascade)
+    shared_prefix: attention.SharedPrefix | None = None   # decode: blocks many rows share, attended once (cascade)
 
 
 class RMSNorm(nn.Module):
@@ -172,10 +174,10 @@ class Attention(nn.Module):
                                        self.eps)                  # (T, n_heads, head_dim)
         scale = self.head_dim ** -0.5
         if meta.is_decode:
-            o = kernels.decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale,
+            o = attention.decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale,
                                           shared=meta.shared_prefix)
         else:
-            o = kernels.prefill_attention(q, k_cache, v_cache, meta.cu_seqlens_q, meta.context_lens,
+            o = attention.prefill_attention(q, k_cache, v_cache, meta.cu_seqlens_q, meta.context_lens,
                                           meta.block_tables, scale, max_seqlen_q=meta.max_seqlen_q)
         return self.o_proj(o.reshape(qkv.shape[0], -1))           # (T, hidden)
 

@@ -18,8 +18,8 @@ import array
 
 import torch
 
+import attention
 import cache
-import kernels
 import parallel
 from model import AttnMeta, build_model
 from sample import SamplerGraphs, SamplingParams, SamplingTensors, apply_penalties, resolve, sample, token_logprobs
@@ -72,8 +72,8 @@ class Runner:
                         max_seqlen_q=max_seqlen_q)
         pos, meta.slot_mapping = positions_and_slots(meta.cu_seqlens_q, meta.context_lens, meta.block_tables,
                                                      self.args.block_size, len(ids))
-        if is_decode and len(tables) >= kernels.CASCADE_MIN_BATCH and shares_first_block(tables):
-            meta.shared_prefix = kernels.plan_shared_prefix(meta.block_tables, meta.context_lens,
+        if is_decode and len(tables) >= attention.CASCADE_MIN_BATCH and shares_first_block(tables):
+            meta.shared_prefix = attention.plan_shared_prefix(meta.block_tables, meta.context_lens,
                                                             self.args.block_size)
         input_ids = t(ids, torch.int64)
         if pending:                                # tokens sampled last step, still on the device
@@ -205,7 +205,7 @@ def host_tensor(xs: list, dtype: torch.dtype) -> torch.Tensor:
 
 def shares_first_block(tables: list[list[int]]) -> bool:
     """Whether two sequences of a decode batch start with the same cache block: the prefix cache shared it,
-    so cascade attention can read their common prefix once (kernels.plan_shared_prefix picks it)."""
+    so cascade attention can read their common prefix once (attention.plan_shared_prefix picks it)."""
     return len({row[0] for row in tables}) < len(tables)
 
 
@@ -236,7 +236,7 @@ class DecodeGraphs:
     Each size is captured for two block-table widths: the full one, and a short one (SHORT_CONTEXT tokens).
     Decode attention splits each context into slices by the table width, so the short graphs give a short
     context one 64-token tile per slice instead of several in a row (decode-1 on qwen3-0.6b, H100: 1.29 ->
-    1.09 ms/token). From kernels.CASCADE_MIN_BATCH rows on, each is captured once more with cascade attention
+    1.09 ms/token). From attention.CASCADE_MIN_BATCH rows on, each is captured once more with cascade attention
     (a shared prefix read once for all the rows that hold it), replayed when rows share their first block."""
     SHORT_CONTEXT = 2048
 
@@ -266,13 +266,13 @@ class DecodeGraphs:
         self.block_size = block_size = kv_cache.shape[3]
         for b in reversed(self.sizes):          # largest first, so smaller graphs reuse its memory pool
             for width in sorted({max_blocks, self.short_blocks}):
-                for cascade in (False, True) if b >= kernels.CASCADE_MIN_BATCH else (False,):
+                for cascade in (False, True) if b >= attention.CASCADE_MIN_BATCH else (False,):
                     meta = AttnMeta(self.cu[:b + 1], self.ctx[:b], self.tables[:b, :width], self.slots[:b],
                                     self.rows[:b], is_decode=True, max_seqlen_q=1)
                     def run():                  # everything in here is captured: no extra launches per step
                         self.ctx[:b].copy_(self.i32[:b, 0])
                         if cascade:
-                            meta.shared_prefix = kernels.plan_shared_prefix(meta.block_tables, meta.context_lens,
+                            meta.shared_prefix = attention.plan_shared_prefix(meta.block_tables, meta.context_lens,
                                                                             block_size)
                         ids = fill_pending(self.ids[:b], last_tokens, self.gather[:b])
                         model.compute_logits(model(ids, self.pos[:b], meta, kv_cache), out=self.logits[:b])

@@ -43,7 +43,7 @@ continuation, partly corrupted, and so measure the mechanism at a chosen accepta
 """
 import torch
 
-import kernels
+import attention
 from runner import shares_first_block, to_device
 from scheduler import PENDING, Status, padded_tables
 
@@ -233,7 +233,7 @@ def forward_tokens(runner, seqs, spans, tables, rows) -> torch.Tensor:
             tabs += [table] * (b - a)
         # cascade attention when sequences share a prefix (rows of one sequence always do: not a reason), so
         # a row's arithmetic does not depend on the other sequences in the pass
-        shared = n >= kernels.CASCADE_MIN_BATCH and shares_first_block(tables)
+        shared = n >= attention.CASCADE_MIN_BATCH and shares_first_block(tables)
         logits = runner.decode_rows(ids, [], ctx, tabs, shared)    # graphs: a view of their buffer, use it at once
         return logits if rows is None else logits[to_device(rows, torch.int64, logits.device)]
     ids, cu, ctx = [], [0], []

@@ -24,6 +24,7 @@ os.environ.setdefault("QWEN3_KERNELS", "torch")   # engine tests use the PyTorch
 import pytest
 import torch
 
+import attention
 import bench
 import bench_serve
 import cache
@@ -820,6 +821,29 @@ def test_kt_qk_norm_rope_store(T, n_heads, n_kv, dtype):
         assert out[untouched].isnan().all(), f"{name}: {which} written outside its slots"
 
 
+@pytest.mark.usefixtures("kt_triton_poisoned")
+def test_kt_dispatch(monkeypatch):
+    """auto takes PyTorch on the CPU; torch forces it; a bad value is an error."""
+    x, w = torch.randn(3, 64), torch.ones(64)
+    calls = []
+    monkeypatch.setattr(kernels, "rms_norm_triton", lambda *a, **k: calls.append(1))
+    for mode in ("auto", "torch"):
+        monkeypatch.setenv("QWEN3_KERNELS", mode)
+        torch.testing.assert_close(kernels.rms_norm(x, w, 1e-6), kernels.rms_norm_ref(x, w, 1e-6))
+    assert not calls
+    monkeypatch.setenv("QWEN3_KERNELS", "triton")
+    kernels.rms_norm(x, w, 1e-6)
+    assert calls == [1]
+    monkeypatch.setenv("QWEN3_KERNELS", "fast")
+    with pytest.raises(ValueError):
+        kernels.rms_norm(x, w, 1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Paged attention (attention.py): decode (split, cascade), prefill and the FP8 cache against the references,
+# through the interpreter; the whole model on the Triton path against the PyTorch path
+# ----------------------------------------------------------------------------------------------------------
+
 # (GQA ratio, dtype) pairs rather than their product keeps the interpreter run short
 KT_GROUPS = [(1, torch.float32), (2, torch.float16), (4, torch.float32), (8, torch.float16)]
 
@@ -840,11 +864,11 @@ def test_kt_decode_attention(group, dtype, block_size, context_lens, num_splits)
     q = torch.randn(len(context_lens), n_kv * group, hd).to(dtype)
     ctx = torch.tensor(context_lens, dtype=torch.int32)
     scale = hd ** -0.5
-    out = kernels.decode_attention_triton(q, k_cache, v_cache, block_tables, ctx, scale, num_splits=num_splits)
-    ref = kernels.decode_attention_ref(q, k_cache, v_cache, block_tables, ctx, scale)
+    out = attention.decode_attention_triton(q, k_cache, v_cache, block_tables, ctx, scale, num_splits=num_splits)
+    ref = attention.decode_attention_ref(q, k_cache, v_cache, block_tables, ctx, scale)
     kt_check(f"decode ctx={context_lens} bs={block_size} group={group} splits={num_splits} {dtype}", out, ref, dtype)
     if num_splits is None:   # the dispatcher takes the same path
-        torch.testing.assert_close(kernels.decode_attention(q, k_cache, v_cache, block_tables, ctx, scale), out)
+        torch.testing.assert_close(attention.decode_attention(q, k_cache, v_cache, block_tables, ctx, scale), out)
 
 
 def kt_shared_tables(groups, block_size, n_kv, hd, dtype, seed):
@@ -873,7 +897,7 @@ def test_plan_shared_prefix_picks_the_largest_saving():
     def plan(tables, lens):
         W = max(map(len, tables)) + 1
         bt = torch.tensor([t + [0] * (W - len(t)) for t in tables], dtype=torch.int32)
-        p = kernels.plan_shared_prefix(bt, torch.tensor(lens, dtype=torch.int32), bs)
+        p = attention.plan_shared_prefix(bt, torch.tensor(lens, dtype=torch.int32), bs)
         return p.prefix_len.item(), p.shared_lens.tolist(), bt[p.ref_row.item()].tolist()
     # rows 0-3 start with block 1 (the most common first block); rows 0 and 1 share 6 blocks, row 2 only 1
     # and row 3 three: a 6-block prefix saves 6 reads, 3 blocks x 2 extra rows saves 6 too, 1 x 3 saves 3.
@@ -905,12 +929,12 @@ def test_kt_cascade_decode_attention(group, dtype, block_size, groups, num_split
     n_kv, hd = 2, 16
     k_cache, v_cache, bt, cl = kt_shared_tables(groups, block_size, n_kv, hd, dtype, seed=group + block_size)
     q = torch.randn(len(cl), n_kv * group, hd).to(dtype)
-    plan = kernels.plan_shared_prefix(bt, cl, block_size)
-    out = kernels.decode_attention_triton(q, k_cache, v_cache, bt, cl, hd ** -0.5, shared=plan,
+    plan = attention.plan_shared_prefix(bt, cl, block_size)
+    out = attention.decode_attention_triton(q, k_cache, v_cache, bt, cl, hd ** -0.5, shared=plan,
                                           num_splits=num_splits, num_chunks=num_chunks)
-    ref = kernels.decode_attention_ref(q, k_cache, v_cache, bt, cl, hd ** -0.5)
+    ref = attention.decode_attention_ref(q, k_cache, v_cache, bt, cl, hd ** -0.5)
     kt_check(f"cascade groups={groups} bs={block_size} group={group} {dtype}", out, ref, dtype)
-    torch.testing.assert_close(kernels.decode_attention(q, k_cache, v_cache, bt, cl, hd ** -0.5, shared=plan), out)
+    torch.testing.assert_close(attention.decode_attention(q, k_cache, v_cache, bt, cl, hd ** -0.5, shared=plan), out)
 
 
 @pytest.mark.usefixtures("kt_triton_poisoned")
@@ -930,11 +954,11 @@ def test_kt_prefill_attention(group, dtype, block_size, q_lens, prefixes):
     cu = torch.tensor([0] + q_lens, dtype=torch.int32).cumsum(0).to(torch.int32)
     ctx = torch.tensor(context_lens, dtype=torch.int32)
     scale = hd ** -0.5
-    out = kernels.prefill_attention(q, k_cache, v_cache, cu, ctx, block_tables, scale, max_seqlen_q=max(q_lens))
-    ref = kernels.prefill_attention_ref(q, k_cache, v_cache, cu, ctx, block_tables, scale)
+    out = attention.prefill_attention(q, k_cache, v_cache, cu, ctx, block_tables, scale, max_seqlen_q=max(q_lens))
+    ref = attention.prefill_attention_ref(q, k_cache, v_cache, cu, ctx, block_tables, scale)
     kt_check(f"prefill q_lens={q_lens} prefixes={prefixes} bs={block_size} group={group} {dtype}", out, ref, dtype)
     if q_lens == [1]:   # max_seqlen_q read from the device when not given
-        out2 = kernels.prefill_attention_triton(q, k_cache, v_cache, cu, ctx, block_tables, scale)
+        out2 = attention.prefill_attention_triton(q, k_cache, v_cache, cu, ctx, block_tables, scale)
         torch.testing.assert_close(out2, out)
 
 
@@ -972,22 +996,22 @@ def test_kt_fp8_kv_cache(dtype):
     k_cache, v_cache = (3 * k_cache.float()).to(fp8), v_cache.to(fp8)
     q = torch.randn(len(lens), 4, hd).to(dtype)
     ctx = torch.tensor(lens, dtype=torch.int32)
-    ref = kernels.decode_attention_ref(q, k_cache, v_cache, bt, ctx, hd ** -0.5)
+    ref = attention.decode_attention_ref(q, k_cache, v_cache, bt, ctx, hd ** -0.5)
     for splits in (1, 3):
-        out = kernels.decode_attention_triton(q, k_cache, v_cache, bt, ctx, hd ** -0.5, num_splits=splits)
+        out = attention.decode_attention_triton(q, k_cache, v_cache, bt, ctx, hd ** -0.5, num_splits=splits)
         kt_check(f"fp8 cache decode splits={splits} {dtype}", out, ref, dtype)
     kc, vc, bts, cl = kt_shared_tables([(20, [1, 3, 9]), (0, [6])], bs, 2, hd, dtype, seed=1)
     kc, vc = kc.to(fp8), vc.to(fp8)
     qs = torch.randn(len(cl), 4, hd).to(dtype)
-    plan = kernels.plan_shared_prefix(bts, cl, bs)
-    kt_check(f"fp8 cache cascade {dtype}", kernels.decode_attention_triton(qs, kc, vc, bts, cl, 0.2, shared=plan),
-             kernels.decode_attention_ref(qs, kc, vc, bts, cl, 0.2), dtype)
+    plan = attention.plan_shared_prefix(bts, cl, bs)
+    kt_check(f"fp8 cache cascade {dtype}", attention.decode_attention_triton(qs, kc, vc, bts, cl, 0.2, shared=plan),
+             attention.decode_attention_ref(qs, kc, vc, bts, cl, 0.2), dtype)
     q_lens = [1, 17, 4, 23]                 # the last tokens of each context (a cached prefix before them)
     cu = torch.tensor([0] + q_lens).cumsum(0).to(torch.int32)
     qp = torch.randn(sum(q_lens), 4, hd).to(dtype)
     kt_check(f"fp8 cache prefill {dtype}",
-             kernels.prefill_attention_triton(qp, k_cache, v_cache, cu, ctx, bt, 0.2, max_seqlen_q=23),
-             kernels.prefill_attention_ref(qp, k_cache, v_cache, cu, ctx, bt, 0.2), dtype)
+             attention.prefill_attention_triton(qp, k_cache, v_cache, cu, ctx, bt, 0.2, max_seqlen_q=23),
+             attention.prefill_attention_ref(qp, k_cache, v_cache, cu, ctx, bt, 0.2), dtype)
 
 
 def test_fp8_kv_cache_engine(ckpt, monkeypatch):
@@ -1022,24 +1046,6 @@ def test_fp8_kv_cache_engine(ckpt, monkeypatch):
         EngineArgs(kv_cache_dtype="int8")
 
 
-@pytest.mark.usefixtures("kt_triton_poisoned")
-def test_kt_dispatch(monkeypatch):
-    """auto takes PyTorch on the CPU; torch forces it; a bad value is an error."""
-    x, w = torch.randn(3, 64), torch.ones(64)
-    calls = []
-    monkeypatch.setattr(kernels, "rms_norm_triton", lambda *a, **k: calls.append(1))
-    for mode in ("auto", "torch"):
-        monkeypatch.setenv("QWEN3_KERNELS", mode)
-        torch.testing.assert_close(kernels.rms_norm(x, w, 1e-6), kernels.rms_norm_ref(x, w, 1e-6))
-    assert not calls
-    monkeypatch.setenv("QWEN3_KERNELS", "triton")
-    kernels.rms_norm(x, w, 1e-6)
-    assert calls == [1]
-    monkeypatch.setenv("QWEN3_KERNELS", "fast")
-    with pytest.raises(ValueError):
-        kernels.rms_norm(x, w, 1e-6)
-
-
 def test_model_logits_triton_path_equals_torch_path(tied_ckpt, monkeypatch):
     """The whole engine with every Triton kernel forced (interpreter, fp32) gives the PyTorch path's tokens."""
     llm = engine(tied_ckpt, max_num_batched_tokens=16)    # chunked prefill: prefill kernel sees cached prefixes
@@ -1049,9 +1055,9 @@ def test_model_logits_triton_path_equals_torch_path(tied_ckpt, monkeypatch):
     ref_alone = llm.generate(prompts[:1], params)[0].token_ids          # one token per step: the GEMV path
     llm.blocks.clear_cache()
     monkeypatch.setenv("QWEN3_KERNELS", "triton")
-    plans, plan = [], kernels.plan_shared_prefix
-    monkeypatch.setattr(kernels, "plan_shared_prefix", lambda *a: plans.append(plan(*a)) or plans[-1])
-    monkeypatch.setattr(kernels, "CASCADE_MIN_BATCH", 2)                # three prompts: let them use it
+    plans, plan = [], attention.plan_shared_prefix
+    monkeypatch.setattr(attention, "plan_shared_prefix", lambda *a: plans.append(plan(*a)) or plans[-1])
+    monkeypatch.setattr(attention, "CASCADE_MIN_BATCH", 2)                # three prompts: let them use it
     got = [o.token_ids for o in llm.generate(prompts, params)]
     assert got == ref
     assert any(p.prefix_len.item() > 0 for p in plans), "the prompts share a prefix: cascade attention should run"

@@ -1,0 +1,501 @@
+"""Paged attention over the KV cache: decode (one new token per sequence, split-K over the context, cascade
+for shared prefixes) and prefill (causal flash attention over packed variable-length sequences).
+
+    o = attention.decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale)
+    o = attention.decode_attention_qkv(qkv, ..., k_cache, v_cache, block_tables, context_lens, scale)  # + norm/RoPE/store
+    o = attention.prefill_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale)
+
+Laid out as kernels.py is: the PyTorch references first (the definitions, the CPU path), then the Triton
+kernels with their measured configs, then the dispatchers model.py calls. The cache layout (block 0, slots,
+the FP8 cache) is described in kernels.py, which writes the cache (qk_norm_rope_store).
+decode_attention also does cascade attention: when many sequences share leading cache blocks (prefix
+caching), plan_shared_prefix picks a shared prefix and the kernel reads its K/V once for all of them.
+Tests: test_all.py's attention section (Triton under TRITON_INTERPRET=1); GPU: `python bench.py kernels`.
+"""
+import functools
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from kernels import _use_triton, pdl, tl, triton
+
+
+# ----------------------------------------------------------------------------------------------------------
+# PyTorch references
+# ----------------------------------------------------------------------------------------------------------
+def gather_kv_ref(cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
+    """cache (num_blocks, block_size, n_kv, hd), block_table (..., M) -> (..., M*block_size, n_kv, hd)."""
+    g = cache[block_table.long()]                            # (..., M, block_size, n_kv, hd)
+    return g.flatten(-4, -3)                                 # (..., M*block_size, n_kv, hd)
+
+
+def decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, scale: float) -> torch.Tensor:
+    """One query token per sequence. q: (B, n_heads, hd); block_tables: (B, M); context_lens: (B,).
+    Vectorised with a mask (no host sync), so it can be captured in a CUDA graph. Returns (B, n_heads, hd)."""
+    B, n_heads, hd = q.shape
+    k = gather_kv_ref(k_cache, block_tables).float()         # (B, S, n_kv, hd), S = M*block_size
+    v = gather_kv_ref(v_cache, block_tables).float()
+    n_kv = k.shape[2]
+    qg = q.float().view(B, n_kv, n_heads // n_kv, hd)        # (B, n_kv, group, hd)
+    scores = torch.einsum("bkgd,bskd->bkgs", qg, k) * scale  # (B, n_kv, group, S)
+    valid = torch.arange(k.shape[1], device=q.device)[None, :] < context_lens[:, None]   # (B, S)
+    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+    out = torch.einsum("bkgs,bskd->bkgd", scores.softmax(-1), v)
+    return out.reshape(B, n_heads, hd).to(q.dtype)
+
+
+class SharedPrefix(NamedTuple):
+    """A decode batch's shared prefix: leading cache blocks that several sequences hold in common (prefix
+    caching shares them). Cascade attention reads them once for all those sequences instead of once each.
+    Device tensors, built on the device by plan_shared_prefix, so a CUDA graph can compute and use them."""
+    ref_row: torch.Tensor       # (1,) int32: a batch row whose block table starts with the prefix's blocks
+    prefix_len: torch.Tensor    # (1,) int32: prefix tokens (whole blocks; 0: no prefix this step)
+    shared_lens: torch.Tensor   # (B,) int32: prefix_len for the rows that share it, else 0
+
+
+def plan_shared_prefix(block_tables, context_lens, block_size: int) -> SharedPrefix:
+    """Pick the prefix to attend once: among rows that start with the most common first block, the length P
+    (in blocks) that saves the most block reads, P x (rows sharing >= P blocks - 1). Only whole blocks before a
+    row's newest token count (this step writes that one). Tensor ops only: no host sync."""
+    B = block_tables.shape[0]
+    full = (context_lens - 1) // block_size                  # (B,) blocks wholly before each row's newest token
+    first = block_tables[:, 0]
+    votes = ((first[:, None] == first[None, :]) & (full[None, :] > 0)).sum(1) * (full > 0)   # (B,)
+    ref = votes.argmax().view(1)
+    same = (block_tables == block_tables.index_select(0, ref)).int().cumprod(1).sum(1)    # (B,) blocks in common
+    shared = torch.minimum(torch.minimum(same, full), full.index_select(0, ref))
+    s = shared.sort(descending=True).values
+    saved = s * torch.arange(B, device=s.device)             # prefix s[k]: rows 0..k read it once, not k+1 times
+    best = saved.argmax().view(1)
+    blocks = torch.where(saved.index_select(0, best) > 0, s.index_select(0, best), 0)   # (1,)
+    shared_lens = torch.where(shared >= blocks, blocks * block_size, 0).to(torch.int32)
+    return SharedPrefix(ref.to(torch.int32), (blocks * block_size).to(torch.int32), shared_lens)
+
+
+def prefill_attention_ref(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale: float) -> torch.Tensor:
+    """Variable-length causal attention over the paged cache. q: (T, n_heads, hd) packed, sequence b owns
+    rows cu_seqlens_q[b]:cu_seqlens_q[b+1]; its K/V (context_lens[b] tokens, cached prefix included) are
+    already in the cache. Query i of sequence b sits at position context_lens[b] - q_len_b + i.
+    Loops over sequences with host-side lengths (one sync; prefill only, never the decode graph)."""
+    out = torch.empty_like(q)
+    n_heads, n_kv = q.shape[1], k_cache.shape[2]
+    starts, ctxs = cu_seqlens_q.tolist(), context_lens.tolist()
+    for b, ctx in enumerate(ctxs):
+        s, e = starts[b], starts[b + 1]
+        n_blocks = -(-ctx // k_cache.shape[1])
+        k = gather_kv_ref(k_cache, block_tables[b, :n_blocks])[:ctx].to(q.dtype)     # (ctx, n_kv, hd)
+        v = gather_kv_ref(v_cache, block_tables[b, :n_blocks])[:ctx].to(q.dtype)
+        k = k.repeat_interleave(n_heads // n_kv, dim=1).transpose(0, 1)  # (n_heads, ctx, hd)
+        v = v.repeat_interleave(n_heads // n_kv, dim=1).transpose(0, 1)
+        qb = q[s:e].transpose(0, 1)                                       # (n_heads, q_len, hd)
+        # bottom-right aligned causal mask: query i sees keys 0 .. ctx - q_len + i
+        q_pos = torch.arange(ctx - (e - s), ctx, device=q.device)
+        mask = torch.arange(ctx, device=q.device)[None, :] <= q_pos[:, None]   # (q_len, ctx)
+        o = F.scaled_dot_product_attention(qb, k, v, attn_mask=mask, scale=scale)
+        out[s:e] = o.transpose(0, 1)
+    return out
+
+
+LOG2E = 1.4426950408889634   # the attention kernels use exp2: exp(x) = exp2(x * log2(e)), folded into the scale
+
+# ----------------------------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------------------------
+@triton.jit
+def _widen(x, cache_ptr, q_ptr):
+    """Attention over an FP8 cache multiplies q and the loaded K/V in fp16 when q is 16-bit (e4m3 widens to fp16
+    in one instruction, to bf16 through several), in fp32 when q is; other caches: x as it is."""
+    if cache_ptr.dtype.element_ty == tl.float8e4nv:     # decided at compile time; one return (the compiler's rule)
+        if q_ptr.dtype.element_ty == tl.float32:
+            x = x.to(tl.float32)
+        else:
+            x = x.to(tl.float16)
+    return x
+
+
+@triton.jit
+def _kv_offsets(block_table_row_ptr, offs_n, in_range, kv_head, N_KV: tl.constexpr, HEAD_DIM: tl.constexpr,
+                BLOCK_SIZE: tl.constexpr):
+    """Element offsets of tokens offs_n (BLOCK_N,) of one sequence, one kv head, in the paged cache."""
+    block_id = tl.load(block_table_row_ptr + offs_n // BLOCK_SIZE, mask=in_range, other=0)
+    slot = block_id.to(tl.int64) * BLOCK_SIZE + offs_n % BLOCK_SIZE
+    return slot[:, None] * (N_KV * HEAD_DIM) + kv_head * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :]
+
+
+@triton.jit
+def _decode_slice(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, bt_stride, context_lens_ptr, shared_lens_ptr,
+                  out_ptr, part_o_ptr, part_lse_ptr, qk_scale, b, kv_head, split, num_splits, num_slots,
+                  N_HEADS: tl.constexpr, N_KV: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                  BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, SHARED: tl.constexpr):
+    """One program of decode attention: sequence b, one kv head, one slice of the context. A sequence's
+    tokens first .. ctx-1 are cut into num_splits slices of whole BLOCK_N tiles; first is 0, or with SHARED
+    the length of the shared prefix that _shared_prefix_slice attends to for it.
+    All GROUP q heads of the kv head ride along as the rows of one (BLOCK_G, HEAD_DIM) tile (padded to the
+    16 rows tl.dot needs), so each K/V tile is read once for the whole group.
+    Bytes: context_len * N_KV * HEAD_DIM * elt * 2 (K and V) per sequence, read once; q, out are noise.
+    FLOPs: 4 * context_len * N_HEADS * HEAD_DIM, ~GROUP/elt per byte: bandwidth is the floor."""
+    GROUP: tl.constexpr = N_HEADS // N_KV
+    ctx = tl.load(context_lens_ptr + b)
+    first = 0
+    if SHARED:
+        first = tl.load(shared_lens_ptr + b)
+    partition = tl.cdiv(tl.cdiv(ctx - first, num_splits), BLOCK_N) * BLOCK_N
+    start = first + split * partition
+    end = tl.minimum(start + partition, ctx)        # slices past the context do no work and write lse = -inf
+
+    g = tl.arange(0, BLOCK_G)
+    heads = kv_head * GROUP + g                                                          # (BLOCK_G,)
+    d = tl.arange(0, HEAD_DIM)
+    q = tl.load(q_ptr + b.to(tl.int64) * N_HEADS * HEAD_DIM + heads[:, None] * HEAD_DIM + d[None, :],
+                mask=g[:, None] < GROUP, other=0.0)                                      # (BLOCK_G, HEAD_DIM)
+    q = _widen(q, k_cache_ptr, q_ptr)
+    m_i = tl.full((BLOCK_G,), float("-inf"), tl.float32)     # running max of the scores (log2 units)
+    l_i = tl.zeros((BLOCK_G,), tl.float32)                    # running sum of exp2(score - m_i)
+    acc = tl.zeros((BLOCK_G, HEAD_DIM), tl.float32)
+    bt_row = block_tables_ptr + b.to(tl.int64) * bt_stride
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        in_range = offs_n < end
+        kv_off = _kv_offsets(bt_row, offs_n, in_range, kv_head, N_KV, HEAD_DIM, BLOCK_SIZE)   # (BLOCK_N, HEAD_DIM)
+        k = _widen(tl.load(k_cache_ptr + kv_off, mask=in_range[:, None], other=0.0), k_cache_ptr, q_ptr)
+        v = _widen(tl.load(v_cache_ptr + kv_off, mask=in_range[:, None], other=0.0), k_cache_ptr, q_ptr)
+        s = tl.dot(q, tl.trans(k)) * qk_scale                                            # (BLOCK_G, BLOCK_N)
+        s = tl.where(in_range[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    row = b.to(tl.int64) * N_HEADS + heads                                               # (BLOCK_G,) rows of (B*H)
+    gmask = g < GROUP
+    if not SPLIT:
+        out = acc / l_i[:, None]
+        tl.store(out_ptr + row[:, None] * HEAD_DIM + d[None, :], out.to(out_ptr.dtype.element_ty),
+                 mask=gmask[:, None])
+    else:   # partial result of this slice: normalized output and its log2-sum-exp2, merged by the reduce kernel
+        l_safe = tl.where(l_i > 0, l_i, 1.0)
+        tl.store(part_o_ptr + (row[:, None] * num_slots + split) * HEAD_DIM + d[None, :], acc / l_safe[:, None],
+                 mask=gmask[:, None])
+        tl.store(part_lse_ptr + row * num_slots + split, tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf")),
+                 mask=gmask)
+
+
+@triton.jit
+def _decode_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, bt_stride, context_lens_ptr,
+                             out_ptr, part_o_ptr, part_lse_ptr, qk_scale, num_splits,
+                             N_HEADS: tl.constexpr, N_KV: tl.constexpr, HEAD_DIM: tl.constexpr,
+                             BLOCK_SIZE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
+                             SPLIT: tl.constexpr, USE_GDC: tl.constexpr = False):
+    # grid (B, N_KV, num_splits): one _decode_slice each
+    if USE_GDC:                                        # programmatic dependent launch: see `pdl`
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
+    _decode_slice(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, bt_stride, context_lens_ptr, context_lens_ptr,
+                  out_ptr, part_o_ptr, part_lse_ptr, qk_scale, tl.program_id(0), tl.program_id(1), tl.program_id(2),
+                  num_splits, num_splits, N_HEADS, N_KV, HEAD_DIM, BLOCK_SIZE, BLOCK_G, BLOCK_N, SPLIT, SHARED=False)
+
+
+@triton.jit
+def _shared_prefix_slice(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, bt_stride, ref_row_ptr, prefix_len_ptr,
+                         shared_lens_ptr, part_o_ptr, part_lse_ptr, qk_scale, B, kv_head, chunk, tile, num_chunks,
+                         num_slots, first_slot, N_HEADS: tl.constexpr, N_KV: tl.constexpr, HEAD_DIM: tl.constexpr,
+                         BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Cascade attention's first level: the prefix_len tokens that many sequences share (the blocks of row
+    ref_row's table) are cut into num_chunks slices, and one program attends slice `chunk` for BLOCK_M query
+    rows, each a (sequence, q head of this kv head) pair: a prefill tile whose queries come from different
+    sequences (_prefill_tiles, below). The prefix's K/V are read once per step instead of once per sequence.
+    Each slice's partial result goes to slot first_slot + chunk; rows with shared_lens == 0 get lse = -inf."""
+    GROUP: tl.constexpr = N_HEADS // N_KV
+    prefix_len = tl.load(prefix_len_ptr)
+    chunk_len = tl.cdiv(tl.cdiv(prefix_len, num_chunks), BLOCK_N) * BLOCK_N
+    start = chunk * chunk_len
+    end = tl.minimum(start + chunk_len, prefix_len)     # no prefix, or a slice past it: no work, lse = -inf
+    r = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    live = r < B * GROUP
+    row = (r // GROUP).to(tl.int64) * N_HEADS + kv_head * GROUP + r % GROUP     # (BLOCK_M,) rows of (B*H)
+    d = tl.arange(0, HEAD_DIM)
+    q = tl.load(q_ptr + row[:, None] * HEAD_DIM + d[None, :], mask=live[:, None], other=0.0)   # (BLOCK_M, HEAD_DIM)
+    q = _widen(q, k_cache_ptr, q_ptr)
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
+    bt_row = block_tables_ptr + tl.load(ref_row_ptr).to(tl.int64) * bt_stride
+    acc, l_i, m_i = _prefill_tiles(acc, l_i, m_i, q, r, k_cache_ptr, v_cache_ptr, bt_row, kv_head, start, end,
+                                   qk_scale, N_KV, HEAD_DIM, BLOCK_SIZE, BLOCK_N, CAUSAL=False, RAGGED=True)
+    takes = tl.load(shared_lens_ptr + r // GROUP, mask=live, other=0) > 0
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    slot = row * num_slots + first_slot + chunk
+    tl.store(part_o_ptr + slot[:, None] * HEAD_DIM + d[None, :], acc / l_safe[:, None], mask=live[:, None])
+    tl.store(part_lse_ptr + slot, tl.where(takes & (l_i > 0), m_i + tl.log2(l_safe), float("-inf")), mask=live)
+
+
+@triton.jit
+def _cascade_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, bt_stride, context_lens_ptr,
+                              ref_row_ptr, prefix_len_ptr, shared_lens_ptr, part_o_ptr, part_lse_ptr, qk_scale, B,
+                              num_splits, num_chunks, N_HEADS: tl.constexpr, N_KV: tl.constexpr,
+                              HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_G: tl.constexpr,
+                              BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
+    # grid (N_KV * num_chunks * q_tiles + B * N_KV * num_splits,): the shared prefix's slices first (the longer
+    # programs), then every row's own tokens, in one launch so the two kinds run side by side. Both write
+    # partial results (slots: the row's num_splits slices, then the prefix's num_chunks); the reduce merges.
+    pid = tl.program_id(0)
+    num_slots = num_splits + num_chunks
+    n_prefix = N_KV * num_chunks * tl.cdiv(B * (N_HEADS // N_KV), BLOCK_M)
+    if pid < n_prefix:
+        _shared_prefix_slice(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, bt_stride, ref_row_ptr,
+                             prefix_len_ptr, shared_lens_ptr, part_o_ptr, part_lse_ptr, qk_scale, B, pid % N_KV,
+                             (pid // N_KV) % num_chunks, pid // (N_KV * num_chunks), num_chunks, num_slots,
+                             num_splits, N_HEADS, N_KV, HEAD_DIM, BLOCK_SIZE, BLOCK_M, BLOCK_N)
+    else:
+        p = pid - n_prefix
+        _decode_slice(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, bt_stride, context_lens_ptr,
+                      shared_lens_ptr, q_ptr, part_o_ptr, part_lse_ptr, qk_scale, p // (N_KV * num_splits),
+                      (p // num_splits) % N_KV, p % num_splits, num_splits, num_slots, N_HEADS, N_KV, HEAD_DIM,
+                      BLOCK_SIZE, BLOCK_G, BLOCK_N, SPLIT=True, SHARED=True)
+
+
+@triton.jit
+def _decode_reduce_kernel(part_o_ptr, part_lse_ptr, out_ptr, num_slots, HEAD_DIM: tl.constexpr,
+                          BLOCK_S: tl.constexpr, USE_GDC: tl.constexpr = False):
+    # grid (B * N_HEADS,): weigh each slice's output by exp2(lse_slice - lse_max). Bytes: num_slots * HEAD_DIM
+    # fp32 per head, small against the KV bytes of the slices.
+    if USE_GDC:                                        # programmatic dependent launch: see `pdl`
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
+    row = tl.program_id(0).to(tl.int64)
+    s = tl.arange(0, BLOCK_S)
+    d = tl.arange(0, HEAD_DIM)
+    lse = tl.load(part_lse_ptr + row * num_slots + s, mask=s < num_slots, other=float("-inf"))   # (BLOCK_S,)
+    w = tl.exp2(lse - tl.max(lse, axis=0))                   # slice 0 always holds >= 1 token: the max is finite
+    o = tl.load(part_o_ptr + (row * num_slots + s[:, None]) * HEAD_DIM + d[None, :],
+                mask=s[:, None] < num_slots, other=0.0)      # (BLOCK_S, HEAD_DIM)
+    out = tl.sum(w[:, None] * o, axis=0) / tl.sum(w, axis=0)
+    tl.store(out_ptr + row * HEAD_DIM + d, out.to(out_ptr.dtype.element_ty))
+
+
+@functools.lru_cache
+def _num_sms(device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+
+
+# Decode tuning, H100, bf16, head_dim 128 (swept: BLOCK_N 32/64/128, 2-8 warps, 2-4 stages; min partition
+# 64/128/256; 2/4/8 programs per SM). 64-token slices lift B=1 ctx=2048 from 600 to 800 GB/s; past 4 programs
+# per SM, B=64 ctx=2048 splits in two and loses 3%.
+DECODE_CONFIG = dict(BLOCK_N=64, num_warps=4, num_stages=3)   # BLOCK_N: tokens per K/V tile
+# An FP8 cache (--kv-cache-dtype fp8), H200, bf16 q, us per call, contexts drawn from [ctx/2, ctx] (scratch sweep,
+# 2026-12-02; BLOCK_N/warps/stages, the bf16 cache's 64/4/3 beside it):
+#   heads, B, ctx         | bf16 cache | 128/4/3 | 64/4/3 | 64/2/3 | 128/2/3 | 64/1/3 | 32/1/3
+#   16/8,   1, 1024       |            |    8.5  |   7.6  |   7.7  |  10.1   |  10.1  |   9.4
+#   16/8,  16, 1024       |            |   24.3  |  25.9  |  21.2  |  23.0   |  25.8  |  24.8
+#   16/8, 256, 1024       |   259.5*   |  193.4  | 198.9  | 161.6  | 176.6   | 172.3  | 180.0
+#   16/8, 256,  512       |            |  107.8  | 106.2  |  84.9  |  99.0   |  94.5  |  94.4
+#   32/8,  64, 2048       |   137.4*   |  103.7  | 124.5  | 104.7  |  91.9   | 134.0  | 139.3
+#   32/8,   1, 32768      |    62.5*   |   39.6  |  47.1  |  37.9  |  34.1   |  44.7  |  56.8
+#   32/8, 256, 1024       |   208.7    |  187.8  | 193.4  | 157.0  | 173.0   | 172.4  | 172.8
+#   32/4, 256, 1024       |   115.5    |   99.9  | 108.8  |  97.0  |  95.1   |  88.9  |  93.4
+# (* every context at ctx, an earlier sweep.) 64/2/3: 0.89x of 128/4/3 in geometric mean, 1.01x at worst. At
+# 128/4/3 (16/8 heads, B=256, ctx 1024: 229 us) the kernel was latency- and issue-bound (Nsight Compute: 25%
+# occupancy, memory 47% and SM 44% of peak; loads alone 141-147 us, all-FP8 dots 226-229, head-major cache 213-217):
+# an FP8 tile holds twice the tokens per byte, so twice the per-token work (the padded 16-row softmax, its
+# cross-warp reductions, masks); two warps halve the cross-warp traffic and fit twice the programs per SM. The
+# bf16 cache is byte-bound (4.18 TB/s) and keeps 4 warps: 2 warps were 1.006x its time, 1 warp 1.07-1.36x.
+DECODE_CONFIG_FP8 = dict(BLOCK_N=64, num_warps=2, num_stages=3)
+DECODE_MIN_PARTITION = 64     # fewest tokens a context slice is given (one tile)
+DECODE_WAVES = 4              # split until B * n_kv * splits reaches this many programs per SM
+DECODE_MAX_SPLITS = 64        # the reduce kernel holds all slices of a head in registers
+# Tried and dropped (H200, 2026-12-02): no reduce launch, the last slice of each (sequence, kv head) to finish
+# merging them (an atomic counter per pair). `bench.py decode-1` got slower: qwen3-0.6b 0.90 ms/token (0.85 with
+# the reduce kernel), qwen3-8b 4.75 (4.66): that merge takes longer than the reduce launch it saves under PDL.
+
+
+def decode_num_splits(batch: int, n_kv: int, max_ctx: int, device) -> int:
+    """How many slices to cut each context into. Shapes only (never the context lengths): graph-capturable.
+    The kernel sizes the slices per sequence, so a context shorter than max_ctx still fills every slice."""
+    want = (DECODE_WAVES * _num_sms(device)) // (batch * n_kv)
+    return max(1, min(want, triton.cdiv(max_ctx, DECODE_MIN_PARTITION), DECODE_MAX_SPLITS))
+
+
+# Cascade tuning, H100, bf16, 0.6b heads, 2,000 shared + 164 own tokens per row, ms for 28 layers' attention
+# (one launch for both passes; BLOCK_M 32/64/128 swept, 64 best or tied everywhere):
+#   slices of the prefix |   2   |   4   |   8   |  16   | plain decode attention
+#   B=16                 | 0.892 | 0.579 | 0.440 | 0.469 | 0.75
+#   B=64                 | 1.095 | 0.922 | 0.934 | 1.094 | 2.44
+#   B=256                | 2.806 | 2.974 | 3.181 | 3.649 | 9.21
+# The best gives the shared pass about one program per two SMs (8b heads at B=64: 4 slices, 1.076 ms, beat 2
+# by 8%; the rule gives 2). Smaller batches were not measured: the engine plans a shared prefix from 16 rows on.
+CASCADE_MIN_BATCH = 16
+SHARED_BLOCK_M = 64           # query rows per program of the shared pass (the prefill kernel's tile)
+SHARED_MIN_CHUNKS = 2
+
+
+def shared_prefix_chunks(batch: int, n_heads: int, n_kv: int, splits: int, block_m: int, device) -> int:
+    """Slices of the shared prefix: about one program per two SMs for the shared pass. Shapes only:
+    graph-capturable. The reduce holds a head's slices, the context's and the prefix's, in registers:
+    together at most DECODE_MAX_SPLITS."""
+    q_tiles = triton.cdiv(batch * (n_heads // n_kv), block_m)
+    want = max(SHARED_MIN_CHUNKS, _num_sms(device) // (2 * n_kv * q_tiles))
+    return max(1, min(want, DECODE_MAX_SPLITS - splits))
+
+
+def decode_attention_triton(q, k_cache, v_cache, block_tables, context_lens, scale, shared=None, num_splits=None,
+                            num_chunks=None):
+    """Same contract as decode_attention_ref. shared: a SharedPrefix plan (cascade attention), or None.
+    num_splits / num_chunks: None picks by shape (decode_num_splits / shared_prefix_chunks)."""
+    B, n_heads, hd = q.shape
+    _, block_size, n_kv, _ = k_cache.shape
+    assert q.is_contiguous() and k_cache.is_contiguous() and v_cache.is_contiguous() and k_cache.shape[3] == hd
+    assert k_cache.dtype == v_cache.dtype in (q.dtype, torch.float8_e4m3fn), "the cache: q's dtype or FP8"
+    assert n_heads % n_kv == 0 and hd & (hd - 1) == 0, "n_heads must be a multiple of n_kv; head_dim a power of 2"
+    assert block_tables.dim() == 2 and block_tables.shape[0] == B and block_tables.stride(1) == 1
+    assert context_lens.shape == (B,)
+    max_ctx = block_tables.shape[1] * block_size                 # M = block_tables.shape[1]: fixed per graph
+    splits = num_splits or decode_num_splits(B, n_kv, max_ctx, q.device)
+    block_m = SHARED_BLOCK_M if q.is_cuda else 16                # a small tile: a quick CPU interpreter
+    chunks = 0 if shared is None else num_chunks or shared_prefix_chunks(B, n_heads, n_kv, splits, block_m,
+                                                                         q.device)
+    slots = splits + chunks      # partial results per (sequence, head): the context's slices, the prefix's
+    out = torch.empty_like(q)
+    part_o = torch.empty(B, n_heads, slots, hd, dtype=torch.float32, device=q.device) if slots > 1 else None
+    part_lse = torch.empty(B, n_heads, slots, dtype=torch.float32, device=q.device) if slots > 1 else None
+    block_g = max(16, triton.next_power_of_2(n_heads // n_kv))
+    if shared is None:
+        _decode_attention_kernel[(B, n_kv, splits)](
+            q, k_cache, v_cache, block_tables, block_tables.stride(0), context_lens, out, part_o, part_lse,
+            scale * LOG2E, splits, N_HEADS=n_heads, N_KV=n_kv, HEAD_DIM=hd, BLOCK_SIZE=block_size, BLOCK_G=block_g,
+            SPLIT=splits > 1, **(DECODE_CONFIG_FP8 if k_cache.dtype.itemsize == 1 else DECODE_CONFIG), **pdl(q))
+    else:
+        grid = (n_kv * chunks * triton.cdiv(B * (n_heads // n_kv), block_m) + B * n_kv * splits,)
+        _cascade_attention_kernel[grid](
+            q, k_cache, v_cache, block_tables, block_tables.stride(0), context_lens, shared.ref_row,
+            shared.prefix_len, shared.shared_lens, part_o, part_lse, scale * LOG2E, B, splits, chunks,
+            N_HEADS=n_heads, N_KV=n_kv, HEAD_DIM=hd, BLOCK_SIZE=block_size, BLOCK_G=block_g, BLOCK_M=block_m,
+            **DECODE_CONFIG)
+    if slots > 1:
+        _decode_reduce_kernel[(B * n_heads,)](part_o, part_lse, out, slots, HEAD_DIM=hd,
+                                              BLOCK_S=triton.next_power_of_2(slots), **pdl(q))
+    return out
+
+
+# Prefill tuning, H100, bf16, head_dim 128. TFLOP/s at 8 x 2048 causal with 16 / 32 heads, and 1 x 512 with 32:
+# BLOCK_M x BLOCK_N, warps, stages: 64x64 4w 3s 318 / 333, 125 (chosen: as fast, and best on short prompts);
+# 64x64 4w 4s 331 / 330, 125; 128x32 4w 3s 328 / 340, 77; 128x64 4w 3s 304 / 327, 84; 128x128 8w 3s 305 / 311;
+# 64x64 8w 3s 232 / 230; 64x128 4w 3s 241 / 241.
+PREFILL_CONFIG = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)
+
+
+@triton.jit
+def _prefill_tiles(acc, l_i, m_i, q, q_pos, k_cache_ptr, v_cache_ptr, bt_row, kv_head, start, end, qk_scale,
+                   N_KV: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+                   CAUSAL: tl.constexpr, RAGGED: tl.constexpr = False):
+    """Online softmax over key tiles [start, end) of one sequence; CAUSAL masks key j > q_pos of each row,
+    RAGGED masks keys past end (needed when end - start is not a whole number of tiles, and not causal)."""
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        in_range = offs_n < end
+        kv_off = _kv_offsets(bt_row, offs_n, in_range, kv_head, N_KV, HEAD_DIM, BLOCK_SIZE)   # (BLOCK_N, HEAD_DIM)
+        k = tl.load(k_cache_ptr + kv_off, mask=in_range[:, None], other=0.0).to(q.dtype)   # q: widened (_widen)
+        s = tl.dot(q, tl.trans(k)) * qk_scale                                            # (BLOCK_M, BLOCK_N)
+        if CAUSAL:
+            s = tl.where(offs_n[None, :] <= q_pos[:, None], s, float("-inf"))
+        if RAGGED:
+            s = tl.where(in_range[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_cache_ptr + kv_off, mask=in_range[:, None], other=0.0).to(q.dtype)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _prefill_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, cu_seqlens_ptr, context_lens_ptr, block_tables_ptr,
+                              bt_stride, out_ptr, qk_scale, N_HEADS: tl.constexpr, N_KV: tl.constexpr,
+                              HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
+                              BLOCK_N: tl.constexpr):
+    # grid (N_HEADS, cdiv(max_seqlen_q, BLOCK_M), B): one program per (head, tile of BLOCK_M queries, sequence).
+    # Heads vary fastest, so the GROUP programs that share a kv head run together and share its K/V in L2;
+    # query tiles go last-first, so the longest (most keys) start first and the short ones fill the tail.
+    # FLOPs: 4 * HEAD_DIM per (query, visible key) pair, ~2 * q_len * ctx * N_HEADS * HEAD_DIM for a causal
+    # sequence without prefix; K/V bytes are re-read once per query tile, ~BLOCK_M FLOPs/byte: compute-bound.
+    h = tl.program_id(0)
+    m_block = tl.num_programs(1) - 1 - tl.program_id(1)
+    b = tl.program_id(2)
+    q_start = tl.load(cu_seqlens_ptr + b)
+    q_len = tl.load(cu_seqlens_ptr + b + 1) - q_start
+    if m_block * BLOCK_M >= q_len:
+        return
+    ctx = tl.load(context_lens_ptr + b)
+    offs_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    q_pos = ctx - q_len + offs_m              # bottom-right aligned: the last query sits at position ctx - 1
+    d = tl.arange(0, HEAD_DIM)
+    q_off = (q_start + offs_m).to(tl.int64)[:, None] * (N_HEADS * HEAD_DIM) + h * HEAD_DIM + d[None, :]
+    q = tl.load(q_ptr + q_off, mask=(offs_m < q_len)[:, None], other=0.0)                   # (BLOCK_M, HEAD_DIM)
+    q = _widen(q, k_cache_ptr, q_ptr)
+
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
+    bt_row = block_tables_ptr + b.to(tl.int64) * bt_stride
+    kv_head = h // (N_HEADS // N_KV)
+    first_pos = ctx - q_len + m_block * BLOCK_M
+    # keys 0 .. first_pos are visible to every query of the tile: whole tiles of them need no mask
+    full_end = (first_pos + 1) // BLOCK_N * BLOCK_N
+    acc, l_i, m_i = _prefill_tiles(acc, l_i, m_i, q, q_pos, k_cache_ptr, v_cache_ptr, bt_row, kv_head, 0, full_end,
+                                   qk_scale, N_KV, HEAD_DIM, BLOCK_SIZE, BLOCK_N, CAUSAL=False)
+    # the diagonal: keys up to the tile's last query, masked per query
+    diag_end = tl.minimum(ctx, first_pos + BLOCK_M)
+    acc, l_i, m_i = _prefill_tiles(acc, l_i, m_i, q, q_pos, k_cache_ptr, v_cache_ptr, bt_row, kv_head, full_end,
+                                   diag_end, qk_scale, N_KV, HEAD_DIM, BLOCK_SIZE, BLOCK_N, CAUSAL=True)
+    out = acc / l_i[:, None]
+    tl.store(out_ptr + q_off, out.to(out_ptr.dtype.element_ty), mask=(offs_m < q_len)[:, None])
+
+
+def prefill_attention_triton(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale,
+                             max_seqlen_q: int | None = None):
+    """Same contract as prefill_attention_ref. max_seqlen_q sizes the grid; None reads it (one host sync)."""
+    T, n_heads, hd = q.shape
+    _, block_size, n_kv, _ = k_cache.shape
+    B = context_lens.shape[0]
+    assert q.is_contiguous() and k_cache.is_contiguous() and v_cache.is_contiguous() and k_cache.shape[3] == hd
+    assert k_cache.dtype == v_cache.dtype in (q.dtype, torch.float8_e4m3fn), "the cache: q's dtype or FP8"
+    assert n_heads % n_kv == 0 and hd & (hd - 1) == 0, "n_heads must be a multiple of n_kv; head_dim a power of 2"
+    assert cu_seqlens_q.shape == (B + 1,) and block_tables.shape[0] == B and block_tables.stride(1) == 1
+    if max_seqlen_q is None:
+        max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
+    cfg = PREFILL_CONFIG if q.is_cuda else dict(BLOCK_M=32, BLOCK_N=32)   # small tiles: a quick CPU interpreter
+    out = torch.empty_like(q)
+    grid = (n_heads, triton.cdiv(max_seqlen_q, cfg["BLOCK_M"]), B)
+    _prefill_attention_kernel[grid](q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables,
+                                    block_tables.stride(0), out, scale * LOG2E, N_HEADS=n_heads, N_KV=n_kv,
+                                    HEAD_DIM=hd, BLOCK_SIZE=block_size, **cfg)
+    return out
+
+# ----------------------------------------------------------------------------------------------------------
+# Dispatchers: what model.py calls
+# ----------------------------------------------------------------------------------------------------------
+
+# 16/8 heads x 128 | B=1 ctx=128 | B=1 ctx=2048 | B=8 ctx=512 | B=64 ctx=2048 | B=256 ctx=1024 | B=1 ctx=32768
+# triton           |   0.0061    |    0.0101    |   0.0127    |    0.1934     |     0.3735     |    0.0563
+# torch            |   0.0414    |    0.0937    |   0.1322    |    3.2640     |     6.3863     |    1.5417
+def decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, shared: SharedPrefix | None = None):
+    """shared (cascade attention) changes how the Triton kernels split the work, never the result: the
+    reference ignores it."""
+    if _use_triton(q):
+        return decode_attention_triton(q, k_cache, v_cache, block_tables, context_lens, scale, shared=shared)
+    return decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, scale)
+
+
+# 16/8 heads x 128, causal | 1 x 128 | 1 x 512 | 8 x 2048
+# triton                   | 0.0077  | 0.0163  |  0.4202
+# torch (eager: it syncs)  | 0.3818  | 0.4324  | 16.2654
+def prefill_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale,
+                      max_seqlen_q: int | None = None):
+    if _use_triton(q):
+        return prefill_attention_triton(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale,
+                                        max_seqlen_q=max_seqlen_q)
+    return prefill_attention_ref(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale)
