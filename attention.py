@@ -2,7 +2,7 @@
 for shared prefixes) and prefill (causal flash attention over packed variable-length sequences).
 
     o = attention.decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale)
-    o = attention.decode_attention_qkv(qkv, ..., k_cache, v_cache, block_tables, context_lens, scale)  # + norm/RoPE/store
+    o = attention.decode_attention_qkv(qkv, ..., block_tables, context_lens, scale)  # + q/k norm, RoPE, K/V store
     o = attention.prefill_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale)
 
 Laid out as kernels.py is: the PyTorch references first (the definitions, the CPU path), then the Triton
@@ -18,7 +18,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from kernels import _use_triton, pdl, tl, triton
+from kernels import _norm_rope, _store_new_kv, _use_triton, pdl, qk_norm_rope_store, tl, triton
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -124,42 +124,33 @@ def _kv_offsets(block_table_row_ptr, offs_n, in_range, kv_head, N_KV: tl.constex
 
 
 @triton.jit
-def _decode_slice(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, bt_stride, context_lens_ptr, shared_lens_ptr,
-                  out_ptr, part_o_ptr, part_lse_ptr, qk_scale, b, kv_head, split, num_splits, num_slots,
-                  N_HEADS: tl.constexpr, N_KV: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                  BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, SHARED: tl.constexpr):
-    """One program of decode attention: sequence b, one kv head, one slice of the context. A sequence's
-    tokens first .. ctx-1 are cut into num_splits slices of whole BLOCK_N tiles; first is 0, or with SHARED
-    the length of the shared prefix that _shared_prefix_slice attends to for it.
-    All GROUP q heads of the kv head ride along as the rows of one (BLOCK_G, HEAD_DIM) tile (padded to the
-    16 rows tl.dot needs), so each K/V tile is read once for the whole group.
+def _slice_bounds(ctx, first, split, num_splits, BLOCK_N: tl.constexpr, MIN_PART: tl.constexpr):
+    """Tokens [start, end) of slice `split` when a sequence's tokens first .. ctx-1 are cut into num_splits
+    slices of whole BLOCK_N tiles, each at least MIN_PART tokens: a short context fills fewer slices, and the
+    slices past its end are empty (start >= end)."""
+    partition = tl.maximum(tl.cdiv(tl.cdiv(ctx - first, num_splits), BLOCK_N) * BLOCK_N, MIN_PART)
+    start = first + split * partition
+    return start, tl.minimum(start + partition, ctx)
+
+
+@triton.jit
+def _decode_slice(q, k_cache_ptr, v_cache_ptr, bt_row, kv_head, start, end, qk_scale, N_KV: tl.constexpr,
+                  HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Online softmax of the q rows (BLOCK_G, HEAD_DIM) (the GROUP q heads of one kv head, padded to the 16 rows
+    tl.dot needs, widened by _widen) over tokens [start, end) of one sequence (block table row bt_row): each
+    K/V tile is read once for the whole group. Returns acc (unnormalized output), l_i (sum of exp2) and m_i
+    (running max, log2 units); l_i = 0 for an empty slice.
     Bytes: context_len * N_KV * HEAD_DIM * elt * 2 (K and V) per sequence, read once; q, out are noise.
     FLOPs: 4 * context_len * N_HEADS * HEAD_DIM, ~GROUP/elt per byte: bandwidth is the floor."""
-    GROUP: tl.constexpr = N_HEADS // N_KV
-    ctx = tl.load(context_lens_ptr + b)
-    first = 0
-    if SHARED:
-        first = tl.load(shared_lens_ptr + b)
-    partition = tl.cdiv(tl.cdiv(ctx - first, num_splits), BLOCK_N) * BLOCK_N
-    start = first + split * partition
-    end = tl.minimum(start + partition, ctx)        # slices past the context do no work and write lse = -inf
-
-    g = tl.arange(0, BLOCK_G)
-    heads = kv_head * GROUP + g                                                          # (BLOCK_G,)
-    d = tl.arange(0, HEAD_DIM)
-    q = tl.load(q_ptr + b.to(tl.int64) * N_HEADS * HEAD_DIM + heads[:, None] * HEAD_DIM + d[None, :],
-                mask=g[:, None] < GROUP, other=0.0)                                      # (BLOCK_G, HEAD_DIM)
-    q = _widen(q, k_cache_ptr, q_ptr)
-    m_i = tl.full((BLOCK_G,), float("-inf"), tl.float32)     # running max of the scores (log2 units)
-    l_i = tl.zeros((BLOCK_G,), tl.float32)                    # running sum of exp2(score - m_i)
-    acc = tl.zeros((BLOCK_G, HEAD_DIM), tl.float32)
-    bt_row = block_tables_ptr + b.to(tl.int64) * bt_stride
+    m_i = tl.full((q.shape[0],), float("-inf"), tl.float32)
+    l_i = tl.zeros((q.shape[0],), tl.float32)
+    acc = tl.zeros((q.shape[0], HEAD_DIM), tl.float32)
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         in_range = offs_n < end
         kv_off = _kv_offsets(bt_row, offs_n, in_range, kv_head, N_KV, HEAD_DIM, BLOCK_SIZE)   # (BLOCK_N, HEAD_DIM)
-        k = _widen(tl.load(k_cache_ptr + kv_off, mask=in_range[:, None], other=0.0), k_cache_ptr, q_ptr)
-        v = _widen(tl.load(v_cache_ptr + kv_off, mask=in_range[:, None], other=0.0), k_cache_ptr, q_ptr)
+        k = tl.load(k_cache_ptr + kv_off, mask=in_range[:, None], other=0.0).to(q.dtype)
+        v = tl.load(v_cache_ptr + kv_off, mask=in_range[:, None], other=0.0).to(q.dtype)
         s = tl.dot(q, tl.trans(k)) * qk_scale                                            # (BLOCK_G, BLOCK_N)
         s = tl.where(in_range[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -168,34 +159,68 @@ def _decode_slice(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, bt_stride, 
         l_i = l_i * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
-
-    row = b.to(tl.int64) * N_HEADS + heads                                               # (BLOCK_G,) rows of (B*H)
-    gmask = g < GROUP
-    if not SPLIT:
-        out = acc / l_i[:, None]
-        tl.store(out_ptr + row[:, None] * HEAD_DIM + d[None, :], out.to(out_ptr.dtype.element_ty),
-                 mask=gmask[:, None])
-    else:   # partial result of this slice: normalized output and its log2-sum-exp2, merged by the reduce kernel
-        l_safe = tl.where(l_i > 0, l_i, 1.0)
-        tl.store(part_o_ptr + (row[:, None] * num_slots + split) * HEAD_DIM + d[None, :], acc / l_safe[:, None],
-                 mask=gmask[:, None])
-        tl.store(part_lse_ptr + row * num_slots + split, tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf")),
-                 mask=gmask)
+    return acc, l_i, m_i
 
 
 @triton.jit
-def _decode_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, bt_stride, context_lens_ptr,
-                             out_ptr, part_o_ptr, part_lse_ptr, qk_scale, num_splits,
+def _store_partial(part_o_ptr, part_lse_ptr, slot, mask, acc, l_i, m_i, HEAD_DIM: tl.constexpr):
+    """A slice's partial result for the rows at `slot` (row of (B*H) * num_slots + slice): its normalized
+    output and its log2-sum-exp2 (-inf when it saw no token), which _decode_reduce_kernel merges."""
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    d = tl.arange(0, HEAD_DIM)
+    tl.store(part_o_ptr + slot[:, None] * HEAD_DIM + d[None, :], acc / l_safe[:, None], mask=mask[:, None])
+    tl.store(part_lse_ptr + slot, tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf")), mask=mask)
+
+
+@triton.jit
+def _decode_attention_kernel(q_ptr, q_stride, k_cache_ptr, v_cache_ptr, block_tables_ptr, bt_stride,
+                             context_lens_ptr, out_ptr, part_o_ptr, part_lse_ptr, qk_scale, num_splits,
+                             q_norm_w_ptr, k_norm_w_ptr, cos_sin_ptr, positions_ptr, slot_mapping_ptr, eps,
                              N_HEADS: tl.constexpr, N_KV: tl.constexpr, HEAD_DIM: tl.constexpr,
                              BLOCK_SIZE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
-                             SPLIT: tl.constexpr, USE_GDC: tl.constexpr = False):
-    # grid (B, N_KV, num_splits): one _decode_slice each
+                             MIN_PART: tl.constexpr, SPLIT: tl.constexpr, NEW_TOKEN: tl.constexpr,
+                             SKIP_EMPTY: tl.constexpr, USE_GDC: tl.constexpr = False):
+    # grid (B, N_KV, num_splits): sequence b, one kv head, one slice of its context (_slice_bounds).
+    # NEW_TOKEN: q_ptr is the qkv projection's output (rows q_stride apart) and this kernel also does
+    # qk_norm_rope_store's work, one launch fewer per layer: every program norms and rotates its q heads (a few
+    # hundred bytes), and the program whose slice ends at the newest token (position ctx - 1) first writes that
+    # token's K/V into the cache, then reads its tiles.
+    # A program that saw the whole context writes the output itself (always so without SPLIT); otherwise each
+    # slice writes a partial result and the reduce kernel merges them.
     if USE_GDC:                                        # programmatic dependent launch: see `pdl`
         tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
-    _decode_slice(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, bt_stride, context_lens_ptr, context_lens_ptr,
-                  out_ptr, part_o_ptr, part_lse_ptr, qk_scale, tl.program_id(0), tl.program_id(1), tl.program_id(2),
-                  num_splits, num_splits, N_HEADS, N_KV, HEAD_DIM, BLOCK_SIZE, BLOCK_G, BLOCK_N, SPLIT, SHARED=False)
+    GROUP: tl.constexpr = N_HEADS // N_KV
+    b, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    g = tl.arange(0, BLOCK_G)
+    heads, gmask = kv_head * GROUP + g, g < GROUP                                        # (BLOCK_G,)
+    d = tl.arange(0, HEAD_DIM)
+    ctx = tl.load(context_lens_ptr + b)
+    start, end = _slice_bounds(ctx, 0, split, num_splits, BLOCK_N, MIN_PART)
+    row = q_ptr + b.to(tl.int64) * q_stride
+    if NEW_TOKEN:
+        cs = cos_sin_ptr + tl.load(positions_ptr + b) * HEAD_DIM
+        q = tl.zeros((BLOCK_G, HEAD_DIM), q_ptr.dtype.element_ty)
+        if SKIP_EMPTY:                  # many slices, most of them empty on short contexts: skip their math
+            if start < end:
+                q = _norm_rope(row, heads, gmask, q_norm_w_ptr, cs, eps, HEAD_DIM).to(q_ptr.dtype.element_ty)
+        else:                           # straight-line code: the first tiles' loads can start during the math
+            q = _norm_rope(row, heads, gmask, q_norm_w_ptr, cs, eps, HEAD_DIM).to(q_ptr.dtype.element_ty)
+        if (start < ctx) & (end == ctx):
+            _store_new_kv(row, kv_head + g, g < 1, k_norm_w_ptr, cs, tl.load(slot_mapping_ptr + b), k_cache_ptr,
+                          v_cache_ptr, eps, N_HEADS, N_KV, HEAD_DIM)
+            tl.debug_barrier()          # the stores are visible to all of this program's threads before the loads
+    else:
+        q = tl.load(row + heads[:, None] * HEAD_DIM + d[None, :], mask=gmask[:, None], other=0.0)
+    acc, l_i, m_i = _decode_slice(_widen(q, k_cache_ptr, q_ptr), k_cache_ptr, v_cache_ptr,
+                                  block_tables_ptr + b.to(tl.int64) * bt_stride, kv_head, start, end, qk_scale,
+                                  N_KV, HEAD_DIM, BLOCK_SIZE, BLOCK_N)
+    out_row = b.to(tl.int64) * N_HEADS + heads                                           # rows of (B*H)
+    if SPLIT:
+        _store_partial(part_o_ptr, part_lse_ptr, out_row * num_splits + split, gmask, acc, l_i, m_i, HEAD_DIM)
+    if (start == 0) & (end == ctx):
+        tl.store(out_ptr + out_row[:, None] * HEAD_DIM + d[None, :], (acc / l_i[:, None]).to(out_ptr.dtype.element_ty),
+                 mask=gmask[:, None])
 
 
 @triton.jit
@@ -226,10 +251,8 @@ def _shared_prefix_slice(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, bt_s
     acc, l_i, m_i = _prefill_tiles(acc, l_i, m_i, q, r, k_cache_ptr, v_cache_ptr, bt_row, kv_head, start, end,
                                    qk_scale, N_KV, HEAD_DIM, BLOCK_SIZE, BLOCK_N, CAUSAL=False, RAGGED=True)
     takes = tl.load(shared_lens_ptr + r // GROUP, mask=live, other=0) > 0
-    l_safe = tl.where(l_i > 0, l_i, 1.0)
-    slot = row * num_slots + first_slot + chunk
-    tl.store(part_o_ptr + slot[:, None] * HEAD_DIM + d[None, :], acc / l_safe[:, None], mask=live[:, None])
-    tl.store(part_lse_ptr + slot, tl.where(takes & (l_i > 0), m_i + tl.log2(l_safe), float("-inf")), mask=live)
+    _store_partial(part_o_ptr, part_lse_ptr, row * num_slots + first_slot + chunk, live, acc,
+                   tl.where(takes, l_i, 0.0), m_i, HEAD_DIM)      # l_i = 0: lse = -inf, the reduce skips it
 
 
 @triton.jit
@@ -250,18 +273,26 @@ def _cascade_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr,
                              (pid // N_KV) % num_chunks, pid // (N_KV * num_chunks), num_chunks, num_slots,
                              num_splits, N_HEADS, N_KV, HEAD_DIM, BLOCK_SIZE, BLOCK_M, BLOCK_N)
     else:
-        p = pid - n_prefix
-        _decode_slice(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, bt_stride, context_lens_ptr,
-                      shared_lens_ptr, q_ptr, part_o_ptr, part_lse_ptr, qk_scale, p // (N_KV * num_splits),
-                      (p // num_splits) % N_KV, p % num_splits, num_splits, num_slots, N_HEADS, N_KV, HEAD_DIM,
-                      BLOCK_SIZE, BLOCK_G, BLOCK_N, SPLIT=True, SHARED=True)
+        p = pid - n_prefix                             # sequence b, kv head, slice: its tokens after the prefix
+        b, kv_head, split = p // (N_KV * num_splits), (p // num_splits) % N_KV, p % num_splits
+        g = tl.arange(0, BLOCK_G)
+        heads, gmask = kv_head * (N_HEADS // N_KV) + g, g < N_HEADS // N_KV
+        row = b.to(tl.int64) * N_HEADS + heads
+        q = tl.load(q_ptr + row[:, None] * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :], mask=gmask[:, None], other=0.0)
+        start, end = _slice_bounds(tl.load(context_lens_ptr + b), tl.load(shared_lens_ptr + b), split, num_splits,
+                                   BLOCK_N, BLOCK_N)
+        acc, l_i, m_i = _decode_slice(_widen(q, k_cache_ptr, q_ptr), k_cache_ptr, v_cache_ptr,
+                                      block_tables_ptr + b.to(tl.int64) * bt_stride, kv_head, start, end, qk_scale,
+                                      N_KV, HEAD_DIM, BLOCK_SIZE, BLOCK_N)
+        _store_partial(part_o_ptr, part_lse_ptr, row * num_slots + split, gmask, acc, l_i, m_i, HEAD_DIM)
 
 
 @triton.jit
 def _decode_reduce_kernel(part_o_ptr, part_lse_ptr, out_ptr, num_slots, HEAD_DIM: tl.constexpr,
-                          BLOCK_S: tl.constexpr, USE_GDC: tl.constexpr = False):
-    # grid (B * N_HEADS,): weigh each slice's output by exp2(lse_slice - lse_max). Bytes: num_slots * HEAD_DIM
-    # fp32 per head, small against the KV bytes of the slices.
+                          BLOCK_S: tl.constexpr, MIN_LIVE: tl.constexpr, USE_GDC: tl.constexpr = False):
+    # grid (B * N_HEADS,): weigh each live slice's output (lse > -inf) by exp2(lse_slice - lse_max). Bytes:
+    # HEAD_DIM fp32 per live slice of each head, small against the KV bytes of the slices. Rows with fewer than
+    # MIN_LIVE live slices are left alone: with MIN_LIVE = 2 (plain decode) a lone slice wrote the output itself.
     if USE_GDC:                                        # programmatic dependent launch: see `pdl`
         tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
@@ -269,11 +300,13 @@ def _decode_reduce_kernel(part_o_ptr, part_lse_ptr, out_ptr, num_slots, HEAD_DIM
     s = tl.arange(0, BLOCK_S)
     d = tl.arange(0, HEAD_DIM)
     lse = tl.load(part_lse_ptr + row * num_slots + s, mask=s < num_slots, other=float("-inf"))   # (BLOCK_S,)
-    w = tl.exp2(lse - tl.max(lse, axis=0))                   # slice 0 always holds >= 1 token: the max is finite
-    o = tl.load(part_o_ptr + (row * num_slots + s[:, None]) * HEAD_DIM + d[None, :],
-                mask=s[:, None] < num_slots, other=0.0)      # (BLOCK_S, HEAD_DIM)
-    out = tl.sum(w[:, None] * o, axis=0) / tl.sum(w, axis=0)
-    tl.store(out_ptr + row * HEAD_DIM + d, out.to(out_ptr.dtype.element_ty))
+    live = lse > float("-inf")                               # slice 0 always holds >= 1 token: one is live
+    if tl.sum(live.to(tl.int32), axis=0) >= MIN_LIVE:
+        w = tl.exp2(lse - tl.max(lse, axis=0))
+        o = tl.load(part_o_ptr + (row * num_slots + s[:, None]) * HEAD_DIM + d[None, :], mask=live[:, None],
+                    other=0.0)                               # (BLOCK_S, HEAD_DIM)
+        out = tl.sum(w[:, None] * o, axis=0) / tl.sum(w, axis=0)
+        tl.store(out_ptr + row * HEAD_DIM + d, out.to(out_ptr.dtype.element_ty))
 
 
 @functools.lru_cache
@@ -340,32 +373,57 @@ def shared_prefix_chunks(batch: int, n_heads: int, n_kv: int, splits: int, block
     return max(1, min(want, DECODE_MAX_SPLITS - splits))
 
 
+class NewTokens(NamedTuple):
+    """A decode batch's new tokens before qk_norm_rope_store (its arguments, kernels.qk_norm_rope_store_ref): given
+    these, the decode kernel does that op's work itself."""
+    qkv: torch.Tensor            # (B, (n_heads + 2 * n_kv) * head_dim): the qkv projection's output
+    q_norm_w: torch.Tensor       # (head_dim,)
+    k_norm_w: torch.Tensor
+    cos_sin: torch.Tensor        # the rope_cos_sin table
+    positions: torch.Tensor      # (B,)
+    slot_mapping: torch.Tensor   # (B,): the cache slot of each new token's K/V
+    eps: float
+
+
 def decode_attention_triton(q, k_cache, v_cache, block_tables, context_lens, scale, shared=None, num_splits=None,
-                            num_chunks=None):
+                            num_chunks=None, new: NewTokens | None = None):
     """Same contract as decode_attention_ref. shared: a SharedPrefix plan (cascade attention), or None.
-    num_splits / num_chunks: None picks by shape (decode_num_splits / shared_prefix_chunks)."""
-    B, n_heads, hd = q.shape
-    _, block_size, n_kv, _ = k_cache.shape
-    assert q.is_contiguous() and k_cache.is_contiguous() and v_cache.is_contiguous() and k_cache.shape[3] == hd
-    assert k_cache.dtype == v_cache.dtype in (q.dtype, torch.float8_e4m3fn), "the cache: q's dtype or FP8"
+    num_splits / num_chunks: None picks by shape (decode_num_splits / shared_prefix_chunks).
+    new (no shared prefix): q is None, and the kernel makes q from new.qkv and writes the new K/V first."""
+    _, block_size, n_kv, hd = k_cache.shape
+    if new is not None:
+        assert q is None and shared is None and new.qkv.stride(1) == 1 and new.q_norm_w.shape == (hd,)
+        assert new.q_norm_w.dtype == new.k_norm_w.dtype == new.qkv.dtype and new.cos_sin.dtype == torch.float32
+        B, n_heads = new.qkv.shape[0], new.qkv.shape[1] // hd - 2 * n_kv
+        src, dtype = new.qkv, new.qkv.dtype
+    else:
+        (B, n_heads, _), src, dtype = q.shape, q, q.dtype
+        assert q.is_contiguous() and q.shape[2] == hd
+    assert k_cache.is_contiguous() and v_cache.is_contiguous()
+    assert k_cache.dtype == v_cache.dtype in (dtype, torch.float8_e4m3fn), "the cache: q's dtype or FP8"
     assert n_heads % n_kv == 0 and hd & (hd - 1) == 0, "n_heads must be a multiple of n_kv; head_dim a power of 2"
     assert block_tables.dim() == 2 and block_tables.shape[0] == B and block_tables.stride(1) == 1
     assert context_lens.shape == (B,)
     max_ctx = block_tables.shape[1] * block_size                 # M = block_tables.shape[1]: fixed per graph
-    splits = num_splits or decode_num_splits(B, n_kv, max_ctx, q.device)
-    block_m = SHARED_BLOCK_M if q.is_cuda else 16                # a small tile: a quick CPU interpreter
+    splits = num_splits or decode_num_splits(B, n_kv, max_ctx, src.device)
+    block_m = SHARED_BLOCK_M if src.is_cuda else 16              # a small tile: a quick CPU interpreter
     chunks = 0 if shared is None else num_chunks or shared_prefix_chunks(B, n_heads, n_kv, splits, block_m,
-                                                                         q.device)
+                                                                         src.device)
     slots = splits + chunks      # partial results per (sequence, head): the context's slices, the prefix's
-    out = torch.empty_like(q)
-    part_o = torch.empty(B, n_heads, slots, hd, dtype=torch.float32, device=q.device) if slots > 1 else None
-    part_lse = torch.empty(B, n_heads, slots, dtype=torch.float32, device=q.device) if slots > 1 else None
+    out = torch.empty(B, n_heads, hd, dtype=dtype, device=src.device)
+    part_o = torch.empty(B, n_heads, slots, hd, dtype=torch.float32, device=src.device) if slots > 1 else None
+    part_lse = torch.empty(B, n_heads, slots, dtype=torch.float32, device=src.device) if slots > 1 else None
     block_g = max(16, triton.next_power_of_2(n_heads // n_kv))
     if shared is None:
+        cfg = DECODE_CONFIG_FP8 if k_cache.dtype.itemsize == 1 else DECODE_CONFIG
+        assert DECODE_MIN_PARTITION % cfg["BLOCK_N"] == 0
+        n = new or NewTokens(*[src] * 6, 0.0)                    # without `new`, its pointers are never read
         _decode_attention_kernel[(B, n_kv, splits)](
-            q, k_cache, v_cache, block_tables, block_tables.stride(0), context_lens, out, part_o, part_lse,
-            scale * LOG2E, splits, N_HEADS=n_heads, N_KV=n_kv, HEAD_DIM=hd, BLOCK_SIZE=block_size, BLOCK_G=block_g,
-            SPLIT=splits > 1, **(DECODE_CONFIG_FP8 if k_cache.dtype.itemsize == 1 else DECODE_CONFIG), **pdl(q))
+            src, src.stride(0), k_cache, v_cache, block_tables, block_tables.stride(0), context_lens, out, part_o,
+            part_lse, scale * LOG2E, splits, n.q_norm_w, n.k_norm_w, n.cos_sin, n.positions, n.slot_mapping, n.eps,
+            N_HEADS=n_heads, N_KV=n_kv, HEAD_DIM=hd, BLOCK_SIZE=block_size, BLOCK_G=block_g,
+            MIN_PART=DECODE_MIN_PARTITION, SPLIT=splits > 1, NEW_TOKEN=new is not None,
+            SKIP_EMPTY=splits > FUSED_SKIP_EMPTY_SPLITS, **cfg, **pdl(src))
     else:
         grid = (n_kv * chunks * triton.cdiv(B * (n_heads // n_kv), block_m) + B * n_kv * splits,)
         _cascade_attention_kernel[grid](
@@ -375,7 +433,8 @@ def decode_attention_triton(q, k_cache, v_cache, block_tables, context_lens, sca
             **DECODE_CONFIG)
     if slots > 1:
         _decode_reduce_kernel[(B * n_heads,)](part_o, part_lse, out, slots, HEAD_DIM=hd,
-                                              BLOCK_S=triton.next_power_of_2(slots), **pdl(q))
+                                              BLOCK_S=triton.next_power_of_2(slots),
+                                              MIN_LIVE=1 if shared is not None else 2, **pdl(src))
     return out
 
 
@@ -499,3 +558,38 @@ def prefill_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tab
         return prefill_attention_triton(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale,
                                         max_seqlen_q=max_seqlen_q)
     return prefill_attention_ref(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale)
+
+
+# One layer's attention step as the decode graph runs it, us: the qkv GEMV (with its RMSNorm), then either two
+# kernels (qk_norm_rope_store, decode attention) or the fused one, then the o GEMV; CUDA graph with PDL, contexts
+# at ctx, tables 40,960 tokens wide as the engine's (H200, bf16, 2026-12-02, scratch A/B). "fused, straight" has
+# no SKIP_EMPTY branch, "fused, skip" has it:
+#   heads, B, ctx  | two kernels | fused, straight | fused, skip
+#   16/8,   1,  256 |    14.27    |      13.63      |    12.94        (64 slices, 4 of them with tokens)
+#   16/8,   1, 1024 |    15.91    |      14.75      |    14.25
+#   16/8,   8,  512 |    28.46    |      26.70      |    28.71        (8 slices, all with tokens)
+#   16/8,  64, 1024 |    88.81    |      87.57      |                 (one slice; an earlier run)
+#   16/8, 256,  512 |   160.51    |     165.66      |   166.40
+#   32/8,   1,  256 |    36.05    |      38.17      |    34.24
+#   32/8,   1, 1024 |    37.86    |      39.27      |    36.37
+#   32/8,   8,  512 |    49.24    |      46.21      |    48.75
+#   32/8,  64, 1024 |   106.13    |     104.69      |                 (an earlier run)
+#   32/8, 256,  512 |   185.12    |     189.30      |   189.73
+# So: fused up to 64 sequences (beyond, each program's extra serial work shows: 256 rows are 3% slower), with
+# the branch when there are more than 8 slices. (Tried, slower everywhere: an early `return` for empty slices,
+# 15.7 us at 16/8 B=1, which seems to cost the loop its pipelining; and the newest token attended from
+# registers rather than stored and re-read, 14.8 us.)
+FUSED_MAX_BATCH = 64
+FUSED_SKIP_EMPTY_SPLITS = 8
+
+
+def decode_attention_qkv(qkv, q_norm_w, k_norm_w, cos_sin, positions, k_cache, v_cache, slot_mapping,
+                         n_heads: int, n_kv_heads: int, eps: float, block_tables, context_lens, scale):
+    """kernels.qk_norm_rope_store then decode_attention (without a shared prefix), in one kernel on the GPU up
+    to FUSED_MAX_BATCH sequences: one launch fewer per layer of a decode step. Otherwise the two ops."""
+    if _use_triton(qkv) and qkv.shape[0] <= FUSED_MAX_BATCH:
+        return decode_attention_triton(None, k_cache, v_cache, block_tables, context_lens, scale,
+                                       new=NewTokens(qkv, q_norm_w, k_norm_w, cos_sin, positions, slot_mapping, eps))
+    q = qk_norm_rope_store(qkv, q_norm_w, k_norm_w, cos_sin, positions, k_cache, v_cache, slot_mapping, n_heads,
+                           n_kv_heads, eps)
+    return decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale)

@@ -376,6 +376,23 @@ def bench_fp8(copy_gbps: float, matmul_tflops: float, device="cuda", dtype=torch
     return rows
 
 
+def decode_qkv_err(k_cache, v_cache, bt, cl, H, dtype) -> float:
+    """The decode kernel given the qkv rows (attention.NewTokens) against qk_norm_rope_store_ref then decode
+    attention's reference: the larger relative error of the output and of the new tokens' K/V in the cache."""
+    _, bs, KV, hd = k_cache.shape
+    dev, pos = k_cache.device, (cl - 1).long()
+    slots = bt.long().gather(1, pos[:, None] // bs)[:, 0] * bs + pos % bs
+    qkv = torch.randn(len(cl), (H + 2 * KV) * hd, device=dev, dtype=dtype) * 3
+    w, cs = 1 + 0.1 * torch.randn(2, hd, device=dev, dtype=dtype), kernels.rope_cos_sin(hd, 40960, 1e6, device=dev)
+    kc, vc = k_cache.clone(), v_cache.clone()
+    q = kernels.qk_norm_rope_store_ref(qkv, w[0], w[1], cs, pos, kc, vc, slots, H, KV, 1e-6)
+    ref = attention.decode_attention_ref(q, kc, vc, bt, cl, hd ** -0.5)
+    out = attention.decode_attention_triton(None, k_cache, v_cache, bt, cl, hd ** -0.5,
+                                            new=attention.NewTokens(qkv, w[0], w[1], cs, pos, slots, 1e-6))
+    new_kv = lambda c: c.flatten(0, 1)[slots].float()
+    return max(rel_err(out, ref), rel_err(new_kv(k_cache), new_kv(kc)), rel_err(new_kv(v_cache), new_kv(vc)))
+
+
 def check_kernels(device="cuda", dtype=torch.bfloat16) -> list[tuple[str, float]]:
     """bf16 relative errors at awkward shapes on the GPU: ragged contexts, block sizes 16/32/256, long contexts
     (split path), GQA 1..8, packed prefill after prefixes that are not block-aligned."""
@@ -390,6 +407,8 @@ def check_kernels(device="cuda", dtype=torch.bfloat16) -> list[tuple[str, float]
             o = attention.decode_attention_triton(q, k_cache, v_cache, bt, cl, hd ** -0.5)
             r = attention.decode_attention_ref(q, k_cache, v_cache, bt, cl, hd ** -0.5)
             out.append((f"decode bs={block_size} heads={H}/{KV} ctx={lens}", rel_err(o, r)))
+            out.append((f"decode+qkv bs={block_size} heads={H}/{KV} ctx={lens} (out, new K/V)",
+                        decode_qkv_err(k_cache, v_cache, bt, cl, H, dtype)))
 
             q_lens = [int(x) for x in torch.randint(1, 300, (4,), generator=g)]
             prefixes = [0, 5, 13, 290]
@@ -415,6 +434,7 @@ def check_kernels(device="cuda", dtype=torch.bfloat16) -> list[tuple[str, float]
     q = torch.randn(4, H, hd, device=device, dtype=dtype)
     out.append(("decode over an fp8 cache", rel_err(attention.decode_attention_triton(q, k_cache, v_cache, bt, cl, 0.1),
                                                     attention.decode_attention_ref(q, k_cache, v_cache, bt, cl, 0.1))))
+    out.append(("decode+qkv over an fp8 cache (out, new K/V)", decode_qkv_err(k_cache, v_cache, bt, cl, H, dtype)))
     return out
 
 

@@ -200,17 +200,38 @@ def silu_mul_triton(gate_up):
 
 
 @triton.jit
-def _norm_rope(x1, x2, w_ptr, cos, sin, eps, HEAD_DIM: tl.constexpr):
-    """RMSNorm then rotate-half RoPE on a tile of heads, given as its two halves x1, x2: (BLOCK_H, HEAD_DIM/2)."""
-    d = tl.arange(0, HEAD_DIM // 2)
-    x1f, x2f = x1.to(tl.float32), x2.to(tl.float32)
-    rstd = tl.rsqrt((tl.sum(x1f * x1f, axis=1) + tl.sum(x2f * x2f, axis=1)) / HEAD_DIM + eps)[:, None]
-    w1 = tl.load(w_ptr + d).to(tl.float32)[None, :]
-    w2 = tl.load(w_ptr + HEAD_DIM // 2 + d).to(tl.float32)[None, :]
+def _norm_rope(row_ptr, heads, mask, w_ptr, cs_ptr, eps, HEAD_DIM: tl.constexpr):
+    """RMSNorm then rotate-half RoPE on heads `heads` (BLOCK_H,) of one token's row, each HEAD_DIM wide (rows
+    off `mask` read as 0): (BLOCK_H, HEAD_DIM) fp32. cs_ptr: the token position's row of the rope_cos_sin table.
+    Each element's rotation partner (same offset in the other half) is loaded a second time, from L1, so the
+    tile stays whole: no split into halves and join after."""
+    HALF: tl.constexpr = HEAD_DIM // 2
+    d = tl.arange(0, HEAD_DIM)
+    partner = (d + HALF) % HEAD_DIM
+    at = row_ptr + heads[:, None] * HEAD_DIM
+    x = tl.load(at + d[None, :], mask=mask[:, None], other=0.0)                      # (BLOCK_H, HEAD_DIM)
+    xf, xp = x.to(tl.float32), tl.load(at + partner[None, :], mask=mask[:, None], other=0.0).to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(xf * xf, axis=1) / HEAD_DIM + eps)[:, None]
     # the roundings of qk_norm_rope_store_ref: normalized -> dtype, times weight -> dtype, rotate in fp32
-    y1 = ((x1f * rstd).to(x1.dtype).to(tl.float32) * w1).to(x1.dtype).to(tl.float32)
-    y2 = ((x2f * rstd).to(x1.dtype).to(tl.float32) * w2).to(x1.dtype).to(tl.float32)
-    return y1 * cos - y2 * sin, y2 * cos + y1 * sin
+    y = ((xf * rstd).to(x.dtype).to(tl.float32) * tl.load(w_ptr + d).to(tl.float32)[None, :])
+    yp = ((xp * rstd).to(x.dtype).to(tl.float32) * tl.load(w_ptr + partner).to(tl.float32)[None, :])
+    y, yp = y.to(x.dtype).to(tl.float32), yp.to(x.dtype).to(tl.float32)
+    cos = tl.load(cs_ptr + d % HALF)[None, :]
+    sin = tl.load(cs_ptr + HALF + d % HALF)[None, :]
+    return y * cos + tl.where(d < HALF, -1.0, 1.0)[None, :] * yp * sin     # x1 cos - x2 sin | x2 cos + x1 sin
+
+
+@triton.jit
+def _store_new_kv(row_ptr, heads, mask, k_norm_w_ptr, cs_ptr, slot, k_cache_ptr, v_cache_ptr, eps,
+                  N_HEADS: tl.constexpr, N_KV: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """K (normed, rotated) and V of kv heads `heads` (those on `mask`) of one token's qkv row into cache slot
+    `slot`, in the cache's dtype. attention.py's fused decode kernel calls it too."""
+    d = tl.arange(0, HEAD_DIM)
+    k = _norm_rope(row_ptr + N_HEADS * HEAD_DIM, heads, mask, k_norm_w_ptr, cs_ptr, eps, HEAD_DIM)
+    off = slot.to(tl.int64) * N_KV * HEAD_DIM + heads[:, None] * HEAD_DIM + d[None, :]   # (BLOCK_H, HEAD_DIM)
+    tl.store(k_cache_ptr + off, k.to(k_cache_ptr.dtype.element_ty), mask=mask[:, None])
+    v = tl.load(row_ptr + (N_HEADS + N_KV) * HEAD_DIM + heads[:, None] * HEAD_DIM + d[None, :], mask=mask[:, None])
+    tl.store(v_cache_ptr + off, v.to(v_cache_ptr.dtype.element_ty), mask=mask[:, None])
 
 
 @triton.jit
@@ -224,36 +245,17 @@ def _qk_norm_rope_store_kernel(qkv_ptr, qkv_stride, q_norm_w_ptr, k_norm_w_ptr, 
     if USE_GDC:                                        # programmatic dependent launch: see `pdl`
         tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
-    HALF: tl.constexpr = HEAD_DIM // 2
     t = tl.program_id(0).to(tl.int64)
-    d = tl.arange(0, HALF)
-    pos = tl.load(positions_ptr + t)
-    slot = tl.load(slot_mapping_ptr + t)
-    cos = tl.load(cos_sin_ptr + pos * HEAD_DIM + d)[None, :]               # (1, HALF)
-    sin = tl.load(cos_sin_ptr + pos * HEAD_DIM + HALF + d)[None, :]
     row = qkv_ptr + t * qkv_stride
-
-    h = tl.arange(0, BLOCK_H)[:, None]                                       # q heads
-    hmask = h < N_HEADS
-    q1 = tl.load(row + h * HEAD_DIM + d[None, :], mask=hmask, other=0.0)     # (BLOCK_H, HALF)
-    q2 = tl.load(row + h * HEAD_DIM + HALF + d[None, :], mask=hmask, other=0.0)
-    q1, q2 = _norm_rope(q1, q2, q_norm_w_ptr, cos, sin, eps, HEAD_DIM)
-    q_out = q_out_ptr + t * N_HEADS * HEAD_DIM + h * HEAD_DIM + d[None, :]
-    tl.store(q_out, q1.to(q_out_ptr.dtype.element_ty), mask=hmask)
-    tl.store(q_out + HALF, q2.to(q_out_ptr.dtype.element_ty), mask=hmask)
-
-    h = tl.arange(0, BLOCK_KV)[:, None]                                      # kv heads
-    hmask = h < N_KV
-    k_row = row + N_HEADS * HEAD_DIM + h * HEAD_DIM + d[None, :]
-    k1, k2 = _norm_rope(tl.load(k_row, mask=hmask, other=0.0), tl.load(k_row + HALF, mask=hmask, other=0.0),
-                        k_norm_w_ptr, cos, sin, eps, HEAD_DIM)
-    cache_off = slot * N_KV * HEAD_DIM + h * HEAD_DIM + d[None, :]          # (BLOCK_KV, HALF)
-    tl.store(k_cache_ptr + cache_off, k1.to(k_cache_ptr.dtype.element_ty), mask=hmask)
-    tl.store(k_cache_ptr + cache_off + HALF, k2.to(k_cache_ptr.dtype.element_ty), mask=hmask)
-    v_row = row + (N_HEADS + N_KV) * HEAD_DIM + h * HEAD_DIM + d[None, :]
-    v_dtype = v_cache_ptr.dtype.element_ty
-    tl.store(v_cache_ptr + cache_off, tl.load(v_row, mask=hmask).to(v_dtype), mask=hmask)
-    tl.store(v_cache_ptr + cache_off + HALF, tl.load(v_row + HALF, mask=hmask).to(v_dtype), mask=hmask)
+    cs = cos_sin_ptr + tl.load(positions_ptr + t) * HEAD_DIM
+    h = tl.arange(0, BLOCK_H)                                                # q heads
+    q = _norm_rope(row, h, h < N_HEADS, q_norm_w_ptr, cs, eps, HEAD_DIM)
+    d = tl.arange(0, HEAD_DIM)
+    tl.store(q_out_ptr + t * N_HEADS * HEAD_DIM + h[:, None] * HEAD_DIM + d[None, :],
+             q.to(q_out_ptr.dtype.element_ty), mask=(h < N_HEADS)[:, None])
+    h = tl.arange(0, BLOCK_KV)                                               # kv heads
+    _store_new_kv(row, h, h < N_KV, k_norm_w_ptr, cs, tl.load(slot_mapping_ptr + t), k_cache_ptr, v_cache_ptr,
+                  eps, N_HEADS, N_KV, HEAD_DIM)
 
 
 def qk_norm_rope_store_triton(qkv, q_norm_w, k_norm_w, cos_sin, positions, k_cache, v_cache, slot_mapping,

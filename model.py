@@ -169,16 +169,17 @@ class Attention(nn.Module):
         """qkv: (T, (n_heads + 2*n_kv) * head_dim), qkv_proj's output (DecoderLayer runs it with the norm)."""
         k_cache, v_cache = kv                                     # (num_blocks, block_size, n_kv, head_dim) each
         # norm + RoPE on q and k, and k/v written into their cache slots before attention reads them
-        q = kernels.qk_norm_rope_store(qkv, self.q_norm.weight, self.k_norm.weight, cos_sin, positions,
-                                       k_cache, v_cache, meta.slot_mapping, self.n_heads, self.n_kv_heads,
-                                       self.eps)                  # (T, n_heads, head_dim)
+        args = (qkv, self.q_norm.weight, self.k_norm.weight, cos_sin, positions, k_cache, v_cache, meta.slot_mapping,
+                self.n_heads, self.n_kv_heads, self.eps)
         scale = self.head_dim ** -0.5
-        if meta.is_decode:
-            o = attention.decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale,
-                                          shared=meta.shared_prefix)
-        else:
-            o = attention.prefill_attention(q, k_cache, v_cache, meta.cu_seqlens_q, meta.context_lens,
-                                          meta.block_tables, scale, max_seqlen_q=meta.max_seqlen_q)
+        if meta.is_decode and meta.shared_prefix is None:         # all that and attention in one kernel
+            o = attention.decode_attention_qkv(*args, meta.block_tables, meta.context_lens, scale)
+        elif meta.is_decode:
+            o = attention.decode_attention(kernels.qk_norm_rope_store(*args), k_cache, v_cache, meta.block_tables,
+                                           meta.context_lens, scale, shared=meta.shared_prefix)
+        else:                                                     # q: (T, n_heads, head_dim)
+            o = attention.prefill_attention(kernels.qk_norm_rope_store(*args), k_cache, v_cache, meta.cu_seqlens_q,
+                                            meta.context_lens, meta.block_tables, scale, max_seqlen_q=meta.max_seqlen_q)
         return self.o_proj(o.reshape(qkv.shape[0], -1))           # (T, hidden)
 
 

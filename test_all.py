@@ -871,6 +871,46 @@ def test_kt_decode_attention(group, dtype, block_size, context_lens, num_splits)
         torch.testing.assert_close(attention.decode_attention(q, k_cache, v_cache, block_tables, ctx, scale), out)
 
 
+@pytest.mark.usefixtures("kt_triton_poisoned")
+@pytest.mark.parametrize("dtype,group,context_lens,num_splits,min_part", [
+    (torch.float32, 2, [1, 17, 130, 64], None, 64),   # the shape's splits; 130: the new token opens a tile
+    (torch.float16, 4, [300, 1, 77], 3, 64),          # three slices each; the new token in the last nonempty one
+    (torch.float32, 1, [300, 129, 40], 4, 128),       # longer slices: 40 and 129 fit one slice or span two
+    (torch.float16, 3, [5, 200], 1, 64),              # no split
+    (torch.float32, 2, [700, 3], 12, 64),             # many slices: empty ones skip their q math (SKIP_EMPTY)
+])
+def test_kt_decode_attention_qkv(dtype, group, context_lens, num_splits, min_part, monkeypatch):
+    """The decode kernel that also does qk_norm_rope_store's work equals that op's reference then decode
+    attention's: the output, and the new tokens' K/V in their slots (the rest of the cache untouched)."""
+    monkeypatch.setattr(attention, "DECODE_MIN_PARTITION", min_part)
+    torch.manual_seed(sum(context_lens) + group)
+    n_kv, hd, bs = 2, 32, 16
+    B, n_heads = len(context_lens), n_kv * group
+    k_cache, v_cache, bt = kt_paged_cache(context_lens, bs, n_kv, hd, dtype)
+    ctx = torch.tensor(context_lens, dtype=torch.int32)
+    positions = (ctx - 1).long()
+    slots = bt.long().gather(1, positions[:, None] // bs)[:, 0] * bs + positions % bs    # each row's newest slot
+    qkv = torch.randn(B + 1, (n_heads + 2 * n_kv) * hd).to(dtype)[1:]                      # a row slice
+    q_w, k_w = (1 + 0.1 * torch.randn(hd)).to(dtype), (1 + 0.1 * torch.randn(hd)).to(dtype)
+    cos_sin = kernels.rope_cos_sin(hd, 1024, 1e6)
+    kc, vc = k_cache.clone(), v_cache.clone()
+    q = kernels.qk_norm_rope_store_ref(qkv, q_w, k_w, cos_sin, positions, kc, vc, slots, n_heads, n_kv, 1e-6)
+    ref = attention.decode_attention_ref(q, kc, vc, bt, ctx, hd ** -0.5)
+    new = attention.NewTokens(qkv, q_w, k_w, cos_sin, positions, slots, 1e-6)
+    out = attention.decode_attention_triton(None, k_cache, v_cache, bt, ctx, hd ** -0.5, num_splits=num_splits,
+                                            new=new)
+    name = f"decode+qkv ctx={context_lens} group={group} splits={num_splits} min_part={min_part} {dtype}"
+    kt_check(name, out, ref, dtype)
+    kt_check(name + " k", k_cache, kc, dtype)
+    torch.testing.assert_close(v_cache, vc, atol=0, rtol=0)
+    if num_splits is None:   # the dispatcher takes the same path, and past FUSED_MAX_BATCH the two kernels
+        for most in (B, B - 1):
+            monkeypatch.setattr(attention, "FUSED_MAX_BATCH", most)
+            args = (qkv, q_w, k_w, cos_sin, positions, k_cache.clone(), v_cache.clone(), slots, n_heads, n_kv, 1e-6)
+            kt_check(f"{name} dispatch, fused up to {most}", attention.decode_attention_qkv(*args, bt, ctx, hd ** -0.5),
+                     out, dtype)
+
+
 def kt_shared_tables(groups, block_size, n_kv, hd, dtype, seed):
     """A paged cache and tables where rows share leading blocks, as prefix caching leaves them. groups: a list of
     (shared tokens, [own tokens of each row]); a shared run of blocks is one list of ids for all its rows.
