@@ -336,7 +336,15 @@ DECODE_CONFIG = dict(BLOCK_N=64, num_warps=4, num_stages=3)   # BLOCK_N: tokens 
 # cross-warp reductions, masks); two warps halve the cross-warp traffic and fit twice the programs per SM. The
 # bf16 cache is byte-bound (4.18 TB/s) and keeps 4 warps: 2 warps were 1.006x its time, 1 warp 1.07-1.36x.
 DECODE_CONFIG_FP8 = dict(BLOCK_N=64, num_warps=2, num_stages=3)
-DECODE_MIN_PARTITION = 64     # fewest tokens a context slice is given (one tile)
+# Fewest tokens a context slice is given. Longer minimum slices let short contexts finish in one slice and skip
+# the reduce, but one program then walks every tile: us per layer step (the fused kernel, B=1, as in the table
+# at FUSED_MAX_BATCH; H200, 2026-12-02), and `bench.py decode-1` on qwen3-0.6b 0.75 ms/token at 64, 0.93 at 256:
+#   heads, ctx    |   64  |  128  |  256  |  512
+#   16/8,  256    | 13.59 | 15.32 | 18.67 | 18.65
+#   16/8, 1024    | 14.59 | 16.45 | 20.93 | 27.37
+#   16/8, 8192    | 22.88 | 22.81 | 25.53 | 34.10
+#   32/8, 1024    | 39.20 | 41.04 | 44.81 | 52.22
+DECODE_MIN_PARTITION = 64     # one tile
 DECODE_WAVES = 4              # split until B * n_kv * splits reaches this many programs per SM
 DECODE_MAX_SPLITS = 64        # the reduce kernel holds all slices of a head in registers
 # Tried and dropped (H200, 2026-12-02): no reduce launch, the last slice of each (sequence, kv head) to finish
