@@ -1270,7 +1270,7 @@ def test_kt_fp8_linear(M, N, K, dtype):
         assert_e4m3_close(xq, rq)
         kt_check(f"w8a8 gemm M={M} N={N} K={K} {dtype}", quant.w8a8_gemm_triton(rq, rs, q, s, dtype, cfg),
                  quant.w8a8_linear_ref(x, q, s), dtype)
-        kt_check(f"w8a8 gemm, default tiles", quant.w8a8_gemm_triton(rq, rs, q, s, dtype),
+        kt_check("w8a8 gemm, default tiles", quant.w8a8_gemm_triton(rq, rs, q, s, dtype),
                  quant.w8a8_linear_ref(x, q, s), dtype)
         torch.testing.assert_close(quant.fp8_linear_triton(x, q, s), quant.w8a8_gemm_triton(xq, xs, q, s, dtype))
         # cuBLAS's layout: rows padded to a multiple of 4 (zeros), the scales column-major
