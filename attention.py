@@ -200,8 +200,8 @@ def _decode_attention_kernel(q_ptr, q_stride, k_cache_ptr, v_cache_ptr, block_ta
     row = q_ptr + b.to(tl.int64) * q_stride
     if NEW_TOKEN:
         cs = cos_sin_ptr + tl.load(positions_ptr + b) * HEAD_DIM
-        q = tl.zeros((BLOCK_G, HEAD_DIM), q_ptr.dtype.element_ty)
         if SKIP_EMPTY:                  # many slices, most of them empty on short contexts: skip their math
+            q = tl.zeros((BLOCK_G, HEAD_DIM), q_ptr.dtype.element_ty)
             if start < end:
                 q = _norm_rope(row, heads, gmask, q_norm_w_ptr, cs, eps, HEAD_DIM).to(q_ptr.dtype.element_ty)
         else:                           # straight-line code: the first tiles' loads can start during the math
