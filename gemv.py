@@ -49,9 +49,9 @@ def _gemv_input(x_ptr, res_ptr, norm_w_ptr, res_out_ptr, cols, col_mask, first, 
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, out_ptr, N, K, res_ptr, norm_w_ptr, res_out_ptr, eps, SILU_MUL: tl.constexpr,
-                 NORM: tl.constexpr, HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 USE_GDC: tl.constexpr = False):
+def _gemv_kernel(x_ptr, w_ptr, out_ptr, N, K, res_ptr, norm_w_ptr, res_out_ptr, eps, add_ptr, SILU_MUL: tl.constexpr,
+                 NORM: tl.constexpr, HAS_RES: tl.constexpr, ADD: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr, USE_GDC: tl.constexpr = False):
     # One token (M = 1, a lone decode): out[n] = sum_k x[k] * w[n, k]. Bytes: the weight, N*K elements read
     # once; 2 FLOPs per element is nothing, so the floor is weight bytes / bandwidth. cuBLAS's GEMM kernels
     # reach less of it at M = 1 on Qwen3's small matrices (table at `linear`). Each program owns BLOCK_N rows
@@ -64,6 +64,9 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, N, K, res_ptr, norm_w_ptr, res_out_ptr, 
     # (rms_norm_ref rounds h * rstd to the dtype first; here it stays fp32, so the results differ by about one
     # rounding). Every program reads the whole row (K elements, from L2) and program 0 writes h to res_out (the
     # residual stream onward). That is one kernel instead of two per norm.
+    # ADD: out = (x @ w^T) + add, the product rounded to the dtype before the add as a separate add would round
+    # it: o_proj and down_proj add the residual stream here, so the norm GEMV after them reads one row (h) and
+    # not two (the product and the residual).
     # USE_GDC (programmatic dependent launch, see `pdl`): the first weight chunk is loaded before waiting for
     # the kernel before (no kernel writes weights), so it streams while that kernel finishes.
     pid = tl.program_id(0)
@@ -92,6 +95,8 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, N, K, res_ptr, norm_w_ptr, res_out_ptr, 
     out = tl.sum(acc, axis=1)
     if NORM:
         out = out * tl.rsqrt(tl.sum(ss, axis=0) / K + eps)
+    if ADD:
+        out = out.to(out_ptr.dtype.element_ty).to(tl.float32) + tl.load(add_ptr + rows, mask=row_mask).to(tl.float32)
     tl.store(out_ptr + rows, out.to(out_ptr.dtype.element_ty), mask=row_mask)
 
 
@@ -129,10 +134,11 @@ GEMV_CONFIG = dict(BLOCK_N=4, BLOCK_K=4096, num_warps=8)
 NORM_GEMV_CONFIG = dict(BLOCK_N=8, BLOCK_K=1024, num_warps=4)
 
 
-def linear_triton(x, weight, config=None, silu_mul=False, out=None, norm=None):
+def linear_triton(x, weight, config=None, silu_mul=False, out=None, norm=None, add=None):
     """x (1, K), weight (N, K), both contiguous -> (1, N) (into out, if given). silu_mul: x is (1, 2K)
     gate_up, and the product is silu_mul_ref(x) @ weight^T. norm: (residual or None, norm weight, eps): the
-    product is of add_rms_norm_ref(x, residual, ...)'s (rms_norm_ref's) output; returns (out, x + residual)."""
+    product is of add_rms_norm_ref(x, residual, ...)'s (rms_norm_ref's) output; returns (out, x + residual).
+    add: (1, N), added to the product (rounded to the dtype first, as a separate add would see it)."""
     N, K = weight.shape
     assert x.shape == (1, 2 * K if silu_mul else K) and x.is_contiguous() and weight.is_contiguous()
     assert x.dtype == weight.dtype
@@ -147,9 +153,11 @@ def linear_triton(x, weight, config=None, silu_mul=False, out=None, norm=None):
         if res is not None:
             assert res.shape == x.shape and res.dtype == x.dtype and res.is_contiguous()
             res_out = torch.empty_like(x)
-    _gemv_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](x, weight, out, N, K, res, norm_w, res_out, eps,
+    if add is not None:
+        assert add.shape == (1, N) and add.dtype == x.dtype and add.is_contiguous() and add.data_ptr() != out.data_ptr()
+    _gemv_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](x, weight, out, N, K, res, norm_w, res_out, eps, add,
                                                     SILU_MUL=silu_mul, NORM=norm is not None,
-                                                    HAS_RES=res is not None, **cfg, **pdl(x))
+                                                    HAS_RES=res is not None, ADD=add is not None, **cfg, **pdl(x))
     return out if norm is None else (out, x if res is None else res_out)
 
 
@@ -224,6 +232,15 @@ def norm_linear(x, residual, norm_w, eps, weight):
         return linear(rms_norm(x, norm_w, eps), weight), x
     normed, residual = add_rms_norm(x, residual, norm_w, eps)
     return linear(normed, weight), residual
+
+
+def linear_add(x, weight, residual, silu_mul=False):
+    """(linear(x) + residual, None) where one kernel does the add after the product (one token: the GEMV's
+    epilogue), else (linear(x), residual) for the norm after it to add (add_rms_norm), so no path spends a
+    launch on the add. silu_mul: x is gate_up, as in silu_mul_linear. residual None: (linear(x), None)."""
+    if residual is not None and x.shape[0] == 1 and _use_triton(x):
+        return linear_triton(x, weight, silu_mul=silu_mul, add=residual), None
+    return (silu_mul_linear(x, weight) if silu_mul else linear(x, weight)), residual
 
 
 def silu_mul_linear(gate_up, weight):

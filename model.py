@@ -166,7 +166,8 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
 
     def forward(self, qkv, positions, meta: AttnMeta, kv, cos_sin):
-        """qkv: (T, (n_heads + 2*n_kv) * head_dim), qkv_proj's output (DecoderLayer runs it with the norm)."""
+        """qkv: (T, (n_heads + 2*n_kv) * head_dim), qkv_proj's output (DecoderLayer runs it with the norm, and
+        o_proj on what this returns, with the residual add)."""
         k_cache, v_cache = kv                                     # (num_blocks, block_size, n_kv, head_dim) each
         # norm + RoPE on q and k, and k/v written into their cache slots before attention reads them
         args = (qkv, self.q_norm.weight, self.k_norm.weight, cos_sin, positions, k_cache, v_cache, meta.slot_mapping,
@@ -180,7 +181,7 @@ class Attention(nn.Module):
         else:                                                     # q: (T, n_heads, head_dim)
             o = attention.prefill_attention(kernels.qk_norm_rope_store(*args), k_cache, v_cache, meta.cu_seqlens_q,
                                             meta.context_lens, meta.block_tables, scale, max_seqlen_q=meta.max_seqlen_q)
-        return self.o_proj(o.reshape(qkv.shape[0], -1))           # (T, hidden)
+        return o.reshape(qkv.shape[0], -1)                         # (T, n_heads * head_dim); DecoderLayer runs o_proj
 
 
 class MLP(nn.Module):
@@ -188,10 +189,15 @@ class MLP(nn.Module):
         super().__init__()
         self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size)   # gate rows first
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size)
+    # DecoderLayer runs gate_up_proj with the norm before it and down_proj(silu(gate) * up) with the residual add
 
-    def forward(self, gate_up):
-        """gate_up: (T, 2 * intermediate), gate_up_proj's output (DecoderLayer runs it with the norm)."""
-        return self.down_proj(gate_up, silu_mul=True)             # down_proj(silu(gate) * up)
+
+# The residual stream is carried as (x, residual), meaning x + residual (residual None: x alone), so that each
+# add happens inside a kernel that runs anyway: in the projection before it (one token: linear_add) or in the norm
+# after it (norm_linear, add_norm).
+def add_norm(norm: RMSNorm, x, residual):
+    """(norm(x + residual), x + residual); residual None: no add."""
+    return (norm(x), x) if residual is None else norm(x, residual)
 
 
 def norm_linear(norm: RMSNorm, x, residual, proj):
@@ -199,8 +205,16 @@ def norm_linear(norm: RMSNorm, x, residual, proj):
     in one kernel (gemv.norm_linear); quant.Fp8Linear has a GEMV of its own, so its norm runs first."""
     if type(proj) is Linear:
         return gemv.norm_linear(x, residual, norm.weight, norm.eps, proj.weight)
-    x, residual = (norm(x), x) if residual is None else norm(x, residual)
+    x, residual = add_norm(norm, x, residual)
     return proj(x), residual
+
+
+def linear_add(proj, x, residual, tp: parallel.Group | None, silu_mul: bool = False):
+    """The stream after a row-parallel projection: (proj(x) + residual, None) where the GEMV adds it (one token,
+    a plain Linear, no TP: gemv.linear_add), else (proj(x) summed over the TP ranks, residual)."""
+    if tp is None and type(proj) is Linear:
+        return gemv.linear_add(x, proj.weight, residual, silu_mul)
+    return parallel.all_reduce(proj(x, silu_mul=silu_mul), tp), residual
 
 
 class DecoderLayer(nn.Module):
@@ -214,16 +228,16 @@ class DecoderLayer(nn.Module):
                                   cfg.norm_topk_prob) if moe else MLP(cfg)
 
     def forward(self, x, residual, positions, meta, kv, cos_sin):
-        # The residual stream is carried separately so each add fuses into the norm after it, and each norm
-        # into the projection after that (norm_linear).
+        # Each norm runs inside the projection after it (norm_linear) and each residual add inside the
+        # projection before it or the norm after it (linear_add). TP: o_proj and down_proj sum over the ranks.
         qkv, residual = norm_linear(self.input_layernorm, x, residual, self.self_attn.qkv_proj)
-        x = self.self_attn(qkv, positions, meta, kv, cos_sin)
-        x = parallel.all_reduce(x, self.tp)             # TP: each rank's o_proj summed its own heads only
+        o = self.self_attn(qkv, positions, meta, kv, cos_sin)
+        x, residual = linear_add(self.self_attn.o_proj, o, residual, self.tp)
         if isinstance(self.mlp, SparseMoeBlock):        # the router and the experts read the normed input
-            x, residual = self.post_attention_layernorm(x, residual)
+            x, residual = add_norm(self.post_attention_layernorm, x, residual)
             return parallel.all_reduce(self.mlp(x), self.tp), residual
         gate_up, residual = norm_linear(self.post_attention_layernorm, x, residual, self.mlp.gate_up_proj)
-        return parallel.all_reduce(self.mlp(gate_up), self.tp), residual   # ... and down_proj its slice
+        return linear_add(self.mlp.down_proj, gate_up, residual, self.tp, silu_mul=True)
 
 
 class Qwen3Model(nn.Module):
@@ -253,7 +267,7 @@ class Qwen3ForCausalLM(nn.Module):
         x, residual = parallel.embed(input_ids, self.model.embed_tokens.weight, self.tp), None   # (T, hidden)
         for i, layer in enumerate(self.model.layers):
             x, residual = layer(x, residual, positions, meta, kv_cache[i], self.cos_sin)
-        x, _ = self.model.norm(x, residual)
+        x, _ = add_norm(self.model.norm, x, residual)
         return x[meta.logits_indices]
 
     def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -1156,6 +1156,13 @@ def test_kt_linear_one_token(K, N, dtype):
         kt_check(f"norm + linear K={K} N={N} {dtype} residual={r is not None}", got,
                  gemv.linear_ref(kernels.rms_norm_ref(want_h, nw, 1e-6), w), dtype)
         torch.testing.assert_close(h, want_h, atol=0, rtol=0)
+    # the residual added after the product in the same kernel (o_proj, down_proj): rounded as a separate add
+    add = torch.randn(1, N).to(dtype)
+    for silu, inp in ((False, x), (True, gate_up)):
+        got, none = gemv.linear_add(inp, w, add, silu_mul=silu)
+        want = (kernels.silu_mul_ref(inp) if silu else inp)
+        assert none is None
+        kt_check(f"linear + residual K={K} N={N} {dtype} silu_mul={silu}", got, gemv.linear_ref(want, w) + add, dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -2406,7 +2413,7 @@ def test_bn_tiny_run_writes_json(tmp_path):
     print({k: (round(v["tok_s"], 1), round(v["floor_tok_s"])) for k, v in rows.items()})
     qwen3 = "T 0.6, top-p 0.95, top-k 20"              # a random-weight size samples with Qwen3's defaults
     assert set(rows) == {f"offline (4 reqs), {qwen3}", "offline (4 reqs), greedy", f"offline (4 reqs), {qwen3}, top-5 "
-                         "logprobs", "decode-1", "prefix, cache on",
+                         "logprobs", "decode-1", "decode-8", "prefix, cache on",
                          "prefix, cache off", "nanovllm (4 reqs), T 0.6 (nano-vllm's settings)",
                          f"nanovllm (4 reqs), {qwen3}", "nanovllm (4 reqs), greedy"}
     for row in rows.values():
@@ -2418,7 +2425,8 @@ def test_bn_tiny_run_writes_json(tmp_path):
     _, outs = bench.nanovllm_requests(4, 8, 16, max_id=511)
     assert r["details"]["nanovllm"]["greedy"]["output_tokens"] == sum(outs)
     assert off["max_batch_seqs"] == 4, "all 4 requests should run in one batch"
-    assert r["details"]["decode-1"]["ms_per_token"] > 0
+    assert r["details"]["decode-1"]["ms_per_token"] > 0 and r["details"]["decode-1"]["batch8_ms_per_step"] > 0
+    assert r["details"]["decode-1"]["batch8_steps"] == bench.CPU_WORKLOADS.decode_tokens   # one prefill step, then decode steps
     pre = r["details"]["prefix"]
     w = bench.CPU_WORKLOADS
     assert pre["off"]["prefill_tokens_computed"] == w.prefix_seqs * (w.prefix_len + w.suffix_len)
