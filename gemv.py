@@ -24,36 +24,34 @@ def linear_ref(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None =
 
 
 @triton.jit
-def _gemv_input(x_ptr, res_ptr, norm_w_ptr, res_out_ptr, xo, ro, cols, col_mask, mask, first, K,
-                SILU_MUL: tl.constexpr, NORM: tl.constexpr, HAS_RES: tl.constexpr):
-    # One BLOCK_K chunk of the projection's input in fp32, and (NORM) the squares of h for its rstd. The GEMV
-    # passes 1-D offsets (one token), the skinny GEMM 2-D ones (tokens x columns): xo into x (a gate_up row is
-    # 2K wide), ro into the residual rows, cols (the norm weight's, broadcastable to xo), mask (xo's).
+def _gemv_input(x_ptr, res_ptr, norm_w_ptr, res_out_ptr, cols, col_mask, first, K, SILU_MUL: tl.constexpr,
+                NORM: tl.constexpr, HAS_RES: tl.constexpr):
+    # One BLOCK_K chunk of _gemv_kernel's input in fp32, and (NORM) the squares of h for its rstd.
     dtype = x_ptr.dtype.element_ty
     if SILU_MUL:
-        gate = tl.load(x_ptr + xo, mask=mask, other=0.0).to(tl.float32)
-        up = tl.load(x_ptr + K + xo, mask=mask, other=0.0).to(tl.float32)
+        gate = tl.load(x_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+        up = tl.load(x_ptr + K + cols, mask=col_mask, other=0.0).to(tl.float32)
         act = (gate * tl.sigmoid(gate)).to(dtype).to(tl.float32)
         x = (act * up).to(dtype).to(tl.float32)
         sq = x * 0.0
     elif NORM:
-        h = tl.load(x_ptr + xo, mask=mask, other=0.0)
+        h = tl.load(x_ptr + cols, mask=col_mask, other=0.0)
         if HAS_RES:
-            h = (h.to(tl.float32) + tl.load(res_ptr + ro, mask=mask, other=0.0).to(tl.float32)).to(dtype)
-            tl.store(res_out_ptr + ro, h, mask=mask & first)
+            h = (h.to(tl.float32) + tl.load(res_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)).to(dtype)
+            tl.store(res_out_ptr + cols, h, mask=col_mask & first)
         h = h.to(tl.float32)
         sq = h * h
         x = h * tl.load(norm_w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
     else:
-        x = tl.load(x_ptr + xo, mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
         sq = x * 0.0
     return x, sq
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, out_ptr, M, N, K, res_ptr, norm_w_ptr, res_out_ptr, eps, add_ptr,
-                 SILU_MUL: tl.constexpr, NORM: tl.constexpr, HAS_RES: tl.constexpr, ADD: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_GDC: tl.constexpr = False):
+def _gemv_kernel(x_ptr, w_ptr, out_ptr, N, K, res_ptr, norm_w_ptr, res_out_ptr, eps, add_ptr, SILU_MUL: tl.constexpr,
+                 NORM: tl.constexpr, HAS_RES: tl.constexpr, ADD: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr, USE_GDC: tl.constexpr = False):
     # One token (M = 1, a lone decode): out[n] = sum_k x[k] * w[n, k]. Bytes: the weight, N*K elements read
     # once; 2 FLOPs per element is nothing, so the floor is weight bytes / bandwidth. cuBLAS's GEMM kernels
     # reach less of it at M = 1 on Qwen3's small matrices (table at `linear`). Each program owns BLOCK_N rows
@@ -83,14 +81,13 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, M, N, K, res_ptr, norm_w_ptr, res_out_pt
     if USE_GDC:
         tl.extra.cuda.gdc_wait()
     first = cols * 0 + pid == 0                        # program 0 writes the residual (a tensor mask)
-    x, ss = _gemv_input(x_ptr, res_ptr, norm_w_ptr, res_out_ptr, cols, cols, cols, col_mask, col_mask, first, K,
-                        SILU_MUL, NORM, HAS_RES)
+    x, ss = _gemv_input(x_ptr, res_ptr, norm_w_ptr, res_out_ptr, cols, col_mask, first, K, SILU_MUL, NORM, HAS_RES)
     acc = w.to(tl.float32) * x[None, :]
     for k0 in range(BLOCK_K, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         col_mask = cols < K
-        x, sq = _gemv_input(x_ptr, res_ptr, norm_w_ptr, res_out_ptr, cols, cols, cols, col_mask, col_mask, first, K,
-                            SILU_MUL, NORM, HAS_RES)
+        x, sq = _gemv_input(x_ptr, res_ptr, norm_w_ptr, res_out_ptr, cols, col_mask, first, K, SILU_MUL, NORM,
+                            HAS_RES)
         ss += sq
         w = tl.load(w_ptr + rows[:, None].to(tl.int64) * K + cols[None, :],
                     mask=row_mask[:, None] & col_mask[None, :], other=0.0)
@@ -137,15 +134,18 @@ GEMV_CONFIG = dict(BLOCK_N=4, BLOCK_K=4096, num_warps=8)
 NORM_GEMV_CONFIG = dict(BLOCK_N=8, BLOCK_K=1024, num_warps=4)
 
 
-def _launch(kernel, grid, x, weight, out, silu_mul, norm, add, **kw):
-    """Checks the fused options shared by the GEMV and the skinny GEMM, then launches: the product of x (M, K)
-    (or silu_mul_ref of x (M, 2K)) or of add_rms_norm_ref(x, residual, norm weight, eps) (norm: that triple;
-    residual may be None) with weight (N, K)^T, plus add (M, N) when given (the product rounded to the dtype
-    first, as a separate add would see it). Returns out, or (out, x + residual) with a norm."""
-    (M, Kx), (N, K) = x.shape, weight.shape
-    assert Kx == (2 * K if silu_mul else K) and x.is_contiguous() and weight.is_contiguous() and x.dtype == weight.dtype
-    out = torch.empty(M, N, dtype=x.dtype, device=x.device) if out is None else out
-    assert out.shape == (M, N) and out.is_contiguous() and out.dtype == x.dtype
+def linear_triton(x, weight, config=None, silu_mul=False, out=None, norm=None, add=None):
+    """x (1, K), weight (N, K), both contiguous -> (1, N) (into out, if given). silu_mul: x is (1, 2K)
+    gate_up, and the product is silu_mul_ref(x) @ weight^T. norm: (residual or None, norm weight, eps): the
+    product is of add_rms_norm_ref(x, residual, ...)'s (rms_norm_ref's) output; returns (out, x + residual).
+    add: (1, N), added to the product (rounded to the dtype first, as a separate add would see it)."""
+    N, K = weight.shape
+    assert x.shape == (1, 2 * K if silu_mul else K) and x.is_contiguous() and weight.is_contiguous()
+    assert x.dtype == weight.dtype
+    cfg = dict(config or (GEMV_CONFIG if norm is None else NORM_GEMV_CONFIG))
+    cfg["BLOCK_K"] = min(cfg["BLOCK_K"], triton.next_power_of_2(K))    # no chunk wider than the row
+    out = torch.empty(1, N, dtype=x.dtype, device=x.device) if out is None else out
+    assert out.shape == (1, N) and out.is_contiguous() and out.dtype == x.dtype
     res, norm_w, eps = norm or (None, None, 0.0)
     res_out = None
     if norm is not None:
@@ -154,74 +154,30 @@ def _launch(kernel, grid, x, weight, out, silu_mul, norm, add, **kw):
             assert res.shape == x.shape and res.dtype == x.dtype and res.is_contiguous()
             res_out = torch.empty_like(x)
     if add is not None:
-        assert add.shape == (M, N) and add.dtype == x.dtype and add.is_contiguous() and add.data_ptr() != out.data_ptr()
-    kernel[grid](x, weight, out, M, N, K, res, norm_w, res_out, eps, add, SILU_MUL=silu_mul, NORM=norm is not None,
-                 HAS_RES=res is not None, ADD=add is not None, **kw, **pdl(x))
+        assert add.shape == (1, N) and add.dtype == x.dtype and add.is_contiguous() and add.data_ptr() != out.data_ptr()
+    _gemv_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](x, weight, out, N, K, res, norm_w, res_out, eps, add,
+                                                    SILU_MUL=silu_mul, NORM=norm is not None,
+                                                    HAS_RES=res is not None, ADD=add is not None, **cfg, **pdl(x))
     return out if norm is None else (out, x if res is None else res_out)
 
 
-def linear_triton(x, weight, config=None, silu_mul=False, out=None, norm=None, add=None):
-    """One token: x (1, K), weight (N, K) -> (1, N) through the GEMV; the options as in `_launch`."""
-    assert x.shape[0] == 1
-    cfg = dict(config or (GEMV_CONFIG if norm is None else NORM_GEMV_CONFIG))
-    cfg["BLOCK_K"] = min(cfg["BLOCK_K"], triton.next_power_of_2(weight.shape[1]))   # no chunk wider than the row
-    return _launch(_gemv_kernel, (triton.cdiv(weight.shape[0], cfg["BLOCK_N"]),), x, weight, out, silu_mul, norm,
-                   add, **cfg)
-
-
 @triton.jit
-def _skinny_chunk(x_ptr, res_ptr, norm_w_ptr, res_out_ptr, w, k0, acc, ss, ms, m_mask, first, K,
-                  SILU_MUL: tl.constexpr, NORM: tl.constexpr, HAS_RES: tl.constexpr, BLOCK_K: tl.constexpr):
-    # One BLOCK_K chunk of _skinny_gemm_kernel: the tokens' input (made as _gemv_input makes it) times the
-    # weight chunk w (BLOCK_N, BLOCK_K) on the tensor cores, added into acc; the squares into ss.
-    cols = k0 + tl.arange(0, BLOCK_K)
-    col_mask = cols[None, :] < K
-    x_stride = 2 * K if SILU_MUL else K
-    x, sq = _gemv_input(x_ptr, res_ptr, norm_w_ptr, res_out_ptr, ms[:, None] * x_stride + cols[None, :],
-                        ms[:, None] * K + cols[None, :], cols[None, :], col_mask, m_mask[:, None] & col_mask, first,
-                        K, SILU_MUL, NORM, HAS_RES)
-    return tl.dot(x.to(w.dtype), tl.trans(w), acc), ss + sq
-
-
-@triton.jit
-def _skinny_gemm_kernel(x_ptr, w_ptr, out_ptr, M, N, K, res_ptr, norm_w_ptr, res_out_ptr, eps, add_ptr,
-                        SILU_MUL: tl.constexpr, NORM: tl.constexpr, HAS_RES: tl.constexpr, ADD: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                        USE_GDC: tl.constexpr = False):
+def _skinny_gemm_kernel(x_ptr, w_ptr, out_ptr, M, N, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_K: tl.constexpr):
     # A few tokens (M <= BLOCK_M = 16: small decode batches, a speculative verify pass): out = x @ w^T with the
     # weight read once for all M rows, like the GEMV. Each program owns BLOCK_N rows of w and streams them
-    # in BLOCK_K chunks through one tensor-core product per chunk (x padded to 16 rows with zeros). The input
-    # is made on the fly as in the GEMV (SILU_MUL, NORM with HAS_RES, one norm per token row: its rstd scales
-    # that row of the product at the end) and ADD adds a (M, N) tensor after the product; the first weight chunk
-    # is loaded before gdc_wait (USE_GDC).
-    pid = tl.program_id(0)
-    if USE_GDC:
-        tl.extra.cuda.gdc_launch_dependents()
-    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    # in BLOCK_K chunks through one tensor-core product per chunk (x padded to 16 rows with zeros).
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     ms = tl.arange(0, BLOCK_M)
-    row_mask, m_mask = rows < N, ms < M
-    cols = tl.arange(0, BLOCK_K)
-    w = tl.load(w_ptr + rows[:, None].to(tl.int64) * K + cols[None, :],
-                mask=row_mask[:, None] & (cols[None, :] < K), other=0.0)
-    if USE_GDC:
-        tl.extra.cuda.gdc_wait()
-    first = cols[None, :] * 0 + pid == 0               # program 0 writes the residual (a tensor mask)
-    acc, ss = _skinny_chunk(x_ptr, res_ptr, norm_w_ptr, res_out_ptr, w, 0, tl.zeros((BLOCK_M, BLOCK_N), tl.float32),
-                            tl.zeros((BLOCK_M, BLOCK_K), tl.float32), ms, m_mask, first, K, SILU_MUL, NORM, HAS_RES,
-                            BLOCK_K)
-    for k0 in range(BLOCK_K, K, BLOCK_K):
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + ms[:, None] * K + cols[None, :], mask=(ms[:, None] < M) & (cols[None, :] < K), other=0.0)
         w = tl.load(w_ptr + rows[:, None].to(tl.int64) * K + cols[None, :],
-                    mask=row_mask[:, None] & (cols[None, :] < K), other=0.0)
-        acc, ss = _skinny_chunk(x_ptr, res_ptr, norm_w_ptr, res_out_ptr, w, k0, acc, ss, ms, m_mask, first, K,
-                                SILU_MUL, NORM, HAS_RES, BLOCK_K)
-    if NORM:
-        acc = acc * tl.rsqrt(tl.sum(ss, axis=1) / K + eps)[:, None]
-    out_offs = ms[:, None] * N + rows[None, :]
-    out_mask = m_mask[:, None] & row_mask[None, :]
-    if ADD:
-        acc = acc.to(out_ptr.dtype.element_ty).to(tl.float32) + tl.load(add_ptr + out_offs, mask=out_mask).to(tl.float32)
-    tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+                    mask=(rows[:, None] < N) & (cols[None, :] < K), other=0.0)
+        acc = tl.dot(x, tl.trans(w), acc)
+    tl.store(out_ptr + ms[:, None] * N + rows[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=(ms[:, None] < M) & (rows[None, :] < N))
 
 
 # H200, bf16, us per call (weights rotated past L2) at M = 2 / 8 tokens; BLOCK_N/BLOCK_K/warps/stages:
@@ -240,12 +196,16 @@ SKINNY_CONFIG = dict(BLOCK_N=32, BLOCK_K=256, num_warps=4, num_stages=4)
 SKINNY_CONFIG_NARROW = dict(BLOCK_N=16, BLOCK_K=512, num_warps=4, num_stages=3)   # N <= 1024
 
 
-def skinny_linear_triton(x, weight, config=None, out=None, silu_mul=False, norm=None, add=None):
-    """2 to 16 tokens: x (M, K), weight (N, K) -> (M, N) through the skinny GEMM; the options as in `_launch`."""
-    assert x.shape[0] <= 16
-    cfg = dict(config or (SKINNY_CONFIG_NARROW if weight.shape[0] <= 1024 else SKINNY_CONFIG))
-    return _launch(_skinny_gemm_kernel, (triton.cdiv(weight.shape[0], cfg["BLOCK_N"]),), x, weight, out, silu_mul,
-                   norm, add, BLOCK_M=16, **cfg)
+def skinny_linear_triton(x, weight, config=None, out=None):
+    """x (M, K) with M <= 16, weight (N, K), both contiguous -> (M, N) (into out, if given)."""
+    (M, K), N = x.shape, weight.shape[0]
+    assert M <= 16 and weight.shape[1] == K and x.is_contiguous() and weight.is_contiguous()
+    assert x.dtype == weight.dtype
+    cfg = dict(config or (SKINNY_CONFIG_NARROW if N <= 1024 else SKINNY_CONFIG))
+    out = torch.empty(M, N, dtype=x.dtype, device=x.device) if out is None else out
+    assert out.shape == (M, N) and out.is_contiguous() and out.dtype == x.dtype
+    _skinny_gemm_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](x, weight, out, M, N, K, BLOCK_M=16, **cfg)
+    return out
 
 
 # One token, K -> N, bf16, us per call (bench.py kernels: CUDA-graph replays, weights rotated past L2), H100:
@@ -263,21 +223,11 @@ def linear(x, weight, out=None):
     return linear_ref(x, weight, out=out)
 
 
-def _fused(x) -> bool:
-    """One to 16 tokens on the GPU: a GEMV or skinny GEMM that makes its input (norm, SiLU * up) and adds the
-    residual itself, so a small decode step has no separate norm, activation or add kernels."""
-    return x.shape[0] <= 16 and _use_triton(x) and x.is_contiguous()
-
-
-def _small(x, weight, **fused):
-    return (linear_triton if x.shape[0] == 1 else skinny_linear_triton)(x, weight, **fused)
-
-
 def norm_linear(x, residual, norm_w, eps, weight):
     """(linear(rms_norm(h), weight), h) with h = x + residual (x when residual is None): a norm and the
-    projection after it, in one kernel for up to 16 tokens (a small decode step is made of launches)."""
-    if _fused(x) and norm_w.dtype == x.dtype:
-        return _small(x, weight, norm=(residual, norm_w, eps))
+    projection after it. For one token one GEMV kernel does both (a lone decode step is made of launches)."""
+    if x.shape[0] == 1 and _use_triton(x) and norm_w.dtype == x.dtype:
+        return linear_triton(x, weight, norm=(residual, norm_w, eps))
     if residual is None:
         return linear(rms_norm(x, norm_w, eps), weight), x
     normed, residual = add_rms_norm(x, residual, norm_w, eps)
@@ -285,18 +235,17 @@ def norm_linear(x, residual, norm_w, eps, weight):
 
 
 def linear_add(x, weight, residual, silu_mul=False):
-    """(linear(x) + residual, None) where one kernel does the add after the product (up to 16 tokens: the
-    GEMV's or skinny GEMM's epilogue), else (linear(x), residual) for the norm after it to add (add_rms_norm),
-    so no path spends a launch on the add. silu_mul: x is gate_up, as in silu_mul_linear. residual None:
-    (linear(x), None)."""
-    if residual is not None and _fused(x):
-        return _small(x, weight, silu_mul=silu_mul, add=residual), None
+    """(linear(x) + residual, None) where one kernel does the add after the product (one token: the GEMV's
+    epilogue), else (linear(x), residual) for the norm after it to add (add_rms_norm), so no path spends a
+    launch on the add. silu_mul: x is gate_up, as in silu_mul_linear. residual None: (linear(x), None)."""
+    if residual is not None and x.shape[0] == 1 and _use_triton(x):
+        return linear_triton(x, weight, silu_mul=silu_mul, add=residual), None
     return (silu_mul_linear(x, weight) if silu_mul else linear(x, weight)), residual
 
 
 def silu_mul_linear(gate_up, weight):
-    """The MLP's down projection of silu(gate) * up. For up to 16 tokens a single kernel applies the activation
-    as it loads its input (one launch fewer per layer, which is what a small decode step is made of)."""
-    if _fused(gate_up):
-        return _small(gate_up, weight, silu_mul=True)
+    """The MLP's down projection of silu(gate) * up. For one token a single GEMV kernel applies the activation
+    as it loads its input (one launch fewer per layer, which is what a lone decode step is made of)."""
+    if gate_up.shape[0] == 1 and _use_triton(gate_up):
+        return linear_triton(gate_up, weight, silu_mul=True)
     return linear(silu_mul(gate_up), weight)
