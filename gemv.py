@@ -3,14 +3,16 @@
     y = gemv.linear(x, weight)                        # what model.Linear calls
     y, h = gemv.norm_linear(x, residual, norm_w, eps, weight)   # add + RMSNorm, then the projection
     y = gemv.silu_mul_linear(gate_up, weight)         # SiLU(gate) * up, then the down projection
+    h, _ = gemv.linear_add(x, weight, residual)       # the projection, then the residual add
 
 A lone decode step is all small matrix-vector products, where cuBLAS's GEMM kernels leave bandwidth unused, so
-one token goes through a Triton GEMV (`_gemv_kernel`), which can also make its input on the fly: the add +
-RMSNorm before it (one kernel instead of two) or the MLP's SiLU(gate) * up. From 2 to 16 tokens (small decode
-batches, speculative verify passes) a skinny GEMM (`_skinny_gemm_kernel`) reads each weight once for all rows
-of the tall projections (o, down), where cuBLAS splits K; beyond that, and on the CPU, cuBLAS / PyTorch
-(`linear_ref`, the definition). As in kernels.py: a reference, Triton kernels, dispatchers with their
-measured tables; QWEN3_KERNELS and programmatic dependent launch (`kernels.pdl`) apply here too.
+one token goes through a Triton GEMV (`_gemv_kernel`), which can also make its input on the fly (the RMSNorm
+before it, or the MLP's SiLU(gate) * up) and add the residual after it: a decoder layer's norms, activation
+and adds need no kernels of their own. From 2 to 16 tokens (small decode batches, speculative verify passes) a
+skinny GEMM (`_skinny_gemm_kernel`) reads each weight once for all rows of the tall projections (o, down),
+where cuBLAS splits K; beyond that, and on the CPU, cuBLAS / PyTorch (`linear_ref`, the definition). As in
+kernels.py: a reference, Triton kernels, dispatchers with their measured tables; QWEN3_KERNELS and programmatic
+dependent launch (`kernels.pdl`) apply here too.
 """
 import torch
 import torch.nn.functional as F
@@ -192,6 +194,11 @@ def _skinny_gemm_kernel(x_ptr, w_ptr, out_ptr, M, N, K, BLOCK_M: tl.constexpr, B
 #   8b lm_head 4096->151936| 297  / 299  | 353  / 347  | 288  / 292  | 286  / 289
 # (M = 4 and 16 alike.) cuBLAS is as fast on the wide projections (N > K); on the tall ones (o and down, where
 # it splits K and adds a reduce kernel) the skinny kernel wins by 3-55%: 16/512 up to N = 1024, 32/256 above.
+# Tried and dropped (2026-12-02): the skinny kernel making its input as the GEMV does (norm, SiLU * up) and adding
+# the residual, so 2-16 tokens would run six kernels per layer too. Every program then redoes the input for all
+# 16 (padded) token rows of the whole K: H200, M = 8, us per call: 0.6b o 2048->1024 plain 5.2, with the norm
+# 18.1, SiLU * up + add 51.2; 8b down 12288->4096 plain 30.3, norm 119.8, SiLU * up + add 250.0 (the add alone
+# +0.4-3). `bench.py decode-1`'s batch 8: qwen3-0.6b 1.30 -> 3.95 ms/step, qwen3-8b 5.19 -> 17.8 ms/step.
 SKINNY_CONFIG = dict(BLOCK_N=32, BLOCK_K=256, num_warps=4, num_stages=4)
 SKINNY_CONFIG_NARROW = dict(BLOCK_N=16, BLOCK_K=512, num_warps=4, num_stages=3)   # N <= 1024
 
