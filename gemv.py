@@ -132,6 +132,13 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, N, K, res_ptr, norm_w_ptr, res_out_ptr, 
 # The same run with the norm (qkv, gate_up) kept 8/1024/4: 8/512/4 was 0.8 us slower on 0.6b qkv (5.0 vs 4.2)
 # and 0.6 faster on its gate_up, 4/4096/8 and 8/4096/8 were slower on every shape. `bench.py decode-1`, 2/1024/4
 # -> 4/4096/8 in one command: qwen3-0.6b 0.85 -> 0.79 ms/token, qwen3-8b 4.65 -> 4.40 ms/token.
+# lm_head alone (H200, 2026-12-02, same harness), 1024 -> 151,936: 4/4096/8 92.2 us, 8/1024/8 87.9, 8/1024/4
+# 75.1, 16/1024/8 84.6; at 2,048 and 4,096 columns 4/4096/8 stays best (147.7, 286.3 us; 8/1024/4 154.2, 301.7).
+# Yet 8/1024/4 for qwen3-0.6b's lm_head left `bench.py decode-1` where it was (0.754 ms/token against 0.746-0.751
+# in four runs before), so one config serves every plain GEMV.
+# The norm GEMV again once o_proj and down_proj add the residual (linear_add; it reads h and the norm weight):
+# 8/1024/4 best or within 0.3 us on every shape (0.6b qkv 3.8 us, gate_up 5.7; 1.7b gate_up 13.9; 8b qkv 15.0,
+# gate_up 51.0) against 4/4096/8, 4/2048/8, 8/2048/8, 4/1024/4 and 8/512/4 (up to 1.7x slower on the 8b).
 GEMV_CONFIG = dict(BLOCK_N=4, BLOCK_K=4096, num_warps=8)
 NORM_GEMV_CONFIG = dict(BLOCK_N=8, BLOCK_K=1024, num_warps=4)
 
@@ -192,14 +199,18 @@ def _skinny_gemm_kernel(x_ptr, w_ptr, out_ptr, M, N, K, BLOCK_M: tl.constexpr, B
 #   8b gate_up 4096->24576 | 51.9 / 56.8 | 63.4 / 62.2 | 53.3 / 53.7 | 51.8 / 52.0
 #   8b down 12288->4096    | 31.6 / 31.8 | 32.9 / 32.6 | 29.8 / 29.8 | 38.1 / 38.2
 #   8b lm_head 4096->151936| 297  / 299  | 353  / 347  | 288  / 292  | 286  / 289
-# (M = 4 and 16 alike.) cuBLAS is as fast on the wide projections (N > K); on the tall ones (o and down, where
-# it splits K and adds a reduce kernel) the skinny kernel wins by 3-55%: 16/512 up to N = 1024, 32/256 above.
+# (M = 4 and 16 alike.) cuBLAS is about as fast on the wide projections (N > K); on the tall ones (o and down,
+# where it splits K and adds a reduce kernel) the skinny kernel wins by 3-55%: 16/512 up to N = 1024, 32/256
+# above. The skinny kernel takes the wide ones too (not lm_head), since it launches with PDL and cuBLAS breaks
+# the chain: `bench.py decode-1`'s batch 8 (H200, 2026-12-02), cuBLAS -> skinny for qkv and gate_up: qwen3-8b
+# 5.09-5.19 -> 4.92 ms/step, qwen3-0.6b 1.30 -> 1.31.
 # Tried and dropped (2026-12-02): the skinny kernel making its input as the GEMV does (norm, SiLU * up) and adding
 # the residual, so 2-16 tokens would run six kernels per layer too. Every program then redoes the input for all
 # 16 (padded) token rows of the whole K: H200, M = 8, us per call: 0.6b o 2048->1024 plain 5.2, with the norm
 # 18.1, SiLU * up + add 51.2; 8b down 12288->4096 plain 30.3, norm 119.8, SiLU * up + add 250.0 (the add alone
 # +0.4-3). `bench.py decode-1`'s batch 8: qwen3-0.6b 1.30 -> 3.95 ms/step, qwen3-8b 5.19 -> 17.8 ms/step.
 SKINNY_CONFIG = dict(BLOCK_N=32, BLOCK_K=256, num_warps=4, num_stages=4)
+SKINNY_MAX_N = 32768                                   # wider (lm_head, 151,936 rows): cuBLAS
 SKINNY_CONFIG_NARROW = dict(BLOCK_N=16, BLOCK_K=512, num_warps=4, num_stages=3)   # N <= 1024
 
 
@@ -225,8 +236,8 @@ def skinny_linear_triton(x, weight, config=None, out=None):
 def linear(x, weight, out=None):
     if x.shape[0] == 1 and _use_triton(x):
         return linear_triton(x, weight, out=out)
-    if 2 <= x.shape[0] <= 16 and weight.shape[0] <= weight.shape[1] and _use_triton(x) and x.is_contiguous():
-        return skinny_linear_triton(x, weight, out=out)          # 2..16 tokens, a tall projection (table above)
+    if 2 <= x.shape[0] <= 16 and weight.shape[0] <= SKINNY_MAX_N and _use_triton(x) and x.is_contiguous():
+        return skinny_linear_triton(x, weight, out=out)          # 2..16 tokens, any projection but lm_head
     return linear_ref(x, weight, out=out)
 
 
