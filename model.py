@@ -128,6 +128,9 @@ class AttnMeta:
     is_decode: bool                # every sequence has exactly one new token (decode kernel, CUDA graphs)
     max_seqlen_q: int = 1          # longest new-token run in the batch (grid size of the prefill kernel)
     shared_prefix: attention.SharedPrefix | None = None   # decode: blocks many rows share, attended once (cascade)
+    # decode rows that are several tokens of one sequence (speculate.forward_tokens): a row attends to the K/V
+    # other rows of the same pass write, so all are stored before any row attends (not the fused decode kernel)
+    one_seq_rows: bool = False
 
 
 class RMSNorm(nn.Module):
@@ -173,7 +176,7 @@ class Attention(nn.Module):
         args = (qkv, self.q_norm.weight, self.k_norm.weight, cos_sin, positions, k_cache, v_cache, meta.slot_mapping,
                 self.n_heads, self.n_kv_heads, self.eps)
         scale = self.head_dim ** -0.5
-        if meta.is_decode and meta.shared_prefix is None:         # all that and attention in one kernel
+        if meta.is_decode and meta.shared_prefix is None and not meta.one_seq_rows:   # all that and attention at once
             o = attention.decode_attention_qkv(*args, meta.block_tables, meta.context_lens, scale)
         elif meta.is_decode:
             o = attention.decode_attention(kernels.qk_norm_rope_store(*args), k_cache, v_cache, meta.block_tables,

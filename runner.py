@@ -55,21 +55,23 @@ class Runner:
 
     def capture(self, max_blocks: int):
         self.send("capture", max_blocks)
-        self.graphs = DecodeGraphs(self.model, self.kv_cache, self.last_tokens, self.args.max_num_seqs, max_blocks)
+        self.graphs = DecodeGraphs(self.model, self.kv_cache, self.last_tokens, self.args.max_num_seqs, max_blocks,
+                                   one_seq_rows=self.args.speculative_method is not None)
 
-    def forward(self, ids, pending, cu, ctx, tables, logits_idx, max_seqlen_q: int, is_decode: bool) -> torch.Tensor:
+    def forward(self, ids, pending, cu, ctx, tables, logits_idx, max_seqlen_q: int, is_decode: bool,
+                one_seq_rows: bool = False) -> torch.Tensor:
         """The forward pass of a batch that is not replayed from a graph: inputs through pinned memory (a copy
         from pageable memory would first wait for the GPU to go idle); returns (and keeps, for `logits`) the
         hidden states of the rows in logits_idx. pending: (packed row, last_tokens row) of each input token
-        still on the device."""
-        self.send("forward", ids, pending, cu, ctx, tables, logits_idx, max_seqlen_q, is_decode)
+        still on the device. one_seq_rows: see AttnMeta."""
+        self.send("forward", ids, pending, cu, ctx, tables, logits_idx, max_seqlen_q, is_decode, one_seq_rows)
         pin = self.device.type == "cuda"
         t = lambda xs, dt: (host_tensor(xs, dt).pin_memory() if pin else host_tensor(xs, dt)).to(
             self.device, non_blocking=True)
         meta = AttnMeta(cu_seqlens_q=t(cu, torch.int32), context_lens=t(ctx, torch.int32),
                         block_tables=t([b for row in tables for b in row], torch.int32).view(len(tables), -1),
                         slot_mapping=None, logits_indices=t(logits_idx, torch.int64), is_decode=is_decode,
-                        max_seqlen_q=max_seqlen_q)
+                        max_seqlen_q=max_seqlen_q, one_seq_rows=one_seq_rows)
         pos, meta.slot_mapping = positions_and_slots(meta.cu_seqlens_q, meta.context_lens, meta.block_tables,
                                                      self.args.block_size, len(ids))
         if is_decode and len(tables) >= attention.CASCADE_MIN_BATCH and shares_first_block(tables):
@@ -87,16 +89,16 @@ class Runner:
         self.send("logits", start, stop)
         return self.model.compute_logits(self.hidden[start:stop])
 
-    def decode(self, ids, pending, ctx, tables, shared: bool) -> torch.Tensor:
+    def decode(self, ids, pending, ctx, tables, shared: bool, one_seq_rows: bool = False) -> torch.Tensor:
         """A decode batch through its CUDA graph: (len(ids), vocab) logits (a view of the graphs' buffer)."""
-        return self.replay(*self.graphs.prepare(ids, pending, ctx, tables, shared))
+        return self.replay(*self.graphs.prepare(ids, pending, ctx, tables, shared, one_seq_rows))
 
-    def decode_rows(self, ids, pending, ctx, tables, shared: bool) -> torch.Tensor:
+    def decode_rows(self, ids, pending, ctx, tables, shared: bool, one_seq_rows: bool = False) -> torch.Tensor:
         """A decode batch through its CUDA graph when one holds it, else eagerly: (len(ids), vocab) logits."""
         if self.graphs is not None and len(ids) <= self.graphs.max_batch:
-            return self.decode(ids, pending, ctx, tables, shared)
+            return self.decode(ids, pending, ctx, tables, shared, one_seq_rows)
         n = len(ids)
-        self.forward(ids, pending, list(range(n + 1)), ctx, tables, list(range(n)), 1, True)
+        self.forward(ids, pending, list(range(n + 1)), ctx, tables, list(range(n)), 1, True, one_seq_rows)
         return self.logits(0, n)
 
     def replay(self, key: tuple, n: int, i64: array.array, i32: array.array) -> torch.Tensor:
@@ -237,10 +239,13 @@ class DecodeGraphs:
     Decode attention splits each context into slices by the table width, so the short graphs give a short
     context one 64-token tile per slice instead of several in a row (decode-1 on qwen3-0.6b, H100: 1.29 ->
     1.09 ms/token). From attention.CASCADE_MIN_BATCH rows on, each is captured once more with cascade attention
-    (a shared prefix read once for all the rows that hold it), replayed when rows share their first block."""
+    (a shared prefix read once for all the rows that hold it), replayed when rows share their first block. With
+    one_seq_rows (speculative decoding), sizes up to attention.FUSED_MAX_BATCH are captured once more without the
+    fused decode kernel, for passes whose rows are several tokens of one sequence (AttnMeta.one_seq_rows)."""
     SHORT_CONTEXT = 2048
 
-    def __init__(self, model, kv_cache, last_tokens, max_batch: int, max_blocks: int, sizes: list[int] | None = None):
+    def __init__(self, model, kv_cache, last_tokens, max_batch: int, max_blocks: int, sizes: list[int] | None = None,
+                 one_seq_rows: bool = False):
         """sizes: the batch sizes to capture (default: the ladder up to max_batch)."""
         self.sizes = sorted({1, 2, 4, 8, *range(16, max_batch + 16, 16)})
         self.sizes = sizes or [b for b in self.sizes if b < max_batch] + [max_batch]
@@ -266,9 +271,11 @@ class DecodeGraphs:
         self.block_size = block_size = kv_cache.shape[3]
         for b in reversed(self.sizes):          # largest first, so smaller graphs reuse its memory pool
             for width in sorted({max_blocks, self.short_blocks}):
-                for cascade in (False, True) if b >= attention.CASCADE_MIN_BATCH else (False,):
+                kinds = [(False, False)] + [(True, False)] * (b >= attention.CASCADE_MIN_BATCH) + \
+                    [(False, True)] * (one_seq_rows and b <= attention.FUSED_MAX_BATCH)
+                for cascade, seq_rows in kinds:
                     meta = AttnMeta(self.cu[:b + 1], self.ctx[:b], self.tables[:b, :width], self.slots[:b],
-                                    self.rows[:b], is_decode=True, max_seqlen_q=1)
+                                    self.rows[:b], is_decode=True, max_seqlen_q=1, one_seq_rows=seq_rows)
                     def run():                  # everything in here is captured: no extra launches per step
                         self.ctx[:b].copy_(self.i32[:b, 0])
                         if cascade:
@@ -282,11 +289,11 @@ class DecodeGraphs:
                         with torch.cuda.graph(g, pool=pool):
                             run()
                     pool = g.pool()
-                    self.graphs[b, width, cascade] = g
+                    self.graphs[b, width, cascade, seq_rows] = g
         self.pool = pool                        # the sampler's graphs share it
         torch.cuda.synchronize()
 
-    def prepare(self, ids, pending, ctx, tables, shared: bool) -> tuple:
+    def prepare(self, ids, pending, ctx, tables, shared: bool, one_seq_rows: bool = False) -> tuple:
         """A decode batch's inputs as two flat host arrays (int64 and int32) and the key of its graph."""
         n = len(ids)
         b = next(s for s in self.sizes if s >= n)
@@ -305,7 +312,10 @@ class DecodeGraphs:
         pad = [0] * (b - n)
         rows += ([1] + [0] * w) * (b - n)                # padding rows: one token of context, in block 0
         width = self.short_blocks if w <= self.short_blocks else self.tables.shape[1]
-        return (b, width, shared), n, array.array("q", ids + pad + pos + pad + slots + pad + gather), array.array("i", rows)
+        seq_rows = one_seq_rows and not shared and b <= attention.FUSED_MAX_BATCH   # cascade is never fused
+        assert not seq_rows or (b, width, False, True) in self.graphs, "captured without one_seq_rows"
+        key = (b, width, shared, seq_rows)
+        return key, n, array.array("q", ids + pad + pos + pad + slots + pad + gather), array.array("i", rows)
 
     def replay(self, key: tuple, n: int, i64: array.array, i32: array.array) -> torch.Tensor:
         """Two host-to-device copies (the int64 inputs in one, the int32 metadata in the other), one replay."""

@@ -725,6 +725,26 @@ def test_speculation_pauses_failing_drafts(ckpt):
     assert_no_leak(llm)
 
 
+def test_speculation_verify_rows_not_fused(ckpt, monkeypatch):
+    """A verify pass runs its tokens as decode rows of one sequence; those must not take the fused decode kernel
+    (it stores each row's K/V while other rows of the pass already attend: AttnMeta.one_seq_rows). Plain decode
+    steps still do."""
+    import model as model_mod
+    path, hf = ckpt
+    llm = engine(path, speculative_method="ngram", num_speculative_tokens=3)
+    llm.speculator.min_accepted = 0.0
+    seen, fwd = [], model_mod.Attention.forward
+    monkeypatch.setattr(model_mod.Attention, "forward", lambda self, qkv, pos, meta, *a: seen.append(
+        (meta.is_decode, qkv.shape[0], meta.one_seq_rows)) or fwd(self, qkv, pos, meta, *a))
+    prompt = llm.tokenizer.encode(PROMPTS[1])
+    assert llm.generate([prompt], greedy(max_tokens=30, ignore_eos=True))[0].token_ids == hf_greedy(hf, prompt, 30)
+    llm.generate([prompt], greedy(max_tokens=4, ignore_eos=True, speculative=False))
+    verify = [s for s in seen if s[0] and s[1] > 1]                 # one sequence: several rows are a verify pass
+    assert verify and all(rows_of_one for _, _, rows_of_one in verify)
+    assert any(dec and n == 1 and not rows_of_one for dec, n, rows_of_one in seen)
+    assert_no_leak(llm)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Triton kernels vs their PyTorch references, on the CPU through the Triton interpreter. fp32 and fp16 only:
 # the interpreter's tl.dot on bf16 inputs is wrong on this CPU (bench.py kernels checks bf16 on the GPU).
