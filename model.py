@@ -188,11 +188,13 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
+    """The dense MLP's weights. DecoderLayer runs gate_up_proj with the norm before it, and down_proj on
+    silu(gate) * up with the residual add after it."""
+
     def __init__(self, cfg: Config):
         super().__init__()
         self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size)   # gate rows first
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size)
-    # DecoderLayer runs gate_up_proj with the norm before it and down_proj(silu(gate) * up) with the residual add
 
 
 # The residual stream is carried as (x, residual), meaning x + residual (residual None: x alone), so that each
