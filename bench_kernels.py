@@ -135,24 +135,32 @@ def bench_kernels(copy_gbps: float, matmul_tflops: float, device="cuda", dtype=t
         add("linear (1 token)", f"{name} {K}->{Nw}", lambda: (rnd(1, K), rnd(Nw, K) / K ** 0.5),
             gemv.linear_triton, gemv.linear_ref, gemv.linear, "gemv.linear_triton", Nw * K * elt, "GB/s")
 
-    # 2..16 tokens through the tall projections (small decode batches, verify passes): the skinny kernel
-    for name, (K, Nw) in {"0.6b o": (2048, 1024), "0.6b down": (3072, 1024), "8b o": (4096, 4096),
-                          "8b down": (12288, 4096)}.items():
+    # 2..16 tokens through the projections (small decode batches, verify passes): the skinny kernel
+    for name, (K, Nw) in {"0.6b qkv": (1024, 4096), "0.6b o": (2048, 1024), "0.6b down": (3072, 1024),
+                          "8b o": (4096, 4096), "8b gate_up": (4096, 24576), "8b down": (12288, 4096)}.items():
         for M in (2, 8, 16):
             add("linear (2-16 tokens)", f"{name} {M}x{K}->{Nw}", lambda: (rnd(M, K), rnd(Nw, K) / K ** 0.5),
                 gemv.skinny_linear_triton, gemv.linear_ref, gemv.linear, "gemv.skinny_linear_triton",
                 Nw * K * elt, "GB/s")
 
-    # one token's add + RMSNorm and the projection after it, in one kernel (gemv.norm_linear)
+    # one token's RMSNorm and the projection after it, in one kernel (gemv.norm_linear; the residual was added by
+    # the projection before, gemv.linear_add)
     for name, (K, Nw) in {"0.6b qkv": (1024, 4096), "0.6b gate_up": (1024, 6144), "8b qkv": (4096, 6144),
                           "8b gate_up": (4096, 24576)}.items():
         nw = 1 + 0.1 * rnd(K)
-        def ref(x, r, w):
-            normed, h = kernels.add_rms_norm_ref(x, r, nw, eps)
-            return gemv.linear_ref(normed, w), h
-        add("norm + linear (1 token)", f"{name} {K}->{Nw}", lambda: (rnd(1, K), rnd(1, K), rnd(Nw, K) / K ** 0.5),
-            lambda x, r, w: gemv.linear_triton(x, w, norm=(r, nw, eps)), ref,
-            lambda x, r, w: gemv.norm_linear(x, r, nw, eps, w), "gemv.linear_triton", Nw * K * elt, "GB/s")
+        add("norm + linear (1 token)", f"{name} {K}->{Nw}", lambda: (rnd(1, K), rnd(Nw, K) / K ** 0.5),
+            lambda x, w: gemv.linear_triton(x, w, norm=(None, nw, eps)),
+            lambda x, w: (gemv.linear_ref(kernels.rms_norm_ref(x, nw, eps), w), x),
+            lambda x, w: gemv.norm_linear(x, None, nw, eps, w), "gemv.linear_triton", Nw * K * elt, "GB/s")
+
+    # one token's projection and the residual add after it, in one kernel (gemv.linear_add: o_proj, down_proj)
+    for name, (K, Nw, silu) in {"0.6b o": (2048, 1024, False), "0.6b down": (3072, 1024, True),
+                                "8b o": (4096, 4096, False), "8b down": (12288, 4096, True)}.items():
+        mk = lambda: (rnd(1, 2 * K if silu else K), rnd(Nw, K) / K ** 0.5, rnd(1, Nw))
+        add("linear + add (1 token)", f"{name} {K}->{Nw}", mk,
+            lambda x, w, r: gemv.linear_triton(x, w, silu_mul=silu, add=r),
+            lambda x, w, r: gemv.linear_ref(kernels.silu_mul_ref(x) if silu else x, w) + r,
+            lambda x, w, r: gemv.linear_add(x, w, r, silu_mul=silu)[0], "gemv.linear_triton", Nw * K * elt, "GB/s")
 
     # SiLU * up, qwen3-8b intermediate 12288: read 2*I, write I per token
     I = 12288
