@@ -480,6 +480,10 @@ def run_spec(b: Bench):
                 st = {k: v - before[k] for k, v in spec.stats().items()}
                 ms = 1e3 * seconds / w.decode_tokens
                 measured = st["spec_accepted_tokens"] / max(1, st["spec_draft_tokens"])
+                if kept == 1.0 and measured < 0.9:         # drafts equal to its own tokens: the target disagreed
+                    print(f"warning: B={B} K={K}: only {measured:.0%} of the target's own continuation was kept; "
+                          f"its verify pass does not reproduce its own tokens (a race, or rows computed "
+                          f"differently)", file=sys.stderr)
                 per_step = 1 + st["spec_accepted_tokens"] / max(1, st["spec_verified_seqs"])
                 label = (f"spec B={B} K={K} drafts kept {kept:.0%}" + (", pausing" if pausing else "")
                          + (f", draft model {b.eargs.speculative_model}" if draft else ""))
