@@ -9,9 +9,8 @@ Modes: offline (256 requests at once), decode-1 (one request, ms/token; and 8 at
 tokens, one forward), prefix (64 requests sharing a 2,000-token prefix, prefix cache on vs off, each after an untimed
 pass with another prefix), serve (serve.py on loopback, N streaming clients), kernels (bench_kernels.py's table,
 after a profiler timeline of a decode step at batch 1 and 8: each kernel's time per step, the GPU's busy time and
-the gaps),
-allreduce (with --tensor-parallel-size: all-reduce time and bus bandwidth at decode and prefill sizes), spec
-(speculative decoding at chosen acceptance rates), accuracy (top-1 agreement and logit error against transformers
+the gaps), allreduce (with --tensor-parallel-size: all-reduce time and bus bandwidth at decode and prefill
+sizes), spec (speculative decoding at chosen acceptance rates), accuracy (top-1 agreement and logit error against transformers
 in fp32, for our engine, with FP8 weights, with an FP8 KV cache, and transformers in the run's dtype beside them).
 It prints a table (result, floor, result/floor, peer, ours/peer), a one-line summary, and writes everything to
 --out (results.json).
@@ -410,11 +409,12 @@ def run_decode1(b: Bench):
     r = run_requests(llm, prompt, [w.decode_tokens], {"temperature": 0.0}, "decode-1")
     ms = 1e3 * (r["seconds"] - r["first_token_s"]) / (w.decode_tokens - 1)   # decode steps only, not the prefill
     floor_ms = 1e3 * weight_bytes(b.cfg, b.dtype.itemsize) / b.bandwidth
-    # batch 8 beside it (issue 13 asks for <= 1.2x decode-1): 8 such requests, ms per decode step of all 8
+    # batch 8 beside it (issue 13 asks for <= 1.2x decode-1): 8 such requests, ms per decode step of all 8; its
+    # floor counts the experts 8 tokens route to (MoE)
     r8 = run_requests(llm, random_prompts(8, w.decode_prompt, b.cfg.vocab_size, seed=2), [w.decode_tokens] * 8,
                       {"temperature": 0.0}, "decode-8")
     ms8 = 1e3 * (r8["stamps"][-1] - r8["stamps"][0]) / (len(r8["stamps"]) - 1)
-    floor8_ms = 1e3 * weight_bytes(b.cfg, b.dtype.itemsize, experts_read(b.cfg, 8) or None) / b.bandwidth   # MoE: more experts
+    floor8_ms = 1e3 * weight_bytes(b.cfg, b.dtype.itemsize, experts_read(b.cfg, 8) or None) / b.bandwidth
     return ([row("decode-1", 1e3 / ms, 1e3 / floor_ms, f"{ms:.2f} ms/token (floor {floor_ms:.2f} ms)",
                  peer_of="decode-1"),
              row("decode-8", 8e3 / ms8, 8e3 / floor8_ms, f"{ms8:.2f} ms/step of 8 tokens (floor {floor8_ms:.2f} ms), "

@@ -9,8 +9,8 @@ A lone decode step is all small matrix-vector products, where cuBLAS's GEMM kern
 one token goes through a Triton GEMV (`_gemv_kernel`), which can also make its input on the fly (the RMSNorm
 before it, or the MLP's SiLU(gate) * up) and add the residual after it: a decoder layer's norms, activation
 and adds need no kernels of their own. From 2 to 16 tokens (small decode batches, speculative verify passes) a
-skinny GEMM (`_skinny_gemm_kernel`) reads each weight once for all rows of the tall projections (o, down),
-where cuBLAS splits K; beyond that, and on the CPU, cuBLAS / PyTorch (`linear_ref`, the definition). As in
+skinny GEMM (`_skinny_gemm_kernel`) reads each weight once for all rows of every projection but lm_head;
+beyond that, and on the CPU, cuBLAS / PyTorch (`linear_ref`, the definition). As in
 kernels.py: a reference, Triton kernels, dispatchers with their measured tables; QWEN3_KERNELS and programmatic
 dependent launch (`kernels.pdl`) apply here too.
 """
@@ -163,7 +163,7 @@ def linear_triton(x, weight, config=None, silu_mul=False, out=None, norm=None, a
             assert res.shape == x.shape and res.dtype == x.dtype and res.is_contiguous()
             res_out = torch.empty_like(x)
     if add is not None:
-        assert add.shape == (1, N) and add.dtype == x.dtype and add.is_contiguous() and add.data_ptr() != out.data_ptr()
+        assert add.shape == (1, N) and add.dtype == x.dtype and add.is_contiguous()
     _gemv_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](x, weight, out, N, K, res, norm_w, res_out, eps, add,
                                                     SILU_MUL=silu_mul, NORM=norm is not None,
                                                     HAS_RES=res is not None, ADD=add is not None, **cfg, **pdl(x))
@@ -210,8 +210,8 @@ def _skinny_gemm_kernel(x_ptr, w_ptr, out_ptr, M, N, K, BLOCK_M: tl.constexpr, B
 # 18.1, SiLU * up + add 51.2; 8b down 12288->4096 plain 30.3, norm 119.8, SiLU * up + add 250.0 (the add alone
 # +0.4-3). `bench.py decode-1`'s batch 8: qwen3-0.6b 1.30 -> 3.95 ms/step, qwen3-8b 5.19 -> 17.8 ms/step.
 SKINNY_CONFIG = dict(BLOCK_N=32, BLOCK_K=256, num_warps=4, num_stages=4)
-SKINNY_MAX_N = 32768                                   # wider (lm_head, 151,936 rows): cuBLAS
 SKINNY_CONFIG_NARROW = dict(BLOCK_N=16, BLOCK_K=512, num_warps=4, num_stages=3)   # N <= 1024
+SKINNY_MAX_N = 32768                                   # wider (lm_head, 151,936 rows): cuBLAS
 
 
 def skinny_linear_triton(x, weight, config=None, out=None):

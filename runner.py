@@ -271,8 +271,11 @@ class DecodeGraphs:
         self.block_size = block_size = kv_cache.shape[3]
         for b in reversed(self.sizes):          # largest first, so smaller graphs reuse its memory pool
             for width in sorted({max_blocks, self.short_blocks}):
-                kinds = [(False, False)] + [(True, False)] * (b >= attention.CASCADE_MIN_BATCH) + \
-                    [(False, True)] * (one_seq_rows and b <= attention.FUSED_MAX_BATCH)
+                kinds = [(False, False)]                     # (cascade, one_seq_rows)
+                if b >= attention.CASCADE_MIN_BATCH:
+                    kinds.append((True, False))
+                if one_seq_rows and b <= attention.FUSED_MAX_BATCH:
+                    kinds.append((False, True))
                 for cascade, seq_rows in kinds:
                     meta = AttnMeta(self.cu[:b + 1], self.ctx[:b], self.tables[:b, :width], self.slots[:b],
                                     self.rows[:b], is_decode=True, max_seqlen_q=1, one_seq_rows=seq_rows)
@@ -313,9 +316,8 @@ class DecodeGraphs:
         rows += ([1] + [0] * w) * (b - n)                # padding rows: one token of context, in block 0
         width = self.short_blocks if w <= self.short_blocks else self.tables.shape[1]
         seq_rows = one_seq_rows and not shared and b <= attention.FUSED_MAX_BATCH   # cascade is never fused
-        assert not seq_rows or (b, width, False, True) in self.graphs, "captured without one_seq_rows"
-        key = (b, width, shared, seq_rows)
-        return key, n, array.array("q", ids + pad + pos + pad + slots + pad + gather), array.array("i", rows)
+        i64 = array.array("q", ids + pad + pos + pad + slots + pad + gather)
+        return (b, width, shared, seq_rows), n, i64, array.array("i", rows)
 
     def replay(self, key: tuple, n: int, i64: array.array, i32: array.array) -> torch.Tensor:
         """Two host-to-device copies (the int64 inputs in one, the int32 metadata in the other), one replay."""
