@@ -17,7 +17,7 @@ On the GPU four steps run, none of which waits for the host (so decode runs insi
      A tile of padding (blocks past the last expert's run) exits before it loads anything, so a decode step
      reads only the experts its tokens were routed to.
      A few pairs (a lone decode: k of them) skip steps 2-3's sorting: `_expert_gemv_kernel` streams each pair's
-     expert rows as a matrix-vector product, one launch for gate/up and one for down.
+     expert rows as a matrix-vector product, one launch for gate/up and one for down, which also does step 4.
   4. the k rows of each token summed.
 (This is the design of vLLM's fused-MoE kernel: one grouped GEMM over tokens sorted by expert.)
 
@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 import gemv
 import quant
-from kernels import _use_triton, tl, triton
+from kernels import _use_triton, pdl, tl, triton
 from quant import _block_scales
 
 
@@ -108,9 +108,12 @@ def moe_ref(x, gate_up, down, weights, ids, gate_up_scales=None, down_scales=Non
 
 @triton.jit
 def _route_kernel(logits_ptr, w_ptr, id_ptr, E, TOP_K: tl.constexpr, RENORM: tl.constexpr,
-                  BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
+                  BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, USE_GDC: tl.constexpr = False):
     """One program per token: softmax over its E logits, then k rounds of "take the largest, mask it out"
     (the lowest index wins a tie, as torch.topk does in practice)."""
+    if USE_GDC:                                        # programmatic dependent launch: see kernels.pdl
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK_E)
     x = tl.load(logits_ptr + row * E + offs, mask=offs < E, other=float("-inf")).to(tl.float32)
@@ -138,7 +141,7 @@ def route_triton(logits: torch.Tensor, top_k: int, renormalize: bool):
     ids = torch.empty(T, top_k, dtype=torch.int64, device=logits.device)
     if T:
         _route_kernel[(T,)](logits.contiguous(), weights, ids, E, TOP_K=top_k, RENORM=renormalize,
-                            BLOCK_E=triton.next_power_of_2(E), BLOCK_K=triton.next_power_of_2(top_k))
+                            BLOCK_E=triton.next_power_of_2(E), BLOCK_K=triton.next_power_of_2(top_k), **pdl(logits))
     return weights, ids
 
 
@@ -220,41 +223,57 @@ def _expert_gemm_kernel(a_ptr, w_ptr, s_ptr, out_ptr, pairs_ptr, block_expert_pt
 
 @triton.jit
 def _expert_gemv_kernel(a_ptr, w_ptr, s_ptr, out_ptr, ids_ptr, weights_ptr, N, K, KB, stride_a, stride_we,
-                        stride_se, A_ROWS_PER_PAIR: tl.constexpr, GATE_UP: tl.constexpr, WEIGHTED: tl.constexpr,
-                        SCALED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The few-token path (a lone decode): program (p, n) multiplies pair p's input row by rows n of its own
-    expert's weight, no sorting and no tiles of padding. Two pairs on one expert read it twice, which costs
-    less than aligning while pairs are few (table at moe_config). Same GATE_UP / WEIGHTED meaning as above;
-    products pile up in an fp32 (BLOCK_N, BLOCK_K) tile reduced once, as gemv._gemv_kernel does. SCALED: FP8
-    weights; each column's scale is that of its 128-column block (BLOCK_K a multiple of 128, or a divisor)."""
-    pair = tl.program_id(0)
-    e = tl.load(ids_ptr + pair).to(tl.int64)
-    rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = rows < N
-    a_row = a_ptr + (pair // A_ROWS_PER_PAIR) * stride_a
-    w_rows = w_ptr + e * stride_we + rows[:, None].to(tl.int64) * K
-    s_rows = s_ptr + e * stride_se + rows[:, None] * KB                                      # (BLOCK_N, 1)
-    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    acc_up = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+                        stride_se, PAIRS: tl.constexpr, PAIRS_P2: tl.constexpr, A_ROWS_PER_PAIR: tl.constexpr,
+                        GATE_UP: tl.constexpr, SCALED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        USE_GDC: tl.constexpr = False):
+    """The few-token path (a lone decode): program (p, n) multiplies input rows by rows n of their experts'
+    weights, no sorting and no tiles of padding. Two pairs on one expert read it twice, which costs less than
+    aligning while pairs are few (table at moe_config). Products pile up in an fp32 tile reduced once, as
+    gemv._gemv_kernel does.
+    GATE_UP (PAIRS = 1): p is a pair; its token's row (A_ROWS_PER_PAIR = k pairs per token) times the expert's
+    gate and up rows, silu(gate) * up out. Otherwise (down, PAIRS = k): p is a token, and the program's tile
+    holds rows n of all k experts of its pairs (PAIRS_P2 * BLOCK_N rows: every expert's chunk in flight at
+    once), each times its pair's input scaled by the routing weight, so the weighted sum over the experts comes
+    out of one accumulator (no (T*k, H) rows, no summing kernel). SCALED: FP8 weights; each column's scale is
+    that of its 128-column block (BLOCK_K a multiple of 128, or a divisor).
+    USE_GDC (see kernels.pdl): launched early; nothing is loaded before the wait, since the router's output
+    names the expert whose weights are read."""
+    if USE_GDC:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
+    R: tl.constexpr = PAIRS_P2 * BLOCK_N
+    r = tl.arange(0, R)                                # tile row r: pair r // BLOCK_N, weight row n0 + r % BLOCK_N
+    j = r // BLOCK_N
+    rows = tl.program_id(1) * BLOCK_N + r % BLOCK_N
+    row_mask = (rows < N) & (j < PAIRS)
+    pair = tl.program_id(0) * PAIRS + j                                                  # (R,)
+    e = tl.load(ids_ptr + pair, mask=row_mask, other=0).to(tl.int64)
+    a_rows = a_ptr + (pair // A_ROWS_PER_PAIR).to(tl.int64)[:, None] * stride_a          # (R, 1)
+    w_rows = w_ptr + e[:, None] * stride_we + rows[:, None].to(tl.int64) * K
+    s_rows = s_ptr + e[:, None] * stride_se + rows[:, None] * KB
+    route_w = 1.0
+    if not GATE_UP:
+        route_w = tl.load(weights_ptr + pair, mask=row_mask, other=0.0).to(tl.float32)[:, None]
+    acc = tl.zeros((R, BLOCK_K), dtype=tl.float32)
+    acc_up = tl.zeros((R, BLOCK_K), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         mask = row_mask[:, None] & (cols < K)[None, :]
-        x = tl.load(a_row + cols, mask=cols < K, other=0.0).to(tl.float32)[None, :]
+        x = tl.load(a_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32) * route_w   # (R, BLOCK_K), L1 hits
         xg = x
-        if SCALED:                             # the scale rides on x: (BLOCK_N, BLOCK_K), per row and block
-            xg = x * _block_scales(s_rows, k0, KB, row_mask, BLOCK_N, BLOCK_K)
+        if SCALED:                             # the scale rides on x, per row and 128-column block
+            xg = x * _block_scales(s_rows, k0, KB, row_mask, R, BLOCK_K)
         acc += tl.load(w_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32) * xg
         if GATE_UP:
             xu = x
             if SCALED:
-                xu = x * _block_scales(s_rows + N * KB, k0, KB, row_mask, BLOCK_N, BLOCK_K)
+                xu = x * _block_scales(s_rows + N * KB, k0, KB, row_mask, R, BLOCK_K)
             acc_up += tl.load(w_rows + N * K + cols[None, :], mask=mask, other=0.0).to(tl.float32) * xu
-    y = tl.sum(acc, axis=1)
+    y = tl.sum(tl.reshape(tl.sum(acc, axis=1), (PAIRS_P2, BLOCK_N)), axis=0)                 # (BLOCK_N,)
     if GATE_UP:
         y = y / (1.0 + tl.exp(-y)) * tl.sum(acc_up, axis=1)
-    if WEIGHTED:
-        y = y * tl.load(weights_ptr + pair).to(tl.float32)
-    tl.store(out_ptr + pair * N + rows, y.to(out_ptr.dtype.element_ty), mask=row_mask)
+    out_rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    tl.store(out_ptr + tl.program_id(0) * N + out_rows, y.to(out_ptr.dtype.element_ty), mask=out_rows < N)
 
 
 # ms per fused MoE call, E=128, k=8, bf16, H200 (bench.py kernels; graph replays, weights past L2):
@@ -266,10 +285,20 @@ def _expert_gemv_kernel(a_ptr, w_ptr, s_ptr, out_ptr, ids_ptr, weights_ptr, N, K
 # "sorted" at each size is the best of a sweep of tiles (BLOCK_M 16-128, BLOCK_N 64-256, BLOCK_K 64-128, 4-8
 # warps, 3-4 stages); the tiles below are those winners (within 5%). At 2048 pairs 64x128x64 gave 0.416 / 1.358,
 # at 16384 and 65536 it gave 0.780 / 2.104 (30b) and 2.644 / 7.873 (235b).
-# Longer chunks for the few-token path (as gemv.GEMV_CONFIG now reads), H200, 2026-12-02, time against 4/512/4 in
-# geometric mean over 30b-a3b and 235b, bf16 and FP8 experts, 1/2/4 tokens: 4/1024/4 1.04x (bf16 alone 0.93-0.97x,
-# FP8 1.09-1.18x), 2/1024/4 1.08x, 2/2048/4 1.24x, 4/2048/4 1.37x, 8/1024/8 1.26x. Unlike the dense GEMV, no weight
-# can be loaded before the wait for the router (it names the expert), so long chunks only lengthen each program.
+# The few-token path, H200, 2026-12-02, us per fused call (graph replays of PDL launches, weights past L2), before
+# -> after (gate/up 1/1024/4, i.e. BLOCK_N/BLOCK_K/warps; down summing a token's k experts in one tile of k rows,
+# 1/128/4; PDL; no summing kernel). Before: 4/512/4 for both, one down program per pair, then a torch sum:
+#   tokens        |      1       |       2       |       4
+#   30b-a3b bf16  | 35.7 -> 26.0 |  59.0 -> 41.9 |  97.6 ->  72.1
+#   30b-a3b FP8   | 29.0 -> 24.3 |  47.3 -> 39.1 |  79.3 ->  70.3
+#   235b bf16     | 99.0 -> 76.5 | 168.1 -> 135.7 | 314.8 -> 254.3
+#   235b FP8      | 74.5 -> 62.7 | 126.9 -> 115.2 | 239.3 -> 219.8
+# Each launch alone, 30b-a3b, 1 token: gate/up 1/1024/4 17.6 us, 2/512/4 18.6, 1/1024/2 19.6, 1/2048/4 20.6,
+# 4/512/4 23.4; down 1/128/4 12.1, 1/128/8 13.4, 1/64/4 14.0, 1/128/2 14.1, 1/256/2 14.2, 2/256/4 14.0, 4/256/4 14.7,
+# and 19.2 with 4/512/4 looping over the pairs one expert at a time (one chunk in flight per program). The
+# winners are the same at 2 and 4 tokens and on 235b. Nothing is loaded before gdc_wait: the router's output
+# names the expert. `bench.py decode-1 --model qwen3-30b-a3b`: 3.28 ms/token before, 3.11 with PDL and the
+# in-kernel sum at 4/512/4, 2.60 with these tiles.
 GEMV_MAX_PAIRS = 32
 
 
@@ -277,7 +306,7 @@ def moe_config(num_pairs: int) -> dict:
     """Tile sizes by the number of (token, expert) pairs: a lone decode streams each pair's expert (gemv); decode
     batches have a few pairs per expert, so small row tiles waste little on padding; prefill fills 128-row tiles."""
     if num_pairs <= GEMV_MAX_PAIRS:
-        return dict(GEMV=True, BLOCK_N=4, BLOCK_K=512, num_warps=4)
+        return dict(GEMV=True, BLOCK_N=1, BLOCK_K=1024, num_warps=4, DOWN=dict(BLOCK_N=1, BLOCK_K=128, num_warps=4))
     if num_pairs <= 1024:
         return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3)
     if num_pairs <= 4096:
@@ -297,16 +326,17 @@ def moe_triton(x, gate_up, down, weights, ids, gate_up_scales=None, down_scales=
     scaled = gate_up_scales is not None
     su, sd = (gate_up_scales, down_scales) if scaled else (gate_up, down)   # unused pointers when not scaled
     if cfg.pop("GEMV", False):
-        bn = cfg["BLOCK_N"]
+        down_cfg = cfg.pop("DOWN", cfg)
         inter = torch.empty(n, I, dtype=x.dtype, device=x.device)                   # (T*k, I)
-        _expert_gemv_kernel[(n, triton.cdiv(I, bn))](x, gate_up, su, inter, ids, weights, I, H, su.shape[-1],
-                                                     x.stride(0), gate_up.stride(0), su.stride(0), A_ROWS_PER_PAIR=k,
-                                                     GATE_UP=True, WEIGHTED=False, SCALED=scaled, **cfg)
-        out = torch.empty(n, H, dtype=x.dtype, device=x.device)                     # (T*k, H)
-        _expert_gemv_kernel[(n, triton.cdiv(H, bn))](inter, down, sd, out, ids, weights, H, I, sd.shape[-1],
-                                                     inter.stride(0), down.stride(0), sd.stride(0), A_ROWS_PER_PAIR=1,
-                                                     GATE_UP=False, WEIGHTED=True, SCALED=scaled, **cfg)
-        return out.view(T, k, H).sum(1)
+        _expert_gemv_kernel[(n, triton.cdiv(I, cfg["BLOCK_N"]))](
+            x, gate_up, su, inter, ids, weights, I, H, su.shape[-1], x.stride(0), gate_up.stride(0), su.stride(0),
+            PAIRS=1, PAIRS_P2=1, A_ROWS_PER_PAIR=k, GATE_UP=True, SCALED=scaled, **cfg, **pdl(x))
+        out = torch.empty(T, H, dtype=x.dtype, device=x.device)                     # (T, H): summed in the kernel
+        _expert_gemv_kernel[(T, triton.cdiv(H, down_cfg["BLOCK_N"]))](
+            inter, down, sd, out, ids, weights, H, I, sd.shape[-1], inter.stride(0), down.stride(0), sd.stride(0),
+            PAIRS=k, PAIRS_P2=triton.next_power_of_2(k), A_ROWS_PER_PAIR=1, GATE_UP=False, SCALED=scaled,
+            **down_cfg, **pdl(x))
+        return out
     bm, bn, bk = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K")
     assert not scaled or 128 % bk == 0, "FP8 experts: BLOCK_K must divide the 128-column scale blocks"
     pairs, block_expert = align(ids, E, bm)
