@@ -35,7 +35,8 @@ class Runner:
                                                          args.weight_seed, args.quantization, group)
         self.kv_dtype = torch.float8_e4m3fn if args.kv_cache_dtype == "fp8" else dtype   # the cache's elements
         self.kv_cache = self.graphs = self.hidden = None
-        self.last_tokens = torch.zeros(args.max_num_seqs, dtype=torch.int64, device=device)
+        spec = args.num_speculative_tokens if args.speculative_method == "draft" else 0   # a verify pass's drafts too
+        self.last_tokens = torch.zeros(args.max_num_seqs * (1 + spec), dtype=torch.int64, device=device)
 
     def send(self, name: str, *args):
         parallel.send(self.group, name, *args)

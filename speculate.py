@@ -33,8 +33,10 @@ It has its own Runner and KV cache with the target's block layout (same block si
 block table addresses both caches and the scheduler allocates for both at once. It runs only in speculative
 steps and catches up lazily: at the start of a round each sequence's tokens it has not seen (from
 `Sequence.draft_kv`, which a preemption resets) go through it (`forward_tokens`), which yields the first draft; the
-other K - 1 are single-token decodes (CUDA graphs on the GPU), each reading the previous draft on the device,
-and the host reads all K at once. A rejected draft leaves stale K/V in the draft cache past the accepted
+other K - 1 are single-token decodes (CUDA graphs on the GPU), each reading the previous draft on the device.
+The drafts stay there: the verify pass takes them as pending inputs (as a decode step takes the token sampled
+before it), and the host reads them with the target's tokens, one sync per round (not two: the GPU would idle
+while the host turned the drafts around). A rejected draft leaves stale K/V in the draft cache past the accepted
 tokens: `draft_kv` is cut back to them, and they are overwritten later. A sampled request verifies the draft
 model's greedy tokens by the rule above (exact; the acceptance rate is the target's probability of the draft).
 
@@ -98,7 +100,7 @@ class Speculator:
         for seq in sch.running:                      # drafts, never past the request's last token
             room = seq.max_tokens - (seq.num_tokens - len(seq.prompt_ids)) - 1
             k = min(self.k, room) if room > 0 and seq.num_tokens >= seq.spec_resume else 0
-            drafts = self.drafter(seq, k) if self.model is None else [0] * k   # a draft model fills them in below
+            drafts = self.drafter(seq, k) if self.model is None else [PENDING] * k   # the draft model's, below
             seq.token_ids += drafts
             seq.num_draft = len(drafts)
         if not any(s.num_draft for s in sch.running):
@@ -116,21 +118,37 @@ class Speculator:
                 del seq.token_ids[cut:]
         if not batch.seqs:
             return outputs
+        spans = [(s.num_computed, s.num_tokens) for s in batch.seqs]   # the last verified token and the drafts
+        pending, model_drafts = [], None
         if self.model is not None:                     # the drafts' cache slots exist now: the draft model runs
-            self.model.fill([s for s in batch.seqs if s.num_draft], llm.args.max_num_batched_tokens)
-            for seq in batch.seqs:
-                if self.rewrite is not None and seq.num_draft:
+            drafted = [s for s in batch.seqs if s.num_draft]
+            model_drafts, where = self.model.fill(drafted, llm.args.max_num_batched_tokens)
+            if self.rewrite is not None:               # bench: its drafts replace the model's, which stay unread
+                for seq in drafted:
                     at = seq.num_tokens - seq.num_draft
                     seq.token_ids[at:] = self.rewrite(seq, seq.token_ids[at:])
+                model_drafts = None
+            else:                                      # the verify pass reads them on the device: no sync here
+                llm.runner.set_last_tokens(model_drafts)
+                row_of, n = {}, 0                      # packed row of a sequence's token p: row_of + p
+                for seq, (a, b) in zip(batch.seqs, spans):
+                    row_of[id(seq)], n = n - a, n + b - a
+                pending = [(row_of[id(drafted[i])] + pos, j) for j, (i, pos) in enumerate(where)]
         llm.num_forwards += 1
-        spans = [(s.num_computed, s.num_tokens) for s in batch.seqs]   # the last verified token and the drafts
-        logits = forward_tokens(llm.runner, batch.seqs, spans, padded_tables(batch.seqs), None)
+        logits = forward_tokens(llm.runner, batch.seqs, spans, padded_tables(batch.seqs), None, pending)
         # each row's token as decoding would draw it there: the argmax, or the seeded draw of that output
         # position (the sampler's noise is a hash of seed, position and token, so the same draw)
         reqs = [llm.requests[seq.request_id] for seq in batch.seqs for _ in range(seq.num_draft + 1)]
         steps = [seq.num_tokens - seq.num_draft - len(seq.prompt_ids) + j for seq in batch.seqs
                  for j in range(seq.num_draft + 1)]
-        target = llm.sample_tokens(reqs, steps, logits, graphed=False).tolist()
+        target = llm.sample_tokens(reqs, steps, logits, graphed=False)
+        if model_drafts is None:
+            target = target.tolist()
+        else:                                          # the round's one host sync reads the drafts too
+            both = torch.cat([target.to(torch.int64), model_drafts]).tolist()
+            target = both[:len(reqs)]
+            for tok, (i, pos) in zip(both[len(reqs):], where):
+                drafted[i].token_ids[pos] = tok
         sch.advance(batch)                             # counts the drafts as computed; no blocks cached yet
         at = 0
         for seq in batch.seqs:
@@ -168,11 +186,12 @@ class DraftModel:
     def __init__(self, runner):
         self.runner = runner
 
-    def fill(self, seqs: list, max_tokens: int):
-        """Replace each sequence's num_draft trailing placeholders with the draft model's greedy tokens.
-        max_tokens: tokens per catch-up forward at most (the engine's prefill budget)."""
+    def fill(self, seqs: list, max_tokens: int) -> tuple:
+        """The draft model's greedy tokens for each sequence's num_draft trailing placeholders, left on the
+        device (the verify pass reads them there): (drafts (n,), where) with where[j] = (index into seqs, token
+        position) of drafts[j]. max_tokens: tokens per catch-up forward at most (the engine's prefill budget)."""
         if not seqs:
-            return
+            return torch.empty(0, dtype=torch.long, device=self.runner.device), []
         r = self.runner
         tables = padded_tables(seqs)
         last = [s.num_tokens - s.num_draft - 1 for s in seqs]          # each one's last verified token
@@ -202,20 +221,16 @@ class DraftModel:
             ids, ctx, tabs = [PENDING] * len(live), [last[i] + 1 + j for i in live], [tables[i] for i in live]
             drafts.append(r.decode_rows(ids, pending, ctx, tabs, False).argmax(-1))
             lives.append(live)
-        flat = torch.cat(drafts).tolist()                               # the round's one host sync
-        at = 0
-        for j, live in enumerate(lives):
-            for i in live:
-                seq = seqs[i]
-                seq.token_ids[last[i] + 1 + j] = flat[at]
-                at += 1
+        where = [(i, last[i] + 1 + j) for j, live in enumerate(lives) for i in live]
         for s, L in zip(seqs, last):
             s.draft_kv = L + s.num_draft                                # K/V of the last token and drafts 0..d-2
+        return torch.cat(drafts), where
 
 
-def forward_tokens(runner, seqs, spans, tables, rows) -> torch.Tensor:
+def forward_tokens(runner, seqs, spans, tables, rows, pending=()) -> torch.Tensor:
     """Run tokens seqs[i].token_ids[a:b] for each span (a, b) through the model (their K/V into the cache);
-    returns the logits of the packed rows `rows` (None: every row), (len(rows), vocab).
+    returns the logits of the packed rows `rows` (None: every row), (len(rows), vocab). pending: (packed row,
+    runner.last_tokens row) of each token that is still on the device (PENDING in token_ids).
 
     When the tokens fit the decode graphs, each token is a decode row of its own: context = its position + 1,
     its sequence's block table. A graph replays the whole pass at once, where an eager pass is launch-bound
@@ -236,7 +251,7 @@ def forward_tokens(runner, seqs, spans, tables, rows) -> torch.Tensor:
         # cascade attention when sequences share a prefix (rows of one sequence always do: not a reason), so
         # a row's arithmetic does not depend on the other sequences in the pass
         shared = n >= attention.CASCADE_MIN_BATCH and shares_first_block(tables)
-        logits = runner.decode_rows(ids, [], ctx, tabs, shared, one_seq_rows=True)   # a view of the graphs' buffer
+        logits = runner.decode_rows(ids, pending, ctx, tabs, shared, one_seq_rows=True)   # a view of the graphs' buffer
         return logits if rows is None else logits[to_device(rows, torch.int64, logits.device)]
     ids, cu, ctx = [], [0], []
     for seq, (a, b) in zip(seqs, spans):
@@ -244,5 +259,5 @@ def forward_tokens(runner, seqs, spans, tables, rows) -> torch.Tensor:
         cu.append(len(ids))
         ctx.append(b)
     rows = list(range(n)) if rows is None else rows
-    runner.forward(ids, [], cu, ctx, tables, rows, max(b - a for a, b in spans), n == len(seqs))
+    runner.forward(ids, pending, cu, ctx, tables, rows, max(b - a for a, b in spans), n == len(seqs))
     return runner.logits(0, len(rows))
