@@ -134,6 +134,20 @@ def _slice_bounds(ctx, first, split, num_splits, BLOCK_N: tl.constexpr, MIN_PART
 
 
 @triton.jit
+def _attend_tile(q, k, v, in_range, acc, l_i, m_i, qk_scale):
+    """One K/V tile (BLOCK_N, HEAD_DIM) of online softmax for the q rows (BLOCK_G, HEAD_DIM); tokens off
+    in_range are masked out. Returns the updated acc, l_i, m_i (see _decode_slice)."""
+    s = tl.dot(q, tl.trans(k.to(q.dtype))) * qk_scale                                   # (BLOCK_G, BLOCK_N)
+    s = tl.where(in_range[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    p = tl.exp2(s - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
+    return acc, l_i, m_new
+
+
+@triton.jit
 def _decode_slice(q, k_cache_ptr, v_cache_ptr, bt_row, kv_head, start, end, qk_scale, N_KV: tl.constexpr,
                   HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
     """Online softmax of the q rows (BLOCK_G, HEAD_DIM) (the GROUP q heads of one kv head, padded to the 16 rows
@@ -145,21 +159,37 @@ def _decode_slice(q, k_cache_ptr, v_cache_ptr, bt_row, kv_head, start, end, qk_s
     m_i = tl.full((q.shape[0],), float("-inf"), tl.float32)
     l_i = tl.zeros((q.shape[0],), tl.float32)
     acc = tl.zeros((q.shape[0], HEAD_DIM), tl.float32)
+    return _decode_tiles(q, k_cache_ptr, v_cache_ptr, bt_row, kv_head, start, end, qk_scale, acc, l_i, m_i, N_KV,
+                         HEAD_DIM, BLOCK_SIZE, BLOCK_N)
+
+
+@triton.jit
+def _decode_tiles(q, k_cache_ptr, v_cache_ptr, bt_row, kv_head, start, end, qk_scale, acc, l_i, m_i,
+                  N_KV: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """_decode_slice's loop from the state (acc, l_i, m_i) of the tiles before `start`."""
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         in_range = offs_n < end
         kv_off = _kv_offsets(bt_row, offs_n, in_range, kv_head, N_KV, HEAD_DIM, BLOCK_SIZE)   # (BLOCK_N, HEAD_DIM)
-        k = tl.load(k_cache_ptr + kv_off, mask=in_range[:, None], other=0.0).to(q.dtype)
-        v = tl.load(v_cache_ptr + kv_off, mask=in_range[:, None], other=0.0).to(q.dtype)
-        s = tl.dot(q, tl.trans(k)) * qk_scale                                            # (BLOCK_G, BLOCK_N)
-        s = tl.where(in_range[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+        k = tl.load(k_cache_ptr + kv_off, mask=in_range[:, None], other=0.0)
+        v = tl.load(v_cache_ptr + kv_off, mask=in_range[:, None], other=0.0)
+        acc, l_i, m_i = _attend_tile(q, k, v, in_range, acc, l_i, m_i, qk_scale)
     return acc, l_i, m_i
+
+
+@triton.jit
+def _attend_tile(q, k, v, in_range, acc, l_i, m_i, qk_scale):
+    """One K/V tile (BLOCK_N, HEAD_DIM), as loaded from the cache, into the online softmax of the q rows
+    (tokens off in_range masked out): the updated acc, l_i, m_i."""
+    k, v = k.to(q.dtype), v.to(q.dtype)
+    s = tl.dot(q, tl.trans(k)) * qk_scale                                               # (BLOCK_G, BLOCK_N)
+    s = tl.where(in_range[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    p = tl.exp2(s - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return acc, l_i, m_new
 
 
 @triton.jit
@@ -187,16 +217,27 @@ def _decode_attention_kernel(q_ptr, q_stride, k_cache_ptr, v_cache_ptr, block_ta
     # token's K/V into the cache, then reads its tiles.
     # A program that saw the whole context writes the output itself (always so without SPLIT); otherwise each
     # slice writes a partial result and the reduce kernel merges them.
+    # With NEW_TOKEN (a plain decode step: the newest token is each row's only new one) the first tile's K/V of
+    # older tokens, written by earlier steps, is loaded before gdc_wait, so it streams while the qkv projection
+    # finishes; the newest token's row of that tile is read after its store.
+    GROUP: tl.constexpr = N_HEADS // N_KV
+    b, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    ctx = tl.load(context_lens_ptr + b)                # step inputs: copied in before the step's first kernel
+    start, end = _slice_bounds(ctx, 0, split, num_splits, BLOCK_N, MIN_PART)
+    bt_row = block_tables_ptr + b.to(tl.int64) * bt_stride
+    if NEW_TOKEN:
+        offs_n = start + tl.arange(0, BLOCK_N)
+        in_range = offs_n < end
+        kv_off = _kv_offsets(bt_row, offs_n, in_range, kv_head, N_KV, HEAD_DIM, BLOCK_SIZE)   # (BLOCK_N, HEAD_DIM)
+        older = (in_range & (offs_n < ctx - 1))[:, None]
+        k0 = tl.load(k_cache_ptr + kv_off, mask=older, other=0.0)
+        v0 = tl.load(v_cache_ptr + kv_off, mask=older, other=0.0)
     if USE_GDC:                                        # programmatic dependent launch: see `pdl`
         tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
-    GROUP: tl.constexpr = N_HEADS // N_KV
-    b, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     g = tl.arange(0, BLOCK_G)
     heads, gmask = kv_head * GROUP + g, g < GROUP                                        # (BLOCK_G,)
     d = tl.arange(0, HEAD_DIM)
-    ctx = tl.load(context_lens_ptr + b)
-    start, end = _slice_bounds(ctx, 0, split, num_splits, BLOCK_N, MIN_PART)
     row = q_ptr + b.to(tl.int64) * q_stride
     if NEW_TOKEN:
         cs = cos_sin_ptr + tl.load(positions_ptr + b) * HEAD_DIM
@@ -204,17 +245,27 @@ def _decode_attention_kernel(q_ptr, q_stride, k_cache_ptr, v_cache_ptr, block_ta
             q = tl.zeros((BLOCK_G, HEAD_DIM), q_ptr.dtype.element_ty)
             if start < end:
                 q = _norm_rope(row, heads, gmask, q_norm_w_ptr, cs, eps, HEAD_DIM).to(q_ptr.dtype.element_ty)
-        else:                           # straight-line code: the first tiles' loads can start during the math
+        else:                           # straight-line code
             q = _norm_rope(row, heads, gmask, q_norm_w_ptr, cs, eps, HEAD_DIM).to(q_ptr.dtype.element_ty)
         if (start < ctx) & (end == ctx):
             _store_new_kv(row, kv_head + g, g < 1, k_norm_w_ptr, cs, tl.load(slot_mapping_ptr + b), k_cache_ptr,
                           v_cache_ptr, eps, N_HEADS, N_KV, HEAD_DIM)
             tl.debug_barrier()          # the stores are visible to all of this program's threads before the loads
+            newest = (offs_n == ctx - 1)[:, None]      # in the first tile when the slice is one tile long
+            k0 = tl.where(newest, tl.load(k_cache_ptr + kv_off, mask=newest, other=0.0), k0)
+            v0 = tl.where(newest, tl.load(v_cache_ptr + kv_off, mask=newest, other=0.0), v0)
+        q = _widen(q, k_cache_ptr, q_ptr)
+        m_i = tl.full((BLOCK_G,), float("-inf"), tl.float32)
+        l_i = tl.zeros((BLOCK_G,), tl.float32)
+        acc = tl.zeros((BLOCK_G, HEAD_DIM), tl.float32)
+        if start < end:
+            acc, l_i, m_i = _attend_tile(q, k0, v0, in_range, acc, l_i, m_i, qk_scale)
+        acc, l_i, m_i = _decode_tiles(q, k_cache_ptr, v_cache_ptr, bt_row, kv_head, start + BLOCK_N, end, qk_scale,
+                                      acc, l_i, m_i, N_KV, HEAD_DIM, BLOCK_SIZE, BLOCK_N)
     else:
         q = tl.load(row + heads[:, None] * HEAD_DIM + d[None, :], mask=gmask[:, None], other=0.0)
-    acc, l_i, m_i = _decode_slice(_widen(q, k_cache_ptr, q_ptr), k_cache_ptr, v_cache_ptr,
-                                  block_tables_ptr + b.to(tl.int64) * bt_stride, kv_head, start, end, qk_scale,
-                                  N_KV, HEAD_DIM, BLOCK_SIZE, BLOCK_N)
+        acc, l_i, m_i = _decode_slice(_widen(q, k_cache_ptr, q_ptr), k_cache_ptr, v_cache_ptr, bt_row, kv_head,
+                                      start, end, qk_scale, N_KV, HEAD_DIM, BLOCK_SIZE, BLOCK_N)
     out_row = b.to(tl.int64) * N_HEADS + heads                                           # rows of (B*H)
     if SPLIT:
         _store_partial(part_o_ptr, part_lse_ptr, out_row * num_splits + split, gmask, acc, l_i, m_i, HEAD_DIM)
