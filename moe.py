@@ -276,7 +276,8 @@ def _expert_gemv_kernel(a_ptr, w_ptr, s_ptr, out_ptr, ids_ptr, weights_ptr, N, K
     tl.store(out_ptr + tl.program_id(0) * N + out_rows, y.to(out_ptr.dtype.element_ty), mask=out_rows < N)
 
 
-# ms per fused MoE call, E=128, k=8, bf16, H200 (bench.py kernels; graph replays, weights past L2):
+# ms per fused MoE call, E=128, k=8, bf16, H200 (bench.py kernels; graph replays, weights past L2; the gemv rows
+# are the few-token kernel before its 2026-12-02 rework, below):
 #   pairs (tokens x 8) |   8    |   16   |   32   |   64   |  2048  | 16384  | 65536
 #   30b-a3b  gemv      | 0.0353 | 0.0577 | 0.0987 | 0.1734 |        |        |
 #            sorted    | 0.0675 | 0.0948 | 0.1275 | 0.1741 | 0.397  | 0.702  | 1.990
@@ -299,7 +300,13 @@ def _expert_gemv_kernel(a_ptr, w_ptr, s_ptr, out_ptr, ids_ptr, weights_ptr, N, K
 # winners are the same at 2 and 4 tokens and on 235b. Nothing is loaded before gdc_wait: the router's output
 # names the expert. `bench.py decode-1 --model qwen3-30b-a3b`: 3.28 ms/token before, 3.11 with PDL and the
 # in-kernel sum at 4/512/4, 2.60 with these tiles.
-GEMV_MAX_PAIRS = 32
+# Where the few-token path stops paying, same harness, us per call: pairs  |  32   |  48   |  64
+#   30b-a3b gemv (before: 97.2 / 135.5 / 175.2)                            |  73.0 | 100.8 | 129.5
+#           sorted tiles                                                  | 114.3 | 154.1 | 175.8
+#   235b    gemv (before: 312.5 / 463.0 / 583.3)                           | 250.8 | 378.9 | 462.0
+#           sorted tiles                                                  | 303.3 | 432.1 | 482.8
+# so 8 decoding tokens (64 pairs) take it too: qwen3-30b-a3b's decode-8 row went 10.57 -> 8.37 ms/step.
+GEMV_MAX_PAIRS = 64
 
 
 def moe_config(num_pairs: int) -> dict:
