@@ -1361,6 +1361,8 @@ def test_moe_matches_transformers(tmp_path, norm_topk_prob, monkeypatch):
         monkeypatch.setenv("QWEN3_KERNELS", "triton")
         outs = llm.generate(prompts[:2], greedy(max_tokens=5, ignore_eos=True))
         assert [o.token_ids for o in outs] == [hf_greedy(hf, p, 5) for p in prompts[:2]]
+        one = llm.generate(prompts[:1], greedy(max_tokens=5, ignore_eos=True))[0]   # one token: the expert GEMVs
+        assert one.token_ids == hf_greedy(hf, prompts[0], 5)
     assert_no_leak(llm)
 
 
