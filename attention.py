@@ -134,20 +134,6 @@ def _slice_bounds(ctx, first, split, num_splits, BLOCK_N: tl.constexpr, MIN_PART
 
 
 @triton.jit
-def _attend_tile(q, k, v, in_range, acc, l_i, m_i, qk_scale):
-    """One K/V tile (BLOCK_N, HEAD_DIM) of online softmax for the q rows (BLOCK_G, HEAD_DIM); tokens off
-    in_range are masked out. Returns the updated acc, l_i, m_i (see _decode_slice)."""
-    s = tl.dot(q, tl.trans(k.to(q.dtype))) * qk_scale                                   # (BLOCK_G, BLOCK_N)
-    s = tl.where(in_range[None, :], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, axis=1))
-    p = tl.exp2(s - m_new[:, None])
-    alpha = tl.exp2(m_i - m_new)
-    l_i = l_i * alpha + tl.sum(p, axis=1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
-    return acc, l_i, m_new
-
-
-@triton.jit
 def _decode_slice(q, k_cache_ptr, v_cache_ptr, bt_row, kv_head, start, end, qk_scale, N_KV: tl.constexpr,
                   HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
     """Online softmax of the q rows (BLOCK_G, HEAD_DIM) (the GROUP q heads of one kv head, padded to the 16 rows
