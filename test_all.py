@@ -791,6 +791,22 @@ def kt_paged_cache(context_lens, block_size, n_kv, hd, dtype, extra_blocks=3):
     return k_cache, v_cache, block_tables
 
 
+def test_device_helpers_are_jitted():
+    """Every top-level function that uses `tl.` is a @triton.jit function. The interpreter runs an undecorated
+    helper as plain Python and passes; on the GPU the kernel calling it fails to compile."""
+    import ast
+    import glob
+    missing = []
+    for path in sorted(glob.glob(os.path.join(os.path.dirname(os.path.abspath(__file__)), "*.py"))):
+        for node in ast.parse(open(path).read()).body:
+            if isinstance(node, ast.FunctionDef) and not any(ast.unparse(d).startswith("triton.jit")
+                                                             for d in node.decorator_list):
+                if any(isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id == "tl"
+                       for n in ast.walk(node)):
+                    missing.append(f"{os.path.basename(path)}:{node.name}")
+    assert not missing, missing
+
+
 # ----------------------------------------------------------------------------------------------------------
 
 @pytest.mark.usefixtures("kt_triton_poisoned")
