@@ -133,7 +133,7 @@ class Speculator:
                 row_of, n = {}, 0                      # packed row of a sequence's token p: row_of + p
                 for seq, (a, b) in zip(batch.seqs, spans):
                     row_of[id(seq)], n = n - a, n + b - a
-                pending = [(row_of[id(drafted[i])] + pos, j) for j, (i, pos) in enumerate(where)]
+                pending = [(row_of[id(seq)] + pos, j) for j, (seq, pos) in enumerate(where)]
         llm.num_forwards += 1
         logits = forward_tokens(llm.runner, batch.seqs, spans, padded_tables(batch.seqs), None, pending)
         # each row's token as decoding would draw it there: the argmax, or the seeded draw of that output
@@ -147,8 +147,8 @@ class Speculator:
         else:                                          # the round's one host sync reads the drafts too
             both = torch.cat([target.to(torch.int64), model_drafts]).tolist()
             target = both[:len(reqs)]
-            for tok, (i, pos) in zip(both[len(reqs):], where):
-                drafted[i].token_ids[pos] = tok
+            for tok, (seq, pos) in zip(both[len(reqs):], where):
+                seq.token_ids[pos] = tok
         sch.advance(batch)                             # counts the drafts as computed; no blocks cached yet
         at = 0
         for seq in batch.seqs:
@@ -188,8 +188,8 @@ class DraftModel:
 
     def fill(self, seqs: list, max_tokens: int) -> tuple:
         """The draft model's greedy tokens for each sequence's num_draft trailing placeholders, left on the
-        device (the verify pass reads them there): (drafts (n,), where) with where[j] = (index into seqs, token
-        position) of drafts[j]. max_tokens: tokens per catch-up forward at most (the engine's prefill budget)."""
+        device (the verify pass reads them there): (drafts (n,), where), where[j] = (sequence, token position)
+        of drafts[j]. max_tokens: tokens per catch-up forward at most (the engine's prefill budget)."""
         if not seqs:
             return torch.empty(0, dtype=torch.long, device=self.runner.device), []
         r = self.runner
@@ -221,7 +221,7 @@ class DraftModel:
             ids, ctx, tabs = [PENDING] * len(live), [last[i] + 1 + j for i in live], [tables[i] for i in live]
             drafts.append(r.decode_rows(ids, pending, ctx, tabs, False).argmax(-1))
             lives.append(live)
-        where = [(i, last[i] + 1 + j) for j, live in enumerate(lives) for i in live]
+        where = [(seqs[i], last[i] + 1 + j) for j, live in enumerate(lives) for i in live]
         for s, L in zip(seqs, last):
             s.draft_kv = L + s.num_draft                                # K/V of the last token and drafts 0..d-2
         return torch.cat(drafts), where
