@@ -239,8 +239,8 @@ class DecoderLayer(nn.Module):
         o = self.self_attn(qkv, positions, meta, kv, cos_sin)
         x, residual = linear_add(self.self_attn.o_proj, o, residual, self.tp)
         if isinstance(self.mlp, SparseMoeBlock):        # the router and the experts read the normed input
-            y, residual = self.mlp(x, residual, self.post_attention_layernorm)
-            return parallel.all_reduce(y, self.tp), residual
+            x, residual = add_norm(self.post_attention_layernorm, x, residual)
+            return parallel.all_reduce(self.mlp(x), self.tp), residual
         gate_up, residual = norm_linear(self.post_attention_layernorm, x, residual, self.mlp.gate_up_proj)
         return linear_add(self.mlp.down_proj, gate_up, residual, self.tp, silu_mul=True)
 

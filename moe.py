@@ -65,21 +65,12 @@ class SparseMoeBlock(nn.Module):
         self.gate = nn.Linear(hidden, num_experts, bias=False)                 # the router
         self.experts = Experts(num_experts, hidden, intermediate)
 
-    def forward(self, x, residual, norm):
-        """(the MoE MLP of norm(h), h) with h = x + residual (x when residual is None); norm: the layer's
-        post-attention RMSNorm module. One token on the GPU: the router's GEMV applies the norm as it reads h
-        (gemv.norm_linear) and the route kernel writes norm(h) for the experts, so no norm kernel runs."""
+    def forward(self, x):
+        logits = gemv.linear(x, self.gate.weight)                          # (T, E) in the model's dtype
+        weights, ids = route(logits, self.top_k, self.norm_topk_prob)         # (T, k) each
         ex = self.experts
-        if x.shape[0] == 1 and _use_triton(x) and norm.weight.dtype == x.dtype:
-            logits, h = gemv.norm_linear(x, residual, norm.weight, norm.eps, self.gate.weight)   # (1, E), (1, H)
-            xn = torch.empty_like(h)
-            weights, ids = route_triton(logits, self.top_k, self.norm_topk_prob, (h, norm.weight, norm.eps, xn))
-        else:
-            xn, h = (norm(x), x) if residual is None else norm(x, residual)
-            logits = gemv.linear(xn, self.gate.weight)                     # (T, E) in the model's dtype
-            weights, ids = route(logits, self.top_k, self.norm_topk_prob)     # (T, k) each
-        return fused_moe(xn, ex.gate_up_proj, ex.down_proj, weights, ids, ex.gate_up_proj_scale_inv,
-                         ex.down_proj_scale_inv), h                            # (T, H) each
+        return fused_moe(x, ex.gate_up_proj, ex.down_proj, weights, ids, ex.gate_up_proj_scale_inv,
+                         ex.down_proj_scale_inv)                               # (T, H)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -116,23 +107,14 @@ def moe_ref(x, gate_up, down, weights, ids, gate_up_scales=None, down_scales=Non
 # ----------------------------------------------------------------------------------------------------------
 
 @triton.jit
-def _route_kernel(logits_ptr, w_ptr, id_ptr, E, h_ptr, norm_w_ptr, xn_ptr, H, eps, TOP_K: tl.constexpr,
-                  RENORM: tl.constexpr, NORM: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
-                  BLOCK_H: tl.constexpr, USE_GDC: tl.constexpr = False):
+def _route_kernel(logits_ptr, w_ptr, id_ptr, E, TOP_K: tl.constexpr, RENORM: tl.constexpr,
+                  BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, USE_GDC: tl.constexpr = False):
     """One program per token: softmax over its E logits, then k rounds of "take the largest, mask it out"
-    (the lowest index wins a tie, as torch.topk does in practice). NORM: also the experts' input, the RMSNorm
-    of the token's row of h, rounded as kernels.rms_norm_ref rounds it, into xn."""
+    (the lowest index wins a tie, as torch.topk does in practice)."""
     if USE_GDC:                                        # programmatic dependent launch: see kernels.pdl
         tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
     row = tl.program_id(0)
-    if NORM:
-        c = tl.arange(0, BLOCK_H)
-        h = tl.load(h_ptr + row * H + c, mask=c < H, other=0.0)
-        hf = h.to(tl.float32)
-        normed = (hf * tl.rsqrt(tl.sum(hf * hf, axis=0) / H + eps)).to(h.dtype)
-        xn = tl.load(norm_w_ptr + c, mask=c < H, other=0.0).to(tl.float32) * normed.to(tl.float32)
-        tl.store(xn_ptr + row * H + c, xn.to(h.dtype), mask=c < H)
     offs = tl.arange(0, BLOCK_E)
     x = tl.load(logits_ptr + row * E + offs, mask=offs < E, other=float("-inf")).to(tl.float32)
     p = tl.exp(x - tl.max(x, 0))
@@ -153,18 +135,13 @@ def _route_kernel(logits_ptr, w_ptr, id_ptr, E, h_ptr, norm_w_ptr, xn_ptr, H, ep
     tl.store(id_ptr + row * TOP_K + slots, ids, mask=slots < TOP_K)
 
 
-def route_triton(logits: torch.Tensor, top_k: int, renormalize: bool, norm: tuple | None = None):
-    """norm: (h (T, H), norm weight, eps, xn (T, H)): also write rms_norm(h) * weight into xn (see above)."""
+def route_triton(logits: torch.Tensor, top_k: int, renormalize: bool):
     T, E = logits.shape
     weights = torch.empty(T, top_k, dtype=logits.dtype, device=logits.device)
     ids = torch.empty(T, top_k, dtype=torch.int64, device=logits.device)
-    h, norm_w, eps, xn = norm if norm is not None else (logits, logits, 0.0, logits)   # unused when not norm
-    assert norm is None or (h.is_contiguous() and xn.is_contiguous())
     if T:
-        _route_kernel[(T,)](logits.contiguous(), weights, ids, E, h, norm_w, xn, h.shape[-1], eps, TOP_K=top_k,
-                            RENORM=renormalize, NORM=norm is not None, BLOCK_E=triton.next_power_of_2(E),
-                            BLOCK_K=triton.next_power_of_2(top_k), BLOCK_H=triton.next_power_of_2(h.shape[-1]),
-                            **pdl(logits))
+        _route_kernel[(T,)](logits.contiguous(), weights, ids, E, TOP_K=top_k, RENORM=renormalize,
+                            BLOCK_E=triton.next_power_of_2(E), BLOCK_K=triton.next_power_of_2(top_k), **pdl(logits))
     return weights, ids
 
 
