@@ -344,6 +344,12 @@ def _expert_gemv_kernel(a_ptr, w_ptr, s_ptr, out_ptr, ids_ptr, weights_ptr, N, K
 # "sorted" at each size is the best of a sweep of tiles (BLOCK_M 16-128, BLOCK_N 64-256, BLOCK_K 64-128, 4-8
 # warps, 3-4 stages); the tiles below are those winners (within 5%). At 2048 pairs 64x128x64 gave 0.416 / 1.358,
 # at 16384 and 65536 it gave 0.780 / 2.104 (30b) and 2.644 / 7.873 (235b).
+# Prefill (past 4096 pairs) again with the launches apart, H200, 2026-12-02, us at 16384 / 65536 pairs (30b-a3b),
+# BLOCK_M/N/K/warps/stages; until then both launches used 128/128/64/8/3 (gate/up 372 / 1010, down 239 / 690):
+#   gate/up: 128/128/64/8/4  351 / 1005 | 128/64/128/8/3 404 / 1230 | 128/128/32/8/5 451 / 1039 | 64/128/32/4/5 434 / 1174
+#   down:    128/256/64/8/3  221 /  570 | 128/256/64/8/4 219 /  583 | 128/128/128/8/3 254 / 746 | 64/256/64/4/3 264 / 773
+# (the down GEMM's K is only I = 768 deep: wider tiles halve the programs that each fill and drain a pipeline).
+# Beside them: align 119 / 141 us as torch ops (align_ref), 19 / 44 us in align_triton; the sum over k 30 / 100.
 # The few-token path, H200, 2026-12-02, us per fused call (graph replays of PDL launches, weights past L2), before
 # -> after (gate/up 1/1024/4, i.e. BLOCK_N/BLOCK_K/warps; down summing a token's k experts in one tile of k rows,
 # 1/128/4; PDL; no summing kernel). Before: 4/512/4 for both, one down program per pair, then a torch sum:
@@ -376,7 +382,8 @@ def moe_config(num_pairs: int) -> dict:
         return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3)
     if num_pairs <= 4096:
         return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3)
-    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
+    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=4,
+                DOWN=dict(BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3))
 
 
 def moe_triton(x, gate_up, down, weights, ids, gate_up_scales=None, down_scales=None, config: dict | None = None):
@@ -385,13 +392,15 @@ def moe_triton(x, gate_up, down, weights, ids, gate_up_scales=None, down_scales=
     I, k = two_i // 2, ids.shape[1]
     n = T * k
     cfg = dict(config or moe_config(n))
+    gemv_path = cfg.pop("GEMV", False)
+    down_cfg = {**cfg, **cfg.pop("DOWN", {})}          # the down launch's own tiles, where the config has them
     if not x.is_cuda:                          # the CPU interpreter: tl.dot wants tiles of 16 and up, no stages
         cfg.pop("num_stages", None)
+        down_cfg.pop("num_stages", None)
     x, weights, ids = x.contiguous(), weights.contiguous(), ids.contiguous()
     scaled = gate_up_scales is not None
     su, sd = (gate_up_scales, down_scales) if scaled else (gate_up, down)   # unused pointers when not scaled
-    if cfg.pop("GEMV", False):
-        down_cfg = cfg.pop("DOWN", cfg)
+    if gemv_path:
         inter = torch.empty(n, I, dtype=x.dtype, device=x.device)                   # (T*k, I)
         _expert_gemv_kernel[(n, triton.cdiv(I, cfg["BLOCK_N"]))](
             x, gate_up, su, inter, ids, weights, I, H, su.shape[-1], x.stride(0), gate_up.stride(0), su.stride(0),
@@ -403,7 +412,9 @@ def moe_triton(x, gate_up, down, weights, ids, gate_up_scales=None, down_scales=
             **down_cfg, **pdl(x))
         return out
     bm, bn, bk = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K")
-    assert not scaled or 128 % bk == 0, "FP8 experts: BLOCK_K must divide the 128-column scale blocks"
+    down_cfg.pop("BLOCK_M")                            # the tiles of rows are align's, the same for both
+    dn_n, dn_k = down_cfg.pop("BLOCK_N"), down_cfg.pop("BLOCK_K")
+    assert not scaled or 128 % bk == 0 and 128 % dn_k == 0, "FP8 experts: BLOCK_K must divide the 128-column scale blocks"
     pairs, block_expert = align_triton(ids, E, bm)
     inter = torch.empty(n, I, dtype=x.dtype, device=x.device)                       # (T*k, I)
     _expert_gemm_kernel[(block_expert.numel(), triton.cdiv(I, bn))](
@@ -411,10 +422,10 @@ def moe_triton(x, gate_up, down, weights, ids, gate_up_scales=None, down_scales=
         gate_up.stride(0), gate_up.stride(1), su.stride(0), inter.stride(0), A_ROWS_PER_PAIR=k, GATE_UP=True,
         WEIGHTED=False, SCALED=scaled, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **cfg)
     out = torch.empty(n, H, dtype=x.dtype, device=x.device)                         # (T*k, H)
-    _expert_gemm_kernel[(block_expert.numel(), triton.cdiv(H, bn))](
+    _expert_gemm_kernel[(block_expert.numel(), triton.cdiv(H, dn_n))](
         inter, down, sd, out, pairs, block_expert, weights, H, I, sd.shape[-1], n, E, inter.stride(0),
         down.stride(0), down.stride(1), sd.stride(0), out.stride(0), A_ROWS_PER_PAIR=1, GATE_UP=False,
-        WEIGHTED=True, SCALED=scaled, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **cfg)
+        WEIGHTED=True, SCALED=scaled, BLOCK_M=bm, BLOCK_N=dn_n, BLOCK_K=dn_k, **down_cfg)
     return out.view(T, k, H).sum(1)
 
 

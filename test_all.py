@@ -1455,7 +1455,8 @@ def test_kt_moe(T, E, k, dtype):
         kt_check(f"route T={T} E={E} k={k} renorm={renorm}", w, w_ref, dtype)
     gate_up, down = (torch.randn(E, 2 * I, H) / H ** 0.5).to(dtype), (torch.randn(E, H, I) / I ** 0.5).to(dtype)
     ref = moe.moe_ref(x.float(), gate_up.float(), down.float(), w.float(), ids).to(dtype)
-    cfgs = [dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=4), dict(GEMV=True, BLOCK_N=16, BLOCK_K=32),
+    cfgs = [dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=4, DOWN=dict(BLOCK_N=32, BLOCK_K=16)),
+            dict(GEMV=True, BLOCK_N=16, BLOCK_K=32),
             dict(GEMV=True, BLOCK_N=8, BLOCK_K=32, DOWN=dict(BLOCK_N=2, BLOCK_K=16))]
     if T == 1:                 # moe_config's own tiles (a weight row per program: slow under the interpreter)
         cfgs.append(None)
