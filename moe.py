@@ -399,7 +399,8 @@ def moe_triton(x, gate_up, down, weights, ids, gate_up_scales=None, down_scales=
     n = T * k
     cfg = dict(config or moe_config(n))
     gemv_path = cfg.pop("GEMV", False)
-    down_cfg = {**cfg, **cfg.pop("DOWN", {})}          # the down launch's own tiles, where the config has them
+    down_tiles = cfg.pop("DOWN", {})
+    down_cfg = {**cfg, **down_tiles}                   # the down launch's own tiles, where the config has them
     if not x.is_cuda:                          # the CPU interpreter: tl.dot wants tiles of 16 and up, no stages
         cfg.pop("num_stages", None)
         down_cfg.pop("num_stages", None)
