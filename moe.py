@@ -243,7 +243,9 @@ def _expert_gemm_kernel(a_ptr, w_ptr, s_ptr, out_ptr, pairs_ptr, block_expert_pt
     (BLOCK_K divides 128) lies in one scale block, so its product is scaled per column."""
     # Programs in launch order walk a row tile's column tiles first: the tile's A rows (gathered token rows, or
     # the pairs' intermediate rows, which outgrow L2 at prefill sizes) are read from memory once and then hit in
-    # L2, and an expert's weight columns are shared by its few row tiles, which run in the same wave.
+    # L2, and an expert's weight columns are shared by its few row tiles, which run in the same wave. H200,
+    # 30b-a3b, us at 65,536 / 16,384 pairs, column tiles first vs row tiles first (a 2-D grid): gate/up 946 vs
+    # 973 / 325 vs 332, down 520 vs 556 / 186 vs 234.
     n_tiles = tl.cdiv(N, BLOCK_N)
     pid_m, pid_n = tl.program_id(0) // n_tiles, tl.program_id(0) % n_tiles
     e = tl.load(block_expert_ptr + pid_m)
