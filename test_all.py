@@ -52,10 +52,10 @@ def strict_launches(monkeypatch):
     from triton.runtime.interpreter import InterpretedFunction
     run = InterpretedFunction.run
 
-    def checked(self, *args, grid, warmup, **kwargs):
-        unknown = set(kwargs) - set(self.arg_names) - LAUNCH_OPTIONS
+    def checked(self, *args, **kwargs):                 # kwargs: the launch's, and run's own (grid, warmup)
+        unknown = set(kwargs) - set(self.arg_names) - LAUNCH_OPTIONS - {"grid", "warmup"}
         assert not unknown, f"{self.__name__}: launched with keywords it does not take: {sorted(unknown)}"
-        return run(self, *args, grid=grid, warmup=warmup, **kwargs)
+        return run(self, *args, **kwargs)
     monkeypatch.setattr(InterpretedFunction, "run", checked)
 
 
