@@ -62,6 +62,8 @@ from pathlib import Path
 
 import torch
 
+from bench_kernels import (bench_kernels, decode_timeline, format_rows, format_timeline, measure_ceilings,
+                           median_time, sync)
 from engine import LLM, EngineArgs, resolve_device_dtype
 from model import Config, preset, resolve_checkpoint
 from sample import SamplingParams, add_dataclass_args, pick, resolve
@@ -112,47 +114,8 @@ class Bench:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Ceilings and floors
+# Floors (from the ceilings bench_kernels.measure_ceilings measures)
 # ----------------------------------------------------------------------------------------------------------
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def median_time(fn, device, reps: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        sync(device)
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def measure_ceilings(device, dtype) -> tuple[float, float]:
-    """(bytes/s of a device-to-device copy counting read + written, FLOP/s of a square matmul)."""
-    gpu = device.type == "cuda"
-    n_bytes = 2 * 2**30 if gpu else 2**28
-    # cuBLAS's workspace first, in a small segment of its own: made later it would sit inside the copy buffers'
-    # 2 GiB segment and keep it reserved after they are freed (the allocator frees only empty segments)
-    torch.ones(64, 64, dtype=dtype, device=device) @ torch.ones(64, 64, dtype=dtype, device=device)
-    src = torch.empty(n_bytes, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    t = median_time(lambda: dst.copy_(src), device, reps=10)
-    bandwidth = 2 * n_bytes / t
-    del src, dst
-    n = 8192 if gpu else 1024
-    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
-    t = median_time(lambda: a @ b, device, reps=20 if gpu else 5)
-    del a, b
-    if gpu:                      # hand the buffers back: the engine sizes its KV cache from what is free
-        torch.cuda.empty_cache()
-    return bandwidth, 2 * n**3 / t
-
 
 def projection_params(cfg: Config) -> int:
     """The attention projections of every layer and the dense MLPs (what FP8 quantizes)."""
@@ -560,10 +523,9 @@ def run_allreduce(b: Bench):
 
 
 def run_kernels(b: Bench):
-    if not (Path(__file__).parent / "bench_kernels.py").exists() or b.device.type != "cuda":
-        print("kernels: the kernel table is not available (it needs bench_kernels.py and a GPU)")
+    if b.device.type != "cuda":
+        print("kernels: the kernel table needs a GPU")
         return [], {"available": False}
-    from bench_kernels import bench_kernels, decode_timeline, format_rows, format_timeline
     timeline = {}
     for batch in (1, 8):                               # first, while an engine of this model is alive
         try:

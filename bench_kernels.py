@@ -3,12 +3,18 @@ against each op's PyTorch reference, and which path the dispatcher picks at each
 
     python bench_kernels.py        # CUDA GPU only: measures the two ceilings, checks, then prints the table
 
+The device's two ceilings (copy bandwidth, bf16 matmul rate) and the wall-clock timer bench.py uses are here
+too (measure_ceilings, median_time): every floor and every % of a ceiling comes from them.
+
 Memory-bound ops report GB/s over the bytes each input is read and each output written once (the floor);
 prefill attention reports TFLOP/s over the causal FLOPs, beside torch's SDPA flash backend on the same shapes
 (dense K/V, no paging) run in the same process. Times are triton.testing.do_bench medians of a CUDA graph that
 replays the op on fresh input sets adding up to 10x L2: GPU time without launch overhead (as the engine's
 decode graphs run), and no call reads its inputs from L2. The prefill reference syncs, so it runs eagerly.
 """
+import statistics
+import time
+
 import torch
 import torch.nn.functional as F
 
@@ -48,15 +54,43 @@ def input_sets(make, min_bytes=10 * L2_BYTES, most=32) -> list:
     return sets
 
 
-def measure_ceilings(device="cuda") -> tuple[float, float]:
-    """(copy GB/s counting bytes read + written, bf16 matmul TFLOP/s) of this GPU."""
-    src = torch.randn(2**30 // 2, device=device, dtype=torch.bfloat16).repeat(2)     # 2 GiB of random data
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_time(fn, device, reps: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def measure_ceilings(device, dtype) -> tuple[float, float]:
+    """(bytes/s of a device-to-device copy counting read + written, FLOP/s of a square matmul)."""
+    gpu = device.type == "cuda"
+    n_bytes = 2 * 2**30 if gpu else 2**28
+    # cuBLAS's workspace first, in a small segment of its own: made later it would sit inside the copy buffers'
+    # 2 GiB segment and keep it reserved after they are freed (the allocator frees only empty segments)
+    torch.ones(64, 64, dtype=dtype, device=device) @ torch.ones(64, 64, dtype=dtype, device=device)
+    src = torch.empty(n_bytes, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    copy_gbps = 2 * src.numel() * 2 / _ms(lambda: dst.copy_(src)) / 1e6
+    t = median_time(lambda: dst.copy_(src), device, reps=10)
+    bandwidth = 2 * n_bytes / t
     del src, dst
-    a, b = (torch.randn(8192, 8192, device=device, dtype=torch.bfloat16) for _ in range(2))
-    matmul_tflops = 2 * 8192**3 / _ms(lambda: a @ b) / 1e9
-    return copy_gbps, matmul_tflops
+    n = 8192 if gpu else 1024
+    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
+    t = median_time(lambda: a @ b, device, reps=20 if gpu else 5)
+    del a, b
+    if gpu:                      # hand the buffers back: the engine sizes its KV cache from what is free
+        torch.cuda.empty_cache()
+    return bandwidth, 2 * n**3 / t
 
 
 def rel_err(out, ref) -> float:
@@ -540,7 +574,8 @@ if __name__ == "__main__":
     for name, e in checks:
         print(f"check {name}: rel err {e:.1e}")
     bad = [(name, e) for name, e in checks if not e < 2e-2]
-    copy_gbps, matmul_tflops = measure_ceilings()
+    bandwidth, matmul = measure_ceilings(torch.device("cuda"), torch.bfloat16)
+    copy_gbps, matmul_tflops = bandwidth / 1e9, matmul / 1e12
     rows = bench_kernels(copy_gbps, matmul_tflops)
     bad += [(r["op"] + " " + r["shape"], r["err"]) for r in rows if not r["err"] < 2e-2]
     print(format_rows(rows, copy_gbps, matmul_tflops))

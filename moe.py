@@ -211,7 +211,7 @@ def align_triton(ids: torch.Tensor, num_experts: int, block_m: int, block: int =
     H200, 16,384 / 65,536 pairs (2,048 / 8,192 tokens), 119 / 141 us -> 19 / 44 us; `bench.py offline --model
     qwen3-30b-a3b` (a decode step of 256 tokens aligns 2,048 pairs per layer) 5,444 -> 6,115 tok/s greedy."""
     n = ids.numel()
-    flat = ids.flatten().contiguous()
+    flat = ids.flatten()                                                   # (T*k,), contiguous
     counts = torch.zeros(num_experts, dtype=torch.int32, device=ids.device)
     rank = torch.empty(n, dtype=torch.int32, device=ids.device)
     pairs = torch.full((align_size(n, num_experts, block_m),), n, dtype=torch.int64, device=ids.device)
