@@ -373,6 +373,11 @@ DECODE_CONFIG = dict(BLOCK_N=64, num_warps=4, num_stages=3)   # BLOCK_N: tokens 
 # cross-warp reductions, masks); two warps halve the cross-warp traffic and fit twice the programs per SM. The
 # bf16 cache is byte-bound (4.18 TB/s) and keeps 4 warps: 2 warps were 1.006x its time, 1 warp 1.07-1.36x.
 DECODE_CONFIG_FP8 = dict(BLOCK_N=64, num_warps=2, num_stages=3)
+# Tried and dropped (H200, 2026-12-02): P kv heads per program, q made block-diagonal (row r holds head r's q in
+# the columns of its own kv head, zeros elsewhere), so the 16 rows of a tile are 16 real heads and each tile reads
+# P heads' contiguous K/V; the padded softmax was the suspect. Best of P = 1/2/4/8 x 6 tiles against the kernel
+# above, us: 16/8 heads, B=256, ctx 512-1024, FP8 198.1 vs 152.2, bf16 204.0 vs 200.3; 16/8, B=64, ctx 1024-2048,
+# FP8 117.2 vs 111.0; 32/8 B=256 FP8 200.3 vs 155.0; 32/4 B=64 FP8 68.0 vs 59.2. Larger P was never better.
 # Fewest tokens a context slice is given. Longer minimum slices let short contexts finish in one slice and skip
 # the reduce, but one program then walks every tile: us per layer step (the fused kernel, B=1, as in the table
 # at FUSED_MAX_BATCH; H200, 2026-12-02), and `bench.py decode-1` on qwen3-0.6b 0.75 ms/token at 64, 0.93 at 256:

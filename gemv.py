@@ -201,14 +201,20 @@ def _skinny_gemm_kernel(x_ptr, w_ptr, out_ptr, M, N, K, BLOCK_M: tl.constexpr, B
 #   8b lm_head 4096->151936| 297  / 299  | 353  / 347  | 288  / 292  | 286  / 289
 # (M = 4 and 16 alike.) cuBLAS is about as fast on the wide projections (N > K); on the tall ones (o and down,
 # where it splits K and adds a reduce kernel) the skinny kernel wins by 3-55%: 16/512 up to N = 1024, 32/256
-# above. The skinny kernel takes the wide ones too (not lm_head), since it launches with PDL and cuBLAS breaks
-# the chain: `bench.py decode-1`'s batch 8 (H200, 2026-12-02), cuBLAS -> skinny for qkv and gate_up: qwen3-8b
+# above. The skinny kernel takes the wide ones too (not lm_head); then (with PDL, since reverted: below) cuBLAS
+# broke the chain: `bench.py decode-1`'s batch 8 (H200, 2026-12-02), cuBLAS -> skinny for qkv and gate_up: qwen3-8b
 # 5.09-5.19 -> 4.92 ms/step, qwen3-0.6b 1.30 -> 1.31.
 # Tried and dropped (2026-12-02): the skinny kernel making its input as the GEMV does (norm, SiLU * up) and adding
 # the residual, so 2-16 tokens would run six kernels per layer too. Every program then redoes the input for all
 # 16 (padded) token rows of the whole K: H200, M = 8, us per call: 0.6b o 2048->1024 plain 5.2, with the norm
 # 18.1, SiLU * up + add 51.2; 8b down 12288->4096 plain 30.3, norm 119.8, SiLU * up + add 250.0 (the add alone
 # +0.4-3). `bench.py decode-1`'s batch 8: qwen3-0.6b 1.30 -> 3.95 ms/step, qwen3-8b 5.19 -> 17.8 ms/step.
+# Tried and dropped (H200, 2026-12-02): programmatic dependent launch for the plain skinny kernel (its first weight
+# chunk loaded before gdc_wait) and for silu_mul. `bench.py decode-1`'s batch 8, without -> with, same command:
+# triggering the next launch at the kernel's start, qwen3-0.6b 1.399 -> 1.267 ms/step but qwen3-8b 5.065 -> 5.781;
+# triggering it after the K loop, 1.397 -> 1.329 and 5.055 -> 5.387. The 8b's skinny launches are several waves
+# deep (gate_up: 768 programs); unprofiled, the guess is that a dependent grid's early programs hold shared memory
+# while they wait.
 SKINNY_CONFIG = dict(BLOCK_N=32, BLOCK_K=256, num_warps=4, num_stages=4)
 SKINNY_CONFIG_NARROW = dict(BLOCK_N=16, BLOCK_K=512, num_warps=4, num_stages=3)   # N <= 1024
 SKINNY_MAX_N = 32768                                   # wider (lm_head, 151,936 rows): cuBLAS
