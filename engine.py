@@ -152,6 +152,35 @@ def resolve_device_dtype(args: EngineArgs):
     return device, dtype
 
 
+def check_prompt(ids: list[int], params: SamplingParams, max_model_len: int, vocab_size: int):
+    """A clear error for a request the engine cannot run: an empty prompt, one that fills the context, ids
+    outside the vocabulary."""
+    if not ids:
+        raise ValueError("prompt is empty")
+    if len(ids) >= max_model_len:
+        raise ValueError(f"prompt has {len(ids)} tokens; the context window is {max_model_len} "
+                         f"tokens (prompt + at least one new token)")
+    if max(ids) >= vocab_size or min(ids) < 0:
+        raise ValueError(f"prompt token ids must be in [0, {vocab_size})")
+    if any(not 0 <= t < vocab_size for t in params.logit_bias):
+        raise ValueError(f"logit_bias token ids must be in [0, {vocab_size})")
+
+
+def load_draft(args: EngineArgs, device, dtype, config, max_model_len: int) -> Runner | None:
+    """speculative_method draft: the draft model's Runner (unquantized), checked against the target's vocabulary
+    and context; None without a draft model."""
+    if args.speculative_model is None:
+        return None
+    draft = Runner(replace(args, model=args.speculative_model, quantization=None), device, dtype)
+    if draft.config.vocab_size != config.vocab_size:
+        raise ValueError(f"the draft model's vocabulary ({draft.config.vocab_size}) is not the target's "
+                         f"({config.vocab_size})")
+    if draft.config.max_position_embeddings < max_model_len:
+        raise ValueError(f"the draft model's context ({draft.config.max_position_embeddings}) is shorter than "
+                         f"max_model_len ({max_model_len})")
+    return draft
+
+
 class LLM:
     def __init__(self, args: EngineArgs | None = None, **kw):
         args = args or EngineArgs(**kw)
@@ -171,21 +200,12 @@ class LLM:
             self.close()
             raise
         self.model, self.config, ckpt = self.runner.model, self.runner.config, self.runner.ckpt
-        self.draft = None                        # speculative_method draft: the draft model's Runner
-        if args.speculative_model is not None:
-            self.draft = Runner(replace(args, model=args.speculative_model, quantization=None), self.device,
-                                self.dtype)
-            if self.draft.config.vocab_size != self.config.vocab_size:
-                raise ValueError(f"the draft model's vocabulary ({self.draft.config.vocab_size}) is not the "
-                                 f"target's ({self.config.vocab_size})")
         self.tokenizer = Tokenizer(ckpt)
         self.defaults = generation_defaults(ckpt, args.generation_config == "auto")
         cfg = self.config
         self.max_model_len = min(args.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         self.max_blocks_per_seq = -(-self.max_model_len // args.block_size)
-        if self.draft is not None and self.draft.config.max_position_embeddings < self.max_model_len:
-            raise ValueError(f"the draft model's context ({self.draft.config.max_position_embeddings}) is shorter "
-                             f"than max_model_len ({self.max_model_len})")
+        self.draft = load_draft(args, self.device, self.dtype, cfg, self.max_model_len)   # speculative_method draft
         # a draft model's cache has the target's blocks too (one block table addresses both)
         extra = 0 if self.draft is None else cache.kv_bytes_per_block(self.draft.model.config, args.block_size,
                                                                       self.draft.kv_dtype)
@@ -232,15 +252,7 @@ class LLM:
         caller's to check)."""
         params = resolve(params or SamplingParams(), self.defaults)
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        if not ids:
-            raise ValueError("prompt is empty")
-        if len(ids) >= self.max_model_len:
-            raise ValueError(f"prompt has {len(ids)} tokens; the context window is {self.max_model_len} "
-                             f"tokens (prompt + at least one new token)")
-        if max(ids) >= self.config.vocab_size or min(ids) < 0:
-            raise ValueError(f"prompt token ids must be in [0, {self.config.vocab_size})")
-        if any(not 0 <= t < self.config.vocab_size for t in params.logit_bias):
-            raise ValueError(f"logit_bias token ids must be in [0, {self.config.vocab_size})")
+        check_prompt(ids, params, self.max_model_len, self.config.vocab_size)
         request_id = request_id or uuid.uuid4().hex
         if request_id in self.seqs:
             raise ValueError(f"request id {request_id!r} is already running")
@@ -347,42 +359,15 @@ class LLM:
         self.sample_row = {s: i for i, s in enumerate(sampled)}
         if tokens is None and prompt_lp is None:
             return None
-        pin = self.device.type == "cuda"
-        # into pinned memory: a copy to pageable memory would wait for the GPU right here
-        to_host = lambda t: torch.empty(t.shape, dtype=t.dtype, pin_memory=pin).copy_(t, non_blocking=True)
-        host_all = lambda ts: ts and tuple(to_host(t) if torch.is_tensor(t) else t for t in ts)
         if tokens is not None:
             self.runner.set_last_tokens(tokens)
-        out = InFlight(sampled, indices, tokens if tokens is None else to_host(tokens), host_all(lp),
-                       host_all(prompt_lp), None, start)
-        if pin:
-            out.event = torch.cuda.Event(enable_timing=True)
-            out.event.record()
-        return out
+        return in_flight(sampled, indices, tokens, lp, prompt_lp, start)
 
     def sample_tokens(self, reqs: list[Request], steps: list[int], logits: torch.Tensor, graphed: bool,
                       logprobs: int | None = None):
-        """(B, vocab) logits -> (B,) tokens on the device. Batches without penalties replay the sampling graph of
-        their size (logprobs, the most top logprobs a row wants: the graph that also computes every row's, and
-        the result is then (tokens, logprob lists)); greedy batches that want no logprobs take the argmax;
-        others apply penalties to an fp32 copy first."""
-        params = [r.params for r in reqs]
-        changed = any(p.needs_last_token for p in params)          # penalties or a grammar change the logits
-        greedy = not changed and all(p.greedy for p in params)
-        if greedy and logprobs is None:
-            return logits.argmax(-1)                   # the common case needs no sampling tensors, nor fp32
-        if graphed and not changed and self.sampler_graphs is not None:
-            return self.sampler_graphs.run([r.request_id for r in reqs], params, [r.seed for r in reqs], steps,
-                                           logprobs)
-        if greedy:                                     # eager logprobs are computed beside the argmax
-            return logits.argmax(-1)
-        if changed:
-            logits = apply_penalties(logits.to(torch.float32, copy=True), [penalty_entries(r.params, r.prompt, r.counts)
-                                                      if r.params.penalized else [] for r in reqs])
-            if any(r.matcher is not None for r in reqs):
-                self.grammars.mask(logits, [r.matcher for r in reqs])
-        st = SamplingTensors.build(params, [r.seed for r in reqs], steps, self.config.vocab_size, self.device)
-        return sample(logits, st)
+        """choose_tokens with this engine's sampling graphs (graphed: a replayed decode batch) and grammars."""
+        return choose_tokens(reqs, steps, logits, self.config.vocab_size, self.sampler_graphs if graphed else None,
+                             self.grammars, logprobs)
 
     def collect(self, fl: InFlight) -> list[StepOutput]:
         """Read a launched step's sampled tokens (the step's one host sync) and act on them."""
@@ -414,34 +399,12 @@ class LLM:
         return outputs
 
     def check_stop(self, seq: Sequence, req: Request, index: int, lp) -> StepOutput:
-        params, detok = req.params, req.detok
-        tok = seq.token_ids[index]
-        n_out = index + 1 - len(seq.prompt_ids)
-        reason = None
-        hit_stop_string = detok is not None and detok.add(tok)
-        if hit_stop_string:
-            reason = "stop"
-        elif not params.ignore_eos and tok in self.config.eos_token_id or tok in params.stop_token_ids:
-            reason = "stop"
-        elif n_out >= seq.max_tokens:
-            reason = "length"
-        elif req.matcher is not None and req.matcher.is_terminated():
-            reason = "stop"                               # the grammar is complete: nothing more may follow
-        if reason is not None:
-            del seq.token_ids[index + 1:]                 # a token sampled after the stop is dropped
-            self.scheduler.finish(seq, reason)
+        """The output of token `index` of seq; a request it stops is finished here (its blocks freed)."""
+        out = stop_output(seq, req, index, lp, self.config.eos_token_id, self.tokenizer)
+        if out.finished:
+            self.scheduler.finish(seq, out.finish_reason)
             self.forget(seq.request_id)
-        if detok is not None:
-            if reason is not None and not hit_stop_string:
-                detok.flush()
-            text = detok.take(final=reason is not None)
-        else:
-            text = self.tokenizer.decode(seq.output_ids) if reason is not None and req.detokenize else ""
-        prompt_lp = None
-        if req.prompt_logprobs is not None and not req.sent_prompt_logprobs:
-            prompt_lp, req.sent_prompt_logprobs = req.prompt_logprobs, True
-        return StepOutput(seq.request_id, [tok], text, reason is not None, reason, len(seq.prompt_ids), n_out, lp,
-                          prompt_lp)
+        return out
 
     # ---- conveniences -------------------------------------------------------------------------------------
     def submit(self, prompts: list, params, stream_text: bool) -> list[str]:
@@ -477,6 +440,75 @@ class LLM:
             prompt_lps[i] = out.prompt_logprobs or prompt_lps[i]
         return [RequestOutput(s.request_id, s.prompt_ids, s.output_ids, texts[i], s.finish_reason, s.num_cached_hit,
                               lps[i], prompt_lps[i]) for i, s in enumerate(seqs)]
+
+
+def in_flight(seqs: list[Sequence], indices: list[int], tokens, lp, prompt_lp, start) -> InFlight:
+    """A launched step's results on their way to the host: copies queued into pinned memory (a copy to pageable
+    memory would wait for the GPU right here), and on the GPU an event after them that collect() waits on."""
+    pin = start is not None                            # a CUDA device
+    to_host = lambda t: torch.empty(t.shape, dtype=t.dtype, pin_memory=pin).copy_(t, non_blocking=True)
+    host_all = lambda ts: ts and tuple(to_host(t) if torch.is_tensor(t) else t for t in ts)
+    out = InFlight(seqs, indices, tokens if tokens is None else to_host(tokens), host_all(lp), host_all(prompt_lp),
+                   None, start)
+    if pin:
+        out.event = torch.cuda.Event(enable_timing=True)
+        out.event.record()
+    return out
+
+
+def choose_tokens(reqs: list[Request], steps: list[int], logits: torch.Tensor, vocab_size: int,
+                  sampler_graphs: SamplerGraphs | None, grammars, logprobs: int | None = None):
+    """(B, vocab) logits -> (B,) tokens on the device. Batches without penalties replay the sampling graph of
+    their size when given sampler_graphs (logprobs, the most top logprobs a row wants: the graph that also
+    computes every row's, and the result is then (tokens, logprob lists)); greedy batches that want no logprobs
+    take the argmax; others apply penalties and grammar masks to an fp32 copy first."""
+    params = [r.params for r in reqs]
+    changed = any(p.needs_last_token for p in params)          # penalties or a grammar change the logits
+    greedy = not changed and all(p.greedy for p in params)
+    if greedy and logprobs is None:
+        return logits.argmax(-1)                   # the common case needs no sampling tensors, nor fp32
+    if sampler_graphs is not None and not changed:
+        return sampler_graphs.run([r.request_id for r in reqs], params, [r.seed for r in reqs], steps, logprobs)
+    if greedy:                                     # eager logprobs are computed beside the argmax
+        return logits.argmax(-1)
+    if changed:
+        logits = apply_penalties(logits.to(torch.float32, copy=True), [penalty_entries(r.params, r.prompt, r.counts)
+                                                  if r.params.penalized else [] for r in reqs])
+        if any(r.matcher is not None for r in reqs):
+            grammars.mask(logits, [r.matcher for r in reqs])
+    st = SamplingTensors.build(params, [r.seed for r in reqs], steps, vocab_size, logits.device)
+    return sample(logits, st)
+
+
+def stop_output(seq: Sequence, req: Request, index: int, lp, eos_ids, tokenizer: Tokenizer) -> StepOutput:
+    """Token `index` of seq (just sampled) as a StepOutput: its text so far, and whether it ends the request (a
+    stop string, EOS or a stop token, max_tokens, a finished grammar), in which case the tokens after it drop."""
+    params, detok = req.params, req.detok
+    tok = seq.token_ids[index]
+    n_out = index + 1 - len(seq.prompt_ids)
+    reason = None
+    hit_stop_string = detok is not None and detok.add(tok)
+    if hit_stop_string:
+        reason = "stop"
+    elif not params.ignore_eos and tok in eos_ids or tok in params.stop_token_ids:
+        reason = "stop"
+    elif n_out >= seq.max_tokens:
+        reason = "length"
+    elif req.matcher is not None and req.matcher.is_terminated():
+        reason = "stop"                               # the grammar is complete: nothing more may follow
+    if reason is not None:
+        del seq.token_ids[index + 1:]                 # a token sampled after the stop is dropped
+    if detok is not None:
+        if reason is not None and not hit_stop_string:
+            detok.flush()
+        text = detok.take(final=reason is not None)
+    else:
+        text = tokenizer.decode(seq.output_ids) if reason is not None and req.detokenize else ""
+    prompt_lp = None
+    if req.prompt_logprobs is not None and not req.sent_prompt_logprobs:
+        prompt_lp, req.sent_prompt_logprobs = req.prompt_logprobs, True
+    return StepOutput(seq.request_id, [tok], text, reason is not None, reason, len(seq.prompt_ids), n_out, lp,
+                      prompt_lp)
 
 
 # ---- LLM's logprob bookkeeping and memory report, as plain functions of what they use -------------------------
