@@ -776,23 +776,20 @@ def main(argv=None):
 
     t0 = time.perf_counter()
     n_prompt = n_out = 0
+    texts = [""] * len(prompts)
     try:
-        ids = [llm.add_request(p, params) for p in prompts]
+        outputs = llm.stream(prompts, params)          # (prompt index, StepOutput) as tokens arrive
     except ValueError as e:
         sys.exit(f"error: {e}")
-    index = {rid: i for i, rid in enumerate(ids)}
-    texts = [""] * len(prompts)
-    while llm.has_work():
-        for out in llm.step():
-            i = index[out.request_id]
-            texts[i] += out.text
-            if len(prompts) == 1:
-                print(out.text, end="", flush=True)
-            if out.finished:
-                n_prompt += out.num_prompt_tokens
-                n_out += out.num_output_tokens
-                if len(prompts) > 1:
-                    print(f"--- [{i}] {prompts[i]!r} ({out.finish_reason})\n{texts[i]}", flush=True)
+    for i, out in outputs:
+        texts[i] += out.text
+        if len(prompts) == 1:
+            print(out.text, end="", flush=True)
+        if out.finished:
+            n_prompt += out.num_prompt_tokens
+            n_out += out.num_output_tokens
+            if len(prompts) > 1:
+                print(f"--- [{i}] {prompts[i]!r} ({out.finish_reason})\n{texts[i]}", flush=True)
     dt = time.perf_counter() - t0
     print(f"\n\n{len(prompts)} prompt(s): {n_prompt} prompt tokens, {n_out} output tokens in {dt:.2f} s "
           f"({n_out / dt:.1f} output tok/s)", file=sys.stderr)

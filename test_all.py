@@ -412,6 +412,29 @@ def test_seeded_generation_repeats(ckpt):
     assert_no_leak(llm)
 
 
+
+def test_sample_cli(ckpt, capsys):
+    """`python sample.py`: one prompt streams the text LLM.generate gives; several print one block each;
+    bad input exits with a message, not a traceback."""
+    path, _ = ckpt
+    flags = ["--model", str(path), "--block-size", "4", "--num-blocks", "64", "--temperature", "0",
+             "--max-tokens", "6", "--ignore-eos"]
+    want = engine(path).generate(["hello", "a b c"], greedy(max_tokens=6, ignore_eos=True))
+    sample_mod.main(flags + ["--prompt", "hello"])
+    out, err = capsys.readouterr()
+    assert out.startswith(want[0].text) and want[0].text
+    assert f"1 prompt(s): {len(want[0].prompt_token_ids)} prompt tokens, 6 output tokens" in err
+    sample_mod.main(flags + ["--prompt", "hello", "--prompt", "a b c"])
+    out, err = capsys.readouterr()
+    for i, (p, w) in enumerate(zip(["hello", "a b c"], want)):
+        assert f"--- [{i}] {p!r} (length)\n{w.text}\n" in out
+    assert "2 prompt(s)" in err
+    with pytest.raises(SystemExit, match="error: prompt has"):
+        sample_mod.main(flags + ["--max-model-len", "8", "--prompt", "a b c " * 10])
+    with pytest.raises(SystemExit) as e:
+        sample_mod.main(flags)                                      # no prompt: argparse's usage error
+    assert e.value.code == 2 and "give --prompt" in capsys.readouterr().err
+
 # ----------------------------------------------------------------------------------------------------------
 # Text: detokenization and stop strings
 # ----------------------------------------------------------------------------------------------------------
