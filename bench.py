@@ -11,7 +11,8 @@ pass with another prefix), serve (serve.py on loopback, N streaming clients), ke
 after a profiler timeline of a decode step at batch 1 and 8: each kernel's time per step, the GPU's busy time and
 the gaps), allreduce (with --tensor-parallel-size: all-reduce time and bus bandwidth at decode and prefill
 sizes), spec (speculative decoding at chosen acceptance rates), accuracy (top-1 agreement and logit error against transformers
-in fp32, for our engine, with FP8 weights, with an FP8 KV cache, and transformers in the run's dtype beside them).
+in fp32, for our engine, with FP8 weights, with an FP8 KV cache, and transformers in the run's dtype and on
+the same FP8 weights beside them).
 It prints a table (result, floor, result/floor, peer, ours/peer), a one-line summary, and writes everything to
 --out (results.json).
 

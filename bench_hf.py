@@ -87,8 +87,11 @@ def accuracy(cfg: Config, eargs, device, dtype, n_prompts: int, length: int) -> 
     own K/V back from the cache, so the rounding shows); with FP8 weights (--quantization fp8; dense models);
     and transformers in dtype, the peer: how far apart two correct implementations at that precision are.
     "clear" positions: the reference's top-2 margin exceeds twice the variant's max logit error (no rounding
-    of that size could flip the top-1). transformers' own FP8 path is not run: it needs kernels outside this
-    project's dependencies."""
+    of that size could flip the top-1). The FP8 peer (dense models, where accelerate is installed, which
+    transformers asks for to load FP8): the same weights written in Qwen's FP8 format (fp8_checkpoint) and loaded
+    by transformers with FineGrainedFP8Config(dequantize=True), i.e. the FP8 weights in the run's dtype. Its FP8
+    matmuls are not run: they come from a hub kernel (kernels-community/finegrained-fp8), outside this
+    project's dependencies and unreachable offline."""
     import transformers
     hf_cfg = transformers.Qwen3Config(**{k: getattr(cfg, k) for k in (
         "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -123,6 +126,12 @@ def accuracy(cfg: Config, eargs, device, dtype, n_prompts: int, length: int) -> 
         variants = {f"ours {name}": {}, f"ours {name}, FP8 KV cache": {"kv_cache_dtype": "fp8"}}
         if not cfg.num_experts:
             variants[f"ours {name}, FP8 weights"] = {"quantization": "fp8"}
+            peer8 = fp8_peer(d, dtype)
+            if peer8 is not None:
+                peer8 = peer8.to(device)
+                res[f"transformers {name}, FP8 checkpoint dequantized at load (peer)"] = score(
+                    lambda ids: peer8(ids[None]).logits[0])
+                del peer8
         plain = dict(model=d, random_weights=False, cuda_graphs=False, quantization=None, kv_cache_dtype="auto",
                      tensor_parallel_size=1, speculative_method=None, speculative_model=None,
                      num_blocks=length // eargs.block_size + 8)
@@ -140,3 +149,47 @@ def accuracy(cfg: Config, eargs, device, dtype, n_prompts: int, length: int) -> 
             if torch.device(device).type == "cuda":
                 torch.cuda.empty_cache()
     return res
+
+
+FP8_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def fp8_checkpoint(src: str, dst: str):
+    """A dense checkpoint (safetensors, one or many files) rewritten in Qwen's FP8 format: each projection's
+    weight as float8_e4m3fn with its weight_scale_inv per 128 x 128 block (quant.quantize_blocks, the blocks
+    --quantization fp8 makes at load), everything else as it was; config.json gains the quantization_config."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file, save_file
+
+    import quant
+    out = {}
+    for f in sorted(Path(src).glob("*.safetensors")):
+        for key, t in load_file(f).items():
+            if key.endswith(".weight") and key.split(".")[-2] in FP8_PROJECTIONS:
+                out[key], out[key + "_scale_inv"] = quant.quantize_blocks(t)
+            else:
+                out[key] = t
+    save_file(out, str(Path(dst) / "model.safetensors"))
+    cfg = json.loads((Path(src) / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                  "weight_block_size": [128, 128]}
+    (Path(dst) / "config.json").write_text(json.dumps(cfg))
+
+
+def fp8_peer(src: str, dtype):
+    """transformers' model of src's weights in FP8 (fp8_checkpoint), dequantized at load to dtype, on the CPU;
+    None (and a line on stderr) without accelerate."""
+    import sys
+
+    import transformers
+    try:
+        import accelerate  # noqa: F401  (transformers wants it to load an FP8 checkpoint at all)
+    except ImportError:
+        print("accuracy: no transformers FP8 peer (it needs the optional package accelerate)", file=sys.stderr)
+        return None
+    with tempfile.TemporaryDirectory() as d8:
+        fp8_checkpoint(src, d8)
+        qc = transformers.FineGrainedFP8Config(dequantize=True)
+        return transformers.Qwen3ForCausalLM.from_pretrained(d8, dtype=dtype, quantization_config=qc).eval()

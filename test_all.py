@@ -2534,6 +2534,11 @@ def test_bn_tiny_run_writes_json(tmp_path):
     assert acc["ours float32"]["top1_agreement"] == 1.0 and acc["ours float32"]["max_abs_logit_diff"] < 1e-4
     for name in ("ours float32, FP8 KV cache", "ours float32, FP8 weights"):
         assert 1e-4 < acc[name]["max_abs_logit_diff"] < 1 and acc[name]["top1_agreement"] > 0.5
+    # transformers' FP8 peer holds the FP8 weights --quantization fp8 makes (both dequantize them on the CPU)
+    peer8 = acc["transformers float32, FP8 checkpoint dequantized at load (peer)"]
+    ours8 = acc["ours float32, FP8 weights"]
+    assert abs(peer8["max_abs_logit_diff"] - ours8["max_abs_logit_diff"]) < 1e-5
+    assert abs(peer8["mean_abs_logit_diff"] - ours8["mean_abs_logit_diff"]) < 1e-6
 
 
 def test_bn_stream_client_counts_chunks_and_usage():
