@@ -7,9 +7,10 @@
 
 Modes: offline (256 requests at once), decode-1 (one request, ms/token; and 8 at once, ms/step), prefill (8 x 2048
 tokens, one forward), prefix (64 requests sharing a 2,000-token prefix, prefix cache on vs off, each after an untimed
-pass with another prefix), serve (serve.py on loopback, N streaming clients), kernels (bench_kernels.py's table,
-after a profiler timeline of a decode step at batch 1 and 8: each kernel's time per step, the GPU's busy time and
-the gaps), allreduce (with --tensor-parallel-size: all-reduce time and bus bandwidth at decode and prefill
+pass with another prefix), serve (serve.py on loopback, N streaming clients), timeline (a decode step of
+--timeline-batches requests, default 1 and 8, under the profiler: each kernel's time per step, the GPU's busy time
+and the gaps, against the step's floor; QWEN3_PDL=0 shows each kernel's own time), kernels (the timeline, then
+bench_kernels.py's table), allreduce (with --tensor-parallel-size: all-reduce time and bus bandwidth at decode and prefill
 sizes), spec (speculative decoding at chosen acceptance rates), accuracy (top-1 agreement and logit error against transformers
 in fp32, for our engine, with FP8 weights, with an FP8 KV cache, and transformers in the run's dtype and on
 the same FP8 weights beside them).
@@ -60,18 +61,18 @@ import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
-from bench_kernels import (bench_kernels, decode_timeline, format_rows, format_timeline, measure_ceilings,
-                           median_time, sync)
+from bench_kernels import bench_kernels, decode_timelines, format_rows, measure_ceilings, median_time, sync
 from engine import LLM, EngineArgs, resolve_device_dtype
 from model import Config, preset, resolve_checkpoint
 from sample import SamplingParams, add_dataclass_args, pick, resolve
 from speculate import MIN_ACCEPTED
 
-MODES = ["offline", "nanovllm", "decode-1", "spec", "allreduce", "prefix", "prefill", "accuracy", "kernels", "serve"]   # run in this order (fewest rebuilds)
-DEFAULT_MODES = ["offline", "decode-1", "prefill", "prefix"]
+MODES = ["offline", "nanovllm", "decode-1", "spec", "allreduce", "prefix", "prefill", "accuracy", "timeline", "kernels", "serve"]
+DEFAULT_MODES = ["offline", "decode-1", "prefill", "prefix"]      # MODES run in their order there (fewest rebuilds)
 
 
 @dataclass
@@ -91,6 +92,8 @@ class Workloads:
     clients: tuple = (1, 16, 64, 256)  # serve: requests (and concurrent streaming clients) per level
     request_rate: float = float("inf")  # serve: Poisson arrivals per second (inf: all at once)
     max_concurrency: int | None = None  # serve: requests in flight at most (None: all of a level's)
+    timeline_batches: tuple = (1, 8)    # timeline, kernels: decode steps of this many requests under the profiler
+    timeline_prompt: int = 128          # ... each with a prompt this long
 
 
 CPU_WORKLOADS = Workloads(num_seqs=8, min_len=16, max_len=64, decode_prompt=16, decode_tokens=32, prefill_seqs=2,
@@ -161,14 +164,19 @@ def prompt_flops(cfg: Config, a: int, b: int) -> int:
     return 2 * weight_params(cfg) * (b - a) + 4 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * attn_pairs
 
 
+def kv_bytes_per_token(b: Bench) -> int:
+    """K: the K/V bytes of one token of context, all layers (1 byte per element with --kv-cache-dtype fp8)."""
+    kv_nbytes = 1 if b.eargs.kv_cache_dtype == "fp8" else b.dtype.itemsize
+    return 2 * b.cfg.num_hidden_layers * b.cfg.num_key_value_heads * b.cfg.head_dim * kv_nbytes
+
+
 def floor(b: Bench, prompt_lens: list[int], out_lens: list[int], computed: list[tuple[int, int]] | None = None,
           shared_prefix: int = 0) -> dict:
     """The floor of requests run as one batch (docstring at the top). computed: the (a, b) prompt spans that
     must be computed, default every prompt in full. shared_prefix: leading tokens every request shares, whose
     K/V a decode step need read from memory only once for the whole batch."""
     nbytes = b.dtype.itemsize
-    kv_nbytes = 1 if b.eargs.kv_cache_dtype == "fp8" else nbytes
-    K = 2 * b.cfg.num_hidden_layers * b.cfg.num_key_value_heads * b.cfg.head_dim * kv_nbytes
+    K = kv_bytes_per_token(b)
     kv = K * sum((o - 1) * p + o * (o - 1) // 2 for p, o in zip(prompt_lens, out_lens))
     kv -= K * shared_prefix * (sum(out_lens) - len(out_lens) - (max(out_lens) - 1))
     # decode step j (1 .. max o - 1) runs the requests with o_i > j; dense: the same weights every step
@@ -208,24 +216,13 @@ def release(b: Bench):
         torch.cuda.empty_cache()
 
 
-class Progress:
-    """tqdm when it is installed, else a counter on stderr."""
-
-    def __init__(self, total: int, desc: str):
-        try:
-            from tqdm import tqdm
-            self.bar = tqdm(total=total, desc=desc, file=sys.stderr, leave=False, dynamic_ncols=True)
-        except ImportError:
-            self.bar, self.n, self.total, self.desc = None, 0, total, desc
-
-    def update(self, n: int):
-        if self.bar is not None:
-            return self.bar.update(n)
-        self.n += n
-        print(f"\r{self.desc}: {self.n}/{self.total}", end="", file=sys.stderr, flush=True)
-
-    def close(self):
-        self.bar.close() if self.bar is not None else print(file=sys.stderr)
+def progress(total: int, desc: str):
+    """tqdm's bar when tqdm is installed (it is not a dependency), else one that shows nothing."""
+    try:
+        from tqdm import tqdm
+        return tqdm(total=total, desc=desc, file=sys.stderr, leave=False, dynamic_ncols=True)
+    except ImportError:
+        return SimpleNamespace(update=lambda n: None, close=lambda: None)
 
 
 def run_requests(llm: LLM, prompts: list[list[int]], out_lens: list[int], sampling: dict, desc: str) -> dict:
@@ -233,7 +230,7 @@ def run_requests(llm: LLM, prompts: list[list[int]], out_lens: list[int], sampli
     SamplingParams settings (unset ones take the model's defaults: Qwen3's for random weights)."""
     llm.blocks.clear_cache()                     # each run computes its prompts: an earlier run's cache is not reused
     stats0 = llm.stats()
-    bar = Progress(sum(out_lens), desc)
+    bar = progress(sum(out_lens), desc)
     t0 = time.perf_counter()
     for p, n in zip(prompts, out_lens):
         # text comes once at the end, as LLM.generate does (no per-token detokenization)
@@ -523,17 +520,30 @@ def run_allreduce(b: Bench):
     return [], {"available": True, "ranks": n, "rows": table}
 
 
+def run_timeline(b: Bench):
+    """A decode step of each of --timeline-batches requests (prompts of --timeline-prompt tokens) under the
+    profiler (bench_kernels.decode_timeline): each kernel's time per step, the GPU's busy time and the gaps,
+    against the step's floor: the weights it reads (MoE: the experts that many tokens route to) and the
+    batch's K/V, over the bandwidth. QWEN3_PDL=0 shows each kernel's own time (no launch overlaps another)."""
+    if b.device.type != "cuda":
+        print("timeline: the profiler timeline needs a GPU")
+        return [], {"available": False}
+    step_bytes = lambda n: (weight_bytes(b.cfg, b.dtype.itemsize, experts_read(b.cfg, n) or None)
+                            + n * (b.w.timeline_prompt + 16) * kv_bytes_per_token(b))   # context mid-way
+    return [], {"available": True, "decode_timeline": decode_timelines(
+        engine(b), b.w.timeline_batches, b.w.timeline_prompt, lambda n: 1e6 * step_bytes(n) / b.bandwidth)}
+
+
 def run_kernels(b: Bench):
+    """run_timeline first, while an engine of this model is alive; then bench_kernels' table."""
     if b.device.type != "cuda":
         print("kernels: the kernel table needs a GPU")
         return [], {"available": False}
-    timeline = {}
-    for batch in (1, 8):                               # first, while an engine of this model is alive
-        try:
-            timeline[batch] = decode_timeline(engine(b), batch)
-            print(format_timeline(timeline[batch], 1e6 * weight_bytes(b.cfg, b.dtype.itemsize) / b.bandwidth))
-        except Exception as e:                         # the profiler must not cost the kernel table
-            print(f"decode timeline failed: {type(e).__name__}: {e}")
+    try:
+        timeline = run_timeline(b)[1]["decode_timeline"]
+    except Exception as e:                             # the profiler must not cost the kernel table
+        print(f"decode timeline failed: {type(e).__name__}: {e}")
+        timeline = {}
     release(b)
     table = bench_kernels(b.bandwidth / 1e9, b.matmul / 1e12)
     print(format_rows(table, b.bandwidth / 1e9, b.matmul / 1e12))
@@ -689,6 +699,9 @@ def parse_args(argv):
                     help="serve: Poisson arrivals per second (default: inf, all at once)")
     ap.add_argument("--max-concurrency", type=int, default=None,
                     help="serve: requests in flight at most (default: all of a level's)")
+    ap.add_argument("--timeline-batches", type=int, nargs="+",
+                    help="timeline, kernels: requests per profiled decode step (default: 1 8)")
+    ap.add_argument("--timeline-prompt", type=int, help="timeline, kernels: their prompt length (default: 128)")
     ap.add_argument("--temperature", type=float, default=None,
                     help="offline, prefix, serve, nanovllm: the sampled runs' temperature (default: the model's, with "
                          "its top-p/top-k: Qwen3's 0.6 / 0.95 / 20 for random weights); 0 = greedy only")
@@ -719,6 +732,8 @@ def setup(args) -> Bench:
     w = replace(Workloads() if gpu else CPU_WORKLOADS,
                 **{k: getattr(args, k) for k in ("num_seqs", "min_len", "max_len") if getattr(args, k) is not None})
     w.clients = tuple(args.clients or w.clients)
+    w.timeline_batches = tuple(args.timeline_batches or w.timeline_batches)
+    w.timeline_prompt = args.timeline_prompt or w.timeline_prompt
     w.request_rate, w.max_concurrency = args.request_rate, args.max_concurrency
     name = torch.cuda.get_device_name(device) if gpu else f"CPU ({os.cpu_count()} cores)"
     print(f"device: {name}, torch {torch.__version__}; model {eargs.model} "
@@ -758,6 +773,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     b = setup(args)
     run = {"offline": run_offline, "nanovllm": run_nanovllm, "decode-1": run_decode1, "prefill": run_prefill, "prefix": run_prefix, "spec": run_spec,
+           "timeline": run_timeline,
            "allreduce": run_allreduce, "accuracy": run_accuracy, "kernels": run_kernels, "serve": run_serve}
     out = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "device": torch.cuda.get_device_name(b.device)
            if b.device.type == "cuda" else "cpu", "torch": torch.__version__, "modes": args.modes,

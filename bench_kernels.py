@@ -487,9 +487,10 @@ def decode_timeline(llm, batch: int = 1, steps: int = 20, prompt_len: int = 128)
     last one's end divided by the steps (so it includes the gaps between kernels and between steps)."""
     from torch.profiler import ProfilerActivity, profile
     from sample import SamplingParams
-    params = SamplingParams(temperature=0.0, max_tokens=steps + 20, ignore_eos=True)
+    warm = 3 + -(-batch * prompt_len // llm.args.max_num_batched_tokens)   # the prefill's chunks, then decodes
+    params = SamplingParams(temperature=0.0, max_tokens=warm + steps + 20, ignore_eos=True)
     rids = [llm.add_request([1 + i] * prompt_len, params) for i in range(batch)]
-    for _ in range(4):                                   # the prefill, then decodes
+    for _ in range(warm):
         llm.step()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -521,10 +522,19 @@ def format_timeline(t: dict, floor_us: float) -> str:
     lines = [f"decode step timeline, batch {t['batch']} ({t['steps']} steps under the profiler): "
              f"{t['kernels_per_step']:.0f} kernels, {t['kernel_us_per_step']:.0f} us of kernels, GPU busy "
              f"{t['busy_us_per_step']:.0f} us of a {t['span_us_per_step']:.0f} us span per step (the rest: gaps); "
-             f"floor {floor_us:.0f} us (weight bytes / bandwidth)"]
+             f"floor {floor_us:.0f} us (weights and K/V read / bandwidth)"]
     for k in t["kernels"][:20]:
         lines.append(f"  {k['us_per_step']:8.1f} us/step  {k['launches_per_step']:5.1f} x {k['us_each']:7.2f} us  {k['name']}")
     return "\n".join(lines)
+
+
+def decode_timelines(llm, batches, prompt_len: int, floor_us) -> dict:
+    """decode_timeline at each batch size, each printed against floor_us(batch); {batch: timeline}."""
+    out = {}
+    for batch in batches:
+        out[batch] = decode_timeline(llm, batch, prompt_len=prompt_len)
+        print(format_timeline(out[batch], floor_us(batch)))
+    return out
 
 
 def format_rows(rows, copy_gbps, matmul_tflops) -> str:

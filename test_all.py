@@ -2500,13 +2500,15 @@ def test_bn_floors_match_bench_md(model, offline, decode_ms, prefill):
 
 def test_bn_tiny_run_writes_json(tmp_path):
     out = tmp_path / "results.json"
-    ret = bench.main(["decode-1", "offline", "nanovllm", "prefix", "accuracy", "--model", "tiny", "--num-seqs", "4",
-                      "--min-len", "8", "--max-len", "16", "--out", str(out)])
+    ret = bench.main(["decode-1", "offline", "nanovllm", "prefix", "accuracy", "timeline", "--model", "tiny",
+                      "--num-seqs", "4", "--min-len", "8", "--max-len", "16", "--timeline-batches", "1", "4",
+                      "--out", str(out)])
     r = json.loads(out.read_text())
     assert ret["rows"] and len(r["rows"]) == len(ret["rows"])
     for key in ("date", "device", "model", "shape", "engine_args", "workloads", "ceilings", "rows", "details"):
         assert key in r, key
     assert r["model"] == "tiny" and r["engine_args"]["random_weights"]
+    assert r["details"]["timeline"] == {"available": False} and r["workloads"]["timeline_batches"] == [1, 4]
     assert r["ceilings"]["copy_bytes_per_s"] > 0 and r["ceilings"]["matmul_flop_per_s"] > 0
     rows = {row["workload"]: row for row in r["rows"]}
     print({k: (round(v["tok_s"], 1), round(v["floor_tok_s"])) for k, v in rows.items()})
