@@ -442,6 +442,7 @@ class LLM:
                               lps[i], prompt_lps[i]) for i, s in enumerate(seqs)]
 
 
+# ---- LLM's step pieces, as plain functions of what they use ---------------------------------------------------
 def in_flight(seqs: list[Sequence], indices: list[int], tokens, lp, prompt_lp, start) -> InFlight:
     """A launched step's results on their way to the host: copies queued into pinned memory (a copy to pageable
     memory would wait for the GPU right here), and on the GPU an event after them that collect() waits on."""

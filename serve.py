@@ -369,13 +369,7 @@ class Handler(BaseHTTPRequestHandler):
                                     f"(prompt + at least one new token)", param="prompt")
         if srv.draining or not srv.client.alive:
             raise ApiError(503, "the server is shutting down", headers={"Retry-After": "1"})
-        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-        engine_params = dataclasses.replace(params, stop=[])          # stop strings are checked here
-        jobs = [(f"{rid}-{i}", prompts[i // n], engine_params if params.seed is None else
-                 dataclasses.replace(engine_params, seed=params.seed + i)) for i in range(len(prompts) * n)]
-        parser = lambda: ChatParser(srv.reasoning_parser == "qwen3", tools) if chat else None
-        choices = [Choice(i, srv.tokenizer, params, chat, echo and echo[i // n], prompts[i // n], parser())
-                   for i in range(len(jobs))]
+        rid, jobs, choices = new_jobs(srv, prompts, params, n, chat, echo, tools)
         head = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
                 "created": int(time.time()), "model": srv.model_name}
         resp = Response(srv, self.connection, jobs, choices, stream, json.dumps(head)[:-1] + ', "choices": [')
@@ -398,18 +392,18 @@ class Handler(BaseHTTPRequestHandler):
                                headers={"Retry-After": "1"} if resp.error.status == 503 else None)
         except (ConnectionError, TimeoutError):
             resp.end("abort")                            # the client left: its KV blocks go at the next step
-            self.log(rid, choices, "client disconnected", resp.t0)
+            log_request(rid, choices, "client disconnected", resp.t0)
             raise
         except ApiError as e:
             resp.end("error")
-            self.log(rid, choices, f"error {e.status}", resp.t0)
+            log_request(rid, choices, f"error {e.status}", resp.t0)
             if not self.streaming:
                 raise
             self.send_event(e.body())
             return self.end_stream()
         finally:
             srv.generating.discard(threading.current_thread())
-        self.log(rid, choices, ",".join(sorted({c.finish_reason for c in choices})), resp.t0)
+        log_request(rid, choices, ",".join(sorted({c.finish_reason for c in choices})), resp.t0)
         if stream:
             if include_usage:
                 self.send_event({**head, "choices": [], "usage": usage(choices, n)})
@@ -424,19 +418,9 @@ class Handler(BaseHTTPRequestHandler):
             resp.wake.wait(0.1)
             resp.wake.clear()
             resp.flush()
-            if resp.gone or self.client_gone():
+            if resp.gone or client_gone(self.connection):
                 raise ConnectionResetError("client closed the connection")
         resp.flush()
-
-    def client_gone(self) -> bool:
-        """True when the client closed its end (the socket reads as EOF). A stream would also notice on its
-        next write, but a non-streaming or still-queued request writes nothing until it ends."""
-        poller = select.poll()                  # not select.select(): it fails on descriptors above 1023
-        poller.register(self.connection, select.POLLIN)
-        try:
-            return bool(poller.poll(0)) and self.connection.recv(1, socket.MSG_PEEK) == b""
-        except OSError:
-            return True
 
     def start_stream(self):
         self.send_response(200)
@@ -454,10 +438,38 @@ class Handler(BaseHTTPRequestHandler):
         self.send_event("[DONE]")
         self.wfile.write(b"0\r\n\r\n")
 
-    def log(self, rid, choices, outcome, t0):
-        n_prompt, n_out = sum(c.num_prompt_tokens for c in choices), sum(c.num_output_tokens for c in choices)
-        sys.stderr.write(f"{rid}: {n_prompt} prompt + {n_out} output tokens, {outcome}, "
-                         f"{time.perf_counter() - t0:.2f} s\n")      # one write: threads' lines never interleave
+
+# ---- a generation request's pieces, as plain functions of what they use -------------------------------------
+def new_jobs(srv: Server, prompts: list[list[int]], params, n: int, chat: bool, echo: list[str] | None,
+             tools: bool) -> tuple[str, list, list]:
+    """A request's id, its engine jobs ((id, prompt ids, params) for each of n completions of each prompt: seeds
+    counted up from the request's, stop strings left to the front) and the Choice that collects each one."""
+    rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+    engine_params = dataclasses.replace(params, stop=[])              # stop strings are checked here
+    jobs = [(f"{rid}-{i}", prompts[i // n], engine_params if params.seed is None else
+             dataclasses.replace(engine_params, seed=params.seed + i)) for i in range(len(prompts) * n)]
+    parser = lambda: ChatParser(srv.reasoning_parser == "qwen3", tools) if chat else None
+    choices = [Choice(i, srv.tokenizer, params, chat, echo and echo[i // n], prompts[i // n], parser())
+               for i in range(len(jobs))]
+    return rid, jobs, choices
+
+
+def client_gone(connection: socket.socket) -> bool:
+    """True when the client closed its end (the socket reads as EOF). A stream would also notice on its next
+    write, but a non-streaming or still-queued request writes nothing until it ends."""
+    poller = select.poll()                      # not select.select(): it fails on descriptors above 1023
+    poller.register(connection, select.POLLIN)
+    try:
+        return bool(poller.poll(0)) and connection.recv(1, socket.MSG_PEEK) == b""
+    except OSError:
+        return True
+
+
+def log_request(rid: str, choices: list, outcome: str, t0: float):
+    """One line on stderr per generation request."""
+    n_prompt, n_out = sum(c.num_prompt_tokens for c in choices), sum(c.num_output_tokens for c in choices)
+    sys.stderr.write(f"{rid}: {n_prompt} prompt + {n_out} output tokens, {outcome}, "
+                     f"{time.perf_counter() - t0:.2f} s\n")      # one write: threads' lines never interleave
 
 
 # ----------------------------------------------------------------------------------------------------------
