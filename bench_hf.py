@@ -152,30 +152,34 @@ def accuracy(cfg: Config, eargs, device, dtype, n_prompts: int, length: int) -> 
 
 
 FP8_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+FP8_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
+
+
+def fp8_layout(tensors: dict) -> dict:
+    """Checkpoint tensors in Qwen's FP8 layout: each projection's weight (experts' too) as float8_e4m3fn with its
+    weight_scale_inv per 128 x 128 block (quant.quantize_blocks, the blocks --quantization fp8 makes at load),
+    everything else as it was."""
+    import quant
+    out = {}
+    for key, t in tensors.items():
+        if key.endswith(".weight") and key.split(".")[-2] in FP8_PROJECTIONS:
+            out[key], out[key + "_scale_inv"] = quant.quantize_blocks(t)
+        else:
+            out[key] = t.contiguous()
+    return out
 
 
 def fp8_checkpoint(src: str, dst: str):
-    """A dense checkpoint (safetensors, one or many files) rewritten in Qwen's FP8 format: each projection's
-    weight as float8_e4m3fn with its weight_scale_inv per 128 x 128 block (quant.quantize_blocks, the blocks
-    --quantization fp8 makes at load), everything else as it was; config.json gains the quantization_config."""
+    """A checkpoint (safetensors, one or many files) rewritten in Qwen's FP8 format (fp8_layout, one file);
+    config.json gains the quantization_config."""
     import json
     from pathlib import Path
 
     from safetensors.torch import load_file, save_file
-
-    import quant
-    out = {}
-    for f in sorted(Path(src).glob("*.safetensors")):
-        for key, t in load_file(f).items():
-            if key.endswith(".weight") and key.split(".")[-2] in FP8_PROJECTIONS:
-                out[key], out[key + "_scale_inv"] = quant.quantize_blocks(t)
-            else:
-                out[key] = t
-    save_file(out, str(Path(dst) / "model.safetensors"))
+    tensors = {k: t for f in sorted(Path(src).glob("*.safetensors")) for k, t in load_file(f).items()}
+    save_file(fp8_layout(tensors), str(Path(dst) / "model.safetensors"))
     cfg = json.loads((Path(src) / "config.json").read_text())
-    cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-                                  "weight_block_size": [128, 128]}
-    (Path(dst) / "config.json").write_text(json.dumps(cfg))
+    (Path(dst) / "config.json").write_text(json.dumps({**cfg, "quantization_config": FP8_CONFIG}))
 
 
 def fp8_peer(src: str, dtype):

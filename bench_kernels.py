@@ -342,9 +342,10 @@ MOE_SHAPES = {"qwen3-30b-a3b": (2048, 768), "qwen3-235b-a22b": (4096, 1536)}   #
 
 def bench_moe(copy_gbps: float, matmul_tflops: float, device="cuda", dtype=torch.bfloat16, E=128, k=8) -> list[dict]:
     """The fused MoE (moe.py: up to GEMV_MAX_PAIRS pairs the two expert GEMVs, else align + gate/up GEMM with
-    SiLU*up + down GEMM with the routing weights + the sum over k), given the router's choice, at decode batch sizes (GB/s over the bytes of the distinct experts the
-    batch routes to, counted from the ids) and prefill sizes (TFLOP/s over 2 x T x k x 3 x H x I). Routing is
-    uniform at random, as random weights give. The reference asks the host which experts were hit: eager."""
+    SiLU*up + down GEMM with the routing weights + the sum over k), given the router's choice, at decode batch
+    sizes (GB/s over the bytes of the distinct experts the batch routes to, counted from the ids) and prefill
+    sizes (TFLOP/s over 2 x T x k x 3 x H x I). Routing is uniform at random, as random weights give. The
+    reference asks the host which experts were hit: eager."""
     import moe
     rows, elt = [], torch.finfo(dtype).bits // 8
     for model, (H, I) in MOE_SHAPES.items():

@@ -26,6 +26,7 @@ import torch
 
 import attention
 import bench
+import bench_hf
 import bench_serve
 import cache
 import gemv
@@ -412,7 +413,6 @@ def test_seeded_generation_repeats(ckpt):
     assert_no_leak(llm)
 
 
-
 def test_sample_cli(ckpt, capsys):
     """`python sample.py`: one prompt streams the text LLM.generate gives; several print one block each;
     bad input exits with a message, not a traceback."""
@@ -434,6 +434,7 @@ def test_sample_cli(ckpt, capsys):
     with pytest.raises(SystemExit) as e:
         sample_mod.main(flags)                                      # no prompt: argparse's usage error
     assert e.value.code == 2 and "give --prompt" in capsys.readouterr().err
+
 
 # ----------------------------------------------------------------------------------------------------------
 # Text: detokenization and stop strings
@@ -1246,21 +1247,13 @@ def test_kt_linear_one_token(K, N, dtype):
 # FP8 weights (quant.py): the official block format, --quantization fp8, the W8A16 and W8A8 kernels
 # ----------------------------------------------------------------------------------------------------------
 
-FP8_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
 def fp8_layout(tensors: dict) -> tuple[dict, dict]:
-    """Checkpoint tensors -> (Qwen's FP8 layout: each projection as float8 + weight_scale_inv, the same tensors
-    with each projection dequantized: what the FP8 checkpoint means, for the reference)."""
+    """Checkpoint tensors -> (Qwen's FP8 layout, bench_hf.fp8_layout; the same tensors with each projection
+    dequantized: what the FP8 checkpoint means, for the reference)."""
     import quant
-    fp8, deq = {}, {}
-    for key, t in tensors.items():
-        if key.rpartition(".")[0].rpartition(".")[2] in FP8_PROJ:
-            q, scale = quant.quantize_blocks(t)
-            fp8[key], fp8[key + "_scale_inv"] = q, scale
-            deq[key] = quant.dequantize(q, quant.row_scales(scale, t.shape[0]), torch.float32)
-        else:
-            fp8[key] = deq[key] = t.contiguous()
+    fp8 = bench_hf.fp8_layout(tensors)
+    deq = {k: quant.dequantize(fp8[k], quant.row_scales(fp8[k + "_scale_inv"], t.shape[0]), torch.float32)
+           if k + "_scale_inv" in fp8 else fp8[k] for k, t in tensors.items()}
     return fp8, deq
 
 
@@ -1281,8 +1274,7 @@ def make_fp8_checkpoint(path, **shape):
     hf.load_state_dict(state)
     save_file(tensors, str(path / "model.safetensors"))
     cfg = json.loads(hf_cfg.to_json_string())
-    cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-                                  "weight_block_size": [128, 128]}
+    cfg["quantization_config"] = bench_hf.FP8_CONFIG
     (path / "config.json").write_text(json.dumps(cfg))
     make_tokenizer(path)
     return hf
@@ -1437,8 +1429,7 @@ def test_fp8_moe_checkpoint_matches_transformers(tmp_path, monkeypatch):
     make_moe_checkpoint(src, norm_topk_prob=True)
     fp8, deq = fp8_layout(load_file(src / "model.safetensors"))
     cfg = json.loads((src / "config.json").read_text())
-    for d, w, qc in ((fp8_dir, fp8, {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-                                     "weight_block_size": [128, 128]}), (deq_dir, deq, None)):
+    for d, w, qc in ((fp8_dir, fp8, bench_hf.FP8_CONFIG), (deq_dir, deq, None)):
         save_file(w, str(d / "model.safetensors"), metadata={"format": "pt"})
         (d / "config.json").write_text(json.dumps({**cfg, **({"quantization_config": qc} if qc else {})}))
         make_tokenizer(d)
