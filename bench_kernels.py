@@ -178,23 +178,23 @@ def bench_kernels(copy_gbps: float, matmul_tflops: float, device="cuda", dtype=t
                 Nw * K * elt, "GB/s")
 
     # one token's RMSNorm and the projection after it, in one kernel (gemv.norm_linear; the residual was added by
-    # the projection before, gemv.linear_add)
-    for name, (K, Nw) in {"0.6b qkv": (1024, 4096), "0.6b gate_up": (1024, 6144), "8b qkv": (4096, 6144),
-                          "8b gate_up": (4096, 24576)}.items():
+    # the projection before, gemv.linear_add); gate_up with SiLU(gate) * up on its output
+    for name, (K, Nw, silu) in {"0.6b qkv": (1024, 4096, False), "0.6b gate_up": (1024, 6144, True),
+                                "8b qkv": (4096, 6144, False), "8b gate_up": (4096, 24576, True)}.items():
         nw = 1 + 0.1 * rnd(K)
+        act = kernels.silu_mul_ref if silu else (lambda y: y)
         add("norm + linear (1 token)", f"{name} {K}->{Nw}", lambda: (rnd(1, K), rnd(Nw, K) / K ** 0.5),
-            lambda x, w: gemv.linear_triton(x, w, norm=(None, nw, eps)),
-            lambda x, w: (gemv.linear_ref(kernels.rms_norm_ref(x, nw, eps), w), x),
-            lambda x, w: gemv.norm_linear(x, None, nw, eps, w), "gemv.linear_triton", Nw * K * elt, "GB/s")
+            lambda x, w: gemv.linear_triton(x, w, norm=(None, nw, eps), silu_mul=silu),
+            lambda x, w: (act(gemv.linear_ref(kernels.rms_norm_ref(x, nw, eps), w)), x),
+            lambda x, w: gemv.norm_linear(x, None, nw, eps, w, silu_mul=silu), "gemv.linear_triton",
+            Nw * K * elt, "GB/s")
 
     # one token's projection and the residual add after it, in one kernel (gemv.linear_add: o_proj, down_proj)
-    for name, (K, Nw, silu) in {"0.6b o": (2048, 1024, False), "0.6b down": (3072, 1024, True),
-                                "8b o": (4096, 4096, False), "8b down": (12288, 4096, True)}.items():
-        mk = lambda: (rnd(1, 2 * K if silu else K), rnd(Nw, K) / K ** 0.5, rnd(1, Nw))
-        add("linear + add (1 token)", f"{name} {K}->{Nw}", mk,
-            lambda x, w, r: gemv.linear_triton(x, w, silu_mul=silu, add=r),
-            lambda x, w, r: gemv.linear_ref(kernels.silu_mul_ref(x) if silu else x, w) + r,
-            lambda x, w, r: gemv.linear_add(x, w, r, silu_mul=silu)[0], "gemv.linear_triton", Nw * K * elt, "GB/s")
+    for name, (K, Nw) in {"0.6b o": (2048, 1024), "0.6b down": (3072, 1024), "8b o": (4096, 4096),
+                          "8b down": (12288, 4096)}.items():
+        add("linear + add (1 token)", f"{name} {K}->{Nw}", lambda: (rnd(1, K), rnd(Nw, K) / K ** 0.5, rnd(1, Nw)),
+            lambda x, w, r: gemv.linear_triton(x, w, add=r), lambda x, w, r: gemv.linear_ref(x, w) + r,
+            lambda x, w, r: gemv.linear_add(x, w, r)[0], "gemv.linear_triton", Nw * K * elt, "GB/s")
 
     # SiLU * up, qwen3-8b intermediate 12288: read 2*I, write I per token
     I = 12288

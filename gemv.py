@@ -2,14 +2,15 @@
 
     y = gemv.linear(x, weight)                        # what model.Linear calls
     y, h = gemv.norm_linear(x, residual, norm_w, eps, weight)   # add + RMSNorm, then the projection
-    y = gemv.silu_mul_linear(gate_up, weight)         # SiLU(gate) * up, then the down projection
+    a = gemv.linear(x, gate_up_w, silu_mul=True)      # the MLP's gate_up projection, then SiLU(gate) * up
     h, _ = gemv.linear_add(x, weight, residual)       # the projection, then the residual add
 
 A lone decode step is all small matrix-vector products, where cuBLAS's GEMM kernels leave bandwidth unused, so
 one token goes through a Triton GEMV (`_gemv_kernel`), which can also make its input on the fly (the RMSNorm
-before it, or the MLP's SiLU(gate) * up) and add the residual after it: a decoder layer's norms, activation
-and adds need no kernels of their own. From 2 to 16 tokens (small decode batches, speculative verify passes) a
-skinny GEMM (`_skinny_gemm_kernel`) reads each weight once for all rows of every projection but lm_head;
+before it), apply the MLP's SiLU(gate) * up to its output and add the residual after it: a decoder layer's
+norms, activation and adds need no kernels of their own. From 2 to 16 tokens (small decode batches,
+speculative verify passes) a skinny GEMM (`_skinny_gemm_kernel`, with the same SiLU(gate) * up epilogue)
+reads each weight once for all rows of every projection but lm_head;
 beyond that, and on the CPU, cuBLAS / PyTorch (`linear_ref`, the definition). As in
 kernels.py: a reference, Triton kernels, dispatchers with their measured tables; QWEN3_KERNELS and programmatic
 dependent launch (`kernels.pdl`) apply here too.
@@ -17,7 +18,8 @@ dependent launch (`kernels.pdl`) apply here too.
 import torch
 import torch.nn.functional as F
 
-from kernels import _use_triton, add_rms_norm, pdl, rms_norm, silu_mul, tl, triton
+import kernels
+from kernels import _use_triton, add_rms_norm, pdl, rms_norm, tl, triton
 
 
 def linear_ref(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -26,17 +28,11 @@ def linear_ref(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None =
 
 
 @triton.jit
-def _gemv_input(x_ptr, res_ptr, norm_w_ptr, res_out_ptr, cols, col_mask, first, K, SILU_MUL: tl.constexpr,
-                NORM: tl.constexpr, HAS_RES: tl.constexpr):
+def _gemv_input(x_ptr, res_ptr, norm_w_ptr, res_out_ptr, cols, col_mask, first, NORM: tl.constexpr,
+                HAS_RES: tl.constexpr):
     # One BLOCK_K chunk of _gemv_kernel's input in fp32, and (NORM) the squares of h for its rstd.
     dtype = x_ptr.dtype.element_ty
-    if SILU_MUL:
-        gate = tl.load(x_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-        up = tl.load(x_ptr + K + cols, mask=col_mask, other=0.0).to(tl.float32)
-        act = (gate * tl.sigmoid(gate)).to(dtype).to(tl.float32)
-        x = (act * up).to(dtype).to(tl.float32)
-        sq = x * 0.0
-    elif NORM:
+    if NORM:
         h = tl.load(x_ptr + cols, mask=col_mask, other=0.0)
         if HAS_RES:
             h = (h.to(tl.float32) + tl.load(res_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)).to(dtype)
@@ -51,16 +47,24 @@ def _gemv_input(x_ptr, res_ptr, norm_w_ptr, res_out_ptr, cols, col_mask, first, 
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, out_ptr, N, K, res_ptr, norm_w_ptr, res_out_ptr, eps, add_ptr, SILU_MUL: tl.constexpr,
-                 NORM: tl.constexpr, HAS_RES: tl.constexpr, ADD: tl.constexpr, BLOCK_N: tl.constexpr,
+def _silu_mul_out(gate, up, dtype: tl.constexpr):
+    """silu(gate) * up from fp32 products, rounded as silu_mul_ref rounds the projection's output."""
+    gate, up = gate.to(dtype).to(tl.float32), up.to(dtype).to(tl.float32)
+    return (gate * tl.sigmoid(gate)).to(dtype).to(tl.float32) * up
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, out_ptr, N, K, res_ptr, norm_w_ptr, res_out_ptr, eps, add_ptr, NORM: tl.constexpr,
+                 HAS_RES: tl.constexpr, ADD: tl.constexpr, SILU_MUL: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_K: tl.constexpr, USE_GDC: tl.constexpr = False):
     # One token (M = 1, a lone decode): out[n] = sum_k x[k] * w[n, k]. Bytes: the weight, N*K elements read
     # once; 2 FLOPs per element is nothing, so the floor is weight bytes / bandwidth. cuBLAS's GEMM kernels
     # reach less of it at M = 1 on Qwen3's small matrices (table at `linear`). Each program owns BLOCK_N rows
-    # of w and streams them in BLOCK_K chunks; products pile up in a (BLOCK_N, BLOCK_K) fp32 tile that is
-    # reduced once at the end, so the loop body is loads and FMAs only.
-    # SILU_MUL: x is a gate_up row (2*K wide) and the input is silu(gate) * up, made on the fly (rounded as
-    # silu_mul_ref rounds): the MLP's down projection then needs no separate activation kernel.
+    # of w and streams them in BLOCK_K chunks; products pile up in an (R, BLOCK_K) fp32 tile that is reduced
+    # once at the end, so the loop body is loads and FMAs only.
+    # SILU_MUL: w is gate_up (2N rows, gate rows first) and out is silu(gate) * up (N wide): the program's tile
+    # holds gate rows n and, below them, up rows N + n (R = 2 * BLOCK_N), so each activation is made once, here,
+    # and the down projection reads a plain input (no activation kernel, no activation redone by its programs).
     # NORM: the input is rms_norm(h) * norm_w with h = x (+ res when HAS_RES), in one pass: the products
     # use h * norm_w, the squares of h are summed beside them, and the row sums are scaled by rstd at the end
     # (rms_norm_ref rounds h * rstd to the dtype first; here it stays fp32, so the results differ by about one
@@ -74,29 +78,38 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, N, K, res_ptr, norm_w_ptr, res_out_ptr, 
     pid = tl.program_id(0)
     if USE_GDC:
         tl.extra.cuda.gdc_launch_dependents()
-    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    R: tl.constexpr = 2 * BLOCK_N if SILU_MUL else BLOCK_N
+    r = tl.arange(0, R)
+    if SILU_MUL:
+        rows = pid * BLOCK_N + r % BLOCK_N             # output rows; tile rows BLOCK_N.. read the up rows
+        w_rows = w_ptr + (rows + (r // BLOCK_N) * N)[:, None].to(tl.int64) * K
+    else:
+        rows = pid * BLOCK_N + r
+        w_rows = w_ptr + rows[:, None].to(tl.int64) * K
     row_mask = rows < N
     cols = tl.arange(0, BLOCK_K)
     col_mask = cols < K
-    w = tl.load(w_ptr + rows[:, None].to(tl.int64) * K + cols[None, :],
-                mask=row_mask[:, None] & col_mask[None, :], other=0.0)
+    w = tl.load(w_rows + cols[None, :], mask=row_mask[:, None] & col_mask[None, :], other=0.0)
     if USE_GDC:
         tl.extra.cuda.gdc_wait()
     first = cols * 0 + pid == 0                        # program 0 writes the residual (a tensor mask)
-    x, ss = _gemv_input(x_ptr, res_ptr, norm_w_ptr, res_out_ptr, cols, col_mask, first, K, SILU_MUL, NORM, HAS_RES)
+    x, ss = _gemv_input(x_ptr, res_ptr, norm_w_ptr, res_out_ptr, cols, col_mask, first, NORM, HAS_RES)
     acc = w.to(tl.float32) * x[None, :]
     for k0 in range(BLOCK_K, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         col_mask = cols < K
-        x, sq = _gemv_input(x_ptr, res_ptr, norm_w_ptr, res_out_ptr, cols, col_mask, first, K, SILU_MUL, NORM,
-                            HAS_RES)
+        x, sq = _gemv_input(x_ptr, res_ptr, norm_w_ptr, res_out_ptr, cols, col_mask, first, NORM, HAS_RES)
         ss += sq
-        w = tl.load(w_ptr + rows[:, None].to(tl.int64) * K + cols[None, :],
-                    mask=row_mask[:, None] & col_mask[None, :], other=0.0)
+        w = tl.load(w_rows + cols[None, :], mask=row_mask[:, None] & col_mask[None, :], other=0.0)
         acc += w.to(tl.float32) * x[None, :]
-    out = tl.sum(acc, axis=1)
+    out = tl.sum(acc, axis=1)                                                            # (R,)
     if NORM:
         out = out * tl.rsqrt(tl.sum(ss, axis=0) / K + eps)
+    if SILU_MUL:
+        gate, up = tl.split(tl.trans(tl.reshape(out, (2, BLOCK_N))))                     # (BLOCK_N,) each
+        out = _silu_mul_out(gate, up, out_ptr.dtype.element_ty)
+        rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_mask = rows < N
     if ADD:
         out = out.to(out_ptr.dtype.element_ty).to(tl.float32) + tl.load(add_ptr + rows, mask=row_mask).to(tl.float32)
     tl.store(out_ptr + rows, out.to(out_ptr.dtype.element_ty), mask=row_mask)
@@ -139,52 +152,78 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, N, K, res_ptr, norm_w_ptr, res_out_ptr, 
 # The norm GEMV again once o_proj and down_proj add the residual (linear_add; it reads h and the norm weight):
 # 8/1024/4 best or within 0.3 us on every shape (0.6b qkv 3.8 us, gate_up 5.7; 1.7b gate_up 13.9; 8b qkv 15.0,
 # gate_up 51.0) against 4/4096/8, 4/2048/8, 8/2048/8, 4/1024/4 and 8/512/4 (up to 1.7x slower on the 8b).
-GEMV_CONFIG = dict(BLOCK_N=4, BLOCK_K=4096, num_warps=8)
+# SiLU(gate) * up moved from the down projection's input (each of its programs redid the whole row's activation)
+# to the gate_up projection's output (H200, 2026-12-02, same harness, us per call; BLOCK_N/BLOCK_K/warps):
+#   gate_up + norm + SiLU  | 2/1024/4 | 4/1024/4 | 4/2048/4 | 4/2048/8 | 2/2048/4 | 4/512/4 | (norm alone, 8/1024/4)
+#   8b   4096->24576       |   58.1   |   51.1   |   59.1   |   90.0   |   55.6   |  54.3   |   50.8
+#   0.6b 1024->6144        |    5.7   |    5.7   |    5.7   |    6.8   |    5.7   |   5.6   |
+# (tile rows: the BLOCK_N gate rows, then their up rows; gate and up rows alternating was 2.6 us slower on the 8b).
+# The plain GEMV again, now that no projection makes its input (o_proj, down_proj with the residual add; lm_head):
+#   K -> N                 | 4/4096/8 | 2/4096/4 | 2/4096/8 | 1/4096/4 | 4/2048/4
+#   8b   down 12288->4096  |   28.7   |   26.3   |   37.3   |   29.1   |   26.0
+#   8b   o     4096->4096  |   12.1   |   11.6   |   12.3   |   11.4   |   10.0
+#   30b  o     4096->2048  |    6.6   |    6.6   |    7.1   |    6.7   |    5.6
+#   0.6b o     2048->1024  |    2.8   |    2.7   |    2.6   |    2.7   |    2.8
+#   0.6b lm_head 1024->151936 | 91.9  |   95.4   |  107.1   |  185.4   |   74.9
+#   8b   lm_head 4096->151936 | 286.4 |  281.0   |  296.2   |  279.9   |  280.0
+# (the old down with the activation on its input: 30.5 us on the 8b at 4/4096/8, 3.8 on the 0.6b.)
+GEMV_CONFIG = dict(BLOCK_N=4, BLOCK_K=2048, num_warps=4)
 NORM_GEMV_CONFIG = dict(BLOCK_N=8, BLOCK_K=1024, num_warps=4)
+NORM_SILU_GEMV_CONFIG = dict(BLOCK_N=4, BLOCK_K=1024, num_warps=4)   # gate_up: 2 x BLOCK_N weight rows per program
 
 
 def linear_triton(x, weight, config=None, silu_mul=False, out=None, norm=None, add=None):
-    """x (1, K), weight (N, K), both contiguous -> (1, N) (into out, if given). silu_mul: x is (1, 2K)
-    gate_up, and the product is silu_mul_ref(x) @ weight^T. norm: (residual or None, norm weight, eps): the
-    product is of add_rms_norm_ref(x, residual, ...)'s (rms_norm_ref's) output; returns (out, x + residual).
-    add: (1, N), added to the product (rounded to the dtype first, as a separate add would see it)."""
+    """x (1, K), weight (N, K), both contiguous -> (1, N) (into out, if given). silu_mul: weight is gate_up
+    (N = 2I rows, gate rows first) and the output is silu_mul_ref(x @ weight^T), (1, I). norm: (residual or
+    None, norm weight, eps): the product is of add_rms_norm_ref(x, residual, ...)'s (rms_norm_ref's) output;
+    returns (out, x + residual). add: (1, N), added to the product (rounded to the dtype first, as a separate
+    add would see it)."""
     N, K = weight.shape
-    assert x.shape == (1, 2 * K if silu_mul else K) and x.is_contiguous() and weight.is_contiguous()
-    assert x.dtype == weight.dtype
-    cfg = dict(config or (GEMV_CONFIG if norm is None else NORM_GEMV_CONFIG))
+    assert x.shape == (1, K) and x.is_contiguous() and weight.is_contiguous() and x.dtype == weight.dtype
+    if silu_mul:
+        assert N % 2 == 0 and add is None
+        N //= 2
+    cfg = dict(config or (GEMV_CONFIG if norm is None else NORM_SILU_GEMV_CONFIG if silu_mul else NORM_GEMV_CONFIG))
     cfg["BLOCK_K"] = min(cfg["BLOCK_K"], triton.next_power_of_2(K))    # no chunk wider than the row
     out = torch.empty(1, N, dtype=x.dtype, device=x.device) if out is None else out
     assert out.shape == (1, N) and out.is_contiguous() and out.dtype == x.dtype
     res, norm_w, eps = norm or (None, None, 0.0)
     res_out = None
     if norm is not None:
-        assert norm_w.shape == (K,) and norm_w.dtype == x.dtype and not silu_mul
+        assert norm_w.shape == (K,) and norm_w.dtype == x.dtype
         if res is not None:
             assert res.shape == x.shape and res.dtype == x.dtype and res.is_contiguous()
             res_out = torch.empty_like(x)
     if add is not None:
         assert add.shape == (1, N) and add.dtype == x.dtype and add.is_contiguous()
     _gemv_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](x, weight, out, N, K, res, norm_w, res_out, eps, add,
-                                                    SILU_MUL=silu_mul, NORM=norm is not None,
-                                                    HAS_RES=res is not None, ADD=add is not None, **cfg, **pdl(x))
+                                                    NORM=norm is not None, HAS_RES=res is not None,
+                                                    ADD=add is not None, SILU_MUL=silu_mul, **cfg, **pdl(x))
     return out if norm is None else (out, x if res is None else res_out)
 
 
 @triton.jit
-def _skinny_gemm_kernel(x_ptr, w_ptr, out_ptr, M, N, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_K: tl.constexpr):
+def _skinny_gemm_kernel(x_ptr, w_ptr, out_ptr, M, N, K, SILU_MUL: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # A few tokens (M <= BLOCK_M = 16: small decode batches, a speculative verify pass): out = x @ w^T with the
     # weight read once for all M rows, like the GEMV. Each program owns BLOCK_N rows of w and streams them
     # in BLOCK_K chunks through one tensor-core product per chunk (x padded to 16 rows with zeros).
+    # SILU_MUL: w is gate_up (2N rows), and the program also streams the up rows N + n of its gate rows n, so
+    # out is silu(gate) * up (N wide) and the MLP needs no activation kernel.
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     ms = tl.arange(0, BLOCK_M)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + ms[:, None] * K + cols[None, :], mask=(ms[:, None] < M) & (cols[None, :] < K), other=0.0)
-        w = tl.load(w_ptr + rows[:, None].to(tl.int64) * K + cols[None, :],
-                    mask=(rows[:, None] < N) & (cols[None, :] < K), other=0.0)
-        acc = tl.dot(x, tl.trans(w), acc)
+        w_ptrs = w_ptr + rows[:, None].to(tl.int64) * K + cols[None, :]
+        w_mask = (rows[:, None] < N) & (cols[None, :] < K)
+        acc = tl.dot(x, tl.trans(tl.load(w_ptrs, mask=w_mask, other=0.0)), acc)
+        if SILU_MUL:
+            acc_up = tl.dot(x, tl.trans(tl.load(w_ptrs + N * K, mask=w_mask, other=0.0)), acc_up)
+    if SILU_MUL:
+        acc = _silu_mul_out(acc, acc_up, out_ptr.dtype.element_ty)
     tl.store(out_ptr + ms[:, None] * N + rows[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=(ms[:, None] < M) & (rows[None, :] < N))
 
@@ -220,15 +259,18 @@ SKINNY_CONFIG_NARROW = dict(BLOCK_N=16, BLOCK_K=512, num_warps=4, num_stages=3) 
 SKINNY_MAX_N = 32768                                   # wider (lm_head, 151,936 rows): cuBLAS
 
 
-def skinny_linear_triton(x, weight, config=None, out=None):
-    """x (M, K) with M <= 16, weight (N, K), both contiguous -> (M, N) (into out, if given)."""
+def skinny_linear_triton(x, weight, config=None, out=None, silu_mul=False):
+    """x (M, K) with M <= 16, weight (N, K), both contiguous -> (M, N) (into out, if given). silu_mul: as in
+    linear_triton, (M, N / 2) out."""
     (M, K), N = x.shape, weight.shape[0]
     assert M <= 16 and weight.shape[1] == K and x.is_contiguous() and weight.is_contiguous()
-    assert x.dtype == weight.dtype
+    assert x.dtype == weight.dtype and not (silu_mul and N % 2)
+    N = N // 2 if silu_mul else N
     cfg = dict(config or (SKINNY_CONFIG_NARROW if N <= 1024 else SKINNY_CONFIG))
     out = torch.empty(M, N, dtype=x.dtype, device=x.device) if out is None else out
     assert out.shape == (M, N) and out.is_contiguous() and out.dtype == x.dtype
-    _skinny_gemm_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](x, weight, out, M, N, K, BLOCK_M=16, **cfg)
+    _skinny_gemm_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](x, weight, out, M, N, K, SILU_MUL=silu_mul, BLOCK_M=16,
+                                                           **cfg)
     return out
 
 
@@ -239,37 +281,32 @@ def skinny_linear_triton(x, weight, config=None, out=None):
 # Triton wins at one token on every Qwen3 shape; the kernel is for one token only (more tokens would re-read
 # the weight once each). From 2 to 16 tokens the skinny kernel takes the tall projections (its table), and
 # cuBLAS the rest.
-def linear(x, weight, out=None):
+def linear(x, weight, out=None, silu_mul=False):
+    """x @ weight^T; silu_mul: weight is gate_up (gate rows first) and the result silu(gate) * up, made in the
+    GEMV's or skinny GEMM's epilogue where they run, else by kernels.silu_mul."""
     if x.shape[0] == 1 and _use_triton(x):
-        return linear_triton(x, weight, out=out)
+        return linear_triton(x, weight, out=out, silu_mul=silu_mul)
     if 2 <= x.shape[0] <= 16 and weight.shape[0] <= SKINNY_MAX_N and _use_triton(x) and x.is_contiguous():
-        return skinny_linear_triton(x, weight, out=out)          # 2..16 tokens, any projection but lm_head
-    return linear_ref(x, weight, out=out)
+        return skinny_linear_triton(x, weight, out=out, silu_mul=silu_mul)    # 2..16 tokens, all but lm_head
+    assert out is None or not silu_mul
+    return kernels.silu_mul(linear_ref(x, weight)) if silu_mul else linear_ref(x, weight, out=out)
 
 
-def norm_linear(x, residual, norm_w, eps, weight):
-    """(linear(rms_norm(h), weight), h) with h = x + residual (x when residual is None): a norm and the
-    projection after it. For one token one GEMV kernel does both (a lone decode step is made of launches)."""
+def norm_linear(x, residual, norm_w, eps, weight, silu_mul=False):
+    """(linear(rms_norm(h), weight, silu_mul=...), h) with h = x + residual (x when residual is None): a norm and
+    the projection after it. For one token one GEMV kernel does both (a lone decode step is made of launches)."""
     if x.shape[0] == 1 and _use_triton(x) and norm_w.dtype == x.dtype:
-        return linear_triton(x, weight, norm=(residual, norm_w, eps))
+        return linear_triton(x, weight, norm=(residual, norm_w, eps), silu_mul=silu_mul)
     if residual is None:
-        return linear(rms_norm(x, norm_w, eps), weight), x
+        return linear(rms_norm(x, norm_w, eps), weight, silu_mul=silu_mul), x
     normed, residual = add_rms_norm(x, residual, norm_w, eps)
-    return linear(normed, weight), residual
+    return linear(normed, weight, silu_mul=silu_mul), residual
 
 
-def linear_add(x, weight, residual, silu_mul=False):
+def linear_add(x, weight, residual):
     """(linear(x) + residual, None) where one kernel does the add after the product (one token: the GEMV's
     epilogue), else (linear(x), residual) for the norm after it to add (add_rms_norm), so no path spends a
-    launch on the add. silu_mul: x is gate_up, as in silu_mul_linear. residual None: (linear(x), None)."""
+    launch on the add. residual None: (linear(x), None)."""
     if residual is not None and x.shape[0] == 1 and _use_triton(x):
-        return linear_triton(x, weight, silu_mul=silu_mul, add=residual), None
-    return (silu_mul_linear(x, weight) if silu_mul else linear(x, weight)), residual
-
-
-def silu_mul_linear(gate_up, weight):
-    """The MLP's down projection of silu(gate) * up. For one token a single GEMV kernel applies the activation
-    as it loads its input (one launch fewer per layer, which is what a lone decode step is made of)."""
-    if gate_up.shape[0] == 1 and _use_triton(gate_up):
-        return linear_triton(gate_up, weight, silu_mul=True)
-    return linear(silu_mul(gate_up), weight)
+        return linear_triton(x, weight, add=residual), None
+    return linear(x, weight), residual

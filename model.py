@@ -153,8 +153,8 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
 
     def forward(self, x, silu_mul: bool = False):
-        """silu_mul: x is a gate_up row block (T, 2 * in) and the input is silu(gate) * up."""
-        return gemv.silu_mul_linear(x, self.weight) if silu_mul else gemv.linear(x, self.weight)
+        """silu_mul: this is gate_up_proj (gate rows first) and the output silu(gate) * up, (T, out / 2)."""
+        return gemv.linear(x, self.weight, silu_mul=silu_mul)
 
 
 class Attention(nn.Module):
@@ -188,8 +188,8 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """The dense MLP's weights. DecoderLayer runs gate_up_proj with the norm before it, and down_proj on
-    silu(gate) * up with the residual add after it."""
+    """The dense MLP's weights. DecoderLayer runs gate_up_proj with the norm before it and silu(gate) * up
+    after it (one kernel at decode sizes, gemv.py), and down_proj with the residual add after it."""
 
     def __init__(self, cfg: Config):
         super().__init__()
@@ -205,21 +205,21 @@ def add_norm(norm: RMSNorm, x, residual):
     return (norm(x), x) if residual is None else norm(x, residual)
 
 
-def norm_linear(norm: RMSNorm, x, residual, proj):
-    """(proj(norm(x + residual)), x + residual); residual None: no add. At one token a plain Linear does both
-    in one kernel (gemv.norm_linear); quant.Fp8Linear has a GEMV of its own, so its norm runs first."""
+def norm_linear(norm: RMSNorm, x, residual, proj, silu_mul: bool = False):
+    """(proj(norm(x + residual), silu_mul), x + residual); residual None: no add. At one token a plain Linear
+    does both in one kernel (gemv.norm_linear); quant.Fp8Linear has a GEMV of its own, so its norm runs first."""
     if type(proj) is Linear:
-        return gemv.norm_linear(x, residual, norm.weight, norm.eps, proj.weight)
+        return gemv.norm_linear(x, residual, norm.weight, norm.eps, proj.weight, silu_mul)
     x, residual = add_norm(norm, x, residual)
-    return proj(x), residual
+    return proj(x, silu_mul=silu_mul), residual
 
 
-def linear_add(proj, x, residual, tp: parallel.Group | None, silu_mul: bool = False):
+def linear_add(proj, x, residual, tp: parallel.Group | None):
     """The stream after a row-parallel projection: (proj(x) + residual, None) where the GEMV adds it (one token,
     a plain Linear, no TP: gemv.linear_add), else (proj(x) summed over the TP ranks, residual)."""
     if tp is None and type(proj) is Linear:
-        return gemv.linear_add(x, proj.weight, residual, silu_mul)
-    return parallel.all_reduce(proj(x, silu_mul=silu_mul), tp), residual
+        return gemv.linear_add(x, proj.weight, residual)
+    return parallel.all_reduce(proj(x), tp), residual
 
 
 class DecoderLayer(nn.Module):
@@ -241,8 +241,8 @@ class DecoderLayer(nn.Module):
         if isinstance(self.mlp, SparseMoeBlock):        # the router and the experts read the normed input
             x, residual = add_norm(self.post_attention_layernorm, x, residual)
             return parallel.all_reduce(self.mlp(x), self.tp), residual
-        gate_up, residual = norm_linear(self.post_attention_layernorm, x, residual, self.mlp.gate_up_proj)
-        return linear_add(self.mlp.down_proj, gate_up, residual, self.tp, silu_mul=True)
+        act, residual = norm_linear(self.post_attention_layernorm, x, residual, self.mlp.gate_up_proj, silu_mul=True)
+        return linear_add(self.mlp.down_proj, act, residual, self.tp)               # act: silu(gate) * up
 
 
 class Qwen3Model(nn.Module):

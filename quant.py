@@ -94,9 +94,9 @@ class Fp8Linear(nn.Module):
         self.block_scales = None     # weight_scale_inv as cuBLAS's block-scaled GEMM reads them (set by `finish`)
 
     def forward(self, x, silu_mul: bool = False):
-        if silu_mul:
-            x = kernels.silu_mul(x)
-        return fp8_linear(x, self.weight, self.weight_scale_inv, self.block_scales)
+        """silu_mul: as model.Linear's (gate_up_proj; silu(gate) * up out, by kernels.silu_mul)."""
+        y = fp8_linear(x, self.weight, self.weight_scale_inv, self.block_scales)
+        return kernels.silu_mul(y) if silu_mul else y
 
 
 def has_cublas_block_fp8(device) -> bool:

@@ -1196,7 +1196,7 @@ def test_model_logits_triton_path_equals_torch_path(tied_ckpt, monkeypatch):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The projections (gemv.py): the one-token GEMV (with the norm or SiLU*up before it) and the skinny GEMM
+# The projections (gemv.py): the one-token GEMV (the norm before it, SiLU*up after it) and the skinny GEMM
 # against the reference, through the interpreter
 # ----------------------------------------------------------------------------------------------------------
 
@@ -1207,6 +1207,10 @@ def test_kt_skinny_linear(M, K, N, dtype):
     x, w = torch.randn(M, K).to(dtype), (torch.randn(N, K) / K ** 0.5).to(dtype)
     kt_check(f"skinny linear M={M} K={K} N={N} {dtype}",
              gemv.skinny_linear_triton(x, w, dict(BLOCK_N=16, BLOCK_K=32)), gemv.linear_ref(x, w), dtype)
+    w2 = (torch.randn(2 * N, K) / K ** 0.5).to(dtype)      # gate_up: silu(gate) * up in the epilogue
+    kt_check(f"skinny linear + silu_mul M={M} K={K} N={N} {dtype}",
+             gemv.skinny_linear_triton(x, w2, dict(BLOCK_N=16, BLOCK_K=32), silu_mul=True),
+             kernels.silu_mul_ref(gemv.linear_ref(x, w2)), dtype)
 
 
 @pytest.mark.usefixtures("kt_triton_poisoned")
@@ -1220,27 +1224,32 @@ def test_kt_linear_one_token(K, N, dtype):
              gemv.linear_ref(x, w), dtype)
     x3 = torch.randn(3, K).to(dtype)                 # several tokens: the skinny kernel (these are tall shapes)
     kt_check(f"linear 3 tokens K={K} N={N} {dtype}", gemv.linear(x3, w), gemv.linear_ref(x3, w), dtype)
-    gate_up = torch.randn(1, 2 * K).to(dtype)
-    kt_check(f"silu_mul + linear K={K} N={N} {dtype}",
-             gemv.linear_triton(gate_up, w, dict(BLOCK_N=8, BLOCK_K=32), silu_mul=True),
-             gemv.linear_ref(kernels.silu_mul_ref(gate_up), w), dtype)
-    kt_check(f"silu_mul + linear, default tiles K={K} N={N} {dtype}", gemv.linear_triton(gate_up, w, silu_mul=True),
-             gemv.linear_ref(kernels.silu_mul_ref(gate_up), w), dtype)
+    # gate_up (2N rows): silu(gate) * up in the epilogue, with and without the norm before it
+    w2 = (torch.randn(2 * N, K) / K ** 0.5).to(dtype)
+    want = kernels.silu_mul_ref(gemv.linear_ref(x, w2))
+    kt_check(f"linear + silu_mul K={K} N={N} {dtype}",
+             gemv.linear_triton(x, w2, dict(BLOCK_N=8, BLOCK_K=32), silu_mul=True), want, dtype)
+    kt_check(f"linear + silu_mul, default tiles K={K} N={N} {dtype}", gemv.linear(x, w2, silu_mul=True), want, dtype)
+    kt_check(f"linear + silu_mul 3 tokens K={K} N={N} {dtype}", gemv.linear(x3, w2, silu_mul=True),
+             kernels.silu_mul_ref(gemv.linear_ref(x3, w2)), dtype)
     # the norm before it in the same kernel, with and without the residual add; h = x + residual onward
     res, nw = torch.randn(1, K).to(dtype), (1 + 0.1 * torch.randn(K)).to(dtype)
     for r in (res, None):
-        got, h = gemv.linear_triton(x, w, dict(BLOCK_N=8, BLOCK_K=32), norm=(r, nw, 1e-6))
         want_h = x if r is None else x + r
-        kt_check(f"norm + linear K={K} N={N} {dtype} residual={r is not None}", got,
-                 gemv.linear_ref(kernels.rms_norm_ref(want_h, nw, 1e-6), w), dtype)
+        normed = kernels.rms_norm_ref(want_h, nw, 1e-6)
+        got, h = gemv.linear_triton(x, w, dict(BLOCK_N=8, BLOCK_K=32), norm=(r, nw, 1e-6))
+        kt_check(f"norm + linear K={K} N={N} {dtype} residual={r is not None}", got, gemv.linear_ref(normed, w),
+                 dtype)
+        torch.testing.assert_close(h, want_h, atol=0, rtol=0)
+        got, h = gemv.norm_linear(x, r, nw, 1e-6, w2, silu_mul=True)
+        kt_check(f"norm + linear + silu_mul K={K} N={N} {dtype} residual={r is not None}", got,
+                 kernels.silu_mul_ref(gemv.linear_ref(normed, w2)), dtype)
         torch.testing.assert_close(h, want_h, atol=0, rtol=0)
     # the residual added after the product in the same kernel (o_proj, down_proj): rounded as a separate add
     add = torch.randn(1, N).to(dtype)
-    for silu, inp in ((False, x), (True, gate_up)):
-        got, none = gemv.linear_add(inp, w, add, silu_mul=silu)
-        want = (kernels.silu_mul_ref(inp) if silu else inp)
-        assert none is None
-        kt_check(f"linear + residual K={K} N={N} {dtype} silu_mul={silu}", got, gemv.linear_ref(want, w) + add, dtype)
+    got, none = gemv.linear_add(x, w, add)
+    assert none is None
+    kt_check(f"linear + residual K={K} N={N} {dtype}", got, gemv.linear_ref(x, w) + add, dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------
