@@ -200,8 +200,7 @@ class Response:
             self.wake.set()                               # the handler wakes for these only, never per token
 
     def write(self, event: str):
-        data = f"data: {event}\n\n".encode()
-        data = b"%x\r\n%s\r\n" % (len(data), data)       # one HTTP/1.1 chunk per event
+        data = sse_chunk(event)
         with self.lock:
             if self.gone:
                 return
@@ -431,8 +430,7 @@ class Handler(BaseHTTPRequestHandler):
         self.streaming = True
 
     def send_event(self, obj: dict | str):
-        data = f"data: {obj if isinstance(obj, str) else json.dumps(obj)}\n\n".encode()
-        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))     # one HTTP/1.1 chunk per event
+        self.wfile.write(sse_chunk(obj if isinstance(obj, str) else json.dumps(obj)))
 
     def end_stream(self):
         self.send_event("[DONE]")
@@ -440,6 +438,12 @@ class Handler(BaseHTTPRequestHandler):
 
 
 # ---- a generation request's pieces, as plain functions of what they use -------------------------------------
+def sse_chunk(event: str) -> bytes:
+    """One server-sent event as one HTTP/1.1 chunk (streams use chunked transfer encoding)."""
+    data = f"data: {event}\n\n".encode()
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
 def new_jobs(srv: Server, prompts: list[list[int]], params, n: int, chat: bool, echo: list[str] | None,
              tools: bool) -> tuple[str, list, list]:
     """A request's id, its engine jobs ((id, prompt ids, params) for each of n completions of each prompt: seeds
