@@ -410,7 +410,15 @@ class LLM:
     def submit(self, prompts: list, params, stream_text: bool) -> list[str]:
         """Queue prompts with one SamplingParams for all (or one each); returns their request ids."""
         params = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
-        return [self.add_request(p, sp, stream_text=stream_text) for p, sp in zip(prompts, params)]
+        rids = []
+        try:
+            for p, sp in zip(prompts, params):
+                rids.append(self.add_request(p, sp, stream_text=stream_text))
+        except BaseException:                      # a bad prompt after good ones: none of them stays queued
+            for rid in rids:
+                self.abort(rid)
+            raise
+        return rids
 
     def stream(self, prompts: list, params: SamplingParams | list[SamplingParams] | None = None):
         """Run prompts as one batch, yielding (prompt index, StepOutput) as tokens arrive."""

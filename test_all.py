@@ -509,6 +509,9 @@ def test_bad_inputs(ckpt, tmp_path):
         llm.add_request(list(range(100)))
     with pytest.raises(ValueError, match="empty"):
         llm.add_request("")
+    with pytest.raises(ValueError, match="empty"):           # good prompts before a bad one are not left queued
+        llm.generate(["hello", "a b", ""], greedy(max_tokens=4))
+    assert not llm.has_work()
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "config.json").write_text((path / "config.json").read_text().replace('"hidden_size": 64', '"hidden_size": 32'))
