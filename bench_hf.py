@@ -126,12 +126,13 @@ def accuracy(cfg: Config, eargs, device, dtype, n_prompts: int, length: int) -> 
         variants = {f"ours {name}": {}, f"ours {name}, FP8 KV cache": {"kv_cache_dtype": "fp8"}}
         if not cfg.num_experts:
             variants[f"ours {name}, FP8 weights"] = {"quantization": "fp8"}
-            peer8 = fp8_peer(d, dtype)
-            if peer8 is not None:
-                peer8 = peer8.to(device)
-                res[f"transformers {name}, FP8 checkpoint dequantized at load (peer)"] = score(
-                    lambda ids: peer8(ids[None]).logits[0])
-                del peer8
+            peers = {"dequantized at load": True} | ({"W8A8, torch stand-in kernel": False}
+                                                     if torch.device(device).type == "cuda" else {})
+            for how, dequantize in peers.items():
+                peer8 = fp8_peer(d, dtype, dequantize, device)
+                if peer8 is not None:
+                    res[f"transformers {name}, FP8 checkpoint {how} (peer)"] = score(lambda ids: peer8(ids[None]).logits[0])
+                    del peer8
         plain = dict(model=d, random_weights=False, cuda_graphs=False, quantization=None, kv_cache_dtype="auto",
                      tensor_parallel_size=1, speculative_method=None, speculative_model=None,
                      num_blocks=length // eargs.block_size + 8)
@@ -182,9 +183,11 @@ def fp8_checkpoint(src: str, dst: str):
     (Path(dst) / "config.json").write_text(json.dumps({**cfg, "quantization_config": FP8_CONFIG}))
 
 
-def fp8_peer(src: str, dtype):
-    """transformers' model of src's weights in FP8 (fp8_checkpoint), dequantized at load to dtype, on the CPU;
-    None (and a line on stderr) without accelerate."""
+def fp8_peer(src: str, dtype, dequantize: bool, device):
+    """transformers' model of src's weights in FP8 (fp8_checkpoint) on `device`; None (and a line on stderr)
+    without accelerate. dequantize: FineGrainedFP8Config(dequantize=True), the FP8 weights in the run's dtype
+    (W8A16). Else (a GPU) its FP8Linear modules as loaded, W8A8: their matmul, a hub kernel that cannot be
+    fetched here, replaced by w8a8_standin (DeepGEMM, the other backend, is turned off)."""
     import sys
 
     import transformers
@@ -193,7 +196,28 @@ def fp8_peer(src: str, dtype):
     except ImportError:
         print("accuracy: no transformers FP8 peer (it needs the optional package accelerate)", file=sys.stderr)
         return None
+    if not dequantize:
+        from transformers.integrations import finegrained_fp8 as hf8
+        hf8._FINEGRAINED_FP8 = hf8.FineGrainedFP8(matmul=w8a8_standin, batched_matmul=None, grouped_matmul=None)
+        hf8.FP8Linear._deepgemm_disabled = True
     with tempfile.TemporaryDirectory() as d8:
         fp8_checkpoint(src, d8)
-        qc = transformers.FineGrainedFP8Config(dequantize=True)
-        return transformers.Qwen3ForCausalLM.from_pretrained(d8, dtype=dtype, quantization_config=qc).eval()
+        qc = transformers.FineGrainedFP8Config(dequantize=dequantize)
+        return transformers.Qwen3ForCausalLM.from_pretrained(d8, dtype=dtype, quantization_config=qc,
+                                                             device_map=str(device)).eval()
+
+
+def w8a8_standin(x, weight, weight_scale_inv, block_size, out_dtype, activation_scale=None):
+    """The scheme of transformers' FP8 matmul kernel (kernels-community/finegrained-fp8), written in torch for
+    the accuracy peer: the activations quantized per token and block_size[1] columns (dynamic: each group's
+    largest magnitude maps to 448, the e4m3 maximum), the weight dequantized by its block scales, the product in
+    fp32. Not our quant.py: an independent reading of the same scheme."""
+    assert activation_scale is None, "static activation scales are not used by Qwen's FP8 checkpoints"
+    bn, bk = block_size
+    (N, K), lead = weight.shape, x.shape[:-1]
+    a = x.reshape(-1, K).float()
+    g = a.view(a.shape[0], K // bk, bk)                                      # (M, K/bk, bk): K divides here
+    s = g.abs().amax(-1, keepdim=True).clamp(min=1e-12) / 448.0
+    a = ((g / s).clamp(-448.0, 448.0).to(torch.float8_e4m3fn).float() * s).view(-1, K)
+    w = weight.float() * weight_scale_inv.repeat_interleave(bn, 0)[:N].repeat_interleave(bk, 1)[:, :K]
+    return (a @ w.t()).to(out_dtype).view(*lead, N)
