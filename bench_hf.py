@@ -87,11 +87,12 @@ def accuracy(cfg: Config, eargs, device, dtype, n_prompts: int, length: int) -> 
     own K/V back from the cache, so the rounding shows); with FP8 weights (--quantization fp8; dense models);
     and transformers in dtype, the peer: how far apart two correct implementations at that precision are.
     "clear" positions: the reference's top-2 margin exceeds twice the variant's max logit error (no rounding
-    of that size could flip the top-1). The FP8 peer (dense models, where accelerate is installed, which
-    transformers asks for to load FP8): the same weights written in Qwen's FP8 format (fp8_checkpoint) and loaded
-    by transformers with FineGrainedFP8Config(dequantize=True), i.e. the FP8 weights in the run's dtype. Its FP8
-    matmuls are not run: they come from a hub kernel (kernels-community/finegrained-fp8), outside this
-    project's dependencies and unreachable offline."""
+    of that size could flip the top-1). The FP8 peers (dense models, where accelerate is installed, which
+    transformers asks for to load FP8): the same weights written in Qwen's FP8 format (fp8_checkpoint), loaded by
+    transformers with FineGrainedFP8Config(dequantize=True), i.e. the FP8 weights in the run's dtype (W8A16), and
+    (on a GPU) as FP8 modules running W8A8 like ours. transformers' FP8 matmul comes from a hub kernel
+    (kernels-community/finegrained-fp8), outside this project's dependencies and unreachable offline: that peer
+    runs w8a8_standin in its place (fp8_peer)."""
     import transformers
     hf_cfg = transformers.Qwen3Config(**{k: getattr(cfg, k) for k in (
         "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",

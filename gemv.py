@@ -255,7 +255,11 @@ def _skinny_gemm_kernel(x_ptr, w_ptr, out_ptr, M, N, K, SILU_MUL: tl.constexpr, 
 # triggering the next launch at the kernel's start, qwen3-0.6b 1.399 -> 1.267 ms/step but qwen3-8b 5.065 -> 5.781;
 # triggering it after the K loop, 1.397 -> 1.329 and 5.055 -> 5.387. The 8b's skinny launches are several waves
 # deep (gate_up: 768 programs); unprofiled, the guess is that a dependent grid's early programs hold shared memory
-# while they wait.
+# while they wait. Again (2026-12-02), the kernel waiting first, with no weight chunk before the wait, and letting
+# the next launch at its start / after its K loop / at its start only when the grid is at most 264 programs
+# (two per SM); one engine per variant, timed as `bench.py decode-1` times: decode-8 ms/step, qwen3-0.6b 1.240
+# without -> 1.255 / 1.257 / 1.258, qwen3-8b 4.889 -> 5.445 / 5.020 / 4.881 (decode-1 unchanged: 0.719, 4.010).
+# Nothing gained: PDL stays off here.
 SKINNY_CONFIG = dict(BLOCK_N=32, BLOCK_K=256, num_warps=4, num_stages=4)
 SKINNY_CONFIG_NARROW = dict(BLOCK_N=16, BLOCK_K=512, num_warps=4, num_stages=3)   # N <= 1024
 SKINNY_MAX_N = 32768                                   # wider (lm_head, 151,936 rows): cuBLAS

@@ -238,10 +238,9 @@ class DecoderLayer(nn.Module):
         qkv, residual = norm_linear(self.input_layernorm, x, residual, self.self_attn.qkv_proj)
         o = self.self_attn(qkv, positions, meta, kv, cos_sin)
         x, residual = linear_add(self.self_attn.o_proj, o, residual, self.tp)
-        if isinstance(self.mlp, SparseMoeBlock):        # the norm runs in the router (one token: one kernel)
-            norm = self.post_attention_layernorm
-            x, residual = self.mlp(x, residual, norm.weight, norm.eps)
-            return parallel.all_reduce(x, self.tp), residual
+        if isinstance(self.mlp, SparseMoeBlock):        # the router and the experts read the normed input
+            x, residual = add_norm(self.post_attention_layernorm, x, residual)
+            return parallel.all_reduce(self.mlp(x), self.tp), residual
         act, residual = norm_linear(self.post_attention_layernorm, x, residual, self.mlp.gate_up_proj, silu_mul=True)
         return linear_add(self.mlp.down_proj, act, residual, self.tp)               # act: silu(gate) * up
 
@@ -439,8 +438,6 @@ def build_model(model: str, random_weights: bool, dtype: torch.dtype, device: to
     with torch.device("meta"):
         m = Qwen3ForCausalLM(cfg, tp)
     m = m.to_empty(device=device).to(dtype)
-    for b in m.buffers():                     # to_empty leaves buffers uninitialized (moe's counters start at 0)
-        b.zero_()
     if cfg.tie_word_embeddings:                                # to_empty gives each module its own tensor
         m.lm_head.weight = m.model.embed_tokens.weight
     m.cos_sin = kernels.rope_cos_sin(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, device=device)

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 import gemv
 import quant
-from kernels import _use_triton, add_rms_norm, pdl, rms_norm, tl, triton
+from kernels import _use_triton, pdl, tl, triton
 from quant import _block_scales
 
 
@@ -65,22 +65,23 @@ class SparseMoeBlock(nn.Module):
         self.top_k, self.norm_topk_prob = top_k, norm_topk_prob
         self.gate = nn.Linear(hidden, num_experts, bias=False)                 # the router
         self.experts = Experts(num_experts, hidden, intermediate)
-        # router_triton's count of finished programs, zero between calls (the last program resets it)
-        self.register_buffer("route_count", torch.zeros(1, dtype=torch.int32), persistent=False)
 
-    def forward(self, x, residual, norm_w, eps):
-        """(the block's output, h) for the post-attention stream h = x + residual (residual None: h = x): the
-        router and the experts read rms_norm(h) * norm_w. One token on the GPU: the add, the norm, the router's
-        GEMV and route are one kernel (router_triton); else three."""
-        if x.shape[0] == 1 and _use_triton(x) and norm_w.dtype == x.dtype:
-            x, h, weights, ids = router_triton(x, residual, norm_w, eps, self.gate.weight, self.route_count,
-                                               self.top_k, self.norm_topk_prob)
-        else:
-            x, h = (rms_norm(x, norm_w, eps), x) if residual is None else add_rms_norm(x, residual, norm_w, eps)
-            weights, ids = route(gemv.linear(x, self.gate.weight), self.top_k, self.norm_topk_prob)   # (T, k) each
+    # Tried and dropped (H200, 2026-12-02): for one token, the router's GEMV applying the post-attention norm and
+    # the route kernel writing norm(h) for the experts, one norm launch fewer per MoE layer. `bench.py decode-1
+    # --model qwen3-30b-a3b` in one command: 2.53 ms/token with the norm kernel, 2.55 without (PDL hides the
+    # norm's launch; the route kernel's extra work sits on the critical path).
+    # Tried and dropped (H200, 2026-12-02): one kernel for the add + norm, the router's GEMV and route (each
+    # program norms the row as gemv's norm GEMV does, program 0 writes norm(h) for the experts, and the last
+    # program to finish, found by an atomic counter, routes). A CUDA graph of 48 such steps, us per layer:
+    # hidden 2048, three kernels 3.88, one kernel 4.77 at its best tile (4 rows x 2048 columns; 5.25-7.96 with
+    # others); hidden 4096, 5.11 vs 6.38. `bench.py decode-1 --model qwen3-30b-a3b`, same call: 2.56 ms/token
+    # against 2.45: the counter's round trip and the serial route at the end cost more than two PDL launches.
+    def forward(self, x):
+        logits = gemv.linear(x, self.gate.weight)                          # (T, E) in the model's dtype
+        weights, ids = route(logits, self.top_k, self.norm_topk_prob)         # (T, k) each
         ex = self.experts
         return fused_moe(x, ex.gate_up_proj, ex.down_proj, weights, ids, ex.gate_up_proj_scale_inv,
-                         ex.down_proj_scale_inv), h                            # (T, H)
+                         ex.down_proj_scale_inv)                               # (T, H)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -117,13 +118,16 @@ def moe_ref(x, gate_up, down, weights, ids, gate_up_scales=None, down_scales=Non
 # ----------------------------------------------------------------------------------------------------------
 
 @triton.jit
-def _topk_store(logits_ptr, w_ptr, id_ptr, row, E, TOP_K: tl.constexpr, RENORM: tl.constexpr,
-                BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Row `row` of the router logits: softmax over its E values, then k rounds of "take the largest, mask it
-    out" (the lowest index wins a tie, as torch.topk does in practice); its k weights and expert ids stored.
-    The logits are loaded volatile: _router_kernel's last program reads what other programs just wrote."""
+def _route_kernel(logits_ptr, w_ptr, id_ptr, E, TOP_K: tl.constexpr, RENORM: tl.constexpr,
+                  BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, USE_GDC: tl.constexpr = False):
+    """One program per token: softmax over its E logits, then k rounds of "take the largest, mask it out"
+    (the lowest index wins a tie, as torch.topk does in practice)."""
+    if USE_GDC:                                        # programmatic dependent launch: see kernels.pdl
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
+    row = tl.program_id(0)
     offs = tl.arange(0, BLOCK_E)
-    x = tl.load(logits_ptr + row * E + offs, mask=offs < E, other=float("-inf"), volatile=True).to(tl.float32)
+    x = tl.load(logits_ptr + row * E + offs, mask=offs < E, other=float("-inf")).to(tl.float32)
     p = tl.exp(x - tl.max(x, 0))
     p = p / tl.sum(p, 0)
     p = tl.where(offs < E, p, -1.0)
@@ -140,16 +144,6 @@ def _topk_store(logits_ptr, w_ptr, id_ptr, row, E, TOP_K: tl.constexpr, RENORM: 
         w = w / tl.sum(w, 0)
     tl.store(w_ptr + row * TOP_K + slots, w.to(w_ptr.dtype.element_ty), mask=slots < TOP_K)
     tl.store(id_ptr + row * TOP_K + slots, ids, mask=slots < TOP_K)
-
-
-@triton.jit
-def _route_kernel(logits_ptr, w_ptr, id_ptr, E, TOP_K: tl.constexpr, RENORM: tl.constexpr,
-                  BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, USE_GDC: tl.constexpr = False):
-    """One program per token: _topk_store of its row."""
-    if USE_GDC:                                        # programmatic dependent launch: see kernels.pdl
-        tl.extra.cuda.gdc_launch_dependents()
-        tl.extra.cuda.gdc_wait()
-    _topk_store(logits_ptr, w_ptr, id_ptr, tl.program_id(0), E, TOP_K, RENORM, BLOCK_E, BLOCK_K)
 
 
 # One warp per token: the 2 + 2k reductions over E = 128 logits stay in warp shuffles, with no shared-memory round
@@ -244,79 +238,6 @@ def align_triton(ids: torch.Tensor, num_experts: int, block_m: int, block: int =
         flat, counts, rank, pairs, block_expert, n, num_tiles, num_experts, BLOCK_M=block_m,
         BLOCK_E=triton.next_power_of_2(num_experts), BLOCK=block)
     return pairs, block_expert
-
-
-@triton.jit
-def _router_kernel(x_ptr, res_ptr, norm_w_ptr, res_out_ptr, normed_ptr, gate_ptr, logits_ptr, count_ptr, w_ptr,
-                   id_ptr, E, K, eps, TOP_K: tl.constexpr, RENORM: tl.constexpr, HAS_RES: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_TOPK: tl.constexpr,
-                   USE_GDC: tl.constexpr = False):
-    # One token (a lone decode): the post-attention add + RMSNorm, the router's GEMV and route in one launch
-    # instead of three. Program p computes logits rows p * BLOCK_N.. as gemv._gemv_kernel's NORM mode does
-    # (every program reads the whole row h = x + res and sums its squares; program 0 writes h to res_out) and
-    # also, program 0, the experts' input normed = rms_norm_ref(h) (a second pass over the row, from L2). Then
-    # each program counts itself done (an atomic add, after a barrier so that all its threads' stores come
-    # first); the last one routes the whole logits row and resets the counter for the next call.
-    pid = tl.program_id(0)
-    if USE_GDC:                                        # see kernels.pdl: the first weight chunk before the wait
-        tl.extra.cuda.gdc_launch_dependents()
-    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = rows < E
-    w_rows = gate_ptr + rows[:, None].to(tl.int64) * K
-    cols = tl.arange(0, BLOCK_K)
-    w = tl.load(w_rows + cols[None, :], mask=row_mask[:, None] & (cols < K)[None, :], other=0.0)
-    if USE_GDC:
-        tl.extra.cuda.gdc_wait()
-    first = cols * 0 + pid == 0                        # program 0 writes the residual (a tensor mask)
-    x, ss = gemv._gemv_input(x_ptr, res_ptr, norm_w_ptr, res_out_ptr, cols, cols < K, first, True, HAS_RES)
-    acc = w.to(tl.float32) * x[None, :]
-    for k0 in range(BLOCK_K, K, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
-        x, sq = gemv._gemv_input(x_ptr, res_ptr, norm_w_ptr, res_out_ptr, cols, cols < K, first, True, HAS_RES)
-        ss += sq
-        w = tl.load(w_rows + cols[None, :], mask=row_mask[:, None] & (cols < K)[None, :], other=0.0)
-        acc += w.to(tl.float32) * x[None, :]
-    rstd = tl.rsqrt(tl.sum(ss, axis=0) / K + eps)
-    tl.store(logits_ptr + rows, (tl.sum(acc, axis=1) * rstd).to(logits_ptr.dtype.element_ty), mask=row_mask)
-    if pid == 0:
-        dtype = x_ptr.dtype.element_ty
-        for k0 in range(0, K, BLOCK_K):
-            cols = k0 + tl.arange(0, BLOCK_K)
-            h = tl.load(x_ptr + cols, mask=cols < K, other=0.0)
-            if HAS_RES:
-                h = (h.to(tl.float32) + tl.load(res_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)).to(dtype)
-            n = (h.to(tl.float32) * rstd).to(dtype).to(tl.float32) * tl.load(norm_w_ptr + cols, mask=cols < K).to(tl.float32)
-            tl.store(normed_ptr + cols, n.to(dtype), mask=cols < K)
-    tl.debug_barrier()
-    if tl.atomic_add(count_ptr, 1, sem="acq_rel") == tl.num_programs(0) - 1:
-        tl.store(count_ptr, 0)
-        _topk_store(logits_ptr, w_ptr, id_ptr, 0, E, TOP_K, RENORM, BLOCK_E, BLOCK_TOPK)
-
-
-# H200, qwen3-30b-a3b (hidden 2048, 128 experts): see ROUTER_CONFIG's table.
-ROUTER_CONFIG = dict(BLOCK_N=8, BLOCK_K=1024, num_warps=4)
-
-
-def router_triton(x, residual, norm_w, eps, gate, count, top_k: int, renormalize: bool, config=None):
-    """One token: (normed, h, weights, ids) with h = x + residual (x when residual is None), normed =
-    rms_norm_ref(h, norm_w, eps), and the route of the logits normed @ gate^T (the product scaled by rstd in
-    fp32, as gemv's norm GEMV does: within a rounding of the unfused ops). count: an int32 zero on the device,
-    which the kernel leaves at zero."""
-    (T, K), E = x.shape, gate.shape[0]
-    assert T == 1 and x.is_contiguous() and gate.is_contiguous() and norm_w.shape == (K,)
-    assert residual is None or residual.shape == x.shape and residual.is_contiguous()
-    cfg = dict(config or ROUTER_CONFIG)
-    cfg["BLOCK_K"] = min(cfg["BLOCK_K"], triton.next_power_of_2(K))
-    normed = torch.empty_like(x)
-    h = x if residual is None else torch.empty_like(x)
-    logits = torch.empty(1, E, dtype=x.dtype, device=x.device)
-    weights = torch.empty(1, top_k, dtype=x.dtype, device=x.device)
-    ids = torch.empty(1, top_k, dtype=torch.int64, device=x.device)
-    _router_kernel[(triton.cdiv(E, cfg["BLOCK_N"]),)](
-        x, residual, norm_w, h, normed, gate, logits, count, weights, ids, E, K, eps, TOP_K=top_k,
-        RENORM=renormalize, HAS_RES=residual is not None, BLOCK_E=triton.next_power_of_2(E),
-        BLOCK_TOPK=triton.next_power_of_2(top_k), **cfg, **pdl(x))
-    return normed, h, weights, ids
 
 
 # ----------------------------------------------------------------------------------------------------------

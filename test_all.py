@@ -1523,30 +1523,6 @@ def test_kt_moe(T, E, k, dtype):
         kt_check(f"fused moe T={T} E={E} k={k} {cfg}", moe.moe_triton(x, gate_up, down, w, ids, config=cfg), ref, dtype)
 
 
-@pytest.mark.usefixtures("kt_triton_poisoned")
-@pytest.mark.parametrize("E,k,K,cfg", [(6, 2, 48, dict(BLOCK_N=4, BLOCK_K=32)), (24, 8, 200, dict(BLOCK_N=8, BLOCK_K=64)),
-                                       (5, 5, 72, None), (128, 8, 136, dict(BLOCK_N=16, BLOCK_K=128))])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_kt_moe_router(E, k, K, cfg, dtype):
-    """router_triton (one token: add + RMSNorm + router GEMV + route in one launch; the last program routes)
-    under the interpreter against add_rms_norm_ref, the GEMV on its output and route_ref: awkward K, more
-    programs than one, k = E; twice on one counter (it must come back to zero), with and without a residual."""
-    import moe
-    x, res = torch.randn(1, K).to(dtype), torch.randn(1, K).to(dtype)
-    norm_w = (1 + 0.1 * torch.randn(K)).to(dtype)
-    gate = (torch.randn(E, K) / K ** 0.5).to(dtype)
-    count = torch.zeros(1, dtype=torch.int32)
-    for residual, renorm in ((res, True), (None, False), (res, False)):
-        normed, h, w, ids = moe.router_triton(x, residual, norm_w, 1e-6, gate, count, k, renorm, config=cfg)
-        assert count.item() == 0
-        normed_ref, h_ref = (kernels.rms_norm_ref(x, norm_w, 1e-6), x) if residual is None else \
-            kernels.add_rms_norm_ref(x, residual, norm_w, 1e-6)
-        w_ref, ids_ref = moe.route_ref(gemv.linear_ref(normed_ref.float(), gate.float()).to(dtype), k, renorm)
-        assert torch.equal(h, h_ref) and torch.equal(ids, ids_ref), (ids, ids_ref)
-        kt_check(f"router normed E={E} K={K}", normed, normed_ref, dtype)
-        kt_check(f"router weights E={E} k={k} renorm={renorm}", w, w_ref, dtype)
-
-
 def fp8_experts(w: torch.Tensor, shards: int):
     """(E, N, K) weights -> FP8 values and (E, N, ceil(K/128)) row scales, each of the `shards` row blocks of an
     expert quantized on its own (gate and up, as a checkpoint stores them)."""
