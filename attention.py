@@ -12,13 +12,12 @@ decode_attention also does cascade attention: when many sequences share leading 
 caching), plan_shared_prefix picks a shared prefix and the kernel reads its K/V once for all of them.
 Tests: test_all.py's attention section (Triton under TRITON_INTERPRET=1); GPU: `python bench.py kernels`.
 """
-import functools
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from kernels import _norm_rope, _store_new_kv, _use_triton, pdl, qk_norm_rope_store, tl, triton
+from kernels import _norm_rope, _num_sms, _store_new_kv, _use_triton, pdl, qk_norm_rope_store, tl, triton
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -344,11 +343,6 @@ def _decode_reduce_kernel(part_o_ptr, part_lse_ptr, out_ptr, num_slots, HEAD_DIM
                     other=0.0)                               # (BLOCK_S, HEAD_DIM)
         out = tl.sum(w[:, None] * o, axis=0) / tl.sum(w, axis=0)
         tl.store(out_ptr + row * HEAD_DIM + d, out.to(out_ptr.dtype.element_ty))
-
-
-@functools.lru_cache
-def _num_sms(device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
 
 
 # Decode tuning, H100, bf16, head_dim 128 (swept: BLOCK_N 32/64/128, 2-8 warps, 2-4 stages; min partition

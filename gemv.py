@@ -260,9 +260,34 @@ def _skinny_gemm_kernel(x_ptr, w_ptr, out_ptr, M, N, K, SILU_MUL: tl.constexpr, 
 # (two per SM); one engine per variant, timed as `bench.py decode-1` times: decode-8 ms/step, qwen3-0.6b 1.240
 # without -> 1.255 / 1.257 / 1.258, qwen3-8b 4.889 -> 5.445 / 5.020 / 4.881 (decode-1 unchanged: 0.719, 4.010).
 # Nothing gained: PDL stays off here.
+# The tiles again by grid size (H200, 2026-12-02, M = 8, us per call, same harness; BLOCK_N/BLOCK_K/warps/stages,
+# 32 tiles of 16-64 x 128-512 x 4-8 warps x 3-4 stages swept; 32/256/4/4 was the only wide tile):
+#   K -> N (programs of 32 rows)  | 32/256/4/4 | 32/512/4/4 | 32/128/4/3 | best of the sweep
+#   8b   qkv 4096->6144 (192)     |    15.9    |     -      |     -      | 64/256/4/4 15.3
+#   8b   o 4096->4096 (128)       |    11.9    |    11.2    |            | 32/512/4/4
+#   8b   down 12288->4096 (128)   |    28.7    |    26.4    |            | 32/512/4/4
+#   8b   gate_up silu (384)       |    51.9    | (smem)     |    48.8    | 32/128/4/3
+#   0.6b qkv 1024->4096 (128)     |     5.2    |     5.1    |            | 32/128/4/4 5.1
+#   0.6b gate_up silu (96)        |     5.9    | (smem)     |     6.8    | 32/256/4/4
+#   0.6b o, down (N <= 1024)      | 6.3, 8.3   |            |            | 16/512/4/3 5.2, 6.5 (the narrow tile)
+# A grid of at most one program per SM holds one 196 KB tile per SM: the longer chunk keeps more bytes in
+# flight. A grid of more than two per SM (the SiLU tile: two weight tiles per chunk) fits three programs per SM
+# with shorter chunks and three stages.
 SKINNY_CONFIG = dict(BLOCK_N=32, BLOCK_K=256, num_warps=4, num_stages=4)
+SKINNY_CONFIG_ONE_WAVE = dict(BLOCK_N=32, BLOCK_K=512, num_warps=4, num_stages=4)    # plain, <= 1 program per SM
+SKINNY_CONFIG_MANY = dict(BLOCK_N=32, BLOCK_K=128, num_warps=4, num_stages=3)        # SiLU, > 2 programs per SM
 SKINNY_CONFIG_NARROW = dict(BLOCK_N=16, BLOCK_K=512, num_warps=4, num_stages=3)   # N <= 1024
 SKINNY_MAX_N = 32768                                   # wider (lm_head, 151,936 rows): cuBLAS
+
+
+def skinny_config(N: int, silu_mul: bool, device) -> dict:
+    """The skinny GEMM's tile for N output columns (the tables above)."""
+    if N <= 1024:
+        return SKINNY_CONFIG_NARROW
+    programs, sms = triton.cdiv(N, SKINNY_CONFIG["BLOCK_N"]), kernels._num_sms(device)
+    if not silu_mul and programs <= sms:
+        return SKINNY_CONFIG_ONE_WAVE
+    return SKINNY_CONFIG_MANY if silu_mul and programs > 2 * sms else SKINNY_CONFIG
 
 
 def skinny_linear_triton(x, weight, config=None, out=None, silu_mul=False):
@@ -272,7 +297,7 @@ def skinny_linear_triton(x, weight, config=None, out=None, silu_mul=False):
     assert M <= 16 and weight.shape[1] == K and x.is_contiguous() and weight.is_contiguous()
     assert x.dtype == weight.dtype and not (silu_mul and N % 2)
     N = N // 2 if silu_mul else N
-    cfg = dict(config or (SKINNY_CONFIG_NARROW if N <= 1024 else SKINNY_CONFIG))
+    cfg = dict(config or skinny_config(N, silu_mul, x.device))
     out = torch.empty(M, N, dtype=x.dtype, device=x.device) if out is None else out
     assert out.shape == (M, N) and out.is_contiguous() and out.dtype == x.dtype
     _skinny_gemm_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](x, weight, out, M, N, K, SILU_MUL=silu_mul, BLOCK_M=16,
