@@ -274,7 +274,8 @@ def _skinny_gemm_kernel(x_ptr, w_ptr, out_ptr, M, N, K, SILU_MUL: tl.constexpr, 
 # flight. A grid of more than two per SM (the SiLU tile: two weight tiles per chunk) fits three programs per SM
 # with shorter chunks and three stages. `bench.py decode-1`, the previous commit's tree beside, one GPU call:
 # qwen3-8b decode-8 4.92 -> 4.72 / 4.72 ms/step (1.24x -> 1.19x decode-1; decode-1 3.96 -> 3.95 / 3.96 ms),
-# qwen3-0.6b 1.25 -> 1.25 (its wide projections keep their tiles or tie); another call: qwen3-30b-a3b 8.31 -> 8.24.
+# qwen3-0.6b 1.25 -> 1.25 (its wide projections keep their tiles or tie); others: qwen3-30b-a3b 8.31 -> 8.24,
+# qwen3-1.7b 1.96 -> 1.86 (decode-1 1.19 both).
 SKINNY_CONFIG = dict(BLOCK_N=32, BLOCK_K=256, num_warps=4, num_stages=4)
 SKINNY_CONFIG_ONE_WAVE = dict(BLOCK_N=32, BLOCK_K=512, num_warps=4, num_stages=4)    # plain, <= 1 program per SM
 SKINNY_CONFIG_MANY = dict(BLOCK_N=32, BLOCK_K=128, num_warps=4, num_stages=3)        # SiLU, > 2 programs per SM
