@@ -127,12 +127,14 @@ def accuracy(cfg: Config, eargs, device, dtype, n_prompts: int, length: int) -> 
         variants = {f"ours {name}": {}, f"ours {name}, FP8 KV cache": {"kv_cache_dtype": "fp8"}}
         if not cfg.num_experts:
             variants[f"ours {name}, FP8 weights"] = {"quantization": "fp8"}
-            peers = {"dequantized at load": True} | ({"W8A8, torch stand-in kernel": False}
-                                                     if torch.device(device).type == "cuda" else {})
+            peers = {"dequantized at load": True}
+            if torch.device(device).type == "cuda":           # transformers runs FP8 modules on a GPU only
+                peers["W8A8, torch stand-in kernel"] = False
             for how, dequantize in peers.items():
                 peer8 = fp8_peer(d, dtype, dequantize, device)
                 if peer8 is not None:
-                    res[f"transformers {name}, FP8 checkpoint {how} (peer)"] = score(lambda ids: peer8(ids[None]).logits[0])
+                    res[f"transformers {name}, FP8 checkpoint {how} (peer)"] = score(
+                        lambda ids: peer8(ids[None]).logits[0])
                     del peer8
         plain = dict(model=d, random_weights=False, cuda_graphs=False, quantization=None, kv_cache_dtype="auto",
                      tensor_parallel_size=1, speculative_method=None, speculative_model=None,
@@ -216,8 +218,9 @@ def w8a8_standin(x, weight, weight_scale_inv, block_size, out_dtype, activation_
     assert activation_scale is None, "static activation scales are not used by Qwen's FP8 checkpoints"
     bn, bk = block_size
     (N, K), lead = weight.shape, x.shape[:-1]
+    assert K % bk == 0, "Qwen3's projections are whole 128-column blocks deep"
     a = x.reshape(-1, K).float()
-    g = a.view(a.shape[0], K // bk, bk)                                      # (M, K/bk, bk): K divides here
+    g = a.view(a.shape[0], K // bk, bk)                                      # (M, K/bk, bk)
     s = g.abs().amax(-1, keepdim=True).clamp(min=1e-12) / 448.0
     a = ((g / s).clamp(-448.0, 448.0).to(torch.float8_e4m3fn).float() * s).view(-1, K)
     w = weight.float() * weight_scale_inv.repeat_interleave(bn, 0)[:N].repeat_interleave(bk, 1)[:, :K]

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import kernels
-from kernels import _use_triton, add_rms_norm, pdl, rms_norm, tl, triton
+from kernels import _num_sms, _use_triton, add_rms_norm, pdl, rms_norm, tl, triton
 
 
 def linear_ref(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -287,7 +287,7 @@ def skinny_config(N: int, silu_mul: bool, device) -> dict:
     """The skinny GEMM's tile for N output columns (the tables above)."""
     if N <= 1024:
         return SKINNY_CONFIG_NARROW
-    programs, sms = triton.cdiv(N, SKINNY_CONFIG["BLOCK_N"]), kernels._num_sms(device)
+    programs, sms = triton.cdiv(N, SKINNY_CONFIG["BLOCK_N"]), _num_sms(device)
     if not silu_mul and programs <= sms:
         return SKINNY_CONFIG_ONE_WAVE
     return SKINNY_CONFIG_MANY if silu_mul and programs > 2 * sms else SKINNY_CONFIG
