@@ -2530,7 +2530,8 @@ def test_bn_tiny_run_writes_json(tmp_path):
     print({k: (round(v["tok_s"], 1), round(v["floor_tok_s"])) for k, v in rows.items()})
     qwen3 = "T 0.6, top-p 0.95, top-k 20"              # a random-weight size samples with Qwen3's defaults
     assert set(rows) == {f"offline (4 reqs), {qwen3}", "offline (4 reqs), greedy", f"offline (4 reqs), {qwen3}, top-5 "
-                         "logprobs", "decode-1", "decode-8", "prefix, cache on",
+                         "logprobs", f"decode-1, {qwen3}", f"decode-8, {qwen3}", "decode-1, greedy",
+                         "decode-8, greedy", "prefix, cache on",
                          "prefix, cache off", "nanovllm (4 reqs), T 0.6 (nano-vllm's settings)",
                          f"nanovllm (4 reqs), {qwen3}", "nanovllm (4 reqs), greedy"}
     for row in rows.values():
@@ -2542,8 +2543,9 @@ def test_bn_tiny_run_writes_json(tmp_path):
     _, outs = bench.nanovllm_requests(4, 8, 16, max_id=511)
     assert r["details"]["nanovllm"]["greedy"]["output_tokens"] == sum(outs)
     assert off["max_batch_seqs"] == 4, "all 4 requests should run in one batch"
-    assert r["details"]["decode-1"]["ms_per_token"] > 0 and r["details"]["decode-1"]["batch8_ms_per_step"] > 0
-    assert r["details"]["decode-1"]["batch8_steps"] == bench.CPU_WORKLOADS.decode_tokens   # one prefill step, then decode steps
+    for d in (r["details"]["decode-1"][qwen3], r["details"]["decode-1"]["greedy"]):
+        assert d["ms_per_token"] > 0 and d["batch8_ms_per_step"] > 0
+        assert d["batch8_steps"] == bench.CPU_WORKLOADS.decode_tokens   # one prefill step, then decode steps
     pre = r["details"]["prefix"]
     w = bench.CPU_WORKLOADS
     assert pre["off"]["prefill_tokens_computed"] == w.prefix_seqs * (w.prefix_len + w.suffix_len)
