@@ -186,19 +186,7 @@ class LLM:
         args = args or EngineArgs(**kw)
         self.args = args
         self.device, self.dtype = resolve_device_dtype(args)
-        self.group = None                        # tensor parallelism: this (rank 0's) group; parallel.py
-        if args.tensor_parallel_size > 1:
-            parallel.check(load_config(args.model, args.random_weights)[0], args.tensor_parallel_size,
-                           self.device.type)
-            self.group = parallel.start(args.tensor_parallel_size, self.device.type, build_rank, args,
-                                        self.device.type, self.dtype)
-        try:
-            self.runner = Runner(args, self.device, self.dtype, self.group)
-            if self.group is not None:
-                parallel.wait_ready(self.group)
-        except BaseException:
-            self.close()
-            raise
+        self.group, self.runner = start_runner(args, self.device, self.dtype)   # group: tensor parallelism
         self.model, self.config, ckpt = self.runner.model, self.runner.config, self.runner.ckpt
         self.tokenizer = Tokenizer(ckpt)
         self.defaults = generation_defaults(ckpt, args.generation_config == "auto")
@@ -206,13 +194,7 @@ class LLM:
         self.max_model_len = min(args.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         self.max_blocks_per_seq = -(-self.max_model_len // args.block_size)
         self.draft = load_draft(args, self.device, self.dtype, cfg, self.max_model_len)   # speculative_method draft
-        # a draft model's cache has the target's blocks too (one block table addresses both)
-        extra = 0 if self.draft is None else cache.kv_bytes_per_block(self.draft.model.config, args.block_size,
-                                                                      self.draft.kv_dtype)
-        num_blocks = args.num_blocks or self.runner.fit_blocks(self.max_model_len, self.defaults, extra)
-        self.runner.allocate(num_blocks)
-        if self.draft is not None:
-            self.draft.allocate(num_blocks)
+        num_blocks = allocate_kv(args, self.runner, self.draft, self.max_model_len, self.defaults)
         self.kv_cache = self.runner.kv_cache
         self.blocks = cache.BlockManager(num_blocks, args.block_size, args.prefix_cache)
         self.scheduler = Scheduler(self.blocks, args.max_num_seqs, args.max_num_batched_tokens)
@@ -229,13 +211,8 @@ class LLM:
         if args.speculative_method:
             self.speculator = Speculator(args.num_speculative_tokens, self.draft and DraftModel(self.draft))
         if args.cuda_graphs and self.device.type == "cuda":
-            before = torch.cuda.memory_reserved()
-            self.runner.capture(self.max_blocks_per_seq)
-            self.graphs = self.runner.graphs
-            if self.draft is not None:
-                self.draft.capture(self.max_blocks_per_seq)
-            self.sampler_graphs = SamplerGraphs(self.graphs.logits, self.graphs.sizes, self.graphs.pool)
-            self.graph_bytes = torch.cuda.memory_reserved() - before
+            self.graphs, self.sampler_graphs, self.graph_bytes = capture_graphs(self.runner, self.draft,
+                                                                                self.max_blocks_per_seq)
         if self.device.type == "cuda":
             report_memory(self, num_blocks)
 
@@ -256,18 +233,12 @@ class LLM:
         request_id = request_id or uuid.uuid4().hex
         if request_id in self.seqs:
             raise ValueError(f"request id {request_id!r} is already running")
-        max_tokens = min(params.max_tokens, self.max_model_len - len(ids))
-        seq = Sequence(request_id, ids, max_tokens, reuse_prefix=params.prompt_logprobs is None)
-        seed = params.seed if params.seed is not None else random.getrandbits(63)
-        detok = Detokenizer(self.tokenizer, params.stop) if detokenize and (stream_text or params.stop) else None
-        req = Request(request_id, params, seed, detok, detokenize, prompt_logprobs=None if params.prompt_logprobs is None else [None])
-        if params.repetition_penalty != 1.0:
-            req.prompt = set(ids)
-        if params.grammar is not None:
-            if self.grammars is None:
-                from grammar import Grammars
-                self.grammars = Grammars(self.tokenizer, self.config.vocab_size, self.config.eos_token_id)
-            req.matcher = self.grammars.matcher(params.grammar)
+        if params.grammar is not None and self.grammars is None:
+            from grammar import Grammars
+            self.grammars = Grammars(self.tokenizer, self.config.vocab_size, self.config.eos_token_id)
+        seq, req = new_request(request_id, ids, params, min(params.max_tokens, self.max_model_len - len(ids)),
+                               self.tokenizer if detokenize and (stream_text or params.stop) else None, detokenize,
+                               self.grammars)
         self.scheduler.add(seq)
         self.seqs[request_id], self.requests[request_id] = seq, req
         self.num_synced += params.needs_last_token
@@ -329,25 +300,17 @@ class LLM:
         """Queue the batch's forward pass and sampling on the GPU; returns what collect() needs."""
         self.max_batch_seqs = max(self.max_batch_seqs, len(batch.seqs))
         self.num_forwards += 1
-        start = None
-        if self.device.type == "cuda":             # the GPU reaches it when it starts this step's work
-            start = torch.cuda.Event(enable_timing=True)
-            start.record()
+        start = step_start(self.device)
         ids, pending, cu, ctx, tables, logits_idx = pack(batch, self.sample_row)
         sampled = [s for s, n in zip(batch.seqs, batch.num_new) if s.num_computed + n == s.num_tokens]
         graphed = batch.is_decode and self.graphs is not None and len(ids) <= self.graphs.max_batch
-        prompt_lp = None
+        prompt_lp = None                         # (rows, chosen, top values, top ids) of prompts asking logprobs
         if graphed:
             shared = len(tables) >= attention.CASCADE_MIN_BATCH and shares_first_block(tables)
             logits = self.runner.decode(ids, pending, ctx, tables, shared)
         else:
-            extras, targets, owners = prompt_logprob_rows(batch, cu, self.requests)
-            self.runner.forward(ids, pending, cu, ctx, tables, logits_idx + extras, max(batch.num_new),
-                                batch.is_decode)
-            logits = self.runner.logits(0, len(logits_idx))
-            if extras:
-                n = max(self.requests[seq.request_id].params.prompt_logprobs for seq, _, _ in owners)
-                prompt_lp = (owners, *prompt_logprobs(self.runner, len(logits_idx), targets, n))
+            logits, prompt_lp = forward_eager(self.runner, batch, self.requests, ids, pending, cu, ctx, tables,
+                                              logits_idx)
         reqs = [self.requests[s.request_id] for s in sampled]
         steps = [s.num_tokens - len(s.prompt_ids) for s in sampled]      # output position of each new token
         rows = [i for i, r in enumerate(reqs) if r.params.logprobs is not None]   # the rows that want logprobs
@@ -378,13 +341,8 @@ class LLM:
             record_prompt_logprobs(fl.prompt_logprobs, self.requests)
         if fl.tokens is None:
             return []
-        lp_at = {}                                     # batch row -> where its values sit in the host lists
-        if fl.logprobs is not None:
-            rows, at, *lists = fl.logprobs
-            chosen, top_v, top_i = (t.tolist() for t in lists)
-            lp_at = dict(zip(rows, at))
-        outputs = []
-        for i, (seq, index, tok) in enumerate(zip(fl.seqs, fl.indices, fl.tokens.tolist())):
+        outputs, lps = [], read_logprobs(fl.logprobs, fl.seqs, self.requests)
+        for seq, index, tok, lp in zip(fl.seqs, fl.indices, fl.tokens.tolist(), lps):
             if seq.status == Status.FINISHED:              # aborted, or stopped while this token was in flight
                 continue
             self.scheduler.complete(seq, index, tok)
@@ -393,8 +351,6 @@ class LLM:
                 req.counts[tok] = req.counts.get(tok, 0) + 1
             if req.matcher is not None:
                 req.matcher.accept_token(tok)
-            j = lp_at.get(i)
-            lp = None if j is None else [logprob_entry(chosen, top_v, top_i, j, req.params.logprobs)]
             outputs.append(self.check_stop(seq, req, index, lp))
         return outputs
 
@@ -407,40 +363,16 @@ class LLM:
         return out
 
     # ---- conveniences -------------------------------------------------------------------------------------
-    def submit(self, prompts: list, params, stream_text: bool) -> list[str]:
-        """Queue prompts with one SamplingParams for all (or one each); returns their request ids."""
-        params = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
-        rids = []
-        try:
-            for p, sp in zip(prompts, params):
-                rids.append(self.add_request(p, sp, stream_text=stream_text))
-        except BaseException:                      # a bad prompt after good ones: none of them stays queued
-            for rid in rids:
-                self.abort(rid)
-            raise
-        return rids
-
     def stream(self, prompts: list, params: SamplingParams | list[SamplingParams] | None = None):
         """Run prompts as one batch, yielding (prompt index, StepOutput) as tokens arrive."""
-        return self.drain(self.submit(prompts, params, stream_text=True))
-
-    def drain(self, rids: list[str]):
-        index = {rid: i for i, rid in enumerate(rids)}
-        try:
-            while any(rid in self.seqs for rid in rids):
-                for out in self.step():
-                    if out.request_id in index:
-                        yield index[out.request_id], out
-        finally:
-            for rid in rids:                      # a consumer that stops early must not leak blocks
-                self.abort(rid)
+        return drain(self, submit(self, prompts, params, stream_text=True))
 
     def generate(self, prompts: list, params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
         """Run prompts as one batch to the end; outputs in prompt order."""
-        rids = self.submit(prompts, params, stream_text=False)
+        rids = submit(self, prompts, params, stream_text=False)
         seqs = [self.seqs[r] for r in rids]
         texts, lps, prompt_lps = [""] * len(prompts), [None] * len(prompts), [None] * len(prompts)
-        for i, out in self.drain(rids):
+        for i, out in drain(self, rids):
             texts[i] += out.text
             if out.logprobs is not None:              # in place: a new list per token would cost O(tokens^2)
                 lps[i] = lps[i] or []
@@ -450,7 +382,123 @@ class LLM:
                               lps[i], prompt_lps[i]) for i, s in enumerate(seqs)]
 
 
-# ---- LLM's step pieces, as plain functions of what they use ---------------------------------------------------
+# ---- LLM's pieces, as plain functions of what they use ---------------------------------------------------------
+def start_runner(args: EngineArgs, device, dtype) -> tuple:
+    """(the tensor-parallel group or None, this process's Runner): with tensor_parallel_size > 1 the other
+    ranks start first (parallel.py), and they are stopped again when building this one fails."""
+    group = None
+    if args.tensor_parallel_size > 1:
+        parallel.check(load_config(args.model, args.random_weights)[0], args.tensor_parallel_size, device.type)
+        group = parallel.start(args.tensor_parallel_size, device.type, build_rank, args, device.type, dtype)
+    try:
+        runner = Runner(args, device, dtype, group)
+        if group is not None:
+            parallel.wait_ready(group)
+    except BaseException:
+        parallel.close(group)
+        raise
+    return group, runner
+
+
+def allocate_kv(args: EngineArgs, runner: Runner, draft: Runner | None, max_model_len: int, defaults: dict) -> int:
+    """The KV caches (EngineArgs.num_blocks blocks, or what fits the GPU): the target's and the draft model's, which
+    has as many blocks (one block table addresses both). Returns the number of blocks."""
+    extra = 0 if draft is None else cache.kv_bytes_per_block(draft.model.config, args.block_size, draft.kv_dtype)
+    num_blocks = args.num_blocks or runner.fit_blocks(max_model_len, defaults, extra)
+    runner.allocate(num_blocks)
+    if draft is not None:
+        draft.allocate(num_blocks)
+    return num_blocks
+
+
+def capture_graphs(runner: Runner, draft: Runner | None, max_blocks_per_seq: int) -> tuple:
+    """The decode graphs (the draft model's too) and the sampling graphs: (graphs, sampler graphs, their bytes)."""
+    before = torch.cuda.memory_reserved()
+    runner.capture(max_blocks_per_seq)
+    if draft is not None:
+        draft.capture(max_blocks_per_seq)
+    sampler_graphs = SamplerGraphs(runner.graphs.logits, runner.graphs.sizes, runner.graphs.pool)
+    return runner.graphs, sampler_graphs, torch.cuda.memory_reserved() - before
+
+
+def new_request(request_id: str, ids: list[int], params: SamplingParams, max_tokens: int, tokenizer: Tokenizer | None,
+                detokenize: bool, grammars) -> tuple[Sequence, Request]:
+    """A checked prompt's Sequence (the scheduler's) and Request (the rest). tokenizer: detokenize as tokens
+    arrive (None: the text comes at the end, or never with detokenize=False)."""
+    seq = Sequence(request_id, ids, max_tokens, reuse_prefix=params.prompt_logprobs is None)
+    seed = params.seed if params.seed is not None else random.getrandbits(63)
+    detok = Detokenizer(tokenizer, params.stop) if tokenizer is not None else None
+    req = Request(request_id, params, seed, detok, detokenize,
+                  prompt_logprobs=None if params.prompt_logprobs is None else [None])
+    if params.repetition_penalty != 1.0:
+        req.prompt = set(ids)
+    if params.grammar is not None:
+        req.matcher = grammars.matcher(params.grammar)
+    return seq, req
+
+
+def submit(llm: LLM, prompts: list, params, stream_text: bool) -> list[str]:
+    """Queue prompts with one SamplingParams for all (or one each); returns their request ids."""
+    params = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
+    rids = []
+    try:
+        for p, sp in zip(prompts, params):
+            rids.append(llm.add_request(p, sp, stream_text=stream_text))
+    except BaseException:                      # a bad prompt after good ones: none of them stays queued
+        for rid in rids:
+            llm.abort(rid)
+        raise
+    return rids
+
+
+def drain(llm: LLM, rids: list[str]):
+    """Step until the requests rids finish, yielding (index in rids, StepOutput) for theirs."""
+    index = {rid: i for i, rid in enumerate(rids)}
+    try:
+        while any(rid in llm.seqs for rid in rids):
+            for out in llm.step():
+                if out.request_id in index:
+                    yield index[out.request_id], out
+    finally:
+        for rid in rids:                      # a consumer that stops early must not leak blocks
+            llm.abort(rid)
+
+
+def forward_eager(runner: Runner, batch: Batch, requests: dict, ids, pending, cu, ctx, tables, logits_idx) -> tuple:
+    """A batch outside the decode graphs (prefill chunks, mixed batches): (its sampling rows' logits, the prompt
+    logprobs of the requests that ask for them, or None)."""
+    extras, targets, owners = prompt_logprob_rows(batch, cu, requests)
+    runner.forward(ids, pending, cu, ctx, tables, logits_idx + extras, max(batch.num_new), batch.is_decode)
+    logits = runner.logits(0, len(logits_idx))
+    if not extras:
+        return logits, None
+    n = max(requests[seq.request_id].params.prompt_logprobs for seq, _, _ in owners)
+    return logits, (owners, *prompt_logprobs(runner, len(logits_idx), targets, n))
+
+
+def read_logprobs(logprobs: tuple | None, seqs: list[Sequence], requests: dict) -> list:
+    """Each sampled row's [Logprob] from a step's logprobs (InFlight.logprobs) on the host; None for rows that did
+    not ask, and for requests gone since (aborted)."""
+    out = [None] * len(seqs)
+    if logprobs is not None:
+        rows, at, *lists = logprobs                # rows that asked, where their values sit in the lists
+        chosen, top_v, top_i = (t.tolist() for t in lists)
+        for i, j in zip(rows, at):
+            req = requests.get(seqs[i].request_id)
+            if req is not None:
+                out[i] = [logprob_entry(chosen, top_v, top_i, j, req.params.logprobs)]
+    return out
+
+
+def step_start(device) -> torch.cuda.Event | None:
+    """An event queued on the GPU now: the GPU reaches it when it starts this step's work (stats: busy time)."""
+    if device.type != "cuda":
+        return None
+    start = torch.cuda.Event(enable_timing=True)
+    start.record()
+    return start
+
+
 def in_flight(seqs: list[Sequence], indices: list[int], tokens, lp, prompt_lp, start) -> InFlight:
     """A launched step's results on their way to the host: copies queued into pinned memory (a copy to pageable
     memory would wait for the GPU right here), and on the GPU an event after them that collect() waits on."""

@@ -294,24 +294,6 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
-    def read_json(self) -> dict:
-        length = self.headers.get("Content-Length", "")
-        if not length.isdigit():
-            raise ApiError(411, "a Content-Length header is required")
-        if int(length) > self.server.max_body:       # refused before reading a byte of it
-            raise ApiError(413, f"request body is {length} bytes; the limit is {self.server.max_body}")
-        try:
-            body = json.loads(self.rfile.read(int(length)))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ApiError(400, f"request body is not valid JSON: {e}") from None
-        if not isinstance(body, dict):
-            raise ApiError(400, "request body must be a JSON object")
-        model = field(body, "model", str, self.server.model_name)
-        if model != self.server.model_name:
-            raise ApiError(404, f"the model '{model}' does not exist; this server serves '{self.server.model_name}'",
-                           param="model", code="model_not_found")
-        return body
-
     # ---- endpoints ----------------------------------------------------------------------------------------
     def health(self):
         client = self.server.client
@@ -329,30 +311,14 @@ class Handler(BaseHTTPRequestHandler):
             "max_model_len": self.server.max_model_len}]})
 
     def completions(self):
-        body = self.read_json()
-        if "prompt" not in body:
-            raise ApiError(400, "'prompt' is required", param="prompt")
-        prompts = parse_prompts(body["prompt"])
-        params = sampling_params(body, default_max_tokens=16, chat=False, grammar=grammar_spec(body, None, None, "none"))
-        tok = self.server.tokenizer
-        ids = [tok.encode(p) if isinstance(p, str) else p for p in prompts]
-        echo = [p if isinstance(p, str) else tok.decode(p) for p in prompts] if field(body, "echo", bool) else None
+        body = read_body(self.headers, self.rfile, self.server)
+        ids, params, echo = completion_request(body, self.server.tokenizer)
         self.generate(body, ids, params, chat=False, echo=echo)
 
     def chat(self):
-        body = self.read_json()
-        messages = parse_messages(body.get("messages"))
-        tools, tool_name, tool_mode = parse_tools(body)
-        kwargs = {"enable_thinking": True, **field(body, "chat_template_kwargs", dict, {})}
-        try:
-            prompt = self.server.tokenizer.apply_chat_template(messages, tools=tools, documents=field(
-                body, "documents", list), **kwargs)
-        except TemplateError as e:                       # the template's raise_exception, or a Jinja error
-            raise ApiError(400, f"chat template: {e}", param="messages") from None
-        params = sampling_params(body, self.server.max_model_len, chat=True,
-                                 grammar=grammar_spec(body, tools, tool_name, tool_mode))
-        self.generate(body, [self.server.tokenizer.encode(prompt)], params, chat=True, echo=None,
-                      tools=tools is not None)
+        body = read_body(self.headers, self.rfile, self.server)
+        ids, params, tools = chat_request(body, self.server.tokenizer, self.server.max_model_len)
+        self.generate(body, [ids], params, chat=True, echo=None, tools=tools)
 
     # ---- generation ---------------------------------------------------------------------------------------
     def generate(self, body: dict, prompts: list[list[int]], params, chat: bool, echo: list[str] | None,
@@ -360,14 +326,7 @@ class Handler(BaseHTTPRequestHandler):
         n, stream = field(body, "n", int, 1), field(body, "stream", bool, False)
         include_usage = field(field(body, "stream_options", dict, {}), "include_usage", bool, False)
         srv = self.server
-        if not 1 <= n * len(prompts) <= srv.max_queue:
-            raise ApiError(400, f"'n' x prompts must be in [1, {srv.max_queue}], got {n}", param="n")
-        for p in prompts:
-            if len(p) >= srv.max_model_len:
-                raise ApiError(400, f"prompt has {len(p)} tokens; the context window is {srv.max_model_len} tokens "
-                                    f"(prompt + at least one new token)", param="prompt")
-        if srv.draining or not srv.client.alive:
-            raise ApiError(503, "the server is shutting down", headers={"Retry-After": "1"})
+        check_admissible(srv, prompts, n)
         rid, jobs, choices = new_jobs(srv, prompts, params, n, chat, echo, tools)
         head = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
                 "created": int(time.time()), "model": srv.model_name}
@@ -438,6 +397,63 @@ class Handler(BaseHTTPRequestHandler):
 
 
 # ---- a generation request's pieces, as plain functions of what they use -------------------------------------
+def read_body(headers, rfile, srv: Server) -> dict:
+    """The request's JSON object (a bounded read: its size is checked before a byte is read) naming this model."""
+    length = headers.get("Content-Length", "")
+    if not length.isdigit():
+        raise ApiError(411, "a Content-Length header is required")
+    if int(length) > srv.max_body:
+        raise ApiError(413, f"request body is {length} bytes; the limit is {srv.max_body}")
+    try:
+        body = json.loads(rfile.read(int(length)))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ApiError(400, f"request body is not valid JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "request body must be a JSON object")
+    model = field(body, "model", str, srv.model_name)
+    if model != srv.model_name:
+        raise ApiError(404, f"the model '{model}' does not exist; this server serves '{srv.model_name}'",
+                       param="model", code="model_not_found")
+    return body
+
+
+def completion_request(body: dict, tok: Tokenizer) -> tuple:
+    """/v1/completions: (each prompt's token ids, SamplingParams, the prompts' text when echo is asked, else None)."""
+    if "prompt" not in body:
+        raise ApiError(400, "'prompt' is required", param="prompt")
+    prompts = parse_prompts(body["prompt"])
+    params = sampling_params(body, default_max_tokens=16, chat=False, grammar=grammar_spec(body, None, None, "none"))
+    ids = [tok.encode(p) if isinstance(p, str) else p for p in prompts]
+    echo = [p if isinstance(p, str) else tok.decode(p) for p in prompts] if field(body, "echo", bool) else None
+    return ids, params, echo
+
+
+def chat_request(body: dict, tok: Tokenizer, max_model_len: int) -> tuple:
+    """/v1/chat/completions: (the rendered conversation's token ids, SamplingParams, whether tools were given)."""
+    messages = parse_messages(body.get("messages"))
+    tools, tool_name, tool_mode = parse_tools(body)
+    kwargs = {"enable_thinking": True, **field(body, "chat_template_kwargs", dict, {})}
+    try:
+        prompt = tok.apply_chat_template(messages, tools=tools, documents=field(body, "documents", list), **kwargs)
+    except TemplateError as e:                       # the template's raise_exception, or a Jinja error
+        raise ApiError(400, f"chat template: {e}", param="messages") from None
+    params = sampling_params(body, max_model_len, chat=True, grammar=grammar_spec(body, tools, tool_name, tool_mode))
+    return tok.encode(prompt), params, tools is not None
+
+
+def check_admissible(srv: Server, prompts: list[list[int]], n: int):
+    """A clear error before anything is queued: too many completions, a prompt that fills the context, a server
+    that is stopping or whose engine died."""
+    if not 1 <= n * len(prompts) <= srv.max_queue:
+        raise ApiError(400, f"'n' x prompts must be in [1, {srv.max_queue}], got {n}", param="n")
+    for p in prompts:
+        if len(p) >= srv.max_model_len:
+            raise ApiError(400, f"prompt has {len(p)} tokens; the context window is {srv.max_model_len} tokens "
+                                f"(prompt + at least one new token)", param="prompt")
+    if srv.draining or not srv.client.alive:
+        raise ApiError(503, "the server is shutting down", headers={"Retry-After": "1"})
+
+
 def sse_chunk(event: str) -> bytes:
     """One server-sent event as one HTTP/1.1 chunk (streams use chunked transfer encoding)."""
     data = f"data: {event}\n\n".encode()
