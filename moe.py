@@ -390,7 +390,10 @@ def _expert_gemv_kernel(a_ptr, w_ptr, s_ptr, out_ptr, ids_ptr, weights_ptr, N, K
 # 4/512/4 23.4; down 1/128/4 12.1, 1/128/8 13.4, 1/64/4 14.0, 1/128/2 14.1, 1/256/2 14.2, 2/256/4 14.0, 4/256/4 14.7,
 # and 19.2 with 4/512/4 looping over the pairs one expert at a time (one chunk in flight per program). The
 # winners are the same at 2 and 4 tokens and on 235b. Nothing is loaded before gdc_wait: the router's output
-# names the expert. `bench.py decode-1 --model qwen3-30b-a3b`: 3.28 ms/token before, 3.11 with PDL and the
+# names the expert. (Tried and dropped, H200, 2026-12-02: gate/up signalling the down launch only after its own
+# wait, so that down reads the ids (.cg loads) and its first weight chunk before its wait, the K loop peeled for
+# it: `bench.py decode-1 --model qwen3-30b-a3b` 2.61 / 2.62 ms/token against 2.45 in the same call, decode-8
+# 8.96 against 8.35 ms/step.) `bench.py decode-1 --model qwen3-30b-a3b`: 3.28 ms/token before, 3.11 with PDL and the
 # in-kernel sum at 4/512/4, 2.60 with these tiles.
 # Where the few-token path stops paying, same harness, us per call: pairs  |  32   |  48   |  64
 #   30b-a3b gemv (before: 97.2 / 135.5 / 175.2)                            |  73.0 | 100.8 | 129.5
