@@ -381,7 +381,25 @@ DECODE_CONFIG_FP8 = dict(BLOCK_N=64, num_warps=2, num_stages=3)
 #   16/8, 8192    | 22.88 | 22.81 | 25.53 | 34.10
 #   32/8, 1024    | 39.20 | 41.04 | 44.81 | 52.22
 DECODE_MIN_PARTITION = 64     # one tile
-DECODE_WAVES = 4              # split until B * n_kv * splits reaches this many programs per SM
+# Programs per SM the slices aim for. One layer's attention step as the decode graph runs it (norm + qkv GEMV,
+# fused decode attention, reduce, o GEMV; 28 layers chained in a CUDA graph with PDL; H200, bf16, 2026-12-02,
+# scratch harness), us per layer at 4 / 3 / 2 programs per SM (64 slices at most; contexts all at ctx):
+#   heads, B    | ctx 256            | ctx 2048           | ctx 16384
+#   16/8,  1    | 14.1 / 14.6 / 14.0 | 17.7 / 17.6 / 16.2 |  38.3 /  31.9 /  34.5
+#   16/8,  2    | 21.2 / 21.1 / 21.0 | 29.6 / 26.5 / 25.7 |  65.3 /  54.4 /  57.9
+#   16/8,  4    | 22.5 / 23.6 / 21.2 | 33.1 / 29.5 / 29.9 | 101.7 /  84.5 /  91.7
+#   16/8,  8    | 24.5 / 24.4 / 23.2 | 44.0 / 38.3 / 39.6 | 182.0 / 148.6 / 162.1
+#   32/8,  1    | 32.2 / 34.5 / 31.8 | 36.3 / 36.1 / 34.5 |  56.7 /  50.8 /  52.7
+#   32/8,  8    | 43.3 / 42.8 / 41.5 | 62.9 / 56.3 / 58.0 | 200.8 / 166.9 / 180.3
+#   32/4,  2    | 29.6 / 32.6 / 28.7 | 33.7 / 32.4 / 31.9 |  54.2 /  47.1 /  49.2
+#   32/4,  8    | 32.3 / 33.0 / 30.1 | 44.5 / 41.0 / 39.1 | 113.6 /  97.7 / 101.4
+# (32/4 at B=1 keeps 64 slices either way.) Two per SM is best or within noise at short and middle contexts and
+# beats four everywhere; three wins past 16k tokens but loses at 256. The H100 sweep above had chosen four. The
+# engine, two per SM (rounded up: 17-33 sequences of 8 kv heads keep 2 slices) against four, one GPU call:
+# `bench.py timeline --timeline-batches 1 8 --timeline-prompt 8000` (qwen3-0.6b) 1,050 / 3,017 us per step against
+# 1,154 / 3,425; `bench.py decode-1` 0.72 ms/token both, decode-8 1.21 against 1.24 ms/step; offline within the
+# runs' spread (24,264-25,162 tok/s sampled against 23,709-24,709).
+DECODE_WAVES = 2              # split until B * n_kv * splits reaches at least this many programs per SM
 DECODE_MAX_SPLITS = 64        # the reduce kernel holds all slices of a head in registers
 # Tried and dropped (H200, 2026-12-02): no reduce launch, the last slice of each (sequence, kv head) to finish
 # merging them (an atomic counter per pair). `bench.py decode-1` got slower: qwen3-0.6b 0.90 ms/token (0.85 with
@@ -391,7 +409,7 @@ DECODE_MAX_SPLITS = 64        # the reduce kernel holds all slices of a head in 
 def decode_num_splits(batch: int, n_kv: int, max_ctx: int, device) -> int:
     """How many slices to cut each context into. Shapes only (never the context lengths): graph-capturable.
     The kernel sizes the slices per sequence, so a context shorter than max_ctx still fills every slice."""
-    want = (DECODE_WAVES * _num_sms(device)) // (batch * n_kv)
+    want = triton.cdiv(DECODE_WAVES * _num_sms(device), batch * n_kv)   # at least DECODE_WAVES per SM
     return max(1, min(want, triton.cdiv(max_ctx, DECODE_MIN_PARTITION), DECODE_MAX_SPLITS))
 
 
