@@ -304,7 +304,7 @@ class LLM:
         ids, pending, cu, ctx, tables, logits_idx = pack(batch, self.sample_row)
         sampled = [s for s, n in zip(batch.seqs, batch.num_new) if s.num_computed + n == s.num_tokens]
         graphed = batch.is_decode and self.graphs is not None and len(ids) <= self.graphs.max_batch
-        prompt_lp = None                         # (rows, chosen, top values, top ids) of prompts asking logprobs
+        prompt_lp = None                         # the prompt logprobs asked for (InFlight.prompt_logprobs)
         if graphed:
             shared = len(tables) >= attention.CASCADE_MIN_BATCH and shares_first_block(tables)
             logits = self.runner.decode(ids, pending, ctx, tables, shared)
