@@ -372,6 +372,9 @@ DECODE_CONFIG_FP8 = dict(BLOCK_N=64, num_warps=2, num_stages=3)
 # P heads' contiguous K/V; the padded softmax was the suspect. Best of P = 1/2/4/8 x 6 tiles against the kernel
 # above, us: 16/8 heads, B=256, ctx 512-1024, FP8 198.1 vs 152.2, bf16 204.0 vs 200.3; 16/8, B=64, ctx 1024-2048,
 # FP8 117.2 vs 111.0; 32/8 B=256 FP8 200.3 vs 155.0; 32/4 B=64 FP8 68.0 vs 59.2. Larger P was never better.
+# Also dropped (H200, 2026-12-03): each tile's K/V loaded one loop iteration ahead into registers (a hand-made
+# double buffer), us per call before -> after: 16/8 B=256 ctx 512-1024 bf16 204 -> 262, FP8 157 -> 757; 32/8 B=1
+# ctx 32k FP8 38 -> 117 (num_stages 2 / 3 / 4 of the plain loop: within 1.5 us of each other on FP8, B=256).
 # Fewest tokens a context slice is given. Longer minimum slices let short contexts finish in one slice and skip
 # the reduce, but one program then walks every tile: us per layer step (the fused kernel, B=1, as in the table
 # at FUSED_MAX_BATCH; H200, 2026-12-02), and `bench.py decode-1` on qwen3-0.6b 0.75 ms/token at 64, 0.93 at 256:
