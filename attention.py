@@ -375,6 +375,17 @@ DECODE_CONFIG_FP8 = dict(BLOCK_N=64, num_warps=2, num_stages=3)
 # Also dropped (H200, 2026-12-03): each tile's K/V loaded one loop iteration ahead into registers (a hand-made
 # double buffer), us per call before -> after: 16/8 B=256 ctx 512-1024 bf16 204 -> 262, FP8 157 -> 757; 32/8 B=1
 # ctx 32k FP8 38 -> 117 (num_stages 2 / 3 / 4 of the plain loop: within 1.5 us of each other on FP8, B=256).
+# Where the FP8 kernel's extra instructions come from (SASS of this kernel compiled by Triton 3.6 for sm_90a on a
+# CPU, 16/8 heads, 64/2/3): the loop body is 1,270 instructions per warp per 64-token tile (bf16 cache: 496 per
+# warp, with twice the warps), 168 registers (6 programs per SM; bf16 108). 128 of them per thread are 1-byte
+# shared-memory loads (LDS.U8): V is the second dot's B operand, whose reduction runs over tokens, and tokens are
+# 128 bytes apart in the cache; 16-bit operands have a transposing ldmatrix for that, 8-bit ones do not on sm_90.
+# Tried (H200, 2026-12-03): V read as int16 pairs and widened by inline PTX (cvt.rn.f16x2.e4m3x2) before the
+# dot, so the operand goes through shared memory as fp16 with ldmatrix.trans: no 1-byte loads, 833 instructions
+# per warp, but 184 registers and 39 KB of shared memory. us per call before -> after: B=256 ctx 512-1024 16/8
+# 157 -> 173, 32/8 157 -> 175, 32/4 99 -> 98; 32/8 B=64 ctx 1-2k 100 -> 99; 16/8 B=16 29.2 -> 27.9; B=1 ctx 4k
+# 15.6 -> 15.0, 32/8 B=1 ctx 32k 39.6 -> 36.5; B=8 ctx 8k 62.8 -> 59.4. Slower where the FP8 cache is used most
+# (large batches), so not taken.
 # Fewest tokens a context slice is given. Longer minimum slices let short contexts finish in one slice and skip
 # the reduce, but one program then walks every tile: us per layer step (the fused kernel, B=1, as in the table
 # at FUSED_MAX_BATCH; H200, 2026-12-02), and `bench.py decode-1` on qwen3-0.6b 0.75 ms/token at 64, 0.93 at 256:
