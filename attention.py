@@ -386,6 +386,22 @@ DECODE_CONFIG_FP8 = dict(BLOCK_N=64, num_warps=2, num_stages=3)
 # 157 -> 173, 32/8 157 -> 175, 32/4 99 -> 98; 32/8 B=64 ctx 1-2k 100 -> 99; 16/8 B=16 29.2 -> 27.9; B=1 ctx 4k
 # 15.6 -> 15.0, 32/8 B=1 ctx 32k 39.6 -> 36.5; B=8 ctx 8k 62.8 -> 59.4. Slower where the FP8 cache is used most
 # (large batches), so not taken.
+# Tried (H200, 2026-12-03, same-call A/B, scratch harness, contexts drawn from [ctx/2, ctx]): the FP8 V
+# stored transposed, [block, kv head, dim, token], so the second dot's operand is 16 adjacent tokens (masks by whole
+# pages, stores keeping V finite so a page's stale slots never meet a weight of 0 as inf): the loop fell from 1,271
+# to 720 SASS instructions per warp per tile (168 -> 162 registers), with no 1-byte shared loads. us per call,
+# before -> after: B=256 ctx 512-1024 16/8 160.2 -> 157.6, 32/8 160.9 -> 161.3, 32/4 102.6 -> 102.5; 32/8 B=64
+# 101.0 -> 99.2; B=16 28.8 -> 25.9; B=1 ctx 4k 15.3 -> 14.3, 32/8 32k 35.4 -> 32.3; B=8 ctx 8k 75.0 -> 64.9. But
+# in the engine (`bench.py timeline --kv-cache-dtype fp8 --timeline-batches 256`) attention went 110.9 -> 119.4 us
+# per layer and the K/V store 3.7 -> 5.1 (V's scattered 1-byte stores), and FP8 prefill attention 244 -> 206
+# TFLOP/s: dropped. Head-major K as well ([block, head, token, dim]: each page of a head one contiguous run): B=256
+# FP8 158.9 -> 156.1, bf16 206.6 -> 205.6, engine 109.6 -> 117.3. So at B=256 the FP8 kernel is bound neither by
+# its instruction count nor by the 128-byte rows it gathers. What the compiled loop shows instead: with the block
+# table's load taking a pipeline stage, num_stages=3 leaves ONE shared buffer each for K and V (the next tile's
+# copy is issued only after the current one is read out), so a program has one tile in flight: 6 FP8 programs per
+# SM hold 96 KB in flight against 4 x 32 KB for bf16. num_stages=5 gives two buffers (39 KB of shared memory; the
+# sweeps above stopped at 4, which still gives one); maxnreg=128 fits 8 programs per SM for 52 bytes of spills.
+# Neither was measured: the session's device time ran out (the next thing to try here).
 # Fewest tokens a context slice is given. Longer minimum slices let short contexts finish in one slice and skip
 # the reduce, but one program then walks every tile: us per layer step (the fused kernel, B=1, as in the table
 # at FUSED_MAX_BATCH; H200, 2026-12-02), and `bench.py decode-1` on qwen3-0.6b 0.75 ms/token at 64, 0.93 at 256:
