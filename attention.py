@@ -401,7 +401,10 @@ DECODE_CONFIG_FP8 = dict(BLOCK_N=64, num_warps=2, num_stages=3)
 # copy is issued only after the current one is read out), so a program has one tile in flight: 6 FP8 programs per
 # SM hold 96 KB in flight against 4 x 32 KB for bf16. num_stages=5 gives two buffers (39 KB of shared memory; the
 # sweeps above stopped at 4, which still gives one); maxnreg=128 fits 8 programs per SM for 52 bytes of spills.
-# Neither was measured: the session's device time ran out (the next thing to try here).
+# Or keep the stages and carry the next tile's block ids in registers (loaded one iteration ahead, 64 ints): then
+# num_stages=3 already gives two K/V buffers, at 168 registers and 39 KB for FP8 (5 programs per SM), 96 registers
+# and 72 KB for bf16 (3 per SM, 192 KB in flight against 128). Compiled on a CPU, not run: the session's device
+# time ran out. These are the next things to measure here, bf16 and FP8, at B=256 and B=1.
 # Fewest tokens a context slice is given. Longer minimum slices let short contexts finish in one slice and skip
 # the reduce, but one program then walks every tile: us per layer step (the fused kernel, B=1, as in the table
 # at FUSED_MAX_BATCH; H200, 2026-12-02), and `bench.py decode-1` on qwen3-0.6b 0.75 ms/token at 64, 0.93 at 256:
