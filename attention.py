@@ -34,11 +34,12 @@ def decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, scale:
     Vectorised with a mask (no host sync), so it can be captured in a CUDA graph. Returns (B, n_heads, hd)."""
     B, n_heads, hd = q.shape
     k = gather_kv_ref(k_cache, block_tables).float()         # (B, S, n_kv, hd), S = M*block_size
-    v = gather_kv_ref(v_cache, block_tables).float()
+    valid = torch.arange(k.shape[1], device=q.device)[None, :] < context_lens[:, None]   # (B, S)
+    # slots past a context may hold anything, NaN included (0 * NaN = NaN): V there is zeroed
+    v = gather_kv_ref(v_cache, block_tables).float().masked_fill(~valid[:, :, None, None], 0.0)
     n_kv = k.shape[2]
     qg = q.float().view(B, n_kv, n_heads // n_kv, hd)        # (B, n_kv, group, hd)
     scores = torch.einsum("bkgd,bskd->bkgs", qg, k) * scale  # (B, n_kv, group, S)
-    valid = torch.arange(k.shape[1], device=q.device)[None, :] < context_lens[:, None]   # (B, S)
     scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
     out = torch.einsum("bkgs,bskd->bkgd", scores.softmax(-1), v)
     return out.reshape(B, n_heads, hd).to(q.dtype)

@@ -822,17 +822,19 @@ def kt_check(name, out, ref, dtype):
 
 
 def kt_paged_cache(context_lens, block_size, n_kv, hd, dtype, extra_blocks=3):
-    """Random K/V caches and a block table whose block ids are shuffled (never 0: the scratch block).
-    Unused table entries are 0, as the scheduler leaves them. Returns k_cache, v_cache, block_tables."""
+    """Random K/V caches and a block table whose block ids are shuffled (never 0: the scratch block). Table
+    entries past each context's last block point at block 1, all NaN (the scheduler leaves 0 there): no kernel
+    may read a block past a context. Returns k_cache, v_cache, block_tables."""
     n_blocks = [-(-c // block_size) for c in context_lens]
-    num_blocks = 1 + sum(n_blocks) + extra_blocks
-    ids = (torch.randperm(num_blocks - 1) + 1).tolist()
+    num_blocks = 2 + sum(n_blocks) + extra_blocks
+    ids = (torch.randperm(num_blocks - 2) + 2).tolist()
     M = max(n_blocks) + 1                                    # one spare column: tables are wider than needed
-    block_tables = torch.zeros(len(context_lens), M, dtype=torch.int32)
+    block_tables = torch.ones(len(context_lens), M, dtype=torch.int32)
     for b, n in enumerate(n_blocks):
         block_tables[b, :n] = torch.tensor([ids.pop() for _ in range(n)], dtype=torch.int32)
     k_cache = torch.randn(num_blocks, block_size, n_kv, hd).to(dtype)
     v_cache = torch.randn(num_blocks, block_size, n_kv, hd).to(dtype)
+    k_cache[1], v_cache[1] = float("nan"), float("nan")
     return k_cache, v_cache, block_tables
 
 
@@ -982,8 +984,9 @@ def test_kt_decode_attention_qkv(dtype, group, context_lens, num_splits, min_par
                                             new=new)
     name = f"decode+qkv ctx={context_lens} group={group} splits={num_splits} min_part={min_part} {dtype}"
     kt_check(name, out, ref, dtype)
-    kt_check(name + " k", k_cache, kc, dtype)
-    torch.testing.assert_close(v_cache, vc, atol=0, rtol=0)
+    kt_check(name + " k", k_cache[2:], kc[2:], dtype)                     # block 1: kt_paged_cache's NaN block
+    assert k_cache[0].equal(kc[0]) and k_cache[1].isnan().all()
+    torch.testing.assert_close(v_cache, vc, atol=0, rtol=0, equal_nan=True)
     if num_splits is None:   # the dispatcher takes the same path, and past FUSED_MAX_BATCH the two kernels
         for most in (B, B - 1):
             monkeypatch.setattr(attention, "FUSED_MAX_BATCH", most)
