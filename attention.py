@@ -404,8 +404,21 @@ DECODE_CONFIG_FP8 = dict(BLOCK_N=64, num_warps=2, num_stages=3)
 # sweeps above stopped at 4, which still gives one); maxnreg=128 fits 8 programs per SM for 52 bytes of spills.
 # Or keep the stages and carry the next tile's block ids in registers (loaded one iteration ahead, 64 ints): then
 # num_stages=3 already gives two K/V buffers, at 168 registers and 39 KB for FP8 (5 programs per SM), 96 registers
-# and 72 KB for bf16 (3 per SM, 192 KB in flight against 128). Compiled on a CPU, not run: the session's device
-# time ran out. These are the next things to measure here, bf16 and FP8, at B=256 and B=1.
+# and 72 KB for bf16 (3 per SM, 192 KB in flight against 128). Measured (H200, 2026-12-03, same call; us per call,
+# FP8 / bf16, the scratch harness, committed 64/2/3 and 64/4/3 first):
+#   heads, B, ctx   | committed     | stages 5      | maxnreg 128, bf16 64/4/4 | ids ahead 64/2/3 | ids ahead, 4 stages
+#   16/8, 256, 1024 | 157.7 / 207.9 | 158.3 / 207.3 | 167.7 / 207.8            | 153.6 / 204.2    | 164.8 / 208.0
+#   32/8,  64, 2048 | 100.7 / 115.8 |  94.1 / 131.0 | 126.5 / 115.5            |  90.8 / 125.3    |  99.4 / 117.9
+#   32/4, 256, 1024 |  99.9 / 117.2 |  98.4 / 118.6 |  96.7 / 117.1            |  96.9 / 115.8    |  96.0 / 119.3
+#   16/8,   1, 4096 |  15.6 /  16.4 |  15.1 /  16.1 |  16.9 /  16.1            |  15.1 /  15.4    |  15.8 /  15.9
+#   32/8,   1, 32k  |  38.3 /  39.8 |  29.1 /  38.2 |  45.0 /  39.4            |  28.9 /  38.0    |  30.8 /  39.0
+# Two buffers help where a program walks many tiles with few programs per SM (one long context), not at 256
+# sequences, where shared memory then caps the FP8 kernel at 5 programs per SM. In the engine they lost: `bench.py
+# timeline --kv-cache-dtype fp8 --timeline-prompt 600`, us per layer, committed -> ids ahead: batch 256 110.9 ->
+# 112.9, batch 1 10.6 -> 11.1 (bf16 cache: 161.4 -> 164.1, 8.6 -> 9.6; a one-tile slice pays the extra load);
+# committed -> stages 5 (FP8): batch 256 110.9 -> 117.2, batch 1 10.6 -> 11.3, and at --timeline-prompt 8000 batch
+# 1 17.7 -> 19.0, batch 8 72.1 -> 65.1; `bench.py offline --kv-cache-dtype fp8` 27,531 -> 27,976 tok/s sampled,
+# 27,895 -> 28,015 greedy (within the runs' spread). None taken.
 # Fewest tokens a context slice is given. Longer minimum slices let short contexts finish in one slice and skip
 # the reduce, but one program then walks every tile: us per layer step (the fused kernel, B=1, as in the table
 # at FUSED_MAX_BATCH; H200, 2026-12-02), and `bench.py decode-1` on qwen3-0.6b 0.75 ms/token at 64, 0.93 at 256:

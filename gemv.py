@@ -169,6 +169,18 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, N, K, res_ptr, norm_w_ptr, res_out_ptr, 
 # (the old down with the activation on its input: 30.5 us on the 8b at 4/4096/8, 3.8 on the 0.6b.) Both changes,
 # `bench.py decode-1` in one GPU call, the old tree beside: qwen3-0.6b 0.73 -> 0.72 ms/token (decode-8 1.30 ->
 # 1.24 ms/step: no silu_mul launch), qwen3-8b 4.22 -> 4.00, qwen3-30b-a3b 2.54 -> 2.51.
+# Is a lone GEMV bound by DRAM? The same calls with the weight in L2 (H200, 2026-12-03, 24 calls chained with PDL
+# in a CUDA graph, us per call: weights rotated past L2 / one weight, hot in L2 / rotated, each call also asking
+# the L2 for the next call's weight with Hopper's bulk prefetch, cp.async.bulk.prefetch.L2):
+#   0.6b o       2048 -> 1024, + add           | 2.11 / 1.88 / 2.15
+#   0.6b down    3072 -> 1024, + add           | 3.07 / 2.46 / 3.12
+#   0.6b qkv     1024 -> 4096, + norm          | 3.52 / 2.83 / 3.74
+#   0.6b gate_up 1024 -> 6144, + norm, SiLU    | 5.28 / 4.02 / 5.74
+# From L2 it is only 11-24% faster: its time is its latency chain (wait, load, reduce, store). So pulling weights
+# into L2 ahead of use (each decode-chain kernel prefetching a later kernel's weight as it starts) lost in the
+# engine, `bench.py decode-1`: qwen3-0.6b 0.72 -> 0.73-0.77 ms/token over six schedules (attention prefetching
+# o_proj, gate_up or both; each GEMV the next weight; capped at 4 MB), qwen3-1.7b 1.19 -> 1.61 and qwen3-8b 4.01
+# -> 5.68 (weights beyond L2's 50 MB, read twice). Not taken.
 GEMV_CONFIG = dict(BLOCK_N=4, BLOCK_K=2048, num_warps=4)
 NORM_GEMV_CONFIG = dict(BLOCK_N=8, BLOCK_K=1024, num_warps=4)
 NORM_SILU_GEMV_CONFIG = dict(BLOCK_N=4, BLOCK_K=1024, num_warps=4)   # gate_up: 2 x BLOCK_N weight rows per program
