@@ -206,13 +206,10 @@ class LLM:
         self.grammars = None                     # structured output: built on the first request that asks
         self.in_flight: InFlight | None = None   # the launched step whose tokens are not read yet
         self.sample_row: dict[Sequence, int] = {}   # row of runner.last_tokens holding each PENDING token
-        self.graphs = self.sampler_graphs = None
-        self.speculator = None
-        if args.speculative_method:
-            self.speculator = Speculator(args.num_speculative_tokens, self.draft and DraftModel(self.draft))
-        if args.cuda_graphs and self.device.type == "cuda":
-            self.graphs, self.sampler_graphs, self.graph_bytes = capture_graphs(self.runner, self.draft,
-                                                                                self.max_blocks_per_seq)
+        self.speculator = (Speculator(args.num_speculative_tokens, self.draft and DraftModel(self.draft))
+                           if args.speculative_method else None)
+        self.graphs, self.sampler_graphs, self.graph_bytes = capture_graphs(args, self.runner, self.draft,
+                                                                            self.max_blocks_per_seq)
         if self.device.type == "cuda":
             report_memory(self, num_blocks)
 
@@ -301,22 +298,10 @@ class LLM:
         self.max_batch_seqs = max(self.max_batch_seqs, len(batch.seqs))
         self.num_forwards += 1
         start = step_start(self.device)
-        ids, pending, cu, ctx, tables, logits_idx = pack(batch, self.sample_row)
         sampled = [s for s, n in zip(batch.seqs, batch.num_new) if s.num_computed + n == s.num_tokens]
-        graphed = batch.is_decode and self.graphs is not None and len(ids) <= self.graphs.max_batch
-        prompt_lp = None                         # the prompt logprobs asked for (InFlight.prompt_logprobs)
-        if graphed:
-            shared = len(tables) >= attention.CASCADE_MIN_BATCH and shares_first_block(tables)
-            logits = self.runner.decode(ids, pending, ctx, tables, shared)
-        else:
-            logits, prompt_lp = forward_eager(self.runner, batch, self.requests, ids, pending, cu, ctx, tables,
-                                              logits_idx)
-        reqs = [self.requests[s.request_id] for s in sampled]
-        steps = [s.num_tokens - len(s.prompt_ids) for s in sampled]      # output position of each new token
-        rows = [i for i, r in enumerate(reqs) if r.params.logprobs is not None]   # the rows that want logprobs
-        n = max((reqs[i].params.logprobs for i in rows), default=None)             # the most top logprobs asked
-        tokens = self.sample_tokens(reqs, steps, logits, graphed, n) if sampled else None
-        tokens, lp = row_logprobs(tokens, logits, rows, len(reqs), n)
+        logits, prompt_lp, graphed = forward_batch(self.runner, self.graphs, batch, self.requests, self.sample_row)
+        tokens, lp = sample_rows(self, [self.requests[s.request_id] for s in sampled],
+                                 [s.num_tokens - len(s.prompt_ids) for s in sampled], logits, graphed)
         indices = [s.num_tokens for s in sampled]       # where each one's PENDING token goes
         self.scheduler.advance(batch)
         self.sample_row = {s: i for i, s in enumerate(sampled)}
@@ -347,10 +332,7 @@ class LLM:
                 continue
             self.scheduler.complete(seq, index, tok)
             req = self.requests[seq.request_id]
-            if req.params.penalized:
-                req.counts[tok] = req.counts.get(tok, 0) + 1
-            if req.matcher is not None:
-                req.matcher.accept_token(tok)
+            note_token(req, tok)
             outputs.append(self.check_stop(seq, req, index, lp))
         return outputs
 
@@ -369,17 +351,7 @@ class LLM:
 
     def generate(self, prompts: list, params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
         """Run prompts as one batch to the end; outputs in prompt order."""
-        rids = submit(self, prompts, params, stream_text=False)
-        seqs = [self.seqs[r] for r in rids]
-        texts, lps, prompt_lps = [""] * len(prompts), [None] * len(prompts), [None] * len(prompts)
-        for i, out in drain(self, rids):
-            texts[i] += out.text
-            if out.logprobs is not None:              # in place: a new list per token would cost O(tokens^2)
-                lps[i] = lps[i] or []
-                lps[i] += out.logprobs
-            prompt_lps[i] = out.prompt_logprobs or prompt_lps[i]
-        return [RequestOutput(s.request_id, s.prompt_ids, s.output_ids, texts[i], s.finish_reason, s.num_cached_hit,
-                              lps[i], prompt_lps[i]) for i, s in enumerate(seqs)]
+        return run_to_end(self, submit(self, prompts, params, stream_text=False))
 
 
 # ---- LLM's pieces, as plain functions of what they use ---------------------------------------------------------
@@ -411,8 +383,11 @@ def allocate_kv(args: EngineArgs, runner: Runner, draft: Runner | None, max_mode
     return num_blocks
 
 
-def capture_graphs(runner: Runner, draft: Runner | None, max_blocks_per_seq: int) -> tuple:
-    """The decode graphs (the draft model's too) and the sampling graphs: (graphs, sampler graphs, their bytes)."""
+def capture_graphs(args: EngineArgs, runner: Runner, draft: Runner | None, max_blocks_per_seq: int) -> tuple:
+    """The decode graphs (the draft model's too) and the sampling graphs: (graphs, sampler graphs, their bytes);
+    (None, None, 0) without CUDA graphs (off, or not on a GPU)."""
+    if not args.cuda_graphs or runner.device.type != "cuda":
+        return None, None, 0
     before = torch.cuda.memory_reserved()
     runner.capture(max_blocks_per_seq)
     if draft is not None:
@@ -451,6 +426,20 @@ def submit(llm: LLM, prompts: list, params, stream_text: bool) -> list[str]:
     return rids
 
 
+def run_to_end(llm: LLM, rids: list[str]) -> list[RequestOutput]:
+    """Step until the requests rids finish; their RequestOutputs in rids' order."""
+    seqs = [llm.seqs[r] for r in rids]
+    texts, lps, prompt_lps = [""] * len(rids), [None] * len(rids), [None] * len(rids)
+    for i, out in drain(llm, rids):
+        texts[i] += out.text
+        if out.logprobs is not None:              # in place: a new list per token would cost O(tokens^2)
+            lps[i] = lps[i] or []
+            lps[i] += out.logprobs
+        prompt_lps[i] = out.prompt_logprobs or prompt_lps[i]
+    return [RequestOutput(s.request_id, s.prompt_ids, s.output_ids, texts[i], s.finish_reason, s.num_cached_hit,
+                          lps[i], prompt_lps[i]) for i, s in enumerate(seqs)]
+
+
 def drain(llm: LLM, rids: list[str]):
     """Step until the requests rids finish, yielding (index in rids, StepOutput) for theirs."""
     index = {rid: i for i, rid in enumerate(rids)}
@@ -462,6 +451,16 @@ def drain(llm: LLM, rids: list[str]):
     finally:
         for rid in rids:                      # a consumer that stops early must not leak blocks
             llm.abort(rid)
+
+
+def forward_batch(runner: Runner, graphs, batch: Batch, requests: dict, sample_row: dict) -> tuple:
+    """The batch's forward pass: (the sampled rows' logits, the prompt logprobs asked for or None, whether it
+    replayed a decode graph). A decode batch that fits the graphs replays one; anything else runs eagerly."""
+    ids, pending, cu, ctx, tables, logits_idx = pack(batch, sample_row)
+    if batch.is_decode and graphs is not None and len(ids) <= graphs.max_batch:
+        shared = len(tables) >= attention.CASCADE_MIN_BATCH and shares_first_block(tables)
+        return runner.decode(ids, pending, ctx, tables, shared), None, True
+    return *forward_eager(runner, batch, requests, ids, pending, cu, ctx, tables, logits_idx), False
 
 
 def forward_eager(runner: Runner, batch: Batch, requests: dict, ids, pending, cu, ctx, tables, logits_idx) -> tuple:
@@ -497,6 +496,23 @@ def step_start(device) -> torch.cuda.Event | None:
     start = torch.cuda.Event(enable_timing=True)
     start.record()
     return start
+
+
+def sample_rows(llm: LLM, reqs: list[Request], steps: list[int], logits: torch.Tensor, graphed: bool) -> tuple:
+    """The tokens of a launched batch's sampled rows (reqs; steps: each new token's output position) and the
+    logprobs of the rows that ask for them: row_logprobs's (tokens, logprobs); (None, None) with no rows."""
+    rows = [i for i, r in enumerate(reqs) if r.params.logprobs is not None]   # the rows that want logprobs
+    n = max((reqs[i].params.logprobs for i in rows), default=None)             # the most top logprobs asked
+    tokens = llm.sample_tokens(reqs, steps, logits, graphed, n) if reqs else None
+    return row_logprobs(tokens, logits, rows, len(reqs), n)
+
+
+def note_token(req: Request, tok: int):
+    """What the host keeps of a request's new token: its count (penalties) and its grammar's state."""
+    if req.params.penalized:
+        req.counts[tok] = req.counts.get(tok, 0) + 1
+    if req.matcher is not None:
+        req.matcher.accept_token(tok)
 
 
 def in_flight(seqs: list[Sequence], indices: list[int], tokens, lp, prompt_lp, start) -> InFlight:
@@ -634,5 +650,5 @@ def report_memory(llm: LLM, num_blocks: int):
     kv = llm.kv_cache.numel() * llm.kv_cache.element_size()
     reserved = torch.cuda.memory_reserved()
     print(f"GPU memory{' of rank 0' if llm.group else ''}: weights {gib(weights)}, KV cache {gib(kv)} ({num_blocks} "
-          f"blocks), graphs {gib(getattr(llm, 'graph_bytes', 0))}; reserved {gib(reserved)} of {gib(total)} "
+          f"blocks), graphs {gib(llm.graph_bytes)}; reserved {gib(reserved)} of {gib(total)} "
           f"({reserved / total:.1%}; gpu_memory_utilization {llm.args.gpu_memory_utilization})", file=sys.stderr)
