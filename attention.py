@@ -448,6 +448,16 @@ DECODE_MIN_PARTITION = 64     # one tile
 # runs' spread (24,264-25,162 tok/s sampled against 23,709-24,709).
 DECODE_WAVES = 2              # split until B * n_kv * splits reaches at least this many programs per SM
 DECODE_MAX_SPLITS = 64        # the reduce kernel holds all slices of a head in registers
+# Large batches keep one slice. Decode attention alone at 1 / 2 / 4 slices (H200, 2026-12-03, scratch harness,
+# contexts drawn from [ctx/2, ctx]), us per call, FP8 cache (bf16 cache beside):
+#   heads, B, ctx    | FP8                   | bf16
+#   16/8, 256, 1024  | 157.7 / 156.5 / 173.5 | 207.9 / 221.9 / 241.9
+#   16/8, 256,  512  |  90.9 /  96.9 / 115.3 | 116.4 / 132.4 / 155.8
+#   32/4, 256, 1024  |  99.0 /  99.1 / 114.3 | 117.2 / 133.1 / 151.3
+#   16/8, 128, 2048  | 189.0 / 162.3 / 159.7 | 217.6 / 223.6 / 226.4
+# bf16 loses with every extra slice. FP8 at 128 sequences gains 14% from two: 1,024 programs are 1.3 rounds of its
+# 6 resident per SM. A candidate rule (FP8, past FUSED_MAX_BATCH sequences: split until two full rounds, 12
+# programs per SM; 1, 1, 2, 2 slices above) is not yet measured in the engine: the session's device time ran out.
 # Tried and dropped (H200, 2026-12-02): no reduce launch, the last slice of each (sequence, kv head) to finish
 # merging them (an atomic counter per pair). `bench.py decode-1` got slower: qwen3-0.6b 0.90 ms/token (0.85 with
 # the reduce kernel), qwen3-8b 4.75 (4.66): that merge takes longer than the reduce launch it saves under PDL.
