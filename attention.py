@@ -397,21 +397,17 @@ DECODE_CONFIG_FP8 = dict(BLOCK_N=64, num_warps=2, num_stages=3)
 # per layer and the K/V store 3.7 -> 5.1 (V's scattered 1-byte stores), and FP8 prefill attention 244 -> 206
 # TFLOP/s: dropped. Head-major K as well ([block, head, token, dim]: each page of a head one contiguous run): B=256
 # FP8 158.9 -> 156.1, bf16 206.6 -> 205.6, engine 109.6 -> 117.3. So at B=256 the FP8 kernel is bound neither by
-# its instruction count nor by the 128-byte rows it gathers. What the compiled loop shows instead: with the block
-# table's load taking a pipeline stage, num_stages=3 leaves ONE shared buffer each for K and V (the next tile's
-# copy is issued only after the current one is read out), so a program has one tile in flight: 6 FP8 programs per
-# SM hold 96 KB in flight against 4 x 32 KB for bf16. num_stages=5 gives two buffers (39 KB of shared memory; the
-# sweeps above stopped at 4, which still gives one); maxnreg=128 fits 8 programs per SM for 52 bytes of spills.
-# Or keep the stages and carry the next tile's block ids in registers (loaded one iteration ahead, 64 ints): then
-# num_stages=3 already gives two K/V buffers, at 168 registers and 39 KB for FP8 (5 programs per SM), 96 registers
-# and 72 KB for bf16 (3 per SM, 192 KB in flight against 128). Measured (H200, 2026-12-03, same call; us per call,
-# FP8 / bf16, the scratch harness, committed 64/2/3 and 64/4/3 first):
-#   heads, B, ctx   | committed     | stages 5      | maxnreg 128, bf16 64/4/4 | ids ahead 64/2/3 | ids ahead, 4 stages
-#   16/8, 256, 1024 | 157.7 / 207.9 | 158.3 / 207.3 | 167.7 / 207.8            | 153.6 / 204.2    | 164.8 / 208.0
-#   32/8,  64, 2048 | 100.7 / 115.8 |  94.1 / 131.0 | 126.5 / 115.5            |  90.8 / 125.3    |  99.4 / 117.9
-#   32/4, 256, 1024 |  99.9 / 117.2 |  98.4 / 118.6 |  96.7 / 117.1            |  96.9 / 115.8    |  96.0 / 119.3
-#   16/8,   1, 4096 |  15.6 /  16.4 |  15.1 /  16.1 |  16.9 /  16.1            |  15.1 /  15.4    |  15.8 /  15.9
-#   32/8,   1, 32k  |  38.3 /  39.8 |  29.1 /  38.2 |  45.0 /  39.4            |  28.9 /  38.0    |  30.8 /  39.0
+# its instruction count nor by the 128-byte rows it gathers. Nor by its pipeline depth: with the block table's
+# load taking a pipeline stage, num_stages=3 leaves one shared buffer each for K and V (one tile in flight per
+# program), and three ways to get two were measured (H200, 2026-12-03, same call; us per call, FP8 / bf16, the
+# scratch harness): num_stages=5; maxnreg=128 (8 FP8 programs per SM; bf16 at 64/4/4); the next tile's block ids
+# loaded one iteration ahead ("ids ahead", two buffers at 3 stages, 5 FP8 / 3 bf16 programs per SM):
+#   heads, B, ctx   | committed     | stages 5      | maxnreg 128   | ids ahead     | ids ahead, 4 stages
+#   16/8, 256, 1024 | 157.7 / 207.9 | 158.3 / 207.3 | 167.7 / 207.8 | 153.6 / 204.2 | 164.8 / 208.0
+#   32/8,  64, 2048 | 100.7 / 115.8 |  94.1 / 131.0 | 126.5 / 115.5 |  90.8 / 125.3 |  99.4 / 117.9
+#   32/4, 256, 1024 |  99.9 / 117.2 |  98.4 / 118.6 |  96.7 / 117.1 |  96.9 / 115.8 |  96.0 / 119.3
+#   16/8,   1, 4096 |  15.6 /  16.4 |  15.1 /  16.1 |  16.9 /  16.1 |  15.1 /  15.4 |  15.8 /  15.9
+#   32/8,   1, 32k  |  38.3 /  39.8 |  29.1 /  38.2 |  45.0 /  39.4 |  28.9 /  38.0 |  30.8 /  39.0
 # Two buffers help where a program walks many tiles with few programs per SM (one long context), not at 256
 # sequences, where shared memory then caps the FP8 kernel at 5 programs per SM. In the engine they lost: `bench.py
 # timeline --kv-cache-dtype fp8 --timeline-prompt 600`, us per layer, committed -> ids ahead: batch 256 110.9 ->
