@@ -327,6 +327,14 @@ def skinny_linear_triton(x, weight, config=None, out=None, silu_mul=False):
 # Triton wins at one token on every Qwen3 shape; the kernel is for one token only (more tokens would re-read
 # the weight once each). From 2 to 16 tokens the skinny kernel takes the tall projections (its table), and
 # cuBLAS the rest.
+# Past 16 tokens cuBLAS stays: a plain Triton tiling (the skinny kernel with tiles over the token rows too; 12 tiles
+# of 32-128 x 32-128 x 64-128, 4-8 warps, 3-5 stages, split K 1/2/4) against it, H200, bf16, 2026-12-03, us per
+# call (CUDA-graph chains, weights rotated past L2), cuBLAS / best tile, at 32 / 64 / 128 / 256 tokens:
+#   0.6b qkv 1024->4096     | 5.4/5.8 | 5.4/5.9 | 5.7/6.7 |  6.9/8.3
+#   0.6b o 2048->1024       | 5.9/7.4 | 5.9/7.5 | 6.2/7.5 |  6.6/7.7
+#   0.6b gate_up 1024->6144 | 6.5/7.2 | 6.6/7.3 | 6.7/8.6 |  8.0/11.9
+#   0.6b down 3072->1024    | 7.7/8.5 | 8.0/8.7 | 8.3/9.1 |  7.8/10.2
+# In the engine (up to 256 tokens, 64 x 64 x 128 tiles): `bench.py offline` 24,849 -> 23,514 tok/s sampled.
 def linear(x, weight, out=None, silu_mul=False):
     """x @ weight^T; silu_mul: weight is gate_up (gate rows first) and the result silu(gate) * up, made in the
     GEMV's or skinny GEMM's epilogue where they run, else by kernels.silu_mul."""
