@@ -452,17 +452,32 @@ DECODE_MAX_SPLITS = 64        # the reduce kernel holds all slices of a head in 
 #   32/4, 256, 1024  |  99.0 /  99.1 / 114.3 | 117.2 / 133.1 / 151.3
 #   16/8, 128, 2048  | 189.0 / 162.3 / 159.7 | 217.6 / 223.6 / 226.4
 # bf16 loses with every extra slice. FP8 at 128 sequences gains 14% from two: 1,024 programs are 1.3 rounds of its
-# 6 resident per SM. A candidate rule (FP8, past FUSED_MAX_BATCH sequences: split until two full rounds, 12
-# programs per SM; 1, 1, 2, 2 slices above) is not yet measured in the engine: the session's device time ran out.
+# 6 resident per SM (registers: 168 per thread, 2 warps), the last round mostly idle; two slices make 2.6 rounds.
+# In the engine (qwen3-0.6b, 8 kv heads, `bench.py timeline --kv-cache-dtype fp8 --timeline-prompt 1000`, H200,
+# 2026-12-03, two calls, each with the one-slice tree beside), us per step, batch (rounds of one slice's programs):
+#   one slice -> two | 96 (0.97) 3,116 -> 3,106 (*) | 104 (1.05) 3,928 -> 3,670 | 112 (1.13) 4,025 -> 3,817
+#                    | 128 (1.29) 4,189 -> 3,995    | 144 (1.45) 4,438 -> 4,250 | 160 (1.62) 4,600 -> 4,781
+#                    | 192 (1.94) 5,065 -> 5,298    | 208 (2.10) 5,889 -> 5,734 | 224 (2.26) 5,998 -> 6,001
+#                    | 240 (2.42) 6,363 -> 6,290    | 256 (2.59) 6,390 -> 6,377 (one slice both: the control)
+# (* the rule below keeps one slice there; three slices, 12 programs per SM, were 3,450.) Two slices pay where the
+# last round is at most half full, as counting rounds predicts (r rounds take ceil(r); 2r take ceil(2r)), and lose
+# past it. `bench.py offline --kv-cache-dtype fp8`, one slice -> the rule: 27,797 -> 28,770 and 27,558 -> 28,249
+# tok/s sampled (two calls), greedy 28,225 -> 29,037 and 28,077 -> 27,876.
+DECODE_RESIDENT_FP8 = 6       # FP8 decode programs resident per SM (DECODE_CONFIG_FP8)
 # Tried and dropped (H200, 2026-12-02): no reduce launch, the last slice of each (sequence, kv head) to finish
 # merging them (an atomic counter per pair). `bench.py decode-1` got slower: qwen3-0.6b 0.90 ms/token (0.85 with
 # the reduce kernel), qwen3-8b 4.75 (4.66): that merge takes longer than the reduce launch it saves under PDL.
 
 
-def decode_num_splits(batch: int, n_kv: int, max_ctx: int, device) -> int:
+def decode_num_splits(batch: int, n_kv: int, max_ctx: int, device, fp8: bool = False) -> int:
     """How many slices to cut each context into. Shapes only (never the context lengths): graph-capturable.
-    The kernel sizes the slices per sequence, so a context shorter than max_ctx still fills every slice."""
-    want = triton.cdiv(DECODE_WAVES * _num_sms(device), batch * n_kv)   # at least DECODE_WAVES per SM
+    The kernel sizes the slices per sequence, so a context shorter than max_ctx still fills every slice.
+    fp8: the cache is FP8 (two slices where one would leave its last round of programs mostly idle)."""
+    sms = _num_sms(device)
+    programs, resident = batch * n_kv, DECODE_RESIDENT_FP8 * sms
+    if fp8 and programs > resident and 0 < programs % resident <= resident // 2:   # last round <= half full
+        return min(2, triton.cdiv(max_ctx, DECODE_MIN_PARTITION))
+    want = triton.cdiv(DECODE_WAVES * sms, batch * n_kv)                # at least DECODE_WAVES per SM
     return max(1, min(want, triton.cdiv(max_ctx, DECODE_MIN_PARTITION), DECODE_MAX_SPLITS))
 
 
@@ -520,7 +535,7 @@ def decode_attention_triton(q, k_cache, v_cache, block_tables, context_lens, sca
     assert block_tables.dim() == 2 and block_tables.shape[0] == B and block_tables.stride(1) == 1
     assert context_lens.shape == (B,)
     max_ctx = block_tables.shape[1] * block_size                 # M = block_tables.shape[1]: fixed per graph
-    splits = num_splits or decode_num_splits(B, n_kv, max_ctx, src.device)
+    splits = num_splits or decode_num_splits(B, n_kv, max_ctx, src.device, k_cache.dtype.itemsize == 1)
     block_m = SHARED_BLOCK_M if src.is_cuda else 16              # a small tile: a quick CPU interpreter
     chunks = 0 if shared is None else num_chunks or shared_prefix_chunks(B, n_heads, n_kv, splits, block_m,
                                                                          src.device)

@@ -995,6 +995,21 @@ def test_kt_decode_attention_qkv(dtype, group, context_lens, num_splits, min_par
                      out, dtype)
 
 
+def test_decode_num_splits():
+    """Slices by shape: small batches at least DECODE_WAVES programs per SM (never more than the context's tiles);
+    past one round of resident programs, an FP8 cache two slices where one would leave its last round <= half full."""
+    cpu, split = torch.device("cpu"), attention.decode_num_splits
+    sms, n_kv = kernels._num_sms(cpu), 8
+    small = min(-(-attention.DECODE_WAVES * sms // n_kv), attention.DECODE_MAX_SPLITS)
+    assert split(1, n_kv, 1 << 20, cpu) == split(1, n_kv, 1 << 20, cpu, fp8=True) == small
+    assert split(1, n_kv, 3 * attention.DECODE_MIN_PARTITION, cpu) == 3 and split(1, n_kv, 10, cpu, fp8=True) == 1
+    round_ = attention.DECODE_RESIDENT_FP8 * sms // n_kv           # sequences whose programs fill one round
+    half = round_ // 2
+    for batch, fp8, bf16 in [(round_, 1, 1), (round_ + 1, 2, 1), (round_ + half, 2, 1), (round_ + half + 1, 1, 1),
+                             (2 * round_, 1, 1), (2 * round_ + 1, 2, 1), (3 * round_ - 1, 1, 1)]:
+        assert (split(batch, n_kv, 4096, cpu, fp8=True), split(batch, n_kv, 4096, cpu)) == (fp8, bf16), batch
+
+
 def kt_shared_tables(groups, block_size, n_kv, hd, dtype, seed):
     """A paged cache and tables where rows share leading blocks, as prefix caching leaves them. groups: a list of
     (shared tokens, [own tokens of each row]); a shared run of blocks is one list of ids for all its rows.
