@@ -464,6 +464,12 @@ DECODE_MAX_SPLITS = 64        # the reduce kernel holds all slices of a head in 
 # past it. `bench.py offline --kv-cache-dtype fp8`, one slice -> the rule: 27,797 -> 28,770 and 27,558 -> 28,249
 # tok/s sampled (two calls), greedy 28,225 -> 29,037 and 28,077 -> 27,876.
 DECODE_RESIDENT_FP8 = 6       # FP8 decode programs resident per SM (DECODE_CONFIG_FP8)
+# The same rule for the bf16 cache (4 resident per SM), same command, one slice -> two, us per step (two runs each):
+# batch 72 (1.09 rounds) 3,937 / 3,943 -> 3,556 / 3,548; 80 (1.21) 4,157 / 4,161 -> 4,025 / 3,996; 96 (1.45) 4,343 /
+# 4,332 -> 4,283 / 4,299; 160 (2.42) 6,265 / 6,257 -> 6,489 / 6,502 (128, one slice both: 4,937 / 4,942, 4,928 /
+# 4,946). Kept to 1-1.5 rounds (66-99 sequences of 8 kv heads), `bench.py offline` did not follow: 24,385 -> 25,084
+# tok/s sampled but 24,546 -> 23,709 greedy and 23,912 -> 23,257 with top-5 logprobs (the drain passes those batches
+# briefly). The bf16 cache keeps one slice.
 # Tried and dropped (H200, 2026-12-02): no reduce launch, the last slice of each (sequence, kv head) to finish
 # merging them (an atomic counter per pair). `bench.py decode-1` got slower: qwen3-0.6b 0.90 ms/token (0.85 with
 # the reduce kernel), qwen3-8b 4.75 (4.66): that merge takes longer than the reduce launch it saves under PDL.
