@@ -479,12 +479,12 @@ def decode_num_splits(batch: int, n_kv: int, max_ctx: int, device, fp8: bool = F
     """How many slices to cut each context into. Shapes only (never the context lengths): graph-capturable.
     The kernel sizes the slices per sequence, so a context shorter than max_ctx still fills every slice.
     fp8: the cache is FP8 (two slices where one would leave its last round of programs mostly idle)."""
-    sms = _num_sms(device)
-    programs, resident = batch * n_kv, DECODE_RESIDENT_FP8 * sms
+    sms, programs, tiles = _num_sms(device), batch * n_kv, triton.cdiv(max_ctx, DECODE_MIN_PARTITION)
+    resident = DECODE_RESIDENT_FP8 * sms
     if fp8 and programs > resident and 0 < programs % resident <= resident // 2:   # last round <= half full
-        return min(2, triton.cdiv(max_ctx, DECODE_MIN_PARTITION))
-    want = triton.cdiv(DECODE_WAVES * sms, batch * n_kv)                # at least DECODE_WAVES per SM
-    return max(1, min(want, triton.cdiv(max_ctx, DECODE_MIN_PARTITION), DECODE_MAX_SPLITS))
+        return min(2, tiles)
+    want = triton.cdiv(DECODE_WAVES * sms, programs)                    # at least DECODE_WAVES per SM
+    return max(1, min(want, tiles, DECODE_MAX_SPLITS))
 
 
 # Cascade tuning, H100, bf16, 0.6b heads, 2,000 shared + 164 own tokens per row, ms for 28 layers' attention
