@@ -262,6 +262,15 @@ def _skinny_gemm_kernel(x_ptr, w_ptr, out_ptr, M, N, K, SILU_MUL: tl.constexpr, 
 # 16 (padded) token rows of the whole K: H200, M = 8, us per call: 0.6b o 2048->1024 plain 5.2, with the norm
 # 18.1, SiLU * up + add 51.2; 8b down 12288->4096 plain 30.3, norm 119.8, SiLU * up + add 250.0 (the add alone
 # +0.4-3). `bench.py decode-1`'s batch 8: qwen3-0.6b 1.30 -> 3.95 ms/step, qwen3-8b 5.19 -> 17.8 ms/step.
+# Again (2026-12-03), without redoing the input: rstd factored out of the product as the GEMV does (each chunk
+# multiplies x by the norm weight and sums its squares, the rows scaled at the end), the residual added in the
+# epilogue of o_proj and down_proj, so 2-16 tokens ran six kernels per layer as one token does. Correct (bf16 on
+# the GPU like the unfused pair), but the skinny launches averaged 8.0 us against ~5.4 (the guess, not profiled: x
+# changed in registers before the product is no longer a load the pipeliner streams ahead of the dot). `bench.py
+# decode-1`, the committed tree beside, one GPU call: decode-8 qwen3-0.6b 1.22 -> 1.37 ms/step (two pairs), qwen3-8b
+# 4.65 -> 6.99, qwen3-1.7b 1.83 -> 2.45; decode-1 unchanged (0.72, 3.96, 1.19 ms/token). Not taken; the way left
+# is for o_proj and down_proj to write the next norm's pieces (h * norm weight, per-program sums of squares), which
+# threads the next layer's norm weight through the model's residual stream.
 # Tried and dropped (H200, 2026-12-02): programmatic dependent launch for the plain skinny kernel (its first weight
 # chunk loaded before gdc_wait) and for silu_mul. `bench.py decode-1`'s batch 8, without -> with, same command:
 # triggering the next launch at the kernel's start, qwen3-0.6b 1.399 -> 1.267 ms/step but qwen3-8b 5.065 -> 5.781;
