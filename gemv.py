@@ -9,7 +9,7 @@ A lone decode step is all small matrix-vector products, where cuBLAS's GEMM kern
 one token goes through a Triton GEMV (`_gemv_kernel`), which can also make its input on the fly (the RMSNorm
 before it), apply the MLP's SiLU(gate) * up to its output and add the residual after it: a decoder layer's
 norms, activation and adds need no kernels of their own. From 2 to 16 tokens (small decode batches,
-speculative verify passes) a skinny GEMM (`_skinny_gemm_kernel`, with the same SiLU(gate) * up epilogue)
+speculative verify passes) a skinny GEMM (`_skinny_gemm_kernel`, with the same norm, SiLU(gate) * up and add)
 reads each weight once for all rows of every projection but lm_head;
 beyond that, and on the CPU, cuBLAS / PyTorch (`linear_ref`, the definition). As in
 kernels.py: a reference, Triton kernels, dispatchers with their measured tables; QWEN3_KERNELS and programmatic
@@ -217,29 +217,51 @@ def linear_triton(x, weight, config=None, silu_mul=False, out=None, norm=None, a
 
 
 @triton.jit
-def _skinny_gemm_kernel(x_ptr, w_ptr, out_ptr, M, N, K, SILU_MUL: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _skinny_gemm_kernel(x_ptr, w_ptr, out_ptr, M, N, K, norm_w_ptr, eps, add_ptr, NORM: tl.constexpr,
+                        ADD: tl.constexpr, SILU_MUL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_K: tl.constexpr):
     # A few tokens (M <= BLOCK_M = 16: small decode batches, a speculative verify pass): out = x @ w^T with the
     # weight read once for all M rows, like the GEMV. Each program owns BLOCK_N rows of w and streams them
     # in BLOCK_K chunks through one tensor-core product per chunk (x padded to 16 rows with zeros).
     # SILU_MUL: w is gate_up (2N rows), and the program also streams the up rows N + n of its gate rows n, so
     # out is silu(gate) * up (N wide) and the MLP needs no activation kernel.
+    # NORM: the input is rms_norm(x) * norm_w. rstd is one number per token row, so it factors out of the
+    # product, as in the GEMV: the chunks multiply x * norm_w, and each output row is scaled by its rstd at the
+    # end. The squares of x are summed by a tensor-core product too (x * x against ones): summed on the CUDA
+    # cores instead, the kernel took up to 3x as long (table below).
+    # ADD: out = (x @ w^T) + add, the product rounded to the dtype first as a separate add would round it (o_proj
+    # and down_proj add the residual stream here, so the norm after them reads one tensor).
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     ms = tl.arange(0, BLOCK_M)
+    dtype = out_ptr.dtype.element_ty
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    ss = tl.zeros((BLOCK_M, 16), dtype=tl.float32)                    # 16 equal columns: each row's sum of squares
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + ms[:, None] * K + cols[None, :], mask=(ms[:, None] < M) & (cols[None, :] < K), other=0.0)
+        if NORM:
+            x32 = x.to(tl.float32)
+            sq = x32 * x32
+            if out_ptr.dtype.element_ty == tl.bfloat16:      # (fp16 squares could overflow: they stay fp32)
+                sq = sq.to(tl.bfloat16)
+            ss = tl.dot(sq, tl.full((BLOCK_K, 16), 1.0, sq.dtype), ss)
+            x = (x32 * tl.load(norm_w_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)[None, :]).to(dtype)
         w_ptrs = w_ptr + rows[:, None].to(tl.int64) * K + cols[None, :]
         w_mask = (rows[:, None] < N) & (cols[None, :] < K)
         acc = tl.dot(x, tl.trans(tl.load(w_ptrs, mask=w_mask, other=0.0)), acc)
         if SILU_MUL:
             acc_up = tl.dot(x, tl.trans(tl.load(w_ptrs + N * K, mask=w_mask, other=0.0)), acc_up)
+    if NORM:
+        rstd = tl.rsqrt(tl.max(ss, axis=1) / K + eps)[:, None]                            # (BLOCK_M, 1)
+        acc, acc_up = acc * rstd, acc_up * rstd
     if SILU_MUL:
-        acc = _silu_mul_out(acc, acc_up, out_ptr.dtype.element_ty)
-    tl.store(out_ptr + ms[:, None] * N + rows[None, :], acc.to(out_ptr.dtype.element_ty),
-             mask=(ms[:, None] < M) & (rows[None, :] < N))
+        acc = _silu_mul_out(acc, acc_up, dtype)
+    out_mask = (ms[:, None] < M) & (rows[None, :] < N)
+    if ADD:
+        acc = acc.to(dtype).to(tl.float32) + tl.load(add_ptr + ms[:, None] * N + rows[None, :], mask=out_mask,
+                                                     other=0.0).to(tl.float32)
+    tl.store(out_ptr + ms[:, None] * N + rows[None, :], acc.to(dtype), mask=out_mask)
 
 
 # H200, bf16, us per call (weights rotated past L2) at M = 2 / 8 tokens; BLOCK_N/BLOCK_K/warps/stages:
@@ -262,15 +284,26 @@ def _skinny_gemm_kernel(x_ptr, w_ptr, out_ptr, M, N, K, SILU_MUL: tl.constexpr, 
 # 16 (padded) token rows of the whole K: H200, M = 8, us per call: 0.6b o 2048->1024 plain 5.2, with the norm
 # 18.1, SiLU * up + add 51.2; 8b down 12288->4096 plain 30.3, norm 119.8, SiLU * up + add 250.0 (the add alone
 # +0.4-3). `bench.py decode-1`'s batch 8: qwen3-0.6b 1.30 -> 3.95 ms/step, qwen3-8b 5.19 -> 17.8 ms/step.
-# Again (2026-12-03), without redoing the input: rstd factored out of the product as the GEMV does (each chunk
-# multiplies x by the norm weight and sums its squares, the rows scaled at the end), the residual added in the
-# epilogue of o_proj and down_proj, so 2-16 tokens ran six kernels per layer as one token does. Correct (bf16 on
-# the GPU like the unfused pair), but the skinny launches averaged 8.0 us against ~5.4 (the guess, not profiled: x
-# changed in registers before the product is no longer a load the pipeliner streams ahead of the dot). `bench.py
-# decode-1`, the committed tree beside, one GPU call: decode-8 qwen3-0.6b 1.22 -> 1.37 ms/step (two pairs), qwen3-8b
-# 4.65 -> 6.99, qwen3-1.7b 1.83 -> 2.45; decode-1 unchanged (0.72, 3.96, 1.19 ms/token). Not taken; the way left
-# is for o_proj and down_proj to write the next norm's pieces (h * norm weight, per-program sums of squares), which
-# threads the next layer's norm weight through the model's residual stream.
+# Again (2026-12-03), without redoing the input: rstd factored out of the product as the GEMV does, and the
+# residual added in the epilogue of o_proj and down_proj, so 2-16 tokens run six kernels per layer as one token
+# does. First with the squares summed across threads (tl.sum) in every chunk: the skinny launches averaged 8.0 us
+# against ~5.4, decode-8 qwen3-0.6b 1.22 -> 1.37 ms/step, qwen3-8b 4.65 -> 6.99. Which part costs, H200, us per
+# call at M = 8 (2 and 16 alike; weights rotated past L2), the committed RMSNorm kernel + plain skinny GEMM beside:
+#   K -> N             | norm + plain | plain | tl.sum per chunk | squares in a tile | x * norm_w only | squares dot
+#   0.6b qkv 1024->4096       |  7.5  |  5.4  |      10.8        |      10.5         |      5.7        |    5.9
+#   0.6b gate_up 1024->6144 silu  8.4 |  6.2  |      10.8        |      10.4         |      6.4        |    6.9
+#   8b qkv 4096->6144         | 19.0  | 16.4  |      50.1        |      49.9         |     17.5        |   18.1
+#   8b gate_up 4096->24576 silu  54.9 | 52.5  |      85.5        |      84.1         |     54.7        |   55.1
+# Multiplying x by the norm weight costs little; summing its squares on the CUDA cores, per chunk or once after the
+# loop, costs 5-35 us. Through the tensor cores (x * x against a column of ones, the kernel's `ss`) it is cheap,
+# and that is the kernel now. A decode layer's chain of projections (o + add, norm + gate_up, down + add, norm +
+# qkv; CUDA graph), unfused (the RMSNorm kernels between) -> fused, us, M = 2 / 8 / 16: qwen3-0.6b 25.0 / 27.4 /
+# 26.9 -> 23.6 / 25.1 / 24.8, qwen3-1.7b 47.2 / 47.5 / 47.1 -> 45.9 / 46.2 / 46.5, qwen3-8b 112.4 / 113.9 / 114.2 ->
+# 112.2 / 112.9 / 116.4. Relative error against fp32 (bf16, M = 8), fused / unfused: qkv 2.3e-3 / 2.9e-3,
+# gate_up 4.3e-3 / 4.8e-3 (the normed input is rounded once, not twice), o + add 2.2e-3 both. `bench.py decode-1`,
+# the previous commit's tree beside, one GPU call, decode-8 ms/step greedy (sampled): qwen3-0.6b 1.21 / 1.21 (1.23 /
+# 1.22) -> 1.12 / 1.12 (1.13 / 1.13), 1.69x -> 1.55x decode-1; qwen3-1.7b 1.83 (1.84) -> 1.77 (1.78); qwen3-8b 4.70
+# (4.72) -> 4.66 (4.69); decode-1 unchanged (0.72, 1.19, 4.00 ms/token).
 # Tried and dropped (H200, 2026-12-02): programmatic dependent launch for the plain skinny kernel (its first weight
 # chunk loaded before gdc_wait) and for silu_mul. `bench.py decode-1`'s batch 8, without -> with, same command:
 # triggering the next launch at the kernel's start, qwen3-0.6b 1.399 -> 1.267 ms/step but qwen3-8b 5.065 -> 5.781;
@@ -314,18 +347,25 @@ def skinny_config(N: int, silu_mul: bool, device) -> dict:
     return SKINNY_CONFIG_MANY if silu_mul and programs > 2 * sms else SKINNY_CONFIG
 
 
-def skinny_linear_triton(x, weight, config=None, out=None, silu_mul=False):
+def skinny_linear_triton(x, weight, config=None, out=None, silu_mul=False, norm=None, add=None):
     """x (M, K) with M <= 16, weight (N, K), both contiguous -> (M, N) (into out, if given). silu_mul: as in
-    linear_triton, (M, N / 2) out."""
+    linear_triton, (M, N / 2) out. norm: (norm weight, eps): the product is of rms_norm_ref(x, ...)'s output.
+    add: (M, N), added to the product (rounded to the dtype first)."""
     (M, K), N = x.shape, weight.shape[0]
     assert M <= 16 and weight.shape[1] == K and x.is_contiguous() and weight.is_contiguous()
-    assert x.dtype == weight.dtype and not (silu_mul and N % 2)
+    assert x.dtype == weight.dtype and not (silu_mul and N % 2) and not (silu_mul and add is not None)
     N = N // 2 if silu_mul else N
     cfg = dict(config or skinny_config(N, silu_mul, x.device))
     out = torch.empty(M, N, dtype=x.dtype, device=x.device) if out is None else out
     assert out.shape == (M, N) and out.is_contiguous() and out.dtype == x.dtype
-    _skinny_gemm_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](x, weight, out, M, N, K, SILU_MUL=silu_mul, BLOCK_M=16,
-                                                           **cfg)
+    norm_w, eps = norm or (None, 0.0)
+    if norm is not None:
+        assert norm_w.shape == (K,) and norm_w.dtype == x.dtype
+    if add is not None:
+        assert add.shape == (M, N) and add.dtype == x.dtype and add.is_contiguous()
+    _skinny_gemm_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](x, weight, out, M, N, K, norm_w, eps, add,
+                                                           NORM=norm is not None, ADD=add is not None,
+                                                           SILU_MUL=silu_mul, BLOCK_M=16, **cfg)
     return out
 
 
@@ -344,22 +384,29 @@ def skinny_linear_triton(x, weight, config=None, out=None, silu_mul=False):
 #   0.6b gate_up 1024->6144 | 6.5/7.2 | 6.6/7.3 | 6.7/8.6 |  8.0/11.9
 #   0.6b down 3072->1024    | 7.7/8.5 | 8.0/8.7 | 8.3/9.1 |  7.8/10.2
 # In the engine (up to 256 tokens, 64 x 64 x 128 tiles): `bench.py offline` 24,849 -> 23,514 tok/s sampled.
+def _skinny(x, weight) -> bool:
+    """Whether x @ weight^T takes the skinny GEMM: 2..16 tokens, on the GPU, every projection but lm_head."""
+    return 2 <= x.shape[0] <= 16 and weight.shape[0] <= SKINNY_MAX_N and _use_triton(x) and x.is_contiguous()
+
+
 def linear(x, weight, out=None, silu_mul=False):
     """x @ weight^T; silu_mul: weight is gate_up (gate rows first) and the result silu(gate) * up, made in the
     GEMV's or skinny GEMM's epilogue where they run, else by kernels.silu_mul."""
     if x.shape[0] == 1 and _use_triton(x):
         return linear_triton(x, weight, out=out, silu_mul=silu_mul)
-    if 2 <= x.shape[0] <= 16 and weight.shape[0] <= SKINNY_MAX_N and _use_triton(x) and x.is_contiguous():
-        return skinny_linear_triton(x, weight, out=out, silu_mul=silu_mul)    # 2..16 tokens, all but lm_head
+    if _skinny(x, weight):
+        return skinny_linear_triton(x, weight, out=out, silu_mul=silu_mul)
     assert out is None or not silu_mul
     return kernels.silu_mul(linear_ref(x, weight)) if silu_mul else linear_ref(x, weight, out=out)
 
 
 def norm_linear(x, residual, norm_w, eps, weight, silu_mul=False):
     """(linear(rms_norm(h), weight, silu_mul=...), h) with h = x + residual (x when residual is None): a norm and
-    the projection after it. For one token one GEMV kernel does both (a lone decode step is made of launches)."""
+    the projection after it, in one kernel up to 16 tokens (a decode step is made of launches)."""
     if x.shape[0] == 1 and _use_triton(x) and norm_w.dtype == x.dtype:
         return linear_triton(x, weight, norm=(residual, norm_w, eps), silu_mul=silu_mul)
+    if residual is None and _skinny(x, weight) and norm_w.dtype == x.dtype:
+        return skinny_linear_triton(x, weight, silu_mul=silu_mul, norm=(norm_w, eps)), x
     if residual is None:
         return linear(rms_norm(x, norm_w, eps), weight, silu_mul=silu_mul), x
     normed, residual = add_rms_norm(x, residual, norm_w, eps)
@@ -367,9 +414,11 @@ def norm_linear(x, residual, norm_w, eps, weight, silu_mul=False):
 
 
 def linear_add(x, weight, residual):
-    """(linear(x) + residual, None) where one kernel does the add after the product (one token: the GEMV's
-    epilogue), else (linear(x), residual) for the norm after it to add (add_rms_norm), so no path spends a
-    launch on the add. residual None: (linear(x), None)."""
+    """(linear(x) + residual, None) where one kernel does the add after the product (up to 16 tokens: the GEMV's
+    or skinny GEMM's epilogue), else (linear(x), residual) for the norm after it to add (add_rms_norm), so no
+    path spends a launch on the add. residual None: (linear(x), None)."""
     if residual is not None and x.shape[0] == 1 and _use_triton(x):
         return linear_triton(x, weight, add=residual), None
+    if residual is not None and _skinny(x, weight) and residual.is_contiguous():
+        return skinny_linear_triton(x, weight, add=residual), None
     return linear(x, weight), residual

@@ -198,7 +198,7 @@ class MLP(nn.Module):
 
 
 # The residual stream is carried as (x, residual), meaning x + residual (residual None: x alone), so that each
-# add happens inside a kernel that runs anyway: in the projection before it (one token: linear_add) or in the norm
+# add happens inside a kernel that runs anyway: in the projection before it (up to 16 tokens: linear_add) or in the norm
 # after it (norm_linear, add_norm).
 def add_norm(norm: RMSNorm, x, residual):
     """(norm(x + residual), x + residual); residual None: no add."""
@@ -206,7 +206,7 @@ def add_norm(norm: RMSNorm, x, residual):
 
 
 def norm_linear(norm: RMSNorm, x, residual, proj, silu_mul: bool = False):
-    """(proj(norm(x + residual), silu_mul), x + residual); residual None: no add. At one token a plain Linear
+    """(proj(norm(x + residual), silu_mul), x + residual); residual None: no add. Up to 16 tokens a plain Linear
     does both in one kernel (gemv.norm_linear); quant.Fp8Linear has a GEMV of its own, so its norm runs first."""
     if type(proj) is Linear:
         return gemv.norm_linear(x, residual, norm.weight, norm.eps, proj.weight, silu_mul)
@@ -215,8 +215,8 @@ def norm_linear(norm: RMSNorm, x, residual, proj, silu_mul: bool = False):
 
 
 def linear_add(proj, x, residual, tp: parallel.Group | None):
-    """The stream after a row-parallel projection: (proj(x) + residual, None) where the GEMV adds it (one token,
-    a plain Linear, no TP: gemv.linear_add), else (proj(x) summed over the TP ranks, residual)."""
+    """The stream after a row-parallel projection: (proj(x) + residual, None) where the GEMV or skinny GEMM adds
+    it (up to 16 tokens, a plain Linear, no TP: gemv.linear_add), else (proj(x) summed over the TP ranks, residual)."""
     if tp is None and type(proj) is Linear:
         return gemv.linear_add(x, proj.weight, residual)
     return parallel.all_reduce(proj(x), tp), residual

@@ -1232,6 +1232,20 @@ def test_kt_skinny_linear(M, K, N, dtype):
     kt_check(f"skinny linear + silu_mul M={M} K={K} N={N} {dtype}",
              gemv.skinny_linear_triton(x, w2, dict(BLOCK_N=16, BLOCK_K=32), silu_mul=True),
              kernels.silu_mul_ref(gemv.linear_ref(x, w2)), dtype)
+    # the norm before it (rstd factored out of the product) and the residual added after it, in the same kernel
+    nw = (1 + 0.1 * torch.randn(K)).to(dtype)
+    normed = kernels.rms_norm_ref(x * 3, nw, 1e-6)
+    kt_check(f"skinny norm + linear M={M} K={K} N={N} {dtype}",
+             gemv.skinny_linear_triton(x * 3, w, dict(BLOCK_N=16, BLOCK_K=32), norm=(nw, 1e-6)),
+             gemv.linear_ref(normed, w), dtype)
+    got, h = gemv.norm_linear(x * 3, None, nw, 1e-6, w2, silu_mul=True)
+    kt_check(f"skinny norm + linear + silu_mul M={M} K={K} N={N} {dtype}", got,
+             kernels.silu_mul_ref(gemv.linear_ref(normed, w2)), dtype)
+    assert torch.equal(h, x * 3)
+    add = torch.randn(M, N).to(dtype)
+    got, none = gemv.linear_add(x, w, add)
+    assert none is None
+    kt_check(f"skinny linear + residual M={M} K={K} N={N} {dtype}", got, gemv.linear_ref(x, w) + add, dtype)
 
 
 @pytest.mark.usefixtures("kt_triton_poisoned")
