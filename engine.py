@@ -224,22 +224,11 @@ class LLM:
         it): the whole text then arrives with the final output, which saves host time per step.
         detokenize=False: token ids only, no text at all (serve.py's engine process; stop strings are then the
         caller's to check)."""
-        params = resolve(params or SamplingParams(), self.defaults)
-        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        check_prompt(ids, params, self.max_model_len, self.config.vocab_size)
-        request_id = request_id or uuid.uuid4().hex
-        if request_id in self.seqs:
-            raise ValueError(f"request id {request_id!r} is already running")
-        if params.grammar is not None and self.grammars is None:
-            from grammar import Grammars
-            self.grammars = Grammars(self.tokenizer, self.config.vocab_size, self.config.eos_token_id)
-        seq, req = new_request(request_id, ids, params, min(params.max_tokens, self.max_model_len - len(ids)),
-                               self.tokenizer if detokenize and (stream_text or params.stop) else None, detokenize,
-                               self.grammars)
+        seq, req = build_request(self, prompt, params, request_id or uuid.uuid4().hex, stream_text, detokenize)
         self.scheduler.add(seq)
-        self.seqs[request_id], self.requests[request_id] = seq, req
-        self.num_synced += params.needs_last_token
-        return request_id
+        self.seqs[seq.request_id], self.requests[seq.request_id] = seq, req
+        self.num_synced += req.params.needs_last_token
+        return seq.request_id
 
     def abort(self, request_id: str) -> bool:
         """Stop a request now and free its KV blocks. Returns False if it is not running."""
@@ -261,12 +250,7 @@ class LLM:
 
     def stats(self) -> dict:
         """Counters for /metrics and bench.py: requests, KV blocks, prefix-cache hits, preemptions."""
-        sch = self.scheduler
-        return {"requests_running": len(sch.running), "requests_waiting": len(sch.waiting),
-                **self.blocks.stats(), "prefill_tokens_computed": sch.prefill_tokens_computed,
-                "num_preemptions": sch.num_preemptions, "max_batch_seqs": self.max_batch_seqs,
-                "forward_passes": self.num_forwards, "gpu_busy_seconds": self.gpu_busy,
-                **(self.speculator.stats() if self.speculator is not None else {})}
+        return engine_stats(self)
 
     # ---- one step -----------------------------------------------------------------------------------------
     # A step launches the next batch on the GPU *before* reading back the previous batch's sampled tokens, so
@@ -324,17 +308,7 @@ class LLM:
             self.gpu_busy += fl.start.elapsed_time(fl.event) / 1e3
         if fl.prompt_logprobs is not None:
             record_prompt_logprobs(fl.prompt_logprobs, self.requests)
-        if fl.tokens is None:
-            return []
-        outputs, lps = [], read_logprobs(fl.logprobs, fl.seqs, self.requests)
-        for seq, index, tok, lp in zip(fl.seqs, fl.indices, fl.tokens.tolist(), lps):
-            if seq.status == Status.FINISHED:              # aborted, or stopped while this token was in flight
-                continue
-            self.scheduler.complete(seq, index, tok)
-            req = self.requests[seq.request_id]
-            note_token(req, tok)
-            outputs.append(self.check_stop(seq, req, index, lp))
-        return outputs
+        return [] if fl.tokens is None else take_tokens(self, fl)
 
     def check_stop(self, seq: Sequence, req: Request, index: int, lp) -> StepOutput:
         """The output of token `index` of seq; a request it stops is finished here (its blocks freed)."""
@@ -396,20 +370,52 @@ def capture_graphs(args: EngineArgs, runner: Runner, draft: Runner | None, max_b
     return runner.graphs, sampler_graphs, torch.cuda.memory_reserved() - before
 
 
-def new_request(request_id: str, ids: list[int], params: SamplingParams, max_tokens: int, tokenizer: Tokenizer | None,
-                detokenize: bool, grammars) -> tuple[Sequence, Request]:
-    """A checked prompt's Sequence (the scheduler's) and Request (the rest). tokenizer: detokenize as tokens
-    arrive (None: the text comes at the end, or never with detokenize=False)."""
-    seq = Sequence(request_id, ids, max_tokens, reuse_prefix=params.prompt_logprobs is None)
+def build_request(llm: LLM, prompt: str | list[int], params: SamplingParams | None, request_id: str,
+                  stream_text: bool, detokenize: bool) -> tuple[Sequence, Request]:
+    """LLM.add_request's Sequence (the scheduler's) and Request (the rest): the prompt tokenized and checked, the
+    settings resolved. The Request detokenizes as tokens arrive when stream_text or stop strings ask (else the
+    text comes at the end, or never with detokenize=False)."""
+    params = resolve(params or SamplingParams(), llm.defaults)
+    ids = llm.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+    check_prompt(ids, params, llm.max_model_len, llm.config.vocab_size)
+    if request_id in llm.seqs:
+        raise ValueError(f"request id {request_id!r} is already running")
+    seq = Sequence(request_id, ids, min(params.max_tokens, llm.max_model_len - len(ids)),
+                   reuse_prefix=params.prompt_logprobs is None)
     seed = params.seed if params.seed is not None else random.getrandbits(63)
-    detok = Detokenizer(tokenizer, params.stop) if tokenizer is not None else None
+    detok = Detokenizer(llm.tokenizer, params.stop) if detokenize and (stream_text or params.stop) else None
     req = Request(request_id, params, seed, detok, detokenize,
                   prompt_logprobs=None if params.prompt_logprobs is None else [None])
     if params.repetition_penalty != 1.0:
         req.prompt = set(ids)
     if params.grammar is not None:
-        req.matcher = grammars.matcher(params.grammar)
+        if llm.grammars is None:                       # structured output: built on the first request that asks
+            from grammar import Grammars
+            llm.grammars = Grammars(llm.tokenizer, llm.config.vocab_size, llm.config.eos_token_id)
+        req.matcher = llm.grammars.matcher(params.grammar)
     return seq, req
+
+
+def engine_stats(llm: LLM) -> dict:
+    sch = llm.scheduler
+    return {"requests_running": len(sch.running), "requests_waiting": len(sch.waiting),
+            **llm.blocks.stats(), "prefill_tokens_computed": sch.prefill_tokens_computed,
+            "num_preemptions": sch.num_preemptions, "max_batch_seqs": llm.max_batch_seqs,
+            "forward_passes": llm.num_forwards, "gpu_busy_seconds": llm.gpu_busy,
+            **(llm.speculator.stats() if llm.speculator is not None else {})}
+
+
+def take_tokens(llm: LLM, fl: InFlight) -> list[StepOutput]:
+    """LLM.collect's tokens, read: each into its sequence, then its stop conditions."""
+    outputs, lps = [], read_logprobs(fl.logprobs, fl.seqs, llm.requests)
+    for seq, index, tok, lp in zip(fl.seqs, fl.indices, fl.tokens.tolist(), lps):
+        if seq.status == Status.FINISHED:              # aborted, or stopped while this token was in flight
+            continue
+        llm.scheduler.complete(seq, index, tok)
+        req = llm.requests[seq.request_id]
+        note_token(req, tok)
+        outputs.append(llm.check_stop(seq, req, index, lp))
+    return outputs
 
 
 def submit(llm: LLM, prompts: list, params, stream_text: bool) -> list[str]:
