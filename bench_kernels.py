@@ -177,6 +177,26 @@ def bench_kernels(copy_gbps: float, matmul_tflops: float, device="cuda", dtype=t
                 gemv.skinny_linear_triton, gemv.linear_ref, gemv.linear, "gemv.skinny_linear_triton",
                 Nw * K * elt, "GB/s")
 
+    # 2..16 tokens: the norm inside the skinny kernel (qkv; gate_up with SiLU(gate) * up) and the residual add
+    # after it (o, down), as a decode layer runs them (gemv.norm_linear, gemv.linear_add)
+    for name, (K, Nw, kind) in {"0.6b qkv": (1024, 4096, "norm"), "0.6b gate_up": (1024, 6144, "silu"),
+                                "0.6b o": (2048, 1024, "add"), "8b qkv": (4096, 6144, "norm"),
+                                "8b gate_up": (4096, 24576, "silu"), "8b down": (12288, 4096, "add")}.items():
+        nw, silu = 1 + 0.1 * rnd(K), kind == "silu"
+        act = kernels.silu_mul_ref if silu else (lambda y: y)
+        M = 8
+        if kind == "add":
+            add("linear + add (2-16 tokens)", f"{name} {M}x{K}->{Nw}",
+                lambda: (rnd(M, K), rnd(Nw, K) / K ** 0.5, rnd(M, Nw)),
+                lambda x, w, r: gemv.skinny_linear_triton(x, w, add=r), lambda x, w, r: gemv.linear_ref(x, w) + r,
+                lambda x, w, r: gemv.linear_add(x, w, r)[0], "gemv.skinny_linear_triton", Nw * K * elt, "GB/s")
+        else:
+            add("norm + linear (2-16 tokens)", f"{name} {M}x{K}->{Nw}", lambda: (rnd(M, K), rnd(Nw, K) / K ** 0.5),
+                lambda x, w: gemv.skinny_linear_triton(x, w, norm=(nw, eps), silu_mul=silu),
+                lambda x, w: act(gemv.linear_ref(kernels.rms_norm_ref(x, nw, eps), w)),
+                lambda x, w: gemv.norm_linear(x, None, nw, eps, w, silu_mul=silu)[0], "gemv.skinny_linear_triton",
+                Nw * K * elt, "GB/s")
+
     # one token's RMSNorm and the projection after it, in one kernel (gemv.norm_linear; the residual was added by
     # the projection before, gemv.linear_add); gate_up with SiLU(gate) * up on its output
     for name, (K, Nw, silu) in {"0.6b qkv": (1024, 4096, False), "0.6b gate_up": (1024, 6144, True),
