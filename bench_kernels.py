@@ -102,8 +102,9 @@ def rel_err(out, ref) -> float:
 
 def _path(launcher: str, call) -> str:
     """Which path the dispatcher takes for this call: run it once with the Triton launcher wrapped.
-    launcher: a kernels.py name, or "gemv.<name>" for one in gemv.py."""
-    module, name = (gemv, launcher[5:]) if launcher.startswith("gemv.") else (kernels, launcher)
+    launcher: a kernels.py name, or "gemv.<name>" / "attention.<name>" for one in gemv.py / attention.py."""
+    prefix, _, name = launcher.rpartition(".")
+    module = {"": kernels, "gemv": gemv, "attention": attention}[prefix]
     real, hit = getattr(module, name), []
     setattr(module, name, lambda *a, **k: hit.append(1) or real(*a, **k))
     try:
@@ -249,7 +250,7 @@ def bench_kernels(copy_gbps: float, matmul_tflops: float, device="cuda", dtype=t
             make = lambda: (rnd(B, H, hd), *paged_kv([ctx] * B, KV, hd, bs, dtype, device))
             call = lambda f: lambda q, kc, vc, bt, cl: f(q, kc, vc, bt, cl, scale)
             add("decode_attention", f"{model} B={B} ctx={ctx}", make, call(attention.decode_attention_triton),
-                call(attention.decode_attention_ref), call(attention.decode_attention), "decode_attention_triton",
+                call(attention.decode_attention_ref), call(attention.decode_attention), "attention.decode_attention_triton",
                 2 * B * ctx * KV * hd * elt, "GB/s", target=75 if B * ctx >= 32768 else None,
                 splits=attention.decode_num_splits(B, KV, ctx, torch.device(device)))
 
@@ -261,7 +262,7 @@ def bench_kernels(copy_gbps: float, matmul_tflops: float, device="cuda", dtype=t
                                          for t in paged_kv([ctx] * B, KV, hd, bs, dtype, device)])
         call = lambda f: lambda q, kc, vc, bt, cl: f(q, kc, vc, bt, cl, scale)
         add("decode_attention (fp8 cache)", f"qwen3-8b B={B} ctx={ctx}", make, call(attention.decode_attention_triton),
-            call(attention.decode_attention_ref), call(attention.decode_attention), "decode_attention_triton",
+            call(attention.decode_attention_ref), call(attention.decode_attention), "attention.decode_attention_triton",
             2 * B * ctx * KV * hd, "GB/s", target=75 if B * ctx >= 32768 else None)
 
     # decode attention with a shared prefix (cascade): 2,000 tokens (125 blocks) common to every row + 164 own,
@@ -282,7 +283,7 @@ def bench_kernels(copy_gbps: float, matmul_tflops: float, device="cuda", dtype=t
             call = lambda f: lambda q, kc, vc, bt, cl, plan: f(q, kc, vc, bt, cl, scale, shared=plan)
             add("decode_attention (shared prefix)", f"{model} B={B} {prefix}+{own}", sets,
                 call(attention.decode_attention_triton), lambda q, kc, vc, bt, cl, plan: attention.decode_attention_ref(
-                    q, kc, vc, bt, cl, scale), call(attention.decode_attention), "decode_attention_triton",
+                    q, kc, vc, bt, cl, scale), call(attention.decode_attention), "attention.decode_attention_triton",
                 (prefix + B * own) * 2 * KV * hd * elt, "GB/s", plain_ms=plain_ms)
             del sets
 
@@ -308,7 +309,7 @@ def bench_kernels(copy_gbps: float, matmul_tflops: float, device="cuda", dtype=t
             flops = B * 2 * T * T * H * hd
             add("prefill_attention", f"{model} {B}x{T} causal", sets,
                 call(attention.prefill_attention_triton, max_seqlen_q=T), call(attention.prefill_attention_ref),
-                call(attention.prefill_attention, max_seqlen_q=T), "prefill_attention_triton", flops, "TFLOP/s",
+                call(attention.prefill_attention, max_seqlen_q=T), "attention.prefill_attention_triton", flops, "TFLOP/s",
                 sdpa_ms=sdpa_ms, sdpa_rate=flops / sdpa_ms / 1e9)
             del sets, dense
     return rows
