@@ -250,8 +250,9 @@ def bench_kernels(copy_gbps: float, matmul_tflops: float, device="cuda", dtype=t
             make = lambda: (rnd(B, H, hd), *paged_kv([ctx] * B, KV, hd, bs, dtype, device))
             call = lambda f: lambda q, kc, vc, bt, cl: f(q, kc, vc, bt, cl, scale)
             add("decode_attention", f"{model} B={B} ctx={ctx}", make, call(attention.decode_attention_triton),
-                call(attention.decode_attention_ref), call(attention.decode_attention), "attention.decode_attention_triton",
-                2 * B * ctx * KV * hd * elt, "GB/s", target=75 if B * ctx >= 32768 else None,
+                call(attention.decode_attention_ref), call(attention.decode_attention),
+                "attention.decode_attention_triton", 2 * B * ctx * KV * hd * elt, "GB/s",
+                target=75 if B * ctx >= 32768 else None,
                 splits=attention.decode_num_splits(B, KV, ctx, torch.device(device)))
 
     # decode attention over an FP8 cache (--kv-cache-dtype fp8): half the bytes of the same contexts
@@ -309,8 +310,8 @@ def bench_kernels(copy_gbps: float, matmul_tflops: float, device="cuda", dtype=t
             flops = B * 2 * T * T * H * hd
             add("prefill_attention", f"{model} {B}x{T} causal", sets,
                 call(attention.prefill_attention_triton, max_seqlen_q=T), call(attention.prefill_attention_ref),
-                call(attention.prefill_attention, max_seqlen_q=T), "attention.prefill_attention_triton", flops, "TFLOP/s",
-                sdpa_ms=sdpa_ms, sdpa_rate=flops / sdpa_ms / 1e9)
+                call(attention.prefill_attention, max_seqlen_q=T), "attention.prefill_attention_triton", flops,
+                "TFLOP/s", sdpa_ms=sdpa_ms, sdpa_rate=flops / sdpa_ms / 1e9)
             del sets, dense
     return rows
 

@@ -198,8 +198,8 @@ class MLP(nn.Module):
 
 
 # The residual stream is carried as (x, residual), meaning x + residual (residual None: x alone), so that each
-# add happens inside a kernel that runs anyway: in the projection before it (up to 16 tokens: linear_add) or in the norm
-# after it (norm_linear, add_norm).
+# add happens inside a kernel that runs anyway: in the projection before it (up to 16 tokens: linear_add) or in
+# the norm after it (norm_linear, add_norm).
 def add_norm(norm: RMSNorm, x, residual):
     """(norm(x + residual), x + residual); residual None: no add."""
     return (norm(x), x) if residual is None else norm(x, residual)
