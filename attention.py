@@ -718,15 +718,16 @@ def prefill_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tab
 # registers rather than stored and re-read, 14.8 us.)
 # A slice of one tile (short contexts, or few sequences over many slices) skips the loop over its further tiles
 # altogether: the software-pipelined loop's prologue and drain cost about as much as the tile itself. Measured
-# (H200, 2026-12-03) with the layer chain below (qkv GEMV, attention, reduce, o GEMV, then the MLP's two GEMVs;
+# (H200, 2026-12-03) with the chain of the table above plus the MLP's two GEMVs (qkv GEMV, attention, reduce, o GEMV;
 # 28 layers in a CUDA graph with PDL; qwen3-0.6b shapes), us per layer, loop always entered -> skipped when empty
 # (num_stages=1, i.e. no pipelining at all, beside it):
 #   B, ctx   |     64        |    256        |    2048       |    8192       | B=8, 256      | B=8, 2048
 #   skip     | 21.79 -> 20.90 | 21.85 -> 21.25 | 24.67 -> 23.40 | 32.24 -> 32.35 | 35.57 -> 32.91 | 47.16 -> 47.36
 #   1 stage  |     20.59     |    21.28      |    23.49      |    33.53      |    32.91      |    49.49
 # `bench.py decode-1` (qwen3-0.6b), the previous commit's tree beside, two A/B pairs in one call: 0.72 / 0.72 ->
-# 0.69 / 0.69 ms/token greedy, 0.73 / 0.73 -> 0.72 / 0.70 sampled; decode-8 1.12 -> 1.11 ms/step; `bench.py
-# offline` 24,044 -> 24,548 tok/s sampled, 24,293 -> 25,263 greedy (one run each). Also measured then, not taken:
+# 0.69 / 0.69 ms/token greedy, 0.73 / 0.73 -> 0.72 / 0.70 sampled; decode-8 1.12 -> 1.11 ms/step (qwen3-30b-a3b,
+# another call: decode-1 2.45 -> 2.42 ms/token); `bench.py offline` 24,044 -> 24,548 tok/s sampled, 24,293 ->
+# 25,263 greedy (one run each). Also measured then, not taken:
 # the q rows and the newest token's k/v row loaded together right after gdc_wait (norm weights and cos/sin before
 # it), then the newest K/V attended from registers (`bench.py decode-1`, without the skip: 0.72 -> 0.75 ms/token)
 # or stored and re-read (with the skip: 18.68 us at ctx 64, 21.55 at 256, 24.91 at 2048, 57.36 at B=8 2048); 8
