@@ -243,7 +243,7 @@ def _skinny_gemm_kernel(x_ptr, w_ptr, out_ptr, M, N, K, norm_w_ptr, eps, add_ptr
         if NORM:
             x32 = x.to(tl.float32)
             sq = x32 * x32
-            if out_ptr.dtype.element_ty == tl.bfloat16:      # (fp16 squares could overflow: they stay fp32)
+            if dtype == tl.bfloat16:                         # (fp16 squares could overflow: they stay fp32)
                 sq = sq.to(tl.bfloat16)
             ss = tl.dot(sq, tl.full((BLOCK_K, 16), 1.0, sq.dtype), ss)
             x = (x32 * tl.load(norm_w_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)[None, :]).to(dtype)
