@@ -369,6 +369,11 @@ DECODE_CONFIG = dict(BLOCK_N=64, num_warps=4, num_stages=3)   # BLOCK_N: tokens 
 # cross-warp reductions, masks); two warps halve the cross-warp traffic and fit twice the programs per SM. The
 # bf16 cache is byte-bound (4.18 TB/s) and keeps 4 warps: 2 warps were 1.006x its time, 1 warp 1.07-1.36x.
 DECODE_CONFIG_FP8 = dict(BLOCK_N=64, num_warps=2, num_stages=3)
+# Tried and dropped (H200, 2026-12-03, one slice, us per call, FP8 / bf16 cache): the program's warps on separate
+# token sub-tiles (a 3D batched dot; each warp its own online softmax, merged once at the end: no cross-warp
+# reduction per tile), best of 2-4 warps x 16-64 tokens: 16/8 heads B=256 ctx 512-1024 171.2 / 223.6 against
+# 157.8 / 207.7; 32/4 B=256 96.1 / 124.7 against 99.5 / 117.0; 16/8 B=128 ctx 1-2k 172.2 / 227.0 against 189.6 /
+# 217.4; 16/8 B=1 ctx 2-4k 57.2 / 60.1 against 111.6 / 88.6 (one slice there; the engine splits it).
 # Tried and dropped (H200, 2026-12-02): P kv heads per program, q made block-diagonal (row r holds head r's q in
 # the columns of its own kv head, zeros elsewhere), so the 16 rows of a tile are 16 real heads and each tile reads
 # P heads' contiguous K/V; the padded softmax was the suspect. Best of P = 1/2/4/8 x 6 tiles against the kernel
@@ -732,6 +737,15 @@ def prefill_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tab
 # it), then the newest K/V attended from registers (`bench.py decode-1`, without the skip: 0.72 -> 0.75 ms/token)
 # or stored and re-read (with the skip: 18.68 us at ctx 64, 21.55 at 256, 24.91 at 2048, 57.36 at B=8 2048); 8
 # warps with the skip (18.82 / 21.31 / 23.75 / 32.04 / 33.23 / 57.37). B=8 contexts are drawn from [ctx/2, ctx].
+# Dropped too (H200, 2026-12-03, same-call A/B against the committed tree): the newest token taken into the last
+# slice's softmax from registers as its first column (scores q . k in fp32, the tiles masked to the older tokens),
+# with no barrier and no read-back after its store: `bench.py decode-1` qwen3-0.6b 0.69 / 0.69 -> 0.70 / 0.70
+# ms/token greedy (0.71 / 0.71 -> 0.72 / 0.72 sampled, two pairs), qwen3-30b-a3b 2.42 -> 2.39 (2.44 -> 2.40).
+# And attention's slices merged in the o GEMV's prologue instead of a reduce launch (its programs read every
+# head's partials from L2), the chain above at batch 1, us per layer at ctx 128 / 512 / 2,048 / 8,192: the engine
+# 21.02 / 20.74 / 22.44 / 31.61; 4 slices + reduce 20.44 / 24.11 / 37.33 / 90.44, merged 20.81 / 24.49 / 37.40 /
+# 90.54; 8 slices + reduce 20.57 / 20.57 / 28.04 / 54.62, merged 21.26 / 20.92 / 28.92 / 55.34: the merge costs
+# the GEMV what the launch saved, and fewer slices gain at most 0.6 us per layer on short contexts.
 FUSED_MAX_BATCH = 64
 FUSED_SKIP_EMPTY_SPLITS = 8
 
