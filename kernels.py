@@ -234,7 +234,10 @@ def _store_new_kv(row_ptr, heads, mask, k_norm_w_ptr, cs_ptr, slot, k_cache_ptr,
     d = tl.arange(0, HEAD_DIM)
     k = _norm_rope(row_ptr + N_HEADS * HEAD_DIM, heads, mask, k_norm_w_ptr, cs_ptr, eps, HEAD_DIM)
     off = slot.to(tl.int64) * N_KV * HEAD_DIM + heads[:, None] * HEAD_DIM + d[None, :]   # (BLOCK_H, HEAD_DIM)
-    tl.store(k_cache_ptr + off, k.to(k_cache_ptr.dtype.element_ty), mask=mask[:, None])
+    # k rounded to the model's dtype first, as the reference's rotated k is: an FP8 cache then gets the same bytes
+    # (rounding fp32 straight to e4m3 put some values one e4m3 step from the reference's: double rounding)
+    k = k.to(row_ptr.dtype.element_ty).to(k_cache_ptr.dtype.element_ty)
+    tl.store(k_cache_ptr + off, k, mask=mask[:, None])
     v = tl.load(row_ptr + (N_HEADS + N_KV) * HEAD_DIM + heads[:, None] * HEAD_DIM + d[None, :], mask=mask[:, None])
     tl.store(v_cache_ptr + off, v.to(v_cache_ptr.dtype.element_ty), mask=mask[:, None])
 

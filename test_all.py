@@ -1115,10 +1115,11 @@ def assert_e4m3_close(out, ref):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_kt_fp8_kv_cache(dtype):
     """An FP8 (e4m3) cache: the store kernel writes the reference's values; decode (split and cascade) and
-    prefill attention widen it as the references do, at awkward lengths. A stored value may be one e4m3 step
-    off (the fp32 norm and RoPE round differently), and the interpreter's conversion to e4m3 has two defects the
-    GPU's lacks: it rounds subnormals (below 2^-6) toward zero, and a value that rounds up to a power of two
-    comes out half of it. The GPU check of the same kernel is bench_kernels.py's."""
+    prefill attention widen it as the references do, at awkward lengths. On the GPU the stored bytes equal the
+    reference's (k is rounded to the model's dtype first, as the reference's is); under the interpreter a value
+    may be one e4m3 step off, since its conversion to e4m3 has defects the GPU's lacks: it rounds subnormals
+    (below 2^-6) toward zero, and a value that rounds up to a power of two comes out half of it. The GPU check of
+    the same kernel is bench_kernels.py's."""
     torch.manual_seed(8)
     fp8 = torch.float8_e4m3fn
     n_heads, n_kv, hd, bs, T = 6, 3, 32, 4, 13
