@@ -53,6 +53,7 @@ class Sequence:
     draft_kv: int = 0            # leading tokens whose K/V the draft model's cache holds (speculate.DraftModel)
     spec_mean: float = 1.0       # running mean of drafts accepted per verify pass (speculate.py) ...
     spec_resume: int = 0         # ... and, while it is too low, the token count at which drafting resumes
+    spec_wait: int = 0           # the current pause's length in tokens (doubled by each failed probe)
     status: Status = Status.WAITING
     finish_reason: str | None = None
     arrival: int = field(default_factory=lambda: next(_arrival))

@@ -20,7 +20,8 @@ with d taken out and renormalized; the output follows the target's distribution.
 How it sits in the engine (`LLM.step` hands a step here when `ready`):
   - only pure decode phases speculate: nothing waiting, no prompt half computed, every running request
     without logprobs, penalties or a grammar, and not opted out (`SamplingParams.speculative`), and some
-    sequence drafting (one whose drafts keep failing pauses: MIN_ACCEPTED); other steps are the engine's own.
+    sequence drafting (one whose drafts keep failing pauses, longer each time: MIN_ACCEPTED); other steps are
+    the engine's own.
   - drafts are appended to the sequence's tokens and marked (`Sequence.num_draft`), so the scheduler computes
     them like a prompt chunk and never puts a block holding an unverified token into the prefix cache.
   - after the verify pass the rejected drafts are cut off: their K/V slots lie past `num_computed` and are
@@ -54,8 +55,21 @@ NGRAM_MAX, NGRAM_MIN = 4, 1      # longest and shortest suffix looked up in the 
 # against 4.95 ms at batch 1, 6.71 against 5.08 at batch 16; bench.py spec), so a sequence whose drafts keep
 # failing stops drafting (the same runs with it: 1.00x and 0.97x decoding without drafts): while the mean of its
 # accepted drafts per pass (halved at each pass, then the pass's count added at half weight) is below
-# MIN_ACCEPTED, it decodes plainly for PROBE_EVERY tokens, then tries one pass again.
-MIN_ACCEPTED, PROBE_EVERY = 0.25, 16
+# MIN_ACCEPTED, it decodes plainly for PROBE_EVERY tokens, then tries one pass again; each probe that fails doubles
+# the pause, up to PROBE_MAX tokens (a probe pass costs ~2 plain steps: then under 3% of the time; with a fixed
+# pause of 16, 17 passes in 256 tokens held qwen3-8b at 0.88x spec off with K = 8, batch 1, and 0.82x at 16).
+MIN_ACCEPTED, PROBE_EVERY, PROBE_MAX = 0.25, 16, 128
+# The draft model's catch-up after a pause (B sequences x the pause + 1 tokens each) runs as decode rows in up to
+# this many decode-graph replays, evenly filled, rather than one eager pass, which is launch-bound for a small
+# model. qwen3-0.6b drafting, H200, ms per catch-up (scratch timing of DraftModel.fill, synced):
+#   rows (sequences x tokens)   graph passes   eager   graphs
+#   272 (16 x 17)               2              11.3    4.2
+#   272 (1 x 272)               2              10.4    4.6
+#   528 (16 x 33)               3              11.1    6.5
+#   1,040 (16 x 65)             5              11.1    11.6
+#   1,024 (1 x 1,024)           4              10.3    18.7
+#   2,064 (16 x 129)            9              12.1    23.2
+CATCH_UP_GRAPH_PASSES = 3
 
 
 def ngram_drafts(tokens: list[int], k: int) -> list[int]:
@@ -164,8 +178,11 @@ class Speculator:
             self.drafted, self.accepted, self.verified = self.drafted + d, self.accepted + a, self.verified + 1
             if d:
                 seq.spec_mean = (seq.spec_mean + a) / 2
-                if seq.spec_mean < self.min_accepted:
-                    seq.spec_resume = seq.num_tokens + PROBE_EVERY
+                if seq.spec_mean < self.min_accepted:          # pause, twice as long as last time
+                    seq.spec_wait = min(2 * seq.spec_wait, PROBE_MAX) if seq.spec_wait else PROBE_EVERY
+                    seq.spec_resume = seq.num_tokens + seq.spec_wait
+                else:
+                    seq.spec_wait = 0
             req = llm.requests[seq.request_id]
             for index in range(base, base + a + 1):
                 outputs.append(llm.check_stop(seq, req, index, None))
@@ -197,6 +214,11 @@ class DraftModel:
         last = [s.num_tokens - s.num_draft - 1 for s in seqs]          # each one's last verified token
         todo = [min(s.draft_kv, L) for s, L in zip(seqs, last)]        # its first token the draft model lacks
         first = torch.empty(len(seqs), dtype=torch.long, device=r.device)
+        rows_left = sum(max(0, L + 1 - t) for t, L in zip(todo, last))
+        graph_rows = r.graphs.max_batch if r.graphs is not None else r.args.max_num_seqs
+        passes = -(-rows_left // graph_rows)
+        if 0 < passes <= CATCH_UP_GRAPH_PASSES:        # a few decode-graph replays, evenly filled
+            max_tokens = min(max_tokens, -(-rows_left // passes))
         while any(t <= L for t, L in zip(todo, last)):                  # catch up, max_tokens at a time
             rows, spans, ends, budget = [], [], [], max_tokens
             for i, (t, L) in enumerate(zip(todo, last)):

@@ -705,14 +705,17 @@ def make_draft_checkpoint(src, dst, noise: float):
 @pytest.mark.parametrize("method", ["ngram", "draft"])
 # the second: budget cuts, preemption, and passes too large for decode rows (speculate.forward_tokens)
 @pytest.mark.parametrize("kw", [{}, dict(max_num_batched_tokens=24, num_blocks=40, max_num_seqs=3)])
-def test_speculation_matches_transformers(ckpt, kw, method, tmp_path):
+def test_speculation_matches_transformers(ckpt, kw, method, tmp_path, monkeypatch):
     """Greedy tokens equal transformers' with n-gram drafts and with a draft model's (drafts accepted and
     rejected, budget cuts and preemption in the second case); seeded sampled tokens equal those without
     speculation; aborts and mixed requests leave no block behind."""
+    import speculate
     path, hf = ckpt
     small = bool(kw)                                  # the small pool: preemption
     if method == "draft":
         kw = {**kw, "speculative_model": str(make_draft_checkpoint(path, tmp_path / "draft", 0.03))}
+        if small:                                     # every catch-up as decode rows, split over passes
+            monkeypatch.setattr(speculate, "CATCH_UP_GRAPH_PASSES", 10 ** 6)
     llm = engine(path, speculative_method=method, num_speculative_tokens=3, **kw)
     llm.speculator.min_accepted = 0.0                 # never pause drafting (its own test below)
     prompts = [llm.tokenizer.encode(p) for p in PROMPTS + [TEXT[:300]]]
@@ -750,23 +753,26 @@ def test_speculation_matches_transformers(ckpt, kw, method, tmp_path):
 
 
 def test_speculation_pauses_failing_drafts(ckpt):
-    """Drafts that are always wrong: after a few verify passes the sequence decodes plainly, probing now and then
-    (speculate.MIN_ACCEPTED, PROBE_EVERY); with pausing off every step verifies. Tokens stay greedy's."""
+    """Drafts that are always wrong: after a few verify passes the sequence decodes plainly, probing now and then,
+    each failed probe doubling the pause (speculate.MIN_ACCEPTED, PROBE_EVERY, PROBE_MAX); with pausing off every
+    step verifies. Tokens stay greedy's."""
     import speculate
     path, hf = ckpt
     llm = engine(path, speculative_method="ngram", num_speculative_tokens=3)
     prompt = llm.tokenizer.encode(PROMPTS[1])
-    want = hf_greedy(hf, prompt, 40)
+    n = 100
+    want = hf_greedy(hf, prompt, n)
     llm.speculator.drafter = lambda seq, k: [(seq.token_ids[-1] + 1) % 512] * k   # never the argmax here
     passes = []
     for floor in (speculate.MIN_ACCEPTED, 0.0):
         llm.speculator.min_accepted = floor
         before = llm.stats()["spec_verify_steps"]
-        assert llm.generate([prompt], greedy(max_tokens=40, ignore_eos=True))[0].token_ids == want
+        assert llm.generate([prompt], greedy(max_tokens=n, ignore_eos=True))[0].token_ids == want
         passes.append(llm.stats()["spec_verify_steps"] - before)
     assert llm.stats()["spec_accepted_tokens"] == 0
-    # paused: 3 passes bring the mean from 1 below 0.25, then one probe per PROBE_EVERY tokens
-    assert passes[0] <= 3 + 40 // speculate.PROBE_EVERY and passes[1] >= 30, passes
+    # paused: 3 passes bring the mean from 1 below 0.25, then probes after pauses of 16 and 32 tokens (a fixed
+    # pause of 16 would probe 5 times in 100 tokens)
+    assert speculate.PROBE_EVERY == 16 and passes[0] == 3 + 2 and passes[1] >= n - 10, passes
     assert_no_leak(llm)
 
 
