@@ -752,6 +752,39 @@ def test_speculation_matches_transformers(ckpt, kw, method, tmp_path, monkeypatc
     assert_no_leak(llm)
 
 
+def test_draft_catch_up_in_passes(ckpt, tmp_path, monkeypatch):
+    """The draft model's catch-up split over decode-row passes (speculate.CATCH_UP_GRAPH_PASSES) drafts the same
+    tokens as one eager pass: the drafts of both runs are recorded and compared."""
+    import speculate
+    path, hf = ckpt
+    draft = make_draft_checkpoint(path, tmp_path / "draft", 0.03)
+    llm = engine(path, speculative_method="draft", speculative_model=str(draft), num_speculative_tokens=3,
+                 max_num_seqs=4)
+    llm.speculator.min_accepted = 0.0
+    prompts = [llm.tokenizer.encode(p) for p in PROMPTS + [TEXT[:200]]]
+    fill, ft = speculate.DraftModel.fill, speculate.forward_tokens
+    runs = []
+    for passes in (0, 10 ** 6):
+        monkeypatch.setattr(speculate, "CATCH_UP_GRAPH_PASSES", passes)
+        drafts, rows = [], []                         # rows: tokens in each of the draft model's catch-up passes
+
+        def recording_fill(self, seqs, max_tokens):
+            def recording_ft(runner, s, spans, *a):
+                rows.append(sum(b - a_ for a_, b in spans))
+                return ft(runner, s, spans, *a)
+            monkeypatch.setattr(speculate, "forward_tokens", recording_ft)
+            out = fill(self, seqs, max_tokens)
+            monkeypatch.setattr(speculate, "forward_tokens", ft)
+            drafts.append(out[0].tolist())
+            return out
+        monkeypatch.setattr(speculate.DraftModel, "fill", recording_fill)
+        outs = llm.generate(prompts, greedy(max_tokens=24, ignore_eos=True))
+        runs.append((drafts, [o.token_ids for o in outs]))
+        assert max(rows) > 4 if passes == 0 else max(rows) <= 4, rows      # 4: the decode rows' limit here
+    assert runs[0] == runs[1]
+    assert_no_leak(llm)
+
+
 def test_speculation_pauses_failing_drafts(ckpt):
     """Drafts that are always wrong: after a few verify passes the sequence decodes plainly, probing now and then,
     each failed probe doubling the pause (speculate.MIN_ACCEPTED, PROBE_EVERY, PROBE_MAX); with pausing off every
