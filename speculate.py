@@ -60,16 +60,23 @@ NGRAM_MAX, NGRAM_MIN = 4, 1      # longest and shortest suffix looked up in the 
 # pause of 16, 17 passes in 256 tokens held qwen3-8b at 0.88x spec off with K = 8, batch 1, and 0.82x at 16).
 MIN_ACCEPTED, PROBE_EVERY, PROBE_MAX = 0.25, 16, 128
 # The draft model's catch-up after a pause (B sequences x the pause + 1 tokens each) runs as decode rows in up to
-# this many decode-graph replays, evenly filled, rather than one eager pass, which is launch-bound for a small
-# model. qwen3-0.6b drafting, H200, ms per catch-up (scratch timing of DraftModel.fill, synced):
-#   rows (sequences x tokens)   graph passes   eager   graphs
-#   272 (16 x 17)               2              11.3    4.2
-#   272 (1 x 272)               2              10.4    4.6
-#   528 (16 x 33)               3              11.1    6.5
-#   1,040 (16 x 65)             5              11.1    11.6
-#   1,024 (1 x 1,024)           4              10.3    18.7
-#   2,064 (16 x 129)            9              12.1    23.2
-CATCH_UP_GRAPH_PASSES = 3
+# CATCH_UP_GRAPH_PASSES decode-graph replays, evenly filled, rather than one eager pass, which is launch-bound for
+# a small model (~11 ms), unless its rows' attention is long: each decode row reads its whole context, so the
+# replays cost ~2 ms each + ~17 us per 1,000 (row, context token) pairs. qwen3-0.6b drafting, H200, ms per
+# catch-up (scratch timing of DraftModel.fill, synced), eager / graph replays:
+#   sequences x tokens, from context   pairs    replays   eager   graphs
+#   16 x 17, from 128                  37k      2         10.7    4.1
+#   16 x 33, from 128                  77k      3         11.1    6.5
+#   1 x 272, from 128                  72k      2         11.8    4.6
+#   1 x 500, from 0                    125k     2         13.5    6.2
+#   2 x 383, from 0                    147k     3         11.9    8.3
+#   1 x 767, from 0                    294k     3         11.4    10.9
+#   16 x 17, from 2,000                546k     2         11.2    14.5
+#   4 x 129, from 3,000                1.6M     3         11.2    32.6
+#   16 x 65, from 128                  167k     5         11.1    11.6
+#   1 x 1,024, from 0                  525k     4         10.3    18.7
+# (A catch-up of up to 256 rows, one replay, always takes the graph, as a round's 1-2 rows a sequence do.)
+CATCH_UP_GRAPH_PASSES, CATCH_UP_GRAPH_PAIRS = 3, 200_000
 
 
 def ngram_drafts(tokens: list[int], k: int) -> list[int]:
@@ -214,11 +221,11 @@ class DraftModel:
         last = [s.num_tokens - s.num_draft - 1 for s in seqs]          # each one's last verified token
         todo = [min(s.draft_kv, L) for s, L in zip(seqs, last)]        # its first token the draft model lacks
         first = torch.empty(len(seqs), dtype=torch.long, device=r.device)
-        rows_left = sum(max(0, L + 1 - t) for t, L in zip(todo, last))
-        graph_rows = r.graphs.max_batch if r.graphs is not None else r.args.max_num_seqs
-        passes = -(-rows_left // graph_rows)
-        if 0 < passes <= CATCH_UP_GRAPH_PASSES:        # a few decode-graph replays, evenly filled
-            max_tokens = min(max_tokens, -(-rows_left // passes))
+        lag = [max(0, L + 1 - t) for t, L in zip(todo, last)]          # rows; their contexts are t+1 .. L+1
+        pairs = sum(k * (t + 1) + k * (k - 1) // 2 for k, t in zip(lag, todo))
+        passes = -(-sum(lag) // (r.graphs.max_batch if r.graphs is not None else r.args.max_num_seqs))
+        if 1 < passes <= CATCH_UP_GRAPH_PASSES and pairs <= CATCH_UP_GRAPH_PAIRS:   # a few replays, evenly filled
+            max_tokens = min(max_tokens, -(-sum(lag) // passes))
         while any(t <= L for t, L in zip(todo, last)):                  # catch up, max_tokens at a time
             rows, spans, ends, budget = [], [], [], max_tokens
             for i, (t, L) in enumerate(zip(todo, last)):

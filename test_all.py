@@ -716,6 +716,7 @@ def test_speculation_matches_transformers(ckpt, kw, method, tmp_path, monkeypatc
         kw = {**kw, "speculative_model": str(make_draft_checkpoint(path, tmp_path / "draft", 0.03))}
         if small:                                     # every catch-up as decode rows, split over passes
             monkeypatch.setattr(speculate, "CATCH_UP_GRAPH_PASSES", 10 ** 6)
+            monkeypatch.setattr(speculate, "CATCH_UP_GRAPH_PAIRS", 10 ** 9)
     llm = engine(path, speculative_method=method, num_speculative_tokens=3, **kw)
     llm.speculator.min_accepted = 0.0                 # never pause drafting (its own test below)
     prompts = [llm.tokenizer.encode(p) for p in PROMPTS + [TEXT[:300]]]
@@ -764,6 +765,7 @@ def test_draft_catch_up_in_passes(ckpt, tmp_path, monkeypatch):
     prompts = [llm.tokenizer.encode(p) for p in PROMPTS + [TEXT[:200]]]
     fill, ft = speculate.DraftModel.fill, speculate.forward_tokens
     runs = []
+    monkeypatch.setattr(speculate, "CATCH_UP_GRAPH_PAIRS", 10 ** 9)
     for passes in (0, 10 ** 6):
         monkeypatch.setattr(speculate, "CATCH_UP_GRAPH_PASSES", passes)
         drafts, rows = [], []                         # rows: tokens in each of the draft model's catch-up passes
