@@ -20,8 +20,8 @@ with d taken out and renormalized; the output follows the target's distribution.
 How it sits in the engine (`LLM.step` hands a step here when `ready`):
   - only pure decode phases speculate: nothing waiting, no prompt half computed, every running request
     without logprobs, penalties or a grammar, and not opted out (`SamplingParams.speculative`), and some
-    sequence drafting (one whose drafts keep failing pauses, longer each time: MIN_ACCEPTED); other steps are
-    the engine's own.
+    sequence drafting (one whose drafts keep failing pauses, longer each time: MIN_ACCEPTED), with room for
+    drafts in a verify pass of one decode graph's rows (`max_drafts`); other steps are the engine's own.
   - drafts are appended to the sequence's tokens and marked (`Sequence.num_draft`), so the scheduler computes
     them like a prompt chunk and never puts a block holding an unverified token into the prefix cache.
   - after the verify pass the rejected drafts are cut off: their K/V slots lie past `num_computed` and are
@@ -61,22 +61,23 @@ NGRAM_MAX, NGRAM_MIN = 4, 1      # longest and shortest suffix looked up in the 
 MIN_ACCEPTED, PROBE_EVERY, PROBE_MAX = 0.25, 16, 128
 # The draft model's catch-up after a pause (B sequences x the pause + 1 tokens each) runs as decode rows in up to
 # CATCH_UP_GRAPH_PASSES decode-graph replays, evenly filled, rather than one eager pass, which is launch-bound for
-# a small model (~11 ms), unless its rows' attention is long: each decode row reads its whole context, so the
-# replays cost ~2 ms each + ~17 us per 1,000 (row, context token) pairs. qwen3-0.6b drafting, H200, ms per
-# catch-up (scratch timing of DraftModel.fill, synced), eager / graph replays:
-#   sequences x tokens, from context   pairs    replays   eager   graphs
-#   16 x 17, from 128                  37k      2         10.7    4.1
-#   16 x 33, from 128                  77k      3         11.1    6.5
-#   1 x 272, from 128                  72k      2         11.8    4.6
-#   1 x 500, from 0                    125k     2         13.5    6.2
-#   2 x 383, from 0                    147k     3         11.9    8.3
-#   1 x 767, from 0                    294k     3         11.4    10.9
-#   16 x 17, from 2,000                546k     2         11.2    14.5
-#   4 x 129, from 3,000                1.6M     3         11.2    32.6
-#   16 x 65, from 128                  167k     5         11.1    11.6
-#   1 x 1,024, from 0                  525k     4         10.3    18.7
+# a small model (11-14 ms, at times 20-25), unless its rows' attention is long: each decode row reads its whole
+# context, so the replays cost ~2 ms each + ~17 us per 1,000 (row, context token) pairs. qwen3-0.6b drafting,
+# H200, ms per catch-up (scratch timing of DraftModel.fill, synced, two calls), eager / graph replays:
+#   sequences x tokens, from context   pairs    replays   eager        graphs
+#   16 x 17, from 128                  37k      2         10.7-11.9    4.1-4.2
+#   16 x 33, from 128                  77k      3         11.1         6.5
+#   1 x 272, from 128                  72k      2         11.8-12.2    4.6-4.7
+#   1 x 500, from 0                    125k     2         11.5-13.5    6.2
+#   2 x 383, from 0                    147k     3         11.9-13.2    8.3-8.5
+#   1 x 640, from 0                    205k     3         13.9-22.4    9.4-9.5
+#   1 x 767, from 0                    294k     3         11.4-13.6    10.9-11.1
+#   16 x 17, from 2,000                546k     2         11.2-12.9    14.4-14.5
+#   4 x 129, from 3,000                1.6M     3         11.2-12.9    32.5-32.6
+#   16 x 65, from 128                  167k     5         11.1         11.6
+#   1 x 1,024, from 0                  525k     4         10.3         18.7
 # (A catch-up of up to 256 rows, one replay, always takes the graph, as a round's 1-2 rows a sequence do.)
-CATCH_UP_GRAPH_PASSES, CATCH_UP_GRAPH_PAIRS = 3, 200_000
+CATCH_UP_GRAPH_PASSES, CATCH_UP_GRAPH_PAIRS = 3, 300_000
 
 
 def ngram_drafts(tokens: list[int], k: int) -> list[int]:
@@ -104,12 +105,24 @@ class Speculator:
         self.rewrite = None          # bench: (Sequence, its draft model's drafts) -> the drafts to verify
         self.drafted = self.accepted = self.verify_steps = self.verified = 0   # verified: sequence-steps
         self.min_accepted = MIN_ACCEPTED     # 0: always draft (bench.py measures the verify pass's cost so)
+        self.max_rows = None         # rows of a verify pass at most (None: the target's largest decode graph)
+
+    def max_drafts(self, llm) -> int:
+        """Drafts per drafting sequence this step at most, so that the verify pass (every running sequence's last
+        token, and the drafts) fits one decode graph: an eager pass is launch-bound. qwen3-8b, H200, free drafts,
+        K = 8, always drafting, ms/token eager verify -> capped (scratch, same call): batch 32 kept 100% 3.42 ->
+        2.30, 70% 10.63 -> 5.33, 0% 21.38 -> 10.70; batch 64 (7.14 without speculation) 4.81 -> 4.18, 14.74 ->
+        6.46, 25.56 -> 11.59."""
+        running, g = llm.scheduler.running, llm.runner.graphs
+        rows = self.max_rows or (g.max_batch if g is not None else llm.args.max_num_seqs)
+        drafting = sum(s.num_tokens >= s.spec_resume for s in running)
+        return min(self.k, (rows - len(running)) // drafting) if drafting else 0
 
     def ready(self, llm) -> bool:
         """Whether this step speculates: a pure decode phase (see the file's docstring) in which some sequence
         drafts (the others take plain decode steps, with the engine's overlap of host and GPU)."""
         sch = llm.scheduler
-        return (not sch.waiting and bool(sch.running) and any(s.num_tokens >= s.spec_resume for s in sch.running)
+        return (not sch.waiting and bool(sch.running) and self.max_drafts(llm) > 0
                 and all(s.num_computed == s.num_tokens - 1 and eligible(llm.requests[s.request_id].params)
                         for s in sch.running))
 
@@ -118,9 +131,10 @@ class Speculator:
         outputs = llm.collect(llm.in_flight) if llm.in_flight is not None else []
         llm.in_flight = None
         sch = llm.scheduler
+        most = self.max_drafts(llm)
         for seq in sch.running:                      # drafts, never past the request's last token
             room = seq.max_tokens - (seq.num_tokens - len(seq.prompt_ids)) - 1
-            k = min(self.k, room) if room > 0 and seq.num_tokens >= seq.spec_resume else 0
+            k = min(most, room) if room > 0 and seq.num_tokens >= seq.spec_resume else 0
             drafts = self.drafter(seq, k) if self.model is None else [PENDING] * k   # the draft model's, below
             seq.token_ids += drafts
             seq.num_draft = len(drafts)

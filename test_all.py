@@ -719,6 +719,7 @@ def test_speculation_matches_transformers(ckpt, kw, method, tmp_path, monkeypatc
             monkeypatch.setattr(speculate, "CATCH_UP_GRAPH_PAIRS", 10 ** 9)
     llm = engine(path, speculative_method=method, num_speculative_tokens=3, **kw)
     llm.speculator.min_accepted = 0.0                 # never pause drafting (its own test below)
+    llm.speculator.max_rows = 10 ** 6                 # verify passes past the decode rows' limit too (eagerly)
     prompts = [llm.tokenizer.encode(p) for p in PROMPTS + [TEXT[:300]]]
     outs = llm.generate(prompts, greedy(max_tokens=40, ignore_eos=True))
     for p, o in zip(prompts, outs):
@@ -784,6 +785,34 @@ def test_draft_catch_up_in_passes(ckpt, tmp_path, monkeypatch):
         runs.append((drafts, [o.token_ids for o in outs]))
         assert max(rows) > 4 if passes == 0 else max(rows) <= 4, rows      # 4: the decode rows' limit here
     assert runs[0] == runs[1]
+    assert_no_leak(llm)
+
+
+def test_verify_pass_fits_decode_rows(ckpt):
+    """Drafts per sequence are cut so that a verify pass has at most the decode graphs' rows (here max_num_seqs):
+    3 running sequences and 4 rows leave no room (plain steps), 1 running leaves 3 drafts of its 5. Tokens stay
+    greedy's."""
+    import speculate
+    path, hf = ckpt
+    llm = engine(path, speculative_method="ngram", num_speculative_tokens=5, max_num_seqs=4)
+    llm.speculator.min_accepted = 0.0
+    llm.speculator.drafter = lambda seq, k: [(seq.token_ids[-1] + 1) % 512] * k
+    prompts = [llm.tokenizer.encode(p) for p in PROMPTS[:3]]
+    passes, ft = [], speculate.forward_tokens
+
+    def recording(runner, seqs, spans, *a):
+        passes.append((len(seqs), sum(b - a_ for a_, b in spans)))
+        return ft(runner, seqs, spans, *a)
+    speculate.forward_tokens = recording
+    try:
+        outs = llm.generate(prompts, [greedy(max_tokens=n, ignore_eos=True) for n in (6, 8, 20)])
+    finally:
+        speculate.forward_tokens = ft
+    for p, o, n in zip(prompts, outs, (6, 8, 20)):
+        assert o.token_ids == hf_greedy(hf, p, n)
+    assert passes and all(rows <= 4 for _, rows in passes), passes
+    assert 3 not in {n for n, _ in passes}                      # 3 running: no room, plain steps
+    assert max(rows for n, rows in passes if n == 1) == 4        # 1 running: 3 drafts of its 5
     assert_no_leak(llm)
 
 
