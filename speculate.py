@@ -113,8 +113,8 @@ class Speculator:
         K = 8, always drafting, ms/token eager verify -> capped (scratch, same call): batch 32 kept 100% 3.42 ->
         2.30, 70% 10.63 -> 5.33, 0% 21.38 -> 10.70; batch 64 (7.14 without speculation) 4.81 -> 4.18, 14.74 ->
         6.46, 25.56 -> 11.59."""
-        running, g = llm.scheduler.running, llm.runner.graphs
-        rows = self.max_rows or (g.max_batch if g is not None else llm.args.max_num_seqs)
+        running = llm.scheduler.running
+        rows = self.max_rows or decode_row_limit(llm.runner)
         drafting = sum(s.num_tokens >= s.spec_resume for s in running)
         return min(self.k, (rows - len(running)) // drafting) if drafting else 0
 
@@ -237,7 +237,7 @@ class DraftModel:
         first = torch.empty(len(seqs), dtype=torch.long, device=r.device)
         lag = [max(0, L + 1 - t) for t, L in zip(todo, last)]          # rows; their contexts are t+1 .. L+1
         pairs = sum(k * (t + 1) + k * (k - 1) // 2 for k, t in zip(lag, todo))
-        passes = -(-sum(lag) // (r.graphs.max_batch if r.graphs is not None else r.args.max_num_seqs))
+        passes = -(-sum(lag) // decode_row_limit(r))
         if 1 < passes <= CATCH_UP_GRAPH_PASSES and pairs <= CATCH_UP_GRAPH_PAIRS:   # a few replays, evenly filled
             max_tokens = min(max_tokens, -(-sum(lag) // passes))
         while any(t <= L for t, L in zip(todo, last)):                  # catch up, max_tokens at a time
@@ -270,6 +270,12 @@ class DraftModel:
         return torch.cat(drafts), where
 
 
+def decode_row_limit(runner) -> int:
+    """Tokens a pass may hold to run as decode rows: the largest decode graph's batch (on the CPU, no graphs: a
+    decode batch's)."""
+    return runner.graphs.max_batch if runner.graphs is not None else runner.args.max_num_seqs
+
+
 def forward_tokens(runner, seqs, spans, tables, rows, pending=()) -> torch.Tensor:
     """Run tokens seqs[i].token_ids[a:b] for each span (a, b) through the model (their K/V into the cache);
     returns the logits of the packed rows `rows` (None: every row), (len(rows), vocab). pending: (packed row,
@@ -284,8 +290,7 @@ def forward_tokens(runner, seqs, spans, tables, rows, pending=()) -> torch.Tenso
     K/V itself while other rows of the pass already attend, so a row could read another's slot before it is
     written (H200, qwen3-8b, one sequence: 1% of the drafts of the target's own continuation kept, not 99%)."""
     n = sum(b - a for a, b in spans)
-    g = runner.graphs
-    if n <= (g.max_batch if g is not None else runner.args.max_num_seqs):     # as many rows as a decode batch
+    if n <= decode_row_limit(runner):                 # as many rows as a decode batch
         ids, ctx, tabs = [], [], []
         for seq, (a, b), table in zip(seqs, spans, tables):
             ids += seq.token_ids[a:b]

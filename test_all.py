@@ -788,7 +788,7 @@ def test_draft_catch_up_in_passes(ckpt, tmp_path, monkeypatch):
     assert_no_leak(llm)
 
 
-def test_verify_pass_fits_decode_rows(ckpt):
+def test_verify_pass_fits_decode_rows(ckpt, monkeypatch):
     """Drafts per sequence are cut so that a verify pass has at most the decode graphs' rows (here max_num_seqs):
     3 running sequences and 4 rows leave no room (plain steps), 1 running leaves 3 drafts of its 5. Tokens stay
     greedy's."""
@@ -803,11 +803,8 @@ def test_verify_pass_fits_decode_rows(ckpt):
     def recording(runner, seqs, spans, *a):
         passes.append((len(seqs), sum(b - a_ for a_, b in spans)))
         return ft(runner, seqs, spans, *a)
-    speculate.forward_tokens = recording
-    try:
-        outs = llm.generate(prompts, [greedy(max_tokens=n, ignore_eos=True) for n in (6, 8, 20)])
-    finally:
-        speculate.forward_tokens = ft
+    monkeypatch.setattr(speculate, "forward_tokens", recording)
+    outs = llm.generate(prompts, [greedy(max_tokens=n, ignore_eos=True) for n in (6, 8, 20)])
     for p, o, n in zip(prompts, outs, (6, 8, 20)):
         assert o.token_ids == hf_greedy(hf, p, n)
     assert passes and all(rows <= 4 for _, rows in passes), passes
