@@ -68,7 +68,6 @@ from bench_kernels import bench_kernels, decode_timelines, format_rows, measure_
 from engine import LLM, EngineArgs, resolve_device_dtype
 from model import Config, preset, resolve_checkpoint
 from sample import SamplingParams, add_dataclass_args, pick, resolve
-from speculate import MIN_ACCEPTED
 
 MODES = ["offline", "nanovllm", "decode-1", "spec", "allreduce", "prefix", "prefill", "accuracy", "timeline", "kernels", "serve"]
 DEFAULT_MODES = ["offline", "decode-1", "prefill", "prefix"]      # MODES run in their order there (fewest rebuilds)
@@ -396,6 +395,12 @@ def oracle_drafter(continuations: dict, acceptance: float, vocab: int, rng: rand
     return propose
 
 
+def coin_judge(kept: float, rng: random.Random):
+    """Speculator.judge for the rows of the engine's own rule: each draft kept with chance `kept`, up to the first
+    miss, whatever its token. Plain steps between rounds (pauses, timing) would take a run off the oracle's path."""
+    return lambda seq, drafts, target: next((j for j in range(len(drafts)) if rng.random() >= kept), len(drafts))
+
+
 def run_spec(b: Bench):
     """Speculative decoding (speculate.py) at controlled acceptance: batch 1 and 16, K = 2, 4, 8 drafts, each draft
     the target's own next token or, with probability 1 - kept, a wrong one; against the same requests without
@@ -405,9 +410,10 @@ def run_spec(b: Bench):
     few tokens. ms/token is per sequence: wall time / tokens each sequence produced. The floor column is plain
     decoding's (every token reads the weights once: B x bandwidth / weight bytes); speculation is how a run gets
     past it. With --speculative-method draft --speculative-model M the draft model runs every round (its cost is
-    measured) and its drafts are then replaced by the controlled ones. Every row drafts at every step
-    (Speculator.min_accepted = 0: a plain decode step between verify passes would round differently and leave
-    the path) except "pausing", the engine's default, where a sequence whose drafts keep failing pauses."""
+    measured) and its drafts are then replaced by the controlled ones. These rows draft at every step
+    (Speculator.pausing off: a plain decode step between verify passes would round differently and leave the
+    path). The "adaptive" rows run the engine's default rule (drafting when a round is measured to pay), where
+    coin_judge keeps each draft with the chosen chance instead of comparing it with the target's token."""
     w = b.w
     draft = b.eargs.speculative_model is not None
     llm = engine(b, speculative_method="draft" if draft else "ngram")
@@ -420,6 +426,13 @@ def run_spec(b: Bench):
         outs = llm.generate(prompts, params)
         return time.perf_counter() - t0, {tuple(p): o.token_ids for p, o in zip(prompts, outs)}
 
+    def drafting(kept, adaptive, seed):
+        oracle = oracle_drafter(cont, 0.0 if adaptive else kept, b.cfg.vocab_size, random.Random(seed))
+        spec.drafter, spec.rewrite = oracle, (lambda seq, d: oracle(seq, len(d), len(d))) if draft else None
+        spec.judge, spec.pausing = coin_judge(kept, random.Random(seed)) if adaptive else None, adaptive
+        if adaptive and draft:
+            spec.rewrite = None                        # the draft model's own drafts, judged
+
     for B in (1, 16):
         prompts = random_prompts(B, w.decode_prompt, b.cfg.vocab_size, seed=3)
         llm.speculator = None
@@ -429,19 +442,18 @@ def run_spec(b: Bench):
         fl = B * b.bandwidth / weight_bytes(b.cfg, b.dtype.itemsize)
         rows.append(row(f"spec off, B={B}", B * 1e3 / base_ms, fl, f"{base_ms:.2f} ms/token"))
         # untimed: a pause's long catch-up runs eagerly, and its first run compiles kernels (1.5 s at B=16)
-        spec.k, spec.min_accepted, oracle = 2, MIN_ACCEPTED, oracle_drafter(cont, 0.0, b.cfg.vocab_size, random.Random(0))
-        spec.drafter, spec.rewrite = oracle, (lambda seq, d: oracle(seq, len(d), len(d))) if draft else None
+        spec.k = 2
+        drafting(0.0, True, 0)
         timed(prompts)
         for K in (2, 4, 8):
             spec.k = K
             # the first run's tokens are the later runs' continuation
-            for kept, pausing in ((0.0, False), (0.0, True), (1.0, False), (0.7, False), (0.4, False)):
-                oracle = oracle_drafter(cont, kept, b.cfg.vocab_size, random.Random(K))
-                spec.drafter, spec.rewrite = oracle, (lambda seq, d: oracle(seq, len(d), len(d))) if draft else None
-                spec.min_accepted = MIN_ACCEPTED if pausing else 0.0
+            for kept, adaptive in ((0.0, False), (1.0, False), (0.7, False), (0.4, False), (0.7, True), (0.4, True),
+                                   (0.0, True)):
+                drafting(kept, adaptive, K)
                 before = spec.stats()
                 seconds, got = timed(prompts)
-                if kept == 0.0 and not pausing:
+                if kept == 0.0 and not adaptive:
                     cont = got
                 st = {k: v - before[k] for k, v in spec.stats().items()}
                 ms = 1e3 * seconds / w.decode_tokens
@@ -450,14 +462,14 @@ def run_spec(b: Bench):
                     print(f"warning: B={B} K={K}: {measured:.0%} of the target's own continuation kept: its verify "
                           f"pass does not reproduce its tokens (a race, or rows computed differently)", file=sys.stderr)
                 per_step = 1 + st["spec_accepted_tokens"] / max(1, st["spec_verified_seqs"])
-                label = (f"spec B={B} K={K} drafts kept {kept:.0%}" + (", pausing" if pausing else "")
+                label = (f"spec B={B} K={K} drafts kept {kept:.0%}" + (", adaptive" if adaptive else "")
                          + (f", draft model {b.eargs.speculative_model}" if draft else ""))
                 rows.append(row(label, B * 1e3 / ms, fl, f"{ms:.2f} ms/token, {base_ms / ms:.2f}x spec off; "
                                 f"acceptance {measured:.0%}, {per_step:.2f} tokens per verify pass, "
                                 f"{st['spec_verify_steps']} passes"))
                 details[label] = {"ms_per_token": ms, "speedup": base_ms / ms, "acceptance": measured,
                                   "tokens_per_step": per_step, "verify_passes": st["spec_verify_steps"]}
-    spec.min_accepted = MIN_ACCEPTED
+    spec.judge, spec.pausing = None, True
     return rows, details
 
 

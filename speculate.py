@@ -20,8 +20,9 @@ with d taken out and renormalized; the output follows the target's distribution.
 How it sits in the engine (`LLM.step` hands a step here when `ready`):
   - only pure decode phases speculate: nothing waiting, no prompt half computed, every running request
     without logprobs, penalties or a grammar, and not opted out (`SamplingParams.speculative`), and some
-    sequence drafting (one whose drafts keep failing pauses, longer each time: MIN_ACCEPTED), with room for
-    drafts in a verify pass of one decode graph's rows (`max_drafts`); other steps are the engine's own.
+    sequence drafting, with room for drafts in a verify pass of one decode graph's rows (`max_drafts`), and
+    when a round is expected to pay: its cost in plain steps is measured and weighed against the drafts each
+    sequence is expected to keep (MIN_ACCEPTED's comment); other steps are the engine's own.
   - drafts are appended to the sequence's tokens and marked (`Sequence.num_draft`), so the scheduler computes
     them like a prompt chunk and never puts a block holding an unverified token into the prefix cache.
   - after the verify pass the rejected drafts are cut off: their K/V slots lie past `num_computed` and are
@@ -44,6 +45,8 @@ model's greedy tokens by the rule above (exact; the acceptance rate is the targe
 The bench replaces `drafter` (or, with a draft model, rewrites its drafts through `rewrite`) to propose a known
 continuation, partly corrupted, and so measure the mechanism at a chosen acceptance rate (bench.py spec).
 """
+import time
+
 import torch
 
 import attention
@@ -51,14 +54,22 @@ from runner import shares_first_block, to_device
 from scheduler import PENDING, Status, padded_tables
 
 NGRAM_MAX, NGRAM_MIN = 4, 1      # longest and shortest suffix looked up in the request's own tokens
-# A verify pass costs more than the decode step it replaces (qwen3-8b, H200, K = 4 drafts all rejected: 5.14
-# against 4.95 ms at batch 1, 6.71 against 5.08 at batch 16; bench.py spec), so a sequence whose drafts keep
-# failing stops drafting (the same runs with it: 1.00x and 0.97x decoding without drafts): while the mean of its
-# accepted drafts per pass (halved at each pass, then the pass's count added at half weight) is below
-# MIN_ACCEPTED, it decodes plainly for PROBE_EVERY tokens, then tries one pass again; each probe that fails doubles
-# the pause, up to PROBE_MAX tokens (a probe pass costs ~2 plain steps: then under 3% of the time; with a fixed
-# pause of 16, 17 passes in 256 tokens held qwen3-8b at 0.88x spec off with K = 8, batch 1, and 0.82x at 16).
+# When drafting pays is measured, not assumed. A round (draft, verify) costs r plain decode steps of the same batch
+# (StepClock: both timed on the host, as the caller sees them) and gives each drafting sequence 1 + its kept drafts,
+# the others 1, so it pays while the drafting sequences' expected kept drafts add up to more than (r - 1) x the
+# batch. r differs by drafter and batch size: qwen3-8b, H200, K = 4, r = 2.06 at batch 1 and 2.87 at 16 with a
+# qwen3-0.6b draft model, 1.30 and 1.68 with free drafts (bench.py spec), so with the draft model 70% kept drafts
+# (1.77 kept per pass) pay at batch 1 (1.32x) and lose at 16 (0.91x). A sequence's acceptance is estimated from its
+# kept drafts and its misses (the first wrong draft of a pass), both decayed by ACCEPT_DECAY per pass (about the
+# last 16 passes: at batch 1 a noisier estimate paused 70%-kept runs that pay), and K drafts keep a + a^2 .. + a^K
+# of them (expected_kept). When a round would not pay, the whole batch decodes plainly for PROBE_EVERY steps, then
+# runs one round again (a probe, which measures again); each probe that fails doubles the pause, up to PROBE_MAX.
+# Apart from that, a sequence expected to keep fewer than MIN_ACCEPTED drafts a pass pauses alone, in tokens, by the
+# same doubling (so hopeless sequences leave a batch's verify pass; with a fixed pause of 16, 17 passes in 256
+# tokens held qwen3-8b at 0.88x spec off with K = 8, batch 1).
 MIN_ACCEPTED, PROBE_EVERY, PROBE_MAX = 0.25, 16, 128
+ACCEPT_DECAY = 15 / 16
+PLAIN_REFRESH = 256    # rounds after which the plain steps are timed again (their cost grows with the contexts)
 # The draft model's catch-up after a pause (B sequences x the pause + 1 tokens each) runs as decode rows in up to
 # CATCH_UP_GRAPH_PASSES decode-graph replays, evenly filled, rather than one eager pass, which is launch-bound for
 # a small model (11-14 ms, at times 20-25), unless its rows' attention is long: each decode row reads its whole
@@ -91,9 +102,68 @@ def ngram_drafts(tokens: list[int], k: int) -> list[int]:
     return []
 
 
+def acceptance(seq) -> float:
+    """The estimated chance that the target keeps a sequence's next draft: kept / (kept + missed), decayed counts."""
+    return seq.spec_kept / (seq.spec_kept + seq.spec_missed)
+
+
+def expected_kept(a: float, k: int) -> float:
+    """Drafts kept of k when each is kept with chance a, until the first miss: a + a^2 + .. + a^k."""
+    return sum(a ** j for j in range(1, k + 1))
+
+
 def eligible(params) -> bool:
     return (params.speculative and not params.needs_last_token and params.logprobs is None
             and params.prompt_logprobs is None)
+
+
+class StepClock:
+    """Seconds per plain decode step and per speculative round, by batch size (rounded up to a power of two), on the
+    host's clock: what a step costs its caller. A plain step runs from its start to the next step's start, counted
+    when the step before it was plain too (then the host's work overlaps the GPU's, as in a run of plain steps);
+    a round from after it collected the step before (it runs synchronously) to the next step's start. An interval
+    counts only when the next step is a decode step of the same batch size (not an idle gap or a prefill)."""
+
+    def __init__(self):
+        self.plain, self.round = {}, {}        # batch size -> seconds (moving averages)
+        self.rounds, self.plain_at = 0, {}     # rounds timed so far; their count when a batch size's plain was
+        self.last = self.before = None         # (kind, size, start) of the step in progress; (kind, size) before it
+
+    def start(self, kind: str | None, batch: int, now: float):
+        """A step starts now: kind "plain", "round" or None (any other step), with `batch` sequences running."""
+        self.last = (kind, size_of(batch), now)
+
+    def stop(self, batch: int | None, now: float):
+        """The step in progress ends now, and a decode step of `batch` sequences comes next (None: another kind)."""
+        if self.last is not None:
+            kind, b, t = self.last
+            if batch is not None and b == size_of(batch):
+                if kind == "round":
+                    self.round[b], self.rounds = average(self.round.get(b), now - t), self.rounds + 1
+                elif kind == "plain" and self.before == ("plain", b):
+                    self.plain[b], self.plain_at[b] = average(self.plain.get(b), now - t), self.rounds
+            self.before = (kind, b)
+        self.last = None
+
+    def stale(self, batch: int) -> bool:
+        """Whether plain steps of this batch size should be timed first (never yet, or PLAIN_REFRESH rounds ago)."""
+        at = self.plain_at.get(size_of(batch))
+        return at is None or self.rounds - at > PLAIN_REFRESH
+
+    def ratio(self, batch: int) -> float | None:
+        """A round's time in plain steps at this batch size (None: no round timed yet)."""
+        b = size_of(batch)
+        return self.round[b] / self.plain[b] if b in self.round and b in self.plain else None
+
+
+def size_of(batch: int) -> int:
+    return 1 << max(0, batch - 1).bit_length()
+
+
+def average(old: float | None, x: float) -> float:
+    """A moving average over about the last 4 samples; a sample over 3x the average (a GC pause, a page fault)
+    counts as 3x."""
+    return x if old is None else old + (min(x, 3 * old) - old) / 4
 
 
 class Speculator:
@@ -103,9 +173,13 @@ class Speculator:
         self.k, self.model = k, model
         self.drafter = lambda seq, k: ngram_drafts(seq.token_ids, k)   # (Sequence, k) -> up to k draft tokens
         self.rewrite = None          # bench: (Sequence, its draft model's drafts) -> the drafts to verify
+        self.judge = None            # bench: (Sequence, drafts, target's tokens) -> drafts kept (not the exact rule)
         self.drafted = self.accepted = self.verify_steps = self.verified = 0   # verified: sequence-steps
-        self.min_accepted = MIN_ACCEPTED     # 0: always draft (bench.py measures the verify pass's cost so)
+        self.pausing = True          # False: draft at every step (tests; bench.py measures the verify pass's cost so)
         self.max_rows = None         # rows of a verify pass at most (None: the target's largest decode graph)
+        self.clock = StepClock()
+        self.wait = self.wait_left = 0         # the batch's pause: its length and the plain steps left of it
+        self.probing = False
 
     def max_drafts(self, llm) -> int:
         """Drafts per drafting sequence this step at most, so that the verify pass (every running sequence's last
@@ -120,22 +194,52 @@ class Speculator:
 
     def ready(self, llm) -> bool:
         """Whether this step speculates: a pure decode phase (see the file's docstring) in which some sequence
-        drafts (the others take plain decode steps, with the engine's overlap of host and GPU)."""
-        sch = llm.scheduler
-        return (not sch.waiting and bool(sch.running) and self.max_drafts(llm) > 0
-                and all(s.num_computed == s.num_tokens - 1 and eligible(llm.requests[s.request_id].params)
-                        for s in sch.running))
+        drafts, when a round pays (pays); the other steps are the engine's own, overlapped, plain ones."""
+        sch, now = llm.scheduler, time.perf_counter()
+        decode = (not sch.waiting and bool(sch.running)
+                  and all(s.num_computed == s.num_tokens - 1 and eligible(llm.requests[s.request_id].params)
+                          for s in sch.running))
+        self.clock.stop(len(sch.running) if decode else None, now)
+        most = self.max_drafts(llm) if decode else 0
+        go = most > 0 and self.pays(sch.running, most)
+        self.clock.start("plain" if decode and not go else None, len(sch.running), now)
+        return go
+
+    def pays(self, running: list, most: int) -> bool:
+        """The batch's rule (MIN_ACCEPTED's comment): whether a round with up to `most` drafts per drafting sequence
+        is expected to give more tokens per second than plain steps, from the rounds and plain steps timed so far.
+        Plain steps are timed first; with no round timed yet, or after a pause, a round (it is timed)."""
+        if not self.pausing:
+            return True
+        if self.wait_left > 0:
+            self.wait_left -= 1
+            return False
+        if self.clock.stale(len(running)):
+            return False
+        r = self.clock.ratio(len(running))
+        if r is None or self.probing:
+            self.probing = False
+            return True
+        kept = sum(expected_kept(acceptance(s), min(most, s.max_tokens - (s.num_tokens - len(s.prompt_ids)) - 1))
+                   for s in running if s.num_tokens >= s.spec_resume)
+        if kept >= (r - 1) * len(running):
+            self.wait = 0
+            return True
+        self.wait = min(2 * self.wait, PROBE_MAX) if self.wait else PROBE_EVERY
+        self.wait_left, self.probing = self.wait - 1, True      # this step is the pause's first
+        return False
 
     def step(self, llm) -> list:
         """One speculative step of the engine (see the file's docstring); returns its StepOutputs."""
         outputs = llm.collect(llm.in_flight) if llm.in_flight is not None else []
         llm.in_flight = None
+        self.clock.start("round", len(llm.scheduler.running), time.perf_counter())
         sch = llm.scheduler
         most = self.max_drafts(llm)
         for seq in sch.running:                      # drafts, never past the request's last token
             room = seq.max_tokens - (seq.num_tokens - len(seq.prompt_ids)) - 1
             k = min(most, room) if room > 0 and seq.num_tokens >= seq.spec_resume else 0
-            drafts = self.drafter(seq, k) if self.model is None else [PENDING] * k   # the draft model's, below
+            drafts = self.drafter(seq, k)[:k] if self.model is None else [PENDING] * k   # the model's: below
             seq.token_ids += drafts
             seq.num_draft = len(drafts)
         if not any(s.num_draft for s in sch.running):
@@ -192,14 +296,17 @@ class Speculator:
             drafts, t = seq.token_ids[base:base + d], target[at:at + d + 1]
             at += d + 1
             a = next((j for j in range(d) if drafts[j] != t[j]), d)        # drafts the target agrees with
+            if self.judge is not None:
+                a = self.judge(seq, drafts, t)
             seq.token_ids[base:] = drafts[:a] + [t[a]]
             seq.num_computed, seq.num_draft = base + a, 0
             seq.draft_kv = min(seq.draft_kv, seq.num_computed)   # the draft model's K/V past here is stale
             sch.cache_full_blocks(seq)
             self.drafted, self.accepted, self.verified = self.drafted + d, self.accepted + a, self.verified + 1
             if d:
-                seq.spec_mean = (seq.spec_mean + a) / 2
-                if seq.spec_mean < self.min_accepted:          # pause, twice as long as last time
+                seq.spec_kept = seq.spec_kept * ACCEPT_DECAY + a
+                seq.spec_missed = seq.spec_missed * ACCEPT_DECAY + (a < d)
+                if self.pausing and expected_kept(acceptance(seq), self.k) < MIN_ACCEPTED:   # pause, doubling
                     seq.spec_wait = min(2 * seq.spec_wait, PROBE_MAX) if seq.spec_wait else PROBE_EVERY
                     seq.spec_resume = seq.num_tokens + seq.spec_wait
                 else:

@@ -718,7 +718,7 @@ def test_speculation_matches_transformers(ckpt, kw, method, tmp_path, monkeypatc
             monkeypatch.setattr(speculate, "CATCH_UP_GRAPH_PASSES", 10 ** 6)
             monkeypatch.setattr(speculate, "CATCH_UP_GRAPH_PAIRS", 10 ** 9)
     llm = engine(path, speculative_method=method, num_speculative_tokens=3, **kw)
-    llm.speculator.min_accepted = 0.0                 # never pause drafting (its own test below)
+    llm.speculator.pausing = False                    # draft at every step (pausing: its own tests below)
     llm.speculator.max_rows = 10 ** 6                 # verify passes past the decode rows' limit too (eagerly)
     prompts = [llm.tokenizer.encode(p) for p in PROMPTS + [TEXT[:300]]]
     outs = llm.generate(prompts, greedy(max_tokens=40, ignore_eos=True))
@@ -762,7 +762,7 @@ def test_draft_catch_up_in_passes(ckpt, tmp_path, monkeypatch):
     draft = make_draft_checkpoint(path, tmp_path / "draft", 0.03)
     llm = engine(path, speculative_method="draft", speculative_model=str(draft), num_speculative_tokens=3,
                  max_num_seqs=4)
-    llm.speculator.min_accepted = 0.0
+    llm.speculator.pausing = False
     prompts = [llm.tokenizer.encode(p) for p in PROMPTS + [TEXT[:200]]]
     fill, ft = speculate.DraftModel.fill, speculate.forward_tokens
     runs = []
@@ -795,7 +795,7 @@ def test_verify_pass_fits_decode_rows(ckpt, monkeypatch):
     import speculate
     path, hf = ckpt
     llm = engine(path, speculative_method="ngram", num_speculative_tokens=5, max_num_seqs=4)
-    llm.speculator.min_accepted = 0.0
+    llm.speculator.pausing = False
     llm.speculator.drafter = lambda seq, k: [(seq.token_ids[-1] + 1) % 512] * k
     prompts = [llm.tokenizer.encode(p) for p in PROMPTS[:3]]
     passes, ft = [], speculate.forward_tokens
@@ -813,28 +813,81 @@ def test_verify_pass_fits_decode_rows(ckpt, monkeypatch):
     assert_no_leak(llm)
 
 
-def test_speculation_pauses_failing_drafts(ckpt):
+def test_speculation_pauses_failing_drafts(ckpt, monkeypatch):
     """Drafts that are always wrong: after a few verify passes the sequence decodes plainly, probing now and then,
     each failed probe doubling the pause (speculate.MIN_ACCEPTED, PROBE_EVERY, PROBE_MAX); with pausing off every
-    step verifies. Tokens stay greedy's."""
+    step verifies. The batch's rule is held out (a round costs one plain step: it always pays). Tokens stay
+    greedy's."""
     import speculate
     path, hf = ckpt
     llm = engine(path, speculative_method="ngram", num_speculative_tokens=3)
+    monkeypatch.setattr(llm.speculator.clock, "stale", lambda batch: False)
+    monkeypatch.setattr(llm.speculator.clock, "ratio", lambda batch: 1.0)
     prompt = llm.tokenizer.encode(PROMPTS[1])
     n = 100
     want = hf_greedy(hf, prompt, n)
     llm.speculator.drafter = lambda seq, k: [(seq.token_ids[-1] + 1) % 512] * k   # never the argmax here
     passes = []
-    for floor in (speculate.MIN_ACCEPTED, 0.0):
-        llm.speculator.min_accepted = floor
+    for pausing in (True, False):
+        llm.speculator.pausing = pausing
         before = llm.stats()["spec_verify_steps"]
         assert llm.generate([prompt], greedy(max_tokens=n, ignore_eos=True))[0].token_ids == want
         passes.append(llm.stats()["spec_verify_steps"] - before)
     assert llm.stats()["spec_accepted_tokens"] == 0
-    # paused: 3 passes bring the mean from 1 below 0.25, then probes after pauses of 16 and 32 tokens (a fixed
-    # pause of 16 would probe 5 times in 100 tokens)
-    assert speculate.PROBE_EVERY == 16 and passes[0] == 3 + 2 and passes[1] >= n - 10, passes
+    # paused: 5 passes bring the acceptance from 0.75 to 0.18 (0.23 drafts kept of 3 expected), then probes after
+    # pauses of 16 and 32 tokens (a fixed pause of 16 would probe 5 times in 100 tokens)
+    assert speculate.PROBE_EVERY == 16 and passes[0] == 5 + 2 and passes[1] >= n - 10, passes
     assert_no_leak(llm)
+
+
+@pytest.mark.parametrize("cost", [3.0, 1.5])
+def test_speculation_pays_or_pauses_the_batch(ckpt, monkeypatch, cost):
+    """The batch's rule: drafts of which the first is right and the rest wrong keep 1 per pass (acceptance 0.5: 0.875
+    of 3 expected); a round costing 3 plain steps needs 2, so the batch decodes plainly with a few probes; at 1.5
+    (0.5 needed) every step drafts. Tokens stay greedy's either way."""
+    path, hf = ckpt
+    llm = engine(path, speculative_method="ngram", num_speculative_tokens=3)
+    monkeypatch.setattr(llm.speculator.clock, "stale", lambda batch: False)
+    monkeypatch.setattr(llm.speculator.clock, "ratio", lambda batch: cost)
+    prompt = llm.tokenizer.encode(PROMPTS[1])
+    n = 60
+    want = hf_greedy(hf, prompt, n)
+    llm.speculator.drafter = lambda seq, k: [want[seq.num_tokens - len(prompt)]] + [(want[0] + 1) % 512] * 9
+    assert llm.generate([prompt], greedy(max_tokens=n, ignore_eos=True))[0].token_ids == want
+    st = llm.stats()
+    assert st["spec_accepted_tokens"] == st["spec_verify_steps"], st      # one kept a pass
+    if cost == 3.0:
+        assert 1 <= st["spec_verify_steps"] <= 4, st                       # probes after 16 and 32 plain steps
+    else:
+        assert st["spec_verify_steps"] >= n // 2 - 2, st                   # 2 tokens a pass
+    assert_no_leak(llm)
+
+
+def test_step_clock():
+    """StepClock times a plain step only after another plain step of the same batch size, a round from its start,
+    and neither when the next step is not a decode step of that size; ratio = round / plain."""
+    import speculate
+    c = speculate.StepClock()
+    c.start(None, 2, 0.0)                     # a prefill
+    c.stop(2, 1.0)
+    c.start("plain", 2, 1.0)                  # the first plain step: nothing in flight before it, not timed
+    c.stop(2, 1.1)
+    assert c.stale(2) and c.ratio(2) is None
+    c.start("plain", 2, 1.1)
+    c.stop(2, 1.3)
+    assert not c.stale(2) and c.plain == {2: pytest.approx(0.2)} and c.ratio(2) is None
+    c.start("round", 2, 1.35)
+    c.stop(2, 1.95)
+    assert c.ratio(2) == pytest.approx(3.0) and c.ratio(1) is None
+    c.start("round", 2, 2.0)
+    c.stop(None, 9.0)                         # the requests ended: an idle gap, not a round
+    c.start("round", 2, 10.0)
+    c.stop(1, 11.0)                           # a sequence finished in the round: another batch size
+    c.start("round", 2, 12.0)
+    c.stop(2, 30.0)                           # an outlier counts as 3x the average
+    assert c.round[2] == pytest.approx(0.6 + (1.8 - 0.6) / 4) and c.rounds == 2
+    c.rounds += speculate.PLAIN_REFRESH
+    assert c.stale(2)                         # plain steps timed again after PLAIN_REFRESH rounds
 
 
 def test_speculation_verify_rows_not_fused(ckpt, monkeypatch):
@@ -844,7 +897,7 @@ def test_speculation_verify_rows_not_fused(ckpt, monkeypatch):
     import model as model_mod
     path, hf = ckpt
     llm = engine(path, speculative_method="ngram", num_speculative_tokens=3)
-    llm.speculator.min_accepted = 0.0
+    llm.speculator.pausing = False
     seen, fwd = [], model_mod.Attention.forward
     monkeypatch.setattr(model_mod.Attention, "forward", lambda self, qkv, pos, meta, *a: seen.append(
         (meta.is_decode, qkv.shape[0], meta.one_seq_rows)) or fwd(self, qkv, pos, meta, *a))
