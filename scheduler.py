@@ -51,8 +51,8 @@ class Sequence:
     reuse_prefix: bool = True    # may start from the prefix cache (not when its prompt's logprobs are wanted)
     num_draft: int = 0           # trailing tokens that are speculative drafts, not yet verified (speculate.py)
     draft_kv: int = 0            # leading tokens whose K/V the draft model's cache holds (speculate.DraftModel)
-    spec_kept: float = 1.5       # drafts the target kept and ...
-    spec_missed: float = 0.5     # ... passes ending at a wrong draft, decayed (speculate.acceptance; from 0.75)
+    spec_kept: float = 4.5       # drafts the target kept and ...
+    spec_missed: float = 1.5     # ... passes ending at a wrong draft, decayed (speculate.acceptance; from 0.75)
     spec_resume: int = 0         # the token count at which drafting resumes (a sequence paused alone)
     spec_wait: int = 0           # the current pause's length in tokens (doubled by each failed probe)
     status: Status = Status.WAITING

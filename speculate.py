@@ -61,13 +61,14 @@ NGRAM_MAX, NGRAM_MIN = 4, 1      # longest and shortest suffix looked up in the 
 # qwen3-0.6b draft model, 1.30 and 1.68 with free drafts (bench.py spec), so with the draft model 70% kept drafts
 # (1.77 kept per pass) pay at batch 1 (1.32x) and lose at 16 (0.91x). A sequence's acceptance is estimated from its
 # kept drafts and its misses (the first wrong draft of a pass), both decayed by ACCEPT_DECAY per pass (about the
-# last 16 passes: at batch 1 a noisier estimate paused 70%-kept runs that pay), and K drafts keep a + a^2 .. + a^K
-# of them (expected_kept). When a round would not pay, the whole batch decodes plainly for PROBE_EVERY steps, then
-# runs one round again (a probe, which measures again); each probe that fails doubles the pause, up to PROBE_MAX.
-# Apart from that, a sequence expected to keep fewer than MIN_ACCEPTED drafts a pass pauses alone, in tokens, by the
-# same doubling (so hopeless sequences leave a batch's verify pass; with a fixed pause of 16, 17 passes in 256
-# tokens held qwen3-8b at 0.88x spec off with K = 8, batch 1).
-MIN_ACCEPTED, PROBE_EVERY, PROBE_MAX = 0.25, 16, 128
+# last 16 passes), starting from 4.5 and 1.5 (0.75, worth 6 drafts: with 2, two unlucky passes at batch 1 paused
+# runs that pay), and K drafts keep a + a^2 .. + a^K of them (expected_kept). When a round would not pay, the whole
+# batch decodes plainly for PROBE_EVERY steps, then runs one round again (a probe, which measures again); each
+# probe that fails doubles the pause, up to PROBE_MAX; a new sequence in the batch ends a pause. Apart from that,
+# a sequence expected to keep fewer than MIN_ACCEPTED drafts a pass pauses alone, in tokens, by the same doubling
+# (so that a hopeless sequence leaves a batch's verify passes; set low, as chance dips of a sequence that keeps
+# 40% of K = 8 drafts paused it while the others drafted).
+MIN_ACCEPTED, PROBE_EVERY, PROBE_MAX = 0.15, 16, 128
 ACCEPT_DECAY = 15 / 16
 PLAIN_REFRESH = 256    # rounds after which the plain steps are timed again (their cost grows with the contexts)
 # The draft model's catch-up after a pause (B sequences x the pause + 1 tokens each) runs as decode rows in up to
@@ -122,10 +123,13 @@ class StepClock:
     host's clock: what a step costs its caller. A plain step runs from its start to the next step's start, counted
     when the step before it was plain too (then the host's work overlaps the GPU's, as in a run of plain steps);
     a round from after it collected the step before (it runs synchronously) to the next step's start. An interval
-    counts only when the next step is a decode step of the same batch size (not an idle gap or a prefill)."""
+    counts only when the next step is a decode step of the same batch size (not an idle gap or a prefill). Each
+    cost is the median of the last SAMPLES intervals: one slow step (a kernel compiled on first use, a GC pause)
+    does not move it."""
+    SAMPLES = 5
 
     def __init__(self):
-        self.plain, self.round = {}, {}        # batch size -> seconds (moving averages)
+        self.plain, self.round = {}, {}        # batch size -> its last intervals, seconds
         self.rounds, self.plain_at = 0, {}     # rounds timed so far; their count when a batch size's plain was
         self.last = self.before = None         # (kind, size, start) of the step in progress; (kind, size) before it
 
@@ -139,9 +143,11 @@ class StepClock:
             kind, b, t = self.last
             if batch is not None and b == size_of(batch):
                 if kind == "round":
-                    self.round[b], self.rounds = average(self.round.get(b), now - t), self.rounds + 1
+                    self.round[b] = (self.round.get(b, []) + [now - t])[-self.SAMPLES:]
+                    self.rounds += 1
                 elif kind == "plain" and self.before == ("plain", b):
-                    self.plain[b], self.plain_at[b] = average(self.plain.get(b), now - t), self.rounds
+                    self.plain[b] = (self.plain.get(b, []) + [now - t])[-self.SAMPLES:]
+                    self.plain_at[b] = self.rounds
             self.before = (kind, b)
         self.last = None
 
@@ -153,17 +159,15 @@ class StepClock:
     def ratio(self, batch: int) -> float | None:
         """A round's time in plain steps at this batch size (None: no round timed yet)."""
         b = size_of(batch)
-        return self.round[b] / self.plain[b] if b in self.round and b in self.plain else None
+        return median(self.round[b]) / median(self.plain[b]) if b in self.round and b in self.plain else None
 
 
 def size_of(batch: int) -> int:
     return 1 << max(0, batch - 1).bit_length()
 
 
-def average(old: float | None, x: float) -> float:
-    """A moving average over about the last 4 samples; a sample over 3x the average (a GC pause, a page fault)
-    counts as 3x."""
-    return x if old is None else old + (min(x, 3 * old) - old) / 4
+def median(xs: list) -> float:
+    return sorted(xs)[len(xs) // 2]
 
 
 class Speculator:
@@ -178,7 +182,8 @@ class Speculator:
         self.pausing = True          # False: draft at every step (tests; bench.py measures the verify pass's cost so)
         self.max_rows = None         # rows of a verify pass at most (None: the target's largest decode graph)
         self.clock = StepClock()
-        self.wait = self.wait_left = 0         # the batch's pause: its length and the plain steps left of it
+        self.wait = self.wait_left = 0         # the batch's pause: its length and the plain steps left of it,
+        self.paused = set()                    # and the sequences it was taken for (ids)
         self.probing = False
 
     def max_drafts(self, llm) -> int:
@@ -211,7 +216,7 @@ class Speculator:
         Plain steps are timed first; with no round timed yet, or after a pause, a round (it is timed)."""
         if not self.pausing:
             return True
-        if self.wait_left > 0:
+        if self.wait_left > 0 and all(id(s) in self.paused for s in running):   # a new sequence ends a pause
             self.wait_left -= 1
             return False
         if self.clock.stale(len(running)):
@@ -227,6 +232,7 @@ class Speculator:
             return True
         self.wait = min(2 * self.wait, PROBE_MAX) if self.wait else PROBE_EVERY
         self.wait_left, self.probing = self.wait - 1, True      # this step is the pause's first
+        self.paused = {id(s) for s in running}
         return False
 
     def step(self, llm) -> list:
