@@ -385,9 +385,8 @@ def run_decode1(b: Bench):
 
 
 def oracle_drafter(continuations: dict, acceptance: float, vocab: int, rng: random.Random):
-    """A drafter proposing each request's known greedy continuation, each draft token corrupted (shifted to another
-    id) with probability 1 - acceptance: speculation measured at a chosen acceptance, which random weights cannot
-    give an n-gram or draft model. drafted: tokens already appended as drafts (a draft model's, being rewritten)."""
+    """A drafter proposing each request's known greedy continuation, each token shifted to another id with chance
+    1 - acceptance. drafted: tokens already appended as drafts (a draft model's, being rewritten)."""
     def propose(seq, k, drafted=0):
         done = seq.num_tokens - drafted - len(seq.prompt_ids)
         want = continuations[tuple(seq.prompt_ids)][done:done + k]
@@ -402,18 +401,13 @@ def coin_judge(kept: float, rng: random.Random):
 
 
 def run_spec(b: Bench):
-    """Speculative decoding (speculate.py) at controlled acceptance: batch 1 and 16, K = 2, 4, 8 drafts, each draft
-    the target's own next token or, with probability 1 - kept, a wrong one; against the same requests without
-    speculation on the same engine (greedy, decode_prompt-token prompts, decode_tokens out). The target's tokens
-    come from a first run with every draft wrong: with random weights the top logits are near ties, and a
-    continuation made by plain decoding (other kernels, other rounding) leaves the verify pass's path within a
-    few tokens. ms/token is per sequence: wall time / tokens each sequence produced. The floor column is plain
-    decoding's (every token reads the weights once: B x bandwidth / weight bytes); speculation is how a run gets
-    past it. With --speculative-method draft --speculative-model M the draft model runs every round (its cost is
-    measured) and its drafts are then replaced by the controlled ones. These rows draft at every step
-    (Speculator.pausing off: a plain decode step between verify passes would round differently and leave the
-    path). The "adaptive" rows run the engine's default rule (drafting when a round is measured to pay), where
-    coin_judge keeps each draft with the chosen chance instead of comparing it with the target's token."""
+    """Speculative decoding (speculate.py) at controlled acceptance, batch 1 and 16, K = 2, 4, 8, against the same
+    requests without speculation (greedy, decode_prompt-token prompts, decode_tokens out; ms/token = wall time /
+    tokens per sequence; the floor is plain decoding's). Rows drafting at every step (Speculator.pausing off)
+    propose the target's own continuation (from a first run with every draft wrong: random weights' near-tied
+    logits make plain decoding's differ), each draft wrong with probability 1 - kept; with --speculative-model the
+    draft model runs every round and its drafts are replaced. The "adaptive" rows run the engine's rule (plain steps
+    in between would leave that path), so coin_judge keeps each draft with the chosen chance instead."""
     w = b.w
     draft = b.eargs.speculative_model is not None
     llm = engine(b, speculative_method="draft" if draft else "ngram")
@@ -426,12 +420,11 @@ def run_spec(b: Bench):
         outs = llm.generate(prompts, params)
         return time.perf_counter() - t0, {tuple(p): o.token_ids for p, o in zip(prompts, outs)}
 
-    def drafting(kept, adaptive, seed):
+    def drafting(kept, adaptive, seed):                # adaptive: a draft model's own drafts, judged
         oracle = oracle_drafter(cont, 0.0 if adaptive else kept, b.cfg.vocab_size, random.Random(seed))
-        spec.drafter, spec.rewrite = oracle, (lambda seq, d: oracle(seq, len(d), len(d))) if draft else None
-        spec.judge, spec.pausing = coin_judge(kept, random.Random(seed)) if adaptive else None, adaptive
-        if adaptive and draft:
-            spec.rewrite = None                        # the draft model's own drafts, judged
+        spec.drafter, spec.pausing = oracle, adaptive
+        spec.rewrite = (lambda seq, d: oracle(seq, len(d), len(d))) if draft and not adaptive else None
+        spec.judge = coin_judge(kept, random.Random(seed)) if adaptive else None
 
     for B in (1, 16):
         prompts = random_prompts(B, w.decode_prompt, b.cfg.vocab_size, seed=3)

@@ -110,7 +110,7 @@ def acceptance(seq) -> float:
 
 def expected_kept(a: float, k: int) -> float:
     """Drafts kept of k when each is kept with chance a, until the first miss: a + a^2 + .. + a^k."""
-    return sum(a ** j for j in range(1, k + 1))
+    return max(0, k) if a >= 1 else a * (1 - a ** max(0, k)) / (1 - a)
 
 
 def eligible(params) -> bool:
