@@ -71,6 +71,11 @@ NGRAM_MAX, NGRAM_MIN = 4, 1      # longest and shortest suffix looked up in the 
 MIN_ACCEPTED, PROBE_EVERY, PROBE_MAX = 0.15, 16, 128
 ACCEPT_DECAY = 15 / 16
 PLAIN_REFRESH = 256    # rounds after which the plain steps are timed again (their cost grows with the contexts)
+# A step in which no sequence finds drafts is a plain step that ran synchronously (the lookup needed the last
+# token), its host work not overlapped with the GPU: `python bench.py serve --speculative-method ngram` (qwen3-0.6b,
+# random weights: few matches, H200) ran 1 client at 0.73x greedy and 0.91x sampled, 64 at 0.90x, the off
+# engine's. So a sequence whose lookup finds nothing looks again only NO_MATCH_WAIT tokens later.
+NO_MATCH_WAIT = 8
 # The draft model's catch-up after a pause (B sequences x the pause + 1 tokens each) runs as decode rows in up to
 # CATCH_UP_GRAPH_PASSES decode-graph replays, evenly filled, rather than one eager pass, which is launch-bound for
 # a small model (11-14 ms, at times 20-25), unless its rows' attention is long: each decode row reads its whole
@@ -246,6 +251,8 @@ class Speculator:
             room = seq.max_tokens - (seq.num_tokens - len(seq.prompt_ids)) - 1
             k = min(most, room) if room > 0 and seq.num_tokens >= seq.spec_resume else 0
             drafts = self.drafter(seq, k)[:k] if self.model is None else [PENDING] * k   # the model's: below
+            if k and not drafts and self.pausing:      # no n-gram to continue: look again NO_MATCH_WAIT tokens on
+                seq.spec_resume = seq.num_tokens + NO_MATCH_WAIT
             seq.token_ids += drafts
             seq.num_draft = len(drafts)
         if not any(s.num_draft for s in sch.running):

@@ -863,6 +863,26 @@ def test_speculation_pays_or_pauses_the_batch(ckpt, monkeypatch, cost):
     assert_no_leak(llm)
 
 
+def test_speculation_without_matches_waits(ckpt, monkeypatch):
+    """A sequence whose n-gram lookup finds nothing looks again only speculate.NO_MATCH_WAIT tokens later (such a
+    step runs synchronously); with pausing off it looks at every step."""
+    import speculate
+    path, hf = ckpt
+    llm = engine(path, speculative_method="ngram", num_speculative_tokens=3)
+    calls = []
+    llm.speculator.drafter = lambda seq, k: calls.append(seq.num_tokens) or []
+    prompt = llm.tokenizer.encode(PROMPTS[1])
+    looks = []
+    for pausing in (True, False):
+        llm.speculator.pausing = pausing
+        calls.clear()
+        assert llm.generate([prompt], greedy(max_tokens=40, ignore_eos=True))[0].token_ids == hf_greedy(hf, prompt, 40)
+        looks.append(len(calls))
+    # pausing: the plain steps that time the batch size first, then a look every NO_MATCH_WAIT + 1 tokens
+    assert speculate.NO_MATCH_WAIT == 8 and 3 <= looks[0] <= 5 and looks[1] >= 38, looks
+    assert_no_leak(llm)
+
+
 def test_step_clock():
     """StepClock times a plain step only after another plain step of the same batch size, a round from its start,
     and neither when the next step is not a decode step of that size; ratio = round / plain, each the median of
