@@ -98,14 +98,27 @@ CATCH_UP_GRAPH_PASSES, CATCH_UP_GRAPH_PAIRS = 3, 300_000
 
 
 def ngram_drafts(tokens: list[int], k: int) -> list[int]:
-    """Up to k tokens that followed the latest earlier occurrence of the longest suffix n-gram (n = 4 .. 1)."""
+    """Up to k tokens that followed the latest earlier occurrence of the longest suffix n-gram (n = 4 .. 1).
+    Every earlier occurrence of the last token is found by list.index (a C scan, newest first) and extended
+    backwards: one pass, where trying each n in turn with slices took ~1 ms on 1,000 tokens without a match."""
     L = len(tokens)
-    for n in range(min(NGRAM_MAX, L - 1), NGRAM_MIN - 1, -1):
-        suffix = tokens[L - n:]
-        for i in range(L - n - 1, -1, -1):                    # latest occurrence first, not the suffix itself
-            if tokens[i:i + n] == suffix:
-                return tokens[i + n:i + n + k]
-    return []
+    if L < 2:
+        return []
+    newest_first = tokens[-2::-1]                # tokens before the last; entry j is position L - 2 - j
+    best, at, j = 0, -1, 0
+    while best < NGRAM_MAX:
+        try:
+            j = newest_first.index(tokens[-1], j)
+        except ValueError:
+            break
+        i = L - 2 - j                            # an earlier occurrence of the last token
+        n = 1
+        while n < NGRAM_MAX and i - n >= 0 and tokens[i - n] == tokens[L - 1 - n]:
+            n += 1
+        if n > best:                             # the longest suffix; the latest among equals
+            best, at = n, i
+        j += 1
+    return tokens[at + 1:at + 1 + k] if best >= NGRAM_MIN else []
 
 
 def acceptance(seq) -> float:

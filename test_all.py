@@ -685,6 +685,18 @@ def test_ngram_drafts():
     assert ngram_drafts([1, 2, 3], 4) == [] and ngram_drafts([4], 2) == []
     assert ngram_drafts([1, 2, 1, 2, 1, 2], 4) == [1, 2]               # the latest earlier occurrence
 
+    def by_slices(tokens, k):                    # the definition: each n from 4 down, the latest occurrence
+        for n in range(min(4, len(tokens) - 1), 0, -1):
+            for i in range(len(tokens) - n - 1, -1, -1):
+                if tokens[i:i + n] == tokens[len(tokens) - n:]:
+                    return tokens[i + n:i + n + k]
+        return []
+    rng = random.Random(0)
+    for _ in range(2000):                        # few distinct tokens: many partial matches
+        tokens = [rng.randrange(rng.choice((2, 3, 5, 50))) for _ in range(rng.randrange(0, 40))]
+        k = rng.randrange(0, 6)
+        assert ngram_drafts(tokens, k) == by_slices(tokens, k), (tokens, k)
+
 
 def make_draft_checkpoint(src, dst, noise: float):
     """A draft model for src's checkpoint: its weights plus noise, so it agrees with the target often, not
