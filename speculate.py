@@ -43,7 +43,8 @@ tokens: `draft_kv` is cut back to them, and they are overwritten later. A sample
 model's greedy tokens by the rule above (exact; the acceptance rate is the target's probability of the draft).
 
 The bench replaces `drafter` (or, with a draft model, rewrites its drafts through `rewrite`) to propose a known
-continuation, partly corrupted, and so measure the mechanism at a chosen acceptance rate (bench.py spec).
+continuation, partly corrupted, and so measure the mechanism at a chosen acceptance rate (bench.py spec); for the
+rows of the engine's own rule it judges drafts by coin flips instead (`judge`).
 """
 import time
 
@@ -129,6 +130,18 @@ def acceptance(seq) -> float:
 def expected_kept(a: float, k: int) -> float:
     """Drafts kept of k when each is kept with chance a, until the first miss: a + a^2 + .. + a^k."""
     return max(0, k) if a >= 1 else a * (1 - a ** max(0, k)) / (1 - a)
+
+
+def note_pass(seq, kept: int, drafted: int, k: int, pausing: bool):
+    """A verify pass's outcome into the sequence's acceptance counts; one expected to keep fewer than MIN_ACCEPTED of
+    k drafts pauses alone (when pausing), twice as long as last time."""
+    seq.spec_kept = seq.spec_kept * ACCEPT_DECAY + kept
+    seq.spec_missed = seq.spec_missed * ACCEPT_DECAY + (kept < drafted)
+    if pausing and expected_kept(acceptance(seq), k) < MIN_ACCEPTED:
+        seq.spec_wait = min(2 * seq.spec_wait, PROBE_MAX) if seq.spec_wait else PROBE_EVERY
+        seq.spec_resume = seq.num_tokens + seq.spec_wait
+    else:
+        seq.spec_wait = 0
 
 
 def eligible(params) -> bool:
@@ -330,13 +343,7 @@ class Speculator:
             sch.cache_full_blocks(seq)
             self.drafted, self.accepted, self.verified = self.drafted + d, self.accepted + a, self.verified + 1
             if d:
-                seq.spec_kept = seq.spec_kept * ACCEPT_DECAY + a
-                seq.spec_missed = seq.spec_missed * ACCEPT_DECAY + (a < d)
-                if self.pausing and expected_kept(acceptance(seq), self.k) < MIN_ACCEPTED:   # pause, doubling
-                    seq.spec_wait = min(2 * seq.spec_wait, PROBE_MAX) if seq.spec_wait else PROBE_EVERY
-                    seq.spec_resume = seq.num_tokens + seq.spec_wait
-                else:
-                    seq.spec_wait = 0
+                note_pass(seq, a, d, self.k, self.pausing)
             req = llm.requests[seq.request_id]
             for index in range(base, base + a + 1):
                 outputs.append(llm.check_stop(seq, req, index, None))
