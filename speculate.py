@@ -144,6 +144,11 @@ def note_pass(seq, kept: int, drafted: int, k: int, pausing: bool):
         seq.spec_wait = 0
 
 
+def room(seq) -> int:
+    """Drafts a sequence may take before its last allowed token (never past max_tokens)."""
+    return seq.max_tokens - (seq.num_tokens - len(seq.prompt_ids)) - 1
+
+
 def eligible(params) -> bool:
     return (params.speculative and not params.needs_last_token and params.logprobs is None
             and params.prompt_logprobs is None)
@@ -256,8 +261,7 @@ class Speculator:
         if r is None or self.probing:
             self.probing = False
             return True
-        kept = sum(expected_kept(acceptance(s), min(most, s.max_tokens - (s.num_tokens - len(s.prompt_ids)) - 1))
-                   for s in running if s.num_tokens >= s.spec_resume)
+        kept = sum(expected_kept(acceptance(s), min(most, room(s))) for s in running if s.num_tokens >= s.spec_resume)
         if kept >= (r - 1) * len(running):
             self.wait = 0
             return True
@@ -274,8 +278,7 @@ class Speculator:
         sch = llm.scheduler
         most = self.max_drafts(llm)
         for seq in sch.running:                      # drafts, never past the request's last token
-            room = seq.max_tokens - (seq.num_tokens - len(seq.prompt_ids)) - 1
-            k = min(most, room) if room > 0 and seq.num_tokens >= seq.spec_resume else 0
+            k = max(0, min(most, room(seq))) if seq.num_tokens >= seq.spec_resume else 0
             drafts = self.drafter(seq, k)[:k] if self.model is None else [PENDING] * k   # the model's: below
             if k and not drafts and self.pausing:      # no n-gram to continue: look again NO_MATCH_WAIT tokens on
                 seq.spec_resume = seq.num_tokens + NO_MATCH_WAIT
@@ -334,9 +337,8 @@ class Speculator:
             base = seq.num_tokens - 1 - d              # tokens before the drafts (PENDING is the last)
             drafts, t = seq.token_ids[base:base + d], target[at:at + d + 1]
             at += d + 1
-            a = next((j for j in range(d) if drafts[j] != t[j]), d)        # drafts the target agrees with
-            if self.judge is not None:
-                a = self.judge(seq, drafts, t)
+            a = (next((j for j in range(d) if drafts[j] != t[j]), d) if self.judge is None   # drafts it agrees with
+                 else self.judge(seq, drafts, t))
             seq.token_ids[base:] = drafts[:a] + [t[a]]
             seq.num_computed, seq.num_draft = base + a, 0
             seq.draft_kv = min(seq.draft_kv, seq.num_computed)   # the draft model's K/V past here is stale
