@@ -422,7 +422,7 @@ def run_spec(b: Bench):
 
     def drafting(kept, adaptive, seed):                # adaptive: a draft model's own drafts, judged
         oracle = oracle_drafter(cont, 0.0 if adaptive else kept, b.cfg.vocab_size, random.Random(seed))
-        spec.drafter, spec.pausing = oracle, adaptive
+        spec.drafter, spec.pausing, spec.gate = oracle, adaptive, None
         spec.rewrite = (lambda seq, d: oracle(seq, len(d), len(d))) if draft and not adaptive else None
         spec.judge = coin_judge(kept, random.Random(seed)) if adaptive else None
 

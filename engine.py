@@ -26,7 +26,7 @@ import attention
 import cache
 import parallel
 from model import load_config
-from runner import Runner, build_rank, shares_first_block, to_device
+from runner import Runner, build_rank, gpu_event, shares_first_block, to_device
 from sample import (SamplerGraphs, SamplingParams, SamplingTensors, apply_penalties, generation_defaults,
                     penalty_entries, resolve, sample, token_logprobs)
 from scheduler import PENDING, Batch, Scheduler, Sequence, Status, pack
@@ -281,7 +281,7 @@ class LLM:
         """Queue the batch's forward pass and sampling on the GPU; returns what collect() needs."""
         self.max_batch_seqs = max(self.max_batch_seqs, len(batch.seqs))
         self.num_forwards += 1
-        start = step_start(self.device)
+        start = gpu_event(self.device)                 # the GPU reaches it when it starts this step (stats)
         sampled = [s for s, n in zip(batch.seqs, batch.num_new) if s.num_computed + n == s.num_tokens]
         logits, prompt_lp, graphed = forward_batch(self.runner, self.graphs, batch, self.requests, self.sample_row)
         tokens, lp = sample_rows(self, [self.requests[s.request_id] for s in sampled],
@@ -493,15 +493,6 @@ def read_logprobs(logprobs: tuple | None, seqs: list[Sequence], requests: dict) 
             if req is not None:
                 out[i] = [logprob_entry(chosen, top_v, top_i, j, req.params.logprobs)]
     return out
-
-
-def step_start(device) -> torch.cuda.Event | None:
-    """An event queued on the GPU now: the GPU reaches it when it starts this step's work (stats: busy time)."""
-    if device.type != "cuda":
-        return None
-    start = torch.cuda.Event(enable_timing=True)
-    start.record()
-    return start
 
 
 def sample_rows(llm: LLM, reqs: list[Request], steps: list[int], logits: torch.Tensor, graphed: bool) -> tuple:

@@ -190,6 +190,15 @@ def warmup(runner: Runner, kv, max_model_len: int, defaults: dict):
     token_logprobs(logits, tokens, 20)
 
 
+def gpu_event(device) -> torch.cuda.Event | None:
+    """A timing event queued on the GPU now (None on the CPU): the engine's GPU-busy seconds run between two."""
+    if device.type != "cuda":
+        return None
+    event = torch.cuda.Event(enable_timing=True)
+    event.record()
+    return event
+
+
 def to_device(xs: list, dtype: torch.dtype, device) -> torch.Tensor:
     """A list to the device without waiting for it: through pinned memory (torch.tensor(xs, device=cuda) copies
     synchronously, and the host would stop running ahead of the GPU)."""

@@ -51,7 +51,7 @@ import time
 import torch
 
 import attention
-from runner import shares_first_block, to_device
+from runner import gpu_event, shares_first_block, to_device
 from scheduler import PENDING, Status, padded_tables
 
 NGRAM_MAX, NGRAM_MIN = 4, 1      # longest and shortest suffix looked up in the request's own tokens
@@ -77,6 +77,10 @@ PLAIN_REFRESH = 256    # rounds after which the plain steps are timed again (the
 # random weights: few matches, H200) ran 1 client at 0.73x greedy and 0.91x sampled, 64 at 0.90x, the off
 # engine's. So a sequence whose lookup finds nothing looks again only NO_MATCH_WAIT tokens later.
 NO_MATCH_WAIT = 8
+# Still, at 64 sequences some sequence was due nearly every step, and each such step ran synchronously to look it up
+# (0.91x sampled). So before collecting the step in flight, each due sequence is first looked up over the tokens
+# the host has (`Speculator.gate`, ngram_gate); one without an n-gram there waits NO_MATCH_WAIT tokens at once,
+# and the step stays an overlapped plain one unless some sequence passes.
 # The draft model's catch-up after a pause (B sequences x the pause + 1 tokens each) runs as decode rows in up to
 # CATCH_UP_GRAPH_PASSES decode-graph replays, evenly filled, rather than one eager pass, which is launch-bound for
 # a small model (11-14 ms, at times 20-25), unless its rows' attention is long: each decode row reads its whole
@@ -98,18 +102,19 @@ NO_MATCH_WAIT = 8
 CATCH_UP_GRAPH_PASSES, CATCH_UP_GRAPH_PAIRS = 3, 300_000
 
 
-def ngram_drafts(tokens: list[int], k: int) -> list[int]:
-    """Up to k tokens that followed the latest earlier occurrence of the longest suffix n-gram (n = 4 .. 1).
-    Every earlier occurrence of the last token is found by list.index (a C scan, newest first) and extended
-    backwards: one pass, where trying each n in turn with slices took ~1 ms on 1,000 tokens without a match."""
-    L = len(tokens)
+def ngram_drafts(tokens: list[int], k: int, end: int | None = None) -> list[int]:
+    """Up to k tokens that followed the latest earlier occurrence of the longest suffix n-gram (n = 4 .. 1) of
+    tokens[:end]. Every earlier occurrence of the last token is found by list.index (a C scan, newest first) and
+    extended backwards: one pass, where trying each n in turn with slices took ~1 ms on 1,000 tokens without a
+    match."""
+    L = len(tokens) if end is None else end
     if L < 2:
         return []
-    newest_first = tokens[-2::-1]                # tokens before the last; entry j is position L - 2 - j
+    newest_first = tokens[L - 2::-1]             # tokens before the last; entry j is position L - 2 - j
     best, at, j = 0, -1, 0
     while best < NGRAM_MAX:
         try:
-            j = newest_first.index(tokens[-1], j)
+            j = newest_first.index(tokens[L - 1], j)
         except ValueError:
             break
         i = L - 2 - j                            # an earlier occurrence of the last token
@@ -119,7 +124,14 @@ def ngram_drafts(tokens: list[int], k: int) -> list[int]:
         if n > best:                             # the longest suffix; the latest among equals
             best, at = n, i
         j += 1
-    return tokens[at + 1:at + 1 + k] if best >= NGRAM_MIN else []
+    return tokens[at + 1:min(at + 1 + k, L)] if best >= NGRAM_MIN else []
+
+
+def ngram_gate(seq) -> bool:
+    """Whether the tokens of a sequence known on the host (its newest may still be on the GPU) end in an n-gram
+    seen before in it: then a lookup once the newest token lands will likely find drafts too (GATE's comment)."""
+    t = seq.token_ids
+    return bool(ngram_drafts(t, 1, len(t) - (t[-1] == PENDING)))
 
 
 def acceptance(seq) -> float:
@@ -214,6 +226,9 @@ class Speculator:
         self.drafter = lambda seq, k: ngram_drafts(seq.token_ids, k)   # (Sequence, k) -> up to k draft tokens
         self.rewrite = None          # bench: (Sequence, its draft model's drafts) -> the drafts to verify
         self.judge = None            # bench: (Sequence, drafts, target's tokens) -> drafts kept (not the exact rule)
+        self.gate = ngram_gate if model is None else None   # (Sequence) -> worth collecting the step in flight to
+        #                              draft it (NO_MATCH_WAIT's comment); None: every due sequence is (a drafter
+        #                              that always proposes: a draft model, the bench's)
         self.drafted = self.accepted = self.verify_steps = self.verified = 0   # verified: sequence-steps
         self.pausing = True          # False: draft at every step (tests; bench.py measures the verify pass's cost so)
         self.max_rows = None         # rows of a verify pass at most (None: the target's largest decode graph)
@@ -249,13 +264,14 @@ class Speculator:
     def pays(self, running: list, most: int) -> bool:
         """The batch's rule (MIN_ACCEPTED's comment): whether a round with up to `most` drafts per drafting sequence
         is expected to give more tokens per second than plain steps, from the rounds and plain steps timed so far.
-        Plain steps are timed first; with no round timed yet, or after a pause, a round (it is timed)."""
+        Plain steps are timed first; no round while no due sequence passes the gate; with no round timed yet, or
+        after a pause, a round (it is timed)."""
         if not self.pausing:
             return True
         if self.wait_left > 0 and all(id(s) in self.paused for s in running):   # a new sequence ends a pause
             self.wait_left -= 1
             return False
-        if self.clock.stale(len(running)):
+        if self.clock.stale(len(running)) or not self.gated(running):
             return False
         r = self.clock.ratio(len(running))
         if r is None or self.probing:
@@ -268,6 +284,15 @@ class Speculator:
         self.wait = min(2 * self.wait, PROBE_MAX) if self.wait else PROBE_EVERY
         self.wait_left, self.probing = self.wait - 1, True      # this step is the pause's first
         self.paused = {id(s) for s in running}
+        return False
+
+    def gated(self, running: list) -> bool:
+        """Whether some due sequence passes the gate; the due ones before it that do not wait NO_MATCH_WAIT tokens."""
+        for s in running:
+            if s.num_tokens >= s.spec_resume and room(s) > 0:
+                if self.gate is None or self.gate(s):
+                    return True
+                s.spec_resume = s.num_tokens + NO_MATCH_WAIT
         return False
 
     def step(self, llm) -> list:
@@ -301,6 +326,7 @@ class Speculator:
             return outputs
         spans = [(s.num_computed, s.num_tokens) for s in batch.seqs]   # the last verified token and the drafts
         pending, model_drafts = [], None
+        start = gpu_event(llm.device)                  # the GPU's busy time (stats), from here to the round's sync
         if self.model is not None:                     # the drafts' cache slots exist now: the draft model runs
             drafted = [s for s in batch.seqs if s.num_draft]
             model_drafts, where = self.model.fill(drafted, llm.args.max_num_batched_tokens)
@@ -323,6 +349,7 @@ class Speculator:
         steps = [seq.num_tokens - seq.num_draft - len(seq.prompt_ids) + j for seq in batch.seqs
                  for j in range(seq.num_draft + 1)]
         target = llm.sample_tokens(reqs, steps, logits, graphed=False)
+        end = gpu_event(llm.device)
         if model_drafts is None:
             target = target.tolist()
         else:                                          # the round's one host sync reads the drafts too
@@ -330,6 +357,8 @@ class Speculator:
             target = both[:len(reqs)]
             for tok, (seq, pos) in zip(both[len(reqs):], where):
                 seq.token_ids[pos] = tok
+        if start is not None:
+            llm.gpu_busy += start.elapsed_time(end) / 1e3
         sch.advance(batch)                             # counts the drafts as computed; no blocks cached yet
         at = 0
         for seq in batch.seqs:

@@ -696,6 +696,8 @@ def test_ngram_drafts():
         tokens = [rng.randrange(rng.choice((2, 3, 5, 50))) for _ in range(rng.randrange(0, 40))]
         k = rng.randrange(0, 6)
         assert ngram_drafts(tokens, k) == by_slices(tokens, k), (tokens, k)
+        end = rng.randrange(0, len(tokens) + 1)
+        assert ngram_drafts(tokens, k, end) == by_slices(tokens[:end], k), (tokens, k, end)   # tokens[:end] only
 
 
 def make_draft_checkpoint(src, dst, noise: float):
@@ -839,6 +841,7 @@ def test_speculation_pauses_failing_drafts(ckpt, monkeypatch):
     n = 100
     want = hf_greedy(hf, prompt, n)
     llm.speculator.drafter = lambda seq, k: [(seq.token_ids[-1] + 1) % 512] * k   # never the argmax here
+    llm.speculator.gate = None                                    # a drafter that always proposes
     passes = []
     for pausing in (True, False):
         llm.speculator.pausing = pausing
@@ -865,6 +868,7 @@ def test_speculation_pays_or_pauses_the_batch(ckpt, monkeypatch, cost):
     n = 60
     want = hf_greedy(hf, prompt, n)
     llm.speculator.drafter = lambda seq, k: [want[seq.num_tokens - len(prompt)]] + [(want[0] + 1) % 512] * 9
+    llm.speculator.gate = None
     assert llm.generate([prompt], greedy(max_tokens=n, ignore_eos=True))[0].token_ids == want
     st = llm.stats()
     assert st["spec_accepted_tokens"] == st["spec_verify_steps"], st      # one kept a pass
@@ -883,6 +887,7 @@ def test_speculation_without_matches_waits(ckpt, monkeypatch):
     llm = engine(path, speculative_method="ngram", num_speculative_tokens=3)
     calls = []
     llm.speculator.drafter = lambda seq, k: calls.append(seq.num_tokens) or []
+    llm.speculator.gate = None                       # every due sequence is looked up after collecting (next test)
     prompt = llm.tokenizer.encode(PROMPTS[1])
     looks = []
     for pausing in (True, False):
@@ -892,6 +897,35 @@ def test_speculation_without_matches_waits(ckpt, monkeypatch):
         looks.append(len(calls))
     # pausing: the plain steps that time the batch size first, then a look every NO_MATCH_WAIT + 1 tokens
     assert speculate.NO_MATCH_WAIT == 8 and 3 <= looks[0] <= 5 and looks[1] >= 38, looks
+    assert_no_leak(llm)
+
+
+def test_speculation_gate_keeps_steps_overlapped(ckpt, monkeypatch):
+    """Before a step collects the one in flight, each due sequence is looked up over its host-known tokens
+    (Speculator.gate): a sequence without an n-gram there waits NO_MATCH_WAIT tokens, and without any passing
+    sequence the step stays an overlapped plain one (the drafter, which needs the newest token, is not called).
+    ngram_gate itself: an n-gram seen before at the end of the tokens before a PENDING one."""
+    import speculate
+    from scheduler import PENDING
+    seq = lambda toks: type("S", (), {"token_ids": toks})()
+    assert speculate.ngram_gate(seq([5, 6, 7, 5, PENDING])) and not speculate.ngram_gate(seq([5, 6, 7, 8, PENDING]))
+    assert speculate.ngram_gate(seq([5, 6, 7, 5])) and not speculate.ngram_gate(seq([5, PENDING]))
+    path, hf = ckpt
+    llm = engine(path, speculative_method="ngram", num_speculative_tokens=3)
+    monkeypatch.setattr(llm.speculator.clock, "stale", lambda batch: False)
+    monkeypatch.setattr(llm.speculator.clock, "ratio", lambda batch: 1.0)
+    prompt = llm.tokenizer.encode(PROMPTS[1])
+    want = hf_greedy(hf, prompt, 40)
+    calls, gated = [], []
+    llm.speculator.drafter = lambda seq, k: calls.append(seq.num_tokens) or [want[seq.num_tokens - len(prompt)]] * k
+    for passing in (False, True):
+        calls.clear(), gated.clear()
+        llm.speculator.gate = lambda seq: gated.append(seq.num_tokens) or passing
+        assert llm.generate([prompt], greedy(max_tokens=40, ignore_eos=True))[0].token_ids == want
+        if not passing:        # a look every NO_MATCH_WAIT + 1 tokens, none collecting early
+            assert calls == [] and 4 <= len(gated) <= 5 and llm.stats()["spec_verify_steps"] == 0, gated
+        else:                  # the first draft right: two tokens a pass
+            assert len(calls) >= 15 and len(gated) == len(calls), (calls, gated)
     assert_no_leak(llm)
 
 
