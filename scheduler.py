@@ -55,6 +55,8 @@ class Sequence:
     spec_missed: float = 1.5     # ... passes ending at a wrong draft, decayed (speculate.acceptance; from 0.75)
     spec_resume: int = 0         # the token count at which drafting resumes (a sequence paused alone)
     spec_wait: int = 0           # the current pause's length in tokens (doubled by each failed probe)
+    seen: set = field(default_factory=set)   # the tokens before position num_seen (speculate.ngram_gate)
+    num_seen: int = 0
     status: Status = Status.WAITING
     finish_reason: str | None = None
     arrival: int = field(default_factory=lambda: next(_arrival))

@@ -907,9 +907,17 @@ def test_speculation_gate_keeps_steps_overlapped(ckpt, monkeypatch):
     ngram_gate itself: an n-gram seen before at the end of the tokens before a PENDING one."""
     import speculate
     from scheduler import PENDING
-    seq = lambda toks: type("S", (), {"token_ids": toks})()
+    from scheduler import Sequence
+    seq = lambda toks: Sequence("r", toks, 10)
     assert speculate.ngram_gate(seq([5, 6, 7, 5, PENDING])) and not speculate.ngram_gate(seq([5, 6, 7, 8, PENDING]))
     assert speculate.ngram_gate(seq([5, 6, 7, 5])) and not speculate.ngram_gate(seq([5, PENDING]))
+    rng, s = random.Random(0), seq([1])
+    for _ in range(300):                  # as ngram_drafts says, the sequence growing, its newest token at times pending
+        if s.token_ids[-1] == PENDING:
+            s.token_ids[-1] = rng.randrange(60)
+        s.token_ids.append(rng.choice((PENDING, rng.randrange(60))))
+        end = len(s.token_ids) - (s.token_ids[-1] == PENDING)
+        assert speculate.ngram_gate(s) == bool(speculate.ngram_drafts(s.token_ids, 1, end)), s.token_ids
     path, hf = ckpt
     llm = engine(path, speculative_method="ngram", num_speculative_tokens=3)
     monkeypatch.setattr(llm.speculator.clock, "stale", lambda batch: False)
@@ -926,6 +934,28 @@ def test_speculation_gate_keeps_steps_overlapped(ckpt, monkeypatch):
             assert calls == [] and 4 <= len(gated) <= 5 and llm.stats()["spec_verify_steps"] == 0, gated
         else:                  # the first draft right: two tokens a pass
             assert len(calls) >= 15 and len(gated) == len(calls), (calls, gated)
+    assert_no_leak(llm)
+
+
+def test_speculation_rule_counts_gated_sequences(ckpt, monkeypatch):
+    """The batch's rule counts the expected kept drafts of the sequences that pass the gate only: two sequences at
+    the prior acceptance (2.05 of 4 drafts expected each) where a round costs 2.5 plain steps (3 needed) draft when
+    both pass and pause when one does (probes only), though the drafts are right."""
+    path, hf = ckpt
+    llm = engine(path, speculative_method="ngram", num_speculative_tokens=4)
+    monkeypatch.setattr(llm.speculator.clock, "stale", lambda batch: False)
+    monkeypatch.setattr(llm.speculator.clock, "ratio", lambda batch: 2.5)
+    prompts = [llm.tokenizer.encode(p) for p in PROMPTS[1:3]]
+    want = {tuple(p): hf_greedy(hf, p, 40) for p in prompts}
+    llm.speculator.drafter = lambda seq, k: want[tuple(seq.prompt_ids)][seq.num_tokens - len(seq.prompt_ids):][:k]
+    rounds = []
+    for both in (True, False):
+        llm.speculator.gate = lambda seq: both or seq.prompt_ids == prompts[0]
+        before = llm.stats()["spec_verify_steps"]
+        outs = llm.generate(prompts, greedy(max_tokens=40, ignore_eos=True))
+        assert [o.token_ids for o in outs] == [want[tuple(p)] for p in prompts]
+        rounds.append(llm.stats()["spec_verify_steps"] - before)
+    assert rounds[0] >= 6 and rounds[1] <= 2, rounds
     assert_no_leak(llm)
 
 
