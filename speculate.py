@@ -177,7 +177,9 @@ class StepClock:
     """Seconds per plain decode step and per speculative round, by batch size (rounded up to a power of two), on the
     host's clock: what a step costs its caller. A plain step runs from its start to the next step's start, counted
     when the step before it was plain too (then the host's work overlaps the GPU's, as in a run of plain steps);
-    a round from after it collected the step before (it runs synchronously) to the next step's start. An interval
+    a round from after it collected the step before (it runs synchronously) to the next step's start, plus the
+    plain step after it, if one: that step collects nothing, and the GPU idles while the host prepares it (the
+    pipeline refilling, a cost of the round: ~0.3-0.5 of a plain step for qwen3-0.6b at batch 1). An interval
     counts only when the next step is a decode step of the same batch size (not an idle gap or a prefill). Each
     cost is the median of the last SAMPLES intervals: one slow step (a kernel compiled on first use, a GC pause)
     does not move it."""
@@ -203,6 +205,8 @@ class StepClock:
                 elif kind == "plain" and self.before == ("plain", b):
                     self.plain[b] = (self.plain.get(b, []) + [now - t])[-self.SAMPLES:]
                     self.plain_at[b] = self.rounds
+                elif kind == "plain" and self.before == ("round", b) and b in self.round:
+                    self.round[b][-1] += now - t       # the refill after a round
             self.before = (kind, b)
         self.last = None
 

@@ -960,9 +960,9 @@ def test_speculation_rule_counts_gated_sequences(ckpt, monkeypatch):
 
 
 def test_step_clock():
-    """StepClock times a plain step only after another plain step of the same batch size, a round from its start,
-    and neither when the next step is not a decode step of that size; ratio = round / plain, each the median of
-    the last intervals (a slow one does not move it)."""
+    """StepClock times a plain step only after another plain step of the same batch size, a round from its start
+    (and the plain step after it, into the round), and neither when the next step is not a decode step of that
+    size; ratio = round / plain, each the median of the last intervals (a slow one does not move it)."""
     import speculate
     c = speculate.StepClock()
     c.start(None, 2, 0.0)                     # a prefill
@@ -974,8 +974,10 @@ def test_step_clock():
     c.stop(2, 1.3)
     assert not c.stale(2) and c.plain == {2: [pytest.approx(0.2)]} and c.ratio(2) is None
     c.start("round", 2, 1.35)
+    c.stop(2, 1.85)
+    c.start("plain", 2, 1.85)                 # the pipeline's refill after a round: the round's cost
     c.stop(2, 1.95)
-    assert c.ratio(2) == pytest.approx(3.0) and c.ratio(1) is None
+    assert c.ratio(2) == pytest.approx(3.0) and c.ratio(1) is None and c.plain[2] == [pytest.approx(0.2)]
     c.start("round", 2, 2.0)
     c.stop(None, 9.0)                         # the requests ended: an idle gap, not a round
     c.start("round", 2, 10.0)
