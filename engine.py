@@ -30,7 +30,7 @@ from runner import Runner, build_rank, gpu_event, shares_first_block, to_device
 from sample import (SamplerGraphs, SamplingParams, SamplingTensors, apply_penalties, generation_defaults,
                     penalty_entries, resolve, sample, token_logprobs)
 from scheduler import PENDING, Batch, Scheduler, Sequence, Status, pack
-from speculate import DraftModel, Speculator
+from speculate import DraftModel, Speculator, eligible
 from tokenizer import Detokenizer, Tokenizer
 
 
@@ -203,6 +203,7 @@ class LLM:
         self.max_batch_seqs = self.num_forwards = 0   # largest batch reached, forward passes run (stats)
         self.gpu_busy = 0.0                      # seconds the GPU spent running steps (stats: idle = wall - this)
         self.num_synced = 0                      # requests whose logits depend on their last token (step-by-step sync)
+        self.num_unspeculable = 0                # requests that never speculate (speculate.eligible)
         self.grammars = None                     # structured output: built on the first request that asks
         self.in_flight: InFlight | None = None   # the launched step whose tokens are not read yet
         self.sample_row: dict[Sequence, int] = {}   # row of runner.last_tokens holding each PENDING token
@@ -228,6 +229,7 @@ class LLM:
         self.scheduler.add(seq)
         self.seqs[seq.request_id], self.requests[seq.request_id] = seq, req
         self.num_synced += req.params.needs_last_token
+        self.num_unspeculable += not eligible(req.params)
         return seq.request_id
 
     def abort(self, request_id: str) -> bool:
@@ -242,7 +244,9 @@ class LLM:
         return True
 
     def forget(self, request_id: str):
-        self.num_synced -= self.requests.pop(request_id).params.needs_last_token
+        params = self.requests.pop(request_id).params
+        self.num_synced -= params.needs_last_token
+        self.num_unspeculable -= not eligible(params)
         del self.seqs[request_id]
 
     def has_work(self) -> bool:

@@ -173,6 +173,7 @@ def room(seq) -> int:
 
 
 def eligible(params) -> bool:
+    """Whether a request may speculate (the engine counts those that may not: LLM.num_unspeculable)."""
     return (params.speculative and not params.needs_last_token and params.logprobs is None
             and params.prompt_logprobs is None)
 
@@ -268,9 +269,8 @@ class Speculator:
         """Whether this step speculates: a pure decode phase (see the file's docstring) in which some sequence
         drafts, when a round pays (pays); the other steps are the engine's own, overlapped, plain ones."""
         sch, now = llm.scheduler, time.perf_counter()
-        decode = (not sch.waiting and bool(sch.running)
-                  and all(s.num_computed == s.num_tokens - 1 and eligible(llm.requests[s.request_id].params)
-                          for s in sch.running))
+        decode = (not sch.waiting and bool(sch.running) and not llm.num_unspeculable   # (no request waits: all run)
+                  and all(s.num_computed == s.num_tokens - 1 for s in sch.running))
         self.clock.stop(len(sch.running) if decode else None, now)
         most = self.max_drafts(llm) if decode else 0
         go = most > 0 and self.pays(sch.running, most)

@@ -961,6 +961,25 @@ def test_speculation_rule_counts_gated_sequences(ckpt, monkeypatch):
     assert_no_leak(llm)
 
 
+def test_speculation_not_beside_ineligible_requests(ckpt):
+    """No step speculates while a request that may not (logprobs, opted out) is live; the engine's count of them
+    (LLM.num_unspeculable) returns to 0 when they finish or are aborted, and speculation resumes."""
+    path, hf = ckpt
+    llm = engine(path, speculative_method="ngram", num_speculative_tokens=3)
+    llm.speculator.pausing = False
+    prompts = [llm.tokenizer.encode(p) for p in PROMPTS[:2]]
+    for other in (SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True, logprobs=1),
+                  greedy(max_tokens=20, ignore_eos=True, speculative=False)):
+        outs = llm.generate(prompts, [greedy(max_tokens=20, ignore_eos=True), other])
+        assert outs[0].token_ids == hf_greedy(hf, prompts[0], 20) and llm.stats()["spec_verify_steps"] == 0
+        assert llm.num_unspeculable == 0
+    rid = llm.add_request(prompts[1], greedy(max_tokens=20, speculative=False))
+    assert llm.num_unspeculable == 1 and llm.abort(rid) and llm.num_unspeculable == 0
+    assert llm.generate(prompts[:1], greedy(max_tokens=20, ignore_eos=True))[0].token_ids == hf_greedy(hf, prompts[0], 20)
+    assert llm.stats()["spec_verify_steps"] > 0
+    assert_no_leak(llm)
+
+
 def test_step_clock():
     """StepClock times a plain step only after another plain step of the same batch size, a round from its start
     (and the plain step after it, into the round), and neither when the next step is not a decode step of that
