@@ -462,7 +462,6 @@ def run_spec(b: Bench):
                                 f"{st['spec_verify_steps']} passes"))
                 details[label] = {"ms_per_token": ms, "speedup": base_ms / ms, "acceptance": measured,
                                   "tokens_per_step": per_step, "verify_passes": st["spec_verify_steps"]}
-    spec.judge, spec.pausing = None, True
     return rows, details
 
 

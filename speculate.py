@@ -106,19 +106,18 @@ NO_MATCH_WAIT = 8
 CATCH_UP_GRAPH_PASSES, CATCH_UP_GRAPH_PAIRS = 3, 300_000
 
 
-def ngram_drafts(tokens: list[int], k: int, end: int | None = None) -> list[int]:
-    """Up to k tokens that followed the latest earlier occurrence of the longest suffix n-gram (n = 4 .. 1) of
-    tokens[:end]. Every earlier occurrence of the last token is found by list.index (a C scan, newest first) and
-    extended backwards: one pass, where trying each n in turn with slices took ~1 ms on 1,000 tokens without a
-    match."""
-    L = len(tokens) if end is None else end
+def ngram_drafts(tokens: list[int], k: int) -> list[int]:
+    """Up to k tokens that followed the latest earlier occurrence of the longest suffix n-gram (n = 4 .. 1).
+    Every earlier occurrence of the last token is found by list.index (a C scan, newest first) and extended
+    backwards: one pass, where trying each n in turn with slices took ~1 ms on 1,000 tokens without a match."""
+    L = len(tokens)
     if L < 2:
         return []
-    newest_first = tokens[L - 2::-1]             # tokens before the last; entry j is position L - 2 - j
+    newest_first = tokens[-2::-1]                # tokens before the last; entry j is position L - 2 - j
     best, at, j = 0, -1, 0
     while best < NGRAM_MAX:
         try:
-            j = newest_first.index(tokens[L - 1], j)
+            j = newest_first.index(tokens[-1], j)
         except ValueError:
             break
         i = L - 2 - j                            # an earlier occurrence of the last token
@@ -128,7 +127,7 @@ def ngram_drafts(tokens: list[int], k: int, end: int | None = None) -> list[int]
         if n > best:                             # the longest suffix; the latest among equals
             best, at = n, i
         j += 1
-    return tokens[at + 1:min(at + 1 + k, L)] if best >= NGRAM_MIN else []
+    return tokens[at + 1:at + 1 + k] if best >= NGRAM_MIN else []
 
 
 def ngram_gate(seq) -> bool:
@@ -141,7 +140,7 @@ def ngram_gate(seq) -> bool:
     if last < 0:
         return False
     seq.seen.update(t[seq.num_seen:last])
-    seq.num_seen = max(seq.num_seen, last)
+    seq.num_seen = last
     return t[last] in seq.seen
 
 
@@ -170,6 +169,11 @@ def note_pass(seq, kept: int, drafted: int, k: int, pausing: bool):
 def room(seq) -> int:
     """Drafts a sequence may take before its last allowed token (never past max_tokens)."""
     return seq.max_tokens - (seq.num_tokens - len(seq.prompt_ids)) - 1
+
+
+def due(seq) -> bool:
+    """Whether a sequence drafts this step, gate aside: not paused, and room for a draft."""
+    return seq.num_tokens >= seq.spec_resume and room(seq) > 0
 
 
 def eligible(params) -> bool:
@@ -262,7 +266,7 @@ class Speculator:
         6.46, 25.56 -> 11.59."""
         running = llm.scheduler.running
         rows = self.max_rows or decode_row_limit(llm.runner)
-        drafting = sum(s.num_tokens >= s.spec_resume for s in running)
+        drafting = sum(map(due, running))
         return min(self.k, (rows - len(running)) // drafting) if drafting else 0
 
     def ready(self, llm) -> bool:
@@ -313,7 +317,7 @@ class Speculator:
         sch = llm.scheduler
         most = self.max_drafts(llm)
         for seq in sch.running:                      # drafts, never past the request's last token
-            k = max(0, min(most, room(seq))) if seq.num_tokens >= seq.spec_resume else 0
+            k = min(most, room(seq)) if due(seq) else 0
             drafts = self.drafter(seq, k)[:k] if self.model is None else [PENDING] * k   # the model's: below
             if k and not drafts and self.pausing:      # no n-gram to continue: look again NO_MATCH_WAIT tokens on
                 seq.spec_resume = seq.num_tokens + NO_MATCH_WAIT
@@ -462,7 +466,7 @@ def gate_due(running: list, gate) -> list:
     wait NO_MATCH_WAIT tokens."""
     drafting = []
     for s in running:
-        if s.num_tokens >= s.spec_resume and room(s) > 0:
+        if due(s):
             if gate is None or gate(s):
                 drafting.append(s)
             else:
