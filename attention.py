@@ -262,6 +262,62 @@ def _decode_attention_kernel(q_ptr, q_stride, k_cache_ptr, v_cache_ptr, block_ta
 
 
 @triton.jit
+def _decode_rows_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, bt_stride, context_lens_ptr, lead_ptr,
+                        out_ptr, part_o_ptr, part_lse_ptr, qk_scale, num_splits, N_HEADS: tl.constexpr,
+                        N_KV: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr, MIN_PART: tl.constexpr, ROWS: tl.constexpr, SPLIT: tl.constexpr,
+                        USE_GDC: tl.constexpr = False):
+    # grid (B, N_KV, num_splits) over decode rows, of which some are consecutive tokens of one sequence (a
+    # speculative verify pass: one block table, each row attending to its own context, the next row's one longer).
+    # Program b works only where row b leads a group (lead[b] = n > 0: rows b .. b+n-1, n <= ROWS): their
+    # n x GROUP query rows take the M dimension of each tile's dots together, so the sequence's K/V are read once
+    # for the group, not once per row. Each row masks the keys past its own context; a row whose slice holds none
+    # of its keys keeps l = 0 (lse = -inf: the reduce skips it), and a row whose whole context lies in slice 0
+    # gets its output written here (the reduce leaves rows with one live slice alone).
+    GROUP: tl.constexpr = N_HEADS // N_KV
+    b, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    if USE_GDC:                                        # programmatic dependent launch: see `pdl`
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
+    n = tl.load(lead_ptr + b)
+    if n > 0:
+        m = tl.arange(0, BLOCK_M)
+        j = m // GROUP                                 # query row m: head g of row b + j
+        live = (j < n) & (j < ROWS)
+        ctx_m = tl.load(context_lens_ptr + b + j, mask=live, other=0)                     # (BLOCK_M,)
+        start, end = _slice_bounds(tl.max(ctx_m, axis=0), 0, split, num_splits, BLOCK_N, MIN_PART)
+        out_row = (b + j).to(tl.int64) * N_HEADS + kv_head * GROUP + m % GROUP          # rows of (B*H)
+        d = tl.arange(0, HEAD_DIM)
+        q = tl.load(q_ptr + out_row[:, None] * HEAD_DIM + d[None, :], mask=live[:, None], other=0.0)
+        q = _widen(q, k_cache_ptr, q_ptr)
+        m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+        l_i = tl.zeros((BLOCK_M,), tl.float32)
+        acc = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
+        bt_row = block_tables_ptr + b.to(tl.int64) * bt_stride
+        for n0 in range(start, end, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            in_range = offs_n < end
+            kv_off = _kv_offsets(bt_row, offs_n, in_range, kv_head, N_KV, HEAD_DIM, BLOCK_SIZE)
+            k = tl.load(k_cache_ptr + kv_off, mask=in_range[:, None], other=0.0).to(q.dtype)
+            v = tl.load(v_cache_ptr + kv_off, mask=in_range[:, None], other=0.0).to(q.dtype)
+            s = tl.dot(q, tl.trans(k)) * qk_scale                                       # (BLOCK_M, BLOCK_N)
+            s = tl.where(in_range[None, :] & (offs_n[None, :] < ctx_m[:, None]), s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)   # no key yet: exp2(-inf) = 0, not NaN
+            p = tl.exp2(s - m_use[:, None])
+            alpha = tl.exp2(m_i - m_use)
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+        if SPLIT:
+            _store_partial(part_o_ptr, part_lse_ptr, out_row * num_splits + split, live, acc, l_i, m_i, HEAD_DIM)
+        if start == 0:
+            l_safe = tl.where(l_i > 0, l_i, 1.0)
+            tl.store(out_ptr + out_row[:, None] * HEAD_DIM + d[None, :], (acc / l_safe[:, None]).to(
+                out_ptr.dtype.element_ty), mask=(live & (end >= ctx_m))[:, None])
+
+
+@triton.jit
 def _shared_prefix_slice(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, bt_stride, ref_row_ptr, prefix_len_ptr,
                          shared_lens_ptr, part_o_ptr, part_lse_ptr, qk_scale, B, kv_head, chunk, tile, num_chunks,
                          num_slots, first_slot, N_HEADS: tl.constexpr, N_KV: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -493,6 +549,27 @@ def decode_num_splits(batch: int, n_kv: int, max_ctx: int, device, fp8: bool = F
     return max(1, min(want, tiles, DECODE_MAX_SPLITS))
 
 
+# Decode rows that are consecutive tokens of one sequence (a speculative verify pass, a draft model's catch-up)
+# are attended in groups of up to group_rows rows (_decode_rows_kernel), their query rows sharing each K/V tile,
+# so that a context is read once per group, not once per row.
+GROUP_MAX_M = 32              # query rows (tokens x heads of a kv head) of one group's tiles at most
+
+
+def group_rows(n_heads: int, n_kv: int, most: int) -> int:
+    """Rows of one sequence a program attends at once: up to `most`, within GROUP_MAX_M query rows."""
+    return max(1, min(most, GROUP_MAX_M // (n_heads // n_kv)))
+
+
+def row_groups(seq_rows: list[int], rows: int) -> list[int]:
+    """Per decode row, the rows it leads (0: another row's group holds it), when the rows are seq_rows[i]
+    consecutive tokens of sequence i in turn, cut into groups of up to `rows`."""
+    lead = []
+    for n in seq_rows:
+        for at in range(0, n, rows):
+            lead += [min(rows, n - at)] + [0] * (min(rows, n - at) - 1)
+    return lead
+
+
 # Cascade tuning, H100, bf16, 0.6b heads, 2,000 shared + 164 own tokens per row, ms for 28 layers' attention
 # (one launch for both passes; BLOCK_M 32/64/128 swept, 64 best or tied everywhere):
 #   slices of the prefix |   2   |   4   |   8   |  16   | plain decode attention
@@ -528,10 +605,11 @@ class NewTokens(NamedTuple):
 
 
 def decode_attention_triton(q, k_cache, v_cache, block_tables, context_lens, scale, shared=None, num_splits=None,
-                            num_chunks=None, new: NewTokens | None = None):
+                            num_chunks=None, new: NewTokens | None = None, groups=None, rows: int = 1):
     """Same contract as decode_attention_ref. shared: a SharedPrefix plan (cascade attention), or None.
     num_splits / num_chunks: None picks by shape (decode_num_splits / shared_prefix_chunks).
-    new (no shared prefix): q is None, and the kernel makes q from new.qkv and writes the new K/V first."""
+    new (no shared prefix): q is None, and the kernel makes q from new.qkv and writes the new K/V first.
+    groups (neither): (B,) int32, the rows each row leads (row_groups), up to `rows` each: _decode_rows_kernel."""
     _, block_size, n_kv, hd = k_cache.shape
     if new is not None:
         assert q is None and shared is None and new.qkv.stride(1) == 1 and new.q_norm_w.shape == (hd,)
@@ -547,7 +625,8 @@ def decode_attention_triton(q, k_cache, v_cache, block_tables, context_lens, sca
     assert block_tables.dim() == 2 and block_tables.shape[0] == B and block_tables.stride(1) == 1
     assert context_lens.shape == (B,)
     max_ctx = block_tables.shape[1] * block_size                 # M = block_tables.shape[1]: fixed per graph
-    splits = num_splits or decode_num_splits(B, n_kv, max_ctx, src.device, k_cache.dtype.itemsize == 1)
+    programs = B if groups is None else triton.cdiv(B, rows)    # (groups: as if every group were full)
+    splits = num_splits or decode_num_splits(programs, n_kv, max_ctx, src.device, k_cache.dtype.itemsize == 1)
     block_m = SHARED_BLOCK_M if src.is_cuda else 16              # a small tile: a quick CPU interpreter
     chunks = 0 if shared is None else num_chunks or shared_prefix_chunks(B, n_heads, n_kv, splits, block_m,
                                                                          src.device)
@@ -556,7 +635,15 @@ def decode_attention_triton(q, k_cache, v_cache, block_tables, context_lens, sca
     part_o = torch.empty(B, n_heads, slots, hd, dtype=torch.float32, device=src.device) if slots > 1 else None
     part_lse = torch.empty(B, n_heads, slots, dtype=torch.float32, device=src.device) if slots > 1 else None
     block_g = max(16, triton.next_power_of_2(n_heads // n_kv))
-    if shared is None:
+    if groups is not None:
+        assert shared is None and new is None and groups.shape == (B,)
+        cfg = DECODE_CONFIG_FP8 if k_cache.dtype.itemsize == 1 else DECODE_CONFIG
+        _decode_rows_kernel[(B, n_kv, splits)](
+            q, k_cache, v_cache, block_tables, block_tables.stride(0), context_lens, groups, out, part_o, part_lse,
+            scale * LOG2E, splits, N_HEADS=n_heads, N_KV=n_kv, HEAD_DIM=hd, BLOCK_SIZE=block_size,
+            BLOCK_M=max(16, triton.next_power_of_2(rows * (n_heads // n_kv))), MIN_PART=DECODE_MIN_PARTITION,
+            ROWS=rows, SPLIT=splits > 1, **cfg, **pdl(src))
+    elif shared is None:
         cfg = DECODE_CONFIG_FP8 if k_cache.dtype.itemsize == 1 else DECODE_CONFIG
         assert DECODE_MIN_PARTITION % cfg["BLOCK_N"] == 0
         n = new or NewTokens(*[src] * 6, 0.0)                    # without `new`, its pointers are never read
@@ -683,11 +770,13 @@ def prefill_attention_triton(q, k_cache, v_cache, cu_seqlens_q, context_lens, bl
 # 16/8 heads x 128 | B=1 ctx=128 | B=1 ctx=2048 | B=8 ctx=512 | B=64 ctx=2048 | B=256 ctx=1024 | B=1 ctx=32768
 # triton           |   0.0061    |    0.0101    |   0.0127    |    0.1934     |     0.3735     |    0.0563
 # torch            |   0.0414    |    0.0937    |   0.1322    |    3.2640     |     6.3863     |    1.5417
-def decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, shared: SharedPrefix | None = None):
-    """shared (cascade attention) changes how the Triton kernels split the work, never the result: the
-    reference ignores it."""
+def decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, shared: SharedPrefix | None = None,
+                     groups: torch.Tensor | None = None, rows: int = 1):
+    """shared (cascade attention) and groups (rows of one sequence attended together, up to `rows` at once: see
+    row_groups) change how the Triton kernels split the work, never the result: the reference ignores them."""
     if _use_triton(q):
-        return decode_attention_triton(q, k_cache, v_cache, block_tables, context_lens, scale, shared=shared)
+        return decode_attention_triton(q, k_cache, v_cache, block_tables, context_lens, scale, shared=shared,
+                                       groups=groups, rows=rows)
     return decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, scale)
 
 

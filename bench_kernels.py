@@ -288,6 +288,29 @@ def bench_kernels(copy_gbps: float, matmul_tflops: float, device="cuda", dtype=t
                 (prefix + B * own) * 2 * KV * hd * elt, "GB/s", plain_ms=plain_ms)
             del sets
 
+    # decode rows that are consecutive tokens of one sequence (a verify pass: S sequences x R rows, each row its own
+    # context, the last one ctx): grouped, a context is read once. Bytes: each sequence's K/V once; plain_ms: the
+    # same call with each row on its own (R reads of each context; L2 catches part of them)
+    for model, (H, KV) in QWEN3_HEADS.items():
+        for S, R, ctx in ((1, 5, 8192), (16, 5, 2048), (64, 4, 1024)):
+            rows_each = attention.group_rows(H, KV, R)
+            def make():
+                kc, vc, bt, _ = paged_kv([ctx] * S, KV, hd, bs, dtype, device)
+                tables = bt.repeat_interleave(R, dim=0)
+                cl = torch.tensor([ctx - R + 1 + j for _ in range(S) for j in range(R)], dtype=torch.int32,
+                                  device=device)
+                lead = torch.tensor(attention.row_groups([R] * S, rows_each), dtype=torch.int32, device=device)
+                return rnd(S * R, H, hd), kc, vc, tables, cl, lead
+            sets = input_sets(make)
+            plain_ms = time_rotated(lambda q, kc, vc, bt, cl, lead: attention.decode_attention_triton(
+                q, kc, vc, bt, cl, scale), sets)
+            call = lambda f: lambda q, kc, vc, bt, cl, lead: f(q, kc, vc, bt, cl, scale, groups=lead, rows=rows_each)
+            add("decode_attention (verify rows)", f"{model} {S}x{R} rows ctx={ctx}", sets,
+                call(attention.decode_attention_triton), lambda q, kc, vc, bt, cl, lead: attention.decode_attention_ref(
+                    q, kc, vc, bt, cl, scale), call(attention.decode_attention), "attention.decode_attention_triton",
+                S * ctx * 2 * KV * hd * elt, "GB/s", plain_ms=plain_ms)
+            del sets
+
     rows += bench_sampler(copy_gbps, device)
     rows += bench_moe(copy_gbps, matmul_tflops, device, dtype)
     rows += bench_fp8(copy_gbps, matmul_tflops, device, dtype)
@@ -484,6 +507,21 @@ def check_kernels(device="cuda", dtype=torch.bfloat16) -> list[tuple[str, float]
             o = attention.prefill_attention_triton(q, k_cache, v_cache, cu, cl, bt, hd ** -0.5)
             r = attention.prefill_attention_ref(q.float(), k_cache.float(), v_cache.float(), cu, cl, bt, hd ** -0.5)
             out.append((f"prefill bs={block_size} heads={H}/{KV} q_lens={q_lens} prefixes={prefixes}", rel_err(o, r)))
+    # rows of one sequence attended together (a verify pass), bf16 and FP8 cache: 3 sequences of 5 / 2 / 1 rows
+    for H, KV in ((16, 8), (32, 4)):
+        for cache_dtype in (dtype, torch.float8_e4m3fn):
+            k_cache, v_cache, bt, _ = paged_kv([4097, 300, 1], KV, hd, 16, dtype, device)
+            k_cache, v_cache = k_cache.to(cache_dtype), v_cache.to(cache_dtype)
+            n_rows = [5, 2, 1]
+            tables = torch.cat([bt[i:i + 1].expand(n, -1) for i, n in enumerate(n_rows)]).contiguous()
+            cl = torch.tensor([c - n + 1 + j for c, n in zip([4097, 300, 1], n_rows) for j in range(n)],
+                              dtype=torch.int32, device=device)
+            rows_each = attention.group_rows(H, KV, 5)
+            lead = torch.tensor(attention.row_groups(n_rows, rows_each), dtype=torch.int32, device=device)
+            q = torch.randn(len(cl), H, hd, device=device, dtype=dtype)
+            o = attention.decode_attention_triton(q, k_cache, v_cache, tables, cl, 0.1, groups=lead, rows=rows_each)
+            out.append((f"decode rows of one sequence, heads={H}/{KV}, {cache_dtype}",
+                        rel_err(o, attention.decode_attention_ref(q, k_cache, v_cache, tables, cl, 0.1))))
     # an FP8 cache: the store kernel against the reference's values, and attention reading it
     fp8, T, H, KV = torch.float8_e4m3fn, 300, 32, 8
     qkv = torch.randn(T, (H + 2 * KV) * hd, device=device, dtype=dtype) * 3
@@ -569,7 +607,8 @@ def format_rows(rows, copy_gbps, matmul_tflops) -> str:
         if "splits" in r:
             extra = f"splits={r['splits']}"
         if "plain_ms" in r:
-            extra = f"without the shared pass {r['plain_ms']:.4f} ms, ratio {r['plain_ms'] / r['ms']:.2f}"
+            alone = "each row alone" if "rows" in r["shape"] else "without the shared pass"
+            extra = f"{alone} {r['plain_ms']:.4f} ms, ratio {r['plain_ms'] / r['ms']:.2f}"
         if "floor_us" in r:
             extra = f"{1e3 * r['ms']:.1f} us, floor {r['floor_us']:.1f} us"
         if "experts" in r:

@@ -128,9 +128,12 @@ class AttnMeta:
     is_decode: bool                # every sequence has exactly one new token (decode kernel, CUDA graphs)
     max_seqlen_q: int = 1          # longest new-token run in the batch (grid size of the prefill kernel)
     shared_prefix: attention.SharedPrefix | None = None   # decode: blocks many rows share, attended once (cascade)
-    # decode rows that are several tokens of one sequence (speculate.forward_tokens): a row attends to the K/V
-    # other rows of the same pass write, so all are stored before any row attends (not the fused decode kernel)
-    one_seq_rows: bool = False
+    # decode rows that are consecutive tokens of one sequence (speculate.forward_tokens): per row, the rows of its
+    # sequence it leads (attention.row_groups; 0: another row's group holds it), attended together, up to
+    # group_rows at once, so a context is read once per group. A row attends to the K/V other rows of the same
+    # pass write, so all are stored before any row attends (not the fused decode kernel).
+    row_groups: torch.Tensor | None = None
+    group_rows: int = 1
 
 
 class RMSNorm(nn.Module):
@@ -176,11 +179,12 @@ class Attention(nn.Module):
         args = (qkv, self.q_norm.weight, self.k_norm.weight, cos_sin, positions, k_cache, v_cache, meta.slot_mapping,
                 self.n_heads, self.n_kv_heads, self.eps)
         scale = self.head_dim ** -0.5
-        if meta.is_decode and meta.shared_prefix is None and not meta.one_seq_rows:   # all that and attention at once
+        if meta.is_decode and meta.shared_prefix is None and meta.row_groups is None:   # all that and attention at once
             o = attention.decode_attention_qkv(*args, meta.block_tables, meta.context_lens, scale)
         elif meta.is_decode:
             o = attention.decode_attention(kernels.qk_norm_rope_store(*args), k_cache, v_cache, meta.block_tables,
-                                           meta.context_lens, scale, shared=meta.shared_prefix)
+                                           meta.context_lens, scale, shared=meta.shared_prefix,
+                                           groups=meta.row_groups, rows=meta.group_rows)
         else:                                                     # q: (T, n_heads, head_dim)
             o = attention.prefill_attention(kernels.qk_norm_rope_store(*args), k_cache, v_cache, meta.cu_seqlens_q,
                                             meta.context_lens, meta.block_tables, scale, max_seqlen_q=meta.max_seqlen_q)

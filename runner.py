@@ -57,25 +57,35 @@ class Runner:
     def capture(self, max_blocks: int):
         self.send("capture", max_blocks)
         self.graphs = DecodeGraphs(self.model, self.kv_cache, self.last_tokens, self.args.max_num_seqs, max_blocks,
-                                   one_seq_rows=self.args.speculative_method is not None)
+                                   group_rows=self.group_rows() if self.args.speculative_method else 0)
+
+    def group_rows(self) -> int:
+        """Rows of one sequence attended at once in a verify pass (attention.group_rows): its K + 1 tokens."""
+        cfg = self.model.config
+        return attention.group_rows(cfg.num_attention_heads, cfg.num_key_value_heads,
+                                    self.args.num_speculative_tokens + 1)
 
     def forward(self, ids, pending, cu, ctx, tables, logits_idx, max_seqlen_q: int, is_decode: bool,
-                one_seq_rows: bool = False) -> torch.Tensor:
+                seq_rows: list[int] | None = None) -> torch.Tensor:
         """The forward pass of a batch that is not replayed from a graph: inputs through pinned memory (a copy
         from pageable memory would first wait for the GPU to go idle); returns (and keeps, for `logits`) the
         hidden states of the rows in logits_idx. pending: (packed row, last_tokens row) of each input token
-        still on the device. one_seq_rows: see AttnMeta."""
-        self.send("forward", ids, pending, cu, ctx, tables, logits_idx, max_seqlen_q, is_decode, one_seq_rows)
+        still on the device. seq_rows (decode rows): each sequence's rows in turn, when rows are consecutive tokens
+        of one sequence (AttnMeta.row_groups)."""
+        self.send("forward", ids, pending, cu, ctx, tables, logits_idx, max_seqlen_q, is_decode, seq_rows)
         pin = self.device.type == "cuda"
         t = lambda xs, dt: (host_tensor(xs, dt).pin_memory() if pin else host_tensor(xs, dt)).to(
             self.device, non_blocking=True)
         meta = AttnMeta(cu_seqlens_q=t(cu, torch.int32), context_lens=t(ctx, torch.int32),
                         block_tables=t([b for row in tables for b in row], torch.int32).view(len(tables), -1),
                         slot_mapping=None, logits_indices=t(logits_idx, torch.int64), is_decode=is_decode,
-                        max_seqlen_q=max_seqlen_q, one_seq_rows=one_seq_rows)
+                        max_seqlen_q=max_seqlen_q)
         pos, meta.slot_mapping = positions_and_slots(meta.cu_seqlens_q, meta.context_lens, meta.block_tables,
                                                      self.args.block_size, len(ids))
-        if is_decode and len(tables) >= attention.CASCADE_MIN_BATCH and shares_first_block(tables):
+        if seq_rows is not None:
+            meta.group_rows = self.group_rows()
+            meta.row_groups = t(attention.row_groups(seq_rows, meta.group_rows), torch.int32)
+        elif is_decode and len(tables) >= attention.CASCADE_MIN_BATCH and shares_first_block(tables):
             meta.shared_prefix = attention.plan_shared_prefix(meta.block_tables, meta.context_lens,
                                                             self.args.block_size)
         input_ids = t(ids, torch.int64)
@@ -90,16 +100,16 @@ class Runner:
         self.send("logits", start, stop)
         return self.model.compute_logits(self.hidden[start:stop])
 
-    def decode(self, ids, pending, ctx, tables, shared: bool, one_seq_rows: bool = False) -> torch.Tensor:
+    def decode(self, ids, pending, ctx, tables, shared: bool, seq_rows: list[int] | None = None) -> torch.Tensor:
         """A decode batch through its CUDA graph: (len(ids), vocab) logits (a view of the graphs' buffer)."""
-        return self.replay(*self.graphs.prepare(ids, pending, ctx, tables, shared, one_seq_rows))
+        return self.replay(*self.graphs.prepare(ids, pending, ctx, tables, shared, seq_rows))
 
-    def decode_rows(self, ids, pending, ctx, tables, shared: bool, one_seq_rows: bool = False) -> torch.Tensor:
+    def decode_rows(self, ids, pending, ctx, tables, shared: bool, seq_rows: list[int] | None = None) -> torch.Tensor:
         """A decode batch through its CUDA graph when one holds it, else eagerly: (len(ids), vocab) logits."""
         if self.graphs is not None and len(ids) <= self.graphs.max_batch:
-            return self.decode(ids, pending, ctx, tables, shared, one_seq_rows)
+            return self.decode(ids, pending, ctx, tables, shared, seq_rows)
         n = len(ids)
-        self.forward(ids, pending, list(range(n + 1)), ctx, tables, list(range(n)), 1, True, one_seq_rows)
+        self.forward(ids, pending, list(range(n + 1)), ctx, tables, list(range(n)), 1, True, seq_rows)
         return self.logits(0, n)
 
     def replay(self, key: tuple, n: int, i64: array.array, i32: array.array) -> torch.Tensor:
@@ -250,21 +260,25 @@ class DecodeGraphs:
     context one 64-token tile per slice instead of several in a row (decode-1 on qwen3-0.6b, H100: 1.29 ->
     1.09 ms/token). From attention.CASCADE_MIN_BATCH rows on, each is captured once more with cascade attention
     (a shared prefix read once for all the rows that hold it), replayed when rows share their first block. With
-    one_seq_rows (speculative decoding), sizes up to attention.FUSED_MAX_BATCH are captured once more without the
-    fused decode kernel, for passes whose rows are several tokens of one sequence (AttnMeta.one_seq_rows)."""
+    group_rows (speculative decoding), each is captured once more for passes whose rows are consecutive tokens of
+    one sequence, attended group_rows at a time (AttnMeta.row_groups; never the fused decode kernel)."""
     SHORT_CONTEXT = 2048
 
     def __init__(self, model, kv_cache, last_tokens, max_batch: int, max_blocks: int, sizes: list[int] | None = None,
-                 one_seq_rows: bool = False):
-        """sizes: the batch sizes to capture (default: the ladder up to max_batch)."""
+                 group_rows: int = 0):
+        """sizes: the batch sizes to capture (default: the ladder up to max_batch). group_rows: 0, or the rows of
+        one sequence a verify pass attends together (Runner.group_rows)."""
         self.sizes = sorted({1, 2, 4, 8, *range(16, max_batch + 16, 16)})
         self.sizes = sizes or [b for b in self.sizes if b < max_batch] + [max_batch]
         self.max_batch = max_batch
         dev = kv_cache.device
         i32 = dict(dtype=torch.int32, device=dev)
-        self.i64 = torch.zeros(4, max_batch, dtype=torch.int64, device=dev)
-        # padding rows: token 0 at position 0, slot 0 (block 0); gather: see fill_pending
-        self.ids, self.pos, self.slots, self.gather = self.i64
+        self.i64 = torch.zeros(5, max_batch, dtype=torch.int64, device=dev)
+        # padding rows: token 0 at position 0, slot 0 (block 0); gather: see fill_pending; lead: row_groups (only
+        # the grouped graphs read it, and only their steps send it)
+        self.ids, self.pos, self.slots, self.gather, self.lead = self.i64
+        self.lead.fill_(1)
+        self.group_rows = group_rows
         self.i32 = torch.zeros(max_batch, 1 + max_blocks, **i32)
         self.i32[:, 0] = 1
         self.tables = self.i32[:, 1:]                    # (max_batch, max_blocks), row stride 1 + max_blocks
@@ -281,14 +295,16 @@ class DecodeGraphs:
         self.block_size = block_size = kv_cache.shape[3]
         for b in reversed(self.sizes):          # largest first, so smaller graphs reuse its memory pool
             for width in sorted({max_blocks, self.short_blocks}):
-                kinds = [(False, False)]                     # (cascade, one_seq_rows)
+                kinds = [(False, False)]                     # (cascade, grouped)
                 if b >= attention.CASCADE_MIN_BATCH:
                     kinds.append((True, False))
-                if one_seq_rows and b <= attention.FUSED_MAX_BATCH:
+                if group_rows:
                     kinds.append((False, True))
-                for cascade, seq_rows in kinds:
+                for cascade, grouped in kinds:
                     meta = AttnMeta(self.cu[:b + 1], self.ctx[:b], self.tables[:b, :width], self.slots[:b],
-                                    self.rows[:b], is_decode=True, max_seqlen_q=1, one_seq_rows=seq_rows)
+                                    self.rows[:b], is_decode=True, max_seqlen_q=1)
+                    if grouped:
+                        meta.row_groups, meta.group_rows = self.lead[:b], group_rows
                     def run():                  # everything in here is captured: no extra launches per step
                         self.ctx[:b].copy_(self.i32[:b, 0])
                         if cascade:
@@ -302,12 +318,13 @@ class DecodeGraphs:
                         with torch.cuda.graph(g, pool=pool):
                             run()
                     pool = g.pool()
-                    self.graphs[b, width, cascade, seq_rows] = g
+                    self.graphs[b, width, cascade, grouped] = g
         self.pool = pool                        # the sampler's graphs share it
         torch.cuda.synchronize()
 
-    def prepare(self, ids, pending, ctx, tables, shared: bool, one_seq_rows: bool = False) -> tuple:
-        """A decode batch's inputs as two flat host arrays (int64 and int32) and the key of its graph."""
+    def prepare(self, ids, pending, ctx, tables, shared: bool, seq_rows: list[int] | None = None) -> tuple:
+        """A decode batch's inputs as two flat host arrays (int64 and int32) and the key of its graph. seq_rows:
+        Runner.forward's; then the grouped graph (not cascade)."""
         n = len(ids)
         b = next(s for s in self.sizes if s >= n)
         bs = self.block_size
@@ -325,14 +342,16 @@ class DecodeGraphs:
         pad = [0] * (b - n)
         rows += ([1] + [0] * w) * (b - n)                # padding rows: one token of context, in block 0
         width = self.short_blocks if w <= self.short_blocks else self.tables.shape[1]
-        seq_rows = one_seq_rows and not shared and b <= attention.FUSED_MAX_BATCH   # cascade is never fused
         i64 = array.array("q", ids + pad + pos + pad + slots + pad + gather)
-        return (b, width, shared, seq_rows), n, i64, array.array("i", rows)
+        if seq_rows is not None:
+            i64.extend(attention.row_groups(seq_rows, self.group_rows) + [1] * (b - n))
+        return (b, width, shared and seq_rows is None, seq_rows is not None), n, i64, array.array("i", rows)
 
     def replay(self, key: tuple, n: int, i64: array.array, i32: array.array) -> torch.Tensor:
         """Two host-to-device copies (the int64 inputs in one, the int32 metadata in the other), one replay."""
         b = key[0]
-        self.i64[:, :b].copy_(torch.frombuffer(i64, dtype=torch.int64).view(4, b).pin_memory(), non_blocking=True)
+        k = len(i64) // b                                # 4 rows, 5 with lead
+        self.i64[:k, :b].copy_(torch.frombuffer(i64, dtype=torch.int64).view(k, b).pin_memory(), non_blocking=True)
         i32 = torch.frombuffer(i32, dtype=torch.int32).view(b, -1)
         self.i32[:b, :i32.shape[1]].copy_(i32.pin_memory(), non_blocking=True)
         self.graphs[key].replay()

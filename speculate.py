@@ -489,10 +489,12 @@ def forward_tokens(runner, seqs, spans, tables, rows, pending=()) -> torch.Tenso
     its sequence's block table. A graph replays the whole pass at once, where an eager pass is launch-bound
     (an 8b verify pass of 4 drafts took 17-28 ms eagerly, 5.1 ms as decode rows in a graph; H200). The qk-norm
     kernel writes every row's K/V before attention reads any, so a row sees the tokens before it in the same
-    pass, and the cost over a plain decode step is attention reading a context once per row (small beside the
-    weights). Such passes say so (one_seq_rows): the fused decode kernel of a plain decode step stores each row's
-    K/V itself while other rows of the pass already attend, so a row could read another's slot before it is
-    written (H200, qwen3-8b, one sequence: 1% of the drafts of the target's own continuation kept, not 99%)."""
+    pass. Such passes say so (seq_rows: each sequence's rows): the fused decode kernel of a plain decode step
+    stores each row's K/V itself while other rows of the pass already attend, so a row could read another's slot
+    before it is written (H200, qwen3-8b, one sequence: 1% of the drafts of the target's own continuation kept,
+    not 99%). A sequence's rows are attended together (attention.row_groups), so its context is read once, not
+    once per row, which at long contexts and many sequences costs more than the weights (qwen3-0.6b serving 64
+    clients with n-gram drafts, contexts up to 2,048: a verify pass of 3 drafts each 6.5-8.8 ms, a plain step 3.0)."""
     n = sum(b - a for a, b in spans)
     if n <= decode_row_limit(runner):                 # as many rows as a decode batch
         ids, ctx, tabs = [], [], []
@@ -500,10 +502,13 @@ def forward_tokens(runner, seqs, spans, tables, rows, pending=()) -> torch.Tenso
             ids += seq.token_ids[a:b]
             ctx += range(a + 1, b + 1)
             tabs += [table] * (b - a)
-        # cascade attention when sequences share a prefix (rows of one sequence always do: not a reason), so
-        # a row's arithmetic does not depend on the other sequences in the pass
-        shared = n >= attention.CASCADE_MIN_BATCH and shares_first_block(tables)
-        logits = runner.decode_rows(ids, pending, ctx, tabs, shared, one_seq_rows=True)   # a view of the graphs' buffer
+        seq_rows = [b - a for a, b in spans]
+        if max(seq_rows) == 1:                        # a token per sequence: an ordinary decode batch
+            seq_rows = None
+        # a sequence's rows grouped, or (one row each) cascade attention when sequences share a prefix, so a row's
+        # arithmetic does not depend on the other sequences in the pass
+        shared = seq_rows is None and n >= attention.CASCADE_MIN_BATCH and shares_first_block(tables)
+        logits = runner.decode_rows(ids, pending, ctx, tabs, shared, seq_rows)   # a view of the graphs' buffer
         return logits if rows is None else logits[to_device(rows, torch.int64, logits.device)]
     ids, cu, ctx = [], [0], []
     for seq, (a, b) in zip(seqs, spans):

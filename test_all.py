@@ -1011,7 +1011,7 @@ def test_step_clock():
 
 def test_speculation_verify_rows_not_fused(ckpt, monkeypatch):
     """A verify pass runs its tokens as decode rows of one sequence; those must not take the fused decode kernel
-    (it stores each row's K/V while other rows of the pass already attend: AttnMeta.one_seq_rows). Plain decode
+    (it stores each row's K/V while other rows of the pass already attend: AttnMeta.row_groups). Plain decode
     steps still do."""
     import model as model_mod
     path, hf = ckpt
@@ -1019,13 +1019,15 @@ def test_speculation_verify_rows_not_fused(ckpt, monkeypatch):
     llm.speculator.pausing = False
     seen, fwd = [], model_mod.Attention.forward
     monkeypatch.setattr(model_mod.Attention, "forward", lambda self, qkv, pos, meta, *a: seen.append(
-        (meta.is_decode, qkv.shape[0], meta.one_seq_rows)) or fwd(self, qkv, pos, meta, *a))
+        (meta.is_decode, qkv.shape[0], meta.row_groups if meta.row_groups is None else meta.row_groups.tolist()))
+                        or fwd(self, qkv, pos, meta, *a))
     prompt = llm.tokenizer.encode(PROMPTS[1])
     assert llm.generate([prompt], greedy(max_tokens=30, ignore_eos=True))[0].token_ids == hf_greedy(hf, prompt, 30)
     llm.generate([prompt], greedy(max_tokens=4, ignore_eos=True, speculative=False))
     verify = [s for s in seen if s[0] and s[1] > 1]                 # one sequence: several rows are a verify pass
-    assert verify and all(rows_of_one for _, _, rows_of_one in verify)
-    assert any(dec and n == 1 and not rows_of_one for dec, n, rows_of_one in seen)
+    rows = llm.runner.group_rows()
+    assert verify and all(lead == attention.row_groups([n], rows) for _, n, lead in verify)   # its rows attended together
+    assert any(dec and n == 1 and lead is None for dec, n, lead in seen)
     assert_no_leak(llm)
 
 
@@ -1191,6 +1193,38 @@ def test_kt_decode_attention(group, dtype, block_size, context_lens, num_splits)
     kt_check(f"decode ctx={context_lens} bs={block_size} group={group} splits={num_splits} {dtype}", out, ref, dtype)
     if num_splits is None:   # the dispatcher takes the same path
         torch.testing.assert_close(attention.decode_attention(q, k_cache, v_cache, block_tables, ctx, scale), out)
+
+
+@pytest.mark.usefixtures("kt_triton_poisoned")
+@pytest.mark.parametrize("group,dtype", KT_GROUPS)
+@pytest.mark.parametrize("seqs,rows,num_splits", [
+    ([(5, 5)], 5, None),                     # one sequence, its 5 rows in one group (contexts 1..5)
+    ([(130, 3), (7, 1), (64, 5)], 4, None),  # groups cut at 4 rows; a lone row; rows ending on a tile's edge
+    ([(300, 5), (66, 2), (1, 1)], 3, 3),     # slices: the shorter rows' keys end inside an earlier slice
+    ([(129, 4)], 4, 8),                      # slices past a context are empty; the last one holds few keys
+])
+def test_kt_decode_attention_rows(group, dtype, seqs, rows, num_splits):
+    """Rows that are consecutive tokens of one sequence (a verify pass): grouped, each row still attends to its
+    own context only, the result equal to the reference's row by row."""
+    torch.manual_seed(sum(c for c, _ in seqs) + group)
+    n_kv, hd, block_size = 2, 16, 16
+    k_cache, v_cache, tables = kt_paged_cache([c for c, _ in seqs], block_size, n_kv, hd, dtype)
+    ctx = torch.tensor([c - n + 1 + j for c, n in seqs for j in range(n)], dtype=torch.int32)
+    block_tables = torch.cat([tables[i:i + 1].expand(n, -1) for i, (_, n) in enumerate(seqs)]).contiguous()
+    q = torch.randn(len(ctx), n_kv * group, hd).to(dtype)
+    lead = torch.tensor(attention.row_groups([n for _, n in seqs], rows), dtype=torch.int32)
+    scale = hd ** -0.5
+    out = attention.decode_attention_triton(q, k_cache, v_cache, block_tables, ctx, scale, num_splits=num_splits,
+                                            groups=lead, rows=rows)
+    ref = attention.decode_attention_ref(q, k_cache, v_cache, block_tables, ctx, scale)
+    kt_check(f"decode rows {seqs} rows={rows} group={group} splits={num_splits} {dtype}", out, ref, dtype)
+
+
+def test_row_groups():
+    assert attention.row_groups([5, 1, 3], 2) == [2, 0, 2, 0, 1, 1, 2, 0, 1]
+    assert attention.row_groups([3], 4) == [3, 0, 0]
+    assert attention.group_rows(16, 8, 5) == 5 and attention.group_rows(32, 4, 5) == 4
+    assert attention.group_rows(32, 4, 1) == 1 and attention.group_rows(64, 1, 5) == 1
 
 
 @pytest.mark.usefixtures("kt_triton_poisoned")
