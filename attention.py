@@ -9,7 +9,9 @@ Laid out as kernels.py is: the PyTorch references first (the definitions, the CP
 kernels with their measured configs, then the dispatchers model.py calls. The cache layout (block 0, slots,
 the FP8 cache) is described in kernels.py, which writes the cache (qk_norm_rope_store).
 decode_attention also does cascade attention: when many sequences share leading cache blocks (prefix
-caching), plan_shared_prefix picks a shared prefix and the kernel reads its K/V once for all of them.
+caching), plan_shared_prefix picks a shared prefix and the kernel reads its K/V once for all of them; and rows
+that are consecutive tokens of one sequence (a speculative verify pass: row_groups) attend together, reading
+that sequence's K/V once.
 Tests: test_all.py's attention section (Triton under TRITON_INTERPRET=1); GPU: `python bench.py kernels`.
 """
 from typing import NamedTuple
@@ -271,9 +273,12 @@ def _decode_rows_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, bt_st
     # speculative verify pass: one block table, each row attending to its own context, the next row's one longer).
     # Program b works only where row b leads a group (lead[b] = n > 0: rows b .. b+n-1, n <= ROWS): their
     # n x GROUP query rows take the M dimension of each tile's dots together, so the sequence's K/V are read once
-    # for the group, not once per row. Each row masks the keys past its own context; a row whose slice holds none
-    # of its keys keeps l = 0 (lse = -inf: the reduce skips it), and a row whose whole context lies in slice 0
-    # gets its output written here (the reduce leaves rows with one live slice alone).
+    # for the group, not once per row. Each row keeps its own slice of its own context (_slice_bounds of its
+    # length, whole tiles) and masks the rest of the group's tiles: a fully masked tile leaves a row's state exactly
+    # as it was, so a row's arithmetic is what it would be alone, whatever the group (a token computed as the
+    # first or the fifth row of a pass gets the same logits: random weights' near-tied argmax flips otherwise).
+    # A row whose slice is empty keeps l = 0 (lse = -inf: the reduce skips it); a row whose whole context is its
+    # slice 0 gets its output written here (the reduce leaves rows with one live slice alone).
     GROUP: tl.constexpr = N_HEADS // N_KV
     b, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     if USE_GDC:                                        # programmatic dependent launch: see `pdl`
@@ -282,10 +287,12 @@ def _decode_rows_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, bt_st
     n = tl.load(lead_ptr + b)
     if n > 0:
         m = tl.arange(0, BLOCK_M)
-        j = m // GROUP                                 # query row m: head g of row b + j
+        j = m // GROUP                                 # query row m: head m % GROUP of row b + j
         live = (j < n) & (j < ROWS)
         ctx_m = tl.load(context_lens_ptr + b + j, mask=live, other=0)                     # (BLOCK_M,)
-        start, end = _slice_bounds(tl.max(ctx_m, axis=0), 0, split, num_splits, BLOCK_N, MIN_PART)
+        start_m, end_m = _slice_bounds(ctx_m, 0, split, num_splits, BLOCK_N, MIN_PART)   # each row's own slice
+        lo = tl.min(tl.where(live, start_m, 2147483647), axis=0)
+        hi = tl.max(tl.where(live, end_m, 0), axis=0)
         out_row = (b + j).to(tl.int64) * N_HEADS + kv_head * GROUP + m % GROUP          # rows of (B*H)
         d = tl.arange(0, HEAD_DIM)
         q = tl.load(q_ptr + out_row[:, None] * HEAD_DIM + d[None, :], mask=live[:, None], other=0.0)
@@ -294,14 +301,15 @@ def _decode_rows_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, bt_st
         l_i = tl.zeros((BLOCK_M,), tl.float32)
         acc = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
         bt_row = block_tables_ptr + b.to(tl.int64) * bt_stride
-        for n0 in range(start, end, BLOCK_N):
+        for n0 in range(lo, hi, BLOCK_N):              # slices start on whole tiles: lo is a tile's first token
             offs_n = n0 + tl.arange(0, BLOCK_N)
-            in_range = offs_n < end
+            in_range = offs_n < hi
             kv_off = _kv_offsets(bt_row, offs_n, in_range, kv_head, N_KV, HEAD_DIM, BLOCK_SIZE)
             k = tl.load(k_cache_ptr + kv_off, mask=in_range[:, None], other=0.0).to(q.dtype)
             v = tl.load(v_cache_ptr + kv_off, mask=in_range[:, None], other=0.0).to(q.dtype)
             s = tl.dot(q, tl.trans(k)) * qk_scale                                       # (BLOCK_M, BLOCK_N)
-            s = tl.where(in_range[None, :] & (offs_n[None, :] < ctx_m[:, None]), s, float("-inf"))
+            mine = (offs_n[None, :] >= start_m[:, None]) & (offs_n[None, :] < end_m[:, None])
+            s = tl.where(mine, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)   # no key yet: exp2(-inf) = 0, not NaN
             p = tl.exp2(s - m_use[:, None])
@@ -311,10 +319,10 @@ def _decode_rows_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, bt_st
             m_i = m_new
         if SPLIT:
             _store_partial(part_o_ptr, part_lse_ptr, out_row * num_splits + split, live, acc, l_i, m_i, HEAD_DIM)
-        if start == 0:
-            l_safe = tl.where(l_i > 0, l_i, 1.0)
-            tl.store(out_ptr + out_row[:, None] * HEAD_DIM + d[None, :], (acc / l_safe[:, None]).to(
-                out_ptr.dtype.element_ty), mask=(live & (end >= ctx_m))[:, None])
+        whole = live & (start_m == 0) & (end_m == ctx_m)
+        l_safe = tl.where(l_i > 0, l_i, 1.0)
+        tl.store(out_ptr + out_row[:, None] * HEAD_DIM + d[None, :], (acc / l_safe[:, None]).to(
+            out_ptr.dtype.element_ty), mask=whole[:, None])
 
 
 @triton.jit
@@ -425,58 +433,18 @@ DECODE_CONFIG = dict(BLOCK_N=64, num_warps=4, num_stages=3)   # BLOCK_N: tokens 
 # cross-warp reductions, masks); two warps halve the cross-warp traffic and fit twice the programs per SM. The
 # bf16 cache is byte-bound (4.18 TB/s) and keeps 4 warps: 2 warps were 1.006x its time, 1 warp 1.07-1.36x.
 DECODE_CONFIG_FP8 = dict(BLOCK_N=64, num_warps=2, num_stages=3)
-# Tried and dropped (H200, 2026-12-03, one slice, us per call, FP8 / bf16 cache): the program's warps on separate
-# token sub-tiles (a 3D batched dot; each warp its own online softmax, merged once at the end: no cross-warp
-# reduction per tile), best of 2-4 warps x 16-64 tokens: 16/8 heads B=256 ctx 512-1024 171.2 / 223.6 against
-# 157.8 / 207.7; 32/4 B=256 96.1 / 124.7 against 99.5 / 117.0; 16/8 B=128 ctx 1-2k 172.2 / 227.0 against 189.6 /
-# 217.4; 16/8 B=1 ctx 2-4k 57.2 / 60.1 against 111.6 / 88.6 (one slice there; the engine splits it).
-# Tried and dropped (H200, 2026-12-02): P kv heads per program, q made block-diagonal (row r holds head r's q in
-# the columns of its own kv head, zeros elsewhere), so the 16 rows of a tile are 16 real heads and each tile reads
-# P heads' contiguous K/V; the padded softmax was the suspect. Best of P = 1/2/4/8 x 6 tiles against the kernel
-# above, us: 16/8 heads, B=256, ctx 512-1024, FP8 198.1 vs 152.2, bf16 204.0 vs 200.3; 16/8, B=64, ctx 1024-2048,
-# FP8 117.2 vs 111.0; 32/8 B=256 FP8 200.3 vs 155.0; 32/4 B=64 FP8 68.0 vs 59.2. Larger P was never better.
-# Also dropped (H200, 2026-12-03): each tile's K/V loaded one loop iteration ahead into registers (a hand-made
-# double buffer), us per call before -> after: 16/8 B=256 ctx 512-1024 bf16 204 -> 262, FP8 157 -> 757; 32/8 B=1
-# ctx 32k FP8 38 -> 117 (num_stages 2 / 3 / 4 of the plain loop: within 1.5 us of each other on FP8, B=256).
-# Where the FP8 kernel's extra instructions come from (SASS of this kernel compiled by Triton 3.6 for sm_90a on a
-# CPU, 16/8 heads, 64/2/3): the loop body is 1,270 instructions per warp per 64-token tile (bf16 cache: 496 per
-# warp, with twice the warps), 168 registers (6 programs per SM; bf16 108). 128 of them per thread are 1-byte
-# shared-memory loads (LDS.U8): V is the second dot's B operand, whose reduction runs over tokens, and tokens are
-# 128 bytes apart in the cache; 16-bit operands have a transposing ldmatrix for that, 8-bit ones do not on sm_90.
-# Tried (H200, 2026-12-03): V read as int16 pairs and widened by inline PTX (cvt.rn.f16x2.e4m3x2) before the
-# dot, so the operand goes through shared memory as fp16 with ldmatrix.trans: no 1-byte loads, 833 instructions
-# per warp, but 184 registers and 39 KB of shared memory. us per call before -> after: B=256 ctx 512-1024 16/8
-# 157 -> 173, 32/8 157 -> 175, 32/4 99 -> 98; 32/8 B=64 ctx 1-2k 100 -> 99; 16/8 B=16 29.2 -> 27.9; B=1 ctx 4k
-# 15.6 -> 15.0, 32/8 B=1 ctx 32k 39.6 -> 36.5; B=8 ctx 8k 62.8 -> 59.4. Slower where the FP8 cache is used most
-# (large batches), so not taken.
-# Tried (H200, 2026-12-03, same-call A/B, scratch harness, contexts drawn from [ctx/2, ctx]): the FP8 V
-# stored transposed, [block, kv head, dim, token], so the second dot's operand is 16 adjacent tokens (masks by whole
-# pages, stores keeping V finite so a page's stale slots never meet a weight of 0 as inf): the loop fell from 1,271
-# to 720 SASS instructions per warp per tile (168 -> 162 registers), with no 1-byte shared loads. us per call,
-# before -> after: B=256 ctx 512-1024 16/8 160.2 -> 157.6, 32/8 160.9 -> 161.3, 32/4 102.6 -> 102.5; 32/8 B=64
-# 101.0 -> 99.2; B=16 28.8 -> 25.9; B=1 ctx 4k 15.3 -> 14.3, 32/8 32k 35.4 -> 32.3; B=8 ctx 8k 75.0 -> 64.9. But
-# in the engine (`bench.py timeline --kv-cache-dtype fp8 --timeline-batches 256`) attention went 110.9 -> 119.4 us
-# per layer and the K/V store 3.7 -> 5.1 (V's scattered 1-byte stores), and FP8 prefill attention 244 -> 206
-# TFLOP/s: dropped. Head-major K as well ([block, head, token, dim]: each page of a head one contiguous run): B=256
-# FP8 158.9 -> 156.1, bf16 206.6 -> 205.6, engine 109.6 -> 117.3. So at B=256 the FP8 kernel is bound neither by
-# its instruction count nor by the 128-byte rows it gathers. Nor by its pipeline depth: with the block table's
-# load taking a pipeline stage, num_stages=3 leaves one shared buffer each for K and V (one tile in flight per
-# program), and three ways to get two were measured (H200, 2026-12-03, same call; us per call, FP8 / bf16, the
-# scratch harness): num_stages=5; maxnreg=128 (8 FP8 programs per SM; bf16 at 64/4/4); the next tile's block ids
-# loaded one iteration ahead ("ids ahead", two buffers at 3 stages, 5 FP8 / 3 bf16 programs per SM):
-#   heads, B, ctx   | committed     | stages 5      | maxnreg 128   | ids ahead     | ids ahead, 4 stages
-#   16/8, 256, 1024 | 157.7 / 207.9 | 158.3 / 207.3 | 167.7 / 207.8 | 153.6 / 204.2 | 164.8 / 208.0
-#   32/8,  64, 2048 | 100.7 / 115.8 |  94.1 / 131.0 | 126.5 / 115.5 |  90.8 / 125.3 |  99.4 / 117.9
-#   32/4, 256, 1024 |  99.9 / 117.2 |  98.4 / 118.6 |  96.7 / 117.1 |  96.9 / 115.8 |  96.0 / 119.3
-#   16/8,   1, 4096 |  15.6 /  16.4 |  15.1 /  16.1 |  16.9 /  16.1 |  15.1 /  15.4 |  15.8 /  15.9
-#   32/8,   1, 32k  |  38.3 /  39.8 |  29.1 /  38.2 |  45.0 /  39.4 |  28.9 /  38.0 |  30.8 /  39.0
-# Two buffers help where a program walks many tiles with few programs per SM (one long context), not at 256
-# sequences, where shared memory then caps the FP8 kernel at 5 programs per SM. In the engine they lost: `bench.py
-# timeline --kv-cache-dtype fp8 --timeline-prompt 600`, us per layer, committed -> ids ahead: batch 256 110.9 ->
-# 112.9, batch 1 10.6 -> 11.1 (bf16 cache: 161.4 -> 164.1, 8.6 -> 9.6; a one-tile slice pays the extra load);
-# committed -> stages 5 (FP8): batch 256 110.9 -> 117.2, batch 1 10.6 -> 11.3, and at --timeline-prompt 8000 batch
-# 1 17.7 -> 19.0, batch 8 72.1 -> 65.1; `bench.py offline --kv-cache-dtype fp8` 27,531 -> 27,976 tok/s sampled,
-# 27,895 -> 28,015 greedy (within the runs' spread). None taken.
+# Why the FP8 kernel is slower per byte (SASS of this kernel, Triton 3.6, sm_90a, 16/8 heads, 64/2/3): its loop is
+# 1,270 instructions per warp per 64-token tile (bf16 cache: 496, at twice the warps) and 168 registers; 128 per
+# thread are 1-byte shared loads of V, the second dot's B operand (8-bit operands have no transposing ldmatrix on
+# sm_90). Tried and dropped on the GPU (H200, 2026-12-02/03; us per call at 16/8 heads, 256 sequences of 512-1,024
+# tokens, FP8 / bf16, against 157-160 / 204-208; the tables are in the README's fifteenth to twenty-first sessions):
+# warps on separate token sub-tiles (171 / 224); P kv heads per program with a block-diagonal q (198 / 204 against
+# 152 / 200); a register double buffer (757 / 262); V read as int16 pairs widened by inline PTX (173; 833
+# instructions, 184 registers); V stored transposed (158 alone, but the engine's attention 110.9 -> 119.4 us per
+# layer and its K/V store 3.7 -> 5.1) and head-major K/V (156; engine 117.3); num_stages 5, maxnreg 128, the next
+# tile's block ids loaded ahead (158 / 168 / 154 alone; in the engine 112.9-117.2 against 110.9 per layer). Two
+# buffers pay only for one long context with few programs per SM (32/8 heads, 32k tokens: 38.3 -> 28.9), never at 256
+# sequences.
 # Fewest tokens a context slice is given. Longer minimum slices let short contexts finish in one slice and skip
 # the reduce, but one program then walks every tile: us per layer step (the fused kernel, B=1, as in the table
 # at FUSED_MAX_BATCH; H200, 2026-12-02), and `bench.py decode-1` on qwen3-0.6b 0.75 ms/token at 64, 0.93 at 256:

@@ -29,7 +29,8 @@ How it sits in the engine (`LLM.step` hands a step here when `ready`):
   - after the verify pass the rejected drafts are cut off: their K/V slots lie past `num_computed` and are
     overwritten later; their blocks stay with the sequence (they hold its next tokens) and are freed with it.
   - the verify pass is synchronous (the next drafts depend on its result) and runs in the decode CUDA graphs
-    where it fits them, each of its tokens a decode row of its own (`forward_tokens`).
+    where it fits them, each of its tokens a decode row of its own, a sequence's rows attending together so that
+    its context is read once (`forward_tokens`).
 
 A draft model (`DraftModel`: a smaller Qwen3 with the same vocabulary) proposes its own greedy continuation.
 It has its own Runner and KV cache with the target's block layout (same block size and count), so a sequence's

@@ -1220,6 +1220,26 @@ def test_kt_decode_attention_rows(group, dtype, seqs, rows, num_splits):
     kt_check(f"decode rows {seqs} rows={rows} group={group} splits={num_splits} {dtype}", out, ref, dtype)
 
 
+@pytest.mark.usefixtures("kt_triton_poisoned")
+def test_kt_decode_rows_group_invariant():
+    """A row's result does not depend on its group: the context of 192 tokens computed as the last of five rows,
+    as the first and alone gives the same bits (with 3 slices the slice length is 64 tokens up to 192, 128 past
+    it: slicing by the group's longest context made these differ, and near-tied logits flip on such bits)."""
+    torch.manual_seed(1)
+    n_kv, hd, bs, C = 2, 16, 16, 192
+    kc, vc = torch.randn(2, 40, bs, n_kv, hd)
+    table = torch.randperm(38)[:16].to(torch.int32) + 2
+    q_all = torch.randn(C + 8, 2 * n_kv, hd)
+
+    def rows(first, n):
+        ctx = torch.arange(first, first + n, dtype=torch.int32)
+        lead = torch.tensor(attention.row_groups([n], 5), dtype=torch.int32)
+        return attention.decode_attention_triton(q_all[ctx], kc, vc, table[None].expand(n, -1).contiguous(), ctx,
+                                                 0.25, num_splits=3, groups=lead, rows=5)
+    last, first, alone = rows(C - 4, 5)[4], rows(C, 5)[0], rows(C, 1)[0]
+    assert torch.equal(last, first) and torch.equal(first, alone)
+
+
 def test_row_groups():
     assert attention.row_groups([5, 1, 3], 2) == [2, 0, 2, 0, 1, 1, 2, 0, 1]
     assert attention.row_groups([3], 4) == [3, 0, 0]
