@@ -88,21 +88,21 @@ NO_MATCH_WAIT = 8
 # between calls: up to 8% at 256 clients).
 # The draft model's catch-up after a pause (B sequences x the pause + 1 tokens each) runs as decode rows in up to
 # CATCH_UP_GRAPH_PASSES decode-graph replays, evenly filled, rather than one eager pass, which is launch-bound for
-# a small model (11-14 ms, at times 20-25), unless its rows' attention is long: each decode row reads its whole
-# context, so the replays cost ~2 ms each + ~17 us per 1,000 (row, context token) pairs. qwen3-0.6b drafting,
-# H200, ms per catch-up (scratch timing of DraftModel.fill, synced, two calls), eager / graph replays:
-#   sequences x tokens, from context   pairs    replays   eager        graphs
-#   16 x 17, from 128                  37k      2         10.7-11.9    4.1-4.2
-#   16 x 33, from 128                  77k      3         11.1         6.5
-#   1 x 272, from 128                  72k      2         11.8-12.2    4.6-4.7
-#   1 x 500, from 0                    125k     2         11.5-13.5    6.2
-#   2 x 383, from 0                    147k     3         11.9-13.2    8.3-8.5
-#   1 x 640, from 0                    205k     3         13.9-22.4    9.4-9.5
-#   1 x 767, from 0                    294k     3         11.4-13.6    10.9-11.1
-#   16 x 17, from 2,000                546k     2         11.2-12.9    14.4-14.5
-#   4 x 129, from 3,000                1.6M     3         11.2-12.9    32.5-32.6
-#   16 x 65, from 128                  167k     5         11.1         11.6
-#   1 x 1,024, from 0                  525k     4         10.3         18.7
+# a small model (9-14 ms, at times 20-25), unless its rows' attention is long: each group of a sequence's rows
+# (attention.row_groups) reads its context, so the replays cost ~2 ms each + ~30 us per 1,000 (group, context
+# token) pairs. qwen3-0.6b drafting, K = 4 (groups of 5 rows), H200, ms per catch-up (scratch timing of
+# DraftModel.fill, synced; two calls of 2026-12-03, the second's eager passes slower throughout), eager / graphs:
+#   sequences x tokens, from context   pairs / 5   replays   eager          graphs
+#   16 x 17, from 128                  7k          2         9.5 / 16.1     3.6 / 3.8
+#   1 x 272, from 128                  14k         2         9.2 / 16.0     3.7 / 4.0
+#   1 x 500, from 0                    25k         2         9.2 / 12.0     4.1 / 4.4
+#   3 x 255, from 0                    20k         3         9.2 / 17.6     5.5 / 6.0
+#   1 x 767, from 0                    59k         3         9.6 / 12.4     6.4 / 7.3
+#   16 x 17, from 2,000                109k        2         9.6 / 18.0     7.4 / 7.9
+#   16 x 33, from 1,000                107k        3         9.5 / 19.9     8.0 / 8.2
+#   4 x 129, from 3,000                316k        3         9.6 / 17.6     15.1 / 14.7
+# Before rows were grouped each row read its whole context: 16 x 17 from 2,000 took 14.4 ms in graphs, 4 x 129
+# from 3,000 32.5, and the rule counted every row's pairs.
 # (A catch-up of up to 256 rows, one replay, always takes the graph, as a round's 1-2 rows a sequence do.)
 CATCH_UP_GRAPH_PASSES, CATCH_UP_GRAPH_PAIRS = 3, 300_000
 
@@ -402,7 +402,7 @@ class DraftModel:
         todo = [min(s.draft_kv, L) for s, L in zip(seqs, last)]        # its first token the draft model lacks
         first = torch.empty(len(seqs), dtype=torch.long, device=r.device)
         lag = [max(0, L + 1 - t) for t, L in zip(todo, last)]          # rows; their contexts are t+1 .. L+1
-        pairs = sum(k * (t + 1) + k * (k - 1) // 2 for k, t in zip(lag, todo))
+        pairs = sum(k * (t + 1) + k * (k - 1) // 2 for k, t in zip(lag, todo)) // r.group_rows()   # read per group
         passes = -(-sum(lag) // decode_row_limit(r))
         if 1 < passes <= CATCH_UP_GRAPH_PASSES and pairs <= CATCH_UP_GRAPH_PAIRS:   # a few replays, evenly filled
             max_tokens = min(max_tokens, -(-sum(lag) // passes))
