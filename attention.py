@@ -161,17 +161,18 @@ def _decode_tiles(q, k_cache_ptr, v_cache_ptr, bt_row, kv_head, start, end, qk_s
         kv_off = _kv_offsets(bt_row, offs_n, in_range, kv_head, N_KV, HEAD_DIM, BLOCK_SIZE)   # (BLOCK_N, HEAD_DIM)
         k = tl.load(k_cache_ptr + kv_off, mask=in_range[:, None], other=0.0)
         v = tl.load(v_cache_ptr + kv_off, mask=in_range[:, None], other=0.0)
-        acc, l_i, m_i = _attend_tile(q, k, v, in_range, acc, l_i, m_i, qk_scale)
+        acc, l_i, m_i = _attend_tile(q, k, v, in_range[None, :], acc, l_i, m_i, qk_scale)
     return acc, l_i, m_i
 
 
 @triton.jit
-def _attend_tile(q, k, v, in_range, acc, l_i, m_i, qk_scale):
+def _attend_tile(q, k, v, keys, acc, l_i, m_i, qk_scale):
     """One K/V tile (BLOCK_N, HEAD_DIM), as loaded from the cache, into the online softmax of the q rows
-    (tokens off in_range masked out): the updated acc, l_i, m_i."""
+    (keys: (1, BLOCK_N) for all rows, or (BLOCK_G, BLOCK_N) per row; the others masked out): the updated acc,
+    l_i, m_i."""
     k, v = k.to(q.dtype), v.to(q.dtype)
     s = tl.dot(q, tl.trans(k)) * qk_scale                                               # (BLOCK_G, BLOCK_N)
-    s = tl.where(in_range[None, :], s, float("-inf"))
+    s = tl.where(keys, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     p = tl.exp2(s - m_new[:, None])
     alpha = tl.exp2(m_i - m_new)
@@ -247,7 +248,7 @@ def _decode_attention_kernel(q_ptr, q_stride, k_cache_ptr, v_cache_ptr, block_ta
         l_i = tl.zeros((BLOCK_G,), tl.float32)
         acc = tl.zeros((BLOCK_G, HEAD_DIM), tl.float32)
         if start < end:
-            acc, l_i, m_i = _attend_tile(q, k0, v0, in_range, acc, l_i, m_i, qk_scale)
+            acc, l_i, m_i = _attend_tile(q, k0, v0, in_range[None, :], acc, l_i, m_i, qk_scale)
         if start + BLOCK_N < end:      # a one-tile slice skips the pipelined loop's prologue and drain entirely
             acc, l_i, m_i = _decode_tiles(q, k_cache_ptr, v_cache_ptr, bt_row, kv_head, start + BLOCK_N, end,
                                           qk_scale, acc, l_i, m_i, N_KV, HEAD_DIM, BLOCK_SIZE, BLOCK_N)
@@ -297,7 +298,9 @@ def _decode_rows_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, bt_st
         d = tl.arange(0, HEAD_DIM)
         q = tl.load(q_ptr + out_row[:, None] * HEAD_DIM + d[None, :], mask=live[:, None], other=0.0)
         q = _widen(q, k_cache_ptr, q_ptr)
-        m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+        # a finite floor, not -inf: a row's tiles before its slice (all masked) then leave it at exactly 0, where
+        # -inf - -inf would be NaN
+        m_i = tl.full((BLOCK_M,), -1e30, tl.float32)
         l_i = tl.zeros((BLOCK_M,), tl.float32)
         acc = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
         bt_row = block_tables_ptr + b.to(tl.int64) * bt_stride
@@ -305,18 +308,10 @@ def _decode_rows_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, bt_st
             offs_n = n0 + tl.arange(0, BLOCK_N)
             in_range = offs_n < hi
             kv_off = _kv_offsets(bt_row, offs_n, in_range, kv_head, N_KV, HEAD_DIM, BLOCK_SIZE)
-            k = tl.load(k_cache_ptr + kv_off, mask=in_range[:, None], other=0.0).to(q.dtype)
-            v = tl.load(v_cache_ptr + kv_off, mask=in_range[:, None], other=0.0).to(q.dtype)
-            s = tl.dot(q, tl.trans(k)) * qk_scale                                       # (BLOCK_M, BLOCK_N)
-            mine = (offs_n[None, :] >= start_m[:, None]) & (offs_n[None, :] < end_m[:, None])
-            s = tl.where(mine, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)   # no key yet: exp2(-inf) = 0, not NaN
-            p = tl.exp2(s - m_use[:, None])
-            alpha = tl.exp2(m_i - m_use)
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
+            k = tl.load(k_cache_ptr + kv_off, mask=in_range[:, None], other=0.0)
+            v = tl.load(v_cache_ptr + kv_off, mask=in_range[:, None], other=0.0)
+            mine = (offs_n[None, :] >= start_m[:, None]) & (offs_n[None, :] < end_m[:, None])   # (BLOCK_M, BLOCK_N)
+            acc, l_i, m_i = _attend_tile(q, k, v, mine, acc, l_i, m_i, qk_scale)
         if SPLIT:
             _store_partial(part_o_ptr, part_lse_ptr, out_row * num_splits + split, live, acc, l_i, m_i, HEAD_DIM)
         whole = live & (start_m == 0) & (end_m == ctx_m)
@@ -534,7 +529,8 @@ def row_groups(seq_rows: list[int], rows: int) -> list[int]:
     lead = []
     for n in seq_rows:
         for at in range(0, n, rows):
-            lead += [min(rows, n - at)] + [0] * (min(rows, n - at) - 1)
+            g = min(rows, n - at)
+            lead += [g] + [0] * (g - 1)
     return lead
 
 
