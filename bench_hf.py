@@ -17,10 +17,23 @@ from engine import LLM
 from model import AttnMeta, Config
 
 
+def import_transformers():
+    """transformers, or a clear error where its import fails on this repo's kernels.py: transformers 5.25 requires
+    the `kernels` package and imports it, and the repo's own kernels.py shadows that name here."""
+    try:
+        import transformers
+    except ImportError as e:
+        if "kernels" in str(e):
+            raise SystemExit(f"transformers could not be imported ({e}): versions from 5.25 import the `kernels` "
+                             "package, which this repo's kernels.py shadows; pip install 'transformers<5.25'") from e
+        raise
+    return transformers
+
+
 def hf_model(cfg: Config, device, dtype):
     """transformers' Qwen3ForCausalLM of the engine's shape (Config's field names are config.json's), random init
     (std 0.02): with EOS ignored, weight values do not change throughput."""
-    import transformers
+    transformers = import_transformers()
     shape = {f.name: getattr(cfg, f.name) for f in fields(Config) if f.name != "eos_token_id"}
     hc = transformers.Qwen3Config(**shape, initializer_range=0.02, eos_token_id=None, pad_token_id=0)
     torch.manual_seed(0)
@@ -93,7 +106,7 @@ def accuracy(cfg: Config, eargs, device, dtype, n_prompts: int, length: int) -> 
     (on a GPU) as FP8 modules running W8A8 like ours. transformers' FP8 matmul comes from a hub kernel
     (kernels-community/finegrained-fp8), outside this project's dependencies and unreachable offline: that peer
     runs w8a8_standin in its place (fp8_peer)."""
-    import transformers
+    transformers = import_transformers()
     hf_cfg = transformers.Qwen3Config(**{k: getattr(cfg, k) for k in (
         "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
         "num_key_value_heads", "head_dim", "max_position_embeddings", "rope_theta", "rms_norm_eps",
@@ -193,7 +206,7 @@ def fp8_peer(src: str, dtype, dequantize: bool, device):
     fetched here, replaced by w8a8_standin (DeepGEMM, the other backend, is turned off)."""
     import sys
 
-    import transformers
+    transformers = import_transformers()
     try:
         import accelerate  # noqa: F401  (transformers wants it to load an FP8 checkpoint at all)
     except ImportError:
