@@ -313,7 +313,11 @@ def _skinny_gemm_kernel(x_ptr, w_ptr, out_ptr, M, N, K, norm_w_ptr, eps, add_ptr
 # the next launch at its start / after its K loop / at its start only when the grid is at most 264 programs
 # (two per SM); one engine per variant, timed as `bench.py decode-1` times: decode-8 ms/step, qwen3-0.6b 1.240
 # without -> 1.255 / 1.257 / 1.258, qwen3-8b 4.889 -> 5.445 / 5.020 / 4.881 (decode-1 unchanged: 0.719, 4.010).
-# Nothing gained: PDL stays off here.
+# Again (2026-12-03) on the fused kernel, for grids of at most one program per SM (every 0.6b projection; the 8b's
+# o and down): the next launch let in at the start, the first weight chunk (and its up rows) loaded before the
+# wait, the rest of the K loop as before. `bench.py decode-1`, the previous tree beside, one GPU call, decode-8
+# ms/step greedy (sampled): qwen3-0.6b 1.11 / 1.11 (1.12 / 1.12) -> 1.18 / 1.18 (1.19 / 1.19), qwen3-8b 4.63
+# (4.65) -> 4.92 (4.93); decode-1 unchanged. Nothing gained: PDL stays off here.
 # The tiles again by grid size (H200, 2026-12-02, M = 8, us per call, same harness; BLOCK_N/BLOCK_K/warps/stages,
 # 32 tiles of 16-64 x 128-512 x 4-8 warps x 3-4 stages swept; 32/256/4/4 was the only wide tile):
 #   K -> N (programs of 32 rows)  | 32/256/4/4 | 32/512/4/4 | 32/128/4/3 | best of the sweep
