@@ -333,19 +333,22 @@ class DecodeGraphs:
             gather[i] = row
         w = len(tables[0])
         # one token per row: its position ctx - 1 and cache slot are cheaper made here than by kernels
-        pos, slots, rows = [], [], []                    # rows: each one's context length, then its block table
+        pos, slots = [], []
+        rows, last = array.array("i"), None              # rows: each one's context length, then its block table
         for c, row in zip(ctx, tables):
+            if row is not last:                          # a verify pass's rows of one sequence share its table:
+                last, table = row, array.array("i", row)     # converted once (64 x 4 rows: 0.86 -> 0.23 ms, a 2-core CPU)
             pos.append(c - 1)
             slots.append(row[(c - 1) // bs] * bs + (c - 1) % bs)
             rows.append(c)
-            rows += row
+            rows.extend(table)
         pad = [0] * (b - n)
-        rows += ([1] + [0] * w) * (b - n)                # padding rows: one token of context, in block 0
+        rows.extend(array.array("i", [1] + [0] * w) * (b - n))     # padding rows: one token of context, in block 0
         width = self.short_blocks if w <= self.short_blocks else self.tables.shape[1]
         i64 = array.array("q", ids + pad + pos + pad + slots + pad + gather)
         if seq_rows is not None:
             i64.extend(attention.row_groups(seq_rows, self.group_rows) + [1] * (b - n))
-        return (b, width, shared and seq_rows is None, seq_rows is not None), n, i64, array.array("i", rows)
+        return (b, width, shared and seq_rows is None, seq_rows is not None), n, i64, rows
 
     def replay(self, key: tuple, n: int, i64: array.array, i32: array.array) -> torch.Tensor:
         """Two host-to-device copies (the int64 inputs in one, the int32 metadata in the other), one replay."""

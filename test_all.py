@@ -825,6 +825,34 @@ def test_verify_pass_fits_decode_rows(ckpt, monkeypatch):
     assert_no_leak(llm)
 
 
+def test_decode_graph_inputs():
+    """DecodeGraphs.prepare packs a pass's rows as the graphs read them: ids, positions, cache slots, pending rows
+    (and, grouped, each row's group size) as int64 rows; per row its context length and block table as int32;
+    padding rows in block 0. A verify pass's rows of one sequence share its table object (converted once)."""
+    import array
+    from runner import DecodeGraphs
+    g = DecodeGraphs.__new__(DecodeGraphs)
+    g.sizes, g.block_size, g.short_blocks, g.group_rows = [1, 2, 4, 8], 4, 2, 2
+    g.tables = torch.zeros(8, 3, dtype=torch.int32)
+    tables = [[7, 3, 9], [5, 0, 0], [2, 8, 0]]
+    seq_rows, ctx = [3, 1, 2], [[9, 10, 11], [2], [5, 6]]
+    ids = [11, 12, 13, 21, 31, 32]
+    tabs = [t for t, n in zip(tables, seq_rows) for _ in range(n)]
+    flat_ctx = [c for cs in ctx for c in cs]
+    for rows_of in (seq_rows, None):
+        key, n, i64, i32 = g.prepare(ids, [(1, 5)], flat_ctx, tabs, False, rows_of)
+        assert key == (8, 3, False, rows_of is not None) and n == 6
+        slots = [t[(c - 1) // 4] * 4 + (c - 1) % 4 for t, c in zip(tabs, flat_ctx)]
+        want = ids + [0, 0] + [c - 1 for c in flat_ctx] + [0, 0] + slots + [0, 0] + [0, 5, 0, 0, 0, 0, 0, 0]
+        if rows_of is not None:
+            want += [2, 0, 1, 1, 2, 0] + [1, 1]                  # groups of up to 2 rows, padding rows lead 1
+        assert list(i64) == want and i64.typecode == "q"
+        assert list(i32) == sum(([c] + t for c, t in zip(flat_ctx, tabs)), []) + [1, 0, 0, 0] * 2
+        assert i32.typecode == "i"
+    short = g.prepare([1], [], [3], [[4]], False)                 # a one-block table: the short graphs
+    assert short[0] == (1, 2, False, False) and list(short[3]) == [3, 4]
+
+
 def test_speculation_pauses_failing_drafts(ckpt, monkeypatch):
     """Drafts that are always wrong: after a few verify passes the sequence decodes plainly, probing now and then,
     each failed probe doubling the pause (speculate.MIN_ACCEPTED, PROBE_EVERY, PROBE_MAX); with pausing off every
