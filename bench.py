@@ -112,7 +112,7 @@ class Bench:
     greedy_beside: bool              # also run greedy beside each sampled run
     peer_num_seqs: int | None        # offline: also run our engine on the peer's (smaller) workload
     held: dict                       # {"args": EngineArgs, "llm": LLM}: at most one engine alive
-    repeat: int = 1                  # offline, nanovllm: runs of each variant, interleaved; the median is reported
+    repeat: int = 1                  # offline, nanovllm, serve: runs of each variant, interleaved; the median is reported
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -316,13 +316,15 @@ def repeated(b: Bench, llm: LLM, prompts, outs, runs: list[tuple[str, dict]], de
         for label, sampling in runs:
             r = run_requests(llm, prompts, outs, sampling, f"{desc}, {label}" + (f" ({i + 1}/{b.repeat})" if b.repeat > 1 else ""))
             results[label].append({k: v for k, v in r.items() if k != "stamps"})
-    out = []
-    for label, rs in results.items():
-        rates = [r["output_tok_s"] for r in rs]
-        med = sorted(rs, key=lambda r: r["output_tok_s"])[(len(rs) - 1) // 2]
-        spread = f"; median of {len(rs)}: {', '.join(f'{x:,.0f}' for x in rates)} tok/s" if len(rs) > 1 else ""
-        out.append((label, {**med, "runs_tok_s": rates, "spread": spread}))
-    return out
+    return [(label, median_run(rs)) for label, rs in results.items()]
+
+
+def median_run(rs: list[dict]) -> dict:
+    """The run of median output tok/s among repeats, with every run's tok/s beside it (runs_tok_s, spread)."""
+    rates = [r["output_tok_s"] for r in rs]
+    med = sorted(rs, key=lambda r: r["output_tok_s"])[(len(rs) - 1) // 2]
+    spread = f"; median of {len(rs)}: {', '.join(f'{x:,.0f}' for x in rates)} tok/s" if len(rs) > 1 else ""
+    return {**med, "runs_tok_s": rates, "spread": spread}
 
 
 def variants(b: Bench, llm: LLM) -> list[tuple[str, dict]]:
@@ -584,13 +586,16 @@ def run_serve(b: Bench):
     w, llm = b.w, engine(b)
     runs = variants(b, llm)
     offline = {}
-    for label, kw in runs:
-        for n in w.clients:
-            prompts, outs = offline_requests(n, w.min_len, w.max_len, b.cfg.vocab_size)
-            r = run_requests(llm, prompts, outs, kw, f"offline x{n}, {label}")
-            steps = [y - x for x, y in zip(r["stamps"], r["stamps"][1:])]
-            offline[label, n] = {"output_tok_s": r["output_tokens"] / r["seconds"],
-                                 "step_p50_ms": 1e3 * statistics.median(steps) if steps else float("nan")}
+    for i in range(b.repeat):                    # repeats interleaved, as `repeated` does; medians reported
+        for label, kw in runs:
+            for n in w.clients:
+                prompts, outs = offline_requests(n, w.min_len, w.max_len, b.cfg.vocab_size)
+                r = run_requests(llm, prompts, outs, kw, f"offline x{n}, {label}")
+                steps = [y - x for x, y in zip(r["stamps"], r["stamps"][1:])]
+                offline.setdefault((label, n), []).append({
+                    "output_tok_s": r["output_tokens"] / r["seconds"],
+                    "step_p50_ms": 1e3 * statistics.median(steps) if steps else float("nan")})
+    offline = {key: median_run(rs) for key, rs in offline.items()}
     del llm
     release(b)                                   # the server needs the GPU memory
     proc, port = bench_serve.start_server(bench_serve.server_flags(b.eargs))
@@ -600,21 +605,27 @@ def run_serve(b: Bench):
         for n in (16, 300, 1000):                # warm-up: Triton compiles its kernels for these shapes once
             bench_serve.stream_completion(port, {"model": b.eargs.model, "prompt": [1] * n, "max_tokens": 4,
                                                  "stream": True})
-        for label, kw in runs:
-            for n in w.clients:
-                prompts, outs = offline_requests(n, w.min_len, w.max_len, b.cfg.vocab_size)
-                bodies = [{"model": b.eargs.model, "stream": True, "stream_options": {"include_usage": True},
-                           "ignore_eos": True, **kw, "prompt": p, "max_tokens": o} for p, o in zip(prompts, outs)]
-                busy = bench_serve.metric(port, "qwen3_gpu_busy_seconds_total")
-                res, t0 = pool.run(port, bodies, bench_serve.arrivals(n, w.request_rate), w.max_concurrency or n)
-                lv = bench_serve.summarize(res, outs, t0)
-                lv["gpu_idle"] = 1 - (bench_serve.metric(port, "qwen3_gpu_busy_seconds_total") - busy) / lv["seconds"]
-                off = offline[label, n]
-                lv.update(offline_tok_s=off["output_tok_s"], offline_step_p50_ms=off["step_p50_ms"],
-                          of_offline=lv["output_tok_s"] / off["output_tok_s"])
-                levels[f"{label}, {n}"] = lv
-                rows.append(row(f"serve ({n} clients), {label}", lv["output_tok_s"],
-                                floor(b, list(map(len, prompts)), outs)["tok_s"], bench_serve.note(lv, n)))
+        served = {}
+        for i in range(b.repeat):
+            for label, kw in runs:
+                for n in w.clients:
+                    prompts, outs = offline_requests(n, w.min_len, w.max_len, b.cfg.vocab_size)
+                    bodies = [{"model": b.eargs.model, "stream": True, "stream_options": {"include_usage": True},
+                               "ignore_eos": True, **kw, "prompt": p, "max_tokens": o} for p, o in zip(prompts, outs)]
+                    busy = bench_serve.metric(port, "qwen3_gpu_busy_seconds_total")
+                    res, t0 = pool.run(port, bodies, bench_serve.arrivals(n, w.request_rate), w.max_concurrency or n)
+                    lv = bench_serve.summarize(res, outs, t0)
+                    lv["gpu_idle"] = 1 - (bench_serve.metric(port, "qwen3_gpu_busy_seconds_total") - busy) / lv["seconds"]
+                    served.setdefault((label, n), []).append(lv)
+        for (label, n), lvs in served.items():
+            lv, off = median_run(lvs), offline[label, n]
+            lv.update(offline_tok_s=off["output_tok_s"], offline_step_p50_ms=off["step_p50_ms"],
+                      of_offline=lv["output_tok_s"] / off["output_tok_s"], offline_runs_tok_s=off["runs_tok_s"])
+            levels[f"{label}, {n}"] = lv
+            prompts, outs = offline_requests(n, w.min_len, w.max_len, b.cfg.vocab_size)
+            rows.append(row(f"serve ({n} clients), {label}", lv["output_tok_s"],
+                            floor(b, list(map(len, prompts)), outs)["tok_s"],
+                            bench_serve.note(lv, n) + lv["spread"] + off["spread"].replace("median", "offline: median")))
     finally:
         pool.close()
         bench_serve.stop_server(proc)
@@ -713,7 +724,7 @@ def parse_args(argv):
     ap.add_argument("--temperature", type=float, default=None,
                     help="offline, prefix, serve, nanovllm: the sampled runs' temperature (default: the model's, with "
                          "its top-p/top-k: Qwen3's 0.6 / 0.95 / 20 for random weights); 0 = greedy only")
-    ap.add_argument("--repeat", type=int, help="offline, nanovllm: runs of each variant, interleaved, the median "
+    ap.add_argument("--repeat", type=int, help="offline, nanovllm, serve: runs of each variant, interleaved, the median "
                                                "reported (default: 3 on a GPU, 1 on a CPU)")
     ap.add_argument("--out", default="results.json", help="where the JSON results go (default: results.json)")
     ap.add_argument("--model", help="a named size (random weights) or a checkpoint dir (default: qwen3-0.6b on a GPU, "
