@@ -112,7 +112,7 @@ class Bench:
     greedy_beside: bool              # also run greedy beside each sampled run
     peer_num_seqs: int | None        # offline: also run our engine on the peer's (smaller) workload
     held: dict                       # {"args": EngineArgs, "llm": LLM}: at most one engine alive
-    repeat: int = 1                  # offline, nanovllm, serve: runs of each variant, interleaved; the median is reported
+    repeat: int = 1                  # offline, nanovllm, serve: runs of each variant, interleaved; the median
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -586,7 +586,7 @@ def run_serve(b: Bench):
     w, llm = b.w, engine(b)
     runs = variants(b, llm)
     offline = {}
-    for i in range(b.repeat):                    # repeats interleaved, as `repeated` does; medians reported
+    for _ in range(b.repeat):                    # repeats interleaved, as `repeated` does; medians reported
         for label, kw in runs:
             for n in w.clients:
                 prompts, outs = offline_requests(n, w.min_len, w.max_len, b.cfg.vocab_size)
@@ -606,7 +606,7 @@ def run_serve(b: Bench):
             bench_serve.stream_completion(port, {"model": b.eargs.model, "prompt": [1] * n, "max_tokens": 4,
                                                  "stream": True})
         served = {}
-        for i in range(b.repeat):
+        for _ in range(b.repeat):
             for label, kw in runs:
                 for n in w.clients:
                     prompts, outs = offline_requests(n, w.min_len, w.max_len, b.cfg.vocab_size)

@@ -22,6 +22,7 @@ def import_transformers():
     the `kernels` package and imports it, and the repo's own kernels.py shadows that name here."""
     try:
         import transformers
+        transformers.Qwen3ForCausalLM              # (lazy: the model code is where `kernels` is imported)
     except ImportError as e:
         if "kernels" in str(e):
             raise SystemExit(f"transformers could not be imported ({e}): versions from 5.25 import the `kernels` "
