@@ -585,12 +585,12 @@ def run_serve(b: Bench):
     import bench_serve
     w, llm = b.w, engine(b)
     runs = variants(b, llm)
+    reqs = {n: offline_requests(n, w.min_len, w.max_len, b.cfg.vocab_size) for n in w.clients}   # (prompts, outs)
     offline = {}
     for _ in range(b.repeat):                    # repeats interleaved, as `repeated` does; medians reported
         for label, kw in runs:
             for n in w.clients:
-                prompts, outs = offline_requests(n, w.min_len, w.max_len, b.cfg.vocab_size)
-                r = run_requests(llm, prompts, outs, kw, f"offline x{n}, {label}")
+                r = run_requests(llm, *reqs[n], kw, f"offline x{n}, {label}")
                 steps = [y - x for x, y in zip(r["stamps"], r["stamps"][1:])]
                 offline.setdefault((label, n), []).append({
                     "output_tok_s": r["output_tokens"] / r["seconds"],
@@ -609,7 +609,7 @@ def run_serve(b: Bench):
         for _ in range(b.repeat):
             for label, kw in runs:
                 for n in w.clients:
-                    prompts, outs = offline_requests(n, w.min_len, w.max_len, b.cfg.vocab_size)
+                    prompts, outs = reqs[n]
                     bodies = [{"model": b.eargs.model, "stream": True, "stream_options": {"include_usage": True},
                                "ignore_eos": True, **kw, "prompt": p, "max_tokens": o} for p, o in zip(prompts, outs)]
                     busy = bench_serve.metric(port, "qwen3_gpu_busy_seconds_total")
@@ -622,7 +622,7 @@ def run_serve(b: Bench):
             lv.update(offline_tok_s=off["output_tok_s"], offline_step_p50_ms=off["step_p50_ms"],
                       of_offline=lv["output_tok_s"] / off["output_tok_s"], offline_runs_tok_s=off["runs_tok_s"])
             levels[f"{label}, {n}"] = lv
-            prompts, outs = offline_requests(n, w.min_len, w.max_len, b.cfg.vocab_size)
+            prompts, outs = reqs[n]
             rows.append(row(f"serve ({n} clients), {label}", lv["output_tok_s"],
                             floor(b, list(map(len, prompts)), outs)["tok_s"],
                             bench_serve.note(lv, n) + lv["spread"] + off["spread"].replace("median", "offline: median")))
