@@ -30,7 +30,7 @@ from runner import Runner, build_rank, gpu_event, shares_first_block, to_device
 from sample import (SamplerGraphs, SamplingParams, SamplingTensors, apply_penalties, generation_defaults,
                     penalty_entries, resolve, sample, token_logprobs)
 from scheduler import PENDING, Batch, Scheduler, Sequence, Status, pack
-from speculate import DraftModel, Speculator, eligible
+from speculate import DraftModel, Speculator, eligible, report
 from tokenizer import Detokenizer, Tokenizer
 
 
@@ -206,6 +206,7 @@ class LLM:
         self.num_unspeculable = 0                # requests that never speculate (speculate.eligible)
         self.grammars = None                     # structured output: built on the first request that asks
         self.in_flight: InFlight | None = None   # the launched step whose tokens are not read yet
+        self.round = None                        # the launched speculative round not read yet (speculate.Round)
         self.sample_row: dict[Sequence, int] = {}   # row of runner.last_tokens holding each PENDING token
         self.speculator = (Speculator(args.num_speculative_tokens, self.draft and DraftModel(self.draft))
                            if args.speculative_method else None)
@@ -250,7 +251,7 @@ class LLM:
         del self.seqs[request_id]
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work() or self.in_flight is not None
+        return self.scheduler.has_work() or self.in_flight is not None or self.round is not None
 
     def stats(self) -> dict:
         """Counters for /metrics and bench.py: requests, KV blocks, prefix-cache hits, preemptions."""
@@ -261,12 +262,18 @@ class LLM:
     # the host's bookkeeping (detokenize, stop checks, scheduling, packing) overlaps the GPU's forward pass.
     # A decode whose input is a token still on the GPU (PENDING on the host) reads it from `last_tokens` on
     # the device. A request that stops on EOS or a stop string therefore runs one extra, discarded step.
+    # A speculative round is launched in one step and read at the start of the next (its drafts' fate decides
+    # what that step runs); the StepOutputs of its tokens are made once the next step is launched, so that host
+    # work overlaps the GPU too.
 
     @torch.inference_mode()
     def step(self) -> list[StepOutput]:
+        kept = self.speculator.collect(self) if self.round is not None else []
         if self.speculator is not None and self.speculator.ready(self):
-            return self.speculator.step(self)          # a pure decode phase of greedy requests: drafts
-        return self.step_ahead()
+            outputs = self.speculator.step(self)       # a pure decode phase of greedy requests: drafts
+        else:
+            outputs = self.step_ahead()
+        return report(self, kept) + outputs if kept else outputs
 
     def step_ahead(self) -> list[StepOutput]:
         """The step described above: launch this batch, then collect the previous one."""

@@ -160,7 +160,7 @@ class EngineLoop:
             rids = list(self.llm.seqs)
             for rid in rids:
                 self.llm.abort(rid)
-            self.llm.in_flight = None
+            self.llm.in_flight = self.llm.round = None
             self.outbox.put(("rejected", rids, 500, f"engine error: {type(e).__name__}: {e}", None))
             return
         if outs:

@@ -55,7 +55,7 @@ class Sequence:
     spec_missed: float = 1.5     # ... passes ending at a wrong draft, decayed (speculate.acceptance; from 0.75)
     spec_resume: int = 0         # the token count at which drafting resumes (a sequence paused alone)
     spec_wait: int = 0           # the current pause's length in tokens (doubled by each failed probe)
-    seen: set = field(default_factory=set)   # the tokens before position num_seen (speculate.ngram_gate)
+    positions: dict = field(default_factory=dict)   # token -> its positions before num_seen (speculate.index_tokens)
     num_seen: int = 0
     status: Status = Status.WAITING
     finish_reason: str | None = None

@@ -28,9 +28,11 @@ How it sits in the engine (`LLM.step` hands a step here when `ready`):
     them like a prompt chunk and never puts a block holding an unverified token into the prefix cache.
   - after the verify pass the rejected drafts are cut off: their K/V slots lie past `num_computed` and are
     overwritten later; their blocks stay with the sequence (they hold its next tokens) and are freed with it.
-  - the verify pass is synchronous (the next drafts depend on its result) and runs in the decode CUDA graphs
-    where it fits them, each of its tokens a decode row of its own, a sequence's rows attending together so that
-    its context is read once (`forward_tokens`).
+  - a round is launched in one engine step and read at the start of the next, before anything else is decided
+    (the next drafts depend on it: that wait is the round's one host sync); the StepOutputs of its tokens are made
+    once the next step is launched (`settle`, `report`). Its verify pass runs in the decode CUDA graphs where it
+    fits them, each of its tokens a decode row of its own, a sequence's rows attending together so that its
+    context is read once (`forward_tokens`).
 
 A draft model (`DraftModel`: a smaller Qwen3 with the same vocabulary) proposes its own greedy continuation.
 It has its own Runner and KV cache with the target's block layout (same block size and count), so a sequence's
@@ -49,6 +51,7 @@ continuation, partly corrupted, and so measure the mechanism at a chosen accepta
 rows of the engine's own rule it judges drafts by coin flips instead (`judge`).
 """
 import time
+from typing import NamedTuple
 
 import torch
 
@@ -107,42 +110,48 @@ NO_MATCH_WAIT = 8
 CATCH_UP_GRAPH_PASSES, CATCH_UP_GRAPH_PAIRS = 3, 300_000
 
 
-def ngram_drafts(tokens: list[int], k: int) -> list[int]:
-    """Up to k tokens that followed the latest earlier occurrence of the longest suffix n-gram (n = 4 .. 1).
-    Every earlier occurrence of the last token is found by list.index (a C scan, newest first) and extended
-    backwards: one pass, where trying each n in turn with slices took ~1 ms on 1,000 tokens without a match."""
-    L = len(tokens)
-    if L < 2:
-        return []
-    newest_first = tokens[-2::-1]                # tokens before the last; entry j is position L - 2 - j
-    best, at, j = 0, -1, 0
-    while best < NGRAM_MAX:
-        try:
-            j = newest_first.index(tokens[-1], j)
-        except ValueError:
-            break
-        i = L - 2 - j                            # an earlier occurrence of the last token
+def ngram_drafts(seq, k: int) -> list[int]:
+    """Up to k tokens that followed the latest earlier occurrence of the longest suffix n-gram (n = 4 .. 1) of the
+    sequence's tokens, all final (no drafts among them). The earlier occurrences of its last token come from the
+    sequence's index of its tokens (`index_tokens`), newest first, each extended backwards; a 4-gram ends the
+    search. The index is grown here by the tokens since the last look: a scan of the whole sequence instead
+    (list.index over a reversed copy) cost ~3 us per round at 1,000 tokens and ~22 us when the last token's
+    previous occurrence lay far back, for every drafting sequence, on a round's critical path."""
+    t = seq.token_ids
+    L = len(t)
+    index_tokens(seq, L - 1)
+    best, at = 0, -1
+    for i in reversed(seq.positions.get(t[-1], ())):    # the last token's earlier occurrences, newest first
         n = 1
-        while n < NGRAM_MAX and i - n >= 0 and tokens[i - n] == tokens[L - 1 - n]:
+        while n < NGRAM_MAX and i - n >= 0 and t[i - n] == t[L - 1 - n]:
             n += 1
         if n > best:                             # the longest suffix; the latest among equals
             best, at = n, i
-        j += 1
-    return tokens[at + 1:at + 1 + k] if best >= NGRAM_MIN else []
+            if best == NGRAM_MAX:
+                break
+    return t[at + 1:at + 1 + k] if best >= NGRAM_MIN else []
+
+
+def index_tokens(seq, end: int):
+    """Grow the sequence's index of its tokens (Sequence.positions: token -> its positions, oldest first) to the
+    tokens before `end`, which must be final (verified or sampled: never a draft, never PENDING)."""
+    t, positions = seq.token_ids, seq.positions
+    for i in range(seq.num_seen, end):
+        positions.setdefault(t[i], []).append(i)
+    seq.num_seen = max(seq.num_seen, end)
 
 
 def ngram_gate(seq) -> bool:
     """Whether the last token of a sequence known on the host (its newest may still be on the GPU) occurred before
     in it (ngram_drafts would find drafts there): then a lookup once the newest token lands will likely find some
-    too (NO_MATCH_WAIT's comment). A set of the tokens before, grown as the sequence grows (the tokens there are
-    final): O(1), where a scan costs ~15 us per 1,000 tokens, for each due sequence at every step."""
+    too (NO_MATCH_WAIT's comment). O(1) from the sequence's index (index_tokens), where a scan costs ~15 us per
+    1,000 tokens, for each due sequence at every step."""
     t = seq.token_ids
     last = len(t) - 1 - (t[-1] == PENDING)
     if last < 0:
         return False
-    seq.seen.update(t[seq.num_seen:last])
-    seq.num_seen = last
-    return t[last] in seq.seen
+    index_tokens(seq, last)
+    return t[last] in seq.positions
 
 
 def acceptance(seq) -> float:
@@ -187,7 +196,7 @@ class StepClock:
     """Seconds per plain decode step and per speculative round, by batch size (rounded up to a power of two), on the
     host's clock: what a step costs its caller. A plain step runs from its start to the next step's start, counted
     when the step before it was plain too (then the host's work overlaps the GPU's, as in a run of plain steps);
-    a round from after it collected the step before (it runs synchronously) to the next step's start, plus the
+    a round from after it collected the step before to the next step's start (once the round is read), plus the
     plain step after it, if one: that step collects nothing, and the GPU idles while the host prepares it (the
     pipeline refilling, a cost of the round; `bench.py spec`, qwen3-8b, free drafts, kept 70%, K = 2 / 4 / 8: 1.60 /
     2.08 / 2.01x -> 1.69 / 2.11 / 2.09x at batch 1, 1.54 / 1.83 / 1.73x -> 1.67 / 1.90 / 1.81x at 16). An interval
@@ -245,7 +254,7 @@ class Speculator:
 
     def __init__(self, k: int, model: "DraftModel | None" = None):
         self.k, self.model = k, model
-        self.drafter = lambda seq, k: ngram_drafts(seq.token_ids, k)   # (Sequence, k) -> up to k draft tokens
+        self.drafter = ngram_drafts   # (Sequence, k) -> up to k draft tokens
         self.rewrite = None          # bench: (Sequence, its draft model's drafts) -> the drafts to verify
         self.judge = None            # bench: (Sequence, drafts, target's tokens) -> drafts kept (not the exact rule)
         self.gate = ngram_gate if model is None else None   # (Sequence) -> worth collecting the step in flight to
@@ -364,19 +373,28 @@ class Speculator:
         steps = [seq.num_tokens - seq.num_draft - len(seq.prompt_ids) + j for seq in batch.seqs
                  for j in range(seq.num_draft + 1)]
         target = llm.sample_tokens(reqs, steps, logits, graphed=False)
-        end = gpu_event(llm.device)
-        if model_drafts is None:
-            target = target.tolist()
-        else:                                          # the round's one host sync reads the drafts too
-            both = torch.cat([target.to(torch.int64), model_drafts]).tolist()
-            target = both[:len(reqs)]
-            for tok, (seq, pos) in zip(both[len(reqs):], where):
-                seq.token_ids[pos] = tok
-        if start is not None:
-            llm.gpu_busy += start.elapsed_time(end) / 1e3
+        both = target if model_drafts is None else torch.cat([target.to(torch.int64), model_drafts])
+        host = torch.empty(both.shape, dtype=both.dtype, pin_memory=start is not None)   # read in collect()
+        host.copy_(both, non_blocking=start is not None)
+        llm.round = Round(batch.seqs, [s.num_draft + 1 for s in batch.seqs], where if model_drafts is not None else [],
+                          host, start, gpu_event(llm.device))
         sch.advance(batch)                             # counts the drafts as computed; no blocks cached yet
         self.verify_steps += 1
-        return outputs + settle(self, llm, batch.seqs, target)
+        return outputs
+
+    def collect(self, llm) -> list:
+        """The launched round's tokens, read (its one host sync), and settled; returns what `report` makes the
+        round's StepOutputs of, after the next step is launched."""
+        r, llm.round = llm.round, None
+        if r.end is not None:
+            r.end.synchronize()
+            llm.gpu_busy += r.start.elapsed_time(r.end) / 1e3
+        tokens = r.tokens.tolist()
+        n = sum(r.rows)
+        for tok, (seq, pos) in zip(tokens[n:], r.where):      # the draft model's drafts
+            if seq.status != Status.FINISHED:
+                seq.token_ids[pos] = tok
+        return settle(self, llm, r.seqs, r.rows, tokens[:n])
 
     def stats(self) -> dict:
         """Acceptance = accepted / drafted; tokens per target step of a sequence = 1 + accepted / verified."""
@@ -436,26 +454,52 @@ class DraftModel:
         return torch.cat(drafts), where
 
 
-def settle(spec: Speculator, llm, seqs: list, target: list) -> list:
-    """A verify pass's outcome: each sequence keeps its drafts up to the first the target disagrees with and takes the
-    target's token there (target: each sequence's rows in turn, its drafts + 1); returns their StepOutputs."""
-    outputs, at, sch = [], 0, llm.scheduler
-    for seq in seqs:
-        d = seq.num_draft
+class Round(NamedTuple):
+    """A launched speculative round whose tokens are still on their way to the host (LLM.round)."""
+    seqs: list                          # the verify pass's sequences
+    rows: list[int]                     # each one's rows (its drafts + 1)
+    where: list                         # (sequence, position) of each draft-model draft read back (after the rows)
+    tokens: torch.Tensor                # the target's token at every row, then those drafts (pinned host memory)
+    start: torch.cuda.Event | None      # GPU events around the round (None on the CPU): the end is waited on
+    end: torch.cuda.Event | None
+
+
+def settle(spec: Speculator, llm, seqs: list, rows: list[int], target: list) -> list:
+    """A verify pass's outcome: each sequence keeps its drafts up to the first the target disagrees with and takes
+    the target's token there (target: each sequence's rows in turn). Returns (sequence, first, last) of the tokens
+    each one gained, for `report`: only what the next step needs happens here, before it is launched."""
+    kept, at = [], 0
+    for seq, d1 in zip(seqs, rows):
+        t, at = target[at:at + d1], at + d1
+        d = d1 - 1
+        if seq.status == Status.FINISHED:          # aborted, or stopped (report) while the round ran
+            seq.num_draft = 0
+            continue
         base = seq.num_tokens - 1 - d              # tokens before the drafts (PENDING is the last)
-        drafts, t = seq.token_ids[base:base + d], target[at:at + d + 1]
-        at += d + 1
+        drafts = seq.token_ids[base:base + d]
         a = (next((j for j in range(d) if drafts[j] != t[j]), d) if spec.judge is None   # drafts it agrees with
              else spec.judge(seq, drafts, t))
         seq.token_ids[base:] = drafts[:a] + [t[a]]
         seq.num_computed, seq.num_draft = base + a, 0
         seq.draft_kv = min(seq.draft_kv, seq.num_computed)   # the draft model's K/V past here is stale
-        sch.cache_full_blocks(seq)
         spec.drafted, spec.accepted, spec.verified = spec.drafted + d, spec.accepted + a, spec.verified + 1
         if d:
             note_pass(seq, a, d, spec.k, spec.pausing)
+        kept.append((seq, base, base + a))
+    return kept
+
+
+def report(llm, kept: list) -> list:
+    """settle's tokens as StepOutputs (stop conditions checked, full blocks cached), once the next step is on
+    the GPU: this host work then overlaps it. A sequence that stops here may have joined that step: its tokens
+    there are dropped (as a plain step's after a stop: LLM.step's comment)."""
+    outputs = []
+    for seq, first, last in kept:
+        if seq.status == Status.FINISHED:          # aborted since
+            continue
+        llm.scheduler.cache_full_blocks(seq)
         req = llm.requests[seq.request_id]
-        for index in range(base, base + a + 1):
+        for index in range(first, last + 1):
             outputs.append(llm.check_stop(seq, req, index, None))
             if seq.status == Status.FINISHED:
                 break

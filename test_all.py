@@ -679,11 +679,15 @@ def test_randomized_requests_match_alone(tied_ckpt):
 # ----------------------------------------------------------------------------------------------------------
 
 def test_ngram_drafts():
+    """ngram_drafts against its definition (by_slices), on sequences that grow as decoding grows them (drafts
+    appended, then cut back to the kept ones and a token): the index of a sequence's tokens grows with it."""
+    from scheduler import Sequence
     from speculate import ngram_drafts
-    assert ngram_drafts([1, 2, 3, 9, 1, 2, 3], 3) == [9, 1, 2]          # longest suffix (1 2 3), its continuation
-    assert ngram_drafts([5, 1, 7, 8, 2, 1], 2) == [7, 8]                # only the last token recurs
-    assert ngram_drafts([1, 2, 3], 4) == [] and ngram_drafts([4], 2) == []
-    assert ngram_drafts([1, 2, 1, 2, 1, 2], 4) == [1, 2]               # the latest earlier occurrence
+    look = lambda tokens, k: ngram_drafts(Sequence("r", tokens, 10), k)
+    assert look([1, 2, 3, 9, 1, 2, 3], 3) == [9, 1, 2]          # longest suffix (1 2 3), its continuation
+    assert look([5, 1, 7, 8, 2, 1], 2) == [7, 8]                # only the last token recurs
+    assert look([1, 2, 3], 4) == [] and look([4], 2) == []
+    assert look([1, 2, 1, 2, 1, 2], 4) == [1, 2]               # the latest earlier occurrence
 
     def by_slices(tokens, k):                    # the definition: each n from 4 down, the latest occurrence
         for n in range(min(4, len(tokens) - 1), 0, -1):
@@ -693,10 +697,18 @@ def test_ngram_drafts():
         return []
     rng = random.Random(0)
     for _ in range(2000):                        # few distinct tokens: many partial matches
-        tokens = [rng.randrange(rng.choice((2, 3, 5, 50))) for _ in range(rng.randrange(0, 40))]
+        tokens = [rng.randrange(rng.choice((2, 3, 5, 50))) for _ in range(rng.randrange(1, 40))]
         k = rng.randrange(0, 6)
-        assert ngram_drafts(tokens, k) == by_slices(tokens, k), (tokens, k)
-
+        assert look(tokens, k) == by_slices(tokens, k), (tokens, k)
+    for _ in range(50):                          # one sequence looked up as it grows
+        vocab = rng.choice((2, 3, 5, 50))
+        seq = Sequence("r", [rng.randrange(vocab) for _ in range(rng.randrange(1, 10))], 10)
+        for _ in range(60):
+            k = rng.randrange(0, 6)
+            drafts = ngram_drafts(seq, k)
+            assert drafts == by_slices(seq.token_ids, k), (seq.token_ids, k)
+            kept = rng.randrange(len(drafts) + 1)
+            seq.token_ids += drafts[:kept] + [rng.randrange(vocab)]   # the verify pass's outcome
 
 def make_draft_checkpoint(src, dst, noise: float):
     """A draft model for src's checkpoint: its weights plus noise, so it agrees with the target often, not
@@ -945,7 +957,7 @@ def test_speculation_gate_keeps_steps_overlapped(ckpt, monkeypatch):
             s.token_ids[-1] = rng.randrange(60)
         s.token_ids.append(rng.choice((PENDING, rng.randrange(60))))
         end = len(s.token_ids) - (s.token_ids[-1] == PENDING)
-        assert speculate.ngram_gate(s) == bool(speculate.ngram_drafts(s.token_ids[:end], 1)), s.token_ids
+        assert speculate.ngram_gate(s) == bool(speculate.ngram_drafts(seq(s.token_ids[:end]), 1)), s.token_ids
     path, hf = ckpt
     llm = engine(path, speculative_method="ngram", num_speculative_tokens=3)
     monkeypatch.setattr(llm.speculator.clock, "stale", lambda batch: False)
