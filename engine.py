@@ -264,7 +264,8 @@ class LLM:
     # the device. A request that stops on EOS or a stop string therefore runs one extra, discarded step.
     # A speculative round is launched in one step and read at the start of the next (its drafts' fate decides
     # what that step runs); the StepOutputs of its tokens are made once the next step is launched, so that host
-    # work overlaps the GPU too.
+    # work overlaps the GPU too (H200, qwen3-0.6b served with n-gram drafts, greedy, 16 / 64 clients: 6,790 /
+    # 14,140 -> 7,864 / 15,686 tok/s, the GPU idle 19.6 / 25.9% -> 12.7 / 21.4%; README, 27th session).
 
     @torch.inference_mode()
     def step(self) -> list[StepOutput]:

@@ -999,6 +999,35 @@ def test_speculation_rule_counts_gated_sequences(ckpt, monkeypatch):
     assert_no_leak(llm)
 
 
+def test_speculation_round_read_in_next_step(ckpt, monkeypatch):
+    """A round is read at the start of the next step, and its tokens' outputs are made once that step is launched
+    (LLM.step): whenever report runs with tokens, a round or a plain step is in flight, unless no sequence is
+    left to run. Sequences that stop inside a round (max_tokens reached by kept drafts) drop their tokens of the
+    step launched meanwhile; the tokens equal transformers' and every block returns."""
+    import engine as engine_mod
+    path, hf = ckpt
+    llm = engine(path, speculative_method="ngram", num_speculative_tokens=3)
+    llm.speculator.pausing = False
+    prompts = [llm.tokenizer.encode(p) for p in PROMPTS[:3]]
+    want = {tuple(p): hf_greedy(hf, p, 30) for p in prompts}
+    llm.speculator.drafter = lambda seq, k: want[tuple(seq.prompt_ids)][seq.num_tokens - len(seq.prompt_ids):][:k]
+    seen, real = [], engine_mod.report
+
+    def recording(llm_, kept):
+        if kept:
+            seen.append(llm_.round is not None or llm_.in_flight is not None or not llm_.scheduler.running)
+        return real(llm_, kept)
+    monkeypatch.setattr(engine_mod, "report", recording)
+    lengths = (30, 17, 9)                               # stops land inside rounds of 3 drafts
+    outs = llm.generate(prompts, [greedy(max_tokens=n, ignore_eos=True) for n in lengths])
+    assert [o.token_ids for o in outs] == [want[tuple(p)][:n] for p, n in zip(prompts, lengths)]
+    assert len(seen) >= 5 and all(seen), seen
+    while llm.has_work():                               # the step launched after the last round's tokens
+        llm.step()
+    assert llm.round is None and llm.in_flight is None
+    assert_no_leak(llm)
+
+
 def test_speculation_not_beside_ineligible_requests(ckpt):
     """No step speculates while a request that may not (logprobs, opted out) is live; the engine's count of them
     (LLM.num_unspeculable) returns to 0 when they finish or are aborted, and speculation resumes."""
