@@ -328,7 +328,10 @@ class Speculator:
         most = self.max_drafts(llm)
         for seq in sch.running:                      # drafts, never past the request's last token
             k = min(most, room(seq)) if due(seq) else 0
-            drafts = self.drafter(seq, k)[:k] if self.model is None else [PENDING] * k   # the model's: below
+            if self.model is not None:
+                drafts = [PENDING] * k                 # the draft model's: below
+            else:
+                drafts = self.drafter(seq, k)[:k] if k else []   # no lookup for a sequence not due
             if k and not drafts and self.pausing:      # no n-gram to continue: look again NO_MATCH_WAIT tokens on
                 seq.spec_resume = seq.num_tokens + NO_MATCH_WAIT
             seq.token_ids += drafts

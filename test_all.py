@@ -710,6 +710,7 @@ def test_ngram_drafts():
             kept = rng.randrange(len(drafts) + 1)
             seq.token_ids += drafts[:kept] + [rng.randrange(vocab)]   # the verify pass's outcome
 
+
 def make_draft_checkpoint(src, dst, noise: float):
     """A draft model for src's checkpoint: its weights plus noise, so it agrees with the target often, not
     always (the tests then see drafts accepted and rejected)."""
@@ -957,7 +958,8 @@ def test_speculation_gate_keeps_steps_overlapped(ckpt, monkeypatch):
             s.token_ids[-1] = rng.randrange(60)
         s.token_ids.append(rng.choice((PENDING, rng.randrange(60))))
         end = len(s.token_ids) - (s.token_ids[-1] == PENDING)
-        assert speculate.ngram_gate(s) == bool(speculate.ngram_drafts(seq(s.token_ids[:end]), 1)), s.token_ids
+        found = speculate.ngram_drafts(seq(s.token_ids[:end]), 1)
+        assert speculate.ngram_gate(s) == bool(found), s.token_ids
     path, hf = ckpt
     llm = engine(path, speculative_method="ngram", num_speculative_tokens=3)
     monkeypatch.setattr(llm.speculator.clock, "stale", lambda batch: False)
