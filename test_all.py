@@ -2607,6 +2607,63 @@ def test_sv_still_serves_and_nothing_leaks(sv):
     assert m["qwen3_kv_blocks_free"] + m["qwen3_kv_blocks_cached"] == sv.httpd.client.info["num_blocks"] - 1
 
 
+
+def drafting_engine_main(args, conn, max_queue):
+    """engine_process.engine_main, its speculator drafting at every step (no rule) from <checkpoint>/drafts.json:
+    each request's known greedy continuation, every third draft made wrong, so that rounds keep some drafts and
+    lose others whatever random weights would repeat."""
+    import engine_process
+    import speculate
+    cont = json.loads((Path(args.model) / "drafts.json").read_text())
+    init = speculate.Speculator.__init__
+
+    def drafting(self, *a, **kw):
+        init(self, *a, **kw)
+        self.pausing, self.gate = False, None
+        self.drafter = lambda seq, k: [t if (seq.num_tokens + j) % 3 else t + 1 for j, t in enumerate(
+            cont[seq.num_tokens - len(seq.prompt_ids):][:k])] if seq.prompt_ids[:4] == [1, 2, 3, 4] else []
+    speculate.Speculator.__init__ = drafting
+    engine_process.engine_main(args, conn, max_queue)
+
+
+def test_sv_speculation_streams_and_frees(tmp_path):
+    """serve.py with speculative rounds (each read in the engine process's next step, its outputs made after that
+    step is launched): a request whose drafts are partly right streams the text the engine gives without drafts,
+    several tokens a round (/metrics), and a client that disconnects mid-stream has its request aborted and its
+    blocks freed."""
+    import openai
+    make_checkpoint(tmp_path, max_pos=2048)
+    prompt = [1, 2, 3, 4] + list(range(40, 70))
+    params = SamplingParams(temperature=0.0, max_tokens=60, ignore_eos=True)
+    ref = LLM(sv_args(tmp_path))
+    want = ref.generate([prompt], params)[0]
+    (tmp_path / "drafts.json").write_text(json.dumps(want.token_ids))
+    httpd = start_server(sv_args(tmp_path, speculative_method="ngram", num_speculative_tokens=3), "127.0.0.1", 0,
+                         model_name=SV_MODEL, api_key=SV_KEY, engine_main=drafting_engine_main)
+    port = httpd.server_address[1]
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=SV_KEY, max_retries=0, timeout=60)
+        chunks = client.completions.create(model=SV_MODEL, prompt=prompt, max_tokens=60, temperature=0, stream=True,
+                                           extra_body={"ignore_eos": True})
+        text = "".join(c.choices[0].text for c in chunks if c.choices)
+        assert text == "".join(o.text for _, o in ref.stream([prompt], params))
+        m = sv_wait_idle(port)
+        assert 0 < m["qwen3_spec_acceptance_rate"] < 1 and m["qwen3_spec_tokens_per_step"] > 1.2, m
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn.request("POST", "/v1/completions", json.dumps({
+            "model": SV_MODEL, "prompt": prompt, "max_tokens": 900, "ignore_eos": True, "stream": True}),
+            headers={"Authorization": f"Bearer {SV_KEY}", "Content-Type": "application/json"})
+        r = conn.getresponse()
+        assert r.status == 200 and r.readline()                # the first chunk arrived: it is running
+        conn.sock.shutdown(socket.SHUT_RDWR)
+        conn.close()
+        m = sv_wait_idle(port)
+        assert m["qwen3_kv_blocks_used"] == 0 and m["qwen3_requests_running"] == 0, m
+        assert m['qwen3_requests_finished_total{finish_reason="abort"}'] == 1
+    finally:
+        shutdown(httpd)
+    assert not httpd.client.proc.is_alive() and httpd.client.proc.exitcode == 0
+
 # ----------------------------------------------------------------------------------------------------------
 # Chat: the sandboxed template, reasoning and tool calls (chat.py), structured output (grammar.py), Qwen3's
 # real vocabulary
