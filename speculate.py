@@ -320,7 +320,9 @@ class Speculator:
         return False
 
     def step(self, llm) -> list:
-        """One speculative step of the engine (see the file's docstring); returns its StepOutputs."""
+        """One speculative step of the engine (see the file's docstring): launches a round, which `collect` reads
+        at the start of the next step (or, when no sequence drafts after all, an ordinary step); returns the
+        StepOutputs of the plain step it collected first, if any."""
         outputs = llm.collect(llm.in_flight) if llm.in_flight is not None else []
         llm.in_flight = None
         self.clock.start("round", len(llm.scheduler.running), time.perf_counter())
