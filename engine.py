@@ -26,7 +26,7 @@ import attention
 import cache
 import parallel
 from model import load_config
-from runner import Runner, build_rank, gpu_event, shares_first_block, to_device
+from runner import Runner, build_rank, gpu_event, shares_first_block, to_device, to_host
 from sample import (SamplerGraphs, SamplingParams, SamplingTensors, apply_penalties, generation_defaults,
                     penalty_entries, resolve, sample, token_logprobs)
 from scheduler import PENDING, Batch, Scheduler, Sequence, Status, pack
@@ -528,7 +528,6 @@ def in_flight(seqs: list[Sequence], indices: list[int], tokens, lp, prompt_lp, s
     """A launched step's results on their way to the host: copies queued into pinned memory (a copy to pageable
     memory would wait for the GPU right here), and on the GPU an event after them that collect() waits on."""
     pin = start is not None                            # a CUDA device
-    to_host = lambda t: torch.empty(t.shape, dtype=t.dtype, pin_memory=pin).copy_(t, non_blocking=True)
     host_all = lambda ts: ts and tuple(to_host(t) if torch.is_tensor(t) else t for t in ts)
     out = InFlight(seqs, indices, tokens if tokens is None else to_host(tokens), host_all(lp), host_all(prompt_lp),
                    None, start)

@@ -216,6 +216,13 @@ def to_device(xs: list, dtype: torch.dtype, device) -> torch.Tensor:
     return t.pin_memory().to(device, non_blocking=True) if torch.device(device).type == "cuda" else t
 
 
+def to_host(t: torch.Tensor) -> torch.Tensor:
+    """A device tensor's copy into pinned host memory, queued (a copy to pageable memory would wait for the GPU
+    right here): read it once an event recorded after it has completed. On the CPU: a plain copy."""
+    pin = t.device.type == "cuda"
+    return torch.empty(t.shape, dtype=t.dtype, pin_memory=pin).copy_(t, non_blocking=pin)
+
+
 def host_tensor(xs: list, dtype: torch.dtype) -> torch.Tensor:
     """A CPU tensor from a list of ints (or floats for float32), through the buffer protocol: for the 16k-token
     lists of a large prefill, torch.tensor(list) costs milliseconds, this a fraction of that."""

@@ -56,7 +56,7 @@ from typing import NamedTuple
 import torch
 
 import attention
-from runner import gpu_event, shares_first_block, to_device
+from runner import gpu_event, shares_first_block, to_device, to_host
 from scheduler import PENDING, Status, padded_tables
 
 NGRAM_MAX, NGRAM_MIN = 4, 1      # longest and shortest suffix looked up in the request's own tokens
@@ -379,10 +379,8 @@ class Speculator:
                  for j in range(seq.num_draft + 1)]
         target = llm.sample_tokens(reqs, steps, logits, graphed=False)
         both = target if model_drafts is None else torch.cat([target.to(torch.int64), model_drafts])
-        host = torch.empty(both.shape, dtype=both.dtype, pin_memory=start is not None)   # read in collect()
-        host.copy_(both, non_blocking=start is not None)
         llm.round = Round(batch.seqs, [s.num_draft + 1 for s in batch.seqs], where if model_drafts is not None else [],
-                          host, start, gpu_event(llm.device))
+                          to_host(both), start, gpu_event(llm.device))     # read in collect()
         sch.advance(batch)                             # counts the drafts as computed; no blocks cached yet
         self.verify_steps += 1
         return outputs
