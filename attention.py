@@ -664,10 +664,8 @@ def _prefill_tiles(acc, l_i, m_i, q, q_pos, k_cache_ptr, v_cache_ptr, bt_row, kv
     return acc, l_i, m_i
 
 
-# bt_stride (the block table's width) unspecialized: Triton compiles a variant per class of an int argument's value
-# (1, a multiple of 16, other), and table widths fall in all three, so a prefill (or a draft model's eager
-# catch-up) of a width class not seen before compiled a new variant while serving: a ~1.1 s stall inside one of
-# `bench.py spec`'s timed batch-16 runs (H200, 2026-12-03). It is read once per program: one variant costs nothing.
+# bt_stride unspecialized: Triton compiles a variant per class of an int's value (1, 16k, other), so a table width of
+# a new class compiled one mid-serving (a ~1.1 s stall in `bench.py spec`, H200, 2026-12-03). Read once per program.
 @triton.jit(do_not_specialize=["bt_stride"])
 def _prefill_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, cu_seqlens_ptr, context_lens_ptr, block_tables_ptr,
                               bt_stride, out_ptr, qk_scale, N_HEADS: tl.constexpr, N_KV: tl.constexpr,

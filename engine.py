@@ -26,7 +26,8 @@ import attention
 import cache
 import parallel
 from model import load_config
-from runner import Runner, build_rank, gpu_event, shares_first_block, to_device, to_host, warmup
+from runner import (Runner, build_rank, gpu_event, probe_cache, shares_first_block, to_device, to_host,
+                    warmup)
 from sample import (SamplerGraphs, SamplingParams, SamplingTensors, apply_penalties, generation_defaults,
                     penalty_entries, resolve, sample, token_logprobs)
 from scheduler import PENDING, Batch, Scheduler, Sequence, Status, pack
@@ -362,13 +363,8 @@ def allocate_kv(args: EngineArgs, runner: Runner, draft: Runner | None, max_mode
     """The KV caches (EngineArgs.num_blocks blocks, or what fits the GPU): the target's and the draft model's, which
     has as many blocks (one block table addresses both). Returns the number of blocks."""
     extra = 0 if draft is None else cache.kv_bytes_per_block(draft.model.config, args.block_size, draft.kv_dtype)
-    if draft is not None and draft.device.type == "cuda":
-        # the draft model's prefill kernels compiled now, on a throwaway cache, not at its first catch-up while
-        # serving (a ~1 s stall at batch 16 in `bench.py spec`, H200, 2026-12-03)
-        probe_blocks = 1 + -(-args.max_num_batched_tokens // args.block_size)
-        probe = cache.allocate_kv_cache(draft.model.config, probe_blocks, args.block_size, draft.kv_dtype, draft.device)
-        warmup(draft, probe, max_model_len, defaults)
-        del probe
+    if draft is not None and draft.device.type == "cuda":   # the draft's prefill kernels compiled now (as the
+        warmup(draft, probe_cache(draft), max_model_len, defaults)   # target's in its memory profile), not mid-serving
     num_blocks = args.num_blocks or runner.fit_blocks(max_model_len, defaults, extra)
     runner.allocate(num_blocks)
     if draft is not None:

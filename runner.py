@@ -150,8 +150,7 @@ def kv_blocks_that_fit(runner: Runner, max_model_len: int, defaults: dict, extra
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     reserved0, allocated0 = torch.cuda.memory_reserved(), torch.cuda.memory_allocated()
-    probe_blocks = 1 + -(-args.max_num_batched_tokens // args.block_size)
-    kv = cache.allocate_kv_cache(cfg, probe_blocks, args.block_size, runner.kv_dtype, runner.device)
+    kv = probe_cache(runner)
     warmup(runner, kv, max_model_len, defaults)
     graphs = samplers = None
     if args.cuda_graphs:
@@ -163,7 +162,7 @@ def kv_blocks_that_fit(runner: Runner, max_model_len: int, defaults: dict, extra
     # too) less the probe cache; but a probe that fit in free space of a segment reserved before (one that an
     # earlier tensor still pins, e.g. cuBLAS's workspace inside a big buffer's segment) never raised that peak, so
     # also count what was reserved before plus the live bytes the profile added beside the probe
-    probe = probe_blocks * probe_bytes
+    probe = kv.numel() * kv.element_size()
     need = max(torch.cuda.max_memory_reserved() - probe,
                reserved0 + torch.cuda.max_memory_allocated() - allocated0 - probe)
     del kv, graphs, samplers
@@ -174,6 +173,13 @@ def kv_blocks_that_fit(runner: Runner, max_model_len: int, defaults: dict, extra
         raise RuntimeError(f"no GPU memory left for the KV cache (the rest needs {need / 2**30:.1f} GiB of "
                            f"{total / 2**30:.1f} GiB); lower max_num_batched_tokens or raise gpu_memory_utilization")
     return n
+
+
+def probe_cache(runner: Runner) -> torch.Tensor:
+    """A throwaway KV cache that holds warmup's forward pass (max_num_batched_tokens tokens, after block 0)."""
+    args = runner.args
+    blocks = 1 + -(-args.max_num_batched_tokens // args.block_size)
+    return cache.allocate_kv_cache(runner.model.config, blocks, args.block_size, runner.kv_dtype, runner.device)
 
 
 @torch.inference_mode()
