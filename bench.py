@@ -58,11 +58,12 @@ import random
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+import triton
 
 from bench_kernels import bench_kernels, decode_timelines, format_rows, measure_ceilings, median_time, sync
 from engine import LLM, EngineArgs, resolve_device_dtype
@@ -70,6 +71,7 @@ from model import Config, preset, resolve_checkpoint
 from sample import SamplingParams, add_dataclass_args, pick, resolve
 
 MODES = ["offline", "nanovllm", "decode-1", "spec", "allreduce", "prefix", "prefill", "accuracy", "timeline", "kernels", "serve"]
+ENGINE_MODES = {"offline", "nanovllm", "decode-1", "spec", "prefix", "prefill", "timeline"}   # run LLM in this process
 DEFAULT_MODES = ["offline", "decode-1", "prefill", "prefix"]      # MODES run in their order there (fewest rebuilds)
 
 
@@ -113,6 +115,7 @@ class Bench:
     peer_num_seqs: int | None        # offline: also run our engine on the peer's (smaller) workload
     held: dict                       # {"args": EngineArgs, "llm": LLM}: at most one engine alive
     repeat: int = 1                  # offline, nanovllm, serve: runs of each variant, interleaved; the median
+    compiles: list = field(default_factory=list)   # Triton kernels compiled since the engine was built
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -200,9 +203,20 @@ def engine(b: Bench, **overrides) -> LLM:
             print(f"warning: {torch.cuda.memory_allocated() / 2**30:.1f} GiB still allocated (an old engine?)", file=sys.stderr)
         print(f"building the engine ({', '.join(f'{k}={v}' for k, v in overrides.items()) or 'defaults'})", file=sys.stderr)
         llm = LLM(args)
+        b.compiles.clear()                       # from here on, a compile is a stall a user's request would meet
         llm.generate([[1] * 32, [2] * 40], SamplingParams(max_tokens=8, ignore_eos=True))   # compile, warm up
         b.held.update(args=args, llm=llm)
     return b.held["llm"]
+
+
+def watch_compiles(seen: list):
+    """Append the name of each kernel Triton compiles from now on to seen (its post-compile hook; nothing where
+    this Triton has none). The engine compiles at start (warm-up, CUDA graphs); one compiled later stalls the
+    request that needed it, so the modes that run the engine in this process report any (serve's engine runs in
+    a process of its own)."""
+    rt = getattr(getattr(triton, "knobs", None), "runtime", None)
+    if rt is not None and hasattr(rt, "jit_post_compile_hook"):
+        rt.jit_post_compile_hook = lambda **kw: seen.append(getattr(kw.get("fn"), "name", "?"))
 
 
 def release(b: Bench):
@@ -792,6 +806,7 @@ def si(x: float) -> str:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     b = setup(args)
+    watch_compiles(b.compiles)
     run = {"offline": run_offline, "nanovllm": run_nanovllm, "decode-1": run_decode1, "prefill": run_prefill,
            "prefix": run_prefix, "spec": run_spec, "timeline": run_timeline, "allreduce": run_allreduce,
            "accuracy": run_accuracy, "kernels": run_kernels, "serve": run_serve}
@@ -802,7 +817,11 @@ def main(argv=None) -> dict:
            "ceilings": {"copy_bytes_per_s": b.bandwidth, "matmul_flop_per_s": b.matmul}, "rows": [], "details": {}}
     save = lambda: Path(args.out).write_text(json.dumps(out, indent=1, default=str))
     for mode in [m for m in MODES if m in args.modes]:
+        b.compiles.clear()
         rows, out["details"][mode] = run[mode](b)
+        if mode in ENGINE_MODES and b.compiles:
+            print(f"warning: {mode}: {len(b.compiles)} Triton compiles after the engine was built (each a stall): "
+                  f"{', '.join(sorted(set(b.compiles)))}", file=sys.stderr)
         for r in rows:
             print(f"{r['workload']}: {r['tok_s']:,.1f} tok/s, floor {r['floor_tok_s']:,.0f} ({r['note']})", file=sys.stderr)
         out["rows"] += rows

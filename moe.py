@@ -191,7 +191,11 @@ def align_size(n: int, num_experts: int, block_m: int) -> int:
     return -(-(n + min(n, num_experts) * (block_m - 1)) // block_m) * block_m
 
 
-@triton.jit
+# Pair counts are not specialized (do_not_specialize): Triton compiles a kernel again for each class of an int
+# argument's value (1, a multiple of 16, other), and a prefill's pair count is any number, so the first prompts
+# of a served MoE model each waited on compiles that its start-up had not made: 0.3-1.8 s apiece, 8.5 s over a
+# dozen prompts (H200, qwen3-30b-a3b shapes, 2026-12-04). The counts only bound masks.
+@triton.jit(do_not_specialize=["n"])
 def _align_count_kernel(ids_ptr, counts_ptr, rank_ptr, n, BLOCK: tl.constexpr):
     """Each pair takes the next free place in its expert's run (an atomic add on the expert's count; the
     order within a run is whichever pair came first, which does not matter)."""
@@ -201,7 +205,7 @@ def _align_count_kernel(ids_ptr, counts_ptr, rank_ptr, n, BLOCK: tl.constexpr):
     tl.store(rank_ptr + offs, tl.atomic_add(counts_ptr + e, 1, mask=mask), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n", "num_tiles"])
 def _align_place_kernel(ids_ptr, counts_ptr, rank_ptr, pairs_ptr, block_expert_ptr, n, num_tiles, E,
                         BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK: tl.constexpr):
     """From the counts (complete: the launch before made them), every program works out where each expert's
@@ -254,7 +258,7 @@ def _dequantize_tile(w, s_ptrs, mask, dtype: tl.constexpr):
     return (w.to(tl.float32) * tl.load(s_ptrs, mask=mask, other=0.0)[None, :]).to(dtype)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs"])
 def _expert_gemm_kernel(a_ptr, w_ptr, s_ptr, out_ptr, pairs_ptr, block_expert_ptr, weights_ptr, N, K, KB,
                         num_pairs, num_experts, stride_a, stride_we, stride_wn, stride_se, stride_out,
                         A_ROWS_PER_PAIR: tl.constexpr, GATE_UP: tl.constexpr, WEIGHTED: tl.constexpr,

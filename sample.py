@@ -517,9 +517,10 @@ def _candidates(logits: torch.Tensor, st: SamplingTensors, out: torch.Tensor):
     dev = logits.device
     nchunk = triton.cdiv(V, SAMPLE_CHUNK)
     f32, i32 = dict(dtype=torch.float32, device=dev), dict(dtype=torch.int32, device=dev)
-    cmax, csum = torch.empty(2, B, nchunk, **f32)
-    carg = torch.empty(B, nchunk, **i32)
-    stats, (count, pick) = torch.empty(B, 3, **f32), torch.empty(2, B, **i32)
+    # each buffer its own allocation: a view at an offset (say the second half of one (2, B, nchunk) tensor) is
+    # 16-byte aligned only for some B, and Triton compiles a kernel again for each alignment class of a pointer
+    cmax, csum, carg = torch.empty(B, nchunk, **f32), torch.empty(B, nchunk, **f32), torch.empty(B, nchunk, **i32)
+    stats, count, pick = torch.empty(B, 3, **f32), torch.empty(B, **i32), torch.empty(B, **i32)
     cand_val, cand_idx = torch.empty(B, SAMPLE_CAP, **f32), torch.empty(B, SAMPLE_CAP, **i32)
     rows = (st.inv_temp, st.top_k, st.top_p, st.min_p)
     _sample_chunk_kernel[(B, triton.cdiv(nchunk, SAMPLE_SUB))](
