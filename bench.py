@@ -63,7 +63,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-import triton
 
 from bench_kernels import bench_kernels, decode_timelines, format_rows, measure_ceilings, median_time, sync
 from engine import LLM, EngineArgs, resolve_device_dtype
@@ -214,6 +213,10 @@ def watch_compiles(seen: list):
     this Triton has none). The engine compiles at start (warm-up, CUDA graphs); one compiled later stalls the
     request that needed it, so the modes that run the engine in this process report any (serve's engine runs in
     a process of its own)."""
+    try:
+        import triton
+    except Exception:                            # no Triton: the engine runs its references, nothing compiles
+        return
     rt = getattr(getattr(triton, "knobs", None), "runtime", None)
     if rt is not None and hasattr(rt, "jit_post_compile_hook"):
         rt.jit_post_compile_hook = lambda **kw: seen.append(getattr(kw.get("fn"), "name", "?"))
