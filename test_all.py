@@ -26,6 +26,7 @@ import torch
 
 import attention
 import bench
+import bench_floors
 import bench_hf
 import bench_serve
 import cache
@@ -2939,8 +2940,8 @@ def test_structured_output_follows_the_schema(sv):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# bench.py on the CPU: floor arithmetic against BENCH.md, a shrunk run (JSON keys, positive numbers; no speed
-# asserted), and the SSE client against a stand-in server
+# bench.py on the CPU: floor arithmetic (bench_floors.py) against BENCH.md, a shrunk run (JSON keys, positive
+# numbers; no speed asserted), and the SSE client against a stand-in server
 # ----------------------------------------------------------------------------------------------------------
 
 def bn_bench(model: str) -> bench.Bench:
@@ -2955,13 +2956,13 @@ def bn_bench(model: str) -> bench.Bench:
 def test_bn_floors_match_bench_md(model, offline, decode_ms, prefill):
     b = bn_bench(model)
     prompts, outs = bench.offline_requests(256, 100, 1024, vocab=1000)
-    fl = bench.floor(b, list(map(len, prompts)), outs)
-    ms = 1e3 * bench.weight_params(b.cfg) * 2 / b.bandwidth
+    fl = bench_floors.floor(b, list(map(len, prompts)), outs)
+    ms = 1e3 * bench_floors.weight_params(b.cfg) * 2 / b.bandwidth
     print(f"{model}: offline floor {fl['tok_s']:,.0f} tok/s (BENCH.md {offline:,}), decode {ms:.3f} ms (BENCH.md {decode_ms})")
     assert fl["tok_s"] == pytest.approx(offline, rel=0.01)
     assert ms == pytest.approx(decode_ms, rel=0.02)
     if prefill:
-        tok_s = 2048 / (bench.prompt_flops(b.cfg, 0, 2048) / b.matmul)
+        tok_s = 2048 / (bench_floors.prompt_flops(b.cfg, 0, 2048) / b.matmul)
         print(f"{model}: prefill floor {tok_s:,.0f} tok/s (BENCH.md {prefill:,})")
         assert tok_s == pytest.approx(prefill, rel=0.01)
     if model == "qwen3-0.6b":       # BENCH.md's breakdown: 15.2 TB of KV, 1.2 TB of weights, 145k prompt tokens
