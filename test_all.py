@@ -388,6 +388,26 @@ def test_kt_sampler(V, dtype):
 
 
 @pytest.mark.usefixtures("kt_triton_poisoned")
+def test_kt_sampler_pointers_aligned(monkeypatch):
+    """Every tensor the sampler's kernels get starts 16-byte aligned, whatever the batch size: Triton compiles a
+    kernel again for each alignment class of a pointer, and on the GPU an odd batch stalled a request on it."""
+    offsets = []
+    for name in ("_sample_chunk_kernel", "_sample_row_kernel", "_sample_collect_kernel", "_sample_finish_kernel"):
+        class Spy:                                     # kernel[grid](*args): note each tensor's address mod 16
+            def __getitem__(self, grid, kernel=getattr(sample_mod, name)):
+                def launch(*args, **kw):
+                    offsets.extend(a.data_ptr() % 16 for a in args if isinstance(a, torch.Tensor))
+                    return kernel[grid](*args, **kw)
+                return launch
+        monkeypatch.setattr(sample_mod, name, Spy())
+    for B in (1, 2, 3, 5):
+        st = SamplingTensors.build([resolved(temperature=0.6, top_p=0.95, top_k=20)] * B, list(range(B)), [0] * B,
+                                   1000, "cpu")
+        sample_mod.sample_triton(torch.randn(B, 1000), st)
+    assert offsets and not any(offsets), offsets
+
+
+@pytest.mark.usefixtures("kt_triton_poisoned")
 @pytest.mark.parametrize("V,n", [(6000, 5), (1000, 5), (2900, 20), (3000, 0)])
 def test_kt_token_logprobs(V, n):
     """The fused logprobs (the sampler's passes on the raw logits) equal log_softmax + topk: through the
