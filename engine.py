@@ -530,11 +530,10 @@ def note_token(req: Request, tok: int):
 def in_flight(seqs: list[Sequence], indices: list[int], tokens, lp, prompt_lp, start) -> InFlight:
     """A launched step's results on their way to the host: copies queued into pinned memory (a copy to pageable
     memory would wait for the GPU right here), and on the GPU an event after them that collect() waits on."""
-    pin = start is not None                            # a CUDA device
     host_all = lambda ts: ts and tuple(to_host(t) if torch.is_tensor(t) else t for t in ts)
     out = InFlight(seqs, indices, tokens if tokens is None else to_host(tokens), host_all(lp), host_all(prompt_lp),
                    None, start)
-    if pin:
+    if start is not None:                              # a CUDA device
         out.event = torch.cuda.Event(enable_timing=True)
         out.event.record()
     return out

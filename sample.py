@@ -432,10 +432,8 @@ def _radix_select(logits_ptr, row, stride, V, inv_t, M, lo, target, WEIGH: tl.co
     False: T is the target-th largest key) or exp(x - M) (a mass threshold). Four bits per pass over the row."""
     d = tl.arange(0, 16).to(tl.uint32)
     prefix = tl.zeros((), dtype=tl.uint32)
-    # A loop, not unrolled (tl.static_range): the finish kernel inlines this twice, and unrolled it was most of the
-    # sampler's compile time on an engine's first start. H200, 2026-12-04, the sampler's first call (its four
-    # kernels compiled cold), bf16 / fp32 logits: unrolled 9.4 / 5.7 s, loop 5.3 / 1.7 s; 256 rows with slow-path
-    # rows then sample in 5.4 / 5.0 ms (unrolled / loop), the same tokens.
+    # a loop, not tl.static_range: unrolled (and inlined twice) it made the sampler's cold compile 9.4 s, not 5.3
+    # (bf16 logits; fp32 5.7, not 1.7), with the same tokens and speed (H200, 2026-12-04; README, 29th session)
     for p in range(8):
         shift = tl.cast(28 - 4 * p, tl.uint32)
         cands = prefix | (d << shift)                                          # (16,)
@@ -521,8 +519,7 @@ def _candidates(logits: torch.Tensor, st: SamplingTensors, out: torch.Tensor):
     dev = logits.device
     nchunk = triton.cdiv(V, SAMPLE_CHUNK)
     f32, i32 = dict(dtype=torch.float32, device=dev), dict(dtype=torch.int32, device=dev)
-    # each buffer its own allocation: a view at an offset (say the second half of one (2, B, nchunk) tensor) is
-    # 16-byte aligned only for some B, and Triton compiles a kernel again for each alignment class of a pointer
+    # each its own allocation: a view at an offset is 16-byte aligned only for some B (one compile per alignment)
     cmax, csum, carg = torch.empty(B, nchunk, **f32), torch.empty(B, nchunk, **f32), torch.empty(B, nchunk, **i32)
     stats, count, pick = torch.empty(B, 3, **f32), torch.empty(B, **i32), torch.empty(B, **i32)
     cand_val, cand_idx = torch.empty(B, SAMPLE_CAP, **f32), torch.empty(B, SAMPLE_CAP, **i32)

@@ -2628,7 +2628,6 @@ def test_sv_still_serves_and_nothing_leaks(sv):
     assert m["qwen3_kv_blocks_free"] + m["qwen3_kv_blocks_cached"] == sv.httpd.client.info["num_blocks"] - 1
 
 
-
 def drafting_engine_main(args, conn, max_queue):
     """engine_process.engine_main, its speculator drafting at every step (no rule) from <checkpoint>/drafts.json:
     each request's known greedy continuation, every third draft made wrong, so that rounds keep some drafts and
@@ -2684,6 +2683,7 @@ def test_sv_speculation_streams_and_frees(tmp_path):
     finally:
         shutdown(httpd)
     assert not httpd.client.proc.is_alive() and httpd.client.proc.exitcode == 0
+
 
 # ----------------------------------------------------------------------------------------------------------
 # Chat: the sandboxed template, reasoning and tool calls (chat.py), structured output (grammar.py), Qwen3's
