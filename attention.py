@@ -19,7 +19,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from kernels import _norm_rope, _num_sms, _store_new_kv, _use_triton, pdl, qk_norm_rope_store, tl, triton
+from kernels import (_cos_sin, _load_heads, _norm_w, _num_sms, _rope_heads, _store_kv, _use_triton, pdl,
+                     qk_norm_rope_store, tl, triton)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -181,6 +182,10 @@ def _attend_tile(q, k, v, keys, acc, l_i, m_i, qk_scale):
     return acc, l_i, m_new
 
 
+# Tried and dropped (H200, 2026-12-04): both products on the CUDA cores in fp32 (q unpadded, a row at a time), 2-5x
+# slower at every shape (README, thirtieth session).
+
+
 @triton.jit
 def _store_partial(part_o_ptr, part_lse_ptr, slot, mask, acc, l_i, m_i, HEAD_DIM: tl.constexpr):
     """A slice's partial result for the rows at `slot` (row of (B*H) * num_slots + slice): its normalized
@@ -208,12 +213,18 @@ def _decode_attention_kernel(q_ptr, q_stride, k_cache_ptr, v_cache_ptr, block_ta
     # slice writes a partial result and the reduce kernel merges them.
     # With NEW_TOKEN (a plain decode step: the newest token is each row's only new one) the first tile's K/V of
     # older tokens, written by earlier steps, is loaded before gdc_wait, so it streams while the qkv projection
-    # finishes; the newest token's row of that tile is read after its store.
+    # finishes; the newest token's row of that tile is read after its store. The norm weights, the cos / sin row
+    # and the slot (weights and step inputs) are loaded before the wait too, so that after it the row's q, k and
+    # v are loaded at once, as the first thing: loaded where they were used, each load after a reduction's barrier
+    # was a round trip of its own on the critical path (table after the kernel).
     GROUP: tl.constexpr = N_HEADS // N_KV
     b, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     ctx = tl.load(context_lens_ptr + b)                # step inputs: copied in before the step's first kernel
     start, end = _slice_bounds(ctx, 0, split, num_splits, BLOCK_N, MIN_PART)
     bt_row = block_tables_ptr + b.to(tl.int64) * bt_stride
+    g = tl.arange(0, BLOCK_G)
+    heads, gmask = kv_head * GROUP + g, g < GROUP                                        # (BLOCK_G,)
+    d = tl.arange(0, HEAD_DIM)
     if NEW_TOKEN:
         offs_n = start + tl.arange(0, BLOCK_N)
         in_range = offs_n < end
@@ -221,24 +232,33 @@ def _decode_attention_kernel(q_ptr, q_stride, k_cache_ptr, v_cache_ptr, block_ta
         older = (in_range & (offs_n < ctx - 1))[:, None]
         k0 = tl.load(k_cache_ptr + kv_off, mask=older, other=0.0)
         v0 = tl.load(v_cache_ptr + kv_off, mask=older, other=0.0)
+        # the norm weights, cos / sin and the slot too (weights and step inputs): after the wait only the row's loads
+        q_w, q_wp = _norm_w(q_norm_w_ptr, HEAD_DIM)
+        k_w, k_wp = _norm_w(k_norm_w_ptr, HEAD_DIM)
+        cos, sin = _cos_sin(cos_sin_ptr + tl.load(positions_ptr + b) * HEAD_DIM, HEAD_DIM)
+        slot = tl.load(slot_mapping_ptr + b)
     if USE_GDC:                                        # programmatic dependent launch: see `pdl`
         tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
-    g = tl.arange(0, BLOCK_G)
-    heads, gmask = kv_head * GROUP + g, g < GROUP                                        # (BLOCK_G,)
-    d = tl.arange(0, HEAD_DIM)
     row = q_ptr + b.to(tl.int64) * q_stride
     if NEW_TOKEN:
-        cs = cos_sin_ptr + tl.load(positions_ptr + b) * HEAD_DIM
+        newest_here = (start < ctx) & (end == ctx)     # this program writes the newest token's K/V, first
+        zero = g * 0                                   # (scalar & tensor masks: broadcast first, for the interpreter)
+        kv_heads = kv_head + tl.arange(0, 1)           # one row, the newest token's k / v head (the table below)
+        kv_mask = (kv_heads * 0 + start < ctx) & (kv_heads * 0 + end == ctx)
+        x, xp = _load_heads(row, heads, gmask & (zero + start < end), HEAD_DIM)   # the row's q, k and v, at once
+        kx, kxp = _load_heads(row + N_HEADS * HEAD_DIM, kv_heads, kv_mask, HEAD_DIM)
+        v_new = tl.load(row + (N_HEADS + N_KV) * HEAD_DIM + kv_heads[:, None] * HEAD_DIM + d[None, :],
+                        mask=kv_mask[:, None], other=0.0)
         if SKIP_EMPTY:                  # many slices, most of them empty on short contexts: skip their math
             q = tl.zeros((BLOCK_G, HEAD_DIM), q_ptr.dtype.element_ty)
             if start < end:
-                q = _norm_rope(row, heads, gmask, q_norm_w_ptr, cs, eps, HEAD_DIM).to(q_ptr.dtype.element_ty)
+                q = _rope_heads(x, xp, q_w, q_wp, cos, sin, eps, HEAD_DIM).to(q_ptr.dtype.element_ty)
         else:                           # straight-line code
-            q = _norm_rope(row, heads, gmask, q_norm_w_ptr, cs, eps, HEAD_DIM).to(q_ptr.dtype.element_ty)
-        if (start < ctx) & (end == ctx):
-            _store_new_kv(row, kv_head + g, g < 1, k_norm_w_ptr, cs, tl.load(slot_mapping_ptr + b), k_cache_ptr,
-                          v_cache_ptr, eps, N_HEADS, N_KV, HEAD_DIM)
+            q = _rope_heads(x, xp, q_w, q_wp, cos, sin, eps, HEAD_DIM).to(q_ptr.dtype.element_ty)
+        if newest_here:
+            _store_kv(_rope_heads(kx, kxp, k_w, k_wp, cos, sin, eps, HEAD_DIM), v_new, kv_heads, kv_mask, slot,
+                      k_cache_ptr, v_cache_ptr, N_KV, HEAD_DIM)
             tl.debug_barrier()          # the stores are visible to all of this program's threads before the loads
             newest = (offs_n == ctx - 1)[:, None]      # in the first tile when the slice is one tile long
             k0 = tl.where(newest, tl.load(k_cache_ptr + kv_off, mask=newest, other=0.0), k0)
@@ -262,6 +282,15 @@ def _decode_attention_kernel(q_ptr, q_stride, k_cache_ptr, v_cache_ptr, block_ta
     if (start == 0) & (end == ctx):
         tl.store(out_ptr + out_row[:, None] * HEAD_DIM + d[None, :], (acc / l_i[:, None]).to(out_ptr.dtype.element_ty),
                  mask=gmask[:, None])
+
+
+# The row's loads at once after the wait, the rest before it, against each load where it is used (H200, 2026-12-04;
+# 28 fused decode calls + reduce chained in a CUDA graph with PDL, us per layer, before -> after, ctx 128 / 2,048):
+# 16/8 heads B=1 4.67 -> 4.09 / 7.17 -> 6.49, B=8 5.59 -> 5.34 / 26.29 -> 23.88, B=64 17.88 -> 16.96 / 167.99 ->
+# 165.74; 32/8 B=1 4.74 -> 4.22 / 7.85 -> 7.05; 32/4 B=1 4.76 -> 4.19 / 7.24 -> 6.73, B=8 5.88 -> 5.29 / 17.93 ->
+# 19.26. The newest k / v as a 16-row tile (one row live) issued them before the q norm too, but took 197
+# registers (165 now, 168 before): a second round of programs at B=8 ctx 2,048 (26.5 -> 31.7), for 0.65 against
+# 0.67 ms/token. `bench.py decode-1`, two A/B pairs: qwen3-0.6b 0.69 -> 0.67 ms/token greedy (0.70 -> 0.69 sampled).
 
 
 @triton.jit

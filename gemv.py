@@ -92,6 +92,8 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, N, K, res_ptr, norm_w_ptr, res_out_ptr, 
     w = tl.load(w_rows + cols[None, :], mask=row_mask[:, None] & col_mask[None, :], other=0.0)
     if USE_GDC:
         tl.extra.cuda.gdc_wait()
+    if ADD:     # loaded now, used after the reduction: issued there, its round trip came after the barriers (SASS)
+        add = tl.load(add_ptr + rows, mask=row_mask).to(tl.float32)
     first = cols * 0 + pid == 0                        # program 0 writes the residual (a tensor mask)
     x, ss = _gemv_input(x_ptr, res_ptr, norm_w_ptr, res_out_ptr, cols, col_mask, first, NORM, HAS_RES)
     acc = w.to(tl.float32) * x[None, :]
@@ -111,7 +113,7 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, N, K, res_ptr, norm_w_ptr, res_out_ptr, 
         rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         row_mask = rows < N
     if ADD:
-        out = out.to(out_ptr.dtype.element_ty).to(tl.float32) + tl.load(add_ptr + rows, mask=row_mask).to(tl.float32)
+        out = out.to(out_ptr.dtype.element_ty).to(tl.float32) + add
     tl.store(out_ptr + rows, out.to(out_ptr.dtype.element_ty), mask=row_mask)
 
 
@@ -237,6 +239,9 @@ def _skinny_gemm_kernel(x_ptr, w_ptr, out_ptr, M, N, K, norm_w_ptr, eps, add_ptr
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     ss = tl.zeros((BLOCK_M, 16), dtype=tl.float32)                    # 16 equal columns: each row's sum of squares
+    out_mask = (ms[:, None] < M) & (rows[None, :] < N)
+    if ADD:                                            # loaded first (as in the GEMV), used after the K loop
+        add = tl.load(add_ptr + ms[:, None] * N + rows[None, :], mask=out_mask, other=0.0).to(tl.float32)
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + ms[:, None] * K + cols[None, :], mask=(ms[:, None] < M) & (cols[None, :] < K), other=0.0)
@@ -257,10 +262,8 @@ def _skinny_gemm_kernel(x_ptr, w_ptr, out_ptr, M, N, K, norm_w_ptr, eps, add_ptr
         acc, acc_up = acc * rstd, acc_up * rstd
     if SILU_MUL:
         acc = _silu_mul_out(acc, acc_up, dtype)
-    out_mask = (ms[:, None] < M) & (rows[None, :] < N)
     if ADD:
-        acc = acc.to(dtype).to(tl.float32) + tl.load(add_ptr + ms[:, None] * N + rows[None, :], mask=out_mask,
-                                                     other=0.0).to(tl.float32)
+        acc = acc.to(dtype).to(tl.float32) + add
     tl.store(out_ptr + ms[:, None] * N + rows[None, :], acc.to(dtype), mask=out_mask)
 
 

@@ -205,41 +205,74 @@ def silu_mul_triton(gate_up):
 
 
 @triton.jit
-def _norm_rope(row_ptr, heads, mask, w_ptr, cs_ptr, eps, HEAD_DIM: tl.constexpr):
-    """RMSNorm then rotate-half RoPE on heads `heads` (BLOCK_H,) of one token's row, each HEAD_DIM wide (rows
-    off `mask` read as 0): (BLOCK_H, HEAD_DIM) fp32. cs_ptr: the token position's row of the rope_cos_sin table.
-    Each element's rotation partner (same offset in the other half) is loaded a second time, from L1, so the
-    tile stays whole: no split into halves and join after."""
-    HALF: tl.constexpr = HEAD_DIM // 2
+def _norm_w(w_ptr, HEAD_DIM: tl.constexpr):
+    """A q/k norm weight at each element and at its rotation partner (same offset in the other half), fp32. Like
+    _cos_sin's, nothing a kernel writes: a kernel may load it before it waits for the one before it (`pdl`)."""
     d = tl.arange(0, HEAD_DIM)
-    partner = (d + HALF) % HEAD_DIM
+    return tl.load(w_ptr + d).to(tl.float32), tl.load(w_ptr + (d + HEAD_DIM // 2) % HEAD_DIM).to(tl.float32)
+
+
+@triton.jit
+def _cos_sin(cs_ptr, HEAD_DIM: tl.constexpr):
+    """The cos and sin of a token's position at each element (cs_ptr: its row of the rope_cos_sin table)."""
+    d = tl.arange(0, HEAD_DIM) % (HEAD_DIM // 2)
+    return tl.load(cs_ptr + d), tl.load(cs_ptr + HEAD_DIM // 2 + d)
+
+
+@triton.jit
+def _load_heads(row_ptr, heads, mask, HEAD_DIM: tl.constexpr):
+    """Heads `heads` (BLOCK_H,) of one token's row, each HEAD_DIM wide (rows off `mask` read as 0), and each
+    element's rotation partner, loaded a second time (from L1) so that the tile stays whole: (x, xp)."""
+    d = tl.arange(0, HEAD_DIM)
     at = row_ptr + heads[:, None] * HEAD_DIM
     x = tl.load(at + d[None, :], mask=mask[:, None], other=0.0)                      # (BLOCK_H, HEAD_DIM)
-    xf, xp = x.to(tl.float32), tl.load(at + partner[None, :], mask=mask[:, None], other=0.0).to(tl.float32)
+    return x, tl.load(at + ((d + HEAD_DIM // 2) % HEAD_DIM)[None, :], mask=mask[:, None], other=0.0)
+
+
+@triton.jit
+def _rope_heads(x, xp, w, wp, cos, sin, eps, HEAD_DIM: tl.constexpr):
+    """RMSNorm then rotate-half RoPE of loaded heads (_load_heads): (BLOCK_H, HEAD_DIM) fp32. w, wp: _norm_w's."""
+    d = tl.arange(0, HEAD_DIM)
+    xf, xp32 = x.to(tl.float32), xp.to(tl.float32)
     rstd = tl.rsqrt(tl.sum(xf * xf, axis=1) / HEAD_DIM + eps)[:, None]
     # the roundings of qk_norm_rope_store_ref: normalized -> dtype, times weight -> dtype, rotate in fp32
-    y = ((xf * rstd).to(x.dtype).to(tl.float32) * tl.load(w_ptr + d).to(tl.float32)[None, :])
-    yp = ((xp * rstd).to(x.dtype).to(tl.float32) * tl.load(w_ptr + partner).to(tl.float32)[None, :])
-    y, yp = y.to(x.dtype).to(tl.float32), yp.to(x.dtype).to(tl.float32)
-    cos = tl.load(cs_ptr + d % HALF)[None, :]
-    sin = tl.load(cs_ptr + HALF + d % HALF)[None, :]
-    return y * cos + tl.where(d < HALF, -1.0, 1.0)[None, :] * yp * sin     # x1 cos - x2 sin | x2 cos + x1 sin
+    y = ((xf * rstd).to(x.dtype).to(tl.float32) * w[None, :]).to(x.dtype).to(tl.float32)
+    yp = ((xp32 * rstd).to(x.dtype).to(tl.float32) * wp[None, :]).to(x.dtype).to(tl.float32)
+    sign = tl.where(d < HEAD_DIM // 2, -1.0, 1.0)[None, :]
+    return y * cos[None, :] + sign * yp * sin[None, :]                 # x1 cos - x2 sin | x2 cos + x1 sin
+
+
+@triton.jit
+def _norm_rope(row_ptr, heads, mask, w_ptr, cs_ptr, eps, HEAD_DIM: tl.constexpr):
+    """RMSNorm then rotate-half RoPE on heads `heads` (BLOCK_H,) of one token's row (rows off `mask` read as 0):
+    (BLOCK_H, HEAD_DIM) fp32. cs_ptr: the token position's row of the rope_cos_sin table."""
+    x, xp = _load_heads(row_ptr, heads, mask, HEAD_DIM)
+    w, wp = _norm_w(w_ptr, HEAD_DIM)
+    cos, sin = _cos_sin(cs_ptr, HEAD_DIM)
+    return _rope_heads(x, xp, w, wp, cos, sin, eps, HEAD_DIM)
+
+
+@triton.jit
+def _store_kv(k, v, heads, mask, slot, k_cache_ptr, v_cache_ptr, N_KV: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """K (normed and rotated, fp32) and V (as loaded) of kv heads `heads` (those on `mask`) of one token into cache
+    slot `slot`, in the cache's dtype."""
+    d = tl.arange(0, HEAD_DIM)
+    off = slot.to(tl.int64) * N_KV * HEAD_DIM + heads[:, None] * HEAD_DIM + d[None, :]   # (BLOCK_H, HEAD_DIM)
+    # k rounded to the model's dtype first, as the reference's rotated k is: an FP8 cache then gets the same bytes
+    # (rounding fp32 straight to e4m3 put some values one e4m3 step from the reference's: double rounding)
+    tl.store(k_cache_ptr + off, k.to(v.dtype).to(k_cache_ptr.dtype.element_ty), mask=mask[:, None])
+    tl.store(v_cache_ptr + off, v.to(v_cache_ptr.dtype.element_ty), mask=mask[:, None])
 
 
 @triton.jit
 def _store_new_kv(row_ptr, heads, mask, k_norm_w_ptr, cs_ptr, slot, k_cache_ptr, v_cache_ptr, eps,
                   N_HEADS: tl.constexpr, N_KV: tl.constexpr, HEAD_DIM: tl.constexpr):
     """K (normed, rotated) and V of kv heads `heads` (those on `mask`) of one token's qkv row into cache slot
-    `slot`, in the cache's dtype. attention.py's fused decode kernel calls it too."""
+    `slot`, in the cache's dtype."""
     d = tl.arange(0, HEAD_DIM)
     k = _norm_rope(row_ptr + N_HEADS * HEAD_DIM, heads, mask, k_norm_w_ptr, cs_ptr, eps, HEAD_DIM)
-    off = slot.to(tl.int64) * N_KV * HEAD_DIM + heads[:, None] * HEAD_DIM + d[None, :]   # (BLOCK_H, HEAD_DIM)
-    # k rounded to the model's dtype first, as the reference's rotated k is: an FP8 cache then gets the same bytes
-    # (rounding fp32 straight to e4m3 put some values one e4m3 step from the reference's: double rounding)
-    k = k.to(row_ptr.dtype.element_ty).to(k_cache_ptr.dtype.element_ty)
-    tl.store(k_cache_ptr + off, k, mask=mask[:, None])
     v = tl.load(row_ptr + (N_HEADS + N_KV) * HEAD_DIM + heads[:, None] * HEAD_DIM + d[None, :], mask=mask[:, None])
-    tl.store(v_cache_ptr + off, v.to(v_cache_ptr.dtype.element_ty), mask=mask[:, None])
+    _store_kv(k, v, heads, mask, slot, k_cache_ptr, v_cache_ptr, N_KV, HEAD_DIM)
 
 
 @triton.jit
