@@ -815,18 +815,9 @@ def prefill_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tab
 # `bench.py decode-1` (qwen3-0.6b), the previous commit's tree beside, two A/B pairs in one call: 0.72 / 0.72 ->
 # 0.69 / 0.69 ms/token greedy, 0.73 / 0.73 -> 0.72 / 0.70 sampled; decode-8 1.12 -> 1.11 ms/step (qwen3-30b-a3b,
 # another call: decode-1 2.45 -> 2.42 ms/token); `bench.py offline` 24,044 -> 24,548 tok/s sampled, 24,293 ->
-# 25,263 greedy (one run each). Also measured, not taken: the newest token's K/V attended from registers, not
-# stored and read back (2026-12-02: 14.8 us in the table's first row; then with the q rows and k/v loaded
-# together after gdc_wait, `bench.py decode-1` 0.72 -> 0.75 ms/token; that load stored and re-read with the skip,
-# 18.68 us at ctx 64, 21.55 at 256, 24.91 at 2048, 57.36 at B=8 2048; 2026-12-03 later, as the last slice's first
-# softmax column, scores q . k in fp32, no barrier: qwen3-0.6b 0.69 / 0.69 -> 0.70 / 0.70 ms/token greedy, 0.71 ->
-# 0.72 sampled, two pairs; qwen3-30b-a3b 2.42 -> 2.39); 8 warps with the skip (18.82 / 21.31 / 23.75 / 32.04 /
-# 33.23 / 57.37; B=8 contexts drawn from [ctx/2, ctx]); attention's slices merged in the o GEMV's prologue instead
-# of a reduce launch (its programs read every head's partials from L2), the chain above at batch 1, us per layer
-# at ctx 128 / 512 / 2,048 / 8,192: the engine 21.02 / 20.74 / 22.44 / 31.61; 4 slices + reduce 20.44 / 24.11 /
-# 37.33 / 90.44, merged 20.81 / 24.49 / 37.40 / 90.54; 8 slices + reduce 20.57 / 20.57 / 28.04 / 54.62, merged
-# 21.26 / 20.92 / 28.92 / 55.34: the merge costs the GEMV what the launch saved, and fewer slices gain at most 0.6
-# us per layer on short contexts.
+# 25,263 greedy (one run each). Measured and not taken (tables in the README's twentieth, twenty-first and thirtieth
+# sessions): the newest token's K/V attended from registers (three ways, 0.70-0.75 against 0.69 ms/token), 8 warps,
+# attention's slices merged in the o GEMV's prologue instead of a reduce launch (even), the products on CUDA cores.
 FUSED_MAX_BATCH = 64
 FUSED_SKIP_EMPTY_SPLITS = 8
 
