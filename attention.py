@@ -243,10 +243,10 @@ def _decode_attention_kernel(q_ptr, q_stride, k_cache_ptr, v_cache_ptr, block_ta
     row = q_ptr + b.to(tl.int64) * q_stride
     if NEW_TOKEN:
         newest_here = (start < ctx) & (end == ctx)     # this program writes the newest token's K/V, first
-        zero = g * 0                                   # (scalar & tensor masks: broadcast first, for the interpreter)
         kv_heads = kv_head + tl.arange(0, 1)           # one row: the newest k / v head (the table after the kernel)
+        # newest_here as a mask (the scalars broadcast first: the interpreter rejects scalar & tensor masks)
         kv_mask = (kv_heads * 0 + start < ctx) & (kv_heads * 0 + end == ctx)
-        x, xp = _load_heads(row, heads, gmask & (zero + start < end), HEAD_DIM)   # the row's q, k and v, at once
+        x, xp = _load_heads(row, heads, gmask & (g * 0 + start < end), HEAD_DIM)   # the row's q, k and v, at once
         kx, kxp = _load_heads(row + N_HEADS * HEAD_DIM, kv_heads, kv_mask, HEAD_DIM)
         v_new = tl.load(row + (N_HEADS + N_KV) * HEAD_DIM + kv_heads[:, None] * HEAD_DIM + d[None, :],
                         mask=kv_mask[:, None], other=0.0)
