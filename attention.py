@@ -291,6 +291,8 @@ def _decode_attention_kernel(q_ptr, q_stride, k_cache_ptr, v_cache_ptr, block_ta
 # 19.26. The newest k / v as a 16-row tile (one row live) issued them before the q norm too, but took 197
 # registers (165 now, 168 before): a second round of programs at B=8 ctx 2,048 (26.5 -> 31.7), for 0.65 against
 # 0.67 ms/token. `bench.py decode-1`, two A/B pairs: qwen3-0.6b 0.69 -> 0.67 ms/token greedy (0.70 -> 0.69 sampled).
+# Also dropped (2026-12-04): the q heads and the new k and v heads as rows of one tile, one load and one norm
+# (qwen3-0.6b decode-1 0.67 -> 0.65-0.68 over three calls, decode-8 1.08 -> 1.10-1.11 ms/step; README's 31st session).
 
 
 @triton.jit
@@ -465,18 +467,12 @@ DECODE_CONFIG = dict(BLOCK_N=64, num_warps=4, num_stages=3)   # BLOCK_N: tokens 
 # cross-warp reductions, masks); two warps halve the cross-warp traffic and fit twice the programs per SM. The
 # bf16 cache is byte-bound (4.18 TB/s) and keeps 4 warps: 2 warps were 1.006x its time, 1 warp 1.07-1.36x.
 DECODE_CONFIG_FP8 = dict(BLOCK_N=64, num_warps=2, num_stages=3)
-# Why the FP8 kernel is slower per byte (SASS of this kernel, Triton 3.6, sm_90a, 16/8 heads, 64/2/3): its loop is
-# 1,270 instructions per warp per 64-token tile (bf16 cache: 496, at twice the warps) and 168 registers; 128 per
-# thread are 1-byte shared loads of V, the second dot's B operand (8-bit operands have no transposing ldmatrix on
-# sm_90). Tried and dropped on the GPU (H200, 2026-12-02/03; us per call at 16/8 heads, 256 sequences of 512-1,024
-# tokens, FP8 / bf16, against 157-160 / 204-208; the tables are in the README's fifteenth to twenty-first sessions):
-# warps on separate token sub-tiles (171 / 224); P kv heads per program with a block-diagonal q (198 / 204 against
-# 152 / 200); a register double buffer (757 / 262); V read as int16 pairs widened by inline PTX (173; 833
-# instructions, 184 registers); V stored transposed (158 alone, but the engine's attention 110.9 -> 119.4 us per
-# layer and its K/V store 3.7 -> 5.1) and head-major K/V (156; engine 117.3); num_stages 5, maxnreg 128, the next
-# tile's block ids loaded ahead (158 / 168 / 154 alone; in the engine 112.9-117.2 against 110.9 per layer). Two
-# buffers pay only for one long context with few programs per SM (32/8 heads, 32k tokens: 38.3 -> 28.9), never at 256
-# sequences.
+# Why the FP8 kernel is slower per byte (SASS, Triton 3.6, sm_90a, 16/8 heads, 64/2/3): its loop is 1,270
+# instructions per warp per 64-token tile (bf16 cache: 496, at twice the warps), 128 per thread 1-byte shared loads
+# of V, the second dot's B operand (8-bit operands have no transposing ldmatrix on sm_90). Tried and dropped (H200,
+# README's fifteenth to twenty-first sessions): warps on token sub-tiles, P kv heads per program, a register double
+# buffer, V as int16 pairs, V stored transposed, head-major K/V, 5 stages, maxnreg 128, block ids loaded ahead; the
+# buffers pay only for one long context with few programs per SM (32/8 heads, 32k tokens: 38.3 -> 28.9 us).
 # Fewest tokens a context slice is given. Longer minimum slices let short contexts finish in one slice and skip
 # the reduce, but one program then walks every tile: us per layer step (the fused kernel, B=1, as in the table
 # at FUSED_MAX_BATCH; H200, 2026-12-02), and `bench.py decode-1` on qwen3-0.6b 0.75 ms/token at 64, 0.93 at 256:
@@ -526,12 +522,9 @@ DECODE_MAX_SPLITS = 64        # the reduce kernel holds all slices of a head in 
 # past it. `bench.py offline --kv-cache-dtype fp8`, one slice -> the rule: 27,797 -> 28,770 and 27,558 -> 28,249
 # tok/s sampled (two calls), greedy 28,225 -> 29,037 and 28,077 -> 27,876.
 DECODE_RESIDENT_FP8 = 6       # FP8 decode programs resident per SM (DECODE_CONFIG_FP8)
-# The same rule for the bf16 cache (4 resident per SM), same command, one slice -> two, us per step (two runs each):
-# batch 72 (1.09 rounds) 3,937 / 3,943 -> 3,556 / 3,548; 80 (1.21) 4,157 / 4,161 -> 4,025 / 3,996; 96 (1.45) 4,343 /
-# 4,332 -> 4,283 / 4,299; 160 (2.42) 6,265 / 6,257 -> 6,489 / 6,502 (128, one slice both: 4,937 / 4,942, 4,928 /
-# 4,946). Kept to 1-1.5 rounds (66-99 sequences of 8 kv heads), `bench.py offline` did not follow: 24,385 -> 25,084
-# tok/s sampled but 24,546 -> 23,709 greedy and 23,912 -> 23,257 with top-5 logprobs (the drain passes those batches
-# briefly). The bf16 cache keeps one slice.
+# The same rule for the bf16 cache (4 resident per SM) won at 72-96 sequences alone (3,937 -> 3,556 us per step at 72)
+# and lost at 160, but kept to 66-99 sequences `bench.py offline` did not follow (sampled 24,385 -> 25,084 tok/s,
+# greedy 24,546 -> 23,709; README's eighteenth session). The bf16 cache keeps one slice.
 # Tried and dropped (H200, 2026-12-02): no reduce launch, the last slice of each (sequence, kv head) to finish
 # merging them (an atomic counter per pair). `bench.py decode-1` got slower: qwen3-0.6b 0.90 ms/token (0.85 with
 # the reduce kernel), qwen3-8b 4.75 (4.66): that merge takes longer than the reduce launch it saves under PDL.
