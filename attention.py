@@ -419,8 +419,9 @@ def _cascade_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr,
 def _decode_reduce_kernel(part_o_ptr, part_lse_ptr, out_ptr, num_slots, HEAD_DIM: tl.constexpr,
                           BLOCK_S: tl.constexpr, MIN_LIVE: tl.constexpr, USE_GDC: tl.constexpr = False):
     # grid (B * N_HEADS,): weigh each live slice's output (lse > -inf) by exp2(lse_slice - lse_max). Bytes:
-    # HEAD_DIM fp32 per live slice of each head, small against the KV bytes of the slices. Rows with fewer than
-    # MIN_LIVE live slices are left alone: with MIN_LIVE = 2 (plain decode) a lone slice wrote the output itself.
+    # HEAD_DIM fp32 per slice of each head (dead ones too, then zeroed), small against the slices' KV bytes.
+    # Rows with fewer than MIN_LIVE live slices are left alone: with MIN_LIVE = 2 (plain decode) a lone slice
+    # wrote the output itself.
     if USE_GDC:                                        # programmatic dependent launch: see `pdl`
         tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
