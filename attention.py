@@ -284,15 +284,11 @@ def _decode_attention_kernel(q_ptr, q_stride, k_cache_ptr, v_cache_ptr, block_ta
                  mask=gmask[:, None])
 
 
-# The row's loads at once after the wait, the rest before it, against each load where it is used (H200, 2026-12-04;
-# 28 fused decode calls + reduce chained in a CUDA graph with PDL, us per layer, before -> after, ctx 128 / 2,048):
-# 16/8 heads B=1 4.67 -> 4.09 / 7.17 -> 6.49, B=8 5.59 -> 5.34 / 26.29 -> 23.88, B=64 17.88 -> 16.96 / 167.99 ->
-# 165.74; 32/8 B=1 4.74 -> 4.22 / 7.85 -> 7.05; 32/4 B=1 4.76 -> 4.19 / 7.24 -> 6.73, B=8 5.88 -> 5.29 / 17.93 ->
-# 19.26. The newest k / v as a 16-row tile (one row live) issued them before the q norm too, but took 197
-# registers (165 now, 168 before): a second round of programs at B=8 ctx 2,048 (26.5 -> 31.7), for 0.65 against
-# 0.67 ms/token. `bench.py decode-1`, two A/B pairs: qwen3-0.6b 0.69 -> 0.67 ms/token greedy (0.70 -> 0.69 sampled).
-# Also dropped (2026-12-04): the q heads and the new k and v heads as rows of one tile, one load and one norm
-# (qwen3-0.6b decode-1 0.67 -> 0.65-0.68 over three calls, decode-8 1.08 -> 1.10-1.11 ms/step; README's 31st session).
+# The row's loads at once after the wait, the rest before it (H200, 2026-12-04; 28 fused decode calls + reduce in a
+# CUDA graph with PDL): 16/8 heads, B=1, 4.67 -> 4.09 us per layer at 128 tokens, 7.17 -> 6.49 at 2,048; `bench.py
+# decode-1` qwen3-0.6b 0.69 -> 0.67 ms/token (every shape: README, thirtieth session). Dropped: the newest k / v as a
+# 16-row tile (197 registers: B=8 at 2,048 tokens 26.5 -> 31.7 us) and the q, k and v heads as rows of one tile
+# (decode-8 1.08 -> 1.10-1.11 ms/step, decode-1 not faster across three calls; thirty-first session).
 
 
 @triton.jit
@@ -439,12 +435,9 @@ def _decode_reduce_kernel(part_o_ptr, part_lse_ptr, out_ptr, num_slots, HEAD_DIM
         tl.store(out_ptr + row * HEAD_DIM + d, out.to(out_ptr.dtype.element_ty))
 
 
-# The partial outputs loaded beside their lse's, not after the test on them, and 1-4 warps by slices (H200,
-# 2026-12-04; 28 fused decode calls + reduce chained in a CUDA graph with PDL, us per layer; before / loads
-# together at 4 warps / and the warps by slices): 16/8 heads B=1 ctx 128 4.03 / 3.90 / 3.87, ctx 2,048 6.37 / 5.96 /
-# 5.92, B=8 ctx 128 5.26 / 5.15 / 4.84; 32/8 B=1 4.21 / 4.05 / 3.92, 7.08 / 6.41 / 6.37; 32/4 B=1 4.18 / 4.08 / 3.88,
-# 6.55 / 5.98 / 5.89, B=64 ctx 128 13.47 / 13.36 / 12.05 (B=64 elsewhere within 1%). `bench.py decode-1`, two runs
-# each: qwen3-0.6b 1,490 -> 1,502 tok/s greedy, decode-8 7,363 -> 7,497 tok/s.
+# The partial outputs loaded beside their lse's and 1-4 warps by slices (H200, 2026-12-04; the chain above): 16/8
+# heads B=1 4.03 -> 3.87 us per layer at 128 tokens, 6.37 -> 5.92 at 2,048, B=8 5.26 -> 4.84, B=64 within 1%;
+# `bench.py decode-1` qwen3-0.6b decode-8 7,363 -> 7,497 tok/s (every shape: README, thirty-first session).
 
 # Decode tuning, H100, bf16, head_dim 128 (swept: BLOCK_N 32/64/128, 2-8 warps, 2-4 stages; min partition
 # 64/128/256; 2/4/8 programs per SM). 64-token slices lift B=1 ctx=2048 from 600 to 800 GB/s; past 4 programs
