@@ -183,12 +183,13 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, N, K, res_ptr, norm_w_ptr, res_out_ptr, 
 # engine, `bench.py decode-1`: qwen3-0.6b 0.72 -> 0.73-0.77 ms/token over six schedules (attention prefetching
 # o_proj, gate_up or both; each GEMV the next weight; capped at 4 MB), qwen3-1.7b 1.19 -> 1.61 and qwen3-8b 4.01
 # -> 5.68 (weights beyond L2's 50 MB, read twice). Not taken.
-# Tried and dropped (H200, 2026-12-04): warps along the rows instead of along K (a (rows, K / 256, 256) tile, the
-# input loaded at that shape with a zero row stride), so that every reduction stays inside a warp (one barrier in
-# the compiled kernel, against 5-6 here). Same harness, us per call, today's kernel -> the best of 6-7 tiles:
-# 0.6b qkv 3.85 -> 4.32, o 2.71 -> 2.42, gate_up 5.83 -> 6.46, down 3.56 -> 3.51; 1.7b qkv 5.20 -> 7.24, down 7.33
-# -> 11.13; 8b qkv 14.98 -> 18.12, gate_up 51.04 -> 65.93, down 25.56 -> 29.67. A layer's four projections in one
-# graph (each at its best tile), us per layer: 0.6b 13.4 -> 14.7, 1.7b 27.8 -> 38.6, 8b 93.7 -> 115.5.
+# Tried and dropped (H200, 2026-12-04): warps along the rows instead of along K (a (rows, BLOCK_K / 256, 256) tile,
+# the input loaded at that shape with a zero row stride), so that every reduction stays inside a warp (one barrier
+# in the compiled kernel, against 5-6 here). Same harness, us per call, today's kernel -> the best of 6-7 tiles:
+# 0.6b qkv 3.85 -> 4.32, o 2.71 -> 2.42, gate_up 5.83 -> 6.46, down 3.56 -> 3.51; 1.7b qkv 5.20 -> 7.24, o 3.67 ->
+# 3.43, down 7.33 -> 11.13; 8b qkv 14.98 -> 18.12, o 9.95 -> 10.70, gate_up 51.04 -> 65.93, down 25.56 -> 29.67. A
+# layer's four projections in one graph (each at its best tile), us per layer: 0.6b 13.4 -> 14.7, 1.7b 27.8 ->
+# 38.6, 8b 93.7 -> 115.5.
 GEMV_CONFIG = dict(BLOCK_N=4, BLOCK_K=2048, num_warps=4)
 NORM_GEMV_CONFIG = dict(BLOCK_N=8, BLOCK_K=1024, num_warps=4)
 NORM_SILU_GEMV_CONFIG = dict(BLOCK_N=4, BLOCK_K=1024, num_warps=4)   # gate_up: 2 x BLOCK_N weight rows per program
