@@ -24,6 +24,7 @@ import torch
 
 import attention
 import cache
+import kernels
 import parallel
 from model import load_config
 from runner import (Runner, build_rank, gpu_event, probe_cache, shares_first_block, to_device, to_host,
@@ -549,11 +550,11 @@ def choose_tokens(reqs: list[Request], steps: list[int], logits: torch.Tensor, v
     changed = any(p.needs_last_token for p in params)          # penalties or a grammar change the logits
     greedy = not changed and all(p.greedy for p in params)
     if greedy and logprobs is None:
-        return logits.argmax(-1)                   # the common case needs no sampling tensors, nor fp32
+        return kernels.argmax(logits)              # the common case needs no sampling tensors, nor fp32
     if sampler_graphs is not None and not changed:
         return sampler_graphs.run([r.request_id for r in reqs], params, [r.seed for r in reqs], steps, logprobs)
     if greedy:                                     # eager logprobs are computed beside the argmax
-        return logits.argmax(-1)
+        return kernels.argmax(logits)
     if changed:
         logits = apply_penalties(logits.to(torch.float32, copy=True), [penalty_entries(r.params, r.prompt, r.counts)
                                                   if r.params.penalized else [] for r in reqs])

@@ -9,7 +9,8 @@ Set QWEN3_KERNELS=torch or QWEN3_KERNELS=triton to force one path (tests and deb
 uses the measured thresholds written next to each dispatcher. On the CPU the PyTorch path always runs
 unless TRITON_INTERPRET=1 and QWEN3_KERNELS=triton (that is how the tests run the Triton kernels on a CPU).
 
-The ops: rms_norm, add_rms_norm, silu_mul, qk_norm_rope_store (q/k norm + RoPE + K/V into the cache); the
+The ops: embed (with the previous step's tokens still on the device), rms_norm, add_rms_norm, silu_mul,
+qk_norm_rope_store (q/k norm + RoPE + K/V into the cache), argmax (greedy decoding's token); the
 projections (GEMV, skinny GEMM) are in gemv.py, paged attention in attention.py (both built on this file's
 helpers: `_use_triton`, `pdl`). The decode chain's kernels use programmatic dependent launch on Hopper (`pdl`;
 QWEN3_PDL=0 turns it off).
@@ -39,6 +40,19 @@ def kernel_mode() -> str:
 # ----------------------------------------------------------------------------------------------------------
 # PyTorch references
 # ----------------------------------------------------------------------------------------------------------
+
+def embed_ref(ids: torch.Tensor, weight: torch.Tensor, last_tokens=None, gather=None) -> torch.Tensor:
+    """weight[ids]: (T, hidden). With last_tokens: a negative id (scheduler.PENDING) is a token the previous
+    step sampled, still on the device: last_tokens[gather[row]] (the decode graphs' fixed-shape inputs)."""
+    if last_tokens is not None:
+        ids = torch.where(ids < 0, last_tokens[gather], ids)
+    return F.embedding(ids, weight)
+
+
+def argmax_ref(x: torch.Tensor) -> torch.Tensor:
+    """(B, V) -> (B,) int64: each row's first index of its maximum (greedy decoding)."""
+    return x.argmax(-1)
+
 
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm over the last dim, in fp32, cast back before the weight multiply (as HF Qwen3 does)."""
@@ -147,6 +161,86 @@ def _sm_major(device) -> int:
 @functools.lru_cache
 def _num_sms(device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+
+
+@triton.jit
+def _embed_kernel(ids_ptr, last_ptr, gather_ptr, w_ptr, out_ptr, H, PENDING: tl.constexpr, BLOCK: tl.constexpr,
+                  USE_GDC: tl.constexpr = False):
+    # One program per row: one weight row read, one written. PENDING: ids < 0 take last_tokens[gather[row]].
+    if USE_GDC:                                        # last_tokens: written by the previous step's sampler
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
+    row = tl.program_id(0).to(tl.int64)
+    tok = tl.load(ids_ptr + row)
+    if PENDING:
+        tok = tl.where(tok < 0, tl.load(last_ptr + tl.load(gather_ptr + row)), tok)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < H
+    tl.store(out_ptr + row * H + cols, tl.load(w_ptr + tok.to(tl.int64) * H + cols, mask=mask), mask=mask)
+
+
+def embed_triton(ids, weight, last_tokens=None, gather=None):
+    """ids (T,) int64, weight (V, H) contiguous -> (T, H); last_tokens, gather as in embed_ref."""
+    (T,), H = ids.shape, weight.shape[1]
+    assert weight.is_contiguous() and ids.dtype == torch.int64
+    out = torch.empty(T, H, dtype=weight.dtype, device=weight.device)
+    pending = last_tokens is not None
+    BLOCK = triton.next_power_of_2(H)
+    _embed_kernel[(T,)](ids, last_tokens if pending else ids, gather if pending else ids, weight, out, H,
+                        PENDING=pending, BLOCK=BLOCK, num_warps=min(8, max(1, BLOCK // 1024)), **pdl(weight))
+    return out
+
+
+@triton.jit
+def _first_max(v, idx, BIG):
+    """(max of v, smallest idx where v is the max): torch.argmax's tie rule (sample.py's kernels use it too)."""
+    m = tl.max(v, axis=0)
+    return m, tl.min(tl.where(v == m, idx, BIG), axis=0)
+
+
+@triton.jit
+def _argmax_chunk_kernel(x_ptr, stride, V, cmax_ptr, carg_ptr, NCHUNK, CHUNK: tl.constexpr,
+                         USE_GDC: tl.constexpr = False):
+    # grid (B, NCHUNK): each chunk's max and where; bytes: the logits, read once.
+    if USE_GDC:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
+    row, c = tl.program_id(0), tl.program_id(1)
+    offs = c * CHUNK + tl.arange(0, CHUNK)
+    x = tl.load(x_ptr + row.to(tl.int64) * stride + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
+    m, arg = _first_max(x, offs, V)
+    tl.store(cmax_ptr + row * NCHUNK + c, m)
+    tl.store(carg_ptr + row * NCHUNK + c, arg)
+
+
+@triton.jit
+def _argmax_row_kernel(cmax_ptr, carg_ptr, out_ptr, NCHUNK, BLOCK_C: tl.constexpr, USE_GDC: tl.constexpr = False):
+    # grid (B,): the first chunk holding the row's max; its argmax is the row's (chunks are in index order).
+    if USE_GDC:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
+    row = tl.program_id(0)
+    c = tl.arange(0, BLOCK_C)
+    m = tl.load(cmax_ptr + row * NCHUNK + c, mask=c < NCHUNK, other=float("-inf"))
+    _, first = _first_max(m, c, BLOCK_C)
+    tl.store(out_ptr + row, tl.load(carg_ptr + row * NCHUNK + first).to(tl.int64))
+
+
+ARGMAX_CHUNK = 4096    # Qwen3's vocabulary in 38 chunks: enough programs to read one row at bandwidth
+
+
+def argmax_triton(x):
+    """x (B, V), rows contiguous -> (B,) int64, as argmax_ref (NaN aside: rows here hold none)."""
+    B, V = x.shape
+    assert x.stride(1) == 1
+    nchunk = triton.cdiv(V, ARGMAX_CHUNK)
+    cmax = torch.empty(B, nchunk, dtype=torch.float32, device=x.device)
+    carg = torch.empty(B, nchunk, dtype=torch.int32, device=x.device)
+    out = torch.empty(B, dtype=torch.int64, device=x.device)
+    _argmax_chunk_kernel[(B, nchunk)](x, x.stride(0), V, cmax, carg, nchunk, CHUNK=ARGMAX_CHUNK, num_warps=4,
+                                      **pdl(x))
+    _argmax_row_kernel[(B,)](cmax, carg, out, nchunk, BLOCK_C=triton.next_power_of_2(nchunk), num_warps=1, **pdl(x))
+    return out
 
 
 @triton.jit
@@ -337,6 +431,15 @@ def _use_triton(x: torch.Tensor) -> bool:
     if not HAS_TRITON or mode == "torch":
         return False
     return mode == "triton" or x.is_cuda
+
+
+def embed(ids, weight, last_tokens=None, gather=None):
+    f = embed_triton if _use_triton(weight) else embed_ref
+    return f(ids, weight, last_tokens, gather)
+
+
+def argmax(x):
+    return argmax_triton(x) if _use_triton(x) else argmax_ref(x)
 
 
 # rows x 4096 |   1    |   16   |  128   |  1024  | 16384

@@ -124,7 +124,7 @@ class AttnMeta:
     context_lens: torch.Tensor     # (B,) int32: tokens in b's KV cache once this step's tokens are written
     block_tables: torch.Tensor     # (B, max_blocks) int32: b's cache blocks in order (unused entries: 0)
     slot_mapping: torch.Tensor     # (T,) int64: cache slot each new token's K/V is written to
-    logits_indices: torch.Tensor   # (B_sample,) int64: packed rows whose next-token logits are wanted
+    logits_indices: torch.Tensor | None   # (B_sample,) int64: packed rows whose logits are wanted (None: all)
     is_decode: bool                # every sequence has exactly one new token (decode kernel, CUDA graphs)
     max_seqlen_q: int = 1          # longest new-token run in the batch (grid size of the prefill kernel)
     shared_prefix: attention.SharedPrefix | None = None   # decode: blocks many rows share, attended once (cascade)
@@ -270,14 +270,16 @@ class Qwen3ForCausalLM(nn.Module):
         self.register_buffer("cos_sin", kernels.rope_cos_sin(cfg.head_dim, cfg.max_position_embeddings,
                                                              cfg.rope_theta), persistent=False)
 
-    def forward(self, input_ids, positions, meta: AttnMeta, kv_cache) -> torch.Tensor:
-        """input_ids, positions: (T,); kv_cache: (num_layers, 2, num_blocks, block_size, n_kv, head_dim).
+    def forward(self, input_ids, positions, meta: AttnMeta, kv_cache, pending=None) -> torch.Tensor:
+        """input_ids, positions: (T,); kv_cache: (num_layers, 2, num_blocks, block_size, n_kv, head_dim). pending:
+        (last_tokens, gather) when input_ids hold tokens still on the device (kernels.embed_ref: decode graphs).
         Returns the final hidden states of the rows in meta.logits_indices: (B_sample, hidden)."""
-        x, residual = parallel.embed(input_ids, self.model.embed_tokens.weight, self.tp), None   # (T, hidden)
+        x = parallel.embed(input_ids, self.model.embed_tokens.weight, self.tp, pending)      # (T, hidden)
+        residual = None
         for i, layer in enumerate(self.model.layers):
             x, residual = layer(x, residual, positions, meta, kv_cache[i], self.cos_sin)
         x, _ = add_norm(self.model.norm, x, residual)
-        return x[meta.logits_indices]
+        return x if meta.logits_indices is None else x[meta.logits_indices]
 
     def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """(B_sample, vocab) logits in the model's dtype, written into `out` if given (CUDA graphs share one

@@ -23,7 +23,6 @@ import cache
 import parallel
 from model import AttnMeta, build_model
 from sample import SamplerGraphs, SamplingParams, SamplingTensors, apply_penalties, resolve, sample, token_logprobs
-from scheduler import PENDING
 
 
 class Runner:
@@ -256,12 +255,6 @@ def positions_and_slots(cu_seqlens, context_lens, block_tables, block_size: int,
     return pos, slots
 
 
-def fill_pending(ids: torch.Tensor, last_tokens: torch.Tensor, gather: torch.Tensor) -> torch.Tensor:
-    """Input ids with each PENDING entry replaced by the token the previous step sampled on the device (the
-    decode graphs' fixed-shape form: gather holds a last_tokens row for every input row)."""
-    return torch.where(ids == PENDING, last_tokens[gather], ids)
-
-
 class DecodeGraphs:
     """CUDA graphs of the decode forward pass (model + lm_head) for a ladder of batch sizes. A decode batch
     is padded up to the next captured size: padding rows write their K/V into reserved block 0 and their
@@ -287,8 +280,8 @@ class DecodeGraphs:
         dev = kv_cache.device
         i32 = dict(dtype=torch.int32, device=dev)
         self.i64 = torch.zeros(5, max_batch, dtype=torch.int64, device=dev)
-        # padding rows: token 0 at position 0, slot 0 (block 0); gather: see fill_pending; lead: row_groups (only
-        # the grouped graphs read it, and only their steps send it)
+        # padding rows: token 0 at position 0, slot 0 (block 0); gather: a PENDING id's row of last_tokens; lead:
+        # row_groups (only the grouped graphs read it, and only their steps send it)
         self.ids, self.pos, self.slots, self.gather, self.lead = self.i64
         self.lead.fill_(1)
         self.group_rows = group_rows
@@ -297,7 +290,6 @@ class DecodeGraphs:
         self.tables = self.i32[:, 1:]                    # (max_batch, max_blocks), row stride 1 + max_blocks
         self.ctx = torch.ones(max_batch, **i32)          # contiguous copy of column 0 (kernels want it dense)
         self.cu = torch.arange(max_batch + 1, **i32)
-        self.rows = torch.arange(max_batch, device=dev)
         self.short_blocks = min(max_blocks, -(-self.SHORT_CONTEXT // kv_cache.shape[3]))
         self.graphs = {}
         # every graph writes its logits here: a graph's output outlives its capture, so outputs of its own
@@ -315,7 +307,7 @@ class DecodeGraphs:
                     kinds.append((False, True))
                 for cascade, grouped in kinds:
                     meta = AttnMeta(self.cu[:b + 1], self.ctx[:b], self.tables[:b, :width], self.slots[:b],
-                                    self.rows[:b], is_decode=True, max_seqlen_q=1)
+                                    None, is_decode=True, max_seqlen_q=1)          # logits of every row
                     if grouped:
                         meta.row_groups, meta.group_rows = self.lead[:b], group_rows
                     def run():                  # everything in here is captured: no extra launches per step
@@ -323,8 +315,9 @@ class DecodeGraphs:
                         if cascade:
                             meta.shared_prefix = attention.plan_shared_prefix(meta.block_tables, meta.context_lens,
                                                                             block_size)
-                        ids = fill_pending(self.ids[:b], last_tokens, self.gather[:b])
-                        model.compute_logits(model(ids, self.pos[:b], meta, kv_cache), out=self.logits[:b])
+                        pending = (last_tokens, self.gather[:b])    # PENDING ids: last step's tokens
+                        hidden = model(self.ids[:b], self.pos[:b], meta, kv_cache, pending)
+                        model.compute_logits(hidden, out=self.logits[:b])
                     with torch.inference_mode():
                         run()                       # warm-up: Triton compiles, cuBLAS picks its kernels
                         g = torch.cuda.CUDAGraph()

@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 import kernels
-from kernels import HAS_TRITON, tl, triton
+from kernels import HAS_TRITON, _first_max, tl, triton
 
 
 @dataclass
@@ -289,13 +289,6 @@ def _gumbel(key, idx):
     """Gumbel noise of tokens idx (int32 tensor) for a row's uint32 key: the same numbers as gumbel_ref."""
     u = _uniform(_fmix32_tl(key + idx.to(tl.uint32) * 0x9E3779B9))
     return -tl.log(-tl.log(u))
-
-
-@triton.jit
-def _first_max(v, idx, BIG):
-    """(max of v, smallest idx where v is the max): torch.argmax's tie rule."""
-    m = tl.max(v, axis=0)
-    return m, tl.min(tl.where(v == m, idx, BIG), axis=0)
 
 
 @triton.jit

@@ -56,6 +56,7 @@ from typing import NamedTuple
 import torch
 
 import attention
+import kernels
 from runner import gpu_event, shares_first_block, to_device, to_host
 from scheduler import PENDING, Status, padded_tables
 
@@ -440,7 +441,7 @@ class DraftModel:
             done = [j for j, i in enumerate(rows) if todo[i] == last[i] + 1]   # rows that reached the last token
             if done:                                   # (pinned copies: a list to the device would sync)
                 at = to_device(done, torch.int64, r.device)
-                first[to_device([rows[j] for j in done], torch.int64, r.device)] = logits[at].argmax(-1)
+                first[to_device([rows[j] for j in done], torch.int64, r.device)] = kernels.argmax(logits[at])
         drafts, live = [first], list(range(len(seqs)))                  # draft j of the sequences in live
         lives = [live]
         for j in range(1, max(s.num_draft for s in seqs)):              # one decode step per further draft
@@ -449,7 +450,7 @@ class DraftModel:
             live = [i for i in live if seqs[i].num_draft > j]
             pending = [(p, row_of[i]) for p, i in enumerate(live)]
             ids, ctx, tabs = [PENDING] * len(live), [last[i] + 1 + j for i in live], [tables[i] for i in live]
-            drafts.append(r.decode_rows(ids, pending, ctx, tabs, False).argmax(-1))
+            drafts.append(kernels.argmax(r.decode_rows(ids, pending, ctx, tabs, False)))
             lives.append(live)
         where = [(seqs[i], last[i] + 1 + j) for j, live in enumerate(lives) for i in live]
         for s, L in zip(seqs, last):

@@ -1191,6 +1191,45 @@ def test_device_helpers_are_jitted():
 
 @pytest.mark.usefixtures("kt_triton_poisoned")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("T,H", [(1, 40), (5, 100), (17, 64)])
+def test_kt_embed(T, H, dtype):
+    """Embedding rows, bit for bit; negative ids (scheduler.PENDING) read the previous step's tokens."""
+    import parallel
+    torch.manual_seed(T * 100 + H)
+    weight = torch.randn(300, H).to(dtype)
+    ids = torch.randint(0, 300, (T,))
+    torch.testing.assert_close(kernels.embed(ids, weight), kernels.embed_ref(ids, weight), atol=0, rtol=0)
+    last_tokens, gather = torch.randint(0, 300, (8,)), torch.randint(0, 8, (T,))
+    pending = torch.rand(T) < 0.5
+    ids = torch.where(pending, -1, ids)
+    want = weight[torch.where(pending, last_tokens[gather], ids)]
+    torch.testing.assert_close(kernels.embed(ids, weight, last_tokens, gather), want, atol=0, rtol=0)
+    torch.testing.assert_close(kernels.embed_ref(ids, weight, last_tokens, gather), want, atol=0, rtol=0)
+    torch.testing.assert_close(parallel.embed(ids, weight, None, (last_tokens, gather)), want, atol=0, rtol=0)
+
+
+@pytest.mark.usefixtures("kt_triton_poisoned")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("B,V", [(1, 77), (3, 9000), (2, 4096)])   # one ragged chunk; three, the last ragged; one
+def test_kt_argmax(B, V, dtype, monkeypatch):
+    """The first index of each row's max, as torch.argmax: random rows, rows of many ties (the max in several
+    chunks), a row whose max sits in the last chunk, a row of -inf."""
+    torch.manual_seed(B * 10000 + V)
+    rows = [torch.randn(B, V), torch.randint(-3, 3, (B, V)).float()]
+    skew = torch.randn(B, V)
+    skew[:, -1] = 10.0
+    rows.append(skew)
+    rows.append(torch.full((B, V), float("-inf")))
+    for x in rows:
+        x = x.to(dtype)
+        assert torch.equal(kernels.argmax(x), kernels.argmax_ref(x)), x
+    monkeypatch.setattr(kernels, "ARGMAX_CHUNK", 64)                # many chunks: the second pass's ties too
+    x = torch.randint(-3, 3, (B, V)).to(dtype)
+    assert torch.equal(kernels.argmax(x), kernels.argmax_ref(x))
+
+
+@pytest.mark.usefixtures("kt_triton_poisoned")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("T,N", [(1, 64), (3, 100), (17, 64), (130, 100)])
 def test_kt_rms_norm(T, N, dtype):
     torch.manual_seed(T * 1000 + N)
