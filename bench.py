@@ -8,7 +8,7 @@
 Modes: offline (256 requests at once), decode-1 (one request, ms/token, and 8 at once, ms/step; sampled, greedy),
 prefill (8 x 2048 tokens, one forward), prefix (64 requests sharing a 2,000-token prefix, prefix cache on vs off, each after an untimed
 pass with another prefix), serve (serve.py on loopback, N streaming clients), timeline (a decode step of
---timeline-batches requests, default 1 and 8, under the profiler: each kernel's time per step, the GPU's busy time
+--timeline-batches requests, default 1 and 8, sampled and greedy, under the profiler: each kernel's time per step, the GPU's busy time
 and the gaps, against the step's floor; QWEN3_PDL=0 shows each kernel's own time), kernels (the timeline, then
 bench_kernels.py's table), allreduce (with --tensor-parallel-size: all-reduce time and bus bandwidth at decode and prefill
 sizes), spec (speculative decoding at chosen acceptance rates), accuracy (top-1 agreement and logit error against transformers
@@ -452,16 +452,18 @@ def run_allreduce(b: Bench):
 
 def run_timeline(b: Bench):
     """A decode step of each of --timeline-batches requests (prompts of --timeline-prompt tokens) under the
-    profiler (bench_kernels.decode_timeline): each kernel's time per step, the GPU's busy time and the gaps,
-    against the step's floor: the weights it reads (MoE: the experts that many tokens route to) and the
-    batch's K/V, over the bandwidth. QWEN3_PDL=0 shows each kernel's own time (no launch overlaps another)."""
+    profiler (bench_kernels.decode_timeline), sampled and greedy beside it: each kernel's time per step, the GPU's
+    busy time and the gaps, against the step's floor: the weights it reads (MoE: the experts that many tokens
+    route to) and the batch's K/V, over the bandwidth. QWEN3_PDL=0 shows each kernel's own time (no launch
+    overlaps another)."""
     if b.device.type != "cuda":
         print("timeline: the profiler timeline needs a GPU")
         return [], {"available": False}
     step_bytes = lambda n: (weight_bytes(b.cfg, b.dtype.itemsize, experts_read(b.cfg, n) or None)
                             + n * (b.w.timeline_prompt + 16) * kv_bytes_per_token(b))   # context mid-way
+    llm = engine(b)
     return [], {"available": True, "decode_timeline": decode_timelines(
-        engine(b), b.w.timeline_batches, b.w.timeline_prompt, lambda n: 1e6 * step_bytes(n) / b.bandwidth)}
+        llm, b.w.timeline_batches, b.w.timeline_prompt, lambda n: 1e6 * step_bytes(n) / b.bandwidth, variants(b, llm))}
 
 
 def run_kernels(b: Bench):

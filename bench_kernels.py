@@ -541,15 +541,17 @@ def check_kernels(device="cuda", dtype=torch.bfloat16) -> list[tuple[str, float]
     return out
 
 
-def decode_timeline(llm, batch: int = 1, steps: int = 20, prompt_len: int = 128) -> dict:
+def decode_timeline(llm, batch: int = 1, steps: int = 20, prompt_len: int = 128, sampling: dict | None = None) -> dict:
     """What a decode step of `batch` requests spends on the GPU, from the profiler over `steps` engine steps
     (decode graphs replaying): each kernel (and copy) by name, its launches and microseconds per step; per step
     the kernels' total, the GPU's busy time (their union) and the span from the first kernel's start to the
-    last one's end divided by the steps (so it includes the gaps between kernels and between steps)."""
+    last one's end divided by the steps (so it includes the gaps between kernels and between steps). sampling:
+    SamplingParams settings of the requests (default greedy)."""
     from torch.profiler import ProfilerActivity, profile
     from sample import SamplingParams
     warm = 3 + -(-batch * prompt_len // llm.args.max_num_batched_tokens)   # the prefill's chunks, then decodes
-    params = SamplingParams(temperature=0.0, max_tokens=warm + steps + 20, ignore_eos=True)
+    settings = {"temperature": 0.0} if sampling is None else sampling          # {}: the model's defaults
+    params = SamplingParams(**settings, max_tokens=warm + steps + 20, ignore_eos=True)
     rids = [llm.add_request([1 + i] * prompt_len, params) for i in range(batch)]
     for _ in range(warm):
         llm.step()
@@ -579,8 +581,8 @@ def decode_timeline(llm, batch: int = 1, steps: int = 20, prompt_len: int = 128)
                          "us_each": sum(t) / len(t)} for n, t in top]}
 
 
-def format_timeline(t: dict, floor_us: float) -> str:
-    lines = [f"decode step timeline, batch {t['batch']} ({t['steps']} steps under the profiler): "
+def format_timeline(t: dict, floor_us: float, label: str = "greedy") -> str:
+    lines = [f"decode step timeline, batch {t['batch']}, {label} ({t['steps']} steps under the profiler): "
              f"{t['kernels_per_step']:.0f} kernels, {t['kernel_us_per_step']:.0f} us of kernels, GPU busy "
              f"{t['busy_us_per_step']:.0f} us of a {t['span_us_per_step']:.0f} us span per step (the rest: gaps); "
              f"floor {floor_us:.0f} us (weights and K/V read / bandwidth)"]
@@ -589,12 +591,14 @@ def format_timeline(t: dict, floor_us: float) -> str:
     return "\n".join(lines)
 
 
-def decode_timelines(llm, batches, prompt_len: int, floor_us) -> dict:
-    """decode_timeline at each batch size, each printed against floor_us(batch); {batch: timeline}."""
+def decode_timelines(llm, batches, prompt_len: int, floor_us, runs=(("greedy", None),)) -> dict:
+    """decode_timeline at each batch size for each (label, sampling settings) of runs, each printed against
+    floor_us(batch); {label: {batch: timeline}}."""
     out = {}
-    for batch in batches:
-        out[batch] = decode_timeline(llm, batch, prompt_len=prompt_len)
-        print(format_timeline(out[batch], floor_us(batch)))
+    for label, sampling in runs:
+        for batch in batches:
+            out.setdefault(label, {})[batch] = t = decode_timeline(llm, batch, prompt_len=prompt_len, sampling=sampling)
+            print(format_timeline(t, floor_us(batch), label))
     return out
 
 
