@@ -20,6 +20,7 @@ import torch
 
 import attention
 import cache
+import kernels
 import parallel
 from model import AttnMeta, build_model
 from sample import SamplerGraphs, SamplingParams, SamplingTensors, apply_penalties, resolve, sample, token_logprobs
@@ -184,7 +185,8 @@ def probe_cache(runner: Runner) -> torch.Tensor:
 @torch.inference_mode()
 def warmup(runner: Runner, kv, max_model_len: int, defaults: dict):
     """One forward pass of max_num_batched_tokens prompt tokens, then the sampler on max_num_seqs rows with
-    every filter, penalties and top-20 logprobs, with the decode graphs' logits buffer held (memory profile)."""
+    every filter, penalties and top-20 logprobs, and greedy's argmax, with the decode graphs' logits buffer held
+    (memory profile). Every kernel a step can launch eagerly is compiled here, not in a user's request."""
     args, model = runner.args, runner.model
     T, bs, dev, B, V = (args.max_num_batched_tokens, args.block_size, runner.device, args.max_num_seqs,
                         runner.config.vocab_size)
@@ -203,6 +205,7 @@ def warmup(runner: Runner, kv, max_model_len: int, defaults: dict):
     x = apply_penalties(logits.float(), [[(t, 0.0, 1.1, 0.0) for t in range(64)]] * B)
     tokens = sample(x, SamplingTensors.build(params, list(range(B)), [0] * B, V, dev))
     token_logprobs(logits, tokens, 20)
+    kernels.argmax(logits)
 
 
 def gpu_event(device) -> torch.cuda.Event | None:
