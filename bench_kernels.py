@@ -538,6 +538,15 @@ def check_kernels(device="cuda", dtype=torch.bfloat16) -> list[tuple[str, float]
     out.append(("decode over an fp8 cache", rel_err(attention.decode_attention_triton(q, k_cache, v_cache, bt, cl, 0.1),
                                                     attention.decode_attention_ref(q, k_cache, v_cache, bt, cl, 0.1))))
     out.append(("decode+qkv over an fp8 cache (out, new K/V)", decode_qkv_err(k_cache, v_cache, bt, cl, H, dtype)))
+    # a decode step's first and last kernels: exact (0 expected)
+    for B in (1, 8, 256):
+        x = torch.randint(-4, 4, (B, 151936), device=device).to(dtype)          # many ties
+        out.append((f"argmax {B} x 151,936 (rows not torch's)", (kernels.argmax_triton(x) != x.argmax(-1)).float().mean().item()))
+    w, ids = torch.randn(1000, 1024, device=device, dtype=dtype), torch.randint(0, 1000, (64,), device=device)
+    ids[::3] = -1                                                               # PENDING
+    last, gather = torch.randint(0, 1000, (64,), device=device), torch.randint(0, 64, (64,), device=device)
+    out.append(("embed with PENDING ids", rel_err(kernels.embed_triton(ids, w, last, gather),
+                                                  kernels.embed_ref(ids, w, last, gather))))
     return out
 
 

@@ -182,7 +182,8 @@ def _embed_kernel(ids_ptr, last_ptr, gather_ptr, w_ptr, out_ptr, H, PENDING: tl.
 def embed_triton(ids, weight, last_tokens=None, gather=None):
     """ids (T,) int64, weight (V, H) contiguous -> (T, H); last_tokens, gather as in embed_ref."""
     (T,), H = ids.shape, weight.shape[1]
-    assert weight.is_contiguous() and ids.dtype == torch.int64
+    assert weight.is_contiguous() and ids.is_contiguous() and ids.dtype == torch.int64
+    assert last_tokens is None or last_tokens.is_contiguous() and gather.is_contiguous()
     out = torch.empty(T, H, dtype=weight.dtype, device=weight.device)
     pending = last_tokens is not None
     BLOCK = triton.next_power_of_2(H)
@@ -210,7 +211,7 @@ def _argmax_chunk_kernel(x_ptr, stride, V, cmax_ptr, carg_ptr, NCHUNK, CHUNK: tl
     x = tl.load(x_ptr + row.to(tl.int64) * stride + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
     m, arg = _first_max(x, offs, V)
     tl.store(cmax_ptr + row * NCHUNK + c, m)
-    tl.store(carg_ptr + row * NCHUNK + c, arg)
+    tl.store(carg_ptr + row * NCHUNK + c, tl.minimum(arg, V - 1))      # a NaN matches nothing: still a token id
 
 
 @triton.jit
@@ -223,14 +224,14 @@ def _argmax_row_kernel(cmax_ptr, carg_ptr, out_ptr, NCHUNK, BLOCK_C: tl.constexp
     c = tl.arange(0, BLOCK_C)
     m = tl.load(cmax_ptr + row * NCHUNK + c, mask=c < NCHUNK, other=float("-inf"))
     _, first = _first_max(m, c, BLOCK_C)
-    tl.store(out_ptr + row, tl.load(carg_ptr + row * NCHUNK + first).to(tl.int64))
+    tl.store(out_ptr + row, tl.load(carg_ptr + row * NCHUNK + tl.minimum(first, NCHUNK - 1)).to(tl.int64))
 
 
 ARGMAX_CHUNK = 4096    # Qwen3's vocabulary in 38 chunks: enough programs to read one row at bandwidth
 
 
 def argmax_triton(x):
-    """x (B, V), rows contiguous -> (B,) int64, as argmax_ref (NaN aside: rows here hold none)."""
+    """x (B, V), rows contiguous -> (B,) int64, as argmax_ref (a row with NaNs gets some token id, not torch's)."""
     B, V = x.shape
     assert x.stride(1) == 1
     nchunk = triton.cdiv(V, ARGMAX_CHUNK)
