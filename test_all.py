@@ -160,6 +160,16 @@ def test_logits_match_transformers(ckpt):
             worst = max(worst, diff)
     print(f"max abs logit diff vs transformers: {worst:.2e}")
     assert worst < 1e-4
+    # as the decode graphs call it: some ids PENDING (-1), their tokens read from last_tokens; every row's logits
+    at = torch.arange(0, len(ids), 3)
+    last_tokens, gather = torch.tensor(ids)[at].flip(0), torch.zeros(len(ids), dtype=torch.int64)
+    gather[at] = torch.arange(len(at)).flip(0)
+    pending_ids = torch.tensor(ids).index_fill(0, at, -1)
+    meta.logits_indices = None
+    with torch.inference_mode():
+        again = llm.model.compute_logits(llm.model(pending_ids, torch.tensor(pos), meta, llm.kv_cache,
+                                                   pending=(last_tokens, gather)))
+    assert torch.equal(again, logits)
 
 
 @pytest.mark.parametrize("batched", [True, False])
