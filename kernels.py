@@ -41,12 +41,15 @@ def kernel_mode() -> str:
 # PyTorch references
 # ----------------------------------------------------------------------------------------------------------
 
+def resolve_pending(ids: torch.Tensor, last_tokens: torch.Tensor, gather: torch.Tensor) -> torch.Tensor:
+    """ids with each negative one (scheduler.PENDING: a token the previous step sampled, still on the device)
+    replaced by last_tokens[gather[row]] (the decode graphs' fixed-shape inputs)."""
+    return torch.where(ids < 0, last_tokens[gather], ids)
+
+
 def embed_ref(ids: torch.Tensor, weight: torch.Tensor, last_tokens=None, gather=None) -> torch.Tensor:
-    """weight[ids]: (T, hidden). With last_tokens: a negative id (scheduler.PENDING) is a token the previous
-    step sampled, still on the device: last_tokens[gather[row]] (the decode graphs' fixed-shape inputs)."""
-    if last_tokens is not None:
-        ids = torch.where(ids < 0, last_tokens[gather], ids)
-    return F.embedding(ids, weight)
+    """weight[ids]: (T, hidden); with last_tokens, PENDING ids first resolved (resolve_pending)."""
+    return F.embedding(ids if last_tokens is None else resolve_pending(ids, last_tokens, gather), weight)
 
 
 def argmax_ref(x: torch.Tensor) -> torch.Tensor:

@@ -254,11 +254,11 @@ def all_reduce(x: torch.Tensor, group: Group | None) -> torch.Tensor:
 def embed(ids: torch.Tensor, weight: torch.Tensor, group: Group | None, pending: tuple | None = None) -> torch.Tensor:
     """Vocab-parallel embedding: weight holds rows [rank * V/N, (rank + 1) * V/N); a token outside them gets
     zeros here and its row from the rank that has it, summed by the all-reduce. pending: (last_tokens, gather)
-    for ids that hold tokens still on the device (kernels.embed_ref)."""
+    for ids that hold tokens still on the device (kernels.resolve_pending)."""
     if group is None:
         return kernels.embed(ids, weight, *(pending or ()))
     if pending is not None:
-        ids = torch.where(ids < 0, pending[0][pending[1]], ids)
+        ids = kernels.resolve_pending(ids, *pending)
     rows = weight.shape[0]
     local = ids - group.rank * rows
     inside = (local >= 0) & (local < rows)
