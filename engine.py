@@ -297,15 +297,20 @@ class LLM:
         self.num_forwards += 1
         start = gpu_event(self.device)                 # the GPU reaches it when it starts this step (stats)
         sampled = [s for s, n in zip(batch.seqs, batch.num_new) if s.num_computed + n == s.num_tokens]
-        logits, prompt_lp, graphed = forward_batch(self.runner, self.graphs, batch, self.requests, self.sample_row)
-        tokens, lp = sample_rows(self, [self.requests[s.request_id] for s in sampled],
-                                 [s.num_tokens - len(s.prompt_ids) for s in sampled], logits, graphed)
+        reqs, steps = [self.requests[s.request_id] for s in sampled], [s.num_tokens - len(s.prompt_ids) for s in sampled]
+        graphed = batch.is_decode and self.graphs is not None and len(batch.seqs) <= self.graphs.max_batch
+        done = graphed and samples_in_graph(self.graphs, self.sampler_graphs, reqs)
+        logits, prompt_lp = forward_batch(self.runner, batch, self.requests, self.sample_row, graphed, steps, done)
+        if done:                                       # the graph sampled: this step's tokens are in last_tokens
+            tokens, lp = self.runner.last_tokens[:len(reqs)], None
+        else:
+            tokens, lp = sample_rows(self, reqs, steps, logits, graphed)
         indices = [s.num_tokens for s in sampled]       # where each one's PENDING token goes
         self.scheduler.advance(batch)
         self.sample_row = {s: i for i, s in enumerate(sampled)}
         if tokens is None and prompt_lp is None:
             return None
-        if tokens is not None:
+        if tokens is not None and not done:
             self.runner.set_last_tokens(tokens)
         return in_flight(sampled, indices, tokens, lp, prompt_lp, start)
 
@@ -379,11 +384,10 @@ def capture_graphs(args: EngineArgs, runner: Runner, draft: Runner | None, max_b
     if not args.cuda_graphs or runner.device.type != "cuda":
         return None, None, 0
     before = torch.cuda.memory_reserved()
-    runner.capture(max_blocks_per_seq)
+    runner.capture(max_blocks_per_seq, sampling=True)
     if draft is not None:
         draft.capture(max_blocks_per_seq)
-    sampler_graphs = SamplerGraphs(runner.graphs.logits, runner.graphs.sizes, runner.graphs.pool)
-    return runner.graphs, sampler_graphs, torch.cuda.memory_reserved() - before
+    return runner.graphs, runner.sampler, torch.cuda.memory_reserved() - before
 
 
 def build_request(llm: LLM, prompt: str | list[int], params: SamplingParams | None, request_id: str,
@@ -475,14 +479,29 @@ def drain(llm: LLM, rids: list[str]):
             llm.abort(rid)
 
 
-def forward_batch(runner: Runner, graphs, batch: Batch, requests: dict, sample_row: dict) -> tuple:
-    """The batch's forward pass: (the sampled rows' logits, the prompt logprobs asked for or None, whether it
-    replayed a decode graph). A decode batch that fits the graphs replays one; anything else runs eagerly."""
+def samples_in_graph(graphs, sampler: SamplerGraphs, reqs: list[Request]) -> bool:
+    """Whether a decode batch's graph samples its tokens itself (DecodeGraphs' sample_tail): batches with a
+    sampled row and no logprobs, penalties or grammar, whose rows' settings are then loaded first. Greedy
+    batches take the argmax after the graph, and the others sample after it from the logits."""
+    params = [r.params for r in reqs]
+    if graphs.sample_tail is None or any(p.needs_last_token or p.logprobs is not None for p in params):
+        return False
+    if all(p.greedy for p in params):
+        return False
+    sampler.load([r.request_id for r in reqs], params, [r.seed for r in reqs])
+    return True
+
+
+def forward_batch(runner: Runner, batch: Batch, requests: dict, sample_row: dict, graphed: bool, steps: list[int],
+                  sampled: bool) -> tuple:
+    """The batch's forward pass: (the sampled rows' logits, the prompt logprobs asked for or None). A decode batch
+    that fits the graphs (graphed) replays one (sampled: the one that samples too), its rows' output positions
+    `steps` among its inputs; anything else runs eagerly."""
     ids, pending, cu, ctx, tables, logits_idx = pack(batch, sample_row)
-    if batch.is_decode and graphs is not None and len(ids) <= graphs.max_batch:
+    if graphed:
         shared = len(tables) >= attention.CASCADE_MIN_BATCH and shares_first_block(tables)
-        return runner.decode(ids, pending, ctx, tables, shared), None, True
-    return *forward_eager(runner, batch, requests, ids, pending, cu, ctx, tables, logits_idx), False
+        return runner.decode(ids, pending, ctx, tables, shared, steps=steps, sampled=sampled), None
+    return forward_eager(runner, batch, requests, ids, pending, cu, ctx, tables, logits_idx)
 
 
 def forward_eager(runner: Runner, batch: Batch, requests: dict, ids, pending, cu, ctx, tables, logits_idx) -> tuple:
@@ -552,7 +571,7 @@ def choose_tokens(reqs: list[Request], steps: list[int], logits: torch.Tensor, v
     if greedy and logprobs is None:
         return kernels.argmax(logits)              # the common case needs no sampling tensors, nor fp32
     if sampler_graphs is not None and not changed:
-        return sampler_graphs.run([r.request_id for r in reqs], params, [r.seed for r in reqs], steps, logprobs)
+        return sampler_graphs.run([r.request_id for r in reqs], params, [r.seed for r in reqs], logprobs)
     if greedy:                                     # eager logprobs are computed beside the argmax
         return kernels.argmax(logits)
     if changed:

@@ -6,8 +6,10 @@
     logits = runner.logits(0, len(logits_idx))
 
 `Runner` holds what a forward pass needs and nothing about requests: the model, the KV cache tensor, the
-decode graphs, `last_tokens` (the tokens the previous step sampled, still on the device) and the hidden states
-of the last eager pass. Its inputs are host lists (`scheduler.pack` makes them).
+decode graphs (on rank 0 the sampler's graphs too), `last_tokens` (the tokens the previous step sampled, still
+on the device) and the hidden states of the last eager pass. Its inputs are host lists (`scheduler.pack` makes
+them). A sampled decode step is one graph replay: the graph ends in the sampler and writes the tokens into
+`last_tokens` itself.
 
 Under tensor parallelism (parallel.py) every rank holds a Runner over its shard of the model. The methods in
 the "calls" section are the ones every rank makes: on rank 0 each first sends itself, with its arguments, to
@@ -34,7 +36,7 @@ class Runner:
         self.model, self.config, self.ckpt = build_model(args.model, args.random_weights, dtype, device,
                                                          args.weight_seed, args.quantization, group)
         self.kv_dtype = torch.float8_e4m3fn if args.kv_cache_dtype == "fp8" else dtype   # the cache's elements
-        self.kv_cache = self.graphs = self.hidden = None
+        self.kv_cache = self.graphs = self.sampler = self.hidden = None
         spec = args.num_speculative_tokens if args.speculative_method == "draft" else 0   # a verify pass's drafts too
         self.last_tokens = torch.zeros(args.max_num_seqs * (1 + spec), dtype=torch.int64, device=device)
 
@@ -54,10 +56,10 @@ class Runner:
         self.kv_cache = cache.allocate_kv_cache(self.model.config, num_blocks, self.args.block_size, self.kv_dtype,
                                                 self.device)
 
-    def capture(self, max_blocks: int):
+    def capture(self, max_blocks: int, sampling: bool = False):
+        """The decode graphs; sampling (rank 0 of the target model): the sampler's graphs too (self.sampler)."""
         self.send("capture", max_blocks)
-        self.graphs = DecodeGraphs(self.model, self.kv_cache, self.last_tokens, self.args.max_num_seqs, max_blocks,
-                                   group_rows=self.group_rows() if self.args.speculative_method else 0)
+        self.graphs, self.sampler = capture_decode(self, self.kv_cache, max_blocks, sampling=sampling)
 
     def group_rows(self) -> int:
         """Rows of one sequence attended at once in a verify pass (attention.group_rows): its K + 1 tokens."""
@@ -100,9 +102,11 @@ class Runner:
         self.send("logits", start, stop)
         return self.model.compute_logits(self.hidden[start:stop])
 
-    def decode(self, ids, pending, ctx, tables, shared: bool, seq_rows: list[int] | None = None) -> torch.Tensor:
-        """A decode batch through its CUDA graph: (len(ids), vocab) logits (a view of the graphs' buffer)."""
-        return self.replay(*self.graphs.prepare(ids, pending, ctx, tables, shared, seq_rows))
+    def decode(self, ids, pending, ctx, tables, shared: bool, seq_rows: list[int] | None = None,
+               steps: list[int] | None = None, sampled: bool = False) -> torch.Tensor:
+        """A decode batch through its CUDA graph: (len(ids), vocab) logits (a view of the graphs' buffer).
+        steps, sampled: DecodeGraphs.prepare's."""
+        return self.replay(*self.graphs.prepare(ids, pending, ctx, tables, shared, seq_rows, steps, sampled))
 
     def decode_rows(self, ids, pending, ctx, tables, shared: bool, seq_rows: list[int] | None = None) -> torch.Tensor:
         """A decode batch through its CUDA graph when one holds it, else eagerly: (len(ids), vocab) logits."""
@@ -154,10 +158,8 @@ def kv_blocks_that_fit(runner: Runner, max_model_len: int, defaults: dict, extra
     warmup(runner, kv, max_model_len, defaults)
     graphs = samplers = None
     if args.cuda_graphs:
-        B = args.max_num_seqs
-        graphs = DecodeGraphs(runner.model, kv, runner.last_tokens, B, -(-max_model_len // args.block_size), sizes=[B])
-        if runner.group is None or runner.group.rank == 0:          # only rank 0 samples
-            samplers = SamplerGraphs(graphs.logits, graphs.sizes, graphs.pool)
+        graphs, samplers = capture_decode(runner, kv, -(-max_model_len // args.block_size), [args.max_num_seqs],
+                                          runner.group is None or runner.group.rank == 0)   # only rank 0 samples
     # what the engine needs besides its KV cache: the reserved peak (the allocator's rounding and fragmentation
     # too) less the probe cache; but a probe that fit in free space of a segment reserved before (one that an
     # earlier tensor still pins, e.g. cuBLAS's workspace inside a big buffer's segment) never raised that peak, so
@@ -173,6 +175,22 @@ def kv_blocks_that_fit(runner: Runner, max_model_len: int, defaults: dict, extra
         raise RuntimeError(f"no GPU memory left for the KV cache (the rest needs {need / 2**30:.1f} GiB of "
                            f"{total / 2**30:.1f} GiB); lower max_num_batched_tokens or raise gpu_memory_utilization")
     return n
+
+
+def capture_decode(runner: Runner, kv, max_blocks: int, sizes: list[int] | None = None, sampling: bool = False):
+    """(DecodeGraphs over kv, SamplerGraphs or None). sampling: rank 0 of the target model, which samples. Then,
+    without tensor parallelism, the decode graphs can sample too (sample_tail): a sampled step is one replay.
+    (Under TP each rank would need the sampler's settings.)"""
+    args = runner.args
+    sampler = SamplerGraphs(runner.config.vocab_size, args.max_num_seqs, runner.device) if sampling else None
+    tail = None
+    if sampling and runner.group is None:                           # the sampler on the rows' settings
+        tail = lambda logits, steps, out: sample(logits, sampler.tensors(len(out), steps), out=out)
+    graphs = DecodeGraphs(runner.model, kv, runner.last_tokens, args.max_num_seqs, max_blocks, sizes,
+                          runner.group_rows() if args.speculative_method else 0, tail)
+    if sampler is not None:
+        sampler.capture(graphs.logits, graphs.sizes, graphs.pool, lambda b: graphs.inputs(b)[-1], plain=tail is None)
+    return graphs, sampler
 
 
 def probe_cache(runner: Runner) -> torch.Tensor:
@@ -270,23 +288,30 @@ class DecodeGraphs:
     1.09 ms/token). From attention.CASCADE_MIN_BATCH rows on, each is captured once more with cascade attention
     (a shared prefix read once for all the rows that hold it), replayed when rows share their first block. With
     group_rows (speculative decoding), each is captured once more for passes whose rows are consecutive tokens of
-    one sequence, attended group_rows at a time (AttnMeta.row_groups; never the fused decode kernel)."""
+    one sequence, attended group_rows at a time (AttnMeta.row_groups; never the fused decode kernel).
+
+    With a sample_tail (an engine without tensor parallelism), each plain graph is captured once more ending in
+    the sampler on SamplerGraphs' settings, which writes the step's tokens into last_tokens itself: a sampled
+    step is one host-to-device copy of its inputs and one replay, not a second graph for the sampler and a copy
+    of the tokens between them (qwen3-0.6b, H200, sampled: 666 -> 628 us per step at batch 1, 1,052 -> 1,034
+    at 8, 1% at 128). Greedy batches keep the argmax after the graph: inside it, steps of 8-256 rows took
+    40-90 us longer (README, thirty-third session).
+    """
     SHORT_CONTEXT = 2048
 
     def __init__(self, model, kv_cache, last_tokens, max_batch: int, max_blocks: int, sizes: list[int] | None = None,
-                 group_rows: int = 0):
+                 group_rows: int = 0, sample_tail=None):
         """sizes: the batch sizes to capture (default: the ladder up to max_batch). group_rows: 0, or the rows of
-        one sequence a verify pass attends together (Runner.group_rows)."""
+        one sequence a verify pass attends together (Runner.group_rows). sample_tail: None, or fn(logits, steps,
+        out) that samples a plain (not grouped) graph's logits into out, last_tokens (the next step's PENDING
+        inputs): each plain graph is then captured twice, ending at the logits and ending in it (`sampled`)."""
         self.sizes = sorted({1, 2, 4, 8, *range(16, max_batch + 16, 16)})
         self.sizes = sizes or [b for b in self.sizes if b < max_batch] + [max_batch]
-        self.max_batch = max_batch
+        self.max_batch, self.sample_tail = max_batch, sample_tail
         dev = kv_cache.device
         i32 = dict(dtype=torch.int32, device=dev)
-        self.i64 = torch.zeros(5, max_batch, dtype=torch.int64, device=dev)
-        # padding rows: token 0 at position 0, slot 0 (block 0); gather: a PENDING id's row of last_tokens; lead:
-        # row_groups (only the grouped graphs read it, and only their steps send it)
-        self.ids, self.pos, self.slots, self.gather, self.lead = self.i64
-        self.lead.fill_(1)
+        # a step's int64 inputs, one host-to-device copy: size b's graphs read rows of b at the front (`inputs`)
+        self.i64 = torch.zeros(len(self.INPUTS) * max_batch, dtype=torch.int64, device=dev)
         self.group_rows = group_rows
         self.i32 = torch.zeros(max_batch, 1 + max_blocks, **i32)
         self.i32[:, 0] = 1
@@ -302,38 +327,54 @@ class DecodeGraphs:
         pool = None
         self.block_size = block_size = kv_cache.shape[3]
         for b in reversed(self.sizes):          # largest first, so smaller graphs reuse its memory pool
+            ids, pos, slots, gather, lead, steps = self.inputs(b)
+            self.i64.zero_()                    # captured on harmless inputs: padding rows' (groups of one row)
+            lead.fill_(1)
             for width in sorted({max_blocks, self.short_blocks}):
                 kinds = [(False, False)]                     # (cascade, grouped)
                 if b >= attention.CASCADE_MIN_BATCH:
                     kinds.append((True, False))
                 if group_rows:
                     kinds.append((False, True))
-                for cascade, grouped in kinds:
-                    meta = AttnMeta(self.cu[:b + 1], self.ctx[:b], self.tables[:b, :width], self.slots[:b],
-                                    None, is_decode=True, max_seqlen_q=1)          # logits of every row
+                for (cascade, grouped), sampled in [(k, s) for k in kinds for s in (False, True)
+                                                    if not s or (sample_tail and not k[1])]:
+                    meta = AttnMeta(self.cu[:b + 1], self.ctx[:b], self.tables[:b, :width], slots, None,
+                                    is_decode=True, max_seqlen_q=1)                # logits of every row
                     if grouped:
-                        meta.row_groups, meta.group_rows = self.lead[:b], group_rows
+                        meta.row_groups, meta.group_rows = lead, group_rows
                     def run():                  # everything in here is captured: no extra launches per step
                         self.ctx[:b].copy_(self.i32[:b, 0])
                         if cascade:
                             meta.shared_prefix = attention.plan_shared_prefix(meta.block_tables, meta.context_lens,
                                                                             block_size)
-                        pending = (last_tokens, self.gather[:b])    # PENDING ids: last step's tokens
-                        hidden = model(self.ids[:b], self.pos[:b], meta, kv_cache, pending)
+                        hidden = model(ids, pos, meta, kv_cache, (last_tokens, gather))   # PENDING: last step's
                         model.compute_logits(hidden, out=self.logits[:b])
+                        if sampled:
+                            sample_tail(self.logits[:b], steps, last_tokens[:b])
                     with torch.inference_mode():
                         run()                       # warm-up: Triton compiles, cuBLAS picks its kernels
                         g = torch.cuda.CUDAGraph()
                         with torch.cuda.graph(g, pool=pool):
                             run()
                     pool = g.pool()
-                    self.graphs[b, width, cascade, grouped] = g
+                    self.graphs[b, width, cascade, grouped, sampled] = g
         self.pool = pool                        # the sampler's graphs share it
         torch.cuda.synchronize()
 
-    def prepare(self, ids, pending, ctx, tables, shared: bool, seq_rows: list[int] | None = None) -> tuple:
+    # a step's int64 inputs, a row of b each: token ids (padding rows 0), positions, cache slots (padding rows:
+    # slot 0, in reserved block 0), the last_tokens row of a PENDING id, row_groups (only the grouped graphs read
+    # it), each row's output position (the sampler's noise is keyed by it: sample_tail, SamplerGraphs)
+    INPUTS = ("ids", "pos", "slots", "gather", "lead", "steps")
+
+    def inputs(self, b: int) -> torch.Tensor:
+        """(len(INPUTS), b) int64: the rows size b's graphs read, contiguous, so a step copies them at once."""
+        return self.i64[:len(self.INPUTS) * b].view(len(self.INPUTS), b)
+
+    def prepare(self, ids, pending, ctx, tables, shared: bool, seq_rows: list[int] | None = None,
+                steps: list[int] | None = None, sampled: bool = False) -> tuple:
         """A decode batch's inputs as two flat host arrays (int64 and int32) and the key of its graph. seq_rows:
-        Runner.forward's; then the grouped graph (not cascade)."""
+        Runner.forward's; then the grouped graph (not cascade). steps: each row's output position (the sampler's
+        noise). sampled: the plain graph that samples (sample_tail)."""
         n = len(ids)
         b = next(s for s in self.sizes if s >= n)
         bs = self.block_size
@@ -354,16 +395,16 @@ class DecodeGraphs:
         pad = [0] * (b - n)
         rows.extend(array.array("i", [1] + [0] * w) * (b - n))     # padding rows: one token of context, in block 0
         width = self.short_blocks if w <= self.short_blocks else self.tables.shape[1]
-        i64 = array.array("q", ids + pad + pos + pad + slots + pad + gather)
-        if seq_rows is not None:
-            i64.extend(attention.row_groups(seq_rows, self.group_rows) + [1] * (b - n))
-        return (b, width, shared and seq_rows is None, seq_rows is not None), n, i64, rows
+        lead = [1] * b if seq_rows is None else attention.row_groups(seq_rows, self.group_rows) + [1] * (b - n)
+        i64 = array.array("q", ids + pad + pos + pad + slots + pad + gather + lead + (steps or [0] * n) + pad)
+        grouped = seq_rows is not None
+        assert not sampled or (self.sample_tail and not grouped), "only plain graphs sample, given a sample_tail"
+        return (b, width, shared and not grouped, grouped, sampled), n, i64, rows
 
     def replay(self, key: tuple, n: int, i64: array.array, i32: array.array) -> torch.Tensor:
         """Two host-to-device copies (the int64 inputs in one, the int32 metadata in the other), one replay."""
         b = key[0]
-        k = len(i64) // b                                # 4 rows, 5 with lead
-        self.i64[:k, :b].copy_(torch.frombuffer(i64, dtype=torch.int64).view(k, b).pin_memory(), non_blocking=True)
+        self.i64[:len(i64)].copy_(torch.frombuffer(i64, dtype=torch.int64).pin_memory(), non_blocking=True)
         i32 = torch.frombuffer(i32, dtype=torch.int32).view(b, -1)
         self.i32[:b, :i32.shape[1]].copy_(i32.pin_memory(), non_blocking=True)
         self.graphs[key].replay()

@@ -610,28 +610,36 @@ def sample(logits: torch.Tensor, st: SamplingTensors, out: torch.Tensor | None =
 
 
 class SamplerGraphs:
-    """The Triton sampler captured in CUDA graphs per decode batch size, reading the decode graphs' logits
-    buffer and its settings from persistent buffers. A step uploads every row's settings only when the batch's
-    requests changed; otherwise only the output positions (one small copy). A second graph per size also
-    computes every row's logprob and top n (n, at most MAX_LOGPROBS, from a device buffer: the most any row of
-    the batch asks for), for batches where some request wants logprobs: replayed, they cost no launches from
-    Python, which at small batches is most of their price."""
+    """The sampler's per-row settings in persistent device buffers, and the Triton sampler captured in CUDA graphs
+    per decode batch size, reading the decode graphs' logits buffer. A step uploads every row's settings only when
+    the batch's requests changed (`load`); each row's output position (the noise's key) comes in the decode graphs'
+    own inputs. The decode graphs' sample_tail (runner.capture_decode) reads the same buffers, so a step that
+    samples inside its decode graph replays nothing here. The graphs here compute every row's logprob and top n
+    besides its token (n, at most MAX_LOGPROBS, from a device buffer: the most any row of the batch asks for), for
+    batches where some request wants logprobs: replayed, they cost no launches from Python, which at small batches
+    is most of their price; and, plain, the token alone, where the decode graphs end at the logits."""
 
-    def __init__(self, logits: torch.Tensor, sizes: list[int], pool=None):
-        max_b, V = logits.shape
-        dev = logits.device
-        self.vocab, self.sizes = V, sizes
-        self.f32 = torch.zeros(3, max_b, dtype=torch.float32, device=dev)     # inv_temp, top_p, min_p
-        self.i64 = torch.zeros(3, max_b, dtype=torch.int64, device=dev)       # top_k, seed, step
-        self.tokens = torch.zeros(max_b, dtype=torch.int64, device=dev)
-        self.lp_n = torch.full((max_b,), MAX_LOGPROBS, dtype=torch.int64, device=dev)   # top logprobs to find
+    def __init__(self, vocab: int, max_batch: int, device):
+        self.vocab = vocab
+        self.f32 = torch.zeros(3, max_batch, dtype=torch.float32, device=device)   # inv_temp, top_p, min_p
+        self.i64 = torch.zeros(2, max_batch, dtype=torch.int64, device=device)     # top_k, seed
+        self.tokens = torch.zeros(max_batch, dtype=torch.int64, device=device)
+        self.lp_n = torch.full((max_batch,), MAX_LOGPROBS, dtype=torch.int64, device=device)   # top logprobs to find
         self.lp_n_now = MAX_LOGPROBS
         self.rows = None                          # request ids whose settings the buffers hold
-        self.graphs, self.logprobs = {}, {}       # (size, with logprobs) -> graph; size -> its logprob outputs
+        self.sizes, self.graphs, self.logprobs = [], {}, {}   # (size, with logprobs) -> graph; size -> outputs
+
+    def tensors(self, b: int, steps: torch.Tensor) -> SamplingTensors:
+        """The first b rows' settings (views), with steps (b,) int64, the rows' output positions."""
+        return SamplingTensors(self.f32[0, :b], self.i64[0, :b], self.f32[1, :b], self.f32[2, :b], self.i64[1, :b],
+                               steps)
+
+    def capture(self, logits: torch.Tensor, sizes: list[int], pool, steps_of, plain: bool):
+        """A graph per size with logprobs, and (plain) one without. steps_of(b): size b's steps (b,) int64."""
+        self.sizes = sizes
         for b in reversed(sizes):
-            st = SamplingTensors(self.f32[0, :b], self.i64[0, :b], self.f32[1, :b], self.f32[2, :b],
-                                 self.i64[1, :b], self.i64[2, :b])
-            for with_lp in (False, True):
+            st = self.tensors(b, steps_of(b))
+            for with_lp in (False, True) if plain else (True,):
                 def run():
                     tokens = sample_triton(logits[:b], st, out=self.tokens[:b])
                     return token_logprobs_triton(logits[:b], tokens, MAX_LOGPROBS, self.lp_n[:b]) if with_lp else None
@@ -644,26 +652,29 @@ class SamplerGraphs:
                 if with_lp:
                     self.logprobs[b] = out
 
-    def run(self, request_ids: list[str], params: list[SamplingParams], seeds: list[int], steps: list[int],
-            logprobs: int | None = None):
-        """Sample the first len(params) rows of the logits buffer; returns (n,) tokens on the device, and with
-        logprobs (the most top logprobs a row wants) also (chosen (n,), top values (n, logprobs), top ids
-        (n, logprobs)) as token_logprobs gives them (views, valid until the next replay)."""
-        n, max_b = len(params), self.f32.shape[1]
+    def load(self, request_ids: list[str], params: list[SamplingParams], seeds: list[int]):
+        """The rows' settings into the buffers, unless they hold this batch's already (padding rows: greedy)."""
+        if request_ids == self.rows:
+            return
+        f, k = SamplingTensors.host_rows(params, self.vocab)
+        pad = [0] * (self.f32.shape[1] - len(params))
+        floats = [r[0] for r in f] + pad + [r[1] for r in f] + pad + [r[2] for r in f] + pad
+        pin = (lambda t: t.pin_memory()) if self.f32.is_cuda else (lambda t: t)    # the host runs on, not waiting
+        self.f32.copy_(pin(torch.tensor(floats, dtype=torch.float32).view(self.f32.shape)), non_blocking=True)
+        self.i64.copy_(pin(torch.tensor(k + pad + seeds + pad, dtype=torch.int64).view(self.i64.shape)), non_blocking=True)
+        self.rows = request_ids
+
+    def run(self, request_ids: list[str], params: list[SamplingParams], seeds: list[int], logprobs: int | None = None):
+        """Sample the first len(params) rows of the logits buffer (the decode graph just replayed put their steps
+        in place); returns (n,) tokens on the device, and with logprobs (the most top logprobs a row wants) also
+        (chosen (n,), top values (n, logprobs), top ids (n, logprobs)) as token_logprobs gives them (views, valid
+        until the next replay)."""
+        n = len(params)
         if logprobs is not None and logprobs != self.lp_n_now:
             self.lp_n.fill_(max(logprobs, 1))
             self.lp_n_now = logprobs
         b = next(s for s in self.sizes if s >= n)
-        pad = [0] * (max_b - n)
-        if request_ids != self.rows:             # padding rows: greedy, the cheapest
-            f, k = SamplingTensors.host_rows(params, self.vocab)
-            floats = [r[0] for r in f] + pad + [r[1] for r in f] + pad + [r[2] for r in f] + pad
-            self.f32.copy_(torch.tensor(floats, dtype=torch.float32).view(3, max_b).pin_memory(), non_blocking=True)
-            ints = k + pad + seeds + pad + steps + pad
-            self.i64.copy_(torch.tensor(ints, dtype=torch.int64).view(3, max_b).pin_memory(), non_blocking=True)
-            self.rows = request_ids
-        else:
-            self.i64[2].copy_(torch.tensor(steps + pad, dtype=torch.int64).pin_memory(), non_blocking=True)
+        self.load(request_ids, params, seeds)
         self.graphs[b, logprobs is not None].replay()
         if logprobs is None:
             return self.tokens[:n]

@@ -876,7 +876,7 @@ def test_decode_graph_inputs():
     import array
     from runner import DecodeGraphs
     g = DecodeGraphs.__new__(DecodeGraphs)
-    g.sizes, g.block_size, g.short_blocks, g.group_rows = [1, 2, 4, 8], 4, 2, 2
+    g.sizes, g.block_size, g.short_blocks, g.group_rows, g.sample_tail = [1, 2, 4, 8], 4, 2, 2, None
     g.tables = torch.zeros(8, 3, dtype=torch.int32)
     tables = [[7, 3, 9], [5, 0, 0], [2, 8, 0]]
     seq_rows, ctx = [3, 1, 2], [[9, 10, 11], [2], [5, 6]]
@@ -885,16 +885,47 @@ def test_decode_graph_inputs():
     flat_ctx = [c for cs in ctx for c in cs]
     for rows_of in (seq_rows, None):
         key, n, i64, i32 = g.prepare(ids, [(1, 5)], flat_ctx, tabs, False, rows_of)
-        assert key == (8, 3, False, rows_of is not None) and n == 6
+        assert key == (8, 3, False, rows_of is not None, False) and n == 6
         slots = [t[(c - 1) // 4] * 4 + (c - 1) % 4 for t, c in zip(tabs, flat_ctx)]
         want = ids + [0, 0] + [c - 1 for c in flat_ctx] + [0, 0] + slots + [0, 0] + [0, 5, 0, 0, 0, 0, 0, 0]
-        if rows_of is not None:
-            want += [2, 0, 1, 1, 2, 0] + [1, 1]                  # groups of up to 2 rows, padding rows lead 1
+        # groups of up to 2 rows (padding rows lead 1; every row 1 without groups), then the steps (none: 0)
+        want += ([2, 0, 1, 1, 2, 0] + [1, 1] if rows_of is not None else [1] * 8) + [0] * 8
         assert list(i64) == want and i64.typecode == "q"
         assert list(i32) == sum(([c] + t for c, t in zip(flat_ctx, tabs)), []) + [1, 0, 0, 0] * 2
         assert i32.typecode == "i"
     short = g.prepare([1], [], [3], [[4]], False)                 # a one-block table: the short graphs
-    assert short[0] == (1, 2, False, False) and list(short[3]) == [3, 4]
+    assert short[0] == (1, 2, False, False, False) and list(short[3]) == [3, 4]
+    with pytest.raises(AssertionError):
+        g.prepare([5], [], [3], [[4]], False, sampled=True)       # no sample_tail: no graph samples
+    g.sample_tail = lambda logits, steps, out: None               # plain graphs that sample, keyed apart
+    key, _, i64, _ = g.prepare([5, 6, 7], [], [3, 4, 2], [[4]] * 3, False, steps=[9, 0, 4], sampled=True)
+    assert key == (4, 2, False, False, True) and list(i64)[-4:] == [9, 0, 4, 0]
+    with pytest.raises(AssertionError):
+        g.prepare([5, 6], [], [3, 4], [[4]] * 2, False, [2], sampled=True)   # grouped graphs never sample
+
+
+def test_samples_in_graph():
+    """Which decode batches sample inside their graph (engine.samples_in_graph): those with a sampled row and no
+    logprobs, penalties or grammar, and only when the graphs have a sample_tail; those load their rows' settings
+    into the sampler's buffers first, and a load of the same requests again uploads nothing."""
+    from types import SimpleNamespace
+    from engine import samples_in_graph
+    from sample import NEUTRAL, SamplerGraphs, resolve
+    sampler = SamplerGraphs(64, 4, "cpu")
+    graphs = SimpleNamespace(sample_tail=lambda logits, steps, out: None)
+    req = lambda rid, **kw: SimpleNamespace(request_id=rid, seed=7, params=resolve(SamplingParams(**kw), NEUTRAL))
+    hot = req("a", temperature=0.6, top_p=0.95, top_k=20)
+    assert samples_in_graph(graphs, sampler, [req("g", temperature=0.0), hot])
+    assert sampler.rows == ["g", "a"]
+    want = torch.tensor([[0.0, 1 / 0.6], [1.0, 0.95], [0.0, 0.0]])             # inv_temp, top_p, min_p
+    assert torch.equal(sampler.f32[:, :2], want) and sampler.f32[:, 2:].eq(0).all()
+    assert sampler.i64.tolist() == [[64, 20, 0, 0], [7, 7, 0, 0]]        # top-k (off: the vocab), seeds
+    sampler.f32.zero_()
+    assert samples_in_graph(graphs, sampler, [req("g", temperature=0.0), hot]) and sampler.f32.eq(0).all()
+    assert not samples_in_graph(graphs, sampler, [req("g", temperature=0.0)])            # greedy: the argmax after
+    for other in (dict(logprobs=2), dict(repetition_penalty=1.1), dict(presence_penalty=0.5)):
+        assert not samples_in_graph(graphs, sampler, [hot, req("b", temperature=0.6, **other)])
+    assert not samples_in_graph(SimpleNamespace(sample_tail=None), sampler, [hot])      # no tail (TP)
 
 
 def test_speculation_pauses_failing_drafts(ckpt, monkeypatch):
