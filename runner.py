@@ -367,8 +367,10 @@ class DecodeGraphs:
     INPUTS = ("ids", "pos", "slots", "gather", "lead", "steps")
 
     def inputs(self, b: int) -> torch.Tensor:
-        """(len(INPUTS), b) int64: the rows size b's graphs read, contiguous, so a step copies them at once."""
-        return self.i64[:len(self.INPUTS) * b].view(len(self.INPUTS), b)
+        """(len(INPUTS), b) int64: the rows size b's graphs read, together at the front, so a step copies them at
+        once; rows of an even stride, so each starts 16-byte aligned (Triton compiles a kernel per alignment)."""
+        stride = b + b % 2
+        return self.i64[:len(self.INPUTS) * stride].view(len(self.INPUTS), stride)[:, :b]
 
     def prepare(self, ids, pending, ctx, tables, shared: bool, seq_rows: list[int] | None = None,
                 steps: list[int] | None = None, sampled: bool = False) -> tuple:
@@ -392,11 +394,12 @@ class DecodeGraphs:
             slots.append(row[(c - 1) // bs] * bs + (c - 1) % bs)
             rows.append(c)
             rows.extend(table)
-        pad = [0] * (b - n)
         rows.extend(array.array("i", [1] + [0] * w) * (b - n))     # padding rows: one token of context, in block 0
         width = self.short_blocks if w <= self.short_blocks else self.tables.shape[1]
-        lead = [1] * b if seq_rows is None else attention.row_groups(seq_rows, self.group_rows) + [1] * (b - n)
-        i64 = array.array("q", ids + pad + pos + pad + slots + pad + gather + lead + (steps or [0] * n) + pad)
+        lead = [1] * n if seq_rows is None else attention.row_groups(seq_rows, self.group_rows)
+        pad, gather = [0] * (b + b % 2 - n), gather + [0] * (b % 2)      # rows of inputs(b)'s stride
+        i64 = array.array("q", ids + pad + pos + pad + slots + pad + gather + lead + [1] * len(pad)
+                          + (steps or [0] * n) + pad)
         grouped = seq_rows is not None
         assert not sampled or (self.sample_tail and not grouped), "only plain graphs sample, given a sample_tail"
         return (b, width, shared and not grouped, grouped, sampled), n, i64, rows

@@ -895,6 +895,9 @@ def test_decode_graph_inputs():
         assert i32.typecode == "i"
     short = g.prepare([1], [], [3], [[4]], False)                 # a one-block table: the short graphs
     assert short[0] == (1, 2, False, False, False) and list(short[3]) == [3, 4]
+    # an odd size's rows are padded to an even stride (16-byte aligned views): id, position, slot 4 * 4 + 2,
+    # pending row, group, step
+    assert list(short[2]) == [1, 0, 2, 0, 18, 0, 0, 0, 1, 1, 0, 0]
     with pytest.raises(AssertionError):
         g.prepare([5], [], [3], [[4]], False, sampled=True)       # no sample_tail: no graph samples
     g.sample_tail = lambda logits, steps, out: None               # plain graphs that sample, keyed apart
