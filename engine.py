@@ -297,7 +297,8 @@ class LLM:
         self.num_forwards += 1
         start = gpu_event(self.device)                 # the GPU reaches it when it starts this step (stats)
         sampled = [s for s, n in zip(batch.seqs, batch.num_new) if s.num_computed + n == s.num_tokens]
-        reqs, steps = [self.requests[s.request_id] for s in sampled], [s.num_tokens - len(s.prompt_ids) for s in sampled]
+        reqs = [self.requests[s.request_id] for s in sampled]
+        steps = [s.num_tokens - len(s.prompt_ids) for s in sampled]   # each new token's output position
         graphed = batch.is_decode and self.graphs is not None and len(batch.seqs) <= self.graphs.max_batch
         done = graphed and samples_in_graph(self.graphs, self.sampler_graphs, reqs)
         logits, prompt_lp = forward_batch(self.runner, batch, self.requests, self.sample_row, graphed, steps, done)

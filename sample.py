@@ -661,7 +661,8 @@ class SamplerGraphs:
         floats = [r[0] for r in f] + pad + [r[1] for r in f] + pad + [r[2] for r in f] + pad
         pin = (lambda t: t.pin_memory()) if self.f32.is_cuda else (lambda t: t)    # the host runs on, not waiting
         self.f32.copy_(pin(torch.tensor(floats, dtype=torch.float32).view(self.f32.shape)), non_blocking=True)
-        self.i64.copy_(pin(torch.tensor(k + pad + seeds + pad, dtype=torch.int64).view(self.i64.shape)), non_blocking=True)
+        ints = torch.tensor(k + pad + seeds + pad, dtype=torch.int64).view(self.i64.shape)
+        self.i64.copy_(pin(ints), non_blocking=True)
         self.rows = request_ids
 
     def run(self, request_ids: list[str], params: list[SamplingParams], seeds: list[int], logprobs: int | None = None):
