@@ -300,19 +300,21 @@ class LLM:
         reqs = [self.requests[s.request_id] for s in sampled]
         steps = [s.num_tokens - len(s.prompt_ids) for s in sampled]   # each new token's output position
         graphed = batch.is_decode and self.graphs is not None and len(batch.seqs) <= self.graphs.max_batch
-        done = graphed and samples_in_graph(self.graphs, self.sampler_graphs, reqs)
+        done = graphed and samples_in_graph(self.graphs, reqs)
+        if done:                                       # the graph samples: its rows' settings first
+            self.sampler_graphs.load([r.request_id for r in reqs], [r.params for r in reqs], [r.seed for r in reqs])
         logits, prompt_lp = forward_batch(self.runner, batch, self.requests, self.sample_row, graphed, steps, done)
-        if done:                                       # the graph sampled: this step's tokens are in last_tokens
+        if done:                                       # this step's tokens are in last_tokens already
             tokens, lp = self.runner.last_tokens[:len(reqs)], None
         else:
             tokens, lp = sample_rows(self, reqs, steps, logits, graphed)
+            if tokens is not None:
+                self.runner.set_last_tokens(tokens)
         indices = [s.num_tokens for s in sampled]       # where each one's PENDING token goes
         self.scheduler.advance(batch)
         self.sample_row = {s: i for i, s in enumerate(sampled)}
         if tokens is None and prompt_lp is None:
             return None
-        if tokens is not None and not done:
-            self.runner.set_last_tokens(tokens)
         return in_flight(sampled, indices, tokens, lp, prompt_lp, start)
 
     def sample_tokens(self, reqs: list[Request], steps: list[int], logits: torch.Tensor, graphed: bool,
@@ -480,17 +482,13 @@ def drain(llm: LLM, rids: list[str]):
             llm.abort(rid)
 
 
-def samples_in_graph(graphs, sampler: SamplerGraphs, reqs: list[Request]) -> bool:
+def samples_in_graph(graphs, reqs: list[Request]) -> bool:
     """Whether a decode batch's graph samples its tokens itself (DecodeGraphs' sample_tail): batches with a
-    sampled row and no logprobs, penalties or grammar, whose rows' settings are then loaded first. Greedy
-    batches take the argmax after the graph, and the others sample after it from the logits."""
+    sampled row and no logprobs, penalties or grammar. Greedy batches take the argmax after the graph, and the
+    others sample after it from the logits."""
     params = [r.params for r in reqs]
-    if graphs.sample_tail is None or any(p.needs_last_token or p.logprobs is not None for p in params):
-        return False
-    if all(p.greedy for p in params):
-        return False
-    sampler.load([r.request_id for r in reqs], params, [r.seed for r in reqs])
-    return True
+    return (graphs.sample_tail is not None and not all(p.greedy for p in params)
+            and not any(p.needs_last_token or p.logprobs is not None for p in params))
 
 
 def forward_batch(runner: Runner, batch: Batch, requests: dict, sample_row: dict, graphed: bool, steps: list[int],

@@ -189,7 +189,8 @@ def capture_decode(runner: Runner, kv, max_blocks: int, sizes: list[int] | None 
     graphs = DecodeGraphs(runner.model, kv, runner.last_tokens, args.max_num_seqs, max_blocks, sizes,
                           runner.group_rows() if args.speculative_method else 0, tail)
     if sampler is not None:
-        sampler.capture(graphs.logits, graphs.sizes, graphs.pool, lambda b: graphs.inputs(b)[-1], plain=tail is None)
+        steps_of = lambda b: graphs.inputs(b)[DecodeGraphs.INPUTS.index("steps")]
+        sampler.capture(graphs.logits, graphs.sizes, graphs.pool, steps_of, plain=tail is None)
     return graphs, sampler
 
 
@@ -331,13 +332,14 @@ class DecodeGraphs:
             self.i64.zero_()                    # captured on harmless inputs: padding rows' (groups of one row)
             lead.fill_(1)
             for width in sorted({max_blocks, self.short_blocks}):
-                kinds = [(False, False)]                     # (cascade, grouped)
+                kinds = [(False, False, False)]              # (cascade, grouped, sampled)
                 if b >= attention.CASCADE_MIN_BATCH:
-                    kinds.append((True, False))
+                    kinds.append((True, False, False))
                 if group_rows:
-                    kinds.append((False, True))
-                for (cascade, grouped), sampled in [(k, s) for k in kinds for s in (False, True)
-                                                    if not s or (sample_tail and not k[1])]:
+                    kinds.append((False, True, False))
+                if sample_tail:
+                    kinds += [(cascade, False, True) for cascade, grouped, _ in kinds if not grouped]
+                for cascade, grouped, sampled in kinds:
                     meta = AttnMeta(self.cu[:b + 1], self.ctx[:b], self.tables[:b, :width], slots, None,
                                     is_decode=True, max_seqlen_q=1)                # logits of every row
                     if grouped:
@@ -366,11 +368,16 @@ class DecodeGraphs:
     # it), each row's output position (the sampler's noise is keyed by it: sample_tail, SamplerGraphs)
     INPUTS = ("ids", "pos", "slots", "gather", "lead", "steps")
 
+    @staticmethod
+    def stride(b: int) -> int:
+        """inputs(b)'s row stride: even, so each row starts 16-byte aligned (Triton compiles a kernel per alignment)."""
+        return b + b % 2
+
     def inputs(self, b: int) -> torch.Tensor:
         """(len(INPUTS), b) int64: the rows size b's graphs read, together at the front, so a step copies them at
-        once; rows of an even stride, so each starts 16-byte aligned (Triton compiles a kernel per alignment)."""
-        stride = b + b % 2
-        return self.i64[:len(self.INPUTS) * stride].view(len(self.INPUTS), stride)[:, :b]
+        once (rows of stride(b) entries)."""
+        r = self.stride(b)
+        return self.i64[:len(self.INPUTS) * r].view(len(self.INPUTS), r)[:, :b]
 
     def prepare(self, ids, pending, ctx, tables, shared: bool, seq_rows: list[int] | None = None,
                 steps: list[int] | None = None, sampled: bool = False) -> tuple:
@@ -379,8 +386,8 @@ class DecodeGraphs:
         noise). sampled: the plain graph that samples (sample_tail)."""
         n = len(ids)
         b = next(s for s in self.sizes if s >= n)
-        bs = self.block_size
-        gather = [0] * b
+        r, bs = self.stride(b), self.block_size
+        gather = [0] * r
         for i, row in pending:
             gather[i] = row
         w = len(tables[0])
@@ -397,8 +404,8 @@ class DecodeGraphs:
         rows.extend(array.array("i", [1] + [0] * w) * (b - n))     # padding rows: one token of context, in block 0
         width = self.short_blocks if w <= self.short_blocks else self.tables.shape[1]
         lead = [1] * n if seq_rows is None else attention.row_groups(seq_rows, self.group_rows)
-        pad, gather = [0] * (b + b % 2 - n), gather + [0] * (b % 2)      # rows of inputs(b)'s stride
-        i64 = array.array("q", ids + pad + pos + pad + slots + pad + gather + lead + [1] * len(pad)
+        pad = [0] * (r - n)                              # every row of inputs(b) padded to its stride
+        i64 = array.array("q", ids + pad + pos + pad + slots + pad + gather + lead + [1] * (r - n)
                           + (steps or [0] * n) + pad)
         grouped = seq_rows is not None
         assert not sampled or (self.sample_tail and not grouped), "only plain graphs sample, given a sample_tail"

@@ -610,14 +610,11 @@ def sample(logits: torch.Tensor, st: SamplingTensors, out: torch.Tensor | None =
 
 
 class SamplerGraphs:
-    """The sampler's per-row settings in persistent device buffers, and the Triton sampler captured in CUDA graphs
-    per decode batch size, reading the decode graphs' logits buffer. A step uploads every row's settings only when
-    the batch's requests changed (`load`); each row's output position (the noise's key) comes in the decode graphs'
-    own inputs. The decode graphs' sample_tail (runner.capture_decode) reads the same buffers, so a step that
-    samples inside its decode graph replays nothing here. The graphs here compute every row's logprob and top n
-    besides its token (n, at most MAX_LOGPROBS, from a device buffer: the most any row of the batch asks for), for
-    batches where some request wants logprobs: replayed, they cost no launches from Python, which at small batches
-    is most of their price; and, plain, the token alone, where the decode graphs end at the logits."""
+    """The sampler's per-row settings in persistent device buffers, uploaded only when the batch's requests change
+    (`load`), read by the decode graphs that sample (runner.capture_decode) and by the graphs here, which sample the
+    decode graphs' logits buffer per batch size: with every row's logprob and top n (n <= MAX_LOGPROBS, from a
+    device buffer), for batches that want logprobs, and (plain) the token alone, where no decode graph samples.
+    Each row's output position (the noise's key) comes in the decode graphs' own inputs."""
 
     def __init__(self, vocab: int, max_batch: int, device):
         self.vocab = vocab

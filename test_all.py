@@ -909,8 +909,8 @@ def test_decode_graph_inputs():
 
 def test_samples_in_graph():
     """Which decode batches sample inside their graph (engine.samples_in_graph): those with a sampled row and no
-    logprobs, penalties or grammar, and only when the graphs have a sample_tail; those load their rows' settings
-    into the sampler's buffers first, and a load of the same requests again uploads nothing."""
+    logprobs, penalties or grammar, and only when the graphs have a sample_tail; such a batch's rows' settings go
+    into the sampler's buffers first (SamplerGraphs.load), and a load of the same requests again uploads nothing."""
     from types import SimpleNamespace
     from engine import samples_in_graph
     from sample import NEUTRAL, SamplerGraphs, resolve
@@ -918,17 +918,21 @@ def test_samples_in_graph():
     graphs = SimpleNamespace(sample_tail=lambda logits, steps, out: None)
     req = lambda rid, **kw: SimpleNamespace(request_id=rid, seed=7, params=resolve(SamplingParams(**kw), NEUTRAL))
     hot = req("a", temperature=0.6, top_p=0.95, top_k=20)
-    assert samples_in_graph(graphs, sampler, [req("g", temperature=0.0), hot])
+    batch = [req("g", temperature=0.0), hot]
+    load = lambda reqs: sampler.load([r.request_id for r in reqs], [r.params for r in reqs], [r.seed for r in reqs])
+    assert samples_in_graph(graphs, batch)
+    load(batch)
     assert sampler.rows == ["g", "a"]
     want = torch.tensor([[0.0, 1 / 0.6], [1.0, 0.95], [0.0, 0.0]])             # inv_temp, top_p, min_p
     assert torch.equal(sampler.f32[:, :2], want) and sampler.f32[:, 2:].eq(0).all()
     assert sampler.i64.tolist() == [[64, 20, 0, 0], [7, 7, 0, 0]]        # top-k (off: the vocab), seeds
     sampler.f32.zero_()
-    assert samples_in_graph(graphs, sampler, [req("g", temperature=0.0), hot]) and sampler.f32.eq(0).all()
-    assert not samples_in_graph(graphs, sampler, [req("g", temperature=0.0)])            # greedy: the argmax after
+    load(batch)
+    assert samples_in_graph(graphs, batch) and sampler.f32.eq(0).all()
+    assert not samples_in_graph(graphs, [req("g", temperature=0.0)])            # greedy: the argmax after
     for other in (dict(logprobs=2), dict(repetition_penalty=1.1), dict(presence_penalty=0.5)):
-        assert not samples_in_graph(graphs, sampler, [hot, req("b", temperature=0.6, **other)])
-    assert not samples_in_graph(SimpleNamespace(sample_tail=None), sampler, [hot])      # no tail (TP)
+        assert not samples_in_graph(graphs, [hot, req("b", temperature=0.6, **other)])
+    assert not samples_in_graph(SimpleNamespace(sample_tail=None), [hot])      # no tail (TP)
 
 
 def test_speculation_pauses_failing_drafts(ckpt, monkeypatch):
