@@ -230,6 +230,30 @@ def _argmax_row_kernel(cmax_ptr, carg_ptr, out_ptr, NCHUNK, BLOCK_C: tl.constexp
     tl.store(out_ptr + row, tl.load(carg_ptr + row * NCHUNK + tl.minimum(first, NCHUNK - 1)).to(tl.int64))
 
 
+@triton.jit
+def _tick_kernel(x_ptr, USE_GDC: tl.constexpr = False):
+    if USE_GDC:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
+    tl.store(x_ptr, tl.load(x_ptr) + 1)
+
+
+def pdl_pair(x: torch.Tensor):
+    """Two one-program kernels, the second launched dependent on the first (`pdl`), eagerly on the stream; x: one
+    int32 counter they bump. Without an eager dependent launch between replays, a decode graph's kernels start
+    ~0.3 us later each (H200, 2026-12-04, qwen3-0.6b, profiled gaps between its skinny GEMMs: 0.45 against 0.13
+    us): sampled steps, whose sampler runs inside the graph, took 1,040 us at batch 8 and 1,524 at 32 against
+    greedy's 980 and 1,413, whose eager argmax is two such launches; greedy with its argmax launched without
+    `pdl` took 1,031 and 1,513. Token values, the sampler's kernels, a host sync between steps and one dependent
+    launch alone (of 1 or 152 programs) changed nothing; two of them, before or after the replay, do it (sampled
+    990 and 1,430). Measured, not explained: the driver's handling of a stream that chains launches.
+    README, thirty-fourth session. Nothing off Hopper, with QWEN3_PDL=0, or on the CPU."""
+    kw = pdl(x)
+    if kw:
+        _tick_kernel[(1,)](x, **kw)
+        _tick_kernel[(1,)](x, **kw)
+
+
 ARGMAX_CHUNK = 4096    # Qwen3's vocabulary in 38 chunks: enough programs to read one row at bandwidth
 
 

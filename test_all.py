@@ -1276,6 +1276,17 @@ def test_kt_argmax(B, V, dtype, monkeypatch):
     assert torch.equal(kernels.argmax(x), kernels.argmax_ref(x))
 
 
+def test_kt_tick():
+    """pdl_pair's kernel bumps its counter (here under the interpreter, without the dependent launch); pdl_pair
+    itself launches nothing off the GPU."""
+    x = torch.zeros(1, dtype=torch.int32)
+    kernels._tick_kernel[(1,)](x)
+    kernels._tick_kernel[(1,)](x)
+    assert x.item() == 2
+    kernels.pdl_pair(x)
+    assert x.item() == 2
+
+
 @pytest.mark.usefixtures("kt_triton_poisoned")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("T,N", [(1, 64), (3, 100), (17, 64), (130, 100)])
