@@ -13,7 +13,7 @@ The ops: embed (with the previous step's tokens still on the device), rms_norm, 
 qk_norm_rope_store (q/k norm + RoPE + K/V into the cache), argmax (greedy decoding's token); the
 projections (GEMV, skinny GEMM) are in gemv.py, paged attention in attention.py (both built on this file's
 helpers: `_use_triton`, `pdl`). The decode chain's kernels use programmatic dependent launch on Hopper (`pdl`;
-QWEN3_PDL=0 turns it off).
+QWEN3_PDL=0 turns it off); `pdl_pair` is two empty such launches that a sampled decode replay needs after it.
 
 KV cache layout (per layer): k_cache, v_cache of shape (num_blocks, block_size, n_kv_heads, head_dim), in
 the activations' dtype or float8_e4m3fn (--kv-cache-dtype fp8: values stored as they are, no scale, widened
