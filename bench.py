@@ -6,14 +6,14 @@
     python bench.py --model tiny                      # on a CPU: the same workloads shrunk, to try it anywhere
 
 Modes: offline (256 requests at once), decode-1 (one request, ms/token, and 8 at once, ms/step; sampled, greedy),
-prefill (8 x 2048 tokens, one forward), prefix (64 requests sharing a 2,000-token prefix, prefix cache on vs off, each after an untimed
-pass with another prefix), serve (serve.py on loopback, N streaming clients), timeline (a decode step of
---timeline-batches requests, default 1 and 8, sampled and greedy, under the profiler: each kernel's time per step, the GPU's busy time
-and the gaps, against the step's floor; QWEN3_PDL=0 shows each kernel's own time), kernels (the timeline, then
-bench_kernels.py's table), allreduce (with --tensor-parallel-size: all-reduce time and bus bandwidth at decode and prefill
-sizes), spec (speculative decoding at chosen acceptance rates), accuracy (top-1 agreement and logit error against transformers
-in fp32, for our engine, with FP8 weights, with an FP8 KV cache, and transformers in the run's dtype and on
-the same FP8 weights beside them).
+prefill (8 x 2048 tokens, one forward), prefix (64 requests sharing a 2,000-token prefix, prefix cache on vs off,
+each after an untimed pass with another prefix), serve (serve.py on loopback, N streaming clients), timeline (a
+decode step of --timeline-batches requests, default 1 and 8, sampled and greedy, under the profiler: each kernel's
+time per step, the GPU's busy time and the gaps, against the step's floor; QWEN3_PDL=0 shows each kernel's own
+time), kernels (the timeline, then bench_kernels.py's table), allreduce (with --tensor-parallel-size: all-reduce
+time and bus bandwidth at decode and prefill sizes), spec (speculative decoding at chosen acceptance rates),
+accuracy (top-1 agreement and logit error against transformers in fp32, for our engine, with FP8 weights, with an
+FP8 KV cache, and transformers in the run's dtype and on the same FP8 weights beside them).
 It prints a table (result, floor, result/floor, peer, ours/peer), a one-line summary, and writes everything to
 --out (results.json).
 

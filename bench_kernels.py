@@ -541,7 +541,8 @@ def check_kernels(device="cuda", dtype=torch.bfloat16) -> list[tuple[str, float]
     # a decode step's first and last kernels: exact (0 expected)
     for B in (1, 8, 256):
         x = torch.randint(-4, 4, (B, 151936), device=device).to(dtype)          # many ties
-        out.append((f"argmax {B} x 151,936 (rows not torch's)", (kernels.argmax_triton(x) != x.argmax(-1)).float().mean().item()))
+        wrong = (kernels.argmax_triton(x) != x.argmax(-1)).float().mean().item()
+        out.append((f"argmax {B} x 151,936 (rows not torch's)", wrong))
     w, ids = torch.randn(1000, 1024, device=device, dtype=dtype), torch.randint(0, 1000, (64,), device=device)
     ids[::3] = -1                                                               # PENDING
     last, gather = torch.randint(0, 1000, (64,), device=device), torch.randint(0, 64, (64,), device=device)
