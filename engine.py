@@ -29,8 +29,9 @@ import parallel
 from model import load_config
 from runner import (Runner, build_rank, gpu_event, probe_cache, shares_first_block, to_device, to_host,
                     warmup)
-from sample import (SamplerGraphs, SamplingParams, SamplingTensors, apply_penalties, generation_defaults,
-                    penalty_entries, resolve, sample, token_logprobs)
+from penalty import Penalties
+from sample import (SamplerGraphs, SamplingParams, SamplingTensors, generation_defaults, resolve, sample,
+                    token_logprobs)
 from scheduler import PENDING, Batch, Scheduler, Sequence, Status, pack
 from speculate import DraftModel, Speculator, eligible, report
 from tokenizer import Detokenizer, Tokenizer
@@ -123,7 +124,6 @@ class Request:
     detok: Detokenizer | None          # None: text comes once, at the end (or not at all: detokenize=False)
     detokenize: bool
     prompt: set[int] = field(default_factory=set)             # repetition penalty: tokens of the prompt
-    counts: dict[int, int] = field(default_factory=dict)      # presence/frequency: output token counts
     prompt_logprobs: list | None = None                        # filled chunk by chunk when asked for
     sent_prompt_logprobs: bool = False
     matcher: object | None = None                              # structured output: its grammar's state
@@ -207,6 +207,7 @@ class LLM:
         self.num_synced = 0                      # requests whose logits depend on their last token (step-by-step sync)
         self.num_unspeculable = 0                # requests that never speculate (speculate.eligible)
         self.grammars = None                     # structured output: built on the first request that asks
+        self.penalties = Penalties(cfg.vocab_size, self.device)   # penalized requests' token counts, on the device
         self.in_flight: InFlight | None = None   # the launched step whose tokens are not read yet
         self.round = None                        # the launched speculative round not read yet (speculate.Round)
         self.sample_row: dict[Sequence, int] = {}   # row of runner.last_tokens holding each PENDING token
@@ -248,6 +249,7 @@ class LLM:
 
     def forget(self, request_id: str):
         params = self.requests.pop(request_id).params
+        self.penalties.free(request_id)
         self.num_synced -= params.needs_last_token
         self.num_unspeculable -= not eligible(params)
         del self.seqs[request_id]
@@ -282,7 +284,7 @@ class LLM:
         """The step described above: launch this batch, then collect the previous one."""
         outputs = []
         if self.in_flight is not None and self.num_synced:
-            outputs = self.collect(self.in_flight)     # penalties and grammars need the last token on the host
+            outputs = self.collect(self.in_flight)     # grammars need the last token on the host
             self.in_flight = None
         batch = self.scheduler.schedule()
         launched = self.launch(batch) if batch.seqs else None
@@ -321,7 +323,7 @@ class LLM:
                       logprobs: int | None = None):
         """choose_tokens with this engine's sampling graphs (graphed: a replayed decode batch) and grammars."""
         return choose_tokens(reqs, steps, logits, self.config.vocab_size, self.sampler_graphs if graphed else None,
-                             self.grammars, logprobs)
+                             self.grammars, self.penalties, logprobs)
 
     def collect(self, fl: InFlight) -> list[StepOutput]:
         """Read a launched step's sampled tokens (the step's one host sync) and act on them."""
@@ -488,7 +490,7 @@ def samples_in_graph(graphs, reqs: list[Request]) -> bool:
     others sample after it from the logits."""
     params = [r.params for r in reqs]
     return (graphs.sample_tail is not None and not all(p.greedy for p in params)
-            and not any(p.needs_last_token or p.logprobs is not None for p in params))
+            and not any(p.penalized or p.needs_last_token or p.logprobs is not None for p in params))
 
 
 def forward_batch(runner: Runner, batch: Batch, requests: dict, sample_row: dict, graphed: bool, steps: list[int],
@@ -539,9 +541,7 @@ def sample_rows(llm: LLM, reqs: list[Request], steps: list[int], logits: torch.T
 
 
 def note_token(req: Request, tok: int):
-    """What the host keeps of a request's new token: its count (penalties) and its grammar's state."""
-    if req.params.penalized:
-        req.counts[tok] = req.counts.get(tok, 0) + 1
+    """What the host keeps of a request's new token: its grammar's state (penalties count on the device)."""
     if req.matcher is not None:
         req.matcher.accept_token(tok)
 
@@ -559,27 +559,34 @@ def in_flight(seqs: list[Sequence], indices: list[int], tokens, lp, prompt_lp, s
 
 
 def choose_tokens(reqs: list[Request], steps: list[int], logits: torch.Tensor, vocab_size: int,
-                  sampler_graphs: SamplerGraphs | None, grammars, logprobs: int | None = None):
+                  sampler_graphs: SamplerGraphs | None, grammars, penalties: Penalties, logprobs: int | None = None):
     """(B, vocab) logits -> (B,) tokens on the device. Batches without penalties replay the sampling graph of
     their size when given sampler_graphs (logprobs, the most top logprobs a row wants: the graph that also
     computes every row's, and the result is then (tokens, logprob lists)); greedy batches that want no logprobs
-    take the argmax; others apply penalties and grammar masks to an fp32 copy first."""
+    take the argmax; others apply penalties (on the device) and grammar masks to an fp32 copy first."""
     params = [r.params for r in reqs]
-    changed = any(p.needs_last_token for p in params)          # penalties or a grammar change the logits
+    penalized = any(p.penalized for p in params)
+    changed = penalized or any(p.needs_last_token for p in params)    # penalties or a grammar change the logits
     greedy = not changed and all(p.greedy for p in params)
     if greedy and logprobs is None:
         return kernels.argmax(logits)              # the common case needs no sampling tensors, nor fp32
     if sampler_graphs is not None and not changed:
-        return sampler_graphs.run([r.request_id for r in reqs], params, [r.seed for r in reqs], logprobs)
-    if greedy:                                     # eager logprobs are computed beside the argmax
+        tokens = sampler_graphs.run([r.request_id for r in reqs], params, [r.seed for r in reqs], logprobs)
+    elif greedy:                                   # eager logprobs are computed beside the argmax
         return kernels.argmax(logits)
-    if changed:
-        logits = apply_penalties(logits.to(torch.float32, copy=True), [penalty_entries(r.params, r.prompt, r.counts)
-                                                  if r.params.penalized else [] for r in reqs])
-        if any(r.matcher is not None for r in reqs):
-            grammars.mask(logits, [r.matcher for r in reqs])
-    st = SamplingTensors.build(params, [r.seed for r in reqs], steps, vocab_size, logits.device)
-    return sample(logits, st)
+    else:
+        if changed:
+            logits = logits.to(torch.float32, copy=True)
+            if penalized:
+                penalties.apply(logits, reqs)
+            if any(r.matcher is not None for r in reqs):
+                grammars.mask(logits, [r.matcher for r in reqs])
+        tokens = sample(logits, SamplingTensors.build(params, [r.seed for r in reqs], steps, vocab_size, logits.device))
+        if penalized:
+            penalties.count(tokens)
+    if sampler_graphs is not None and len(reqs) > 1:   # after a decode graph, as greedy's argmax is (kernels.pdl_pair)
+        kernels.pdl_pair(sampler_graphs.ticks)
+    return tokens
 
 
 def stop_output(seq: Sequence, req: Request, index: int, lp, eos_ids, tokenizer: Tokenizer) -> StepOutput:

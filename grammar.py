@@ -9,7 +9,7 @@
 The grammar engine is xgrammar (what vLLM and SGLang use): an optional dependency, imported only when a request
 asks for structured output; without it such a request answers 400. The mask is filled on the host (xgrammar
 walks its automaton) and applied on the GPU; a constrained request is stepped with its last token on the host
-(like penalties), since the next mask depends on it. Constraints start at the first output token: with Qwen3,
+since the next mask depends on it. Constraints start at the first output token: with Qwen3,
 ask for structured output with thinking switched off (chat_template_kwargs: {"enable_thinking": false}).
 """
 import json

@@ -17,6 +17,7 @@ the other ranks (`parallel.send`), which replay it (`parallel.serve_calls`), so 
 and meet in its collectives. So their arguments are host data only.
 """
 import array
+import types
 
 import torch
 
@@ -25,7 +26,8 @@ import cache
 import kernels
 import parallel
 from model import AttnMeta, build_model
-from sample import SamplerGraphs, SamplingParams, SamplingTensors, apply_penalties, resolve, sample, token_logprobs
+from penalty import Penalties
+from sample import SamplerGraphs, SamplingParams, SamplingTensors, resolve, sample, token_logprobs
 
 
 class Runner:
@@ -221,8 +223,12 @@ def warmup(runner: Runner, kv, max_model_len: int, defaults: dict):
     kinds = [dict(temperature=0.0), dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0),
              dict(temperature=1.0, top_k=20, top_p=0.9, min_p=0.01)]       # greedy, plain, filtered: every kernel
     params = [resolve(SamplingParams(**kinds[i % 3]), defaults) for i in range(B)]
-    x = apply_penalties(logits.float(), [[(t, 0.0, 1.1, 0.0) for t in range(64)]] * B)
+    penalized = SamplingParams(repetition_penalty=1.1, presence_penalty=0.5, logit_bias={0: 1.0})
+    penalties = Penalties(V, dev)          # B rows' slots: the memory profile holds them
+    x = penalties.apply(logits.float(), [types.SimpleNamespace(request_id=i, params=penalized, prompt=set(range(64)))
+                                         for i in range(B)])
     tokens = sample(x, SamplingTensors.build(params, list(range(B)), [0] * B, V, dev))
+    penalties.count(tokens)
     token_logprobs(logits, tokens, 20)
     kernels.argmax(logits)
 

@@ -10,8 +10,8 @@ checkpoint says temperature 0.6, top-p 0.95, top-k 20), Qwen3's published defaul
 temperature 1 with no filters. `--generation-config none` ignores the checkpoint's file.
 
 The rules, in transformers' order (its logits warpers are the oracle the tests compare with):
-  logit_bias, repetition penalty (prompt and output tokens), presence/frequency penalties (output tokens), then
-  x = logits / temperature; top-k keeps x >= the k-th largest x (ties kept); top-p keeps a token when the top-k
+  logit_bias, repetition penalty (prompt and output tokens), presence/frequency penalties (output tokens;
+  these three on the device, penalty.py), then x = logits / temperature; top-k keeps x >= the k-th largest x (ties kept); top-p keeps a token when the top-k
   survivors more likely than it hold less than top_p of the survivors' mass; min-p keeps x >= max x + log(min_p).
   The token is drawn from softmax(x) over the survivors by the Gumbel-max trick: argmax of x + Gumbel noise, the
   noise a hash of (request seed, output position, token id); rows without filters draw by inverse CDF with one
@@ -101,8 +101,9 @@ class SamplingParams:
 
     @property
     def needs_last_token(self) -> bool:
-        """Whether the next step's logits depend on the last token on the host (penalties, a grammar)."""
-        return self.penalized or self.grammar is not None
+        """Whether the next step's logits depend on the last token on the host (a grammar; penalties count
+        tokens on the device: penalty.py)."""
+        return self.grammar is not None
 
 
 MAX_LOGPROBS = 20
@@ -623,6 +624,7 @@ class SamplerGraphs:
         self.tokens = torch.zeros(max_batch, dtype=torch.int64, device=device)
         self.lp_n = torch.full((max_batch,), MAX_LOGPROBS, dtype=torch.int64, device=device)   # top logprobs to find
         self.lp_n_now = MAX_LOGPROBS
+        self.ticks = torch.zeros(1, dtype=torch.int32, device=device)   # kernels.pdl_pair's counter (the engine's)
         self.rows = None                          # request ids whose settings the buffers hold
         self.sizes, self.graphs, self.logprobs = [], {}, {}   # (size, with logprobs) -> graph; size -> outputs
 
@@ -648,6 +650,7 @@ class SamplerGraphs:
                 self.graphs[b, with_lp] = g
                 if with_lp:
                     self.logprobs[b] = out
+        kernels.pdl_pair(self.ticks)              # compiled now, not at the first step that needs it
 
     def load(self, request_ids: list[str], params: list[SamplingParams], seeds: list[int]):
         """The rows' settings into the buffers, unless they hold this batch's already (padding rows: greedy)."""
@@ -681,35 +684,8 @@ class SamplerGraphs:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Penalties and logprobs (eager: only batches that ask pay for them)
+# Logprobs (eager: only batches that ask pay for them; penalties are in penalty.py)
 # ----------------------------------------------------------------------------------------------------------
-
-def penalty_entries(params: SamplingParams, prompt: set[int], counts: dict[int, int]) -> list[tuple]:
-    """One request's sparse changes to its logits: (token, bias, repetition factor, subtracted)."""
-    rep = params.repetition_penalty or 1.0
-    tokens = set(params.logit_bias) | set(counts) | (prompt if rep != 1.0 else set())
-    out = []
-    for t in tokens:
-        c = counts.get(t, 0)
-        out.append((t, float(params.logit_bias.get(t, 0.0)), rep if (c or t in prompt) else 1.0,
-                    params.frequency_penalty * c + params.presence_penalty * (c > 0)))
-    return out
-
-
-def apply_penalties(logits: torch.Tensor, entries: list[list[tuple]]) -> torch.Tensor:
-    """logits (B, V), fp32 -> the same tensor with each row's entries applied in vLLM's order: logit_bias,
-    repetition penalty (divide positive logits, multiply negative ones), then presence/frequency."""
-    flat = [(r, *e) for r, row in enumerate(entries) for e in row]
-    if not flat:
-        return logits
-    pin = logits.is_cuda                       # through pinned memory: never wait for the GPU here
-    r, t, bias, rep, sub = (torch.tensor(c).pin_memory().to(logits.device, non_blocking=True) if pin else
-                            torch.tensor(c) for c in zip(*flat))
-    v = logits[r, t] + bias.float()
-    v = torch.where(v > 0, v / rep.float(), v * rep.float())
-    logits[r, t] = v - sub.float()
-    return logits
-
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, n: int):
     """Raw-logit logprobs (vLLM's default: before penalties and temperature) of the chosen tokens and the top n:

@@ -189,7 +189,7 @@ def due(seq) -> bool:
 
 def eligible(params) -> bool:
     """Whether a request may speculate (the engine counts those that may not: LLM.num_unspeculable)."""
-    return (params.speculative and not params.needs_last_token and params.logprobs is None
+    return (params.speculative and not (params.penalized or params.needs_last_token) and params.logprobs is None
             and params.prompt_logprobs is None)
 
 

@@ -294,29 +294,115 @@ def test_seeded_draws_do_not_depend_on_the_batch():
     assert draw(logits[:1], [params[0]], [0], [6]).item() is not None
 
 
-def test_penalties_match_transformers_and_openai():
+def penalized(rid, prompt=(), **kw):
+    """What Penalties reads of an engine Request: its id, settings and (repetition penalty) prompt token set."""
+    p = resolved(**kw)
+    return SimpleNamespace(request_id=rid, params=p, prompt=set(prompt) if p.repetition_penalty != 1 else set())
+
+
+@pytest.mark.parametrize("mode", ["torch", "triton"])
+def test_penalties_match_transformers_and_openai(mode, monkeypatch):
+    """penalty.Penalties on the device's path (the reference, and the Triton kernels through the interpreter): the
+    output tokens counted as the engine counts drawn tokens, then one apply against transformers' repetition
+    processor and OpenAI's presence/frequency formula; a row without penalties is left alone."""
     from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+    from penalty import Penalties
+    monkeypatch.setenv("QWEN3_KERNELS", mode)
     torch.manual_seed(4)
     V = 40
-    logits = torch.randn(2, V) * 3
+    logits = torch.randn(3, V) * 3
     prompt, output = [3, 5, 5, 9], [9, 11, 11, 11, 2]
-    counts = {t: output.count(t) for t in set(output)}
-    # repetition penalty over prompt + output, as transformers' processor over input_ids
-    p = resolved(repetition_penalty=1.7)
-    got = sample_mod.apply_penalties(logits.clone()[:1], [sample_mod.penalty_entries(p, set(prompt), counts)])
+    reqs = [penalized("r", prompt, repetition_penalty=1.7),
+            penalized("pf", prompt, presence_penalty=0.5, frequency_penalty=0.25, logit_bias={0: 3.0, 11: -1.0}),
+            penalized("plain", prompt, temperature=0.5)]
+    pen = Penalties(V, "cpu")
+    for t in output:
+        pen.apply(torch.zeros(3, V), reqs)
+        pen.count(torch.tensor([t, t, t]))
+    got = pen.apply(logits.clone(), reqs)
     want = RepetitionPenaltyLogitsProcessor(1.7)(torch.tensor([prompt + output]), logits.clone()[:1])
-    print("repetition penalty max diff:", (got - want).abs().max().item())
-    assert torch.allclose(got, want)
-    # presence / frequency: OpenAI's formula over the output tokens only; logit_bias adds
-    p = resolved(presence_penalty=0.5, frequency_penalty=0.25, logit_bias={0: 3.0, 11: -1.0})
-    got = sample_mod.apply_penalties(logits.clone()[1:], [sample_mod.penalty_entries(p, set(prompt), counts)])[0]
+    print("repetition penalty max diff:", (got[:1] - want).abs().max().item())
+    assert torch.allclose(got[:1], want)
     want = logits[1].clone()
     want[0] += 3.0
     want[11] -= 1.0
-    for t, c in counts.items():
-        want[t] -= 0.25 * c + 0.5
-    assert torch.allclose(got, want)
-    assert got[3] == logits[1, 3], "presence/frequency do not touch prompt tokens"
+    for t in set(output):
+        want[t] -= 0.25 * output.count(t) + 0.5
+    assert torch.allclose(got[1], want)
+    assert got[1, 3] == logits[1, 3], "presence/frequency do not touch prompt tokens"
+    assert torch.equal(got[2], logits[2]) and sorted(pen.slot) == ["pf", "r"]
+    pen.free("r")                                  # a slot freed and taken again starts from nothing
+    fresh = pen.apply(logits[:1].clone(), [penalized("new", [7], repetition_penalty=2.0)])
+    assert torch.equal(fresh[0, 9], logits[0, 9])
+    assert sorted(pen.slot) == ["new", "pf"] and pen.counts.shape[0] == 8
+
+
+def test_penalty_kernels_match_reference(monkeypatch):
+    """penalty.py's kernels against their references on random slots, counts and logits, a vocabulary that is not
+    a power of two (two blocks of the penalty kernel), rows without a slot; through the interpreter."""
+    import penalty
+    monkeypatch.setenv("QWEN3_KERNELS", "triton")
+    g = torch.Generator().manual_seed(11)
+    V, S = 5003, 7
+    counts = torch.randint(0, 3, (S, V), generator=g, dtype=torch.int32) * (torch.rand(S, V, generator=g) < 0.1)
+    prompt = (torch.rand(S, V, generator=g) < 0.05).to(torch.uint8)
+    settings = torch.stack([torch.rand(S, generator=g) + 0.8, torch.rand(S, generator=g) * 2 - 1,
+                            torch.rand(S, generator=g) * 2 - 1])
+    slots = torch.tensor([-1, 3, 0, -1, 6, 1])
+    logits = torch.randn(6, V, generator=g) * 4
+    got = penalty.penalize(logits.clone(), slots, counts, prompt, settings)
+    want = penalty.penalize_ref(logits.clone(), slots, counts, prompt, settings)
+    assert torch.allclose(got, want, atol=1e-6) and not torch.equal(got[1], logits[1])
+    assert torch.equal(got[[0, 3]], logits[[0, 3]])
+    tokens = torch.randint(0, V, (6,), generator=g)
+    got, want = counts.clone(), counts.clone()
+    penalty.count_tokens(tokens, slots, got)
+    penalty.count_tokens_ref(tokens, slots, want)
+    assert torch.equal(got, want) and (got - counts).sum() == 4
+
+
+def penalized_greedy_ref(hf, prompt, n, presence=0.0, frequency=0.0):
+    """Greedy decoding with presence/frequency penalties (OpenAI's formula on the output tokens) on transformers'
+    logits, step by step."""
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            x = hf(torch.tensor([ids])).logits[0, -1].float()
+            out = ids[len(prompt):]
+            for t in set(out):
+                x[t] -= frequency * out.count(t) + presence
+            ids.append(int(x.argmax()))
+    return ids[len(prompt):]
+
+
+def test_penalties_in_the_engine_match_transformers(ckpt):
+    """Greedy requests with a repetition penalty equal transformers' generate with it, those with presence and
+    frequency penalties equal the reference loop, in one batch with a plain request, and again with a pool small
+    enough to preempt them; nothing waits for the host (no synced requests), every slot and block comes back."""
+    path, hf = ckpt
+    n = 20
+    prompts = [[int(t) for t in torch.randint(3, 500, (k,), generator=torch.Generator().manual_seed(k))]
+               for k in (9, 30, 17)]
+    rep = hf.generate(torch.tensor([prompts[0]]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                      repetition_penalty=1.5, attention_mask=torch.ones(1, len(prompts[0]), dtype=torch.long))
+    want = [rep[0, len(prompts[0]):].tolist(), penalized_greedy_ref(hf, prompts[1], n, 0.8, 0.6),
+            hf_greedy(hf, prompts[2], n)]
+    assert want[0] != hf_greedy(hf, prompts[0], n) and want[1] != hf_greedy(hf, prompts[1], n), "penalties must matter"
+    params = [greedy(max_tokens=n, ignore_eos=True, repetition_penalty=1.5),
+              greedy(max_tokens=n, ignore_eos=True, presence_penalty=0.8, frequency_penalty=0.6),
+              greedy(max_tokens=n, ignore_eos=True)]
+    for kw in (dict(), dict(num_blocks=16, max_num_batched_tokens=16)):
+        llm = engine(path, **kw)
+        rids = [llm.add_request(p, sp, stream_text=False) for p, sp in zip(prompts, params)]
+        assert llm.num_synced == 0
+        got = {}
+        while llm.has_work():
+            for o in llm.step():
+                got.setdefault(o.request_id, []).extend(o.token_ids)
+        assert [got[r] for r in rids] == want, kw
+        assert kw == {} or llm.stats()["num_preemptions"] > 0, "the small pool was meant to preempt"
+        assert llm.penalties.slot == {} and len(llm.penalties.free_slots) == 8
+        assert_no_leak(llm)
 
 
 def test_generation_defaults_from_the_checkpoint(tmp_path):
