@@ -5,7 +5,8 @@
     python bench.py prefix serve kernels --model qwen3-1.7b
     python bench.py --model tiny                      # on a CPU: the same workloads shrunk, to try it anywhere
 
-Modes: offline (256 requests at once), decode-1 (one request, ms/token, and 8 at once, ms/step; sampled, greedy),
+Modes: offline (256 requests at once; Qwen3's sampling, greedy, with top-5 logprobs, with presence penalty 1.5),
+decode-1 (one request, ms/token, and 8 at once, ms/step; sampled, greedy),
 prefill (8 x 2048 tokens, one forward), prefix (64 requests sharing a 2,000-token prefix, prefix cache on vs off,
 each after an untimed pass with another prefix), serve (serve.py on loopback, N streaming clients), timeline (a
 decode step of --timeline-batches requests, default 1 and 8, sampled and greedy, under the profiler: each kernel's
@@ -196,8 +197,9 @@ def run_offline(b: Bench):
     fl = floor(b, [len(p) for p in prompts], outs)
     rows, details = [], {"num_seqs": w.num_seqs, "prompt_tokens": sum(map(len, prompts)), "floor": fl}
     runs = variants(b, llm)
-    if b.greedy_beside:                          # what top-5 logprobs for every request cost
+    if b.greedy_beside:      # what top-5 logprobs for every request cost, and a presence penalty (Qwen3's card: 0-2)
         runs.append((runs[0][0] + ", top-5 logprobs", {**runs[0][1], "logprobs": 5}))
+        runs.append((runs[0][0] + ", presence penalty 1.5", {**runs[0][1], "presence_penalty": 1.5}))
     if b.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     for label, r in repeated(b, llm, prompts, outs, runs, "offline"):
@@ -206,9 +208,10 @@ def run_offline(b: Bench):
                         f"blocks, max batch {r['max_batch_seqs']}, {r['preemptions']} preemptions"
                         + (f", GPU idle {r['gpu_idle']:.1%}" if r["gpu_idle"] is not None else "")))
         details[label] = r
-    if len(rows) == 3:
+    if len(rows) == 4:
         rows[0]["note"] += f"; {rows[0]['tok_s'] / rows[1]['tok_s']:.1%} of greedy"
-        rows[2]["note"] += f"; {rows[2]['tok_s'] / rows[0]['tok_s']:.1%} of the same without logprobs"
+        for r in rows[2:]:
+            r["note"] += f"; {r['tok_s'] / rows[0]['tok_s']:.1%} of the same without it"
         details["sampled_over_greedy"] = rows[0]["tok_s"] / rows[1]["tok_s"]
     if b.device.type == "cuda":                  # gpu_memory_utilization is what the engine may use of the card
         total = torch.cuda.get_device_properties(b.device).total_memory

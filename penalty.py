@@ -57,7 +57,7 @@ def count_tokens_ref(tokens: torch.Tensor, slots: torch.Tensor, counts: torch.Te
     counts[slots[keep], tokens[keep]] += 1
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["S"])    # S, the slots, grows in powers of two: one compile, not one per size
 def _penalize_kernel(logits_ptr, stride, V, slots_ptr, counts_ptr, prompt_ptr, settings_ptr, S,
                      BLOCK: tl.constexpr):
     # grid (rows, V / BLOCK): one row's BLOCK logits; rows without a slot (-1) load and store nothing. Bytes: 10
@@ -79,14 +79,12 @@ def _penalize_kernel(logits_ptr, stride, V, slots_ptr, counts_ptr, prompt_ptr, s
 
 
 @triton.jit
-def _count_kernel(tokens_ptr, slots_ptr, counts_ptr, B, V, BLOCK: tl.constexpr):
-    # One program: each row's token into its slot's counts (a slot appears once a batch: no atomics needed).
-    i = tl.arange(0, BLOCK)
-    slot = tl.load(slots_ptr + i, mask=i < B, other=-1).to(tl.int64)
-    tok = tl.load(tokens_ptr + i, mask=i < B, other=0).to(tl.int64)
-    ok = slot >= 0
-    at = counts_ptr + tl.maximum(slot, 0) * V + tok
-    tl.store(at, tl.load(at, mask=ok, other=0) + 1, mask=ok)
+def _count_kernel(tokens_ptr, slots_ptr, counts_ptr, V):
+    # grid (rows,): one row's token into its slot's counts (a slot appears once a batch: no atomics needed).
+    row = tl.program_id(0)
+    slot = tl.load(slots_ptr + row).to(tl.int64)
+    at = counts_ptr + tl.maximum(slot, 0) * V + tl.load(tokens_ptr + row).to(tl.int64)
+    tl.store(at, tl.load(at, mask=slot >= 0, other=0) + 1, mask=slot >= 0)
 
 
 def penalize(logits, slots, counts, prompt, settings):
@@ -94,16 +92,16 @@ def penalize(logits, slots, counts, prompt, settings):
         return penalize_ref(logits, slots, counts, prompt, settings)
     V = logits.shape[1]
     block = min(4096, triton.next_power_of_2(V))
-    _penalize_kernel[(len(slots), triton.cdiv(V, block))](logits, logits.stride(0), V, slots, counts, prompt, settings,
-                                                 counts.shape[0], BLOCK=block, num_warps=4)
+    grid = (len(slots), triton.cdiv(V, block))
+    _penalize_kernel[grid](logits, logits.stride(0), V, slots, counts, prompt, settings, counts.shape[0],
+                           BLOCK=block, num_warps=4)
     return logits
 
 
 def count_tokens(tokens, slots, counts):
     if not _use_triton(counts):
         return count_tokens_ref(tokens, slots, counts)
-    B = len(slots)
-    _count_kernel[(1,)](tokens, slots, counts, B, counts.shape[1], BLOCK=max(16, triton.next_power_of_2(B)))
+    _count_kernel[(len(slots),)](tokens, slots, counts, counts.shape[1])
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -3191,7 +3191,7 @@ def test_bn_tiny_run_writes_json(tmp_path):
     print({k: (round(v["tok_s"], 1), round(v["floor_tok_s"])) for k, v in rows.items()})
     qwen3 = "T 0.6, top-p 0.95, top-k 20"              # a random-weight size samples with Qwen3's defaults
     assert set(rows) == {f"offline (4 reqs), {qwen3}", "offline (4 reqs), greedy", f"offline (4 reqs), {qwen3}, top-5 "
-                         "logprobs", f"decode-1, {qwen3}", f"decode-8, {qwen3}", "decode-1, greedy",
+                         "logprobs", f"offline (4 reqs), {qwen3}, presence penalty 1.5", f"decode-1, {qwen3}", f"decode-8, {qwen3}", "decode-1, greedy",
                          "decode-8, greedy", "prefix, cache on",
                          "prefix, cache off", "nanovllm (4 reqs), T 0.6 (nano-vllm's settings)",
                          f"nanovllm (4 reqs), {qwen3}", "nanovllm (4 reqs), greedy"}
