@@ -11,16 +11,17 @@ The settings (SamplingParams) and their order, vLLM's: `logit_bias` adds to chos
 r, for every token seen in the prompt or the output so far; then `presence_penalty` and `frequency_penalty`
 (OpenAI's) subtract presence * (count > 0) + frequency * count, over the output tokens only.
 
-A request with penalties holds a *slot* from its first sampled token to its end (a preempted one keeps it): a row of output-token counts
-(int32, V wide), a row marking its prompt's tokens (uint8) and its three settings, all on the device: 760 KB
-per running request at Qwen3's 151,936-token vocabulary; slots grow in powers of two as requests arrive and are
-reused after. A step's rows read their slots in one kernel (`penalize`), and the tokens they draw are counted into
-them on the device (`count_tokens`), so the next step, launched before this one's tokens reach the host, already
-sees them: a batch with penalties overlaps the host's work as any other. Kept on the host instead (sparse (token,
-factor) lists rebuilt and uploaded each step, each step waiting for the last one's tokens), a step with a repetition
-penalty took 2.7-3.7 / 9.1-13.4 / 76-105 ms at 8 / 32 / 256 rows; here 1.0-1.1 / 1.5 / 3.4-3.6, against 1.0 / 1.4 /
-3.1 sampled without (qwen3-0.6b, H200: the README's thirty-fifth session). The logit bias stays on the host,
-uploaded per step: it is the request's own short list, fixed for its life.
+A request with penalties holds a *slot* from its first sampled token to its end (a preempted one keeps it): a
+row of output-token counts (int32, V wide), a row marking its prompt's tokens (uint8) and its three settings, all
+on the device: 760 KB per running request at Qwen3's 151,936-token vocabulary; slots grow in powers of two as
+requests arrive and are reused after. A step's rows read their slots in one kernel (`penalize`), and the tokens
+they draw are counted into them on the device (`count_tokens`), so the next step, launched before this one's
+tokens reach the host, already sees them: a batch with penalties overlaps the host's work as any other. Kept on
+the host instead (sparse (token, factor) lists rebuilt and uploaded each step, each step waiting for the last
+one's tokens), a step with a repetition penalty took 2.7-3.7 / 9.1-13.4 / 76-105 ms at 8 / 32 / 256 rows; here
+1.0-1.1 / 1.5 / 3.4-3.6, against 1.0 / 1.4 / 3.1 sampled without (qwen3-0.6b, H200: the README's thirty-fifth
+session). The logit bias stays on the host, uploaded per step: it is the request's own short list, fixed for its
+life.
 """
 import torch
 
