@@ -11,8 +11,9 @@ temperature 1 with no filters. `--generation-config none` ignores the checkpoint
 
 The rules, in transformers' order (its logits warpers are the oracle the tests compare with):
   logit_bias, repetition penalty (prompt and output tokens), presence/frequency penalties (output tokens;
-  these three on the device, penalty.py), then x = logits / temperature; top-k keeps x >= the k-th largest x (ties kept); top-p keeps a token when the top-k
-  survivors more likely than it hold less than top_p of the survivors' mass; min-p keeps x >= max x + log(min_p).
+  these three in penalty.py), then x = logits / temperature; top-k keeps x >= the k-th largest x (ties kept);
+  top-p keeps a token when the top-k survivors more likely than it hold less than top_p of the survivors' mass;
+  min-p keeps x >= max x + log(min_p).
   The token is drawn from softmax(x) over the survivors by the Gumbel-max trick: argmax of x + Gumbel noise, the
   noise a hash of (request seed, output position, token id); rows without filters draw by inverse CDF with one
   uniform hashed from (seed, position). So a seeded request gives the same tokens in any batch, and no
