@@ -21,6 +21,7 @@ Ctrl-C: /health turns 503, new requests get 503, requests in flight run to the e
 """
 import argparse
 import dataclasses
+import gc
 import hmac
 import json
 import select
@@ -559,6 +560,8 @@ def main(argv=None):
                              args.max_queue, args.max_body_bytes, args.reasoning_parser)
     except (ValueError, FileNotFoundError, KeyError, RuntimeError) as e:
         sys.exit(f"error: {e}")
+    gc.collect()
+    gc.freeze()           # this process's startup heap is never scanned again (engine_process.py does the same)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
