@@ -308,6 +308,8 @@ class LLM:
         logits, prompt_lp = forward_batch(self.runner, batch, self.requests, self.sample_row, graphed, steps, done)
         if done:                                       # this step's tokens are in last_tokens already
             tokens, lp = self.runner.last_tokens[:len(reqs)], None
+            if len(reqs) > 1:                          # a dependent pair after the graph, as choose_tokens does
+                kernels.pdl_pair(self.sampler_graphs.ticks)
         else:
             tokens, lp = sample_rows(self, reqs, steps, logits, graphed)
             if tokens is not None:
@@ -584,8 +586,8 @@ def choose_tokens(reqs: list[Request], steps: list[int], logits: torch.Tensor, v
         tokens = sample(logits, SamplingTensors.build(params, [r.seed for r in reqs], steps, vocab_size, logits.device))
         if penalized:
             penalties.count(tokens)
-    if sampler_graphs is not None and len(reqs) > 1:   # after a decode graph, as greedy's argmax is (kernels.pdl_pair)
-        kernels.pdl_pair(sampler_graphs.ticks)
+    if sampler_graphs is not None and len(reqs) > 1:   # after a decode graph a dependent pair, as greedy's argmax is
+        kernels.pdl_pair(sampler_graphs.ticks)         # (without it the next replay's kernels start later)
     return tokens
 
 

@@ -13,7 +13,7 @@ The ops: embed (with the previous step's tokens still on the device), rms_norm, 
 qk_norm_rope_store (q/k norm + RoPE + K/V into the cache), argmax (greedy decoding's token); the
 projections (GEMV, skinny GEMM) are in gemv.py, paged attention in attention.py (both built on this file's
 helpers: `_use_triton`, `pdl`). The decode chain's kernels use programmatic dependent launch on Hopper (`pdl`;
-QWEN3_PDL=0 turns it off); `pdl_pair` is two empty such launches that a sampled decode replay needs after it.
+QWEN3_PDL=0 turns it off); `pdl_pair` is two empty such launches that a decode replay needs after it.
 
 KV cache layout (per layer): k_cache, v_cache of shape (num_blocks, block_size, n_kv_heads, head_dim), in
 the activations' dtype or float8_e4m3fn (--kv-cache-dtype fp8: values stored as they are, no scale, widened
@@ -247,7 +247,9 @@ def pdl_pair(x: torch.Tensor):
     `pdl` took 1,031 and 1,513. Token values, the sampler's kernels, a host sync between steps and one dependent
     launch alone (of 1 or 152 programs) changed nothing; two of them, before or after the replay, do it (sampled
     990 and 1,430). Measured, not explained: the driver's handling of a stream that chains launches.
-    README, thirty-fourth session. Nothing off Hopper, with QWEN3_PDL=0, or on the CPU."""
+    README, thirty-fourth session. The engine calls it after a decode graph of 2+ rows that greedy's argmax does not
+    follow (one row's GEMVs chain by PDL themselves: there it only cost, decode-1 sampled 1,562 against 1,578
+    tok/s). Nothing off Hopper, with QWEN3_PDL=0, or on the CPU."""
     kw = pdl(x)
     if kw:
         _tick_kernel[(1,)](x, **kw)

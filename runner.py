@@ -301,8 +301,7 @@ class DecodeGraphs:
     the sampler on SamplerGraphs' settings, which writes the step's tokens into last_tokens itself: a sampled
     step is one host-to-device copy of its inputs and one replay, not a second graph for the sampler and a copy
     of the tokens between them (qwen3-0.6b, H200, sampled: 666 -> 628 us per step at batch 1, 1,052 -> 1,034
-    at 8, 1% at 128). Greedy batches keep the argmax after the graph. A sampled replay is followed by
-    `kernels.pdl_pair`, without which the graph's kernels start later (README, thirty-fourth session).
+    at 8, 1% at 128). Greedy batches keep the argmax after the graph.
     """
     SHORT_CONTEXT = 2048
 
@@ -325,7 +324,6 @@ class DecodeGraphs:
         self.tables = self.i32[:, 1:]                    # (max_batch, max_blocks), row stride 1 + max_blocks
         self.ctx = torch.ones(max_batch, **i32)          # contiguous copy of column 0 (kernels want it dense)
         self.cu = torch.arange(max_batch + 1, **i32)
-        self.ticks = torch.zeros(1, **i32)               # kernels.pdl_pair's counter
         self.short_blocks = min(max_blocks, -(-self.SHORT_CONTEXT // kv_cache.shape[3]))
         self.graphs = {}
         # every graph writes its logits here: a graph's output outlives its capture, so outputs of its own
@@ -368,8 +366,6 @@ class DecodeGraphs:
                     pool = g.pool()
                     self.graphs[b, width, cascade, grouped, sampled] = g
         self.pool = pool                        # the sampler's graphs share it
-        if sample_tail:
-            kernels.pdl_pair(self.ticks)        # compiled now, not at the first sampled step
         torch.cuda.synchronize()
 
     # a step's int64 inputs, a row of b each: token ids (padding rows 0), positions, cache slots (padding rows:
@@ -427,8 +423,4 @@ class DecodeGraphs:
         i32 = torch.frombuffer(i32, dtype=torch.int32).view(b, -1)
         self.i32[:b, :i32.shape[1]].copy_(i32.pin_memory(), non_blocking=True)
         self.graphs[key].replay()
-        # a graph that samples: no eager argmax (a dependent pair) follows it. One row's GEMVs chain by PDL
-        # themselves: there the pair only cost (decode-1 sampled 1,562 with it, 1,578 tok/s without)
-        if key[-1] and b > 1:
-            kernels.pdl_pair(self.ticks)
         return self.logits[:n]

@@ -625,7 +625,7 @@ class SamplerGraphs:
         self.tokens = torch.zeros(max_batch, dtype=torch.int64, device=device)
         self.lp_n = torch.full((max_batch,), MAX_LOGPROBS, dtype=torch.int64, device=device)   # top logprobs to find
         self.lp_n_now = MAX_LOGPROBS
-        self.ticks = torch.zeros(1, dtype=torch.int32, device=device)   # kernels.pdl_pair's counter (the engine's)
+        self.ticks = torch.zeros(1, dtype=torch.int32, device=device)   # the engine's kernels.pdl_pair counter
         self.rows = None                          # request ids whose settings the buffers hold
         self.sizes, self.graphs, self.logprobs = [], {}, {}   # (size, with logprobs) -> graph; size -> outputs
 
