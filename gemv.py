@@ -54,9 +54,31 @@ def _silu_mul_out(gate, up, dtype: tl.constexpr):
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, out_ptr, N, K, res_ptr, norm_w_ptr, res_out_ptr, eps, add_ptr, NORM: tl.constexpr,
-                 HAS_RES: tl.constexpr, ADD: tl.constexpr, SILU_MUL: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, USE_GDC: tl.constexpr = False):
+def _block_scales(s_ptr, w_rows, k0, KB, row_mask, R: tl.constexpr, BLOCK_K: tl.constexpr, SCALED: tl.constexpr):
+    """FP8 (SCALED): the (R, BLOCK_K // 16) scales of weight rows w_rows, columns k0 .. k0 + BLOCK_K in groups
+    of 16 (a group lies in one 128-column block; KB scales a row); else nothing (a zero)."""
+    if SCALED:
+        blocks = (k0 + 16 * tl.arange(0, BLOCK_K // 16)) // 128
+        return tl.load(s_ptr + w_rows[:, None] * KB + blocks[None, :],
+                       mask=row_mask[:, None] & (blocks < KB)[None, :], other=0.0)
+    else:
+        return 0.0
+
+
+@triton.jit
+def _products(w, x, s, R: tl.constexpr, BLOCK_K: tl.constexpr, SCALED: tl.constexpr):
+    """A chunk's products w * x in fp32, (R, BLOCK_K); SCALED: summed by 16 columns, times their scales s,
+    (R, BLOCK_K // 16)."""
+    p = w.to(tl.float32) * x[None, :]
+    if SCALED:
+        p = tl.sum(tl.reshape(p, (R, BLOCK_K // 16, 16)), axis=2) * s
+    return p
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, out_ptr, N, K, res_ptr, norm_w_ptr, res_out_ptr, eps, add_ptr, s_ptr, KB,
+                 NORM: tl.constexpr, HAS_RES: tl.constexpr, ADD: tl.constexpr, SILU_MUL: tl.constexpr,
+                 SCALED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_GDC: tl.constexpr = False):
     # One token (M = 1, a lone decode): out[n] = sum_k x[k] * w[n, k]. Bytes: the weight, N*K elements read
     # once; 2 FLOPs per element is nothing, so the floor is weight bytes / bandwidth. cuBLAS's GEMM kernels
     # reach less of it at M = 1 on Qwen3's small matrices (table at `linear`). Each program owns BLOCK_N rows
@@ -73,6 +95,8 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, N, K, res_ptr, norm_w_ptr, res_out_ptr, 
     # ADD: out = (x @ w^T) + add, the product rounded to the dtype before the add as a separate add would round
     # it: o_proj and down_proj add the residual stream here, so the norm GEMV after them reads one row (h) and
     # not two (the product and the residual).
+    # SCALED: w is FP8 (quant.py's format: w[n, k] * s[n, k // 128], KB scales a row): each 16 products are summed
+    # before their block's scale multiplies them (`_products`), so a weight costs a convert and an FMA, as bf16's.
     # USE_GDC (programmatic dependent launch, see `pdl`): the first weight chunk is loaded before waiting for
     # the kernel before (no kernel writes weights), so it streams while that kernel finishes.
     pid = tl.program_id(0)
@@ -82,28 +106,31 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, N, K, res_ptr, norm_w_ptr, res_out_ptr, 
     r = tl.arange(0, R)
     if SILU_MUL:
         rows = pid * BLOCK_N + r % BLOCK_N             # output rows; tile rows BLOCK_N.. read the up rows
-        w_rows = w_ptr + (rows + (r // BLOCK_N) * N)[:, None].to(tl.int64) * K
+        w_row_ids = rows + (r // BLOCK_N) * N
     else:
         rows = pid * BLOCK_N + r
-        w_rows = w_ptr + rows[:, None].to(tl.int64) * K
+        w_row_ids = rows
+    w_rows = w_ptr + w_row_ids[:, None].to(tl.int64) * K
     row_mask = rows < N
     cols = tl.arange(0, BLOCK_K)
     col_mask = cols < K
     w = tl.load(w_rows + cols[None, :], mask=row_mask[:, None] & col_mask[None, :], other=0.0)
+    s = _block_scales(s_ptr, w_row_ids, 0, KB, row_mask, R, BLOCK_K, SCALED)
     if USE_GDC:
         tl.extra.cuda.gdc_wait()
     if ADD:     # loaded now, used after the reduction: issued there, its round trip came after the barriers (SASS)
         add = tl.load(add_ptr + rows, mask=row_mask).to(tl.float32)
     first = cols * 0 + pid == 0                        # program 0 writes the residual (a tensor mask)
     x, ss = _gemv_input(x_ptr, res_ptr, norm_w_ptr, res_out_ptr, cols, col_mask, first, NORM, HAS_RES)
-    acc = w.to(tl.float32) * x[None, :]
+    acc = _products(w, x, s, R, BLOCK_K, SCALED)
     for k0 in range(BLOCK_K, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         col_mask = cols < K
         x, sq = _gemv_input(x_ptr, res_ptr, norm_w_ptr, res_out_ptr, cols, col_mask, first, NORM, HAS_RES)
         ss += sq
         w = tl.load(w_rows + cols[None, :], mask=row_mask[:, None] & col_mask[None, :], other=0.0)
-        acc += w.to(tl.float32) * x[None, :]
+        s = _block_scales(s_ptr, w_row_ids, k0, KB, row_mask, R, BLOCK_K, SCALED)
+        acc += _products(w, x, s, R, BLOCK_K, SCALED)
     out = tl.sum(acc, axis=1)                                                            # (R,)
     if NORM:
         out = out * tl.rsqrt(tl.sum(ss, axis=0) / K + eps)
@@ -193,21 +220,52 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, N, K, res_ptr, norm_w_ptr, res_out_ptr, 
 GEMV_CONFIG = dict(BLOCK_N=4, BLOCK_K=2048, num_warps=4)
 NORM_GEMV_CONFIG = dict(BLOCK_N=8, BLOCK_K=1024, num_warps=4)
 NORM_SILU_GEMV_CONFIG = dict(BLOCK_N=4, BLOCK_K=1024, num_warps=4)   # gate_up: 2 x BLOCK_N weight rows per program
+# FP8 weights (SCALED, quant.Fp8Linear at one token). Before, FP8 had a GEMV of its own in quant.py that applied
+# each weight's scale before its FMA (a multiply and an FMA per weight) and took no norm, SiLU or add, so a layer
+# ran 7 kernels (two add + RMSNorm and a silu_mul beside the 4 GEMVs). H200, 2026-12-04, us per call in a PDL
+# chain (CUDA graph, weights rotated past L2), the old path (its GEMV + the kernels it needed) -> this kernel at
+# BLOCK_N/BLOCK_K/warps:
+#   K -> N                       | old   | 4/1024/4 | 8/1024/4 | 4/2048/4 | 8/2048/4 | 4/4096/4 | 16/1024/8
+#   8b   qkv 4096->6144 +norm    | 11.66 |          |   9.34   |          |  10.55   |  11.66   |  10.17
+#   8b   o   4096->4096 +add     |  7.94 |   8.54   |          |   5.88   |   6.28   |   7.22   |
+#   8b   gate_up ->24576 +silu   | 38.43 |  31.84   |  32.12   |  30.91   |          |  36.75   |
+#   8b   down 12288->4096 +add   | 19.53 |  22.71   |          |  16.11   |  17.11   |  17.04   |
+#   1.7b qkv 2048->4096 +norm    |  5.98 |          |   4.63   |          |   4.45   |   5.53   |   5.00
+#   1.7b gate_up ->12288 +silu   | 14.40 |   9.58   |  10.56   |  10.14   |          |  10.16   |
+#   1.7b down 6144->2048 +add    |  6.19 |   9.83   |          |   6.19   |   7.30   |   5.63   |
+#   0.6b qkv 1024->4096 +norm    |  4.72 |          |   3.01   |          |   3.01   |   3.33   |   2.94
+#   0.6b gate_up ->6144 +silu    |  8.05 |   3.80   |   3.43   |   3.82   |          |   3.82   |
+#   0.6b down 3072->1024 +add    |  3.45 |   5.07   |          |   3.56   |   4.20   |   2.69   |
+# A layer's four, 36 / 28 layers in one graph, us per layer, old -> these configs: 8b 73.6 -> 58.4 (192.9 MB of
+# FP8 weights: 3.3 TB/s; bf16's GEMVs stream 4.1), 1.7b 28.0 -> 21.4, 0.6b 17.0 -> 10.2 (each model's best tiles:
+# 58.4 / 20.4 / 9.4). `bench.py decode-1 --model qwen3-8b --quantization fp8`: 3.10 -> 2.48 ms/token.
+FP8_GEMV_CONFIG = dict(BLOCK_N=4, BLOCK_K=2048, num_warps=4)
+FP8_NORM_GEMV_CONFIG = dict(BLOCK_N=8, BLOCK_K=1024, num_warps=4)
+FP8_NORM_SILU_GEMV_CONFIG = dict(BLOCK_N=4, BLOCK_K=2048, num_warps=4)
 
 
-def linear_triton(x, weight, config=None, silu_mul=False, out=None, norm=None, add=None):
+def linear_triton(x, weight, config=None, silu_mul=False, out=None, norm=None, add=None, scales=None):
     """x (1, K), weight (N, K), both contiguous -> (1, N) (into out, if given). silu_mul: weight is gate_up
     (N = 2I rows, gate rows first) and the output is silu_mul_ref(x @ weight^T), (1, I). norm: (residual or
     None, norm weight, eps): the product is of add_rms_norm_ref(x, residual, ...)'s (rms_norm_ref's) output;
     returns (out, x + residual). add: (1, N), added to the product (rounded to the dtype first, as a separate
-    add would see it)."""
+    add would see it). scales: weight is float8_e4m3fn and these its (N, ceil(K / 128)) fp32 block scales
+    (quant.py's format; the product is x @ quant.dequantize(weight, scales)^T)."""
     N, K = weight.shape
-    assert x.shape == (1, K) and x.is_contiguous() and weight.is_contiguous() and x.dtype == weight.dtype
+    assert x.shape == (1, K) and x.is_contiguous() and weight.is_contiguous()
+    if scales is None:
+        assert x.dtype == weight.dtype
+        configs = (GEMV_CONFIG, NORM_GEMV_CONFIG, NORM_SILU_GEMV_CONFIG)
+    else:
+        assert weight.dtype == torch.float8_e4m3fn and scales.shape == (N, -(-K // 128)) and scales.is_contiguous()
+        configs = (FP8_GEMV_CONFIG, FP8_NORM_GEMV_CONFIG, FP8_NORM_SILU_GEMV_CONFIG)
     if silu_mul:
         assert N % 2 == 0 and add is None
         N //= 2
-    cfg = dict(config or (GEMV_CONFIG if norm is None else NORM_SILU_GEMV_CONFIG if silu_mul else NORM_GEMV_CONFIG))
+    cfg = dict(config or configs[0 if norm is None else 2 if silu_mul else 1])
     cfg["BLOCK_K"] = min(cfg["BLOCK_K"], triton.next_power_of_2(K))    # no chunk wider than the row
+    if scales is not None:
+        cfg["BLOCK_K"] = max(cfg["BLOCK_K"], 16)                          # FP8 sums products in 16s
     out = torch.empty(1, N, dtype=x.dtype, device=x.device) if out is None else out
     assert out.shape == (1, N) and out.is_contiguous() and out.dtype == x.dtype
     res, norm_w, eps = norm or (None, None, 0.0)
@@ -219,9 +277,10 @@ def linear_triton(x, weight, config=None, silu_mul=False, out=None, norm=None, a
             res_out = torch.empty_like(x)
     if add is not None:
         assert add.shape == (1, N) and add.dtype == x.dtype and add.is_contiguous()
-    _gemv_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](x, weight, out, N, K, res, norm_w, res_out, eps, add,
-                                                    NORM=norm is not None, HAS_RES=res is not None,
-                                                    ADD=add is not None, SILU_MUL=silu_mul, **cfg, **pdl(x))
+    _gemv_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](x, weight, out, N, K, res, norm_w, res_out, eps, add, scales,
+                                                    0 if scales is None else scales.shape[1], NORM=norm is not None,
+                                                    HAS_RES=res is not None, ADD=add is not None, SILU_MUL=silu_mul,
+                                                    SCALED=scales is not None, **cfg, **pdl(x))
     return out if norm is None else (out, x if res is None else res_out)
 
 
@@ -418,10 +477,15 @@ def linear(x, weight, out=None, silu_mul=False):
     return kernels.silu_mul(linear_ref(x, weight)) if silu_mul else linear_ref(x, weight, out=out)
 
 
+def one_token(x, norm_w=None) -> bool:
+    """Whether x takes the one-token GEMV (linear_triton): one row, on the GPU, a norm weight in its dtype."""
+    return x.shape[0] == 1 and _use_triton(x) and (norm_w is None or norm_w.dtype == x.dtype)
+
+
 def norm_linear(x, residual, norm_w, eps, weight, silu_mul=False):
     """(linear(rms_norm(h), weight, silu_mul=...), h) with h = x + residual (x when residual is None): a norm and
     the projection after it, in one kernel up to 16 tokens (a decode step is made of launches)."""
-    if x.shape[0] == 1 and _use_triton(x) and norm_w.dtype == x.dtype:
+    if one_token(x, norm_w):
         return linear_triton(x, weight, norm=(residual, norm_w, eps), silu_mul=silu_mul)
     if residual is None and _skinny(x, weight) and norm_w.dtype == x.dtype:
         return skinny_linear_triton(x, weight, silu_mul=silu_mul, norm=(norm_w, eps)), x
@@ -435,7 +499,7 @@ def linear_add(x, weight, residual):
     """(linear(x) + residual, None) where one kernel does the add after the product (up to 16 tokens: the GEMV's
     or skinny GEMM's epilogue), else (linear(x), residual) for the norm after it to add (add_rms_norm), so no
     path spends a launch on the add. residual None: (linear(x), None)."""
-    if residual is not None and x.shape[0] == 1 and _use_triton(x):
+    if residual is not None and one_token(x):
         return linear_triton(x, weight, add=residual), None
     if residual is not None and _skinny(x, weight) and residual.is_contiguous():
         return skinny_linear_triton(x, weight, add=residual), None

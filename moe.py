@@ -41,7 +41,6 @@ import torch.nn.functional as F
 import gemv
 import quant
 from kernels import _use_triton, pdl, tl, triton
-from quant import _block_scales
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -312,6 +311,19 @@ def _expert_gemm_kernel(a_ptr, w_ptr, s_ptr, out_ptr, pairs_ptr, block_expert_pt
         acc = acc * tl.load(weights_ptr + pairs, mask=valid, other=0.0).to(tl.float32)[:, None]
     out_ptrs = out_ptr + pairs[:, None] * stride_out + offs_n[None, :]
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=valid[:, None] & (offs_n[None, :] < N))
+
+
+@triton.jit
+def _block_scales(s_rows, k0, KB, row_mask, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(BLOCK_N, BLOCK_K) scales of columns k0 .. k0 + BLOCK_K of BLOCK_N rows (s_rows: each row's KB scales)."""
+    if BLOCK_K >= 128:
+        NB: tl.constexpr = BLOCK_K // 128
+        blocks = k0 // 128 + tl.arange(0, NB)
+        s = tl.load(s_rows + blocks[None, :], mask=row_mask[:, None] & (blocks < KB)[None, :], other=0.0)
+        return tl.reshape(tl.broadcast_to(s[:, :, None], (BLOCK_N, NB, 128)), (BLOCK_N, BLOCK_K))
+    else:
+        s = tl.load(s_rows + k0 // 128, mask=row_mask[:, None], other=0.0)                # (BLOCK_N, 1)
+        return tl.broadcast_to(s, (BLOCK_N, BLOCK_K))
 
 
 @triton.jit

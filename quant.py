@@ -19,8 +19,9 @@ MoE experts (Qwen3-30B-A3B-FP8 and the like) are stacked per layer: `experts_to_
 float8 with the same per-row scales, and moe.py's kernels read them.
 
 Kernels (each with its PyTorch reference beside it; the measured table at FP8_GEMM_MAX_M):
-  - one token: a GEMV that streams fp8 rows (bytes: N x K x 1 + scales; the floor is those / bandwidth);
-    reference `fp8_linear_ref` (dequantize, then F.linear);
+  - one token: gemv.py's GEMV streams the fp8 rows (bytes: N x K x 1 + scales; the floor is those / bandwidth),
+    with the RMSNorm before it, SiLU(gate) * up or the residual add after it as for bf16 (model.norm_linear,
+    model.linear_add); reference `fp8_linear_ref` (dequantize, then F.linear);
   - two or more tokens: each token's activations quantized per group of 128 columns (`quantize_act_triton`:
     scale = max |x| / 448), then an FP8 x FP8 GEMM applying both scales per 128-column k step (reference
     `w8a8_linear_ref`): cuBLAS's block-scaled GEMM (torch's `scaled_mm`) on Hopper when the weight is in whole
@@ -30,8 +31,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import gemv
 import kernels
-from kernels import _use_triton, pdl, tl, triton
+from kernels import _use_triton, tl, triton
 
 BLOCK = 128                                   # the checkpoints' block size along both dims
 FP8 = torch.float8_e4m3fn
@@ -175,50 +177,6 @@ def to_fp8(model, shard_rows, quantize: bool):
 def fp8_linear_ref(x, weight, scales):
     """x (M, K) @ dequantize(weight)^T -> (M, N) in x's dtype."""
     return F.linear(x, dequantize(weight, scales, x.dtype))
-
-
-@triton.jit
-def _block_scales(s_rows, k0, KB, row_mask, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """(BLOCK_N, BLOCK_K) scales of columns k0 .. k0 + BLOCK_K of BLOCK_N rows (s_rows: each row's KB scales)."""
-    if BLOCK_K >= 128:
-        NB: tl.constexpr = BLOCK_K // 128
-        blocks = k0 // 128 + tl.arange(0, NB)
-        s = tl.load(s_rows + blocks[None, :], mask=row_mask[:, None] & (blocks < KB)[None, :], other=0.0)
-        return tl.reshape(tl.broadcast_to(s[:, :, None], (BLOCK_N, NB, 128)), (BLOCK_N, BLOCK_K))
-    else:
-        s = tl.load(s_rows + k0 // 128, mask=row_mask[:, None], other=0.0)                # (BLOCK_N, 1)
-        return tl.broadcast_to(s, (BLOCK_N, BLOCK_K))
-
-
-@triton.jit
-def _fp8_gemv_chunk(w_ptr, s_ptr, rows, row_mask, k0, K, KB, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    # Columns k0 .. k0 + BLOCK_K of the weight rows, in fp32, times their scales.
-    cols = k0 + tl.arange(0, BLOCK_K)
-    w = tl.load(w_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], mask=row_mask[:, None] & (cols < K)[None, :],
-                other=0.0).to(tl.float32)
-    return w * _block_scales(s_ptr + rows[:, None] * KB, k0, KB, row_mask, BLOCK_N, BLOCK_K)
-
-
-@triton.jit
-def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, N, K, KB, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     USE_GDC: tl.constexpr = False):
-    # One token: out[n] = sum_k x[k] * w[n, k] * s[n, k // 128]. Program = BLOCK_N rows streamed in BLOCK_K
-    # chunks (a multiple of 128). USE_GDC (programmatic dependent launch, kernels.pdl): the first chunk is
-    # loaded before waiting for the kernel before, as in gemv._gemv_kernel.
-    if USE_GDC:
-        tl.extra.cuda.gdc_launch_dependents()
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = rows < N
-    ws = _fp8_gemv_chunk(w_ptr, s_ptr, rows, row_mask, 0, K, KB, BLOCK_N, BLOCK_K)
-    if USE_GDC:
-        tl.extra.cuda.gdc_wait()
-    cols = tl.arange(0, BLOCK_K)
-    acc = ws * tl.load(x_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)[None, :]
-    for k0 in range(BLOCK_K, K, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
-        acc += _fp8_gemv_chunk(w_ptr, s_ptr, rows, row_mask, k0, K, KB, BLOCK_N, BLOCK_K) * x[None, :]
-    tl.store(out_ptr + rows, tl.sum(acc, axis=1).to(out_ptr.dtype.element_ty), mask=row_mask)
 
 
 @triton.jit
@@ -392,17 +350,7 @@ def w8a8_config(M: int) -> dict:
 # blocks), Triton's W8A8 elsewhere (it keeps each k step's scaling inside the loop, which stalls its pipeline:
 # 400-600 TFLOP/s), the W8A16 tiles only up to 16 tokens off Hopper. An earlier widen-then-cuBLAS path lost to
 # the bf16 model everywhere (one more pass over the weight per call).
-# One token, H200, 2026-12-02, us per call in a chain of calls (CUDA graph, weights rotated past L2; BLOCK_K is
-# cut to the row's power of two), BLOCK_N/BLOCK_K/warps, with programmatic dependent launch but the first:
-#   K -> N              | 4/512/4 no PDL | 4/512/4 | 4/1024/4 | 4/2048/8 | 4/4096/8 | 2/2048/4 | 2/4096/4 | 8/1024/8
-#   8b qkv 4096->6144   |      12.0      |  11.4   |   11.6   |   12.1   |   12.5   |   10.7   |   11.8   |   13.1
-#   8b o 4096->4096     |      10.1      |  10.9   |   10.4   |    9.2   |    9.0   |    7.9   |    8.6   |   12.5
-#   8b gate_up ->24576  |      39.0      |  38.1   |   34.4   |   41.3   |   43.6   |   34.9   |   40.6   |   46.5
-#   8b down 12288->4096 |      25.9      |  29.9   |   27.8   |   22.7   |   27.3   |   19.5   |   26.7   |   34.4
-#   0.6b qkv 1024->4096 |       4.1      |   3.5   |    3.8   |    4.0   |    3.9   |    4.0   |    4.0   |    3.9
-#   0.6b down 3072->1024|       6.9      |   6.2   |    4.3   |    3.5   |    2.8   |    3.4   |    2.8   |    5.2
-# 2 x 2048 x 4 warps: an 8b layer's four GEMVs 87.0 -> 73.0 us (the earlier sweep, BLOCK_K <= 1024, chose 4/512/4).
-FP8_GEMV_CONFIG = dict(BLOCK_N=2, BLOCK_K=2048, num_warps=4)
+# One token runs gemv.py's GEMV (`gemv.linear_triton(..., scales=)`; its table at FP8_GEMV_CONFIG).
 FP8_GEMM_MAX_M = 16
 FP8_GEMM_CONFIG = dict(BLOCK_M=16, BLOCK_N=64, GROUP_M=8, num_warps=4, num_stages=4)   # W8A16, 2..16 tokens
 
@@ -415,11 +363,7 @@ def fp8_linear_triton(x, weight, scales, config: dict | None = None, block_scale
         out = torch.empty(M, N, dtype=x.dtype, device=x.device)
         if M == 0:
             return out
-        cfg = dict(config or FP8_GEMV_CONFIG)
-        cfg["BLOCK_K"] = min(cfg["BLOCK_K"], max(128, triton.next_power_of_2(K)))   # no chunk wider than the row
-        _fp8_gemv_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](x, weight, scales, out, N, K, scales.shape[1], **cfg,
-                                                            **pdl(x))
-        return out
+        return gemv.linear_triton(x, weight, config, out=out, scales=scales)
     if block_scales is not None and config is None:      # cuBLAS's FP8 tensor-core GEMM (W8A8, table above)
         return scaled_mm_cublas(x, weight, block_scales)
     if M > FP8_GEMM_MAX_M and config is None:             # the same product in Triton (W8A8)

@@ -1966,6 +1966,20 @@ def test_kt_fp8_linear(M, N, K, dtype):
     if M == 1:                       # the default GEMV tiles: one chunk as wide as the row's power of two
         kt_check(f"fp8 linear, default tiles N={N} K={K} {dtype}", quant.fp8_linear_triton(x, q, s),
                  quant.fp8_linear_ref(x, q, s), dtype)
+        # gemv's fused forms on FP8 weights, as a decode layer runs them: the RMSNorm (+ residual) before,
+        # SiLU(gate) * up after (gate_up: N even), the residual add after
+        res, nw, add = torch.randn(1, K).to(dtype), (1 + 0.1 * torch.randn(K)).to(dtype), torch.randn(1, N).to(dtype)
+        normed = kernels.rms_norm_ref(x + res, nw, 1e-6)
+        for c in (cfg, None):
+            got, h = gemv.linear_triton(x, q, c, norm=(res, nw, 1e-6), scales=s)
+            kt_check(f"fp8 norm + linear N={N} K={K} {dtype} {c}", got, quant.fp8_linear_ref(normed, q, s), dtype)
+            torch.testing.assert_close(h, x + res, atol=0, rtol=0)
+            kt_check(f"fp8 linear + add N={N} K={K} {dtype} {c}", gemv.linear_triton(x, q, c, add=add, scales=s),
+                     quant.fp8_linear_ref(x, q, s) + add, dtype)
+            if N % 2 == 0:
+                got, _ = gemv.linear_triton(x, q, c, norm=(None, nw, 1e-6), silu_mul=True, scales=s)
+                want = kernels.silu_mul_ref(quant.fp8_linear_ref(kernels.rms_norm_ref(x, nw, 1e-6), q, s))
+                kt_check(f"fp8 norm + linear + silu_mul N={N} K={K} {dtype} {c}", got, want, dtype)
     if M > quant.FP8_GEMM_MAX_M:     # the default path there: W8A8, activations quantized per token and 128 columns
         xq, xs = quant.quantize_act_triton(x)
         rq, rs = quant.quantize_act_ref(x)
