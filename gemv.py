@@ -126,10 +126,10 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, N, K, res_ptr, norm_w_ptr, res_out_ptr, 
     for k0 in range(BLOCK_K, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         col_mask = cols < K
-        x, sq = _gemv_input(x_ptr, res_ptr, norm_w_ptr, res_out_ptr, cols, col_mask, first, NORM, HAS_RES)
-        ss += sq
         w = tl.load(w_rows + cols[None, :], mask=row_mask[:, None] & col_mask[None, :], other=0.0)
         s = _block_scales(s_ptr, w_row_ids, k0, KB, row_mask, R, BLOCK_K, SCALED)
+        x, sq = _gemv_input(x_ptr, res_ptr, norm_w_ptr, res_out_ptr, cols, col_mask, first, NORM, HAS_RES)
+        ss += sq
         acc += _products(w, x, s, R, BLOCK_K, SCALED)
     out = tl.sum(acc, axis=1)                                                            # (R,)
     if NORM:
