@@ -67,9 +67,9 @@ def _block_scales(s_ptr, w_rows, k0, KB, row_mask, R: tl.constexpr, BLOCK_K: tl.
 
 @triton.jit
 def _products(w, x, s, R: tl.constexpr, BLOCK_K: tl.constexpr, SCALED: tl.constexpr):
-    """A chunk's products w * x in fp32, (R, BLOCK_K); SCALED: summed by 16 columns, times their scales s,
-    (R, BLOCK_K // 16)."""
-    p = w.to(tl.float32) * x[None, :]
+    """A chunk's products w * x in fp32, (R, BLOCK_K) (x: the chunk's input, broadcast to w's shape); SCALED: summed
+    by 16 columns, times their scales s, (R, BLOCK_K // 16). moe.py's expert GEMV uses it too."""
+    p = w.to(tl.float32) * x
     if SCALED:
         p = tl.sum(tl.reshape(p, (R, BLOCK_K // 16, 16)), axis=2) * s
     return p
@@ -122,7 +122,7 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, N, K, res_ptr, norm_w_ptr, res_out_ptr, 
         add = tl.load(add_ptr + rows, mask=row_mask).to(tl.float32)
     first = cols * 0 + pid == 0                        # program 0 writes the residual (a tensor mask)
     x, ss = _gemv_input(x_ptr, res_ptr, norm_w_ptr, res_out_ptr, cols, col_mask, first, NORM, HAS_RES)
-    acc = _products(w, x, s, R, BLOCK_K, SCALED)
+    acc = _products(w, x[None, :], s, R, BLOCK_K, SCALED)
     for k0 in range(BLOCK_K, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         col_mask = cols < K
@@ -130,7 +130,7 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, N, K, res_ptr, norm_w_ptr, res_out_ptr, 
         s = _block_scales(s_ptr, w_row_ids, k0, KB, row_mask, R, BLOCK_K, SCALED)
         x, sq = _gemv_input(x_ptr, res_ptr, norm_w_ptr, res_out_ptr, cols, col_mask, first, NORM, HAS_RES)
         ss += sq
-        acc += _products(w, x, s, R, BLOCK_K, SCALED)
+        acc += _products(w, x[None, :], s, R, BLOCK_K, SCALED)
     out = tl.sum(acc, axis=1)                                                            # (R,)
     if NORM:
         out = out * tl.rsqrt(tl.sum(ss, axis=0) / K + eps)

@@ -314,19 +314,6 @@ def _expert_gemm_kernel(a_ptr, w_ptr, s_ptr, out_ptr, pairs_ptr, block_expert_pt
 
 
 @triton.jit
-def _block_scales(s_rows, k0, KB, row_mask, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """(BLOCK_N, BLOCK_K) scales of columns k0 .. k0 + BLOCK_K of BLOCK_N rows (s_rows: each row's KB scales)."""
-    if BLOCK_K >= 128:
-        NB: tl.constexpr = BLOCK_K // 128
-        blocks = k0 // 128 + tl.arange(0, NB)
-        s = tl.load(s_rows + blocks[None, :], mask=row_mask[:, None] & (blocks < KB)[None, :], other=0.0)
-        return tl.reshape(tl.broadcast_to(s[:, :, None], (BLOCK_N, NB, 128)), (BLOCK_N, BLOCK_K))
-    else:
-        s = tl.load(s_rows + k0 // 128, mask=row_mask[:, None], other=0.0)                # (BLOCK_N, 1)
-        return tl.broadcast_to(s, (BLOCK_N, BLOCK_K))
-
-
-@triton.jit
 def _expert_gemv_kernel(a_ptr, w_ptr, s_ptr, out_ptr, ids_ptr, weights_ptr, N, K, KB, stride_a, stride_we,
                         stride_se, PAIRS: tl.constexpr, PAIRS_P2: tl.constexpr, A_ROWS_PER_PAIR: tl.constexpr,
                         GATE_UP: tl.constexpr, SCALED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -339,8 +326,8 @@ def _expert_gemv_kernel(a_ptr, w_ptr, s_ptr, out_ptr, ids_ptr, weights_ptr, N, K
     gate and up rows, silu(gate) * up out. Otherwise (down, PAIRS = k): p is a token, and the program's tile
     holds rows n of all k experts of its pairs (PAIRS_P2 * BLOCK_N rows: every expert's chunk in flight at
     once), each times its pair's input scaled by the routing weight, so the weighted sum over the experts comes
-    out of one accumulator (no (T*k, H) rows, no summing kernel). SCALED: FP8 weights; each column's scale is
-    that of its 128-column block (BLOCK_K a multiple of 128, or a divisor).
+    out of one accumulator (no (T*k, H) rows, no summing kernel). SCALED: FP8 weights; each 16 products are
+    summed before their 128-column block's scale multiplies them, as in gemv._gemv_kernel (BLOCK_K >= 16).
     USE_GDC (see kernels.pdl): launched early; nothing is loaded before the wait, since the router's output
     names the expert whose weights are read."""
     if USE_GDC:
@@ -355,25 +342,24 @@ def _expert_gemv_kernel(a_ptr, w_ptr, s_ptr, out_ptr, ids_ptr, weights_ptr, N, K
     e = tl.load(ids_ptr + pair, mask=row_mask, other=0).to(tl.int64)
     a_rows = a_ptr + (pair // A_ROWS_PER_PAIR).to(tl.int64)[:, None] * stride_a          # (R, 1)
     w_rows = w_ptr + e[:, None] * stride_we + rows[:, None].to(tl.int64) * K
-    s_rows = s_ptr + e[:, None] * stride_se + rows[:, None] * KB
+    s_experts = s_ptr + e[:, None] * stride_se                                           # (R, 1): FP8 scales
     route_w = 1.0
     if not GATE_UP:
         route_w = tl.load(weights_ptr + pair, mask=row_mask, other=0.0).to(tl.float32)[:, None]
-    acc = tl.zeros((R, BLOCK_K), dtype=tl.float32)
-    acc_up = tl.zeros((R, BLOCK_K), dtype=tl.float32)
+    ACC_K: tl.constexpr = BLOCK_K // 16 if SCALED else BLOCK_K     # FP8: products summed by 16 (gemv._products)
+    acc = tl.zeros((R, ACC_K), dtype=tl.float32)
+    acc_up = tl.zeros((R, ACC_K), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         mask = row_mask[:, None] & (cols < K)[None, :]
+        w = tl.load(w_rows + cols[None, :], mask=mask, other=0.0)
+        s = gemv._block_scales(s_experts, rows, k0, KB, row_mask, R, BLOCK_K, SCALED)
         x = tl.load(a_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32) * route_w   # (R, BLOCK_K), L1 hits
-        xg = x
-        if SCALED:                             # the scale rides on x, per row and 128-column block
-            xg = x * _block_scales(s_rows, k0, KB, row_mask, R, BLOCK_K)
-        acc += tl.load(w_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32) * xg
+        acc += gemv._products(w, x, s, R, BLOCK_K, SCALED)
         if GATE_UP:
-            xu = x
-            if SCALED:
-                xu = x * _block_scales(s_rows + N * KB, k0, KB, row_mask, R, BLOCK_K)
-            acc_up += tl.load(w_rows + N * K + cols[None, :], mask=mask, other=0.0).to(tl.float32) * xu
+            w = tl.load(w_rows + N * K + cols[None, :], mask=mask, other=0.0)
+            s = gemv._block_scales(s_experts, rows + N, k0, KB, row_mask, R, BLOCK_K, SCALED)
+            acc_up += gemv._products(w, x, s, R, BLOCK_K, SCALED)
     y = tl.sum(tl.reshape(tl.sum(acc, axis=1), (PAIRS_P2, BLOCK_N)), axis=0)                 # (BLOCK_N,)
     if GATE_UP:
         y = y / (1.0 + tl.exp(-y)) * tl.sum(acc_up, axis=1)
