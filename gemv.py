@@ -8,7 +8,8 @@
 A lone decode step is all small matrix-vector products, where cuBLAS's GEMM kernels leave bandwidth unused, so
 one token goes through a Triton GEMV (`_gemv_kernel`), which can also make its input on the fly (the RMSNorm
 before it), apply the MLP's SiLU(gate) * up to its output and add the residual after it: a decoder layer's
-norms, activation and adds need no kernels of their own. From 2 to 16 tokens (small decode batches,
+norms, activation and adds need no kernels of their own. The same GEMV streams FP8 weights (quant.py's format,
+`linear_triton(..., scales=)`: W8A16, one token of quant.Fp8Linear), with the same norm, SiLU and add. From 2 to 16 tokens (small decode batches,
 speculative verify passes) a skinny GEMM (`_skinny_gemm_kernel`, with the same norm, SiLU(gate) * up and add)
 reads each weight once for all rows of every projection but lm_head;
 beyond that, and on the CPU, cuBLAS / PyTorch (`linear_ref`, the definition). As in
@@ -124,6 +125,8 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, N, K, res_ptr, norm_w_ptr, res_out_ptr, 
     x, ss = _gemv_input(x_ptr, res_ptr, norm_w_ptr, res_out_ptr, cols, col_mask, first, NORM, HAS_RES)
     acc = _products(w, x[None, :], s, R, BLOCK_K, SCALED)
     for k0 in range(BLOCK_K, K, BLOCK_K):
+        # the weights before the input: FP8's input changes layout through shared memory (a barrier), and loads
+        # issued before it fly across it (an 8b FP8 layer 58.4 -> 56.8 us; bf16 layers the same or 1% faster)
         cols = k0 + tl.arange(0, BLOCK_K)
         col_mask = cols < K
         w = tl.load(w_rows + cols[None, :], mask=row_mask[:, None] & col_mask[None, :], other=0.0)
@@ -224,21 +227,24 @@ NORM_SILU_GEMV_CONFIG = dict(BLOCK_N=4, BLOCK_K=1024, num_warps=4)   # gate_up: 
 # each weight's scale before its FMA (a multiply and an FMA per weight) and took no norm, SiLU or add, so a layer
 # ran 7 kernels (two add + RMSNorm and a silu_mul beside the 4 GEMVs). H200, 2026-12-04, us per call in a PDL
 # chain (CUDA graph, weights rotated past L2), the old path (its GEMV + the kernels it needed) -> this kernel at
-# BLOCK_N/BLOCK_K/warps:
+# BLOCK_N/BLOCK_K/warps (chosen: 8/1024/4 with the norm, 4/2048/4 with SiLU, 4/2048/4 with the add or plain):
 #   K -> N                       | old   | 4/1024/4 | 8/1024/4 | 4/2048/4 | 8/2048/4 | 4/4096/4 | 16/1024/8
-#   8b   qkv 4096->6144 +norm    | 11.66 |          |   9.34   |          |  10.55   |  11.66   |  10.17
-#   8b   o   4096->4096 +add     |  7.94 |   8.54   |          |   5.88   |   6.28   |   7.22   |
-#   8b   gate_up ->24576 +silu   | 38.43 |  31.84   |  32.12   |  30.91   |          |  36.75   |
-#   8b   down 12288->4096 +add   | 19.53 |  22.71   |          |  16.11   |  17.11   |  17.04   |
-#   1.7b qkv 2048->4096 +norm    |  5.98 |          |   4.63   |          |   4.45   |   5.53   |   5.00
-#   1.7b gate_up ->12288 +silu   | 14.40 |   9.58   |  10.56   |  10.14   |          |  10.16   |
-#   1.7b down 6144->2048 +add    |  6.19 |   9.83   |          |   6.19   |   7.30   |   5.63   |
-#   0.6b qkv 1024->4096 +norm    |  4.72 |          |   3.01   |          |   3.01   |   3.33   |   2.94
-#   0.6b gate_up ->6144 +silu    |  8.05 |   3.80   |   3.43   |   3.82   |          |   3.82   |
-#   0.6b down 3072->1024 +add    |  3.45 |   5.07   |          |   3.56   |   4.20   |   2.69   |
-# A layer's four, 36 / 28 layers in one graph, us per layer, old -> these configs: 8b 73.6 -> 58.4 (192.9 MB of
-# FP8 weights: 3.3 TB/s; bf16's GEMVs stream 4.1), 1.7b 28.0 -> 21.4, 0.6b 17.0 -> 10.2 (each model's best tiles:
-# 58.4 / 20.4 / 9.4). `bench.py decode-1 --model qwen3-8b --quantization fp8`: 3.10 -> 2.48 ms/token.
+#   8b   qkv 4096->6144 +norm    | 11.59 |          |   9.09   |          |  10.90   |  11.66   |  10.01
+#   8b   o   4096->4096 +add     |  7.88 |   6.72   |          |   5.47   |   5.61   |   7.19   |
+#   8b   gate_up ->24576 +silu   | 38.18 |  32.14   |  31.71   |  30.99   |          |  36.43   |
+#   8b   down 12288->4096 +add   | 19.51 |  16.96   |          |  14.56   |  14.96   |  15.80   |
+#   1.7b qkv 2048->4096 +norm    |  6.07 |          |   4.69   |          |   4.45   |   5.32   |   5.01
+#   1.7b gate_up ->12288 +silu   | 14.25 |   9.49   |  10.24   |  10.18   |          |  10.17   |
+#   1.7b down 6144->2048 +add    |  6.15 |   8.29   |          |   5.47   |   5.90   |   5.25   |
+#   0.6b qkv 1024->4096 +norm    |  4.68 |          |   2.99   |          |   2.99   |   3.26   |   2.92
+#   0.6b gate_up ->6144 +silu    |  7.97 |   3.77   |   3.36   |   3.79   |          |   3.79   |
+#   0.6b down 3072->1024 +add    |  3.38 |   3.62   |          |   3.36   |   3.52   |   2.66   |
+# Also swept for the 8b, slower everywhere: 2 warps (4/2048/2, 2/2048/2, 4/1024/2, ...), 8 warps (8/2048/8,
+# 8/1024/8, 4/4096/8), 16 rows. A layer's four, 36 / 28 layers in one graph, us per layer, old -> these configs:
+# 8b 73.7 -> 56.9 (192.9 MB of FP8 weights: 3.4 TB/s, where bf16's GEMVs stream 3.9-4.1), 1.7b 28.0 -> 21.2,
+# 0.6b 16.9 -> 10.1 (each model's best tiles: 56.8 / 20.1 / 9.3). Per weight the loop issues a convert
+# (e4m3 pair -> f16 pair, f16 -> fp32) and an FMA, ~4.2 instructions in all against bf16's ~3.9 per two bytes.
+# `bench.py decode-1 --model qwen3-8b --quantization fp8`: 3.10 -> 2.45 ms/token.
 FP8_GEMV_CONFIG = dict(BLOCK_N=4, BLOCK_K=2048, num_warps=4)
 FP8_NORM_GEMV_CONFIG = dict(BLOCK_N=8, BLOCK_K=1024, num_warps=4)
 FP8_NORM_SILU_GEMV_CONFIG = dict(BLOCK_N=4, BLOCK_K=2048, num_warps=4)
