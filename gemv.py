@@ -240,7 +240,11 @@ NORM_SILU_GEMV_CONFIG = dict(BLOCK_N=4, BLOCK_K=1024, num_warps=4)   # gate_up: 
 #   0.6b gate_up ->6144 +silu    |  7.97 |   3.77   |   3.36   |   3.79   |          |   3.79   |
 #   0.6b down 3072->1024 +add    |  3.38 |   3.62   |          |   3.36   |   3.52   |   2.66   |
 # Also swept for the 8b, slower everywhere: 2 warps (4/2048/2, 2/2048/2, 4/1024/2, ...), 8 warps (8/2048/8,
-# 8/1024/8, 4/4096/8), 16 rows. A layer's four, 36 / 28 layers in one graph, us per layer, old -> these configs:
+# 8/1024/8, 4/4096/8), 16 rows. And a deep prefetch that holds chunks in shared memory instead of registers,
+# plain FP8 GEMV (no norm / add), us per call: today's loads 5.5 (8b o) / 14.6 (down) / 26.9 (gate_up) / 8.4
+# (qkv); the loop pipelined by Triton (`tl.range(num_stages=3..8)`: cp.async into shared memory) at best 12.9 /
+# 28.4 / 58.5 / 17.0 over 10 tiles; TMA descriptor loads (boxes of at most 256 columns, 4-8 stages) at best 17.0
+# / 41.1 / 62.0 / 25.2. Not taken. A layer's four, 36 / 28 layers in one graph, us per layer, old -> these configs:
 # 8b 73.7 -> 56.9 (192.9 MB of FP8 weights: 3.4 TB/s, where bf16's GEMVs stream 3.9-4.1), 1.7b 28.0 -> 21.2,
 # 0.6b 16.9 -> 10.1 (each model's best tiles: 56.8 / 20.1 / 9.3). Per weight the loop issues a convert
 # (e4m3 pair -> f16 pair, f16 -> fp32) and an FMA, ~4.2 instructions in all against bf16's ~3.9 per two bytes.
