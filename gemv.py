@@ -8,13 +8,13 @@
 A lone decode step is all small matrix-vector products, where cuBLAS's GEMM kernels leave bandwidth unused, so
 one token goes through a Triton GEMV (`_gemv_kernel`), which can also make its input on the fly (the RMSNorm
 before it), apply the MLP's SiLU(gate) * up to its output and add the residual after it: a decoder layer's
-norms, activation and adds need no kernels of their own. The same GEMV streams FP8 weights (quant.py's format,
-`linear_triton(..., scales=)`: W8A16, one token of quant.Fp8Linear), with the same norm, SiLU and add. From 2 to 16 tokens (small decode batches,
-speculative verify passes) a skinny GEMM (`_skinny_gemm_kernel`, with the same norm, SiLU(gate) * up and add)
-reads each weight once for all rows of every projection but lm_head;
-beyond that, and on the CPU, cuBLAS / PyTorch (`linear_ref`, the definition). As in
-kernels.py: a reference, Triton kernels, dispatchers with their measured tables; QWEN3_KERNELS and programmatic
-dependent launch (`kernels.pdl`) apply here too.
+norms, activation and adds need no kernels of their own. The same GEMV streams FP8 weights (quant.py's
+format, `linear_triton(..., scales=)`: W8A16, a quant.Fp8Linear's one token) with the same norm, SiLU and add.
+From 2 to 16 tokens (small decode batches, speculative verify passes) a skinny GEMM (`_skinny_gemm_kernel`,
+with the same norm, SiLU(gate) * up and add) reads each weight once for all rows of every projection but
+lm_head; beyond that, and on the CPU, cuBLAS / PyTorch (`linear_ref`, the definition). As in kernels.py: a
+reference, Triton kernels, dispatchers with their measured tables; QWEN3_KERNELS and programmatic dependent
+launch (`kernels.pdl`) apply here too.
 """
 import torch
 import torch.nn.functional as F
@@ -247,7 +247,7 @@ NORM_SILU_GEMV_CONFIG = dict(BLOCK_N=4, BLOCK_K=1024, num_warps=4)   # gate_up: 
 # / 41.1 / 62.0 / 25.2. Not taken. A layer's four, 36 / 28 layers in one graph, us per layer, old -> these configs:
 # 8b 73.7 -> 56.9 (192.9 MB of FP8 weights: 3.4 TB/s, where bf16's GEMVs stream 3.9-4.1), 1.7b 28.0 -> 21.2,
 # 0.6b 16.9 -> 10.1 (each model's best tiles: 56.8 / 20.1 / 9.3). Per weight the loop issues a convert
-# (e4m3 pair -> f16 pair, f16 -> fp32) and an FMA, ~4.2 instructions in all against bf16's ~3.9 per two bytes.
+# (e4m3 pair -> f16 pair, f16 -> fp32) and an FMA: ~4.2 instructions in all (SASS), bf16 ~3.9 for twice the bytes.
 # `bench.py decode-1 --model qwen3-8b --quantization fp8`: 3.10 -> 2.45 ms/token.
 FP8_GEMV_CONFIG = dict(BLOCK_N=4, BLOCK_K=2048, num_warps=4)
 FP8_NORM_GEMV_CONFIG = dict(BLOCK_N=8, BLOCK_K=1024, num_warps=4)

@@ -214,7 +214,7 @@ def norm_linear(norm: RMSNorm, x, residual, proj, silu_mul: bool = False):
     does both in one kernel (gemv.norm_linear), one token a quant.Fp8Linear too (the same GEMV, with its scales)."""
     if type(proj) is Linear:
         return gemv.norm_linear(x, residual, norm.weight, norm.eps, proj.weight, silu_mul)
-    if gemv.one_token(x, norm.weight):
+    if isinstance(proj, quant.Fp8Linear) and gemv.one_token(x, norm.weight):
         return gemv.linear_triton(x, proj.weight, norm=(residual, norm.weight, norm.eps), silu_mul=silu_mul,
                                   scales=proj.weight_scale_inv)
     x, residual = add_norm(norm, x, residual)
@@ -227,7 +227,7 @@ def linear_add(proj, x, residual, tp: parallel.Group | None):
     ranks, residual)."""
     if tp is None and type(proj) is Linear:
         return gemv.linear_add(x, proj.weight, residual)
-    if tp is None and residual is not None and gemv.one_token(x):
+    if tp is None and isinstance(proj, quant.Fp8Linear) and residual is not None and gemv.one_token(x):
         return gemv.linear_triton(x, proj.weight, add=residual, scales=proj.weight_scale_inv), None
     return parallel.all_reduce(proj(x), tp), residual
 
