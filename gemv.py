@@ -492,11 +492,13 @@ def one_token(x, norm_w=None) -> bool:
     return x.shape[0] == 1 and _use_triton(x) and (norm_w is None or norm_w.dtype == x.dtype)
 
 
-def norm_linear(x, residual, norm_w, eps, weight, silu_mul=False):
+def norm_linear(x, residual, norm_w, eps, weight, silu_mul=False, scales=None):
     """(linear(rms_norm(h), weight, silu_mul=...), h) with h = x + residual (x when residual is None): a norm and
-    the projection after it, in one kernel up to 16 tokens (a decode step is made of launches)."""
+    the projection after it, in one kernel up to 16 tokens (a decode step is made of launches). scales: FP8
+    weights (as in linear_triton), one token only."""
     if one_token(x, norm_w):
-        return linear_triton(x, weight, norm=(residual, norm_w, eps), silu_mul=silu_mul)
+        return linear_triton(x, weight, norm=(residual, norm_w, eps), silu_mul=silu_mul, scales=scales)
+    assert scales is None, "FP8 past one token: quant.Fp8Linear"
     if residual is None and _skinny(x, weight) and norm_w.dtype == x.dtype:
         return skinny_linear_triton(x, weight, silu_mul=silu_mul, norm=(norm_w, eps)), x
     if residual is None:
@@ -505,12 +507,13 @@ def norm_linear(x, residual, norm_w, eps, weight, silu_mul=False):
     return linear(normed, weight, silu_mul=silu_mul), residual
 
 
-def linear_add(x, weight, residual):
+def linear_add(x, weight, residual, scales=None):
     """(linear(x) + residual, None) where one kernel does the add after the product (up to 16 tokens: the GEMV's
     or skinny GEMM's epilogue), else (linear(x), residual) for the norm after it to add (add_rms_norm), so no
-    path spends a launch on the add. residual None: (linear(x), None)."""
+    path spends a launch on the add. residual None: (linear(x), None). scales: FP8 weights, one token only."""
     if residual is not None and one_token(x):
-        return linear_triton(x, weight, add=residual), None
+        return linear_triton(x, weight, add=residual, scales=scales), None
+    assert scales is None, "FP8 past one token: quant.Fp8Linear"
     if residual is not None and _skinny(x, weight) and residual.is_contiguous():
         return skinny_linear_triton(x, weight, add=residual), None
     return linear(x, weight), residual

@@ -212,11 +212,9 @@ def add_norm(norm: RMSNorm, x, residual):
 def norm_linear(norm: RMSNorm, x, residual, proj, silu_mul: bool = False):
     """(proj(norm(x + residual), silu_mul), x + residual); residual None: no add. Up to 16 tokens a plain Linear
     does both in one kernel (gemv.norm_linear), one token a quant.Fp8Linear too (the same GEMV, with its scales)."""
-    if type(proj) is Linear:
-        return gemv.norm_linear(x, residual, norm.weight, norm.eps, proj.weight, silu_mul)
-    if isinstance(proj, quant.Fp8Linear) and gemv.one_token(x, norm.weight):
-        return gemv.linear_triton(x, proj.weight, norm=(residual, norm.weight, norm.eps), silu_mul=silu_mul,
-                                  scales=proj.weight_scale_inv)
+    scales = proj.weight_scale_inv if isinstance(proj, quant.Fp8Linear) else None
+    if scales is None or gemv.one_token(x, norm.weight):
+        return gemv.norm_linear(x, residual, norm.weight, norm.eps, proj.weight, silu_mul, scales)
     x, residual = add_norm(norm, x, residual)
     return proj(x, silu_mul=silu_mul), residual
 
@@ -225,10 +223,9 @@ def linear_add(proj, x, residual, tp: parallel.Group | None):
     """The stream after a row-parallel projection: (proj(x) + residual, None) where the GEMV or skinny GEMM adds
     it (up to 16 tokens a plain Linear, one token a quant.Fp8Linear; no TP), else (proj(x) summed over the TP
     ranks, residual)."""
-    if tp is None and type(proj) is Linear:
-        return gemv.linear_add(x, proj.weight, residual)
-    if tp is None and isinstance(proj, quant.Fp8Linear) and residual is not None and gemv.one_token(x):
-        return gemv.linear_triton(x, proj.weight, add=residual, scales=proj.weight_scale_inv), None
+    scales = proj.weight_scale_inv if isinstance(proj, quant.Fp8Linear) else None
+    if tp is None and (scales is None or (residual is not None and gemv.one_token(x))):
+        return gemv.linear_add(x, proj.weight, residual, scales)
     return parallel.all_reduce(proj(x), tp), residual
 
 
