@@ -422,16 +422,45 @@ SKINNY_CONFIG_ONE_WAVE = dict(BLOCK_N=32, BLOCK_K=512, num_warps=4, num_stages=4
 SKINNY_CONFIG_MANY = dict(BLOCK_N=32, BLOCK_K=128, num_warps=4, num_stages=3)        # SiLU, > 2 programs per SM
 SKINNY_CONFIG_NARROW = dict(BLOCK_N=16, BLOCK_K=512, num_warps=4, num_stages=3)   # N <= 1024
 SKINNY_MAX_N = 32768                                   # wider (lm_head, 151,936 rows): cuBLAS
+# Up to 8 tokens the token rows of the product are 8 (BLOCK_M), not 16: Triton 3.6 takes dots narrower than 16 rows
+# (it pads the tensor-core tile itself), so the input tile, its shared buffers and the norm's sum-of-squares
+# product are half as large. H200, bf16, 2026-12-04, M = 8, us per call (CUDA-graph chain, weights rotated past L2),
+# each projection as a decoder layer runs it, today's tile (BLOCK_M 16) -> BLOCK_M 8 with a tile of the sweep
+# (BLOCK_N 8-32 x BLOCK_K 128-1024 x 2-4 warps x 2-4 stages, 11 tiles at each BLOCK_M):
+#   K -> N                    | BLOCK_M 16, today  | BLOCK_M 8: 32/256/4/4 | 16/512/4/3 | 16/256/4/4 | best of BLOCK_M 8
+#   0.6b qkv + norm 1024->4096 |  5.61 (32/512)    |  5.44 |       |       | 32/256/4/4
+#   0.6b o + add 2048->1024    |  5.74 (16/512/4/3) |  5.57 |  5.55 |  5.55 | 8/256/2/4 5.48
+#   0.6b gate_up + SiLU 1024->6144 | 6.98 (32/256) |  7.28 |       |  7.43 | 32/512/4/4 7.18
+#   0.6b down + add 3072->1024 |  7.07 (16/512/4/3) |  6.91 |  6.80 |  6.94 | 8/512/4/3 6.69
+#   1.7b qkv 2048->4096        |  8.26 (32/512)    |  7.62 |  8.47 |  9.53 | 32/256/4/4
+#   1.7b o 2048->2048          |  6.41 (32/512)    |  6.03 |  6.16 |  6.04 | 8/256/2/4 5.95
+#   1.7b gate_up 2048->12288   | 19.13 (32/256)    | 18.27 | 20.88 | 16.88 | 16/256/4/4
+#   1.7b down 6144->2048       | 12.04 (32/512)    | 11.92 | 11.65 | 11.94 | 8/512/2/3 11.60
+#   8b qkv 4096->6144          | 18.24 (32/256)    | 16.58 | 18.01 | 19.55 | 32/256/4/4
+#   8b o 4096->4096            | 11.79 (32/512)    | 11.53 | 11.98 | 11.79 | 32/256/4/4
+#   8b gate_up 4096->24576     | 54.57 (32/128/4/3) | 57.56 |      | 57.26 | 32/128/4/3 54.13
+#   8b down 12288->4096        | 28.44 (32/512)    | 28.86 | 29.09 | 29.22 | 32/256/4/4 28.86
+# (M = 2 alike; 16 tokens keep BLOCK_M 16.) With 8 rows the one-wave tile's longer chunk no longer pays: 32/256/4/4
+# for every plain projection wider than 1,024 rows; SiLU keeps its tiles but for grids of one to two programs per
+# SM (1.7b), which take 16/256/4/4. A layer of four (28 in one graph, as the table) at M = 8, us per layer, today
+# -> the best tiles: 0.6b 24.3 -> 23.3, 1.7b 44.1 -> 40.0, 8b 106.3 -> 104.1.
+SKINNY_CONFIG_SILU_8 = dict(BLOCK_N=16, BLOCK_K=256, num_warps=4, num_stages=4)   # <= 8 tokens, 1-2 programs per SM
 
 
-def skinny_config(N: int, silu_mul: bool, device) -> dict:
-    """The skinny GEMM's tile for N output columns (the tables above)."""
-    if N <= 1024:
-        return SKINNY_CONFIG_NARROW
+def skinny_config(M: int, N: int, silu_mul: bool, device) -> dict:
+    """The skinny GEMM's tile (BLOCK_M included) for M tokens and N output columns (the tables above)."""
+    few = M <= 8
     programs, sms = triton.cdiv(N, SKINNY_CONFIG["BLOCK_N"]), _num_sms(device)
-    if not silu_mul and programs <= sms:
-        return SKINNY_CONFIG_ONE_WAVE
-    return SKINNY_CONFIG_MANY if silu_mul and programs > 2 * sms else SKINNY_CONFIG
+    if N <= 1024:
+        cfg = SKINNY_CONFIG_NARROW
+    elif silu_mul:
+        cfg = SKINNY_CONFIG_MANY if programs > 2 * sms else SKINNY_CONFIG
+        if few and sms < programs <= 2 * sms:
+            cfg = SKINNY_CONFIG_SILU_8
+        few = few and programs > sms                   # a one-wave SiLU grid (0.6b) keeps 16 rows
+    else:
+        cfg = SKINNY_CONFIG if few or programs > sms else SKINNY_CONFIG_ONE_WAVE
+    return dict(cfg, BLOCK_M=8 if few else 16)
 
 
 def skinny_linear_triton(x, weight, config=None, out=None, silu_mul=False, norm=None, add=None):
@@ -442,7 +471,9 @@ def skinny_linear_triton(x, weight, config=None, out=None, silu_mul=False, norm=
     assert M <= 16 and weight.shape[1] == K and x.is_contiguous() and weight.is_contiguous()
     assert x.dtype == weight.dtype and not (silu_mul and N % 2) and not (silu_mul and add is not None)
     N = N // 2 if silu_mul else N
-    cfg = dict(config or skinny_config(N, silu_mul, x.device))
+    cfg = dict(config or skinny_config(M, N, silu_mul, x.device))
+    cfg.setdefault("BLOCK_M", 16)
+    assert M <= cfg["BLOCK_M"]
     out = torch.empty(M, N, dtype=x.dtype, device=x.device) if out is None else out
     assert out.shape == (M, N) and out.is_contiguous() and out.dtype == x.dtype
     norm_w, eps = norm or (None, 0.0)
@@ -452,7 +483,7 @@ def skinny_linear_triton(x, weight, config=None, out=None, silu_mul=False, norm=
         assert add.shape == (M, N) and add.dtype == x.dtype and add.is_contiguous()
     _skinny_gemm_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](x, weight, out, M, N, K, norm_w, eps, add,
                                                            NORM=norm is not None, ADD=add is not None,
-                                                           SILU_MUL=silu_mul, BLOCK_M=16, **cfg)
+                                                           SILU_MUL=silu_mul, **cfg)
     return out
 
 

@@ -1796,17 +1796,18 @@ def test_model_logits_triton_path_equals_torch_path(tied_ckpt, monkeypatch):
 @pytest.mark.parametrize("M,K,N", [(2, 64, 5), (5, 100, 37), (16, 300, 130), (9, 16, 1)])
 def test_kt_skinny_linear(M, K, N, dtype):
     x, w = torch.randn(M, K).to(dtype), (torch.randn(N, K) / K ** 0.5).to(dtype)
+    tile = dict(BLOCK_N=16, BLOCK_K=32, BLOCK_M=8 if M <= 8 else 16)   # up to 8 tokens: 8 rows of the product
     kt_check(f"skinny linear M={M} K={K} N={N} {dtype}",
-             gemv.skinny_linear_triton(x, w, dict(BLOCK_N=16, BLOCK_K=32)), gemv.linear_ref(x, w), dtype)
+             gemv.skinny_linear_triton(x, w, tile), gemv.linear_ref(x, w), dtype)
     w2 = (torch.randn(2 * N, K) / K ** 0.5).to(dtype)      # gate_up: silu(gate) * up in the epilogue
     kt_check(f"skinny linear + silu_mul M={M} K={K} N={N} {dtype}",
-             gemv.skinny_linear_triton(x, w2, dict(BLOCK_N=16, BLOCK_K=32), silu_mul=True),
+             gemv.skinny_linear_triton(x, w2, tile, silu_mul=True),
              kernels.silu_mul_ref(gemv.linear_ref(x, w2)), dtype)
     # the norm before it (rstd factored out of the product) and the residual added after it, in the same kernel
     nw = (1 + 0.1 * torch.randn(K)).to(dtype)
     normed = kernels.rms_norm_ref(x * 3, nw, 1e-6)
     kt_check(f"skinny norm + linear M={M} K={K} N={N} {dtype}",
-             gemv.skinny_linear_triton(x * 3, w, dict(BLOCK_N=16, BLOCK_K=32), norm=(nw, 1e-6)),
+             gemv.skinny_linear_triton(x * 3, w, tile, norm=(nw, 1e-6)),
              gemv.linear_ref(normed, w), dtype)
     got, h = gemv.norm_linear(x * 3, None, nw, 1e-6, w2, silu_mul=True)
     kt_check(f"skinny norm + linear + silu_mul M={M} K={K} N={N} {dtype}", got,
