@@ -467,6 +467,23 @@ DECODE_CONFIG_FP8 = dict(BLOCK_N=64, num_warps=2, num_stages=3)
 # README's fifteenth to twenty-first sessions): warps on token sub-tiles, P kv heads per program, a register double
 # buffer, V as int16 pairs, V stored transposed, head-major K/V, 5 stages, maxnreg 128, block ids loaded ahead; the
 # buffers pay only for one long context with few programs per SM (32/8 heads, 32k tokens: 38.3 -> 28.9 us).
+# A kv head's q rows: a 16-bit cache's tile has just the group's rows (2 / 4 / 8 q heads; Triton 3.6 pads the
+# tensor-core product itself), not 16 padded ones, so the softmax and the rescaling run on 2-8 rows. The fused decode
+# kernel + reduce, 28 layers in a CUDA graph with PDL (H200, 2026-12-04, contexts all at ctx), us per layer, 16 rows
+# -> the group's, two runs each:
+#   heads, B, ctx   | bf16 cache                   | FP8 cache
+#   16/8,   1,  128 |   4.01 /  3.80 ->  3.55 /  3.61 |   5.02 /  5.07 ->  4.73 /  4.79
+#   16/8,   1, 2048 |   5.82 /  5.90 ->  5.77 /  5.86 |   9.70 /  7.19 ->  7.88 /  7.78
+#   16/8,   8, 2048 |  23.65 / 23.52 -> 22.39 / 22.37 |  23.78 / 23.84 -> 22.99 / 22.95
+#   16/8,  64, 1024 |  86.48 / 86.08 -> 84.07 / 84.16 |  50.74 / 50.78 -> 53.80 / 53.93
+#   16/8, 256, 1024 | 278.74 / 279.01 -> 273.63 / 274.75 | 199.90 / 198.77 -> 201.69 / 200.88
+#   32/8,   1, 2048 |   6.29 /  6.32 ->  6.09 /  6.15 |   7.05 /  7.24 ->  8.31 /  7.90
+#   32/8, 256, 1024 | 279.96 / 279.99 -> 274.82 / 274.89 | 197.13 / 197.21 -> 199.22 / 198.72
+#   32/4,   1,  256 |   4.01 /  4.00 ->  3.73 /  3.72 |   5.39 /  5.44 ->  5.15 /  5.13
+#   32/4,   8, 2048 |  18.94 / 19.54 -> 17.40 / 17.38 |  19.99 / 19.76 -> 19.61 / 19.62
+#   32/4, 256, 1024 | 144.91 / 145.28 -> 142.04 / 142.00 | 123.09 / 123.27 -> 118.76 / 118.59
+# The bf16 cache gains everywhere; the FP8 cache loses where its offline workload runs (16/8, 64-256 sequences) and
+# keeps 16 rows. (The verify passes' rows kernel and the cascade kernel keep 16: not measured.)
 # Fewest tokens a context slice is given. Longer minimum slices let short contexts finish in one slice and skip
 # the reduce, but one program then walks every tile: us per layer step (the fused kernel, B=1, as in the table
 # at FUSED_MAX_BATCH; H200, 2026-12-02), and `bench.py decode-1` on qwen3-0.6b 0.75 ms/token at 64, 0.93 at 256:
@@ -638,7 +655,8 @@ def decode_attention_triton(q, k_cache, v_cache, block_tables, context_lens, sca
         _decode_attention_kernel[(B, n_kv, splits)](
             src, src.stride(0), k_cache, v_cache, block_tables, block_tables.stride(0), context_lens, out, part_o,
             part_lse, scale * LOG2E, splits, n.q_norm_w, n.k_norm_w, n.cos_sin, n.positions, n.slot_mapping, n.eps,
-            N_HEADS=n_heads, N_KV=n_kv, HEAD_DIM=hd, BLOCK_SIZE=block_size, BLOCK_G=block_g,
+            N_HEADS=n_heads, N_KV=n_kv, HEAD_DIM=hd, BLOCK_SIZE=block_size,
+            BLOCK_G=block_g if k_cache.dtype.itemsize == 1 else max(2, triton.next_power_of_2(n_heads // n_kv)),
             MIN_PART=DECODE_MIN_PARTITION, SPLIT=splits > 1, NEW_TOKEN=new is not None,
             SKIP_EMPTY=splits > FUSED_SKIP_EMPTY_SPLITS, **cfg, **pdl(src))
     else:
