@@ -484,6 +484,7 @@ DECODE_CONFIG_FP8 = dict(BLOCK_N=64, num_warps=2, num_stages=3)
 #   32/4, 256, 1024 | 144.91 / 145.28 -> 142.04 / 142.00 | 123.09 / 123.27 -> 118.76 / 118.59
 # The bf16 cache gains everywhere; the FP8 cache loses where its offline workload runs (16/8, 64-256 sequences) and
 # keeps 16 rows. (The verify passes' rows kernel and the cascade kernel keep 16: not measured.)
+DECODE_FP8_ROWS = 16          # an FP8 cache's decode tile: a kv head's q rows padded to this many
 # Fewest tokens a context slice is given. Longer minimum slices let short contexts finish in one slice and skip
 # the reduce, but one program then walks every tile: us per layer step (the fused kernel, B=1, as in the table
 # at FUSED_MAX_BATCH; H200, 2026-12-02), and `bench.py decode-1` on qwen3-0.6b 0.75 ms/token at 64, 0.93 at 256:
@@ -639,7 +640,8 @@ def decode_attention_triton(q, k_cache, v_cache, block_tables, context_lens, sca
     out = torch.empty(B, n_heads, hd, dtype=dtype, device=src.device)
     part_o = torch.empty(B, n_heads, slots, hd, dtype=torch.float32, device=src.device) if slots > 1 else None
     part_lse = torch.empty(B, n_heads, slots, dtype=torch.float32, device=src.device) if slots > 1 else None
-    block_g = max(16, triton.next_power_of_2(n_heads // n_kv))
+    group = triton.next_power_of_2(n_heads // n_kv)
+    block_g = max(16, group)                                     # the cascade kernel's q rows
     if groups is not None:
         assert shared is None and new is None and groups.shape == (B,)
         cfg = DECODE_CONFIG_FP8 if k_cache.dtype.itemsize == 1 else DECODE_CONFIG
@@ -656,7 +658,7 @@ def decode_attention_triton(q, k_cache, v_cache, block_tables, context_lens, sca
             src, src.stride(0), k_cache, v_cache, block_tables, block_tables.stride(0), context_lens, out, part_o,
             part_lse, scale * LOG2E, splits, n.q_norm_w, n.k_norm_w, n.cos_sin, n.positions, n.slot_mapping, n.eps,
             N_HEADS=n_heads, N_KV=n_kv, HEAD_DIM=hd, BLOCK_SIZE=block_size,
-            BLOCK_G=block_g if k_cache.dtype.itemsize == 1 else max(2, triton.next_power_of_2(n_heads // n_kv)),
+            BLOCK_G=max(DECODE_FP8_ROWS if k_cache.dtype.itemsize == 1 else 2, group),   # (2: one-row dots unmeasured)
             MIN_PART=DECODE_MIN_PARTITION, SPLIT=splits > 1, NEW_TOKEN=new is not None,
             SKIP_EMPTY=splits > FUSED_SKIP_EMPTY_SPLITS, **cfg, **pdl(src))
     else:
