@@ -298,9 +298,9 @@ def linear_triton(x, weight, config=None, silu_mul=False, out=None, norm=None, a
 def _skinny_gemm_kernel(x_ptr, w_ptr, out_ptr, M, N, K, norm_w_ptr, eps, add_ptr, NORM: tl.constexpr,
                         ADD: tl.constexpr, SILU_MUL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_K: tl.constexpr):
-    # A few tokens (M <= BLOCK_M = 16: small decode batches, a speculative verify pass): out = x @ w^T with the
+    # A few tokens (M <= BLOCK_M, 8 or 16: small decode batches, a speculative verify pass): out = x @ w^T with the
     # weight read once for all M rows, like the GEMV. Each program owns BLOCK_N rows of w and streams them
-    # in BLOCK_K chunks through one tensor-core product per chunk (x padded to 16 rows with zeros).
+    # in BLOCK_K chunks through one tensor-core product per chunk (x padded to BLOCK_M rows with zeros).
     # SILU_MUL: w is gate_up (2N rows), and the program also streams the up rows N + n of its gate rows n, so
     # out is silu(gate) * up (N wide) and the MLP needs no activation kernel.
     # NORM: the input is rms_norm(x) * norm_w. rstd is one number per token row, so it factors out of the
