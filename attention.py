@@ -141,8 +141,8 @@ def _decode_slice(q, k_cache_ptr, v_cache_ptr, bt_row, kv_head, start, end, qk_s
                   HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
     """Online softmax of the q rows (BLOCK_G, HEAD_DIM) (the GROUP q heads of one kv head, padded to a power of two,
     or to 16 over an FP8 cache: DECODE_FP8_ROWS; widened by _widen) over tokens [start, end) of one sequence (block
-    table row bt_row): each K/V tile is read once for the whole group. Returns acc (unnormalized output), l_i (sum of exp2) and m_i
-    (running max, log2 units); l_i = 0 for an empty slice.
+    table row bt_row): each K/V tile is read once for the whole group. Returns acc (unnormalized output), l_i (sum
+    of exp2) and m_i (running max, log2 units); l_i = 0 for an empty slice.
     Bytes: context_len * N_KV * HEAD_DIM * elt * 2 (K and V) per sequence, read once; q, out are noise.
     FLOPs: 4 * context_len * N_HEADS * HEAD_DIM, ~GROUP/elt per byte: bandwidth is the floor."""
     m_i = tl.full((q.shape[0],), float("-inf"), tl.float32)
