@@ -449,15 +449,12 @@ SKINNY_CONFIG_SILU_8 = dict(BLOCK_N=16, BLOCK_K=256, num_warps=4, num_stages=4) 
 
 def skinny_config(M: int, N: int, silu_mul: bool, device) -> dict:
     """The skinny GEMM's tile (BLOCK_M included) for M tokens and N output columns (the tables above)."""
-    few = M <= 8
     programs, sms = triton.cdiv(N, SKINNY_CONFIG["BLOCK_N"]), _num_sms(device)
+    few = M <= 8 and (programs > sms or not silu_mul or N <= 1024)   # a one-wave SiLU grid (0.6b) keeps 16 rows
     if N <= 1024:
         cfg = SKINNY_CONFIG_NARROW
     elif silu_mul:
-        cfg = SKINNY_CONFIG_MANY if programs > 2 * sms else SKINNY_CONFIG
-        if few and sms < programs <= 2 * sms:
-            cfg = SKINNY_CONFIG_SILU_8
-        few = few and programs > sms                   # a one-wave SiLU grid (0.6b) keeps 16 rows
+        cfg = SKINNY_CONFIG_MANY if programs > 2 * sms else SKINNY_CONFIG_SILU_8 if few else SKINNY_CONFIG
     else:
         cfg = SKINNY_CONFIG if few or programs > sms else SKINNY_CONFIG_ONE_WAVE
     return dict(cfg, BLOCK_M=8 if few else 16)
