@@ -443,12 +443,9 @@ def _decode_reduce_kernel(part_o_ptr, part_lse_ptr, out_ptr, num_slots, HEAD_DIM
 # 64/128/256; 2/4/8 programs per SM). 64-token slices lift B=1 ctx=2048 from 600 to 800 GB/s; past 4 programs
 # per SM, B=64 ctx=2048 splits in two and loses 3%.
 DECODE_CONFIG = dict(BLOCK_N=64, num_warps=4, num_stages=3)   # BLOCK_N: tokens per K/V tile
-# With the group's q rows (DECODE_FP8_ROWS' table), two warps pay at large batches and not at small ones (H200,
-# 2026-12-04, the chain of that table, us per layer, 64/4/3 -> BLOCK_N/warps/stages): 16/8 heads 256 x 800 tokens
-# 226.2 -> 64/2/3 205.1, 32/2/4 208.5; 32/4 heads 256 x 800 118.1 -> 64/2/3 105.9; but 16/8 B=1 x 256 3.60 -> 4.10 and
-# B=8 x 512 9.44 -> 9.86 (64/4/2 8.94 there). `bench.py offline --repeat 1` with 64/2/3 at every batch, one run each,
-# same call: 24,581 -> 25,923 tok/s sampled, 25,453 -> 25,001 greedy, 24,235 -> 24,898 logprobs, 24,012 -> 24,312
-# penalty: not conclusive; a batch-keyed choice is the next measurement.
+# Two warps, with the group's q rows (DECODE_FP8_ROWS' chain, us per layer): 16/8 heads 256 x 800 226.2 -> 205.1,
+# 32/4 118.1 -> 105.9, but B=1 3.60 -> 4.10, B=8 9.44 -> 9.86; `bench.py offline` at every batch not conclusive
+# (README, thirty-seventh session): a batch-keyed choice is the next measurement.
 # An FP8 cache (--kv-cache-dtype fp8), H200, bf16 q, us per call, contexts drawn from [ctx/2, ctx] (scratch sweep,
 # 2026-12-02; BLOCK_N/warps/stages, the bf16 cache's 64/4/3 beside it):
 #   heads, B, ctx         | bf16 cache | 128/4/3 | 64/4/3 | 64/2/3 | 128/2/3 | 64/1/3 | 32/1/3
