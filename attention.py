@@ -443,9 +443,22 @@ def _decode_reduce_kernel(part_o_ptr, part_lse_ptr, out_ptr, num_slots, HEAD_DIM
 # 64/128/256; 2/4/8 programs per SM). 64-token slices lift B=1 ctx=2048 from 600 to 800 GB/s; past 4 programs
 # per SM, B=64 ctx=2048 splits in two and loses 3%.
 DECODE_CONFIG = dict(BLOCK_N=64, num_warps=4, num_stages=3)   # BLOCK_N: tokens per K/V tile
-# Two warps, with the group's q rows (DECODE_FP8_ROWS' chain, us per layer): 16/8 heads 256 x 800 226.2 -> 205.1,
-# 32/4 118.1 -> 105.9, but B=1 3.60 -> 4.10, B=8 9.44 -> 9.86; `bench.py offline` at every batch not conclusive
-# (README, thirty-seventh session): a batch-keyed choice is the next measurement.
+# A bf16 cache's tile by programs (sequences x kv heads x slices) per SM. Four warps take 168 registers a thread (3
+# programs per SM), two take 255 (4 per SM): one round of four-warp programs finishes soonest with four; past it two
+# warps mostly win, but not at 7-10 per SM. `bench.py timeline` (H200, 2026-12-04; prompts of 800 / 600 tokens), the fused decode kernel's us
+# per call four -> two warps (the step's span in us, sampled), programs per SM in brackets:
+#   qwen3-0.6b, 800 | 32 (3.9) 41.2 -> 32.4 (2,152 -> 1,921) | 64 (3.9) 73.0 -> 57.6 (3,060 -> 2,636)
+#                   | 96 (5.8) 102.2 -> 81.0 (3,945 -> 3,350) | 128 (7.8) 110.5 -> 115.1 (4,209 -> 4,350)
+#                   | 192 (11.6) 168.0 -> 157.1 (5,951 -> 5,655) | 256 (15.5) 226.0 -> 214.3 (7,642 -> 7,322)
+#   qwen3-0.6b, 600 | 56 (3.4) 55.3 -> 42.0 (2,583 -> 2,233) | 128 85.9 -> 89.8 | 160 (9.7) 101.7 -> 102.9
+#   qwen3-8b, 600   | 64 (3.9) 58.5 -> 47.1 (6,855 -> 6,513) | 128 (7.8) 92.1 -> 98.6 (8,663 -> 8,961)
+#                   | 256 (15.5) 179.4 -> 165.4 (13,821 -> 13,134)
+#   qwen3-30b-a3b   | 64 (3.9) 34.8 -> 28.3 | 128 (3.9) 45.5 -> 54.3 | 256 (7.8) 85.9 -> 93.7 (group 8: two warps spill)
+# 16 and 48 sequences (2.9 per SM) were the same either way. A scratch chain of decode calls alone had two warps
+# winning at 7.8 per SM and losing at 5.8 (round counting's prediction); the engine's steps above decide.
+DECODE_CONFIG_MANY = dict(BLOCK_N=64, num_warps=2, num_stages=3)   # two warps where the two below say
+DECODE_MANY_GROUP = 4         # ... for kv heads of at most this many q heads
+DECODE_MANY_PER_SM = ((3, 7), (10, float("inf")))   # ... at programs per SM in these ranges (lo, hi]
 # An FP8 cache (--kv-cache-dtype fp8), H200, bf16 q, us per call, contexts drawn from [ctx/2, ctx] (scratch sweep,
 # 2026-12-02; BLOCK_N/warps/stages, the bf16 cache's 64/4/3 beside it):
 #   heads, B, ctx         | bf16 cache | 128/4/3 | 64/4/3 | 64/2/3 | 128/2/3 | 64/1/3 | 32/1/3
@@ -654,7 +667,9 @@ def decode_attention_triton(q, k_cache, v_cache, block_tables, context_lens, sca
             BLOCK_M=max(16, triton.next_power_of_2(rows * (n_heads // n_kv))), MIN_PART=DECODE_MIN_PARTITION,
             ROWS=rows, SPLIT=splits > 1, **cfg, **pdl(src))
     elif shared is None:
-        cfg = DECODE_CONFIG_FP8 if k_cache.dtype.itemsize == 1 else DECODE_CONFIG
+        per_sm = B * n_kv * splits / _num_sms(src.device)        # programs per SM
+        many = n_heads // n_kv <= DECODE_MANY_GROUP and any(lo < per_sm <= hi for lo, hi in DECODE_MANY_PER_SM)
+        cfg = DECODE_CONFIG_FP8 if k_cache.dtype.itemsize == 1 else DECODE_CONFIG_MANY if many else DECODE_CONFIG
         assert DECODE_MIN_PARTITION % cfg["BLOCK_N"] == 0
         n = new or NewTokens(*[src] * 6, 0.0)                    # without `new`, its pointers are never read
         _decode_attention_kernel[(B, n_kv, splits)](

@@ -376,7 +376,8 @@ def _expert_gemv_kernel(a_ptr, w_ptr, s_ptr, out_ptr, ids_ptr, weights_ptr, N, K
 #            sorted    | 0.1316 | 0.1989 | 0.3202 | 0.5040 | 1.266  | 2.313  | 6.693
 # "sorted" at each size is the best of a sweep of tiles (BLOCK_M 16-128, BLOCK_N 64-256, BLOCK_K 64-128, 4-8
 # warps, 3-4 stages); the tiles below are those winners (within 5%). At 2048 pairs 64x128x64 gave 0.416 / 1.358,
-# at 16384 and 65536 it gave 0.780 / 2.104 (30b) and 2.644 / 7.873 (235b).
+# at 16384 and 65536 it gave 0.780 / 2.104 (30b) and 2.644 / 7.873 (235b). 8-row tiles (Triton pads the product
+# itself) at 72-1,024 pairs, 30b-a3b, H200, 2026-12-04: within 2% of 16 (e.g. 128 pairs 207.6 vs 208.9 us): not taken.
 # Prefill (past 4096 pairs) again with the launches apart, H200, 2026-12-02, us at 16384 / 65536 pairs (30b-a3b),
 # BLOCK_M/N/K/warps/stages; until then both launches used 128/128/64/8/3 (gate/up 372 / 1010, down 239 / 690):
 #   gate/up: 128/128/64/8/4 351 / 1005 | 128/64/128/8/3 404 / 1230 | 128/128/32/8/5 451 / 1039
