@@ -443,10 +443,11 @@ def _decode_reduce_kernel(part_o_ptr, part_lse_ptr, out_ptr, num_slots, HEAD_DIM
 # 64/128/256; 2/4/8 programs per SM). 64-token slices lift B=1 ctx=2048 from 600 to 800 GB/s; past 4 programs
 # per SM, B=64 ctx=2048 splits in two and loses 3%.
 DECODE_CONFIG = dict(BLOCK_N=64, num_warps=4, num_stages=3)   # BLOCK_N: tokens per K/V tile
-# A bf16 cache's tile by programs (sequences x kv heads x slices) per SM. Four warps take 168 registers a thread (3
-# programs per SM), two take 255 (4 per SM): one round of four-warp programs finishes soonest with four; past it two
-# warps mostly win, but not at 7-10 per SM. `bench.py timeline` (H200, 2026-12-04; prompts of 800 / 600 tokens), the fused decode kernel's us
-# per call four -> two warps (the step's span in us, sampled), programs per SM in brackets:
+# A bf16 cache's tile by programs (sequences x kv heads x slices) per SM (decode_config). Four warps take 168
+# registers a thread (3 programs per SM), two take 255 (4 per SM): one round of four-warp programs finishes soonest
+# with four; past it two warps mostly win, but not at 7-10 per SM. `bench.py timeline` (H200, 2026-12-04; prompts of
+# 800 / 600 tokens), the fused decode kernel's us per call four -> two warps (the step's span in us, sampled),
+# programs per SM in brackets:
 #   qwen3-0.6b, 800 | 32 (3.9) 41.2 -> 32.4 (2,152 -> 1,921) | 64 (3.9) 73.0 -> 57.6 (3,060 -> 2,636)
 #                   | 96 (5.8) 102.2 -> 81.0 (3,945 -> 3,350) | 128 (7.8) 110.5 -> 115.1 (4,209 -> 4,350)
 #                   | 192 (11.6) 168.0 -> 157.1 (5,951 -> 5,655) | 256 (15.5) 226.0 -> 214.3 (7,642 -> 7,322)
@@ -570,6 +571,15 @@ def decode_num_splits(batch: int, n_kv: int, max_ctx: int, device, fp8: bool = F
     return max(1, min(want, tiles, DECODE_MAX_SPLITS))
 
 
+def decode_config(programs: int, group: int, fp8: bool, device) -> dict:
+    """The fused decode kernel's tile for this many programs over a cache of FP8 or 16-bit values."""
+    if fp8:
+        return DECODE_CONFIG_FP8
+    per_sm = programs / _num_sms(device)
+    many = group <= DECODE_MANY_GROUP and any(lo < per_sm <= hi for lo, hi in DECODE_MANY_PER_SM)
+    return DECODE_CONFIG_MANY if many else DECODE_CONFIG
+
+
 # Decode rows that are consecutive tokens of one sequence (a speculative verify pass, a draft model's catch-up)
 # are attended in groups of up to group_rows rows (_decode_rows_kernel), their query rows sharing each K/V tile,
 # so that a context is read once per group, not once per row.
@@ -667,9 +677,7 @@ def decode_attention_triton(q, k_cache, v_cache, block_tables, context_lens, sca
             BLOCK_M=max(16, triton.next_power_of_2(rows * (n_heads // n_kv))), MIN_PART=DECODE_MIN_PARTITION,
             ROWS=rows, SPLIT=splits > 1, **cfg, **pdl(src))
     elif shared is None:
-        per_sm = B * n_kv * splits / _num_sms(src.device)        # programs per SM
-        many = n_heads // n_kv <= DECODE_MANY_GROUP and any(lo < per_sm <= hi for lo, hi in DECODE_MANY_PER_SM)
-        cfg = DECODE_CONFIG_FP8 if k_cache.dtype.itemsize == 1 else DECODE_CONFIG_MANY if many else DECODE_CONFIG
+        cfg = decode_config(B * n_kv * splits, n_heads // n_kv, k_cache.dtype.itemsize == 1, src.device)
         assert DECODE_MIN_PARTITION % cfg["BLOCK_N"] == 0
         n = new or NewTokens(*[src] * 6, 0.0)                    # without `new`, its pointers are never read
         _decode_attention_kernel[(B, n_kv, splits)](
