@@ -1,9 +1,8 @@
-"""Paged attention over the KV cache: decode (one new token per sequence, split-K over the context, cascade
-for shared prefixes) and prefill (causal flash attention over packed variable-length sequences).
+"""Paged attention over the KV cache for decode: one new token per sequence (or a few consecutive ones: a verify
+pass), split-K over the context, cascade for shared prefixes. Prefill attention is prefill.py's.
 
     o = attention.decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale)
     o = attention.decode_attention_qkv(qkv, ..., block_tables, context_lens, scale)  # + q/k norm, RoPE, K/V store
-    o = attention.prefill_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale)
 
 Laid out as kernels.py is: the PyTorch references first (the definitions, the CPU path), then the Triton
 kernels with their measured configs, then the dispatchers model.py calls. The cache layout (block 0, slots,
@@ -17,7 +16,6 @@ Tests: test_all.py's attention section (Triton under TRITON_INTERPRET=1); GPU: `
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 
 from kernels import (_cos_sin, _load_heads, _norm_w, _num_sms, _rope_heads, _store_kv, _use_triton, pdl,
                      qk_norm_rope_store, tl, triton)
@@ -74,30 +72,6 @@ def plan_shared_prefix(block_tables, context_lens, block_size: int) -> SharedPre
     blocks = torch.where(saved.index_select(0, best) > 0, s.index_select(0, best), 0)   # (1,)
     shared_lens = torch.where(shared >= blocks, blocks * block_size, 0).to(torch.int32)
     return SharedPrefix(ref.to(torch.int32), (blocks * block_size).to(torch.int32), shared_lens)
-
-
-def prefill_attention_ref(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale: float) -> torch.Tensor:
-    """Variable-length causal attention over the paged cache. q: (T, n_heads, hd) packed, sequence b owns
-    rows cu_seqlens_q[b]:cu_seqlens_q[b+1]; its K/V (context_lens[b] tokens, cached prefix included) are
-    already in the cache. Query i of sequence b sits at position context_lens[b] - q_len_b + i.
-    Loops over sequences with host-side lengths (one sync; prefill only, never the decode graph)."""
-    out = torch.empty_like(q)
-    n_heads, n_kv = q.shape[1], k_cache.shape[2]
-    starts, ctxs = cu_seqlens_q.tolist(), context_lens.tolist()
-    for b, ctx in enumerate(ctxs):
-        s, e = starts[b], starts[b + 1]
-        n_blocks = -(-ctx // k_cache.shape[1])
-        k = gather_kv_ref(k_cache, block_tables[b, :n_blocks])[:ctx].to(q.dtype)     # (ctx, n_kv, hd)
-        v = gather_kv_ref(v_cache, block_tables[b, :n_blocks])[:ctx].to(q.dtype)
-        k = k.repeat_interleave(n_heads // n_kv, dim=1).transpose(0, 1)  # (n_heads, ctx, hd)
-        v = v.repeat_interleave(n_heads // n_kv, dim=1).transpose(0, 1)
-        qb = q[s:e].transpose(0, 1)                                       # (n_heads, q_len, hd)
-        # bottom-right aligned causal mask: query i sees keys 0 .. ctx - q_len + i
-        q_pos = torch.arange(ctx - (e - s), ctx, device=q.device)
-        mask = torch.arange(ctx, device=q.device)[None, :] <= q_pos[:, None]   # (q_len, ctx)
-        o = F.scaled_dot_product_attention(qb, k, v, attn_mask=mask, scale=scale)
-        out[s:e] = o.transpose(0, 1)
-    return out
 
 
 LOG2E = 1.4426950408889634   # the attention kernels use exp2: exp(x) = exp2(x * log2(e)), folded into the scale
@@ -348,6 +322,33 @@ def _decode_rows_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, bt_st
 
 
 @triton.jit
+def _prefill_tiles(acc, l_i, m_i, q, q_pos, k_cache_ptr, v_cache_ptr, bt_row, kv_head, start, end, qk_scale,
+                   N_KV: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+                   CAUSAL: tl.constexpr, RAGGED: tl.constexpr = False):
+    """Online softmax over key tiles [start, end) of one sequence; CAUSAL masks key j > q_pos of each row,
+    RAGGED masks keys past end (needed when end - start is not a whole number of tiles, and not causal). The loop
+    of prefill.py's kernel, and of the cascade kernel's shared prefix (a tile of rows from many sequences)."""
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        in_range = offs_n < end
+        kv_off = _kv_offsets(bt_row, offs_n, in_range, kv_head, N_KV, HEAD_DIM, BLOCK_SIZE)   # (BLOCK_N, HEAD_DIM)
+        k = tl.load(k_cache_ptr + kv_off, mask=in_range[:, None], other=0.0).to(q.dtype)   # q: widened (_widen)
+        s = tl.dot(q, tl.trans(k)) * qk_scale                                            # (BLOCK_M, BLOCK_N)
+        if CAUSAL:
+            s = tl.where(offs_n[None, :] <= q_pos[:, None], s, float("-inf"))
+        if RAGGED:
+            s = tl.where(in_range[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_cache_ptr + kv_off, mask=in_range[:, None], other=0.0).to(q.dtype)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
 def _shared_prefix_slice(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, bt_stride, ref_row_ptr, prefix_len_ptr,
                          shared_lens_ptr, part_o_ptr, part_lse_ptr, qk_scale, B, kv_head, chunk, tile, num_chunks,
                          num_slots, first_slot, N_HEADS: tl.constexpr, N_KV: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -355,7 +356,7 @@ def _shared_prefix_slice(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, bt_s
     """Cascade attention's first level: the prefix_len tokens that many sequences share (the blocks of row
     ref_row's table) are cut into num_chunks slices, and one program attends slice `chunk` for BLOCK_M query
     rows, each a (sequence, q head of this kv head) pair: a prefill tile whose queries come from different
-    sequences (_prefill_tiles, below). The prefix's K/V are read once per step instead of once per sequence.
+    sequences (_prefill_tiles, above). The prefix's K/V are read once per step instead of once per sequence.
     Each slice's partial result goes to slot first_slot + chunk; rows with shared_lens == 0 get lse = -inf."""
     GROUP: tl.constexpr = N_HEADS // N_KV
     prefix_len = tl.load(prefix_len_ptr)
@@ -703,104 +704,6 @@ def decode_attention_triton(q, k_cache, v_cache, block_tables, context_lens, sca
     return out
 
 
-# Prefill tuning, H100, bf16, head_dim 128. TFLOP/s at 8 x 2048 causal with 16 / 32 heads, and 1 x 512 with 32:
-# BLOCK_M x BLOCK_N, warps, stages: 64x64 4w 3s 318 / 333, 125 (chosen: as fast, and best on short prompts);
-# 64x64 4w 4s 331 / 330, 125; 128x32 4w 3s 328 / 340, 77; 128x64 4w 3s 304 / 327, 84; 128x128 8w 3s 305 / 311;
-# 64x64 8w 3s 232 / 230; 64x128 4w 3s 241 / 241.
-PREFILL_CONFIG = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)
-
-
-@triton.jit
-def _prefill_tiles(acc, l_i, m_i, q, q_pos, k_cache_ptr, v_cache_ptr, bt_row, kv_head, start, end, qk_scale,
-                   N_KV: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-                   CAUSAL: tl.constexpr, RAGGED: tl.constexpr = False):
-    """Online softmax over key tiles [start, end) of one sequence; CAUSAL masks key j > q_pos of each row,
-    RAGGED masks keys past end (needed when end - start is not a whole number of tiles, and not causal)."""
-    for n0 in range(start, end, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        in_range = offs_n < end
-        kv_off = _kv_offsets(bt_row, offs_n, in_range, kv_head, N_KV, HEAD_DIM, BLOCK_SIZE)   # (BLOCK_N, HEAD_DIM)
-        k = tl.load(k_cache_ptr + kv_off, mask=in_range[:, None], other=0.0).to(q.dtype)   # q: widened (_widen)
-        s = tl.dot(q, tl.trans(k)) * qk_scale                                            # (BLOCK_M, BLOCK_N)
-        if CAUSAL:
-            s = tl.where(offs_n[None, :] <= q_pos[:, None], s, float("-inf"))
-        if RAGGED:
-            s = tl.where(in_range[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_cache_ptr + kv_off, mask=in_range[:, None], other=0.0).to(q.dtype)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
-    return acc, l_i, m_i
-
-
-# bt_stride unspecialized: Triton compiles a variant per class of an int's value (1, 16k, other), so a table width of
-# a new class compiled one mid-serving (a ~1.1 s stall in `bench.py spec`, H200, 2026-12-03). Read once per program.
-@triton.jit(do_not_specialize=["bt_stride"])
-def _prefill_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, cu_seqlens_ptr, context_lens_ptr, block_tables_ptr,
-                              bt_stride, out_ptr, qk_scale, N_HEADS: tl.constexpr, N_KV: tl.constexpr,
-                              HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
-                              BLOCK_N: tl.constexpr):
-    # grid (N_HEADS, cdiv(max_seqlen_q, BLOCK_M), B): one program per (head, tile of BLOCK_M queries, sequence).
-    # Heads vary fastest, so the GROUP programs that share a kv head run together and share its K/V in L2;
-    # query tiles go last-first, so the longest (most keys) start first and the short ones fill the tail.
-    # FLOPs: 4 * HEAD_DIM per (query, visible key) pair, ~2 * q_len * ctx * N_HEADS * HEAD_DIM for a causal
-    # sequence without prefix; K/V bytes are re-read once per query tile, ~BLOCK_M FLOPs/byte: compute-bound.
-    h = tl.program_id(0)
-    m_block = tl.num_programs(1) - 1 - tl.program_id(1)
-    b = tl.program_id(2)
-    q_start = tl.load(cu_seqlens_ptr + b)
-    q_len = tl.load(cu_seqlens_ptr + b + 1) - q_start
-    if m_block * BLOCK_M >= q_len:
-        return
-    ctx = tl.load(context_lens_ptr + b)
-    offs_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
-    q_pos = ctx - q_len + offs_m              # bottom-right aligned: the last query sits at position ctx - 1
-    d = tl.arange(0, HEAD_DIM)
-    q_off = (q_start + offs_m).to(tl.int64)[:, None] * (N_HEADS * HEAD_DIM) + h * HEAD_DIM + d[None, :]
-    q = tl.load(q_ptr + q_off, mask=(offs_m < q_len)[:, None], other=0.0)                   # (BLOCK_M, HEAD_DIM)
-    q = _widen(q, k_cache_ptr, q_ptr)
-
-    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-    l_i = tl.zeros((BLOCK_M,), tl.float32)
-    acc = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
-    bt_row = block_tables_ptr + b.to(tl.int64) * bt_stride
-    kv_head = h // (N_HEADS // N_KV)
-    first_pos = ctx - q_len + m_block * BLOCK_M
-    # keys 0 .. first_pos are visible to every query of the tile: whole tiles of them need no mask
-    full_end = (first_pos + 1) // BLOCK_N * BLOCK_N
-    acc, l_i, m_i = _prefill_tiles(acc, l_i, m_i, q, q_pos, k_cache_ptr, v_cache_ptr, bt_row, kv_head, 0, full_end,
-                                   qk_scale, N_KV, HEAD_DIM, BLOCK_SIZE, BLOCK_N, CAUSAL=False)
-    # the diagonal: keys up to the tile's last query, masked per query
-    diag_end = tl.minimum(ctx, first_pos + BLOCK_M)
-    acc, l_i, m_i = _prefill_tiles(acc, l_i, m_i, q, q_pos, k_cache_ptr, v_cache_ptr, bt_row, kv_head, full_end,
-                                   diag_end, qk_scale, N_KV, HEAD_DIM, BLOCK_SIZE, BLOCK_N, CAUSAL=True)
-    out = acc / l_i[:, None]
-    tl.store(out_ptr + q_off, out.to(out_ptr.dtype.element_ty), mask=(offs_m < q_len)[:, None])
-
-
-def prefill_attention_triton(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale,
-                             max_seqlen_q: int | None = None):
-    """Same contract as prefill_attention_ref. max_seqlen_q sizes the grid; None reads it (one host sync)."""
-    T, n_heads, hd = q.shape
-    _, block_size, n_kv, _ = k_cache.shape
-    B = context_lens.shape[0]
-    assert q.is_contiguous() and k_cache.is_contiguous() and v_cache.is_contiguous() and k_cache.shape[3] == hd
-    assert k_cache.dtype == v_cache.dtype in (q.dtype, torch.float8_e4m3fn), "the cache: q's dtype or FP8"
-    assert n_heads % n_kv == 0 and hd & (hd - 1) == 0, "n_heads must be a multiple of n_kv; head_dim a power of 2"
-    assert cu_seqlens_q.shape == (B + 1,) and block_tables.shape[0] == B and block_tables.stride(1) == 1
-    if max_seqlen_q is None:
-        max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
-    cfg = PREFILL_CONFIG if q.is_cuda else dict(BLOCK_M=32, BLOCK_N=32)   # small tiles: a quick CPU interpreter
-    out = torch.empty_like(q)
-    grid = (n_heads, triton.cdiv(max_seqlen_q, cfg["BLOCK_M"]), B)
-    _prefill_attention_kernel[grid](q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables,
-                                    block_tables.stride(0), out, scale * LOG2E, N_HEADS=n_heads, N_KV=n_kv,
-                                    HEAD_DIM=hd, BLOCK_SIZE=block_size, **cfg)
-    return out
-
 # ----------------------------------------------------------------------------------------------------------
 # Dispatchers: what model.py calls
 # ----------------------------------------------------------------------------------------------------------
@@ -816,17 +719,6 @@ def decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, sha
         return decode_attention_triton(q, k_cache, v_cache, block_tables, context_lens, scale, shared=shared,
                                        groups=groups, rows=rows)
     return decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, scale)
-
-
-# 16/8 heads x 128, causal | 1 x 128 | 1 x 512 | 8 x 2048
-# triton                   | 0.0077  | 0.0163  |  0.4202
-# torch (eager: it syncs)  | 0.3818  | 0.4324  | 16.2654
-def prefill_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale,
-                      max_seqlen_q: int | None = None):
-    if _use_triton(q):
-        return prefill_attention_triton(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale,
-                                        max_seqlen_q=max_seqlen_q)
-    return prefill_attention_ref(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale)
 
 
 # One layer's attention step as the decode graph runs it, us: the qkv GEMV (with its RMSNorm), then either two

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 import attention
 import gemv
 import kernels
+import prefill
 
 QWEN3_HEADS = {"qwen3-0.6b": (16, 8), "qwen3-8b": (32, 8)}     # (q heads, kv heads), head_dim 128 for both
 L2_BYTES = 50 * 2**20                                           # H100
@@ -102,9 +103,9 @@ def rel_err(out, ref) -> float:
 
 def _path(launcher: str, call) -> str:
     """Which path the dispatcher takes for this call: run it once with the Triton launcher wrapped.
-    launcher: a kernels.py name, or "gemv.<name>" / "attention.<name>" for one in gemv.py / attention.py."""
+    launcher: a kernels.py name, or "<module>.<name>" for one in gemv.py / attention.py / prefill.py."""
     prefix, _, name = launcher.rpartition(".")
-    module = {"": kernels, "gemv": gemv, "attention": attention}[prefix]
+    module = {"": kernels, "gemv": gemv, "attention": attention, "prefill": prefill}[prefix]
     real, hit = getattr(module, name), []
     setattr(module, name, lambda *a, **k: hit.append(1) or real(*a, **k))
     try:
@@ -332,8 +333,8 @@ def bench_kernels(copy_gbps: float, matmul_tflops: float, device="cuda", dtype=t
                                                                                         scale=scale), dense)
             flops = B * 2 * T * T * H * hd
             add("prefill_attention", f"{model} {B}x{T} causal", sets,
-                call(attention.prefill_attention_triton, max_seqlen_q=T), call(attention.prefill_attention_ref),
-                call(attention.prefill_attention, max_seqlen_q=T), "attention.prefill_attention_triton", flops,
+                call(prefill.prefill_attention_triton, max_seqlen_q=T), call(prefill.prefill_attention_ref),
+                call(prefill.prefill_attention, max_seqlen_q=T), "prefill.prefill_attention_triton", flops,
                 "TFLOP/s", sdpa_ms=sdpa_ms, sdpa_rate=flops / sdpa_ms / 1e9)
             del sets, dense
     return rows
@@ -504,8 +505,8 @@ def check_kernels(device="cuda", dtype=torch.bfloat16) -> list[tuple[str, float]
                                                 device)
             q = torch.randn(sum(q_lens), H, hd, device=device, dtype=dtype)
             cu = torch.tensor([0] + q_lens, device=device).cumsum(0).to(torch.int32)
-            o = attention.prefill_attention_triton(q, k_cache, v_cache, cu, cl, bt, hd ** -0.5)
-            r = attention.prefill_attention_ref(q.float(), k_cache.float(), v_cache.float(), cu, cl, bt, hd ** -0.5)
+            o = prefill.prefill_attention_triton(q, k_cache, v_cache, cu, cl, bt, hd ** -0.5)
+            r = prefill.prefill_attention_ref(q.float(), k_cache.float(), v_cache.float(), cu, cl, bt, hd ** -0.5)
             out.append((f"prefill bs={block_size} heads={H}/{KV} q_lens={q_lens} prefixes={prefixes}", rel_err(o, r)))
     # rows of one sequence attended together (a verify pass), bf16 and FP8 cache: 3 sequences of 5 / 2 / 1 rows
     for H, KV in ((16, 8), (32, 4)):

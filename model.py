@@ -27,6 +27,7 @@ import attention
 import gemv
 import kernels
 import parallel
+import prefill
 import quant
 from moe import SparseMoeBlock
 
@@ -186,8 +187,8 @@ class Attention(nn.Module):
                                            meta.context_lens, scale, shared=meta.shared_prefix,
                                            groups=meta.row_groups, rows=meta.group_rows)
         else:                                                     # q: (T, n_heads, head_dim)
-            o = attention.prefill_attention(kernels.qk_norm_rope_store(*args), k_cache, v_cache, meta.cu_seqlens_q,
-                                            meta.context_lens, meta.block_tables, scale, max_seqlen_q=meta.max_seqlen_q)
+            o = prefill.prefill_attention(kernels.qk_norm_rope_store(*args), k_cache, v_cache, meta.cu_seqlens_q,
+                                          meta.context_lens, meta.block_tables, scale, max_seqlen_q=meta.max_seqlen_q)
         return o.reshape(qkv.shape[0], -1)                         # (T, n_heads * head_dim); DecoderLayer runs o_proj
 
 

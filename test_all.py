@@ -32,6 +32,7 @@ import bench_serve
 import cache
 import gemv
 import kernels
+import prefill
 import sample as sample_mod
 from engine import LLM, EngineArgs
 from model import AttnMeta, preset
@@ -1440,8 +1441,8 @@ def test_kt_dispatch(monkeypatch):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Paged attention (attention.py): decode (split, cascade), prefill and the FP8 cache against the references,
-# through the interpreter; the whole model on the Triton path against the PyTorch path
+# Paged attention (attention.py): decode (split, cascade, verify rows) and the FP8 cache (decode and prefill) against
+# the references, through the interpreter; the whole model on the Triton path against the PyTorch path
 # ----------------------------------------------------------------------------------------------------------
 
 # (GQA ratio, dtype) pairs rather than their product keeps the interpreter run short
@@ -1645,31 +1646,6 @@ def test_kt_cascade_decode_attention(group, dtype, block_size, groups, num_split
     torch.testing.assert_close(attention.decode_attention(q, k_cache, v_cache, bt, cl, hd ** -0.5, shared=plan), out)
 
 
-@pytest.mark.usefixtures("kt_triton_poisoned")
-@pytest.mark.parametrize("group,dtype", KT_GROUPS)
-@pytest.mark.parametrize("block_size,q_lens,prefixes", [
-    (16, [1], [0]),
-    (16, [130], [0]),                        # several query tiles of one sequence
-    (4, [3, 17, 1, 40], [5, 0, 13, 30]),     # packed, cached prefixes not block-aligned
-    (16, [33, 70], [19, 0]),
-])
-def test_kt_prefill_attention(group, dtype, block_size, q_lens, prefixes):
-    torch.manual_seed(sum(q_lens) + group + block_size)
-    n_kv, hd = (2 if group <= 2 else 1), 32
-    context_lens = [q + p for q, p in zip(q_lens, prefixes)]
-    k_cache, v_cache, block_tables = kt_paged_cache(context_lens, block_size, n_kv, hd, dtype)
-    q = torch.randn(sum(q_lens), n_kv * group, hd).to(dtype)
-    cu = torch.tensor([0] + q_lens, dtype=torch.int32).cumsum(0).to(torch.int32)
-    ctx = torch.tensor(context_lens, dtype=torch.int32)
-    scale = hd ** -0.5
-    out = attention.prefill_attention(q, k_cache, v_cache, cu, ctx, block_tables, scale, max_seqlen_q=max(q_lens))
-    ref = attention.prefill_attention_ref(q, k_cache, v_cache, cu, ctx, block_tables, scale)
-    kt_check(f"prefill q_lens={q_lens} prefixes={prefixes} bs={block_size} group={group} {dtype}", out, ref, dtype)
-    if q_lens == [1]:   # max_seqlen_q read from the device when not given
-        out2 = attention.prefill_attention_triton(q, k_cache, v_cache, cu, ctx, block_tables, scale)
-        torch.testing.assert_close(out2, out)
-
-
 def assert_e4m3_close(out, ref):
     """float8_e4m3fn values from a kernel under the interpreter against the reference's: at most one e4m3 step
     apart, except where the interpreter's conversion drops the carry when rounding up reaches the next power of
@@ -1719,8 +1695,8 @@ def test_kt_fp8_kv_cache(dtype):
     cu = torch.tensor([0] + q_lens).cumsum(0).to(torch.int32)
     qp = torch.randn(sum(q_lens), 4, hd).to(dtype)
     kt_check(f"fp8 cache prefill {dtype}",
-             attention.prefill_attention_triton(qp, k_cache, v_cache, cu, ctx, bt, 0.2, max_seqlen_q=23),
-             attention.prefill_attention_ref(qp, k_cache, v_cache, cu, ctx, bt, 0.2), dtype)
+             prefill.prefill_attention_triton(qp, k_cache, v_cache, cu, ctx, bt, 0.2, max_seqlen_q=23),
+             prefill.prefill_attention_ref(qp, k_cache, v_cache, cu, ctx, bt, 0.2), dtype)
 
 
 def test_fp8_kv_cache_engine(ckpt, monkeypatch):
@@ -1784,6 +1760,36 @@ def test_model_logits_triton_path_equals_torch_path(tied_ckpt, monkeypatch):
     print("max abs logit diff, triton vs torch path:", (tri - ref_logits).abs().max().item())
     assert (tri - ref_logits).abs().max() < 1e-4
     assert_no_leak(llm)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Prefill attention (prefill.py): causal, packed, after cached prefixes, against the reference through the
+# interpreter (its FP8 cache: test_kt_fp8_kv_cache above)
+# ----------------------------------------------------------------------------------------------------------
+
+@pytest.mark.usefixtures("kt_triton_poisoned")
+@pytest.mark.parametrize("group,dtype", KT_GROUPS)
+@pytest.mark.parametrize("block_size,q_lens,prefixes", [
+    (16, [1], [0]),
+    (16, [130], [0]),                        # several query tiles of one sequence
+    (4, [3, 17, 1, 40], [5, 0, 13, 30]),     # packed, cached prefixes not block-aligned
+    (16, [33, 70], [19, 0]),
+])
+def test_kt_prefill_attention(group, dtype, block_size, q_lens, prefixes):
+    torch.manual_seed(sum(q_lens) + group + block_size)
+    n_kv, hd = (2 if group <= 2 else 1), 32
+    context_lens = [q + p for q, p in zip(q_lens, prefixes)]
+    k_cache, v_cache, block_tables = kt_paged_cache(context_lens, block_size, n_kv, hd, dtype)
+    q = torch.randn(sum(q_lens), n_kv * group, hd).to(dtype)
+    cu = torch.tensor([0] + q_lens, dtype=torch.int32).cumsum(0).to(torch.int32)
+    ctx = torch.tensor(context_lens, dtype=torch.int32)
+    scale = hd ** -0.5
+    out = prefill.prefill_attention(q, k_cache, v_cache, cu, ctx, block_tables, scale, max_seqlen_q=max(q_lens))
+    ref = prefill.prefill_attention_ref(q, k_cache, v_cache, cu, ctx, block_tables, scale)
+    kt_check(f"prefill q_lens={q_lens} prefixes={prefixes} bs={block_size} group={group} {dtype}", out, ref, dtype)
+    if q_lens == [1]:   # max_seqlen_q read from the device when not given
+        out2 = prefill.prefill_attention_triton(q, k_cache, v_cache, cu, ctx, block_tables, scale)
+        torch.testing.assert_close(out2, out)
 
 
 # ----------------------------------------------------------------------------------------------------------
