@@ -444,11 +444,13 @@ def _decode_reduce_kernel(part_o_ptr, part_lse_ptr, out_ptr, num_slots, HEAD_DIM
 # 64/128/256; 2/4/8 programs per SM). 64-token slices lift B=1 ctx=2048 from 600 to 800 GB/s; past 4 programs
 # per SM, B=64 ctx=2048 splits in two and loses 3%.
 DECODE_CONFIG = dict(BLOCK_N=64, num_warps=4, num_stages=3)   # BLOCK_N: tokens per K/V tile
-# A bf16 cache's tile by programs (sequences x kv heads x slices) per SM (decode_config). Four warps take 168
-# registers a thread (3 programs per SM), two take 255 (4 per SM): one round of four-warp programs finishes soonest
-# with four; past it two warps mostly win, but not at 7-10 per SM. `bench.py timeline` (H200, 2026-12-04; prompts of
-# 800 / 600 tokens), the fused decode kernel's us per call four -> two warps (the step's span in us, sampled),
-# programs per SM in brackets:
+# A bf16 cache's tile by programs (sequences x kv heads x slices) per SM (decode_config). Registers a thread (ptxas,
+# sm_90) decide the programs resident per SM: the kernel making its own q (up to FUSED_MAX_BATCH sequences) 168 with
+# four warps, 255 with two (3 / 4 per SM); given q (more sequences) 93-109 / 164-168 (4-5 / 6 per SM). Two warps win
+# where they need fewer rounds of resident programs than four, e.g. 512 programs (3.9 per SM, 1 round against 2),
+# and lose where the rounds are equal (1,024 programs given q: 2 rounds either way). `bench.py timeline` (H200,
+# 2026-12-04; prompts of 800 / 600 tokens), the decode kernel's us per call four -> two warps (the step's span in
+# us, sampled), programs per SM in brackets:
 #   qwen3-0.6b, 800 | 32 (3.9) 41.2 -> 32.4 (2,152 -> 1,921) | 64 (3.9) 73.0 -> 57.6 (3,060 -> 2,636)
 #                   | 96 (5.8) 102.2 -> 81.0 (3,945 -> 3,350) | 128 (7.8) 110.5 -> 115.1 (4,209 -> 4,350)
 #                   | 192 (11.6) 168.0 -> 157.1 (5,951 -> 5,655) | 256 (15.5) 226.0 -> 214.3 (7,642 -> 7,322)
@@ -456,8 +458,8 @@ DECODE_CONFIG = dict(BLOCK_N=64, num_warps=4, num_stages=3)   # BLOCK_N: tokens 
 #   qwen3-8b, 600   | 64 (3.9) 58.5 -> 47.1 (6,855 -> 6,513) | 128 (7.8) 92.1 -> 98.6 (8,663 -> 8,961)
 #                   | 256 (15.5) 179.4 -> 165.4 (13,821 -> 13,134)
 #   qwen3-30b-a3b   | 64 (3.9) 34.8 -> 28.3 | 128 (3.9) 45.5 -> 54.3 | 256 (7.8) 85.9 -> 93.7 (group 8: two warps spill)
-# 16 and 48 sequences (2.9 per SM) were the same either way. A scratch chain of decode calls alone had two warps
-# winning at 7.8 per SM and losing at 5.8 (round counting's prediction); the engine's steps above decide.
+# 16 and 48 sequences (2.9 per SM) were the same either way. Counting rounds predicts all of these but 160
+# sequences of the 0.6b (two warps: 2 rounds against 3, measured 1% slower); the ranges below follow the measurements.
 DECODE_CONFIG_MANY = dict(BLOCK_N=64, num_warps=2, num_stages=3)   # two warps where the two below say
 DECODE_MANY_GROUP = 4         # ... for kv heads of at most this many q heads
 DECODE_MANY_PER_SM = ((3, 7), (10, float("inf")))   # ... at programs per SM in these ranges (lo, hi]
