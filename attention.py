@@ -575,7 +575,7 @@ def decode_num_splits(batch: int, n_kv: int, max_ctx: int, device, fp8: bool = F
 
 
 def decode_config(programs: int, group: int, fp8: bool, device) -> dict:
-    """The fused decode kernel's tile for this many programs over a cache of FP8 or 16-bit values."""
+    """_decode_attention_kernel's tile for this many programs over a cache of FP8 or 16-bit values."""
     if fp8:
         return DECODE_CONFIG_FP8
     per_sm = programs / _num_sms(device)
