@@ -1,8 +1,8 @@
 """The Qwen3 model: config, forward pass over a packed batch on a paged KV cache, checkpoint loading.
 
 Read `Config` first, then `Qwen3ForCausalLM.forward`. Everything here is plain PyTorch; the fused ops it calls
-live in kernels.py, attention in attention.py and the projections in gemv.py (Triton on the GPU, their
-PyTorch references on the CPU).
+live in kernels.py, attention in attention.py (decode) and prefill.py, the projections in gemv.py (Triton on the
+GPU, their PyTorch references on the CPU).
 
 The forward pass takes a *packed* batch: the new tokens of many sequences laid end to end (T tokens in all,
 no padding), their positions, and an `AttnMeta` saying where each sequence starts, how long its context is
