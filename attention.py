@@ -661,7 +661,8 @@ def decode_attention_triton(q, k_cache, v_cache, block_tables, context_lens, sca
     assert context_lens.shape == (B,)
     max_ctx = block_tables.shape[1] * block_size                 # M = block_tables.shape[1]: fixed per graph
     programs = B if groups is None else triton.cdiv(B, rows)    # (groups: as if every group were full)
-    splits = num_splits or decode_num_splits(programs, n_kv, max_ctx, src.device, k_cache.dtype.itemsize == 1)
+    fp8 = k_cache.dtype.itemsize == 1
+    splits = num_splits or decode_num_splits(programs, n_kv, max_ctx, src.device, fp8)
     block_m = SHARED_BLOCK_M if src.is_cuda else 16              # a small tile: a quick CPU interpreter
     chunks = 0 if shared is None else num_chunks or shared_prefix_chunks(B, n_heads, n_kv, splits, block_m,
                                                                          src.device)
@@ -670,24 +671,23 @@ def decode_attention_triton(q, k_cache, v_cache, block_tables, context_lens, sca
     part_o = torch.empty(B, n_heads, slots, hd, dtype=torch.float32, device=src.device) if slots > 1 else None
     part_lse = torch.empty(B, n_heads, slots, dtype=torch.float32, device=src.device) if slots > 1 else None
     group = triton.next_power_of_2(n_heads // n_kv)
-    block_g = max(16, group)                                     # the cascade kernel's q rows
     if groups is not None:
         assert shared is None and new is None and groups.shape == (B,)
-        cfg = DECODE_CONFIG_FP8 if k_cache.dtype.itemsize == 1 else DECODE_CONFIG
+        cfg = DECODE_CONFIG_FP8 if fp8 else DECODE_CONFIG
         _decode_rows_kernel[(B, n_kv, splits)](
             q, k_cache, v_cache, block_tables, block_tables.stride(0), context_lens, groups, out, part_o, part_lse,
             scale * LOG2E, splits, N_HEADS=n_heads, N_KV=n_kv, HEAD_DIM=hd, BLOCK_SIZE=block_size,
             BLOCK_M=max(16, triton.next_power_of_2(rows * (n_heads // n_kv))), MIN_PART=DECODE_MIN_PARTITION,
             ROWS=rows, SPLIT=splits > 1, **cfg, **pdl(src))
     elif shared is None:
-        cfg = decode_config(B * n_kv * splits, n_heads // n_kv, k_cache.dtype.itemsize == 1, src.device)
+        cfg = decode_config(B * n_kv * splits, n_heads // n_kv, fp8, src.device)
         assert DECODE_MIN_PARTITION % cfg["BLOCK_N"] == 0
         n = new or NewTokens(*[src] * 6, 0.0)                    # without `new`, its pointers are never read
         _decode_attention_kernel[(B, n_kv, splits)](
             src, src.stride(0), k_cache, v_cache, block_tables, block_tables.stride(0), context_lens, out, part_o,
             part_lse, scale * LOG2E, splits, n.q_norm_w, n.k_norm_w, n.cos_sin, n.positions, n.slot_mapping, n.eps,
             N_HEADS=n_heads, N_KV=n_kv, HEAD_DIM=hd, BLOCK_SIZE=block_size,
-            BLOCK_G=max(DECODE_FP8_ROWS if k_cache.dtype.itemsize == 1 else 2, group),   # (2: one-row dots unmeasured)
+            BLOCK_G=max(DECODE_FP8_ROWS if fp8 else 2, group),             # (2: one-row dots unmeasured)
             MIN_PART=DECODE_MIN_PARTITION, SPLIT=splits > 1, NEW_TOKEN=new is not None,
             SKIP_EMPTY=splits > FUSED_SKIP_EMPTY_SPLITS, **cfg, **pdl(src))
     else:
@@ -695,7 +695,7 @@ def decode_attention_triton(q, k_cache, v_cache, block_tables, context_lens, sca
         _cascade_attention_kernel[grid](
             q, k_cache, v_cache, block_tables, block_tables.stride(0), context_lens, shared.ref_row,
             shared.prefix_len, shared.shared_lens, part_o, part_lse, scale * LOG2E, B, splits, chunks,
-            N_HEADS=n_heads, N_KV=n_kv, HEAD_DIM=hd, BLOCK_SIZE=block_size, BLOCK_G=block_g, BLOCK_M=block_m,
+            N_HEADS=n_heads, N_KV=n_kv, HEAD_DIM=hd, BLOCK_SIZE=block_size, BLOCK_G=max(16, group), BLOCK_M=block_m,
             **DECODE_CONFIG)
     if slots > 1:
         # One warp per 4 slices (1-4 warps): a small tile needs no cross-warp reductions, i.e. no barriers (SASS).
