@@ -445,24 +445,33 @@ def _decode_reduce_kernel(part_o_ptr, part_lse_ptr, out_ptr, num_slots, HEAD_DIM
 # per SM, B=64 ctx=2048 splits in two and loses 3%.
 DECODE_CONFIG = dict(BLOCK_N=64, num_warps=4, num_stages=3)   # BLOCK_N: tokens per K/V tile
 # A bf16 cache's tile by programs (sequences x kv heads x slices) per SM (decode_config). Registers a thread (ptxas,
-# sm_90) decide the programs resident per SM: the kernel making its own q (up to FUSED_MAX_BATCH sequences) 168 with
-# four warps, 255 with two (3 / 4 per SM); given q (more sequences) 93-109 / 164-168 (4-5 / 6 per SM). Two warps win
-# where they need fewer rounds of resident programs than four, e.g. 512 programs (3.9 per SM, 1 round against 2),
-# and lose where the rounds are equal (1,024 programs given q: 2 rounds either way). `bench.py timeline` (H200,
-# 2026-12-04; prompts of 800 / 600 tokens), the decode kernel's us per call four -> two warps (the step's span in
-# us, sampled), programs per SM in brackets:
+# sm_90, Triton 3.6, compiled on the CPU) decide the programs resident per SM: the kernel making
+# its own q (up to FUSED_MAX_BATCH sequences) 167-168 with four warps, 255 with two (3 / 4 per SM; groups 2-8); given
+# q (more sequences) 93-109 / 164-168 (4 / 6 per SM; groups of 4 without slices take 93, 5 per SM, counted as 4).
+# Two warps win where they need fewer rounds of resident programs than four, e.g. 512 programs (3.9 per SM, 1 round
+# against 2), and lose where the rounds are equal (1,024 programs given q: 2 rounds either way). `bench.py timeline`
+# (H200, 2026-12-04; prompts of 800 / 600 tokens), the decode kernel's us per call four -> two warps (the step's span
+# in us, sampled), programs per SM in brackets:
 #   qwen3-0.6b, 800 | 32 (3.9) 41.2 -> 32.4 (2,152 -> 1,921) | 64 (3.9) 73.0 -> 57.6 (3,060 -> 2,636)
 #                   | 96 (5.8) 102.2 -> 81.0 (3,945 -> 3,350) | 128 (7.8) 110.5 -> 115.1 (4,209 -> 4,350)
 #                   | 192 (11.6) 168.0 -> 157.1 (5,951 -> 5,655) | 256 (15.5) 226.0 -> 214.3 (7,642 -> 7,322)
 #   qwen3-0.6b, 600 | 56 (3.4) 55.3 -> 42.0 (2,583 -> 2,233) | 128 85.9 -> 89.8 | 160 (9.7) 101.7 -> 102.9
 #   qwen3-8b, 600   | 64 (3.9) 58.5 -> 47.1 (6,855 -> 6,513) | 128 (7.8) 92.1 -> 98.6 (8,663 -> 8,961)
 #                   | 256 (15.5) 179.4 -> 165.4 (13,821 -> 13,134)
-#   qwen3-30b-a3b   | 64 (3.9) 34.8 -> 28.3 | 128 (3.9) 45.5 -> 54.3 | 256 (7.8) 85.9 -> 93.7 (group 8: two warps spill)
-# 16 and 48 sequences (2.9 per SM) were the same either way. Counting rounds predicts all of these but 160
-# sequences of the 0.6b (two warps: 2 rounds against 3, measured 1% slower); the ranges below follow the measurements.
-DECODE_CONFIG_MANY = dict(BLOCK_N=64, num_warps=2, num_stages=3)   # two warps where the two below say
-DECODE_MANY_GROUP = 4         # ... for kv heads of at most this many q heads
-DECODE_MANY_PER_SM = ((3, 7), (10, float("inf")))   # ... at programs per SM in these ranges (lo, hi]
+#   qwen3-30b-a3b   | 64 (3.9) 34.8 -> 28.3 | 128 (3.9) 45.5 -> 54.3 | 256 (7.8) 85.9 -> 93.7
+#   (2026-12-04, later: prompts of 700 / 600 tokens, sampled; the previous rule (two warps at 3-7 and past 10 per SM
+#   for groups of up to 4) -> counting rounds)
+#   qwen3-0.6b, 700 | 112 (6.8, given q) two -> four warps 101.5 -> 96.1 (3,993 -> 3,843)
+#                   | 144 (8.7, given q) four -> two warps 111.3 -> 121.8 (4,320 -> 4,815)
+#   qwen3-30b-a3b   | 64 (3.9, makes q) four -> two 34.7 -> 28.3 (18,079 -> 17,813)
+#                   | 160 (4.8, given q) four -> two 65.8 -> 60.3 (20,350 -> 20,107)
+# 16 and 48 sequences (2.9 per SM) were the same either way. Counting rounds predicts all of these but 144 and 160
+# sequences of the 0.6b (8-10 per SM given q: two warps take 2 rounds against 3, yet lose 9% / 1%), so the ranges
+# below follow the measurements: the kernel making its q takes two warps where they need one round against two (3-4
+# per SM, as far as Qwen3's 4 and 8 kv heads take it at FUSED_MAX_BATCH); given q, where two warps need one round
+# against two (4-6 per SM) and past 10 per SM; any group (a group of 8 spills 40-56 bytes with two warps, and gains).
+DECODE_CONFIG_MANY = dict(BLOCK_N=64, num_warps=2, num_stages=3)   # two warps where DECODE_MANY_PER_SM says
+DECODE_MANY_PER_SM = {True: ((3, 4),), False: ((4, 6), (10, float("inf")))}   # makes its q -> (lo, hi] per SM
 # An FP8 cache (--kv-cache-dtype fp8), H200, bf16 q, us per call, contexts drawn from [ctx/2, ctx] (scratch sweep,
 # 2026-12-02; BLOCK_N/warps/stages, the bf16 cache's 64/4/3 beside it):
 #   heads, B, ctx         | bf16 cache | 128/4/3 | 64/4/3 | 64/2/3 | 128/2/3 | 64/1/3 | 32/1/3
@@ -574,12 +583,13 @@ def decode_num_splits(batch: int, n_kv: int, max_ctx: int, device, fp8: bool = F
     return max(1, min(want, tiles, DECODE_MAX_SPLITS))
 
 
-def decode_config(programs: int, group: int, fp8: bool, device) -> dict:
-    """_decode_attention_kernel's tile for this many programs over a cache of FP8 or 16-bit values."""
+def decode_config(programs: int, new_token: bool, fp8: bool, device) -> dict:
+    """_decode_attention_kernel's tile for this many programs, making its own q or given it (new_token), over a
+    cache of FP8 or 16-bit values."""
     if fp8:
         return DECODE_CONFIG_FP8
     per_sm = programs / _num_sms(device)
-    many = group <= DECODE_MANY_GROUP and any(lo < per_sm <= hi for lo, hi in DECODE_MANY_PER_SM)
+    many = any(lo < per_sm <= hi for lo, hi in DECODE_MANY_PER_SM[new_token])
     return DECODE_CONFIG_MANY if many else DECODE_CONFIG
 
 
@@ -680,7 +690,7 @@ def decode_attention_triton(q, k_cache, v_cache, block_tables, context_lens, sca
             BLOCK_M=max(16, triton.next_power_of_2(rows * (n_heads // n_kv))), MIN_PART=DECODE_MIN_PARTITION,
             ROWS=rows, SPLIT=splits > 1, **cfg, **pdl(src))
     elif shared is None:
-        cfg = decode_config(B * n_kv * splits, n_heads // n_kv, fp8, src.device)
+        cfg = decode_config(B * n_kv * splits, new is not None, fp8, src.device)
         assert DECODE_MIN_PARTITION % cfg["BLOCK_N"] == 0
         n = new or NewTokens(*[src] * 6, 0.0)                    # without `new`, its pointers are never read
         _decode_attention_kernel[(B, n_kv, splits)](

@@ -397,6 +397,9 @@ def _skinny_gemm_kernel(x_ptr, w_ptr, out_ptr, M, N, K, norm_w_ptr, eps, add_ptr
 # wait, the rest of the K loop as before. `bench.py decode-1`, the previous tree beside, one GPU call, decode-8
 # ms/step greedy (sampled): qwen3-0.6b 1.11 / 1.11 (1.12 / 1.12) -> 1.18 / 1.18 (1.19 / 1.19), qwen3-8b 4.63
 # (4.65) -> 4.92 (4.93); decode-1 unchanged. Nothing gained: PDL stays off here.
+# Once more (2026-12-04), after `kernels.pdl_pair` changed how a stream of PDL launches runs: wait first, let the next
+# launch in at the start, grids of at most one program per SM. `bench.py decode-1` (qwen3-0.6b), two pairs in one call:
+# decode-8 0.95 / 0.95 -> 1.02 / 1.02 ms/step greedy, 0.97 / 0.97 -> 1.03 / 1.03 sampled. Off it stays.
 # The tiles again by grid size (H200, 2026-12-02, M = 8, us per call, same harness; BLOCK_N/BLOCK_K/warps/stages,
 # 32 tiles of 16-64 x 128-512 x 4-8 warps x 3-4 stages swept; 32/256/4/4 was the only wide tile):
 #   K -> N (programs of 32 rows)  | 32/256/4/4 | 32/512/4/4 | 32/128/4/3 | best of the sweep
