@@ -445,13 +445,13 @@ def _decode_reduce_kernel(part_o_ptr, part_lse_ptr, out_ptr, num_slots, HEAD_DIM
 # per SM, B=64 ctx=2048 splits in two and loses 3%.
 DECODE_CONFIG = dict(BLOCK_N=64, num_warps=4, num_stages=3)   # BLOCK_N: tokens per K/V tile
 # A bf16 cache's tile by programs (sequences x kv heads x slices) per SM (decode_config). Registers a thread (ptxas,
-# sm_90, Triton 3.6, compiled on the CPU) decide the programs resident per SM: the kernel making
-# its own q (up to FUSED_MAX_BATCH sequences) 167-168 with four warps, 255 with two (3 / 4 per SM; groups 2-8); given
-# q (more sequences) 93-109 / 164-168 (4 / 6 per SM; groups of 4 without slices take 93, 5 per SM, counted as 4).
-# Two warps win where they need fewer rounds of resident programs than four, e.g. 512 programs (3.9 per SM, 1 round
-# against 2), and lose where the rounds are equal (1,024 programs given q: 2 rounds either way). `bench.py timeline`
-# (H200, 2026-12-04; prompts of 800 / 600 tokens), the decode kernel's us per call four -> two warps (the step's span
-# in us, sampled), programs per SM in brackets:
+# sm_90, Triton 3.6, compiled on the CPU) decide the programs resident per SM: the kernel making its own q (up to
+# FUSED_MAX_BATCH sequences) 167-168 with four warps, 255 with two (3 / 4 per SM; groups of 2-8 alike); given q (more
+# sequences) 93-109 / 164-168 (4 / 6 per SM; 93, i.e. 5 per SM, for groups of 4 without slices). Two warps win
+# where they need fewer rounds of resident programs than four, e.g. 512 programs (3.9 per SM, 1 round against 2),
+# and lose where the rounds are equal (1,024 programs given q: 2 rounds either way). `bench.py timeline` (H200,
+# 2026-12-04; prompts of 800 / 600 tokens), the decode kernel's us per call four -> two warps (the step's span in us,
+# sampled), programs per SM in brackets:
 #   qwen3-0.6b, 800 | 32 (3.9) 41.2 -> 32.4 (2,152 -> 1,921) | 64 (3.9) 73.0 -> 57.6 (3,060 -> 2,636)
 #                   | 96 (5.8) 102.2 -> 81.0 (3,945 -> 3,350) | 128 (7.8) 110.5 -> 115.1 (4,209 -> 4,350)
 #                   | 192 (11.6) 168.0 -> 157.1 (5,951 -> 5,655) | 256 (15.5) 226.0 -> 214.3 (7,642 -> 7,322)
@@ -765,6 +765,12 @@ def decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, sha
 # 25,263 greedy (one run each). Measured and not taken (tables in the README's twentieth, twenty-first and thirtieth
 # sessions): the newest token's K/V attended from registers (three ways, 0.70-0.75 against 0.69 ms/token), 8 warps,
 # attention's slices merged in the o GEMV's prologue instead of a reduce launch (even), the products on CUDA cores.
+# Again with two warps (2026-12-04): the fused kernel up to 132 sequences, two warps at 6-8 programs per SM (2 rounds
+# of its 4 resident, as the given-q kernel's 4-warp 2 rounds), against today's given q + qk_norm_rope_store (3.0-3.9
+# us). `bench.py timeline`, attention us per layer (step span in us, sampled / greedy): qwen3-0.6b, prompts of 700, 112
+# sequences 95.5 + 3.0 -> 91.0 (3,809 / 3,767 -> 3,651 / 3,629), 128 100.6 + 3.0 -> 100.2 (3,953 / 3,906 -> 3,916 /
+# 3,887); qwen3-8b, 600, 128 88.4 + 3.9 -> 88.9 (8,412 / 8,354 -> 8,458 / 8,323). Up to 4% of a step at 100-132
+# sequences of the 0.6b alone (at 4-6 per SM the given-q kernel's one round of two warps stays better): not taken.
 FUSED_MAX_BATCH = 64
 FUSED_SKIP_EMPTY_SPLITS = 8
 
