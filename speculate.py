@@ -23,7 +23,8 @@ How it sits in the engine (`LLM.step` hands a step here when `ready`):
     sequence drafting (for n-gram drafts: whose tokens known on the host already end in an n-gram seen before,
     `ngram_gate`), with room for drafts in a verify pass of one decode graph's rows (`max_drafts`), and when a
     round is expected to pay: its cost in plain steps is measured and weighed against the drafts each sequence
-    is expected to keep (MIN_ACCEPTED's comment); other steps are the engine's own.
+    is expected to keep (MIN_ACCEPTED's comment), and it takes the number of drafts (up to K) that pays best;
+    other steps are the engine's own.
   - drafts are appended to the sequence's tokens and marked (`Sequence.num_draft`), so the scheduler computes
     them like a prompt chunk and never puts a block holding an unverified token into the prefix cache.
   - after the verify pass the rejected drafts are cut off: their K/V slots lie past `num_computed` and are
@@ -75,6 +76,14 @@ NGRAM_MAX, NGRAM_MIN = 4, 1      # longest and shortest suffix looked up in the 
 # a sequence expected to keep fewer than MIN_ACCEPTED drafts a pass pauses alone, in tokens, by the same doubling
 # (so that a hopeless sequence leaves a batch's verify passes; set low, as chance dips of a sequence that keeps
 # 40% of K = 8 drafts paused it while the others drafted).
+# A round may also take fewer drafts than K: r grows with the drafts (a draft model's step each), the kept ones
+# less and less (a^j), so the round takes the count k <= K that gives the most tokens per plain step's time,
+# (batch + kept(k)) / r(k). The clock times rounds by their k; a k not timed yet is priced between its neighbours
+# that were (a plain step: 0 drafts, r = 1), which makes it look cheap, so it is tried and timed, and the rule
+# settles on the measured best. qwen3-8b with a qwen3-0.6b draft model, H200, batch 1: r = 1.62 / 1.92 / 2.55 at
+# k = 2 / 4 / 8 (bench.py spec), so at 70% kept K = 8 ran 1.14x and K = 4 1.41x with K drafts in every round; with
+# the choice, K = 8 1.39x (batch 16: 0.94 -> 1.02x), K = 2 / 4 within 3%. Where nothing pays (0% kept) the trials of
+# smaller k cost 1-4%; free drafts (r nearly flat in k) keep K (README, thirty-ninth session).
 MIN_ACCEPTED, PROBE_EVERY, PROBE_MAX = 0.15, 16, 128
 ACCEPT_DECAY = 15 / 16
 PLAIN_REFRESH = 256    # rounds after which the plain steps are timed again (their cost grows with the contexts)
@@ -165,6 +174,17 @@ def expected_kept(a: float, k: int) -> float:
     return max(0, k) if a >= 1 else a * (1 - a ** max(0, k)) / (1 - a)
 
 
+def kept_by_drafts(seqs: list, most: int) -> list[float]:
+    """[sum of expected_kept(acceptance(s), min(k, room(s))) over seqs for k in 0 .. most]: a^j summed once."""
+    added = [0.0] * (most + 1)                       # added[j]: the sequences' chances of keeping their j-th draft
+    for seq in seqs:
+        a, p = acceptance(seq), 1.0
+        for j in range(1, min(most, room(seq)) + 1):
+            p *= a
+            added[j] += p
+    return [sum(added[:k + 1]) for k in range(most + 1)]
+
+
 def note_pass(seq, kept: int, drafted: int, k: int, pausing: bool):
     """A verify pass's outcome into the sequence's acceptance counts; one expected to keep fewer than MIN_ACCEPTED of
     k drafts pauses alone (when pausing), twice as long as last time."""
@@ -203,32 +223,34 @@ class StepClock:
     2.08 / 2.01x -> 1.69 / 2.11 / 2.09x at batch 1, 1.54 / 1.83 / 1.73x -> 1.67 / 1.90 / 1.81x at 16). An interval
     counts only when the next step is a decode step of the same batch size (not an idle gap or a prefill). Each
     cost is the median of the last SAMPLES intervals: one slow step (a kernel compiled on first use, a GC pause)
-    does not move it."""
+    does not move it. Rounds are timed by their drafts per sequence (k)."""
     SAMPLES = 5
 
     def __init__(self):
-        self.plain, self.round = {}, {}        # batch size -> its last intervals, seconds
+        self.plain, self.round = {}, {}        # batch size (, k for rounds) -> its last intervals, seconds
         self.rounds, self.plain_at = 0, {}     # rounds timed so far; their count when a batch size's plain was
-        self.last = self.before = None         # (kind, size, start) of the step in progress; (kind, size) before it
+        self.last = None                       # (kind, size, k, start) of the step in progress
+        self.before = (None, 0, 0)             # (kind, size, k) of the step before it
 
-    def start(self, kind: str | None, batch: int, now: float):
-        """A step starts now: kind "plain", "round" or None (any other step), with `batch` sequences running."""
-        self.last = (kind, size_of(batch), now)
+    def start(self, kind: str | None, batch: int, now: float, k: int = 0):
+        """A step starts now: kind "plain", "round" (of k drafts per sequence) or None (any other step), with `batch`
+        sequences running."""
+        self.last = (kind, size_of(batch), k, now)
 
     def stop(self, batch: int | None, now: float):
         """The step in progress ends now, and a decode step of `batch` sequences comes next (None: another kind)."""
         if self.last is not None:
-            kind, b, t = self.last
+            kind, b, k, t = self.last
             if batch is not None and b == size_of(batch):
                 if kind == "round":
-                    self.round[b] = (self.round.get(b, []) + [now - t])[-self.SAMPLES:]
+                    self.round[b, k] = (self.round.get((b, k), []) + [now - t])[-self.SAMPLES:]
                     self.rounds += 1
-                elif kind == "plain" and self.before == ("plain", b):
+                elif kind == "plain" and self.before[:2] == ("plain", b):
                     self.plain[b] = (self.plain.get(b, []) + [now - t])[-self.SAMPLES:]
                     self.plain_at[b] = self.rounds
-                elif kind == "plain" and self.before == ("round", b) and b in self.round:
-                    self.round[b][-1] += now - t       # the refill after a round
-            self.before = (kind, b)
+                elif kind == "plain" and self.before[:2] == ("round", b) and (b, self.before[2]) in self.round:
+                    self.round[b, self.before[2]][-1] += now - t       # the refill after a round
+            self.before = (kind, b, k)
         self.last = None
 
     def stale(self, batch: int) -> bool:
@@ -236,10 +258,20 @@ class StepClock:
         at = self.plain_at.get(size_of(batch))
         return at is None or self.rounds - at > PLAIN_REFRESH
 
-    def ratio(self, batch: int) -> float | None:
-        """A round's time in plain steps at this batch size (None: no round timed yet)."""
+    def ratio(self, batch: int, k: int) -> float | None:
+        """A round's time in plain steps at this batch size with k drafts per sequence (None: no round timed yet).
+        A k not timed: on the line between the nearest k's timed below and above it (below them all: from a plain
+        step, 0 drafts at 1); past them all, in proportion to the largest."""
         b = size_of(batch)
-        return median(self.round[b]) / median(self.plain[b]) if b in self.round and b in self.plain else None
+        timed = sorted((j, median(v)) for (c, j), v in self.round.items() if c == b)
+        if not timed or b not in self.plain:
+            return None
+        points = [(0, 1.0)] + [(j, t / median(self.plain[b])) for j, t in timed]
+        for (k0, r0), (k1, r1) in zip(points, points[1:]):
+            if k <= k1:
+                return r0 + (r1 - r0) * (k - k0) / (k1 - k0)
+        k1, r1 = points[-1]
+        return 1 + (r1 - 1) * k / k1
 
 
 def size_of(batch: int) -> int:
@@ -262,6 +294,7 @@ class Speculator:
         #                              draft it (NO_MATCH_WAIT's comment); None: every due sequence is (a drafter
         #                              that always proposes: a draft model, the bench's)
         self.drafted = self.accepted = self.verify_steps = self.verified = 0   # verified: sequence-steps
+        self.drafts = k              # drafts per sequence of the round `ready` decided on (pays)
         self.pausing = True          # False: draft at every step (tests; bench.py measures the verify pass's cost so)
         self.max_rows = None         # rows of a verify pass at most (None: the target's largest decode graph)
         self.clock = StepClock()
@@ -288,37 +321,38 @@ class Speculator:
                   and all(s.num_computed == s.num_tokens - 1 for s in sch.running))
         self.clock.stop(len(sch.running) if decode else None, now)
         most = self.max_drafts(llm) if decode else 0
-        go = most > 0 and self.pays(sch.running, most)
-        self.clock.start("plain" if decode and not go else None, len(sch.running), now)
-        return go
+        self.drafts = self.pays(sch.running, most) if most > 0 else 0
+        self.clock.start("plain" if decode and not self.drafts else None, len(sch.running), now)
+        return self.drafts > 0
 
-    def pays(self, running: list, most: int) -> bool:
-        """The batch's rule (MIN_ACCEPTED's comment): whether a round with up to `most` drafts per drafting sequence
-        is expected to give more tokens per second than plain steps, from the rounds and plain steps timed so far.
-        Plain steps are timed first; no round while no due sequence passes the gate; with no round timed yet, or
-        after a pause, a round (it is timed)."""
+    def pays(self, running: list, most: int) -> int:
+        """The batch's rule (MIN_ACCEPTED's comment): the drafts per drafting sequence (1 .. most) of the round
+        expected to give the most tokens per second, if that beats plain steps, from the rounds and plain steps
+        timed so far; 0: a plain step. Plain steps are timed first; no round while no due sequence passes the gate;
+        with no round timed yet, or after a pause, a round of `most` (it is timed)."""
         if not self.pausing:
-            return True
+            return most
         if self.wait_left > 0 and all(id(s) in self.paused for s in running):   # a new sequence ends a pause
             self.wait_left -= 1
-            return False
+            return 0
         if self.clock.stale(len(running)):
-            return False
+            return 0
         drafting = gate_due(running, self.gate)
         if not drafting:
-            return False
-        r = self.clock.ratio(len(running))
-        if r is None or self.probing:
+            return 0
+        B = len(running)
+        if self.clock.ratio(B, most) is None or self.probing:
             self.probing = False
-            return True
-        kept = sum(expected_kept(acceptance(s), min(most, room(s))) for s in drafting)
-        if kept >= (r - 1) * len(running):
+            return most
+        kept = kept_by_drafts(drafting, most)
+        k = max(range(1, most + 1), key=lambda k: (B + kept[k]) / self.clock.ratio(B, k))
+        if B + kept[k] >= B * self.clock.ratio(B, k):
             self.wait = 0
-            return True
+            return k
         self.wait = min(2 * self.wait, PROBE_MAX) if self.wait else PROBE_EVERY
         self.wait_left, self.probing = self.wait - 1, True      # this step is the pause's first
         self.paused = {id(s) for s in running}
-        return False
+        return 0
 
     def step(self, llm) -> list:
         """One speculative step of the engine (see the file's docstring): launches a round, which `collect` reads
@@ -326,9 +360,9 @@ class Speculator:
         StepOutputs of the plain step it collected first, if any."""
         outputs = llm.collect(llm.in_flight) if llm.in_flight is not None else []
         llm.in_flight = None
-        self.clock.start("round", len(llm.scheduler.running), time.perf_counter())
         sch = llm.scheduler
-        most = self.max_drafts(llm)
+        most = min(self.max_drafts(llm), self.drafts)
+        self.clock.start("round", len(sch.running), time.perf_counter(), most)
         for seq in sch.running:                      # drafts, never past the request's last token
             k = min(most, room(seq)) if due(seq) else 0
             if self.model is not None:

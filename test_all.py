@@ -1031,7 +1031,7 @@ def test_speculation_pauses_failing_drafts(ckpt, monkeypatch):
     path, hf = ckpt
     llm = engine(path, speculative_method="ngram", num_speculative_tokens=3)
     monkeypatch.setattr(llm.speculator.clock, "stale", lambda batch: False)
-    monkeypatch.setattr(llm.speculator.clock, "ratio", lambda batch: 1.0)
+    monkeypatch.setattr(llm.speculator.clock, "ratio", lambda batch, k: 1.0)
     prompt = llm.tokenizer.encode(PROMPTS[1])
     n = 100
     want = hf_greedy(hf, prompt, n)
@@ -1058,7 +1058,7 @@ def test_speculation_pays_or_pauses_the_batch(ckpt, monkeypatch, cost):
     path, hf = ckpt
     llm = engine(path, speculative_method="ngram", num_speculative_tokens=3)
     monkeypatch.setattr(llm.speculator.clock, "stale", lambda batch: False)
-    monkeypatch.setattr(llm.speculator.clock, "ratio", lambda batch: cost)
+    monkeypatch.setattr(llm.speculator.clock, "ratio", lambda batch, k: cost)
     prompt = llm.tokenizer.encode(PROMPTS[1])
     n = 60
     want = hf_greedy(hf, prompt, n)
@@ -1081,7 +1081,7 @@ def test_speculation_without_matches_waits(ckpt, monkeypatch):
     path, hf = ckpt
     llm = engine(path, speculative_method="ngram", num_speculative_tokens=3)
     monkeypatch.setattr(llm.speculator.clock, "stale", lambda batch: False)     # rounds always pay: the looks
-    monkeypatch.setattr(llm.speculator.clock, "ratio", lambda batch: 1.0)       # depend on the wait alone
+    monkeypatch.setattr(llm.speculator.clock, "ratio", lambda batch, k: 1.0)       # depend on the wait alone
     calls = []
     llm.speculator.drafter = lambda seq, k: calls.append(seq.num_tokens) or []
     llm.speculator.gate = None                       # every due sequence is looked up after collecting (next test)
@@ -1119,7 +1119,7 @@ def test_speculation_gate_keeps_steps_overlapped(ckpt, monkeypatch):
     path, hf = ckpt
     llm = engine(path, speculative_method="ngram", num_speculative_tokens=3)
     monkeypatch.setattr(llm.speculator.clock, "stale", lambda batch: False)
-    monkeypatch.setattr(llm.speculator.clock, "ratio", lambda batch: 1.0)
+    monkeypatch.setattr(llm.speculator.clock, "ratio", lambda batch, k: 1.0)
     prompt = llm.tokenizer.encode(PROMPTS[1])
     want = hf_greedy(hf, prompt, 40)
     calls, gated = [], []
@@ -1142,7 +1142,7 @@ def test_speculation_rule_counts_gated_sequences(ckpt, monkeypatch):
     path, hf = ckpt
     llm = engine(path, speculative_method="ngram", num_speculative_tokens=4)
     monkeypatch.setattr(llm.speculator.clock, "stale", lambda batch: False)
-    monkeypatch.setattr(llm.speculator.clock, "ratio", lambda batch: 2.5)
+    monkeypatch.setattr(llm.speculator.clock, "ratio", lambda batch, k: 2.5)
     prompts = [llm.tokenizer.encode(p) for p in PROMPTS[1:3]]
     want = {tuple(p): hf_greedy(hf, p, 40) for p in prompts}
     llm.speculator.drafter = lambda seq, k: want[tuple(seq.prompt_ids)][seq.num_tokens - len(seq.prompt_ids):][:k]
@@ -1208,32 +1208,65 @@ def test_speculation_not_beside_ineligible_requests(ckpt):
 def test_step_clock():
     """StepClock times a plain step only after another plain step of the same batch size, a round from its start
     (and the plain step after it, into the round), and neither when the next step is not a decode step of that
-    size; ratio = round / plain, each the median of the last intervals (a slow one does not move it)."""
+    size; ratio = round / plain, each the median of the last intervals (a slow one does not move it). Rounds are
+    timed by their drafts per sequence; a count not timed is priced on the line between its timed neighbours (a
+    plain step: 0 drafts at 1), past them in proportion to the largest."""
     import speculate
     c = speculate.StepClock()
     c.start(None, 2, 0.0)                     # a prefill
     c.stop(2, 1.0)
     c.start("plain", 2, 1.0)                  # the first plain step: nothing in flight before it, not timed
     c.stop(2, 1.1)
-    assert c.stale(2) and c.ratio(2) is None
+    assert c.stale(2) and c.ratio(2, 4) is None
     c.start("plain", 2, 1.1)
     c.stop(2, 1.3)
-    assert not c.stale(2) and c.plain == {2: [pytest.approx(0.2)]} and c.ratio(2) is None
-    c.start("round", 2, 1.35)
+    assert not c.stale(2) and c.plain == {2: [pytest.approx(0.2)]} and c.ratio(2, 4) is None
+    c.start("round", 2, 1.35, 4)
     c.stop(2, 1.85)
     c.start("plain", 2, 1.85)                 # the pipeline's refill after a round: the round's cost
     c.stop(2, 1.95)
-    assert c.ratio(2) == pytest.approx(3.0) and c.ratio(1) is None and c.plain[2] == [pytest.approx(0.2)]
-    c.start("round", 2, 2.0)
+    assert c.ratio(2, 4) == pytest.approx(3.0) and c.ratio(1, 4) is None and c.plain[2] == [pytest.approx(0.2)]
+    assert c.ratio(2, 2) == pytest.approx(2.0) and c.ratio(2, 8) == pytest.approx(5.0)   # 1 + 2 x 2 / 4; 1 + 2 x 8 / 4
+    c.start("round", 2, 2.0, 4)
     c.stop(None, 9.0)                         # the requests ended: an idle gap, not a round
-    c.start("round", 2, 10.0)
+    c.start("round", 2, 10.0, 4)
     c.stop(1, 11.0)                           # a sequence finished in the round: another batch size
     for t, dt in ((12.0, 30.0), (50.0, 0.5), (51.0, 0.7), (52.0, 0.6)):
-        c.start("round", 2, t)                # a slow round (a compile) among normal ones
+        c.start("round", 2, t, 4)             # a slow round (a compile) among normal ones
         c.stop(2, t + dt)
-    assert c.ratio(2) == pytest.approx(0.6 / 0.2) and c.rounds == 5
+    assert c.ratio(2, 4) == pytest.approx(0.6 / 0.2) and c.rounds == 5
+    c.start("round", 2, 60.0, 2)              # two drafts timed: 2.5 plain steps
+    c.stop(2, 60.5)
+    assert c.ratio(2, 2) == pytest.approx(2.5) and c.ratio(2, 3) == pytest.approx(2.75)
+    assert c.ratio(2, 1) == pytest.approx(1.75) and c.ratio(2, 4) == pytest.approx(3.0)
     c.rounds += speculate.PLAIN_REFRESH
     assert c.stale(2)                         # plain steps timed again after PLAIN_REFRESH rounds
+
+
+def test_speculation_chooses_drafts_per_round(ckpt, monkeypatch):
+    """A round takes the drafts per sequence (up to K) that give the most tokens per plain step's time: where each
+    draft costs half a plain step, at the prior acceptance (0.75) one draft is best ((1 + 0.75) / 1.5 against
+    (1 + 1.31) / 2 for two), and as right drafts raise the acceptance, more; where drafts cost nothing, K. The kept
+    tokens stay greedy's."""
+    import speculate
+    path, hf = ckpt
+    prompt_text = PROMPTS[1]
+    for cost, first in ((lambda batch, k: 1 + 0.5 * k, 1), (lambda batch, k: 1.0, 3)):
+        llm = engine(path, speculative_method="ngram", num_speculative_tokens=3)
+        monkeypatch.setattr(llm.speculator.clock, "stale", lambda batch: False)
+        monkeypatch.setattr(llm.speculator.clock, "ratio", cost)
+        prompt = llm.tokenizer.encode(prompt_text)
+        want = hf_greedy(hf, prompt, 40)
+        asked = []
+        llm.speculator.drafter = lambda seq, k: asked.append(k) or want[seq.num_tokens - len(prompt):][:k]
+        llm.speculator.gate = None
+        assert llm.generate([prompt], greedy(max_tokens=40, ignore_eos=True))[0].token_ids == want
+        assert asked[0] == first and max(asked) == 3, asked
+        assert_no_leak(llm)
+    kept = speculate.kept_by_drafts([SimpleNamespace(spec_kept=3.0, spec_missed=1.0, max_tokens=10, num_tokens=5,
+                                                     prompt_ids=[0] * 3)], 4)
+    assert kept == pytest.approx([0, 0.75, 0.75 + 0.75 ** 2, 0.75 + 0.75 ** 2 + 0.75 ** 3,
+                                  0.75 + 0.75 ** 2 + 0.75 ** 3 + 0.75 ** 4])
 
 
 def test_speculation_verify_rows_not_fused(ckpt, monkeypatch):
