@@ -242,7 +242,7 @@ class StepClock:
         if self.last is not None:
             kind, b, k, t = self.last
             if batch is not None and b == size_of(batch):
-                if kind == "round":
+                if kind == "round" and k > 0:          # (k = 0: no sequence could draft after all)
                     self.round[b, k] = (self.round.get((b, k), []) + [now - t])[-self.SAMPLES:]
                     self.rounds += 1
                 elif kind == "plain" and self.before[:2] == ("plain", b):
