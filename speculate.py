@@ -51,6 +51,7 @@ The bench replaces `drafter` (or, with a draft model, rewrites its drafts throug
 continuation, partly corrupted, and so measure the mechanism at a chosen acceptance rate (bench.py spec); for the
 rows of the engine's own rule it judges drafts by coin flips instead (`judge`).
 """
+import itertools
 import time
 from typing import NamedTuple
 
@@ -182,7 +183,7 @@ def kept_by_drafts(seqs: list, most: int) -> list[float]:
         for j in range(1, min(most, room(seq)) + 1):
             p *= a
             added[j] += p
-    return [sum(added[:k + 1]) for k in range(most + 1)]
+    return list(itertools.accumulate(added))
 
 
 def note_pass(seq, kept: int, drafted: int, k: int, pausing: bool):
@@ -266,7 +267,8 @@ class StepClock:
         timed = sorted((j, median(v)) for (c, j), v in self.round.items() if c == b)
         if not timed or b not in self.plain:
             return None
-        points = [(0, 1.0)] + [(j, t / median(self.plain[b])) for j, t in timed]
+        plain = median(self.plain[b])
+        points = [(0, 1.0)] + [(j, t / plain) for j, t in timed]
         for (k0, r0), (k1, r1) in zip(points, points[1:]):
             if k <= k1:
                 return r0 + (r1 - r0) * (k - k0) / (k1 - k0)
@@ -341,12 +343,13 @@ class Speculator:
         if not drafting:
             return 0
         B = len(running)
-        if self.clock.ratio(B, most) is None or self.probing:
+        r = [self.clock.ratio(B, k) for k in range(most + 1)]    # r[k]: a round of k drafts, in plain steps
+        if r[0] is None or self.probing:
             self.probing = False
             return most
         kept = kept_by_drafts(drafting, most)
-        k = max(range(1, most + 1), key=lambda k: (B + kept[k]) / self.clock.ratio(B, k))
-        if B + kept[k] >= B * self.clock.ratio(B, k):
+        k = max(range(1, most + 1), key=lambda k: (B + kept[k]) / r[k])
+        if B + kept[k] >= B * r[k]:
             self.wait = 0
             return k
         self.wait = min(2 * self.wait, PROBE_MAX) if self.wait else PROBE_EVERY
