@@ -325,22 +325,24 @@ def coin_judge(kept: float, rng: random.Random):
 
 def run_spec(b: Bench):
     """Speculative decoding (speculate.py) at controlled acceptance, batch 1 and 16, K = 2, 4, 8, against the same
-    requests without speculation (greedy, decode_prompt-token prompts, decode_tokens out; ms/token = wall time /
-    tokens per sequence; the floor is plain decoding's). Rows drafting at every step (Speculator.pausing off)
-    propose the target's own continuation (from a first run with every draft wrong: random weights' near-tied
+    requests without speculation (decode_prompt-token prompts, decode_tokens out; ms/token = wall time / tokens per
+    sequence; the floor is plain decoding's). Rows drafting at every step (Speculator.pausing off) decode greedily
+    and propose the target's own continuation (from a first run with every draft wrong: random weights' near-tied
     logits make plain decoding's differ), each draft wrong with probability 1 - kept; with --speculative-model the
     draft model runs every round and its drafts are replaced. The "adaptive" rows run the engine's rule (plain steps
-    in between would leave that path), so coin_judge keeps each draft with the chosen chance instead."""
+    in between would leave that path), so coin_judge keeps each draft with the chosen chance instead, whatever the
+    tokens: so they run greedy and with Qwen3's sampling (`variants`), each against its own run without drafts."""
     w = b.w
     draft = b.eargs.speculative_model is not None
     llm = engine(b, speculative_method="draft" if draft else "ngram")
     spec, rows, details = llm.speculator, [], {}
-    params = SamplingParams(temperature=0.0, max_tokens=w.decode_tokens, ignore_eos=True)
+    greedy = {"temperature": 0.0}
+    sampled = [(label, kw) for label, kw in variants(b, llm) if label != "greedy"]   # Qwen3's sampling (none: greedy)
 
-    def timed(prompts):
+    def timed(prompts, sampling=greedy):
         llm.blocks.clear_cache()
         t0 = time.perf_counter()
-        outs = llm.generate(prompts, params)
+        outs = llm.generate(prompts, SamplingParams(**sampling, max_tokens=w.decode_tokens, ignore_eos=True))
         while llm.has_work():                          # a round launched before the last tokens were reported
             llm.step()
         return time.perf_counter() - t0, {tuple(p): o.token_ids for p, o in zip(prompts, outs)}
@@ -355,37 +357,42 @@ def run_spec(b: Bench):
         prompts = random_prompts(B, w.decode_prompt, b.cfg.vocab_size, seed=3)
         llm.speculator = None
         seconds, cont = timed(prompts)
+        base = {None: 1e3 * seconds / w.decode_tokens}                # ms/token without drafts, by sampling label
+        for label, kw in sampled:
+            base[label] = 1e3 * timed(prompts, kw)[0] / w.decode_tokens
         llm.speculator = spec
-        base_ms = 1e3 * seconds / w.decode_tokens
         fl = B * b.bandwidth / weight_bytes(b.cfg, b.dtype.itemsize)
-        rows.append(row(f"spec off, B={B}", B * 1e3 / base_ms, fl, f"{base_ms:.2f} ms/token"))
+        for label, ms in base.items():
+            rows.append(row(f"spec off, B={B}" + (f", {label}" if label else ""), B * 1e3 / ms, fl, f"{ms:.2f} ms/token"))
         # untimed: a pause's long catch-up runs eagerly, and its first run compiles kernels (1.5 s at B=16)
         spec.k = 2
         drafting(0.0, True, 0)
-        timed(prompts)
+        for _, kw in [(None, greedy)] + sampled:
+            timed(prompts, kw)
         for K in (2, 4, 8):
             spec.k = K
             # the first run's tokens are the later runs' continuation
-            for kept, adaptive in ((0.0, False), (1.0, False), (0.7, False), (0.4, False), (0.7, True), (0.4, True),
-                                   (0.0, True)):
+            cases = [(kept, False, None) for kept in (0.0, 1.0, 0.7, 0.4)]
+            cases += [(kept, True, label) for label in (None, *(label for label, _ in sampled)) for kept in (0.7, 0.4, 0.0)]
+            for kept, adaptive, label in cases:
                 drafting(kept, adaptive, K)
                 before = spec.stats()
-                seconds, got = timed(prompts)
+                seconds, got = timed(prompts, dict(sampled)[label] if label else greedy)
                 if kept == 0.0 and not adaptive:
                     cont = got
                 st = {k: v - before[k] for k, v in spec.stats().items()}
-                ms = 1e3 * seconds / w.decode_tokens
+                ms, base_ms = 1e3 * seconds / w.decode_tokens, base[label]
                 measured = st["spec_accepted_tokens"] / max(1, st["spec_draft_tokens"])
                 if kept == 1.0 and measured < 0.9:         # drafts equal to its own tokens: the target disagreed
                     print(f"warning: B={B} K={K}: {measured:.0%} of the target's own continuation kept: its verify "
                           f"pass does not reproduce its tokens (a race, or rows computed differently)", file=sys.stderr)
                 per_step = 1 + st["spec_accepted_tokens"] / max(1, st["spec_verified_seqs"])
-                label = (f"spec B={B} K={K} drafts kept {kept:.0%}" + (", adaptive" if adaptive else "")
-                         + (f", draft model {b.eargs.speculative_model}" if draft else ""))
-                rows.append(row(label, B * 1e3 / ms, fl, f"{ms:.2f} ms/token, {base_ms / ms:.2f}x spec off; "
+                name = (f"spec B={B} K={K} drafts kept {kept:.0%}" + (", adaptive" if adaptive else "")
+                        + (f", {label}" if label else "") + (f", draft model {b.eargs.speculative_model}" if draft else ""))
+                rows.append(row(name, B * 1e3 / ms, fl, f"{ms:.2f} ms/token, {base_ms / ms:.2f}x spec off; "
                                 f"acceptance {measured:.0%}, {per_step:.2f} tokens per verify pass, "
                                 f"{st['spec_verify_steps']} passes"))
-                details[label] = {"ms_per_token": ms, "speedup": base_ms / ms, "acceptance": measured,
+                details[name] = {"ms_per_token": ms, "speedup": base_ms / ms, "acceptance": measured,
                                   "tokens_per_step": per_step, "verify_passes": st["spec_verify_steps"]}
     return rows, details
 

@@ -3276,6 +3276,31 @@ def test_bn_tiny_run_writes_json(tmp_path):
     assert abs(peer8["mean_abs_logit_diff"] - ours8["mean_abs_logit_diff"]) < 1e-6
 
 
+def test_bn_spec_rows_greedy_and_sampled(tmp_path):
+    """bench.py spec on the CPU: every row for both batches and K's, the adaptive ones with Qwen3's sampling beside
+    greedy (each against its own run without drafts); drafts of the target's own continuation all kept."""
+    out = tmp_path / "spec.json"
+    ret = bench.main(["spec", "--model", "tiny", "--out", str(out)])
+    rows = {row["workload"]: row for row in ret["rows"]}
+    qwen3 = "T 0.6, top-p 0.95, top-k 20"
+    want = set()
+    for B in (1, 16):
+        want |= {f"spec off, B={B}", f"spec off, B={B}, {qwen3}"}
+        for K in (2, 4, 8):
+            want |= {f"spec B={B} K={K} drafts kept {kept}" for kept in ("0%", "100%", "70%", "40%")}
+            want |= {f"spec B={B} K={K} drafts kept {kept}, adaptive{s}" for kept in ("70%", "40%", "0%")
+                     for s in ("", f", {qwen3}")}
+    assert set(rows) == want
+    details = ret["details"]["spec"]
+    for B in (1, 16):
+        for K in (2, 4, 8):
+            assert details[f"spec B={B} K={K} drafts kept 100%"]["acceptance"] == 1.0
+            for s in ("", f", {qwen3}"):
+                d = details[f"spec B={B} K={K} drafts kept 70%, adaptive{s}"]
+                assert d["verify_passes"] > 0 and d["tokens_per_step"] > 1, (B, K, s, d)
+    assert json.loads(out.read_text())["rows"] == ret["rows"]
+
+
 def test_bn_stream_client_counts_chunks_and_usage():
     """stream_completion against a stand-in for serve.py: 3 text chunks, then usage, then [DONE]."""
     class Handler(BaseHTTPRequestHandler):
