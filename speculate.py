@@ -301,7 +301,7 @@ class Speculator:
         self.max_rows = None         # rows of a verify pass at most (None: the target's largest decode graph)
         self.clock = StepClock()
         self.wait = self.wait_left = 0         # the batch's pause: its length and the plain steps left of it,
-        self.paused = set()                    # and the sequences it was taken for (ids)
+        self.paused = {}                       # and the sequences it was taken for (by id)
         self.probing = False
 
     def max_drafts(self, llm) -> int:
@@ -334,9 +334,12 @@ class Speculator:
         with no round timed yet, or after a pause, a round of `most` (it is timed)."""
         if not self.pausing:
             return most
-        if self.wait_left > 0 and all(id(s) in self.paused for s in running):   # a new sequence ends a pause
-            self.wait_left -= 1
-            return 0
+        if self.wait_left > 0:                         # a pause: plain steps, until a new sequence joins
+            if all(id(s) in self.paused for s in running):
+                self.wait_left -= 1
+                return 0
+            self.wait_left = 0
+        self.paused = {}
         if self.clock.stale(len(running)):
             return 0
         drafting = gate_due(running, self.gate)
@@ -354,7 +357,7 @@ class Speculator:
             return k
         self.wait = min(2 * self.wait, PROBE_MAX) if self.wait else PROBE_EVERY
         self.wait_left, self.probing = self.wait - 1, True      # this step is the pause's first
-        self.paused = {id(s) for s in running}
+        self.paused = {id(s): s for s in running}   # held: a freed sequence's id is the next new object's
         return 0
 
     def step(self, llm) -> list:

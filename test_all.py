@@ -1074,6 +1074,33 @@ def test_speculation_pays_or_pauses_the_batch(ckpt, monkeypatch, cost):
     assert_no_leak(llm)
 
 
+def test_speculation_new_sequence_ends_the_pause(ckpt, monkeypatch):
+    """A batch paused by the rule (drafts that do not pay) resumes drafting as soon as a new sequence joins it, and
+    the pause ends there: its steps left and its sequences do not linger (a later sequence given a freed paused
+    one's id would otherwise sit out the rest of it: `bench.py spec`, H200, drafts of a draft model kept 70%, batch
+    1, K = 2, two verify passes in 256 tokens where the same row ran 121 in another call)."""
+    path, hf = ckpt
+    llm = engine(path, speculative_method="ngram", num_speculative_tokens=3)
+    spec = llm.speculator
+    monkeypatch.setattr(spec.clock, "stale", lambda batch: False)
+    monkeypatch.setattr(spec.clock, "ratio", lambda batch, k: 3.0)
+    prompts = [llm.tokenizer.encode(p) for p in PROMPTS[:2]]
+    n = 40
+    wants = [hf_greedy(hf, p, n) for p in prompts]
+    spec.gate = None
+    spec.drafter = lambda seq, k: [wants[0][seq.num_tokens - len(prompts[0])]] + [(wants[0][0] + 1) % 512] * 9
+    assert llm.generate([prompts[0]], greedy(max_tokens=n, ignore_eos=True))[0].token_ids == wants[0]
+    assert spec.wait_left > 0                                  # paused (one kept a pass; 2 needed at 3 steps)
+    monkeypatch.setattr(spec.clock, "ratio", lambda batch, k: 1.5)          # now drafting pays
+    spec.drafter = lambda seq, k: wants[1][seq.num_tokens - len(prompts[1]):][:k]
+    before = llm.stats()
+    assert llm.generate([prompts[1]], greedy(max_tokens=n, ignore_eos=True))[0].token_ids == wants[1]
+    kept = llm.stats()["spec_accepted_tokens"] - before["spec_accepted_tokens"]
+    assert kept >= n - 12, kept                                # drafting from its first decode step
+    assert spec.wait_left == 0 and not spec.paused             # the pause is over, not left for a later sequence
+    assert_no_leak(llm)
+
+
 def test_speculation_without_matches_waits(ckpt, monkeypatch):
     """A sequence whose n-gram lookup finds nothing looks again only speculate.NO_MATCH_WAIT tokens later (such a
     step runs synchronously); with pausing off it looks at every step."""
