@@ -284,56 +284,21 @@ def median(xs: list) -> float:
     return sorted(xs)[len(xs) // 2]
 
 
-class Speculator:
-    """Drafting and verification state of one engine (the counters feed /metrics and bench.py)."""
+class BatchRule:
+    """Whether a round pays, and how many drafts it takes, for the whole batch; the batch's pause when none does
+    (MIN_ACCEPTED's comment): from the StepClock's costs and the drafting sequences' acceptance."""
 
-    def __init__(self, k: int, model: "DraftModel | None" = None):
-        self.k, self.model = k, model
-        self.drafter = ngram_drafts   # (Sequence, k) -> up to k draft tokens
-        self.rewrite = None          # bench: (Sequence, its draft model's drafts) -> the drafts to verify
-        self.judge = None            # bench: (Sequence, drafts, target's tokens) -> drafts kept (not the exact rule)
-        self.gate = ngram_gate if model is None else None   # (Sequence) -> worth collecting the step in flight to
-        #                              draft it (NO_MATCH_WAIT's comment); None: every due sequence is (a drafter
-        #                              that always proposes: a draft model, the bench's)
-        self.drafted = self.accepted = self.verify_steps = self.verified = 0   # verified: sequence-steps
-        self.drafts = k              # drafts per sequence of the round `ready` decided on (pays)
-        self.pausing = True          # False: draft at every step (tests; bench.py measures the verify pass's cost so)
-        self.max_rows = None         # rows of a verify pass at most (None: the target's largest decode graph)
-        self.clock = StepClock()
-        self.wait = self.wait_left = 0         # the batch's pause: its length and the plain steps left of it,
+    def __init__(self, clock: StepClock):
+        self.clock = clock
+        self.wait = self.wait_left = 0         # the pause: its length and the plain steps left of it,
         self.paused = {}                       # and the sequences it was taken for (by id)
-        self.probing = False
+        self.probing = False                   # the round after the pause is a probe of `most` drafts
 
-    def max_drafts(self, llm) -> int:
-        """Drafts per drafting sequence this step at most, so that the verify pass (every running sequence's last
-        token, and the drafts) fits one decode graph: an eager pass is launch-bound. qwen3-8b, H200, free drafts,
-        K = 8, always drafting, ms/token eager verify -> capped (scratch, same call): batch 32 kept 100% 3.42 ->
-        2.30, 70% 10.63 -> 5.33, 0% 21.38 -> 10.70; batch 64 (7.14 without speculation) 4.81 -> 4.18, 14.74 ->
-        6.46, 25.56 -> 11.59."""
-        running = llm.scheduler.running
-        rows = self.max_rows or decode_row_limit(llm.runner)
-        drafting = sum(map(due, running))
-        return min(self.k, (rows - len(running)) // drafting) if drafting else 0
-
-    def ready(self, llm) -> bool:
-        """Whether this step speculates: a pure decode phase (see the file's docstring) in which some sequence
-        drafts, when a round pays (pays); the other steps are the engine's own, overlapped, plain ones."""
-        sch, now = llm.scheduler, time.perf_counter()
-        decode = (not sch.waiting and bool(sch.running) and not llm.num_unspeculable   # (no request waits: all run)
-                  and all(s.num_computed == s.num_tokens - 1 for s in sch.running))
-        self.clock.stop(len(sch.running) if decode else None, now)
-        most = self.max_drafts(llm) if decode else 0
-        self.drafts = self.pays(sch.running, most) if most > 0 else 0
-        self.clock.start("plain" if decode and not self.drafts else None, len(sch.running), now)
-        return self.drafts > 0
-
-    def pays(self, running: list, most: int) -> int:
+    def pays(self, running: list, most: int, gate) -> int:
         """The batch's rule (MIN_ACCEPTED's comment): the drafts per drafting sequence (1 .. most) of the round
         expected to give the most tokens per second, if that beats plain steps, from the rounds and plain steps
-        timed so far; 0: a plain step. Plain steps are timed first; no round while no due sequence passes the gate;
-        with no round timed yet, or after a pause, a round of `most` (it is timed)."""
-        if not self.pausing:
-            return most
+        timed so far; 0: a plain step. Plain steps are timed first; no round while no due sequence passes the gate
+        (Speculator.gate); with no round timed yet, or after a pause, a round of `most` (it is timed)."""
         if self.wait_left > 0:                         # a pause: plain steps, until a new sequence joins
             if all(id(s) in self.paused for s in running):
                 self.wait_left -= 1
@@ -342,7 +307,7 @@ class Speculator:
         self.paused = {}
         if self.clock.stale(len(running)):
             return 0
-        drafting = gate_due(running, self.gate)
+        drafting = gate_due(running, gate)
         if not drafting:
             return 0
         B = len(running)
@@ -359,6 +324,50 @@ class Speculator:
         self.wait_left, self.probing = self.wait - 1, True      # this step is the pause's first
         self.paused = {id(s): s for s in running}   # held: a freed sequence's id is the next new object's
         return 0
+
+
+class Speculator:
+    """Drafting and verification state of one engine (the counters feed /metrics and bench.py)."""
+
+    def __init__(self, k: int, model: "DraftModel | None" = None):
+        self.k, self.model = k, model
+        self.drafter = ngram_drafts   # (Sequence, k) -> up to k draft tokens
+        self.rewrite = None          # bench: (Sequence, its draft model's drafts) -> the drafts to verify
+        self.judge = None            # bench: (Sequence, drafts, target's tokens) -> drafts kept (not the exact rule)
+        self.gate = ngram_gate if model is None else None   # (Sequence) -> worth collecting the step in flight to
+        #                              draft it (NO_MATCH_WAIT's comment); None: every due sequence is (a drafter
+        #                              that always proposes: a draft model, the bench's)
+        self.drafted = self.accepted = self.verify_steps = self.verified = 0   # verified: sequence-steps
+        self.drafts = k              # drafts per sequence of the round `ready` decided on (pays)
+        self.pausing = True          # False: draft at every step (tests; bench.py measures the verify pass's cost so)
+        self.max_rows = None         # rows of a verify pass at most (None: the target's largest decode graph)
+        self.clock = StepClock()
+        self.rule = BatchRule(self.clock)
+
+    def max_drafts(self, llm) -> int:
+        """Drafts per drafting sequence this step at most, so that the verify pass (every running sequence's last
+        token, and the drafts) fits one decode graph: an eager pass is launch-bound. qwen3-8b, H200, free drafts,
+        K = 8, always drafting, ms/token eager verify -> capped (scratch, same call): batch 32 kept 100% 3.42 ->
+        2.30, 70% 10.63 -> 5.33, 0% 21.38 -> 10.70; batch 64 (7.14 without speculation) 4.81 -> 4.18, 14.74 ->
+        6.46, 25.56 -> 11.59."""
+        running = llm.scheduler.running
+        rows = self.max_rows or decode_row_limit(llm.runner)
+        drafting = sum(map(due, running))
+        return min(self.k, (rows - len(running)) // drafting) if drafting else 0
+
+    def ready(self, llm) -> bool:
+        """Whether this step speculates: a pure decode phase (see the file's docstring) in which some sequence
+        drafts, when a round pays (BatchRule); the other steps are the engine's own, overlapped, plain ones."""
+        sch, now = llm.scheduler, time.perf_counter()
+        decode = (not sch.waiting and bool(sch.running) and not llm.num_unspeculable   # (no request waits: all run)
+                  and all(s.num_computed == s.num_tokens - 1 for s in sch.running))
+        self.clock.stop(len(sch.running) if decode else None, now)
+        most = self.max_drafts(llm) if decode else 0
+        self.drafts = 0
+        if most > 0:                                   # pausing off (tests, bench.py): every step drafts `most`
+            self.drafts = self.rule.pays(sch.running, most, self.gate) if self.pausing else most
+        self.clock.start("plain" if decode and not self.drafts else None, len(sch.running), now)
+        return self.drafts > 0
 
     def step(self, llm) -> list:
         """One speculative step of the engine (see the file's docstring): launches a round, which `collect` reads

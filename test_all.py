@@ -1090,14 +1090,14 @@ def test_speculation_new_sequence_ends_the_pause(ckpt, monkeypatch):
     spec.gate = None
     spec.drafter = lambda seq, k: [wants[0][seq.num_tokens - len(prompts[0])]] + [(wants[0][0] + 1) % 512] * 9
     assert llm.generate([prompts[0]], greedy(max_tokens=n, ignore_eos=True))[0].token_ids == wants[0]
-    assert spec.wait_left > 0                                  # paused (one kept a pass; 2 needed at 3 steps)
+    assert spec.rule.wait_left > 0                             # paused (one kept a pass; 2 needed at 3 steps)
     monkeypatch.setattr(spec.clock, "ratio", lambda batch, k: 1.5)          # now drafting pays
     spec.drafter = lambda seq, k: wants[1][seq.num_tokens - len(prompts[1]):][:k]
     before = llm.stats()
     assert llm.generate([prompts[1]], greedy(max_tokens=n, ignore_eos=True))[0].token_ids == wants[1]
     kept = llm.stats()["spec_accepted_tokens"] - before["spec_accepted_tokens"]
     assert kept >= n - 12, kept                                # drafting from its first decode step
-    assert spec.wait_left == 0 and not spec.paused             # the pause is over, not left for a later sequence
+    assert spec.rule.wait_left == 0 and not spec.rule.paused   # the pause is over, not left for a later sequence
     assert_no_leak(llm)
 
 
