@@ -73,9 +73,7 @@ NGRAM_MAX, NGRAM_MIN = 4, 1      # longest and shortest suffix looked up in the 
 # last 16 passes), starting from 4.5 and 1.5 (0.75, worth 6 drafts: with 2, two unlucky passes at batch 1 paused
 # runs that pay), and K drafts keep a + a^2 .. + a^K of them (expected_kept). When a round would not pay, the whole
 # batch decodes plainly for PROBE_EVERY steps, then runs one round again (a probe, which measures again); each
-# probe of the same batch that fails doubles the pause, up to PROBE_MAX; a new sequence in the batch ends a pause,
-# and the batch's next pause is PROBE_EVERY again (a batch that inherited the last one's 128 steps probed once in 256
-# tokens: `bench.py spec`, qwen3-8b + qwen3-0.6b draft, batch 16, sampled, kept 70%, 2 passes). Apart from that,
+# probe that fails doubles the pause, up to PROBE_MAX; a new sequence in the batch ends a pause. Apart from that,
 # a sequence expected to keep fewer than MIN_ACCEPTED drafts a pass pauses alone, in tokens, by the same doubling
 # (so that a hopeless sequence leaves a batch's verify passes; set low, as chance dips of a sequence that keeps
 # 40% of K = 8 drafts paused it while the others drafted).
@@ -293,7 +291,7 @@ class BatchRule:
     def __init__(self, clock: StepClock):
         self.clock = clock
         self.wait = self.wait_left = 0         # the pause: its length and the plain steps left of it,
-        self.paused = set()                    # and the requests it was taken for
+        self.paused = {}                       # and the sequences it was taken for (by id)
         self.probing = False                   # the round after the pause is a probe of `most` drafts
 
     def pays(self, running: list, most: int, gate) -> int:
@@ -301,12 +299,12 @@ class BatchRule:
         expected to give the most tokens per second, if that beats plain steps, from the rounds and plain steps
         timed so far; 0: a plain step. Plain steps are timed first; no round while no due sequence passes the gate
         (Speculator.gate); with no round timed yet, or after a pause, a round of `most` (it is timed)."""
-        same = all(s.request_id in self.paused for s in running)     # the batch of the last pause
         if self.wait_left > 0:                         # a pause: plain steps, until a new sequence joins
-            if same:
+            if all(id(s) in self.paused for s in running):
                 self.wait_left -= 1
                 return 0
             self.wait_left = 0
+        self.paused = {}
         if self.clock.stale(len(running)):
             return 0
         drafting = gate_due(running, gate)
@@ -320,11 +318,11 @@ class BatchRule:
         kept = kept_by_drafts(drafting, most)
         k = max(range(1, most + 1), key=lambda k: (B + kept[k]) / r[k])
         if B + kept[k] >= B * r[k]:
-            self.wait, self.paused = 0, set()
+            self.wait = 0
             return k
-        self.wait = min(2 * self.wait, PROBE_MAX) if self.wait and same else PROBE_EVERY
+        self.wait = min(2 * self.wait, PROBE_MAX) if self.wait else PROBE_EVERY
         self.wait_left, self.probing = self.wait - 1, True      # this step is the pause's first
-        self.paused = {s.request_id for s in running}   # (not id(s): a freed sequence's id is a new object's)
+        self.paused = {id(s): s for s in running}   # held: a freed sequence's id is the next new object's
         return 0
 
 
