@@ -307,7 +307,7 @@ class BatchRule:
                 self.wait_left -= 1
                 return 0
             self.wait_left = 0
-        self.paused = {}
+        self.paused.clear()                            # (no pause: nothing held)
         if self.clock.stale(len(running)):
             return 0
         drafting = gate_due(running, gate)
