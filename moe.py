@@ -408,6 +408,15 @@ def _expert_gemv_kernel(a_ptr, w_ptr, s_ptr, out_ptr, ids_ptr, weights_ptr, N, K
 #           sorted tiles                                                  | 303.3 | 432.1 | 482.8
 # so 8 decoding tokens (64 pairs) take it too: qwen3-30b-a3b's decode-8 row went 10.57 -> 8.37 ms/step.
 GEMV_MAX_PAIRS = 64
+# Tried and dropped (H200, 2026-12-04; scratch chains of 16 MoE layers, router GEMV -> route -> gate/up -> down, in a
+# CUDA graph with PDL, 30b-a3b shapes, us per layer): (1) gate/up with a token's k experts in one program (the down
+# launch's layout: (T, I / BLOCK_N) programs, the token's row loaded once): 1 token 24.8 today against 26.3-29.9
+# over 18 tiles (BLOCK_N 1-4 x BLOCK_K 256-1024 x 4-8 warps); 8 tokens 114.7 -> 103.9 (2/256/4), yet `bench.py
+# decode-1 --model qwen3-30b-a3b`'s decode-8 only 8.16 -> 8.05 ms/step and decode-1 2.25 -> 2.32 ms/token with it at
+# one token too; FP8 experts, 1 token, 20.8 -> 19.1 at best. (2) The route made inside that gate/up launch (each
+# program takes its token's top-k from the 128 logits; program (t, 0) writes them for the down launch), no route
+# launch: 24.7 -> 27.5-66.2 us per layer; decode-1 2.24 / 2.24 -> 2.37 / 2.37 ms/token (two pairs, one call): the
+# top-k's reductions sit in every program before its first weight load, where the route launch costs less.
 
 
 def moe_config(num_pairs: int) -> dict:
