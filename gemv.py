@@ -400,6 +400,12 @@ def _skinny_gemm_kernel(x_ptr, w_ptr, out_ptr, M, N, K, norm_w_ptr, eps, add_ptr
 # Once more (2026-12-04), after `kernels.pdl_pair` changed how a stream of PDL launches runs: wait first, let the next
 # launch in at the start, grids of at most one program per SM. `bench.py decode-1` (qwen3-0.6b), two pairs in one call:
 # decode-8 0.95 / 0.95 -> 1.02 / 1.02 ms/step greedy, 0.97 / 0.97 -> 1.03 / 1.03 sampled. Off it stays.
+# Not yet measured in the engine since `pdl_pair`: the late trigger (wait first, let the next launch in after the K
+# loop). A scratch chain (H200, 2026-12-04; qwen3-0.6b's four projections of a layer at M = 8 with today's tiles, 28
+# layers of distinct weights in a CUDA graph, us per layer): no PDL 21.6 / 22.8 (two runs), early trigger 26.2, late
+# trigger 20.2; one program per SM forced by shared memory (tiles of 126-147 KB) 28.7 without PDL, 25.8-25.9 with
+# it. The next measurement is `bench.py decode-1`'s decode-8 on qwen3-0.6b and qwen3-8b with the late trigger for grids
+# of at most one program per SM (the device was taken back before that call ran).
 # The tiles again by grid size (H200, 2026-12-02, M = 8, us per call, same harness; BLOCK_N/BLOCK_K/warps/stages,
 # 32 tiles of 16-64 x 128-512 x 4-8 warps x 3-4 stages swept; 32/256/4/4 was the only wide tile):
 #   K -> N (programs of 32 rows)  | 32/256/4/4 | 32/512/4/4 | 32/128/4/3 | best of the sweep
