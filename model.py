@@ -362,7 +362,8 @@ def resolve_checkpoint(model: str) -> Path:
     path = Path(model).expanduser()
     if path.is_dir():
         return path
-    if path.exists() or model.count("/") != 1:
+    hub_id = model.count("/") == 1 and not model.startswith(("/", ".", "~"))    # "./Qwen3-0.6B" is a path
+    if path.exists() or not hub_id:
         raise FileNotFoundError(f"model {model!r} is neither a checkpoint directory nor a hub id like "
                                 f"'Qwen/Qwen3-0.6B'; for random weights pass a named size ({', '.join(PRESETS)}) "
                                 f"with --random-weights")

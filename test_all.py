@@ -614,8 +614,9 @@ def test_chat_template_fallback_renders_qwen3_format(ckpt):
 
 def test_bad_inputs(ckpt, tmp_path):
     path, _ = ckpt
-    with pytest.raises(FileNotFoundError, match="neither a checkpoint directory"):
-        LLM(EngineArgs(model=str(tmp_path / "nope")))
+    for missing in (str(tmp_path / "nope"), "./Qwen3-0.6B-missing", "/missing", "~/missing"):   # paths: no hub call
+        with pytest.raises(FileNotFoundError, match="neither a checkpoint directory"):
+            LLM(EngineArgs(model=missing))
     with pytest.raises(ValueError, match="unknown model size"):
         LLM(EngineArgs(model="qwen3-7t", random_weights=True))
     with pytest.raises(ValueError, match="max_tokens"):
