@@ -338,6 +338,7 @@ def run_spec(b: Bench):
     spec, rows, details = llm.speculator, [], {}
     greedy = {"temperature": 0.0}
     sampled = [(label, kw) for label, kw in variants(b, llm) if label != "greedy"]   # Qwen3's sampling (none: greedy)
+    settings = {None: greedy, **dict(sampled)}         # sampling label (None: greedy) -> SamplingParams settings
 
     def timed(prompts, sampling=greedy):
         llm.blocks.clear_cache()
@@ -358,8 +359,8 @@ def run_spec(b: Bench):
         llm.speculator = None
         seconds, cont = timed(prompts)
         base = {None: 1e3 * seconds / w.decode_tokens}                # ms/token without drafts, by sampling label
-        for label, kw in sampled:
-            base[label] = 1e3 * timed(prompts, kw)[0] / w.decode_tokens
+        for label, _ in sampled:
+            base[label] = 1e3 * timed(prompts, settings[label])[0] / w.decode_tokens
         llm.speculator = spec
         fl = B * b.bandwidth / weight_bytes(b.cfg, b.dtype.itemsize)
         for label, ms in base.items():
@@ -367,17 +368,17 @@ def run_spec(b: Bench):
         # untimed: a pause's long catch-up runs eagerly, and its first run compiles kernels (1.5 s at B=16)
         spec.k = 2
         drafting(0.0, True, 0)
-        for _, kw in [(None, greedy)] + sampled:
+        for kw in settings.values():
             timed(prompts, kw)
         for K in (2, 4, 8):
             spec.k = K
             # the first run's tokens are the later runs' continuation
             cases = [(kept, False, None) for kept in (0.0, 1.0, 0.7, 0.4)]
-            cases += [(kept, True, label) for label in (None, *(label for label, _ in sampled)) for kept in (0.7, 0.4, 0.0)]
+            cases += [(kept, True, label) for label in settings for kept in (0.7, 0.4, 0.0)]
             for kept, adaptive, label in cases:
                 drafting(kept, adaptive, K)
                 before = spec.stats()
-                seconds, got = timed(prompts, dict(sampled)[label] if label else greedy)
+                seconds, got = timed(prompts, settings[label])
                 if kept == 0.0 and not adaptive:
                     cont = got
                 st = {k: v - before[k] for k, v in spec.stats().items()}

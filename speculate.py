@@ -294,7 +294,7 @@ class BatchRule:
     def __init__(self, clock: StepClock):
         self.clock = clock
         self.wait = self.wait_left = 0         # the pause: its length and the plain steps left of it,
-        self.paused = {}                       # and the sequences it was taken for (by id)
+        self.paused = set()                    # and the sequences it was taken for (held, not their ids)
         self.probing = False                   # the round after the pause is a probe of `most` drafts
 
     def pays(self, running: list, most: int, gate) -> int:
@@ -303,7 +303,7 @@ class BatchRule:
         timed so far; 0: a plain step. Plain steps are timed first; no round while no due sequence passes the gate
         (Speculator.gate); with no round timed yet, or after a pause, a round of `most` (it is timed)."""
         if self.wait_left > 0:                         # a pause: plain steps, until a new sequence joins
-            if all(id(s) in self.paused for s in running):
+            if all(s in self.paused for s in running):       # (Sequence compares by identity)
                 self.wait_left -= 1
                 return 0
             self.wait_left = 0
@@ -325,7 +325,7 @@ class BatchRule:
             return k
         self.wait = min(2 * self.wait, PROBE_MAX) if self.wait else PROBE_EVERY
         self.wait_left, self.probing = self.wait - 1, True      # this step is the pause's first
-        self.paused = {id(s): s for s in running}   # held: a freed sequence's id is the next new object's
+        self.paused = set(running)     # the sequences, not ids: a freed sequence's id is the next new object's
         return 0
 
 
