@@ -157,7 +157,7 @@ def _attend_tile(q, k, v, keys, acc, l_i, m_i, qk_scale):
 
 
 # Tried and dropped (H200, 2026-12-04): both products on the CUDA cores in fp32 (q unpadded, a row at a time), 2-5x
-# slower at every shape (README, thirtieth session).
+# slower at every shape (HISTORY.md, thirtieth session).
 
 
 @triton.jit
@@ -260,7 +260,7 @@ def _decode_attention_kernel(q_ptr, q_stride, k_cache_ptr, v_cache_ptr, block_ta
 
 # The row's loads at once after the wait, the rest before it (H200, 2026-12-04; 28 fused decode calls + reduce in a
 # CUDA graph with PDL): 16/8 heads, B=1, 4.67 -> 4.09 us per layer at 128 tokens, 7.17 -> 6.49 at 2,048; `bench.py
-# decode-1` qwen3-0.6b 0.69 -> 0.67 ms/token (every shape: README, thirtieth session). Dropped: the newest k / v as a
+# decode-1` qwen3-0.6b 0.69 -> 0.67 ms/token (HISTORY.md, thirtieth session). Dropped: the newest k / v as a
 # 16-row tile (197 registers: B=8 at 2,048 tokens 26.5 -> 31.7 us) and the q, k and v heads as rows of one tile
 # (decode-8 1.08 -> 1.10-1.11 ms/step, decode-1 not faster across three calls; thirty-first session).
 
@@ -438,7 +438,7 @@ def _decode_reduce_kernel(part_o_ptr, part_lse_ptr, out_ptr, num_slots, HEAD_DIM
 
 # The partial outputs loaded beside their lse's and 1-4 warps by slices (H200, 2026-12-04; the chain above): 16/8
 # heads B=1 4.03 -> 3.87 us per layer at 128 tokens, 6.37 -> 5.92 at 2,048, B=8 5.26 -> 4.84, B=64 within 1%;
-# `bench.py decode-1` qwen3-0.6b decode-8 7,363 -> 7,497 tok/s (every shape: README, thirty-first session).
+# `bench.py decode-1` qwen3-0.6b decode-8 7,363 -> 7,497 tok/s (every shape: HISTORY.md, thirty-first session).
 
 # Decode tuning, H100, bf16, head_dim 128 (swept: BLOCK_N 32/64/128, 2-8 warps, 2-4 stages; min partition
 # 64/128/256; 2/4/8 programs per SM). 64-token slices lift B=1 ctx=2048 from 600 to 800 GB/s; past 4 programs
@@ -493,7 +493,7 @@ DECODE_CONFIG_FP8 = dict(BLOCK_N=64, num_warps=2, num_stages=3)
 # Why the FP8 kernel is slower per byte (SASS, Triton 3.6, sm_90a, 16/8 heads, 64/2/3): its loop is 1,270
 # instructions per warp per 64-token tile (bf16 cache: 496, at twice the warps), 128 per thread 1-byte shared loads
 # of V, the second dot's B operand (8-bit operands have no transposing ldmatrix on sm_90). Tried and dropped (H200,
-# README's fifteenth to twenty-first sessions): warps on token sub-tiles, P kv heads per program, a register double
+# HISTORY.md's fifteenth to twenty-first sessions): warps on token sub-tiles, P kv heads per program, a register double
 # buffer, V as int16 pairs, V stored transposed, head-major K/V, 5 stages, maxnreg 128, block ids loaded ahead; the
 # buffers pay only for one long context with few programs per SM (32/8 heads, 32k tokens: 38.3 -> 28.9 us).
 # A kv head's q rows: a 16-bit cache's tile has just the group's rows (2 / 4 / 8 q heads; Triton 3.6 pads the
@@ -565,7 +565,7 @@ DECODE_MAX_SPLITS = 64        # the reduce kernel holds all slices of a head in 
 DECODE_RESIDENT_FP8 = 6       # FP8 decode programs resident per SM (DECODE_CONFIG_FP8)
 # The same rule for the bf16 cache (4 resident per SM) won at 72-96 sequences alone (3,937 -> 3,556 us per step at 72)
 # and lost at 160, but kept to 66-99 sequences `bench.py offline` did not follow (sampled 24,385 -> 25,084 tok/s,
-# greedy 24,546 -> 23,709; README's eighteenth session). The bf16 cache keeps one slice.
+# greedy 24,546 -> 23,709; HISTORY.md's eighteenth session). The bf16 cache keeps one slice.
 # Tried and dropped (H200, 2026-12-02): no reduce launch, the last slice of each (sequence, kv head) to finish
 # merging them (an atomic counter per pair). `bench.py decode-1` got slower: qwen3-0.6b 0.90 ms/token (0.85 with
 # the reduce kernel), qwen3-8b 4.75 (4.66): that merge takes longer than the reduce launch it saves under PDL.
@@ -762,7 +762,7 @@ def decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, sha
 # `bench.py decode-1` (qwen3-0.6b), the previous commit's tree beside, two A/B pairs in one call: 0.72 / 0.72 ->
 # 0.69 / 0.69 ms/token greedy, 0.73 / 0.73 -> 0.72 / 0.70 sampled; decode-8 1.12 -> 1.11 ms/step (qwen3-30b-a3b,
 # another call: decode-1 2.45 -> 2.42 ms/token); `bench.py offline` 24,044 -> 24,548 tok/s sampled, 24,293 ->
-# 25,263 greedy (one run each). Measured and not taken (tables in the README's twentieth, twenty-first and thirtieth
+# 25,263 greedy (one run each). Measured and not taken (tables in HISTORY.md's twentieth, twenty-first and thirtieth
 # sessions): the newest token's K/V attended from registers (three ways, 0.70-0.75 against 0.69 ms/token), 8 warps,
 # attention's slices merged in the o GEMV's prologue instead of a reduce launch (even), the products on CUDA cores.
 # Again with two warps (2026-12-04): the fused kernel up to 132 sequences, two warps at 6-8 programs per SM (2 rounds

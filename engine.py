@@ -269,7 +269,7 @@ class LLM:
     # A speculative round is launched in one step and read at the start of the next (its drafts' fate decides
     # what that step runs); the StepOutputs of its tokens are made once the next step is launched, so that host
     # work overlaps the GPU too (H200, qwen3-0.6b served with n-gram drafts, greedy, 16 / 64 clients: 6,790 /
-    # 14,140 -> 7,864 / 15,686 tok/s, the GPU idle 19.6 / 25.9% -> 12.7 / 21.4%; README, 27th session).
+    # 14,140 -> 7,864 / 15,686 tok/s, the GPU idle 19.6 / 25.9% -> 12.7 / 21.4%; HISTORY.md, 27th session).
 
     @torch.inference_mode()
     def step(self) -> list[StepOutput]:
@@ -626,7 +626,7 @@ def stop_output(seq: Sequence, req: Request, index: int, lp, eos_ids, tokenizer:
 def logprob_entry(chosen: list, top_v: list, top_i: list, j: int, n: int) -> Logprob:
     """Row j of the host lists -> (logprob, ((token, logprob), ...) of the top n). Tuples of numbers only: Python's
     collector stops tracking them, so a long run's logprobs do not make its full collections longer (a list each
-    here cost top-5 logprobs offline ~0.7 s of 6 in full collections: README, thirty-fifth session)."""
+    here cost top-5 logprobs offline ~0.7 s of 6 in full collections: HISTORY.md, thirty-fifth session)."""
     return chosen[j], tuple(zip(top_i[j][:n], top_v[j][:n]))
 
 

@@ -425,7 +425,7 @@ def _skinny_gemm_kernel(x_ptr, w_ptr, out_ptr, M, N, K, norm_w_ptr, eps, add_ptr
 # Tried and dropped (H200, 2026-12-03): the tall projections split along K (2-8 splits; the last program of a column
 # tile sums the partials in a fixed order), us per call at M = 8, today's tiles -> the best split: 0.6b o 5.37 ->
 # 4.87, 0.6b down 6.72 -> 5.79, 1.7b down 11.99 -> 9.86, 8b o 11.58 -> 11.82 (slower at every split on the 8b): about
-# 1.4 us per 0.6b layer, ~3% of a decode-8 step, for an atomic counter and a partials buffer. The README has the table.
+# 1.4 us per 0.6b layer, ~3% of a decode-8 step, for an atomic counter and a partials buffer. HISTORY.md has the table.
 SKINNY_CONFIG = dict(BLOCK_N=32, BLOCK_K=256, num_warps=4, num_stages=4)
 SKINNY_CONFIG_ONE_WAVE = dict(BLOCK_N=32, BLOCK_K=512, num_warps=4, num_stages=4)    # plain, <= 1 program per SM
 SKINNY_CONFIG_MANY = dict(BLOCK_N=32, BLOCK_K=128, num_warps=4, num_stages=3)        # SiLU, > 2 programs per SM

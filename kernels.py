@@ -247,7 +247,7 @@ def pdl_pair(x: torch.Tensor):
     `pdl` took 1,031 and 1,513. Token values, the sampler's kernels, a host sync between steps and one dependent
     launch alone (of 1 or 152 programs) changed nothing; two of them, before or after the replay, do it (sampled
     990 and 1,430). Measured, not explained: the driver's handling of a stream that chains launches.
-    README, thirty-fourth session. The engine calls it after a decode graph of 2+ rows that greedy's argmax does not
+    HISTORY.md, thirty-fourth session. The engine calls it after a decode graph of 2+ rows that greedy's argmax does not
     follow (one row's GEMVs chain by PDL themselves: there it only cost, decode-1 sampled 1,562 against 1,578
     tok/s). Nothing off Hopper, with QWEN3_PDL=0, or on the CPU."""
     kw = pdl(x)

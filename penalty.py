@@ -19,7 +19,7 @@ they draw are counted into them on the device (`count_tokens`), so the next step
 tokens reach the host, already sees them: a batch with penalties overlaps the host's work as any other. Kept on
 the host instead (sparse (token, factor) lists rebuilt and uploaded each step, each step waiting for the last
 one's tokens), a step with a repetition penalty took 2.7-3.7 / 9.1-13.4 / 76-105 ms at 8 / 32 / 256 rows; here
-1.0-1.1 / 1.5 / 3.4-3.6, against 1.0 / 1.4 / 3.1 sampled without (qwen3-0.6b, H200: the README's thirty-fifth
+1.0-1.1 / 1.5 / 3.4-3.6, against 1.0 / 1.4 / 3.1 sampled without (qwen3-0.6b, H200: HISTORY.md's thirty-fifth
 session). The logit bias stays on the host, uploaded per step: it is the request's own short list, fixed for its
 life.
 """

@@ -428,7 +428,7 @@ def _radix_select(logits_ptr, row, stride, V, inv_t, M, lo, target, WEIGH: tl.co
     d = tl.arange(0, 16).to(tl.uint32)
     prefix = tl.zeros((), dtype=tl.uint32)
     # a loop, not tl.static_range: unrolled (and inlined twice) it made the sampler's cold compile 9.4 s, not 5.3
-    # (bf16 logits; fp32 5.7, not 1.7), with the same tokens and speed (H200, 2026-12-04; README, 29th session)
+    # (bf16 logits; fp32 5.7, not 1.7), with the same tokens and speed (H200, 2026-12-04; HISTORY.md, 29th session)
     for p in range(8):
         shift = tl.cast(28 - 4 * p, tl.uint32)
         cands = prefix | (d << shift)                                          # (16,)

@@ -87,7 +87,7 @@ NGRAM_MAX, NGRAM_MIN = 4, 1      # longest and shortest suffix looked up in the 
 # settles on the measured best. qwen3-8b with a qwen3-0.6b draft model, H200, batch 1: r = 1.62 / 1.92 / 2.55 at
 # k = 2 / 4 / 8 (bench.py spec), so at 70% kept K = 8 ran 1.14x and K = 4 1.41x with K drafts in every round; with
 # the choice, K = 8 1.39x (batch 16: 0.94 -> 1.02x), K = 2 / 4 within 3%. Where nothing pays (0% kept) the trials of
-# smaller k cost 1-4%; free drafts (r nearly flat in k) keep K (README, thirty-ninth session).
+# smaller k cost 1-4%; free drafts (r nearly flat in k) keep K (HISTORY.md, thirty-ninth session).
 MIN_ACCEPTED, PROBE_EVERY, PROBE_MAX = 0.15, 16, 128
 ACCEPT_DECAY = 15 / 16
 PLAIN_REFRESH = 256    # rounds after which the plain steps are timed again (their cost grows with the contexts)
