@@ -287,39 +287,11 @@ class LLM:
             outputs = self.collect(self.in_flight)     # grammars need the last token on the host
             self.in_flight = None
         batch = self.scheduler.schedule()
-        launched = self.launch(batch) if batch.seqs else None
+        launched = launch(self, batch) if batch.seqs else None
         if self.in_flight is not None:
             outputs += self.collect(self.in_flight)
         self.in_flight = launched
         return outputs
-
-    def launch(self, batch: Batch) -> InFlight | None:
-        """Queue the batch's forward pass and sampling on the GPU; returns what collect() needs."""
-        self.max_batch_seqs = max(self.max_batch_seqs, len(batch.seqs))
-        self.num_forwards += 1
-        start = gpu_event(self.device)                 # the GPU reaches it when it starts this step (stats)
-        sampled = [s for s, n in zip(batch.seqs, batch.num_new) if s.num_computed + n == s.num_tokens]
-        reqs = [self.requests[s.request_id] for s in sampled]
-        steps = [s.num_tokens - len(s.prompt_ids) for s in sampled]   # each new token's output position
-        graphed = batch.is_decode and self.graphs is not None and len(batch.seqs) <= self.graphs.max_batch
-        done = graphed and samples_in_graph(self.graphs, reqs)
-        if done:                                       # the graph samples: its rows' settings first
-            self.sampler_graphs.load([r.request_id for r in reqs], [r.params for r in reqs], [r.seed for r in reqs])
-        logits, prompt_lp = forward_batch(self.runner, batch, self.requests, self.sample_row, graphed, steps, done)
-        if done:                                       # this step's tokens are in last_tokens already
-            tokens, lp = self.runner.last_tokens[:len(reqs)], None
-            if len(reqs) > 1:                          # a dependent pair after the graph, as choose_tokens does
-                kernels.pdl_pair(self.sampler_graphs.ticks)
-        else:
-            tokens, lp = sample_rows(self, reqs, steps, logits, graphed)
-            if tokens is not None:
-                self.runner.set_last_tokens(tokens)
-        indices = [s.num_tokens for s in sampled]       # where each one's PENDING token goes
-        self.scheduler.advance(batch)
-        self.sample_row = {s: i for i, s in enumerate(sampled)}
-        if tokens is None and prompt_lp is None:
-            return None
-        return in_flight(sampled, indices, tokens, lp, prompt_lp, start)
 
     def sample_tokens(self, reqs: list[Request], steps: list[int], logits: torch.Tensor, graphed: bool,
                       logprobs: int | None = None):
@@ -355,6 +327,35 @@ class LLM:
 
 
 # ---- LLM's pieces, as plain functions of what they use ---------------------------------------------------------
+def launch(llm: LLM, batch: Batch) -> InFlight | None:
+    """Queue the batch's forward pass and sampling on the GPU; returns what LLM.collect needs."""
+    llm.max_batch_seqs = max(llm.max_batch_seqs, len(batch.seqs))
+    llm.num_forwards += 1
+    start = gpu_event(llm.device)                 # the GPU reaches it when it starts this step (stats)
+    sampled = [s for s, n in zip(batch.seqs, batch.num_new) if s.num_computed + n == s.num_tokens]
+    reqs = [llm.requests[s.request_id] for s in sampled]
+    steps = [s.num_tokens - len(s.prompt_ids) for s in sampled]   # each new token's output position
+    graphed = batch.is_decode and llm.graphs is not None and len(batch.seqs) <= llm.graphs.max_batch
+    done = graphed and samples_in_graph(llm.graphs, reqs)
+    if done:                                       # the graph samples: its rows' settings first
+        llm.sampler_graphs.load([r.request_id for r in reqs], [r.params for r in reqs], [r.seed for r in reqs])
+    logits, prompt_lp = forward_batch(llm.runner, batch, llm.requests, llm.sample_row, graphed, steps, done)
+    if done:                                       # this step's tokens are in last_tokens already
+        tokens, lp = llm.runner.last_tokens[:len(reqs)], None
+        if len(reqs) > 1:                          # a dependent pair after the graph, as choose_tokens does
+            kernels.pdl_pair(llm.sampler_graphs.ticks)
+    else:
+        tokens, lp = sample_rows(llm, reqs, steps, logits, graphed)
+        if tokens is not None:
+            llm.runner.set_last_tokens(tokens)
+    indices = [s.num_tokens for s in sampled]       # where each one's PENDING token goes
+    llm.scheduler.advance(batch)
+    llm.sample_row = {s: i for i, s in enumerate(sampled)}
+    if tokens is None and prompt_lp is None:
+        return None
+    return in_flight(sampled, indices, tokens, lp, prompt_lp, start)
+
+
 def start_runner(args: EngineArgs, device, dtype) -> tuple:
     """(the tensor-parallel group or None, this process's Runner): with tensor_parallel_size > 1 the other
     ranks start first (parallel.py), and they are stopped again when building this one fails."""
