@@ -4,6 +4,7 @@
     python sample.py --model qwen3-0.6b --random-weights --prompt hi          # no download: random weights
     python sample.py --model ./ckpt --chat --prompt "Why is the sky blue?" --temperature 0    # greedy
     python sample.py --model ./ckpt --prompts-file prompts.txt                # one prompt per line, one batch
+    python sample.py --model ./ckpt --chat                                    # a conversation: a turn per line
 
 Settings left unset (None) take the model's defaults: the checkpoint's generation_config.json (every Qwen3
 checkpoint says temperature 0.6, top-p 0.95, top-k 20), Qwen3's published defaults for random-weight sizes, else
@@ -731,7 +732,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--prompt", action="append", help="a prompt (repeat for a batch)")
     ap.add_argument("--prompts-file", help="a file with one prompt per line ('-' for stdin), run as one batch")
-    ap.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
+    ap.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template; "
+                    "without a prompt: a conversation, one user turn per line of stdin")
     ap.add_argument("--system", default=None, help="system prompt for --chat")
     ap.add_argument("--thinking", action=argparse.BooleanOptionalAction, default=True,
                     help="with --chat: let Qwen3 think first (--no-thinking renders an empty think block)")
@@ -743,13 +745,15 @@ def main(argv=None):
     if args.prompts_file:
         f = sys.stdin if args.prompts_file == "-" else open(args.prompts_file)
         prompts += [line.rstrip("\n") for line in f if line.strip()]
-    if not prompts:
-        ap.error("give --prompt or --prompts-file")
+    if not prompts and not args.chat:
+        ap.error("give --prompt or --prompts-file (or --chat for a conversation)")
     try:
         params = pick(args, SamplingParams)
         llm = LLM(pick(args, EngineArgs))
     except (ValueError, FileNotFoundError, KeyError) as e:
         sys.exit(f"error: {e}")
+    if not prompts:
+        return chat(llm, params, args.system, args.thinking)
     if args.chat:
         prompts = [llm.tokenizer.apply_chat_template(
             ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": p}],
@@ -774,6 +778,36 @@ def main(argv=None):
     dt = time.perf_counter() - t0
     print(f"\n\n{len(prompts)} prompt(s): {n_prompt} prompt tokens, {n_out} output tokens in {dt:.2f} s "
           f"({n_out / dt:.1f} output tok/s)", file=sys.stderr)
+
+
+def chat(llm, params: SamplingParams, system: str | None, thinking: bool):
+    """A conversation: each line of stdin is a user turn, answered as it streams (Ctrl-D, Ctrl-C or the end of
+    piped input ends it). Every turn sends the whole conversation so far; the prefix cache finds the earlier
+    turns' K/V, so a turn computes only its new tokens (and the earlier answers' thinking, which Qwen3's template
+    drops from the history)."""
+    messages = [{"role": "system", "content": system}] if system else []
+    try:
+        while line := (input("> ") if sys.stdin.isatty() else sys.stdin.readline()):
+            if not line.strip():
+                continue
+            messages.append({"role": "user", "content": line.strip()})
+            t0, reply, hits = time.perf_counter(), "", llm.blocks.hit_tokens
+            try:
+                prompt = llm.tokenizer.apply_chat_template(messages, enable_thinking=thinking)
+                for _, out in llm.stream([prompt], params):
+                    reply += out.text
+                    print(out.text, end="", flush=True)
+            except ValueError as e:                    # the conversation outgrew the context: this turn is dropped
+                print(f"error: {e}; end the conversation (Ctrl-D) or raise --max-model-len", file=sys.stderr)
+                messages.pop()
+                continue
+            n, dt = out.num_output_tokens, time.perf_counter() - t0
+            print(flush=True)
+            print(f"[{out.num_prompt_tokens} prompt tokens ({llm.blocks.hit_tokens - hits} from the cache), {n} "
+                  f"output tokens in {dt:.2f} s: {n / dt:.1f} tok/s]", file=sys.stderr)
+            messages.append({"role": "assistant", "content": reply})
+    except (EOFError, KeyboardInterrupt):              # a request cut short is aborted by llm.stream (blocks freed)
+        print(file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -554,6 +554,33 @@ def test_sample_cli(ckpt, capsys):
     assert e.value.code == 2 and "give --prompt" in capsys.readouterr().err
 
 
+def test_sample_cli_chat(ckpt, capsys, monkeypatch):
+    """`python sample.py --chat` without a prompt: a conversation read from stdin, a turn per line; each answer is
+    the one LLM.generate gives for the conversation so far, later turns hit the prefix cache, a turn that outgrows
+    the context is dropped with a message and the conversation goes on; no block leaks."""
+    import io
+    import sys
+    import engine as engine_mod
+    path, _ = ckpt
+    made = []
+    monkeypatch.setattr(engine_mod, "LLM", lambda args: made.append(LLM(args)) or made[-1])
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello\n\na b c\n" + "long " * 40 + "\nok\n"))
+    sample_mod.main(["--model", str(path), "--block-size", "4", "--num-blocks", "64", "--temperature", "0",
+                     "--max-tokens", "5", "--ignore-eos", "--max-model-len", "120", "--chat", "--system", "be brief"])
+    out, err = capsys.readouterr()
+    ref, messages, want = engine(path, max_model_len=120), [{"role": "system", "content": "be brief"}], []
+    for turn in ["hello", "a b c", "ok"]:
+        messages.append({"role": "user", "content": turn})
+        want.append(ref.generate([ref.tokenizer.apply_chat_template(messages)], greedy(max_tokens=5, ignore_eos=True))[0])
+        messages.append({"role": "assistant", "content": want[-1].text})
+    assert out == "".join(w.text + "\n" for w in want)
+    stats = [line for line in err.splitlines() if line.startswith("[")]
+    assert [f"[{len(w.prompt_token_ids)} prompt tokens" in line for w, line in zip(want, stats)] == [True] * 3
+    assert "(0 from the cache)" in stats[0] and "(0 from the cache)" not in stats[1]
+    assert "error: prompt has" in err and "raise --max-model-len" in err
+    assert_no_leak(made[0])
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Text: detokenization and stop strings
 # ----------------------------------------------------------------------------------------------------------
