@@ -786,6 +786,8 @@ def chat(llm, params: SamplingParams, system: str | None, thinking: bool):
     turns' K/V, so a turn computes only its new tokens (and the earlier answers' thinking, which Qwen3's template
     drops from the history)."""
     messages = [{"role": "system", "content": system}] if system else []
+    if sys.stdin.isatty():
+        import readline  # noqa: F401  (input() then edits the line and keeps a history)
     try:
         while line := (input("> ") if sys.stdin.isatty() else sys.stdin.readline()):
             if not line.strip():
