@@ -799,8 +799,8 @@ def chat(llm, params: SamplingParams, system: str | None, thinking: bool):
                 for _, out in llm.stream([prompt], params):
                     reply += out.text
                     print(out.text, end="", flush=True)
-            except ValueError as e:                    # the conversation outgrew the context: this turn is dropped
-                print(f"error: {e}; end the conversation (Ctrl-D) or raise --max-model-len", file=sys.stderr)
+            except ValueError as e:                    # outgrew the context (or the template refused): dropped
+                print(f"error: {e}; this turn is dropped", file=sys.stderr)
                 messages.pop()
                 continue
             n, dt = out.num_output_tokens, time.perf_counter() - t0

@@ -577,7 +577,7 @@ def test_sample_cli_chat(ckpt, capsys, monkeypatch):
     stats = [line for line in err.splitlines() if line.startswith("[")]
     assert [f"[{len(w.prompt_token_ids)} prompt tokens" in line for w, line in zip(want, stats)] == [True] * 3
     assert "(0 from the cache)" in stats[0] and "(0 from the cache)" not in stats[1]
-    assert "error: prompt has" in err and "raise --max-model-len" in err
+    assert "error: prompt has" in err and "this turn is dropped" in err
     assert_no_leak(made[0])
 
 
