@@ -733,12 +733,14 @@ def main(argv=None):
     ap.add_argument("--prompt", action="append", help="a prompt (repeat for a batch)")
     ap.add_argument("--prompts-file", help="a file with one prompt per line ('-' for stdin), run as one batch")
     ap.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template; "
-                    "without a prompt: a conversation, one user turn per line of stdin")
+                    "without a prompt: a conversation, one user turn per line of stdin, whose answers may run to "
+                    "the end of the context unless --max-tokens is given")
     ap.add_argument("--system", default=None, help="system prompt for --chat")
     ap.add_argument("--thinking", action=argparse.BooleanOptionalAction, default=True,
                     help="with --chat: let Qwen3 think first (--no-thinking renders an empty think block)")
     add_dataclass_args(ap, EngineArgs)
     add_dataclass_args(ap, SamplingParams)
+    ap.set_defaults(max_tokens=None)                   # unset: 256, or the whole context for a conversation
     args = ap.parse_args(argv)
 
     prompts = list(args.prompt or [])
@@ -747,13 +749,17 @@ def main(argv=None):
         prompts += [line.rstrip("\n") for line in f if line.strip()]
     if not prompts and not args.chat:
         ap.error("give --prompt or --prompts-file (or --chat for a conversation)")
+    unset = args.max_tokens is None
+    if unset:
+        args.max_tokens = SamplingParams.max_tokens
     try:
         params = pick(args, SamplingParams)
         llm = LLM(pick(args, EngineArgs))
     except (ValueError, FileNotFoundError, KeyError) as e:
         sys.exit(f"error: {e}")
     if not prompts:
-        return chat(llm, params, args.system, args.thinking)
+        return chat(llm, dataclasses.replace(params, max_tokens=llm.max_model_len) if unset else params,
+                    args.system, args.thinking)
     if args.chat:
         prompts = [llm.tokenizer.apply_chat_template(
             ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": p}],
