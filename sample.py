@@ -758,8 +758,7 @@ def main(argv=None):
     except (ValueError, FileNotFoundError, KeyError) as e:
         sys.exit(f"error: {e}")
     if not prompts:
-        return chat(llm, dataclasses.replace(params, max_tokens=llm.max_model_len) if unset else params,
-                    args.system, args.thinking)
+        return chat(llm, params, args.system, args.thinking, fill=unset)
     if args.chat:
         prompts = [llm.tokenizer.apply_chat_template(
             ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": p}],
@@ -786,11 +785,12 @@ def main(argv=None):
           f"({n_out / dt:.1f} output tok/s)", file=sys.stderr)
 
 
-def chat(llm, params: SamplingParams, system: str | None, thinking: bool):
+def chat(llm, params: SamplingParams, system: str | None, thinking: bool, fill: bool):
     """A conversation: each line of stdin is a user turn, answered as it streams (Ctrl-D, Ctrl-C or the end of
     piped input ends it). Every turn sends the whole conversation so far; the prefix cache finds the earlier
     turns' K/V, so a turn computes only its new tokens (and the earlier answers' thinking, which Qwen3's template
-    drops from the history)."""
+    drops from the history). fill: an answer may take whatever the context and the KV cache have room for."""
+    room = min(llm.max_model_len, (llm.blocks.num_blocks - 1) * llm.blocks.block_size)
     messages = [{"role": "system", "content": system}] if system else []
     if sys.stdin.isatty():
         import readline  # noqa: F401  (input() then edits the line and keeps a history)
@@ -801,8 +801,9 @@ def chat(llm, params: SamplingParams, system: str | None, thinking: bool):
             messages.append({"role": "user", "content": line.strip()})
             t0, reply, hits = time.perf_counter(), "", llm.blocks.hit_tokens
             try:
-                prompt = llm.tokenizer.apply_chat_template(messages, enable_thinking=thinking)
-                for _, out in llm.stream([prompt], params):
+                ids = llm.tokenizer.encode(llm.tokenizer.apply_chat_template(messages, enable_thinking=thinking))
+                turn = dataclasses.replace(params, max_tokens=max(1, room - len(ids))) if fill else params
+                for _, out in llm.stream([ids], turn):
                     reply += out.text
                     print(out.text, end="", flush=True)
             except ValueError as e:                    # outgrew the context (or the template refused): dropped

@@ -579,14 +579,16 @@ def test_sample_cli_chat(ckpt, capsys, monkeypatch):
     assert "(0 from the cache)" in stats[0] and "(0 from the cache)" not in stats[1]
     assert "error: prompt has" in err and "this turn is dropped" in err
     assert_no_leak(made[0])
-    monkeypatch.setattr(sys, "stdin", io.StringIO("hello\n"))        # no --max-tokens: the answer may fill the context
-    sample_mod.main(["--model", str(path), "--block-size", "4", "--num-blocks", "64", "--temperature", "0",
-                     "--ignore-eos", "--max-model-len", "120", "--chat"])
     n = len(ref.tokenizer.encode(ref.tokenizer.apply_chat_template([{"role": "user", "content": "hello"}])))
-    assert f"[{n} prompt tokens (0 from the cache), {120 - n} output tokens" in capsys.readouterr().err
+    for blocks, room in ((64, 120), (25, 96)):          # no --max-tokens: up to the context, or to what the cache holds
+        monkeypatch.setattr(sys, "stdin", io.StringIO("hello\n"))
+        sample_mod.main(["--model", str(path), "--block-size", "4", "--num-blocks", str(blocks), "--temperature", "0",
+                         "--ignore-eos", "--max-model-len", "120", "--chat"])
+        assert f"[{n} prompt tokens (0 from the cache), {room - n} output tokens" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="max_tokens must be"):
         sample_mod.main(["--model", str(path), "--chat", "--max-tokens", "0"])
-    assert_no_leak(made[1])
+    for llm in made:
+        assert_no_leak(llm)
 
 
 # ----------------------------------------------------------------------------------------------------------
