@@ -325,6 +325,14 @@ class LLM:
         """Run prompts as one batch to the end; outputs in prompt order."""
         return run_to_end(self, submit(self, prompts, params, stream_text=False))
 
+    def chat(self, conversations: list, params: SamplingParams | list[SamplingParams] | None = None,
+             **template_kw) -> list[RequestOutput]:
+        """As vLLM's LLM.chat: a conversation (a list of {"role": ..., "content": ...} messages) or a list of them,
+        each rendered with the checkpoint's chat template (template_kw: enable_thinking=False, tools=[...], ...),
+        run as one batch with generate."""
+        convs = [conversations] if conversations and isinstance(conversations[0], dict) else conversations
+        return self.generate([self.tokenizer.apply_chat_template(c, **template_kw) for c in convs], params)
+
 
 # ---- LLM's pieces, as plain functions of what they use ---------------------------------------------------------
 def launch(llm: LLM, batch: Batch) -> InFlight | None:

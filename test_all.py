@@ -645,6 +645,23 @@ def test_chat_template_fallback_renders_qwen3_format(ckpt):
         "<|im_start|>assistant\n<think>\n\n</think>\n\n")
 
 
+def test_llm_chat_renders_each_conversation(ckpt):
+    """LLM.chat (vLLM's offline chat): one conversation or a list of them, each through the chat template with the
+    template's options, the same outputs as generate on the rendered prompts; nothing leaks."""
+    path, _ = ckpt
+    llm, p = engine(path), greedy(max_tokens=6, ignore_eos=True)
+    a = [{"role": "user", "content": "hello"}]
+    b = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "a b c"}]
+    tok = llm.tokenizer
+    want = llm.generate([tok.apply_chat_template(c, enable_thinking=False) for c in (a, b)], p)
+    got = llm.chat([a, b], p, enable_thinking=False)
+    assert [(o.prompt_token_ids, o.token_ids) for o in got] == [(o.prompt_token_ids, o.token_ids) for o in want]
+    one = llm.chat(a, p)                                           # one conversation; thinking on by default
+    assert len(one) == 1 and one[0].prompt_token_ids == tok.encode(tok.apply_chat_template(a))
+    assert one[0].prompt_token_ids != want[0].prompt_token_ids
+    assert_no_leak(llm)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Bad input
 # ----------------------------------------------------------------------------------------------------------
