@@ -357,6 +357,9 @@ def expected_keys(model: "Qwen3ForCausalLM") -> set[str]:
     return keys
 
 
+HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.jinja"]   # what loading reads (chat_template.jinja: the template)
+
+
 def resolve_checkpoint(model: str) -> Path:
     """A local directory, or a hub id downloaded with huggingface_hub (offline: a clear error)."""
     path = Path(model).expanduser()
@@ -369,7 +372,7 @@ def resolve_checkpoint(model: str) -> Path:
                                 f"with --random-weights")
     try:
         from huggingface_hub import snapshot_download
-        return Path(snapshot_download(model, allow_patterns=["*.json", "*.safetensors", "*.txt"]))
+        return Path(snapshot_download(model, allow_patterns=HUB_FILES))
     except Exception as e:
         raise FileNotFoundError(f"could not download {model!r} from the hub ({type(e).__name__}: {e}). Offline, "
                                 f"pass a local checkpoint directory (config.json, *.safetensors, tokenizer.json) "
