@@ -199,6 +199,33 @@ def test_decode_batch_mixes_lengths_and_finishes(ckpt):
     assert_no_leak(llm)
 
 
+def test_hub_id_downloads_every_file_loading_reads(ckpt, tmp_path, monkeypatch):
+    """A hub id goes through huggingface_hub's snapshot_download (faked: it copies the repo's files that
+    allow_patterns match): the weights, config, tokenizer and a chat_template.jinja arrive, so the engine equals
+    one built from the repo's directory, chat template included; other files stay behind."""
+    import fnmatch
+    import huggingface_hub
+    path, _ = ckpt
+    repo = tmp_path / "repo"
+    shutil.copytree(path, repo)
+    (repo / "chat_template.jinja").write_text("T{% for m in messages %}:{{ m['content'] }}{% endfor %}")
+    (repo / "README.md").write_text("not needed")
+
+    def snapshot_download(repo_id, allow_patterns):
+        out = tmp_path / "hub" / repo_id.replace("/", "--")
+        out.mkdir(parents=True)
+        for f in repo.iterdir():
+            if any(fnmatch.fnmatch(f.name, p) for p in allow_patterns):
+                shutil.copy(f, out / f.name)
+        return str(out)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    hub, local, p = engine("org/tiny"), engine(repo), greedy(max_tokens=6, ignore_eos=True)
+    assert hub.tokenizer.apply_chat_template([{"role": "user", "content": "x"}]) == "T:x"
+    assert hub.generate(PROMPTS[:2], p)[1].token_ids == local.generate(PROMPTS[:2], p)[1].token_ids
+    assert not (tmp_path / "hub" / "org--tiny" / "README.md").exists()
+    assert_no_leak(hub)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Sampling
 # ----------------------------------------------------------------------------------------------------------
@@ -693,33 +720,6 @@ def test_bad_inputs(ckpt, tmp_path):
     with pytest.raises(ValueError, match="shape"):
         LLM(EngineArgs(model=str(bad)))
     assert_no_leak(llm)
-
-
-def test_hub_id_downloads_every_file_loading_reads(ckpt, tmp_path, monkeypatch):
-    """A hub id goes through huggingface_hub's snapshot_download (faked: it copies the repo's files that
-    allow_patterns match): the weights, config, tokenizer and a chat_template.jinja arrive, so the engine equals
-    one built from the repo's directory, chat template included; other files stay behind."""
-    import fnmatch
-    import huggingface_hub
-    path, _ = ckpt
-    repo = tmp_path / "repo"
-    shutil.copytree(path, repo)
-    (repo / "chat_template.jinja").write_text("T{% for m in messages %}:{{ m['content'] }}{% endfor %}")
-    (repo / "README.md").write_text("not needed")
-
-    def snapshot_download(repo_id, allow_patterns):
-        out = tmp_path / "hub" / repo_id.replace("/", "--")
-        out.mkdir(parents=True)
-        for f in repo.iterdir():
-            if any(fnmatch.fnmatch(f.name, p) for p in allow_patterns):
-                shutil.copy(f, out / f.name)
-        return str(out)
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
-    hub, local, p = engine("org/tiny"), engine(repo), greedy(max_tokens=6, ignore_eos=True)
-    assert hub.tokenizer.apply_chat_template([{"role": "user", "content": "x"}]) == "T:x"
-    assert hub.generate(PROMPTS[:2], p)[1].token_ids == local.generate(PROMPTS[:2], p)[1].token_ids
-    assert not (tmp_path / "hub" / "org--tiny" / "README.md").exists()
-    assert_no_leak(hub)
 
 
 def test_random_weights_smoke():
