@@ -15,6 +15,7 @@ Requests leave settings unset to take the model's defaults (generation_config.js
 Logprobs (`SamplingParams.logprobs`, `prompt_logprobs`) are the log-softmax of the raw logits, computed only for
 the rows that ask; a request that wants its prompt's logprobs computes its whole prompt (no prefix-cache hit).
 """
+import json
 import random
 import sys
 import uuid
@@ -59,6 +60,8 @@ class EngineArgs:
     speculative_model: str | None = None    # draft: the draft model (a smaller Qwen3, the same vocabulary)
     num_speculative_tokens: int = 4      # drafts verified per step
     tensor_parallel_size: int = 1        # GPUs (CPU: processes) the model is split over (parallel.py)
+    rope_scaling: str | dict | None = None   # YaRN past the checkpoint's context, in place of config.json's: JSON such
+    # as '{"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}' (a draft model's too)
 
     def __post_init__(self):
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -83,6 +86,13 @@ class EngineArgs:
             raise ValueError(f"num_speculative_tokens must be >= 1, got {self.num_speculative_tokens}")
         if self.generation_config not in ("auto", "none"):
             raise ValueError(f"generation_config must be auto or none, got {self.generation_config!r}")
+        if isinstance(self.rope_scaling, str):                # from the command line
+            try:
+                self.rope_scaling = json.loads(self.rope_scaling)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"rope_scaling must be a JSON object, got {self.rope_scaling!r} ({e})") from None
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, dict):
+            raise ValueError(f"rope_scaling must be a JSON object, got {self.rope_scaling!r}")
 
 
 # A token's logprobs: (its logprob, ((token id, logprob) of the n most likely)); a prompt's first token has None.
@@ -369,7 +379,8 @@ def start_runner(args: EngineArgs, device, dtype) -> tuple:
     ranks start first (parallel.py), and they are stopped again when building this one fails."""
     group = None
     if args.tensor_parallel_size > 1:
-        parallel.check(load_config(args.model, args.random_weights)[0], args.tensor_parallel_size, device.type)
+        parallel.check(load_config(args.model, args.random_weights, args.rope_scaling)[0], args.tensor_parallel_size,
+                       device.type)
         group = parallel.start(args.tensor_parallel_size, device.type, build_rank, args, device.type, dtype)
     try:
         runner = Runner(args, device, dtype, group)

@@ -22,6 +22,7 @@ A cache *slot* is block_id * block_size + offset_in_block. Block 0 is never hand
 rows of a CUDA-graph batch point at it, so kernels may read/write it freely.
 """
 import functools
+import math
 import os
 import types
 
@@ -76,11 +77,36 @@ def silu_mul_ref(gate_up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-def rope_cos_sin(head_dim: int, max_positions: int, theta: float, device=None) -> torch.Tensor:
-    """(max_positions, head_dim) fp32 table: cos in the first half of each row, sin in the second."""
+def rope_cos_sin(head_dim: int, max_positions: int, theta: float, device=None,
+                 yarn: dict | None = None) -> torch.Tensor:
+    """(max_positions, head_dim) fp32 table: cos in the first half of each row, sin in the second. yarn: the
+    checkpoint's rope_scaling for YaRN: its frequencies (yarn_inv_freq), and cos and sin times its attention factor
+    (so q . k is scaled by its square), as transformers applies them. The kernels only read the table."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device=device) / head_dim))
+    scale = 1.0
+    if yarn is not None:
+        inv_freq, scale = yarn_inv_freq(inv_freq, theta, yarn)
     angles = torch.arange(max_positions, dtype=torch.float64, device=device)[:, None] * inv_freq[None, :]
-    return torch.cat([angles.cos(), angles.sin()], dim=-1).float()
+    return (torch.cat([angles.cos(), angles.sin()], dim=-1) * scale).float()
+
+
+def yarn_inv_freq(inv_freq: torch.Tensor, theta: float, yarn: dict) -> tuple[torch.Tensor, float]:
+    """YaRN (arXiv 2309.00071; Qwen3's way past 32,768 tokens), as transformers computes it: a frequency that turns
+    more than beta_fast times over the original context is kept, one that turns fewer than beta_slow times is
+    divided by the factor (positions interpolated), a linear ramp over the dimensions between. Returns the new
+    frequencies and the attention factor (0.1 ln(factor) + 1 unless the config gives one)."""
+    dim, factor, original = 2 * inv_freq.numel(), yarn["factor"], yarn["original_max_position_embeddings"]
+    dim_of = lambda turns: dim * math.log(original / (turns * 2 * math.pi)) / (2 * math.log(theta))   # a dimension
+    low, high = dim_of(yarn.get("beta_fast") or 32), dim_of(yarn.get("beta_slow") or 1)
+    if yarn.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    ramp = ((torch.arange(dim // 2, dtype=inv_freq.dtype, device=inv_freq.device) - low)
+            / (high - low if high != low else 0.001)).clamp(0, 1)                 # 0: keep, 1: interpolate
+    mscale = lambda m: 0.1 * m * math.log(factor) + 1.0 if factor > 1 else 1.0
+    scale = yarn.get("attention_factor") or (mscale(yarn["mscale"]) / mscale(yarn["mscale_all_dim"])
+                                            if yarn.get("mscale") and yarn.get("mscale_all_dim") else mscale(1))
+    return inv_freq * (1 - ramp) + inv_freq / factor * ramp, scale
 
 
 def apply_rope_ref(x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:

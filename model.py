@@ -44,7 +44,8 @@ class Config:
     head_dim: int = 128                   # not hidden_size / heads in Qwen3 (0.6B: 16 x 128 = 2048 != 1024)
     rms_norm_eps: float = 1e-6
     rope_theta: float = 1_000_000.0
-    max_position_embeddings: int = 40960
+    rope_scaling: dict | None = None      # YaRN's settings (kernels.yarn_inv_freq), as config.json gives them
+    max_position_embeddings: int = 40960  # positions served; with YaRN original x factor, as vLLM derives it
     tie_word_embeddings: bool = True      # small sizes reuse embed_tokens as the lm_head
     eos_token_id: list[int] = field(default_factory=lambda: [151645, 151643])   # <|im_end|>, <|endoftext|>
     # Mixture of experts (Qwen3-MoE, moe.py); num_experts 0 = a dense model
@@ -60,8 +61,8 @@ class Config:
         return self.num_experts > 0 and i not in self.mlp_only_layers and (i + 1) % self.decoder_sparse_step == 0
 
     @staticmethod
-    def from_json(path) -> "Config":
-        """Translate a checkpoint's config.json, once, at load time."""
+    def from_json(path, rope_scaling: dict | None = None) -> "Config":
+        """Translate a checkpoint's config.json, once, at load time (rope_scaling: in place of the file's)."""
         raw = json.loads(Path(path).read_text())
         if raw.get("model_type", "qwen3") not in ("qwen3", "qwen3_moe"):
             raise ValueError(f"{path}: model_type {raw.get('model_type')!r} is neither qwen3 nor qwen3_moe")
@@ -69,16 +70,30 @@ class Config:
             raw.setdefault("num_experts", raw.get("num_local_experts"))   # transformers 5 writes this name
         if raw.get("quantization_config"):
             raw["quantization"] = quant.check_config(raw["quantization_config"], path)
-        rope = raw.get("rope_scaling") or raw.get("rope_parameters") or {}
-        if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
-            raise ValueError(f"{path}: rope scaling {rope} is not supported (plain RoPE only)")
+        stored = raw.get("rope_scaling") or raw.get("rope_parameters") or {}    # (transformers 5 writes the latter)
         kw = {f.name: raw[f.name] for f in fields(Config) if f.name in raw and raw[f.name] is not None}
-        kw.setdefault("rope_theta", rope.get("rope_theta", Config.rope_theta))
+        kw.setdefault("rope_theta", stored.get("rope_theta", Config.rope_theta))
+        kw.update(rope_fields(stored if rope_scaling is None else rope_scaling,
+                              kw.get("max_position_embeddings", Config.max_position_embeddings), path))
         if "head_dim" not in kw:
             kw["head_dim"] = raw["hidden_size"] // raw["num_attention_heads"]
         eos = kw.get("eos_token_id", Config().eos_token_id)
         kw["eos_token_id"] = [eos] if isinstance(eos, int) else list(eos)
         return Config(**kw)
+
+
+def rope_fields(rope: dict, max_positions: int, where) -> dict:
+    """Config's RoPE fields from a config.json's rope_scaling: plain RoPE, or YaRN (Qwen3's model card adds
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768} for 131,072 tokens), which
+    serves original x factor positions, as vLLM derives them. Other kinds are refused."""
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind in ("default", None):
+        return {"rope_scaling": None, "max_position_embeddings": max_positions}
+    if kind != "yarn" or not rope.get("factor"):
+        raise ValueError(f"{where}: rope scaling {rope} is not supported (plain RoPE, or YaRN with a factor)")
+    original = rope.get("original_max_position_embeddings") or max_positions
+    return {"rope_scaling": {**rope, "original_max_position_embeddings": original},
+            "max_position_embeddings": max(max_positions, int(original * rope["factor"]))}
 
 
 # Named sizes (random weights of the real shapes, for benchmarks and smoke runs).
@@ -272,7 +287,7 @@ class Qwen3ForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         # RoPE table, fp32, not a parameter: rebuilt on .to(device) via the buffer machinery
         self.register_buffer("cos_sin", kernels.rope_cos_sin(cfg.head_dim, cfg.max_position_embeddings,
-                                                             cfg.rope_theta), persistent=False)
+                                                             cfg.rope_theta, yarn=cfg.rope_scaling), persistent=False)
 
     def forward(self, input_ids, positions, meta: AttnMeta, kv_cache, pending=None) -> torch.Tensor:
         """input_ids, positions: (T,); kv_cache: (num_layers, 2, num_blocks, block_size, n_kv, head_dim). pending:
@@ -430,23 +445,28 @@ def load_weights(model: Qwen3ForCausalLM, ckpt_dir: Path, kv_heads: int):
         raise KeyError(f"{ckpt_dir}: checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
 
 
-def load_config(model: str, random_weights: bool) -> tuple[Config, Path | None]:
-    """(config, checkpoint dir or None): a named size's, or a checkpoint's config.json."""
+def load_config(model: str, random_weights: bool, rope_scaling: dict | None = None) -> tuple[Config, Path | None]:
+    """(config, checkpoint dir or None): a named size's, or a checkpoint's config.json; rope_scaling (YaRN, as
+    config.json would give it) in place of theirs."""
     if random_weights:
-        return preset(model), None
+        cfg = preset(model)
+        if rope_scaling is not None:
+            cfg = replace(cfg, **rope_fields(rope_scaling, cfg.max_position_embeddings, "rope_scaling"))
+        return cfg, None
     ckpt = resolve_checkpoint(model)
     if not (ckpt / "config.json").exists():
         raise FileNotFoundError(f"{ckpt}: no config.json, so this is not a Hugging Face checkpoint")
-    return Config.from_json(ckpt / "config.json"), ckpt
+    return Config.from_json(ckpt / "config.json", rope_scaling), ckpt
 
 
 def build_model(model: str, random_weights: bool, dtype: torch.dtype, device: torch.device, seed: int = 0,
-                quantization: str | None = None, tp: parallel.Group | None = None):
+                quantization: str | None = None, tp: parallel.Group | None = None, rope_scaling: dict | None = None):
     """Returns (model, config, checkpoint dir or None); under tensor parallelism (tp) the model is this rank's
     shard and config the whole model's. Random weights: init std 0.02, as the benchmarks use (every rank draws
     the same stream, so replicated weights agree). quantization "fp8": the projections' weights quantized to
-    FP8 blocks after loading (quant.py); an FP8 checkpoint is loaded as it is stored either way."""
-    full, ckpt = load_config(model, random_weights)
+    FP8 blocks after loading (quant.py); an FP8 checkpoint is loaded as it is stored either way. rope_scaling:
+    YaRN in place of the config's (load_config)."""
+    full, ckpt = load_config(model, random_weights, rope_scaling)
     cfg = full if tp is None else parallel.shard_config(full, tp.size)
     torch.manual_seed(seed)
     with torch.device("meta"):
@@ -454,7 +474,8 @@ def build_model(model: str, random_weights: bool, dtype: torch.dtype, device: to
     m = m.to_empty(device=device).to(dtype)
     if cfg.tie_word_embeddings:                                # to_empty gives each module its own tensor
         m.lm_head.weight = m.model.embed_tokens.weight
-    m.cos_sin = kernels.rope_cos_sin(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, device=device)
+    m.cos_sin = kernels.rope_cos_sin(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, device=device,
+                                     yarn=cfg.rope_scaling)
     if cfg.quantization == "fp8":
         quant.to_fp8(m, shard_rows, quantize=False)                        # empty FP8 projections the checkpoint fills
     if ckpt is None:

@@ -36,7 +36,7 @@ class Runner:
         self.args, self.device, self.dtype, self.group = args, device, dtype, group
         # config: the whole model's; self.model.config: this rank's shard of it (the same without TP)
         self.model, self.config, self.ckpt = build_model(args.model, args.random_weights, dtype, device,
-                                                         args.weight_seed, args.quantization, group)
+                                                         args.weight_seed, args.quantization, group, args.rope_scaling)
         self.kv_dtype = torch.float8_e4m3fn if args.kv_cache_dtype == "fp8" else dtype   # the cache's elements
         self.kv_cache = self.graphs = self.sampler = self.hidden = None
         spec = args.num_speculative_tokens if args.speculative_method == "draft" else 0   # a verify pass's drafts too

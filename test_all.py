@@ -199,6 +199,45 @@ def test_decode_batch_mixes_lengths_and_finishes(ckpt):
     assert_no_leak(llm)
 
 
+def test_yarn_rope_scaling_matches_transformers(tmp_path):
+    """YaRN as Qwen3's model card adds it to config.json (rope_scaling: yarn, a factor, the original context): the
+    logprobs of a prompt running far past the original context, and the greedy tokens after it, equal
+    transformers'; the engine serves original x factor positions; other scalings are refused with a message."""
+    import transformers
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}
+    make_checkpoint(tmp_path, max_pos=40)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg.pop("rope_parameters", None)
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "rope_theta": 10000.0, "rope_scaling": yarn}))
+    hf = transformers.Qwen3ForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    llm = engine(tmp_path)
+    assert llm.max_model_len == 128 and llm.config.rope_scaling["factor"] == 4.0
+    prompt = (llm.tokenizer.encode(" ".join(PROMPTS)) * 3)[:100]        # positions 0..99: past 32 and past 40
+    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, prompt_logprobs=0))[0]
+    with torch.no_grad():
+        ref = torch.log_softmax(hf(torch.tensor([prompt])).logits[0].float(), -1)
+    worst = max(abs(out.prompt_logprobs[i][0] - ref[i - 1, tok].item()) for i, tok in enumerate(prompt) if i)
+    print(f"max |prompt logprob - transformers'| with YaRN: {worst:.2e}")
+    assert worst < 1e-4
+    assert out.token_ids == hf_greedy(hf, prompt, 20)
+    plain = kernels.rope_cos_sin(16, 128, 10000.0)
+    assert (plain - llm.model.cos_sin).abs().max() > 0.1                 # YaRN's table differs from plain RoPE's
+    assert_no_leak(llm)
+    # the same from the command line (--rope-scaling, JSON) on the checkpoint without it: the same numbers
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "rope_theta": 10000.0}))
+    again = engine(tmp_path, rope_scaling=json.dumps(yarn))
+    assert again.max_model_len == 128 and engine(tmp_path).max_model_len == 40
+    a = again.generate([prompt], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, prompt_logprobs=0))[0]
+    assert (a.token_ids, a.prompt_logprobs) == (out.token_ids, out.prompt_logprobs)
+    assert LLM(EngineArgs(model="tiny", random_weights=True, num_blocks=64, rope_scaling=dict(
+        yarn, original_max_position_embeddings=2048))).max_model_len == 8192        # a named size's 2,048 x 4
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "rope_scaling": {"rope_type": "linear", "factor": 2.0}}))
+    with pytest.raises(ValueError, match="not supported"):
+        engine(tmp_path)
+    with pytest.raises(ValueError, match="JSON object"):
+        EngineArgs(model=str(tmp_path), rope_scaling="{yarn}")
+
+
 def test_hub_id_downloads_every_file_loading_reads(ckpt, tmp_path, monkeypatch):
     """A hub id goes through huggingface_hub's snapshot_download (faked: it copies the repo's files that
     allow_patterns match): the weights, config, tokenizer and a chat_template.jinja arrive, so the engine equals
