@@ -10,8 +10,10 @@ One state machine serves streams and whole outputs alike (a whole output is one 
 response always adds up to the unstreamed one. Text that might still become a tag (a partial "<think" at the
 end of a piece) is held back until the next piece says what it is. As vLLM's qwen3 reasoning parser does, an
 output that does not begin with <think> is all content (thinking switched off renders an empty think block in
-the prompt); an unfinished think block (max_tokens reached while thinking) is all reasoning. A tool-call block
-whose JSON is not {"name": string, "arguments": object} stays in the content, as text: never an error.
+the prompt), unless the prompt itself ends by opening the think block (the templates of Qwen3's Thinking-2507
+models do: their outputs start inside it, with no <think> of their own); an unfinished think block (max_tokens
+reached while thinking) is all reasoning. A tool-call block whose JSON is not {"name": string, "arguments":
+object} stays in the content, as text: never an error.
 """
 import json
 import uuid
@@ -41,12 +43,18 @@ def tool_call(block: str) -> dict | None:
             "function": {"name": obj["name"], "arguments": json.dumps(obj.get("arguments", {}), ensure_ascii=False)}}
 
 
-class ChatParser:
-    """Splits a chat completion's text, piece by piece, into reasoning, content and tool calls."""
+def opens_think(prompt_tail: str) -> bool:
+    """Whether a rendered prompt (its last few tokens' text will do) ends inside an opened think block."""
+    return prompt_tail.rstrip().endswith(THINK_START)
 
-    def __init__(self, reasoning: bool, tools: bool):
+
+class ChatParser:
+    """Splits a chat completion's text, piece by piece, into reasoning, content and tool calls. thinking: the
+    prompt opened the think block (opens_think), so the text starts as reasoning."""
+
+    def __init__(self, reasoning: bool, tools: bool, thinking: bool = False):
         self.tools = tools
-        self.phase = "start" if reasoning else "content"     # start -> think -> content (with tool blocks)
+        self.phase = ("think" if thinking else "start") if reasoning else "content"   # start -> think -> content
         self.buf = ""                                          # text not yet handed out
         self.tool_calls: list[dict] = []
 

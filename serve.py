@@ -37,7 +37,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from engine import EngineArgs
 from engine_process import ADMITTED, EngineClient, EngineError
 from model import resolve_checkpoint
-from chat import ChatParser
+from chat import ChatParser, opens_think
 from openai_api import (ApiError, Choice, field, grammar_spec, parse_messages, parse_prompts, parse_tools,
                         sampling_params, usage)
 from sample import add_dataclass_args, pick
@@ -469,8 +469,9 @@ def new_jobs(srv: Server, prompts: list[list[int]], params, n: int, chat: bool, 
     engine_params = dataclasses.replace(params, stop=[])              # stop strings are checked here
     jobs = [(f"{rid}-{i}", prompts[i // n], engine_params if params.seed is None else
              dataclasses.replace(engine_params, seed=params.seed + i)) for i in range(len(prompts) * n)]
-    parser = lambda: ChatParser(srv.reasoning_parser == "qwen3", tools) if chat else None
-    choices = [Choice(i, srv.tokenizer, params, chat, echo and echo[i // n], prompts[i // n], parser())
+    parser = lambda ids: ChatParser(srv.reasoning_parser == "qwen3", tools,
+                                    opens_think(srv.tokenizer.decode(ids[-4:]))) if chat else None
+    choices = [Choice(i, srv.tokenizer, params, chat, echo and echo[i // n], prompts[i // n], parser(prompts[i // n]))
                for i in range(len(jobs))]
     return rid, jobs, choices
 

@@ -3144,7 +3144,7 @@ def qwen3_tok(tmp_path_factory):
 
 
 def test_chat_parser_splits_reasoning_content_and_tool_calls():
-    from chat import ChatParser
+    from chat import ChatParser, opens_think
     text = ('<think>\nThe user wants the weather.\n</think>\n\nLet me check.<tool_call>\n{"name": "get_weather", '
             '"arguments": {"city": "Paris"}}\n</tool_call><tool_call>{"name": "f", "arguments": {}}</tool_call>')
     whole = ChatParser(reasoning=True, tools=True).feed(text, final=True)
@@ -3162,6 +3162,17 @@ def test_chat_parser_splits_reasoning_content_and_tool_calls():
         "content": "plain answer <think>not a block"}                 # not at the start: content
     assert ChatParser(True, False).feed("<think>cut short", final=True) == {"reasoning_content": "cut short"}
     assert ChatParser(False, True).feed("<think>a</think>b", final=True) == {"content": "<think>a</think>b"}
+    # the prompt opened the think block (Qwen3's Thinking-2507 templates): the text starts as reasoning
+    opened = "The user wants the weather.\n</think>\n\nLet me check."
+    for step in (1, 4, len(opened)):
+        p, parts = ChatParser(True, False, thinking=True), {"reasoning_content": "", "content": ""}
+        for i in range(0, len(opened), step):
+            for k, v in p.feed(opened[i:i + step], final=i + step >= len(opened)).items():
+                parts[k] += v
+        assert parts == {"reasoning_content": "The user wants the weather.\n", "content": "\n\nLet me check."}
+    assert ChatParser(True, False, thinking=True).feed("cut short", final=True) == {"reasoning_content": "cut short"}
+    assert ChatParser(False, False, thinking=True).feed("a</think>b", final=True) == {"content": "a</think>b"}
+    assert opens_think("<|im_start|>assistant\n<think>\n") and not opens_think("<think>\n\n</think>\n\n")
     bad = 'x<tool_call>{"name": 3}</tool_call><tool_call>{oops</tool_call><tool_call>never closed'
     assert ChatParser(False, True).feed(bad, final=True) == {"content": bad}      # malformed: text, not errors
 
@@ -3314,6 +3325,32 @@ def test_chat_reasoning_and_tool_calls_over_http(qwen3_tok):
             (path / "script.json").write_text(json.dumps({"ids": tok.encode(said), "eos": 151645}))
         finally:
             shutdown(httpd)
+
+
+def test_chat_template_that_opens_the_think_block(qwen3_tok, tmp_path):
+    """A template whose generation prompt ends with <think> (Qwen3's Thinking-2507 models): the model's text up to
+    </think> comes back as reasoning_content, streamed and not."""
+    import openai
+    src, tok = qwen3_tok
+    path = tmp_path / "thinking-2507"
+    shutil.copytree(src, path)
+    (path / "chat_template.jinja").write_text("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
+                                              "<|im_end|>\n{% endfor %}<|im_start|>assistant\n<think>\n")
+    (path / "script.json").write_text(json.dumps({"ids": tok.encode("Sunny, I think.\n</think>\n\nIt is sunny."),
+                                                  "eos": 151645}))
+    httpd = start_server(EngineArgs(model=str(path)), "127.0.0.1", 0, model_name="q", reasoning_parser="qwen3",
+                         engine_main=scripted_engine_main)
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{httpd.server_address[1]}/v1", api_key="x", max_retries=0)
+    try:
+        msgs = [{"role": "user", "content": "Weather?"}]
+        m = client.chat.completions.create(model="q", messages=msgs).choices[0].message
+        assert (m.reasoning_content, m.content) == ("Sunny, I think.\n", "\n\nIt is sunny.")
+        deltas = [c.choices[0].delta for c in client.chat.completions.create(model="q", messages=msgs, stream=True)
+                  if c.choices]
+        assert "".join(getattr(d, "reasoning_content", None) or "" for d in deltas) == m.reasoning_content
+        assert "".join(d.content or "" for d in deltas) == m.content
+    finally:
+        shutdown(httpd)
 
 
 def test_structured_output_follows_the_schema(sv):
