@@ -129,6 +129,8 @@ class Server(ThreadingHTTPServer):
         self.client, self.tokenizer, self.model_name = client, tokenizer, model_name
         self.api_key, self.max_queue, self.max_body = api_key, max_queue, max_body
         self.max_model_len = client.info["max_model_len"]
+        # the most tokens one request can hold: the context, or the whole KV cache where that is smaller
+        self.room = min(self.max_model_len, (client.info["num_blocks"] - 1) * client.info["block_size"])
         self.metrics, self.created, self.draining = Metrics(), int(time.time()), False
         self.generating: set[threading.Thread] = set()          # handlers with requests in the engine
         self.connections: set[socket.socket] = set()            # open client sockets, closed by shutdown()
@@ -318,7 +320,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def chat(self):
         body = read_body(self.headers, self.rfile, self.server)
-        ids, params, tools = chat_request(body, self.server.tokenizer, self.server.max_model_len)
+        ids, params, tools = chat_request(body, self.server.tokenizer, self.server.room)
         self.generate(body, [ids], params, chat=True, echo=None, tools=tools)
 
     # ---- generation ---------------------------------------------------------------------------------------
@@ -429,8 +431,9 @@ def completion_request(body: dict, tok: Tokenizer) -> tuple:
     return ids, params, echo
 
 
-def chat_request(body: dict, tok: Tokenizer, max_model_len: int) -> tuple:
-    """/v1/chat/completions: (the rendered conversation's token ids, SamplingParams, whether tools were given)."""
+def chat_request(body: dict, tok: Tokenizer, room: int) -> tuple:
+    """/v1/chat/completions: (the rendered conversation's token ids, SamplingParams, whether tools were given).
+    An unset max_tokens is what `room` (Server.room) leaves after the prompt, as vLLM's is what the context does."""
     messages = parse_messages(body.get("messages"))
     tools, tool_name, tool_mode = parse_tools(body)
     kwargs = {"enable_thinking": True, **field(body, "chat_template_kwargs", dict, {})}
@@ -438,8 +441,10 @@ def chat_request(body: dict, tok: Tokenizer, max_model_len: int) -> tuple:
         prompt = tok.apply_chat_template(messages, tools=tools, documents=field(body, "documents", list), **kwargs)
     except TemplateError as e:                       # the template's raise_exception, or a Jinja error
         raise ApiError(400, f"chat template: {e}", param="messages") from None
-    params = sampling_params(body, max_model_len, chat=True, grammar=grammar_spec(body, tools, tool_name, tool_mode))
-    return tok.encode(prompt), params, tools is not None
+    ids = tok.encode(prompt)
+    params = sampling_params(body, max(1, room - len(ids)), chat=True,
+                             grammar=grammar_spec(body, tools, tool_name, tool_mode))
+    return ids, params, tools is not None
 
 
 def check_admissible(srv: Server, prompts: list[list[int]], n: int):

@@ -2812,6 +2812,19 @@ def test_sv_more_requests_than_memory(sv):
     assert stats["blocks_in_use"] == 0 and stats["requests_running"] == stats["requests_waiting"] == 0
 
 
+def test_sv_chat_without_max_tokens_fits_the_cache(sv):
+    """A chat request that leaves max_tokens unset may run to the end of the context, or of the KV cache where that
+    is smaller (here 23 blocks of 4 tokens against a context of 1,024), not fail for want of blocks."""
+    httpd = start_server(sv_args(sv.path, num_blocks=24), "127.0.0.1", 0, model_name=SV_MODEL)
+    try:
+        _, _, r = sv_raw(httpd.server_address[1], "POST", "/v1/chat/completions", {
+            "messages": [{"role": "user", "content": "hi"}], "temperature": 0, "ignore_eos": True})
+        assert r["usage"]["prompt_tokens"] + r["usage"]["completion_tokens"] == 23 * 4
+        assert r["choices"][0]["finish_reason"] == "length"
+    finally:
+        shutdown(httpd)
+
+
 def test_sv_queue_full_and_shutdown(sv):
     """One sequence at a time and room for one waiting: the third request gets 503. Then shutdown ends both
     streams with an error chunk and the engine process exits cleanly."""
