@@ -446,7 +446,8 @@ def load_weights(model: Qwen3ForCausalLM, ckpt_dir: Path, kv_heads: int):
 
 
 def load_config(model: str, random_weights: bool, rope_scaling: dict | None = None) -> tuple[Config, Path | None]:
-    """(config, checkpoint dir or None): a named size's, or a checkpoint's config.json; rope_scaling (YaRN, as
+    """(config, checkpoint dir or None): a named size's, or a checkpoint's config.json (its EOS tokens joined by
+    generation_config.json's, as transformers' and vLLM's generation stop on both); rope_scaling (YaRN, as
     config.json would give it) in place of theirs."""
     if random_weights:
         cfg = preset(model)
@@ -456,7 +457,11 @@ def load_config(model: str, random_weights: bool, rope_scaling: dict | None = No
     ckpt = resolve_checkpoint(model)
     if not (ckpt / "config.json").exists():
         raise FileNotFoundError(f"{ckpt}: no config.json, so this is not a Hugging Face checkpoint")
-    return Config.from_json(ckpt / "config.json", rope_scaling), ckpt
+    cfg = Config.from_json(ckpt / "config.json", rope_scaling)
+    gen = ckpt / "generation_config.json"     # Qwen3's instruct checkpoints list <|endoftext|> only there
+    eos = (json.loads(gen.read_text()).get("eos_token_id") if gen.exists() else None) or []
+    eos = [eos] if isinstance(eos, int) else eos
+    return replace(cfg, eos_token_id=cfg.eos_token_id + [t for t in eos if t not in cfg.eos_token_id]), ckpt
 
 
 def build_model(model: str, random_weights: bool, dtype: torch.dtype, device: torch.device, seed: int = 0,

@@ -702,6 +702,28 @@ def test_eos_and_stop_token_ids(ckpt):
     assert_no_leak(llm)
 
 
+def test_generation_config_eos_tokens_stop_too(ckpt, tmp_path):
+    """generation_config.json's eos_token_id joins config.json's (Qwen3's instruct checkpoints: <|im_end|> in
+    config.json, <|im_end|> and <|endoftext|> in generation_config.json): generation stops on either, as
+    transformers' generate does with the same files."""
+    path, _ = ckpt
+    full = engine(path).generate([PROMPTS[0]], greedy(max_tokens=20, ignore_eos=True))[0]
+    stop_tok = full.token_ids[5]
+    copy = tmp_path / "ckpt"
+    shutil.copytree(path, copy)
+    (copy / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, stop_tok]}))
+    llm = engine(copy)
+    assert llm.config.eos_token_id == [2, stop_tok]
+    out = llm.generate([PROMPTS[0]], greedy(max_tokens=20))[0]
+    assert out.finish_reason == "stop" and out.token_ids == full.token_ids[:full.token_ids.index(stop_tok) + 1]
+    import transformers
+    hf = transformers.Qwen3ForCausalLM.from_pretrained(copy, dtype=torch.float32).eval()
+    ids = llm.tokenizer.encode(PROMPTS[0])
+    ref = hf.generate(torch.tensor([ids]), max_new_tokens=20, do_sample=False)[0, len(ids):].tolist()
+    assert ref == out.token_ids                                   # transformers stops at the same token
+    assert_no_leak(llm)
+
+
 def test_chat_template_fallback_renders_qwen3_format(ckpt):
     path, _ = ckpt
     tok = Tokenizer(path)
