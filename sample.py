@@ -732,15 +732,15 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--prompt", action="append", help="a prompt (repeat for a batch)")
     ap.add_argument("--prompts-file", help="a file with one prompt per line ('-' for stdin), run as one batch")
-    ap.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template; "
-                    "without a prompt: a conversation, one user turn per line of stdin, whose answers may run to "
-                    "the end of the context unless --max-tokens is given")
+    ap.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template (without a "
+                    "prompt: a conversation, one user turn per line of stdin); answers may run to the end of the "
+                    "context unless --max-tokens is given")
     ap.add_argument("--system", default=None, help="system prompt for --chat")
     ap.add_argument("--thinking", action=argparse.BooleanOptionalAction, default=True,
                     help="with --chat: let Qwen3 think first (--no-thinking renders an empty think block)")
     add_dataclass_args(ap, EngineArgs)
     add_dataclass_args(ap, SamplingParams)
-    ap.set_defaults(max_tokens=None)                   # unset: 256, or the whole context for a conversation
+    ap.set_defaults(max_tokens=None)                   # unset: 256, or the whole context for --chat
     args = ap.parse_args(argv)
 
     prompts = list(args.prompt or [])
@@ -759,10 +759,13 @@ def main(argv=None):
         sys.exit(f"error: {e}")
     if not prompts:
         return chat(llm, params, args.system, args.thinking, fill=unset)
+    shown = prompts
     if args.chat:
-        prompts = [llm.tokenizer.apply_chat_template(
+        prompts = [llm.tokenizer.encode(llm.tokenizer.apply_chat_template(
             ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": p}],
-            enable_thinking=args.thinking) for p in prompts]
+            enable_thinking=args.thinking)) for p in prompts]
+        if unset:
+            params = [dataclasses.replace(params, max_tokens=answer_room(llm, ids)) for ids in prompts]
 
     t0 = time.perf_counter()
     n_prompt = n_out = 0
@@ -779,10 +782,15 @@ def main(argv=None):
             n_prompt += out.num_prompt_tokens
             n_out += out.num_output_tokens
             if len(prompts) > 1:
-                print(f"--- [{i}] {prompts[i]!r} ({out.finish_reason})\n{texts[i]}", flush=True)
+                print(f"--- [{i}] {shown[i]!r} ({out.finish_reason})\n{texts[i]}", flush=True)
     dt = time.perf_counter() - t0
     print(f"\n\n{len(prompts)} prompt(s): {n_prompt} prompt tokens, {n_out} output tokens in {dt:.2f} s "
           f"({n_out / dt:.1f} output tok/s)", file=sys.stderr)
+
+
+def answer_room(llm, ids: list[int]) -> int:
+    """The most new tokens after prompt ids: what the context, or the KV cache where that is smaller, leaves."""
+    return max(1, min(llm.max_model_len, (llm.blocks.num_blocks - 1) * llm.blocks.block_size) - len(ids))
 
 
 def chat(llm, params: SamplingParams, system: str | None, thinking: bool, fill: bool):
@@ -790,7 +798,6 @@ def chat(llm, params: SamplingParams, system: str | None, thinking: bool, fill: 
     piped input ends it). Every turn sends the whole conversation so far; the prefix cache finds the earlier
     turns' K/V, so a turn computes only its new tokens (and the earlier answers' thinking, which Qwen3's template
     drops from the history). fill: an answer may take whatever the context and the KV cache have room for."""
-    room = min(llm.max_model_len, (llm.blocks.num_blocks - 1) * llm.blocks.block_size)
     messages = [{"role": "system", "content": system}] if system else []
     if sys.stdin.isatty():
         import readline  # noqa: F401  (input() then edits the line and keeps a history)
@@ -802,7 +809,7 @@ def chat(llm, params: SamplingParams, system: str | None, thinking: bool, fill: 
             t0, reply, hits = time.perf_counter(), "", llm.blocks.hit_tokens
             try:
                 ids = llm.tokenizer.encode(llm.tokenizer.apply_chat_template(messages, enable_thinking=thinking))
-                turn = dataclasses.replace(params, max_tokens=max(1, room - len(ids))) if fill else params
+                turn = dataclasses.replace(params, max_tokens=answer_room(llm, ids)) if fill else params
                 for _, out in llm.stream([ids], turn):
                     reply += out.text
                     print(out.text, end="", flush=True)

@@ -651,6 +651,9 @@ def test_sample_cli_chat(ckpt, capsys, monkeypatch):
         sample_mod.main(["--model", str(path), "--block-size", "4", "--num-blocks", str(blocks), "--temperature", "0",
                          "--ignore-eos", "--max-model-len", "120", "--chat"])
         assert f"[{n} prompt tokens (0 from the cache), {room - n} output tokens" in capsys.readouterr().err
+    sample_mod.main(["--model", str(path), "--block-size", "4", "--num-blocks", "64", "--temperature", "0",
+                     "--ignore-eos", "--max-model-len", "120", "--chat", "--prompt", "hello"])    # one-shot --chat too
+    assert f"1 prompt(s): {n} prompt tokens, {120 - n} output tokens" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="max_tokens must be"):
         sample_mod.main(["--model", str(path), "--chat", "--max-tokens", "0"])
     for llm in made:
