@@ -38,6 +38,9 @@ from speculate import DraftModel, Speculator, eligible, report
 from tokenizer import Detokenizer, Tokenizer
 
 
+YARN_EXAMPLE = '{"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}'
+
+
 @dataclass
 class EngineArgs:
     model: str = "qwen3-0.6b"            # checkpoint dir, hub id, or (with --random-weights) a named size
@@ -60,8 +63,8 @@ class EngineArgs:
     speculative_model: str | None = None    # draft: the draft model (a smaller Qwen3, the same vocabulary)
     num_speculative_tokens: int = 4      # drafts verified per step
     tensor_parallel_size: int = 1        # GPUs (CPU: processes) the model is split over (parallel.py)
-    rope_scaling: str | dict | None = None   # YaRN past the checkpoint's context, in place of config.json's: JSON such
-    # as '{"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}' (a draft model's too)
+    rope_scaling: str | dict | None = None   # YaRN past the checkpoint's context, in place of config.json's: JSON
+    # such as YARN_EXAMPLE (Qwen3's model card: 131,072 tokens); a draft model takes it too
 
     def __post_init__(self):
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -203,7 +206,10 @@ class LLM:
         self.tokenizer = Tokenizer(ckpt)
         self.defaults = generation_defaults(ckpt, args.generation_config == "auto")
         cfg = self.config
-        self.max_model_len = min(args.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+        if (args.max_model_len or 0) > cfg.max_position_embeddings:      # as vLLM: say so, do not cut it silently
+            raise ValueError(f"max_model_len {args.max_model_len} exceeds the model's {cfg.max_position_embeddings} "
+                             f"positions; for more, YaRN: --rope-scaling '{YARN_EXAMPLE}'")
+        self.max_model_len = args.max_model_len or cfg.max_position_embeddings
         self.max_blocks_per_seq = -(-self.max_model_len // args.block_size)
         self.draft = load_draft(args, self.device, self.dtype, cfg, self.max_model_len)   # speculative_method draft
         num_blocks = allocate_kv(args, self.runner, self.draft, self.max_model_len, self.defaults)

@@ -80,7 +80,8 @@ def engine_main(args, conn, max_queue: int):
         gc.collect()
         gc.freeze()
     except Exception as e:
-        traceback.print_exc()
+        if not isinstance(e, (ValueError, FileNotFoundError)):   # a bad setting needs its message, not a traceback
+            traceback.print_exc()
         conn.send(("failed", f"{type(e).__name__}: {e}"))
         return
     conn.send(("ready", {"max_model_len": llm.max_model_len, "vocab_size": llm.config.vocab_size,

@@ -768,6 +768,8 @@ def test_bad_inputs(ckpt, tmp_path):
         greedy(max_tokens=0)
     with pytest.raises(ValueError, match="top_p"):
         SamplingParams(top_p=0)
+    with pytest.raises(ValueError, match="max_model_len 1000 exceeds the model's 512 positions; for more, YaRN"):
+        engine(path, max_model_len=1000)
     llm = engine(path, max_model_len=64)
     with pytest.raises(ValueError, match="context window is 64"):
         llm.add_request(list(range(100)))
