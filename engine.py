@@ -27,6 +27,7 @@ import attention
 import cache
 import kernels
 import parallel
+from chat import opens_think
 from model import load_config
 from runner import (Runner, build_rank, gpu_event, probe_cache, shares_first_block, to_device, to_host,
                     warmup)
@@ -139,7 +140,7 @@ class Request:
     prompt: set[int] = field(default_factory=set)             # repetition penalty: tokens of the prompt
     prompt_logprobs: list | None = None                        # filled chunk by chunk when asked for
     sent_prompt_logprobs: bool = False
-    matcher: object | None = None                              # structured output: its grammar's state
+    matcher: object | None = None                              # structured output: grammar.Constraint
 
 
 @dataclass
@@ -445,7 +446,8 @@ def build_request(llm: LLM, prompt: str | list[int], params: SamplingParams | No
         if llm.grammars is None:                       # structured output: built on the first request that asks
             from grammar import Grammars
             llm.grammars = Grammars(llm.tokenizer, llm.config.vocab_size, llm.config.eos_token_id)
-        req.matcher = llm.grammars.matcher(params.grammar)
+        req.matcher = llm.grammars.constraint(params.grammar, params.think_first,
+                                              opens_think(llm.tokenizer.decode(ids[-4:])))
     return seq, req
 
 

@@ -9,12 +9,14 @@
 The grammar engine is xgrammar (what vLLM and SGLang use): an optional dependency, imported only when a request
 asks for structured output; without it such a request answers 400. The mask is filled on the host (xgrammar
 walks its automaton) and applied on the GPU; a constrained request is stepped with its last token on the host
-since the next mask depends on it. Constraints start at the first output token: with Qwen3,
-ask for structured output with thinking switched off (chat_template_kwargs: {"enable_thinking": false}).
+since the next mask depends on it. Constraints start at the first output token, unless the request lets the
+model think first (SamplingParams.think_first, which the server sets for chat with Qwen3's reasoning parser, as
+vLLM's reasoning-aware structured output does): then the first token may also be <think>, and from it to
+</think> nothing is masked; a prompt that opened the think block itself (Thinking-2507 templates) starts there.
 """
 import json
 
-from chat import TOOL_END, TOOL_START
+from chat import THINK_END, THINK_START, TOOL_END, TOOL_START
 
 
 def require_xgrammar():
@@ -48,6 +50,28 @@ def tool_call_spec(tools: list[dict], name: str | None) -> tuple[str, str]:
     return "tool_call", json.dumps(schema)
 
 
+class Constraint:
+    """One request's structured output: its grammar's matcher, held off while the model thinks. think: the ids of
+    <think> and </think> when the model may think first (else None); thinking: the prompt opened the block."""
+
+    def __init__(self, matcher, think: tuple[int, int] | None, thinking: bool):
+        self.matcher, self.think = matcher, think
+        self.thinking = think is not None and thinking        # nothing is masked until </think>
+        self.first = think is not None and not thinking       # the next token may be <think> beside the grammar's
+
+    def accept_token(self, tok: int):
+        if self.thinking:
+            self.thinking = tok != self.think[1]
+        elif self.first and tok == self.think[0]:
+            self.thinking = True
+        else:
+            self.matcher.accept_token(tok)
+        self.first = False
+
+    def is_terminated(self) -> bool:
+        return not self.thinking and self.matcher.is_terminated()
+
+
 class Grammars:
     """The engine's vocabulary as xgrammar sees it, and the grammars compiled for it (cached by spec)."""
 
@@ -62,6 +86,13 @@ class Grammars:
                     vocab[i] = piece
         info = xgr.TokenizerInfo(vocab, kind, vocab_size=vocab_size, stop_token_ids=stop_ids)
         self.compiler, self.cache = xgr.GrammarCompiler(info), {}
+        ids = [tokenizer.encode(t) if tokenizer.tok is not None else [] for t in (THINK_START, THINK_END)]
+        self.think = (ids[0][0], ids[1][0]) if all(len(i) == 1 for i in ids) else None   # a vocabulary with them
+
+    def constraint(self, spec: tuple[str, str], think_first: bool = False, thinking: bool = False) -> Constraint:
+        """A request's Constraint: think_first, the model may think before the grammar applies (when the
+        vocabulary has <think> and </think> tokens); thinking, its prompt opened the think block."""
+        return Constraint(self.matcher(spec), self.think if think_first else None, thinking)
 
     def matcher(self, spec: tuple[str, str]):
         if spec not in self.cache:
@@ -79,10 +110,17 @@ class Grammars:
             self.cache[spec] = compiled
         return self.xgr.GrammarMatcher(self.cache[spec])
 
-    def mask(self, logits, matchers: list):
-        """logits (B, V) fp32, matchers[b] a row's matcher or None: disallowed tokens of those rows -> -inf."""
-        rows = [i for i, m in enumerate(matchers) if m is not None]
-        bitmask = self.xgr.allocate_token_bitmask(len(matchers), logits.shape[1])   # all allowed
+    def mask(self, logits, constraints: list):
+        """logits (B, V) fp32, constraints[b] a row's Constraint or None: disallowed tokens of those rows -> -inf
+        (none while a row thinks; <think> kept where a row may start thinking)."""
+        rows = [i for i, c in enumerate(constraints) if c is not None and not c.thinking]
+        if not rows:
+            return
+        bitmask = self.xgr.allocate_token_bitmask(len(constraints), logits.shape[1])   # all allowed
         for i in rows:
-            matchers[i].fill_next_token_bitmask(bitmask, i)
+            constraints[i].matcher.fill_next_token_bitmask(bitmask, i)
+        may_think = [i for i in rows if constraints[i].first]
+        kept = logits[may_think, self.think[0]].clone() if may_think else None
         self.xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device), indices=rows)
+        if may_think:
+            logits[may_think, self.think[0]] = kept

@@ -56,6 +56,7 @@ class SamplingParams:
     logprobs: int | None = None         # return each output token's logprob and the top-n (0..20)
     prompt_logprobs: int | None = None  # the same for the prompt's tokens (the first gets none)
     grammar: tuple[str, str] | None = None    # structured output (grammar.py): ("json_schema", schema), ...
+    think_first: bool = False           # with a grammar: the model may think (<think> ... </think>) before it applies
     max_tokens: int = 256               # new tokens at most
     stop: list[str] = field(default_factory=list)            # stop strings, cut from the output text
     stop_token_ids: list[int] = field(default_factory=list)  # extra stop tokens besides the model's EOS
@@ -215,8 +216,8 @@ def sample_ref(logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
     must pick the same tokens."""
     B, V = logits.shape
     raw = logits.float()
-    x = raw * st.inv_temp[:, None]
-    finite = x > float("-inf")
+    finite = raw > float("-inf")                                           # (a grammar masks tokens with -inf)
+    x = torch.where(finite, raw * st.inv_temp[:, None], float("-inf"))     # greedy rows: 0, not -inf * 0 = NaN
     M = x.max(-1, keepdim=True).values
     xs, order = x.sort(-1, descending=True)
     kth = xs.gather(1, (st.top_k.long().clamp(1, V) - 1)[:, None])

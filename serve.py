@@ -471,7 +471,8 @@ def new_jobs(srv: Server, prompts: list[list[int]], params, n: int, chat: bool, 
     """A request's id, its engine jobs ((id, prompt ids, params) for each of n completions of each prompt: seeds
     counted up from the request's, stop strings left to the front) and the Choice that collects each one."""
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-    engine_params = dataclasses.replace(params, stop=[])              # stop strings are checked here
+    engine_params = dataclasses.replace(params, stop=[],              # stop strings are checked here
+                                        think_first=chat and srv.reasoning_parser == "qwen3")   # grammar after it
     jobs = [(f"{rid}-{i}", prompts[i // n], engine_params if params.seed is None else
              dataclasses.replace(engine_params, seed=params.seed + i)) for i in range(len(prompts) * n)]
     parser = lambda ids: ChatParser(srv.reasoning_parser == "qwen3", tools,

@@ -349,6 +349,12 @@ def test_sampling_edge_cases():
     assert set(draw(many(ties), [SamplingParams(temperature=1.0, min_p=1.0)] * 300, seeds).tolist()) == {0, 1, 2}
     # greedy ties: the first index, as torch.argmax
     assert draw(ties, [SamplingParams(temperature=0.0)], [0]).item() == 0
+    # tokens masked to -inf (a grammar's mask) beside greedy and sampled rows: no NaN from -inf x 0
+    masked = many(logits, 2).clone()
+    masked[:, best] = float("-inf")
+    second = masked[0].argmax().item()
+    got = draw(masked, [SamplingParams(temperature=0.0), SamplingParams(temperature=0.5, top_k=3)], [0, 1])
+    assert got[0].item() == second and got[1].item() != best
 
 
 def test_seeded_draws_do_not_depend_on_the_batch():
@@ -3365,6 +3371,41 @@ def test_chat_reasoning_and_tool_calls_over_http(qwen3_tok):
             (path / "script.json").write_text(json.dumps({"ids": tok.encode(said), "eos": 151645}))
         finally:
             shutdown(httpd)
+
+
+def test_structured_output_after_thinking(qwen3_tok, tmp_path):
+    """think_first (the server sets it for chat with the reasoning parser): the first token may be <think> beside
+    what the grammar allows, nothing is masked until </think>, then the grammar holds; without it <think> cannot
+    start the answer; a prompt that opened the think block starts inside it. A tiny model on Qwen3's vocabulary,
+    steered by logit biases (a falling one for <think>: frequency penalty)."""
+    src, tok = qwen3_tok
+    path = tmp_path / "ckpt"
+    make_checkpoint(path, vocab_size=151669, eos_token_id=151645)
+    for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(src / f, path / f)
+    llm = engine(path)
+    think, end = tok.encode("<think>")[0], tok.encode("</think>")[0]
+    schema = ("json_schema", json.dumps({"type": "object", "properties": {"a": {"enum": ["x", "y"]}},
+                                         "required": ["a"], "additionalProperties": False}))
+    prompt = tok.encode("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
+    steer = dict(temperature=0, max_tokens=40, frequency_penalty=2.0, grammar=schema)
+    answer = lambda ids: json.loads(tok.decode(ids))["a"]
+    out = llm.generate([prompt], SamplingParams(think_first=True, logit_bias={think: 40.0, end: 30.0}, **steer))[0]
+    k = out.token_ids.index(end)
+    assert k >= 1 and out.token_ids[:k] == [think] * k                # thought until </think> won, unmasked
+    assert answer(out.token_ids[k + 1:]) in ("x", "y") and out.finish_reason == "stop"
+    plain = llm.generate([prompt], SamplingParams(logit_bias={think: 40.0, end: 30.0}, **steer))[0]
+    assert think not in plain.token_ids and answer(plain.token_ids) in ("x", "y")
+    opened = llm.generate([prompt + tok.encode("<think>\n")],        # a Thinking-2507 prompt: </think> at once
+                          SamplingParams(think_first=True, logit_bias={end: 30.0}, **steer))[0]
+    assert opened.token_ids[0] == end and answer(opened.token_ids[1:]) in ("x", "y")
+    assert_no_leak(llm)
+    import serve                                       # the server lets chat think first with the reasoning parser
+    from types import SimpleNamespace
+    for parser, chat, want in (("qwen3", True, True), ("none", True, False), ("qwen3", False, False)):
+        _, jobs, _ = serve.new_jobs(SimpleNamespace(reasoning_parser=parser, tokenizer=tok), [prompt],
+                                    SamplingParams(grammar=schema), 1, chat, None, False)
+        assert jobs[0][2].think_first == want
 
 
 def test_chat_template_that_opens_the_think_block(qwen3_tok, tmp_path):
