@@ -207,15 +207,13 @@ class LLM:
         self.tokenizer = Tokenizer(ckpt)
         self.defaults = generation_defaults(ckpt, args.generation_config == "auto")
         cfg = self.config
-        if (args.max_model_len or 0) > cfg.max_position_embeddings:      # as vLLM: say so, do not cut it silently
-            raise ValueError(f"max_model_len {args.max_model_len} exceeds the model's {cfg.max_position_embeddings} "
-                             f"positions; for more, YaRN: --rope-scaling '{YARN_EXAMPLE}'")
-        self.max_model_len = args.max_model_len or cfg.max_position_embeddings
+        self.max_model_len = context_length(args, cfg)
         self.max_blocks_per_seq = -(-self.max_model_len // args.block_size)
         self.draft = load_draft(args, self.device, self.dtype, cfg, self.max_model_len)   # speculative_method draft
         num_blocks = allocate_kv(args, self.runner, self.draft, self.max_model_len, self.defaults)
         self.kv_cache = self.runner.kv_cache
         self.blocks = cache.BlockManager(num_blocks, args.block_size, args.prefix_cache)
+        self.room = min(self.max_model_len, (num_blocks - 1) * args.block_size)   # tokens one request can hold
         self.scheduler = Scheduler(self.blocks, args.max_num_seqs, args.max_num_batched_tokens)
         self.seqs: dict[str, Sequence] = {}
         self.requests: dict[str, Request] = {}
@@ -345,8 +343,7 @@ class LLM:
     def chat(self, conversations: list, params: SamplingParams | list[SamplingParams] | None = None,
              **template_kw) -> list[RequestOutput]:
         """As vLLM's LLM.chat: a conversation (a list of {"role": ..., "content": ...} messages) or a list of them,
-        each rendered with the checkpoint's chat template (template_kw: enable_thinking=False, tools=[...], ...),
-        run as one batch with generate."""
+        each through the checkpoint's chat template (template_kw: enable_thinking=False, tools=[...]), generated."""
         convs = [conversations] if conversations and isinstance(conversations[0], dict) else conversations
         return self.generate([self.tokenizer.apply_chat_template(c, **template_kw) for c in convs], params)
 
@@ -379,6 +376,14 @@ def launch(llm: LLM, batch: Batch) -> InFlight | None:
     if tokens is None and prompt_lp is None:
         return None
     return in_flight(sampled, indices, tokens, lp, prompt_lp, start)
+
+
+def context_length(args: EngineArgs, cfg) -> int:
+    """max_model_len: the model's positions, or fewer if asked; more is an error, as in vLLM (not cut silently)."""
+    if (args.max_model_len or 0) > cfg.max_position_embeddings:
+        raise ValueError(f"max_model_len {args.max_model_len} exceeds the model's {cfg.max_position_embeddings} "
+                         f"positions; for more, YaRN: --rope-scaling '{YARN_EXAMPLE}'")
+    return args.max_model_len or cfg.max_position_embeddings
 
 
 def start_runner(args: EngineArgs, device, dtype) -> tuple:
@@ -447,7 +452,7 @@ def build_request(llm: LLM, prompt: str | list[int], params: SamplingParams | No
             from grammar import Grammars
             llm.grammars = Grammars(llm.tokenizer, llm.config.vocab_size, llm.config.eos_token_id)
         req.matcher = llm.grammars.constraint(params.grammar, params.think_first,
-                                              opens_think(llm.tokenizer.decode(ids[-4:])))
+                                              params.think_first and opens_think(llm.tokenizer.decode(ids[-4:])))
     return seq, req
 
 

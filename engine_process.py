@@ -84,7 +84,7 @@ def engine_main(args, conn, max_queue: int):
             traceback.print_exc()
         conn.send(("failed", f"{type(e).__name__}: {e}"))
         return
-    conn.send(("ready", {"max_model_len": llm.max_model_len, "vocab_size": llm.config.vocab_size,
+    conn.send(("ready", {"max_model_len": llm.max_model_len, "room": llm.room, "vocab_size": llm.config.vocab_size,
                          "num_blocks": llm.blocks.num_blocks, "block_size": llm.args.block_size,
                          "dtype": str(llm.dtype).removeprefix("torch."), "device": str(llm.device),
                          "defaults": llm.defaults, "pid": os.getpid(),

@@ -750,23 +750,23 @@ def main(argv=None):
         prompts += [line.rstrip("\n") for line in f if line.strip()]
     if not prompts and not args.chat:
         ap.error("give --prompt or --prompts-file (or --chat for a conversation)")
-    unset = args.max_tokens is None
-    if unset:
+    fill = args.chat and args.max_tokens is None       # then an answer may take what llm.room leaves
+    if args.max_tokens is None:
         args.max_tokens = SamplingParams.max_tokens
     try:
         params = pick(args, SamplingParams)
         llm = LLM(pick(args, EngineArgs))
     except (ValueError, FileNotFoundError, KeyError) as e:
         sys.exit(f"error: {e}")
+    params_for = lambda ids: dataclasses.replace(params, max_tokens=max(1, llm.room - len(ids))) if fill else params
     if not prompts:
-        return chat(llm, params, args.system, args.thinking, fill=unset)
+        return chat(llm, params_for, args.system, args.thinking)
     shown = prompts
     if args.chat:
         prompts = [llm.tokenizer.encode(llm.tokenizer.apply_chat_template(
             ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": p}],
             enable_thinking=args.thinking)) for p in prompts]
-        if unset:
-            params = [dataclasses.replace(params, max_tokens=answer_room(llm, ids)) for ids in prompts]
+        params = [params_for(ids) for ids in prompts]
 
     t0 = time.perf_counter()
     n_prompt = n_out = 0
@@ -789,16 +789,11 @@ def main(argv=None):
           f"({n_out / dt:.1f} output tok/s)", file=sys.stderr)
 
 
-def answer_room(llm, ids: list[int]) -> int:
-    """The most new tokens after prompt ids: what the context, or the KV cache where that is smaller, leaves."""
-    return max(1, min(llm.max_model_len, (llm.blocks.num_blocks - 1) * llm.blocks.block_size) - len(ids))
-
-
-def chat(llm, params: SamplingParams, system: str | None, thinking: bool, fill: bool):
+def chat(llm, params_for, system: str | None, thinking: bool):
     """A conversation: each line of stdin is a user turn, answered as it streams (Ctrl-D, Ctrl-C or the end of
     piped input ends it). Every turn sends the whole conversation so far; the prefix cache finds the earlier
     turns' K/V, so a turn computes only its new tokens (and the earlier answers' thinking, which Qwen3's template
-    drops from the history). fill: an answer may take whatever the context and the KV cache have room for."""
+    drops from the history). params_for(prompt ids): a turn's SamplingParams."""
     messages = [{"role": "system", "content": system}] if system else []
     if sys.stdin.isatty():
         import readline  # noqa: F401  (input() then edits the line and keeps a history)
@@ -810,8 +805,7 @@ def chat(llm, params: SamplingParams, system: str | None, thinking: bool, fill: 
             t0, reply, hits = time.perf_counter(), "", llm.blocks.hit_tokens
             try:
                 ids = llm.tokenizer.encode(llm.tokenizer.apply_chat_template(messages, enable_thinking=thinking))
-                turn = dataclasses.replace(params, max_tokens=answer_room(llm, ids)) if fill else params
-                for _, out in llm.stream([ids], turn):
+                for _, out in llm.stream([ids], params_for(ids)):
                     reply += out.text
                     print(out.text, end="", flush=True)
             except ValueError as e:                    # outgrew the context (or the template refused): dropped

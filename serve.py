@@ -128,9 +128,7 @@ class Server(ThreadingHTTPServer):
         self.reasoning_parser = reasoning_parser         # qwen3: <think>...</think> -> reasoning_content; none
         self.client, self.tokenizer, self.model_name = client, tokenizer, model_name
         self.api_key, self.max_queue, self.max_body = api_key, max_queue, max_body
-        self.max_model_len = client.info["max_model_len"]
-        # the most tokens one request can hold: the context, or the whole KV cache where that is smaller
-        self.room = min(self.max_model_len, (client.info["num_blocks"] - 1) * client.info["block_size"])
+        self.max_model_len, self.room = client.info["max_model_len"], client.info["room"]   # LLM.max_model_len, .room
         self.metrics, self.created, self.draining = Metrics(), int(time.time()), False
         self.generating: set[threading.Thread] = set()          # handlers with requests in the engine
         self.connections: set[socket.socket] = set()            # open client sockets, closed by shutdown()

@@ -3289,7 +3289,7 @@ def scripted_engine_main(args, conn, max_queue):
     """A stand-in engine process speaking engine_process's protocol: every request's output is the token ids in
     <checkpoint>/script.json, one per step, then EOS. Lets the HTTP tests script what the model says."""
     from engine_process import Output
-    conn.send(("ready", {"max_model_len": 4096, "vocab_size": 151936, "num_blocks": 64, "block_size": 16,
+    conn.send(("ready", {"max_model_len": 4096, "room": 1008, "vocab_size": 151936, "num_blocks": 64, "block_size": 16,
                          "dtype": "none", "device": "script", "defaults": {}, "pid": os.getpid()}))
     running = {}
     while True:
